@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  `make run`  and  `make test`.
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+ARGS    ?=
+
+.PHONY: run demo test lint typecheck unit tools clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+## run: start the daemon on its defaults (logs/kling-*.jsonl, :10177); ARGS="..." adds flags
+run: $(BIN)/.installed
+	$(BIN)/kling-exporter $(ARGS)
+
+## tools: Prometheus, promtool, Alertmanager and amtool for the end-to-end tests
+tools:
+	@scripts/ensure-tools
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+unit: $(BIN)/.installed tools
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+## test: lint, type-check and the whole test suite
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,279 @@
+"""The configuration file: YAML validated into typed, immutable objects.
+
+Every key has a default, so ``Config()`` is a working configuration. Errors
+name the key path (``budgets[2].period``) and say what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+PERIODS = ("daily", "weekly", "monthly")
+MODES = ("standard", "professional")
+KINDS = ("video", "image", "try_on")
+START_AT = ("beginning", "end")
+
+_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+def parse_duration(value: str | int | float, key: str) -> float:
+    """Parse a Prometheus-style duration (``10s``, ``1m30s``, ``500ms``) or plain seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{key}: expected a duration like '10s', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(value.strip())
+        if not value.strip() or match is None:
+            raise ValueError(f"{key}: expected a duration like '10s' or '1m30s', got {value!r}")
+        h, m, s, ms = (int(g) if g else 0 for g in match.groups())
+        seconds = h * 3600 + m * 60 + s + ms / 1000
+    if seconds < 0:
+        raise ValueError(f"{key}: must not be negative, got {value!r}")
+    return seconds
+
+
+def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+class LogsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    paths: list[str] = msgspec.field(default_factory=lambda: ["logs/kling-*.jsonl"])
+    start_at: str = "beginning"
+    poll_interval: str | float = "1s"
+    max_line_bytes: int = 1 << 20
+    rotate_wait: str | float = "5s"
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            raise ValueError("paths: at least one glob is needed")
+        if any(not p for p in self.paths):
+            raise ValueError("paths: a glob must not be empty")
+        _one_of("start_at", self.start_at, START_AT)
+        if parse_duration(self.poll_interval, "poll_interval") <= 0:
+            raise ValueError("poll_interval: must be greater than 0")
+        parse_duration(self.rotate_wait, "rotate_wait")
+        if self.max_line_bytes < 1024:
+            raise ValueError(f"max_line_bytes: must be at least 1024, got {self.max_line_bytes}")
+
+    @property
+    def poll_seconds(self) -> float:
+        return parse_duration(self.poll_interval, "poll_interval")
+
+    @property
+    def rotate_wait_seconds(self) -> float:
+        return parse_duration(self.rotate_wait, "rotate_wait")
+
+
+class StateConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    path: str = "kling-exporter.state"
+    interval: str | float = "10s"
+
+    def __post_init__(self) -> None:
+        if parse_duration(self.interval, "interval") <= 0:
+            raise ValueError("interval: must be greater than 0")
+
+    @property
+    def interval_seconds(self) -> float:
+        return parse_duration(self.interval, "interval")
+
+
+class PriceRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    credits: float
+    kind: str | None = None
+    mode: str | None = None
+    duration: int | None = None
+    audio: bool | None = None
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.credits < 0:
+            raise ValueError(f"credits: must not be negative, got {self.credits}")
+        if self.kind is not None:
+            _one_of("kind", self.kind, KINDS)
+        if self.mode is not None:
+            _one_of("mode", normalize_mode(self.mode) or self.mode, MODES)
+        if self.duration is not None and self.duration <= 0:
+            raise ValueError(f"duration: must be greater than 0, got {self.duration}")
+
+
+def _default_rules() -> list[PriceRule]:
+    return [
+        PriceRule(kind="image", credits=1),
+        PriceRule(kind="try_on", credits=5),
+        PriceRule(mode="standard", duration=5, audio=True, credits=50),
+        PriceRule(mode="professional", duration=10, audio=True, credits=200),
+        PriceRule(mode="standard", duration=5, credits=10),
+        PriceRule(mode="professional", duration=5, credits=35),
+        PriceRule(mode="standard", duration=10, credits=20),
+        PriceRule(mode="professional", duration=10, credits=70),
+    ]
+
+
+class PricingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    usd_per_credit: float = 0.14
+    rules: list[PriceRule] = msgspec.field(default_factory=_default_rules)
+    credits_per_second: float = 2
+    audio_multiplier: float = 5
+
+    def __post_init__(self) -> None:
+        for key in ("usd_per_credit", "credits_per_second", "audio_multiplier"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must not be negative, got {getattr(self, key)}")
+
+
+class BudgetConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    period: str = "monthly"
+    project: str | None = None
+    user: str | None = None
+    limit_credits: float | None = None
+    limit_usd: float | None = None
+    alert_threshold: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("name: must not be empty")
+        _one_of("period", self.period, PERIODS)
+        if self.limit_credits is None and self.limit_usd is None:
+            raise ValueError("limit_credits: a budget needs limit_credits, limit_usd or both")
+        for key in ("limit_credits", "limit_usd"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"{key}: must be greater than 0, got {value}")
+        if not 0 < self.alert_threshold <= 1:
+            raise ValueError(
+                f"alert_threshold: expected a ratio in (0, 1], got {self.alert_threshold}"
+            )
+
+
+class LabelsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    max_projects: int = 1000
+    max_models: int = 100
+    max_error_types: int = 100
+
+    def __post_init__(self) -> None:
+        for key in ("max_projects", "max_models", "max_error_types"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
+
+
+class TasksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How long the task index remembers a task, to join and deduplicate its events."""
+
+    ttl: str | float = "24h"
+    max_tasks: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if parse_duration(self.ttl, "ttl") <= 0:
+            raise ValueError("ttl: must be greater than 0")
+        if self.max_tasks < 1:
+            raise ValueError(f"max_tasks: must be at least 1, got {self.max_tasks}")
+
+    @property
+    def ttl_seconds(self) -> float:
+        return parse_duration(self.ttl, "ttl")
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
+    timezone: str = "UTC"
+    pricing: PricingConfig = msgspec.field(default_factory=PricingConfig)
+    budgets: list[BudgetConfig] = msgspec.field(default_factory=list)
+    labels: LabelsConfig = msgspec.field(default_factory=LabelsConfig)
+    tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"timezone: unknown time zone {self.timezone!r} (use an IANA name like "
+                "'Europe/Berlin')"
+            ) from None
+        seen: set[str] = set()
+        for i, budget in enumerate(self.budgets):
+            if budget.name in seen:
+                raise ValueError(f"budgets[{i}].name: duplicate budget name {budget.name!r}")
+            seen.add(budget.name)
+
+    @property
+    def tz(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+
+def normalize_mode(mode: str) -> str | None:
+    """Map Kling's ``std``/``pro`` and our long names to the long name; None if unknown."""
+    return _MODE_ALIASES.get(mode.lower())
+
+
+_MODE_ALIASES = {
+    "standard": "standard",
+    "std": "standard",
+    "professional": "professional",
+    "pro": "professional",
+}
+
+_AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
+
+
+def _friendly(error: msgspec.ValidationError) -> str:
+    """Turn msgspec's ``message - at `$.a[0]` `` into ``a[0].key: message``."""
+    match = _AT_RE.match(str(error))
+    assert match is not None
+    msg, path = match.group("msg"), (match.group("path") or "").lstrip(".")
+    unknown = _UNKNOWN_RE.match(msg)
+    if unknown:
+        key = unknown.group("field")
+        return f"{_join(path, key)}: unknown key"
+    field, sep, rest = msg.partition(": ")
+    if sep and re.fullmatch(r"[a-z_][a-z_0-9\[\].]*", field):
+        return f"{_join(path, field)}: {rest}"
+    msg = msg.replace("Expected", "expected")
+    return f"{path or '(top level)'}: {msg}"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def parse_config(data: Any) -> Config:
+    """Validate already-parsed YAML data; raise ConfigError naming the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"(top level): expected a mapping, got {type(data).__name__}")
+    try:
+        return msgspec.convert(data, Config, strict=True)
+    except msgspec.ValidationError as e:
+        raise ConfigError(_friendly(e)) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a config file; no path means the built-in defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    return parse_config(data)

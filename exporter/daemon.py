@@ -1,0 +1,276 @@
+"""The running exporter: one reader thread feeding the ledger, state saved beside it.
+
+The reader thread alone changes the ledger and the file offsets, so a saved
+state always holds offsets and totals that agree. HTTP handlers read the
+ledger under the same lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from exporter.config import Config, ConfigError, load_config
+from exporter.events import Event, decode_line
+from exporter.ledger import Ledger, Snapshot
+from exporter.tailer import Tailer, Watcher
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+class Status(msgspec.Struct):
+    """How the daemon itself is doing, for the collector."""
+
+    files_watched: int
+    ready: bool
+    reload_successful: bool
+    reload_success_ts: float
+    state_save_ts: float
+
+
+class _RateLimit:
+    """At most ``burst`` log lines per ``window`` seconds; says how many it held back."""
+
+    def __init__(self, burst: int = 10, window: float = 60.0) -> None:
+        self.burst, self.window = burst, window
+        self.start, self.count, self.suppressed = 0.0, 0, 0
+
+    def allow(self, now: float) -> tuple[bool, int]:
+        if now - self.start >= self.window:
+            held, self.suppressed = self.suppressed, 0
+            self.start, self.count = now, 0
+        else:
+            held = 0
+        self.count += 1
+        if self.count > self.burst:
+            self.suppressed += 1
+            return False, held
+        return True, held
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    """The saved state, or None if there is none. A state that cannot be read is moved
+    aside (``.corrupt``) and reported, and the daemon starts from the logs instead."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.error(
+            "cannot read state file, rebuilding from logs",
+            extra={"path": str(path), "err": e.strerror},
+        )
+        return None
+    try:
+        state = msgspec.msgpack.decode(data)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError("not a state file of this version")
+        return state
+    except (msgspec.DecodeError, ValueError) as e:
+        aside = path.with_name(path.name + ".corrupt")
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+        log.error(
+            "state file unreadable, moved aside; rebuilding from logs",
+            extra={"path": str(path), "moved_to": str(aside), "err": str(e)},
+        )
+        return None
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a temporary file, fsync, rename, fsync of the directory."""
+    data = msgspec.msgpack.encode(state)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        self.reload_successful = True
+        self.reload_success_ts = time.time()
+        self.state_save_ts = 0.0
+        self._invalid_log = _RateLimit()
+        self.ledger, self.tailer = self._restore(config)
+        self.watcher = Watcher(self.wake)
+        self._thread: threading.Thread | None = None
+
+    # -- state -----------------------------------------------------------------------
+
+    def _state_path(self) -> Path | None:
+        return Path(self.config.state.path) if self.config.state.path else None
+
+    def _restore(self, config: Config) -> tuple[Ledger, Tailer]:
+        path = self._state_path()
+        state = read_state(path) if path else None
+        if state is not None:
+            try:
+                ledger = Ledger.from_state(config, state["ledger"])
+                tailer = Tailer(config.logs, state["files"])
+                log.info(
+                    "state restored",
+                    extra={
+                        "path": str(path),
+                        "files": len(state["files"]),
+                        "lines_read": ledger.lines_read,
+                    },
+                )
+                return ledger, tailer
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning(
+                    "saved state does not fit, rebuilding from logs",
+                    extra={"path": str(path), "err": str(e)},
+                )
+        return Ledger(config), Tailer(config.logs)
+
+    def save_state(self) -> None:
+        """Save offsets and ledger together. Called only from the reader thread (or
+        after it stopped), so the two always agree."""
+        path = self._state_path()
+        if path is None:
+            return
+        with self.lock:
+            state = {
+                "format": STATE_FORMAT,
+                "saved_at": time.time(),
+                "files": self.tailer.to_state(),
+                "ledger": self.ledger.to_state(),
+            }
+        try:
+            write_state(path, state)
+            self.state_save_ts = time.time()
+        except OSError as e:
+            log.error("cannot save state", extra={"path": str(path), "err": e.strerror})
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _sink(self, path: str, lines: list[bytes | None], first: int, nbytes: int) -> None:
+        now = time.time()
+        ledger = self.ledger
+        apply, invalid = ledger.apply, ledger.count_invalid
+        with self.lock:
+            ledger.lines_read += len(lines)
+            ledger.bytes_read += nbytes
+            for i, line in enumerate(lines):
+                if line is None:
+                    reason = "too_long"
+                else:
+                    result = decode_line(line)
+                    if isinstance(result, Event):
+                        apply(result, now)
+                        continue
+                    if not line.strip():
+                        continue  # blank lines are not events and not errors
+                    reason = result
+                invalid(reason)
+                self._report_invalid(path, first + i if first else 0, reason, now)
+
+    def _report_invalid(self, path: str, lineno: int, reason: str, now: float) -> None:
+        allowed, held = self._invalid_log.allow(now)
+        if held:
+            log.warning("invalid log lines not shown", extra={"count": held})
+        if allowed:
+            log.warning(
+                "invalid log line skipped", extra={"path": path, "line": lineno, "reason": reason}
+            )
+
+    def poll_once(self) -> None:
+        self.watcher.watch(self.tailer.base_dirs())
+        self.tailer.poll(self._sink, self.stopping)
+        with self.lock:
+            self.ledger.expire(time.time())
+
+    def _run(self) -> None:
+        try:
+            self.poll_once()
+            self.ready.set()
+            log.info(
+                "initial read done",
+                extra={"lines_read": self.ledger.lines_read, "files": self.tailer.watched},
+            )
+            next_save = time.monotonic() + self.config.state.interval_seconds
+            while not self.stopping.is_set():
+                self.wake.wait(self.config.logs.poll_seconds)
+                self.wake.clear()
+                if self.stopping.is_set():
+                    break
+                self.poll_once()
+                if time.monotonic() >= next_save:
+                    self.save_state()
+                    next_save = time.monotonic() + self.config.state.interval_seconds
+        except Exception:
+            log.exception("reader failed")
+            raise
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="reader", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reading, then save the state one last time."""
+        self.stopping.set()
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.watcher.stop()
+        self.save_state()
+        self.tailer.close()
+
+    # -- config ----------------------------------------------------------------------
+
+    def reload(self) -> str | None:
+        """Load the config file again; return the error (and keep the old config) if bad."""
+        try:
+            config = load_config(self.config_path)
+            with self.lock:
+                self.ledger.configure(config)
+                self.tailer.configure(config.logs)
+                self.config = config
+        except (ConfigError, ValueError) as e:
+            self.reload_successful = False
+            log.error("config reload failed, keeping the running config", extra={"err": str(e)})
+            return str(e)
+        self.reload_successful = True
+        self.reload_success_ts = time.time()
+        self.wake.set()
+        log.info("config reloaded", extra={"budgets": len(config.budgets)})
+        return None
+
+    # -- reading for others ----------------------------------------------------------
+
+    def snapshot(self) -> tuple[Snapshot, Status]:
+        now = time.time()
+        with self.lock:
+            snap = self.ledger.snapshot(now)
+            files = self.tailer.watched
+        return snap, Status(
+            files_watched=files,
+            ready=self.ready.is_set(),
+            reload_successful=self.reload_successful,
+            reload_success_ts=self.reload_success_ts,
+            state_save_ts=self.state_save_ts,
+        )

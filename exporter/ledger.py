@@ -1,0 +1,591 @@
+"""The accounting core: events in, counters and budget usage out.
+
+Plain Python with no I/O and no clock of its own: every call that needs the
+time is given it. The whole state can be exported with ``to_state`` and
+rebuilt with ``from_state``, so the daemon can save it beside file offsets.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from exporter import events as ev_mod
+from exporter.config import BudgetConfig, Config
+from exporter.events import INVALID_REASONS, Event
+from exporter.periods import PERIOD_KINDS, PeriodClock, period_bounds
+from exporter.pricing import DEFAULT_DURATION, DEFAULT_MODE, Pricing, Request
+
+OTHER = "__other__"
+GENERATION_BUCKETS = (
+    15.0,
+    30.0,
+    60.0,
+    90.0,
+    120.0,
+    180.0,
+    240.0,
+    300.0,
+    450.0,
+    600.0,
+    900.0,
+    1200.0,
+    1800.0,
+    3600.0,
+)
+LABEL_NAMES = ("project", "model", "error_type")
+
+# Task flags.
+_SUB = 1
+_DONE = 2
+_ERR = 4
+_FINISHED = _DONE | _ERR
+
+STATE_VERSION = 1
+
+
+class Task(msgspec.Struct, gc=False):
+    """What the index remembers of a task that has been submitted but not finished."""
+
+    project: str
+    user: str | None
+    model: str
+    mode: str
+    duration: int
+    audio: bool
+    kind: str
+    ts: float
+    flags: int
+
+
+class LabelLimiter:
+    """Hands out label values up to a limit; later values fold into ``__other__``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.known: dict[str, str] = {}
+        self.overflow = 0
+
+    def get(self, value: str, count: bool = True) -> str:
+        """The label for ``value``; ``count`` says this event is being counted here,
+        so a fold is counted once per event however often its label is looked up."""
+        known = self.known.get(value)
+        if known is not None:
+            return known
+        if len(self.known) < self.limit:
+            self.known[value] = value
+            return value
+        if count:
+            self.overflow += 1
+        return OTHER
+
+
+class Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(GENERATION_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(GENERATION_BUCKETS, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for bound, count in zip((*GENERATION_BUCKETS, float("inf")), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return out
+
+
+class BudgetStatus(msgspec.Struct, frozen=True):
+    """One budget in its current period."""
+
+    name: str
+    period: str
+    project: str | None
+    user: str | None
+    limit_credits: float | None
+    limit_usd: float | None
+    alert_threshold: float
+    used_credits: float
+    used_usd: float
+    remaining_credits: float | None
+    remaining_usd: float | None
+    utilization: float
+    period_start: float
+    period_end: float
+
+
+class Snapshot(msgspec.Struct):
+    """Everything a scrape renders, copied out of the ledger at one instant."""
+
+    submitted: dict[tuple[str, str, str], int]
+    completed: dict[tuple[str, str, str], int]
+    errors: dict[tuple[str, str], int]
+    credits: dict[tuple[str, str], float]
+    usd: dict[tuple[str, str], float]
+    video_seconds: dict[tuple[str, str], int]
+    generation: dict[str, tuple[list[tuple[str, int]], float]]
+    in_flight: dict[str, int]
+    expired: dict[str, int]
+    budgets: list[BudgetStatus]
+    lines_read: int
+    bytes_read: int
+    invalid: dict[str, int]
+    duplicates: int
+    last_event_ts: float
+    label_overflow: dict[str, int]
+    tasks_tracked: int
+
+
+def _utilization(used: float, limit: float | None) -> float:
+    return used / limit if limit else 0.0
+
+
+def _budget_status(
+    b: BudgetConfig, used: tuple[float, float], bounds: tuple[float, float]
+) -> BudgetStatus:
+    credits, usd = used
+    util = max(_utilization(credits, b.limit_credits), _utilization(usd, b.limit_usd))
+    return BudgetStatus(
+        name=b.name,
+        period=b.period,
+        project=b.project,
+        user=b.user,
+        limit_credits=b.limit_credits,
+        limit_usd=b.limit_usd,
+        alert_threshold=b.alert_threshold,
+        used_credits=credits,
+        used_usd=usd,
+        remaining_credits=None if b.limit_credits is None else max(b.limit_credits - credits, 0.0),
+        remaining_usd=None if b.limit_usd is None else max(b.limit_usd - usd, 0.0),
+        utilization=util,
+        period_start=bounds[0],
+        period_end=bounds[1],
+    )
+
+
+def _add(table: dict[Any, Any], key: Any, value: float) -> None:
+    table[key] = table.get(key, 0) + value
+
+
+def _flags(known: Task | int) -> int:
+    return known.flags if isinstance(known, Task) else known
+
+
+def _sum_into(table: dict[Any, list[float]], key: Any, credits: float, usd: float) -> None:
+    acc = table.get(key)
+    if acc is None:
+        table[key] = [credits, usd]
+    else:
+        acc[0] += credits
+        acc[1] += usd
+
+
+class Ledger:
+    def __init__(self, config: Config) -> None:
+        self.submitted: dict[tuple[str, str, str], int] = {}
+        self.completed: dict[tuple[str, str, str], int] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+        self.credits: dict[tuple[str, str], float] = {}
+        self.usd: dict[tuple[str, str], float] = {}
+        self.video_seconds: dict[tuple[str, str], int] = {}
+        self.generation: dict[str, Histogram] = {}
+        self.in_flight: dict[str, int] = {}
+        self.expired: dict[str, int] = {}
+        self.invalid: dict[str, int] = dict.fromkeys(INVALID_REASONS, 0)
+        self.lines_read = 0
+        self.bytes_read = 0
+        self.duplicates = 0
+        self.last_event_ts = 0.0
+        # task_id -> Task while open, or its flags (a small int) once finished,
+        # kept only to join late events and to drop repeats.
+        self.tasks: dict[str, Task | int] = {}
+        self._expiry: deque[tuple[float, str]] = deque()
+        # (period kind, period start) -> (project, user) -> [credits, usd]
+        self.usage: dict[tuple[str, float], dict[tuple[str, str | None], list[float]]] = {}
+        self.configure(config)
+
+    # -- configuration ---------------------------------------------------------------
+
+    def configure(self, config: Config) -> None:
+        """Apply a (new) config. Totals are kept; usage is per project and user, so a
+        budget added or changed here is exact at once for the current period."""
+        old = getattr(self, "config", None)
+        if old is not None and old.timezone != config.timezone:
+            raise ValueError("timezone: changing the time zone needs a restart")
+        self.config = config
+        self.pricing = Pricing(config.pricing)
+        self.clock = PeriodClock(config.tz)
+        self.ttl = config.tasks.ttl_seconds
+        self.max_tasks = config.tasks.max_tasks
+        if old is None:
+            self.project_labels = LabelLimiter(config.labels.max_projects)
+            self.model_labels = LabelLimiter(config.labels.max_models)
+            self.error_labels = LabelLimiter(config.labels.max_error_types)
+        else:
+            self.project_labels.limit = config.labels.max_projects
+            self.model_labels.limit = config.labels.max_models
+            self.error_labels.limit = config.labels.max_error_types
+
+    # -- events ----------------------------------------------------------------------
+
+    def count_invalid(self, reason: str) -> None:
+        self.invalid[reason] += 1
+
+    def apply(self, event: Event, now: float) -> None:
+        """Account one valid event; ``now`` stands in for a missing timestamp."""
+        ts = event.ts if event.ts is not None else now
+        if ts > self.last_event_ts:
+            self.last_event_ts = ts
+        kind = event.type
+        if kind == ev_mod.SUBMITTED:
+            self._submitted(event, ts)
+        elif kind == ev_mod.COMPLETED:
+            self._finished(event, ts, _DONE)
+        elif kind == ev_mod.ERROR:
+            self._finished(event, ts, _ERR)
+        else:
+            self._usage_line(event, ts)
+
+    def _new_task(self, e: Event, ts: float, flags: int) -> Task:
+        return Task(
+            project=e.project,
+            user=e.user,
+            model=e.model or ev_mod.UNKNOWN_MODEL,
+            mode=e.mode or DEFAULT_MODE,
+            duration=e.duration if e.duration is not None else DEFAULT_DURATION,
+            audio=bool(e.audio),
+            kind=e.kind or "video",
+            ts=ts,
+            flags=flags,
+        )
+
+    def _remember(self, task_id: str, value: Task | int, ts: float) -> None:
+        self.tasks[task_id] = value
+        self._expiry.append((ts, task_id))
+
+    def _count_submission(self, t: Task, video_seconds: bool = True) -> None:
+        project = self.project_labels.get(t.project)
+        model = self.model_labels.get(t.model)
+        _add(self.submitted, (project, model, t.mode), 1)
+        if video_seconds and t.kind == "video":
+            _add(self.video_seconds, (project, model), t.duration)
+
+    def _submitted(self, e: Event, ts: float) -> None:
+        tasks = self.tasks
+        known = tasks.get(e.task_id)
+        if known is not None:
+            flags = _flags(known)
+            if flags & _SUB:
+                self.duplicates += 1
+                return
+            # The task finished before its submission was read: count it, not in flight.
+            self._count_submission(self._new_task(e, ts, _SUB))
+            tasks[e.task_id] = flags | _SUB
+            return
+        task = self._new_task(e, ts, _SUB)
+        self._count_submission(task)
+        _add(self.in_flight, self.project_labels.get(task.project, count=False), 1)
+        self._remember(e.task_id, task, ts)
+
+    def _finished(self, e: Event, ts: float, how: int) -> None:
+        tasks = self.tasks
+        known = tasks.get(e.task_id)
+        if isinstance(known, Task):
+            task, flags = known, known.flags
+            if not flags & _FINISHED:
+                _add(self.in_flight, self.project_labels.get(task.project, count=False), -1)
+        else:
+            flags = known or 0
+            if flags & how:
+                self.duplicates += 1
+                return
+            # No open submission: take what the line itself says.
+            task = self._new_task(e, ts, 0)
+        project = self.project_labels.get(task.project)
+        model = self.model_labels.get(task.model)
+        if how == _DONE:
+            status = e.status or "succeed"
+            _add(self.completed, (project, model, status), 1)
+            if e.credits is not None:
+                credits = e.credits
+            elif status == "failed":
+                credits = 0.0
+            else:
+                credits = self.pricing.credits(
+                    Request(task.model, task.mode, task.duration, task.audio, task.kind)
+                )
+            if status == "succeed" and e.elapsed is not None:
+                hist = self.generation.get(model)
+                if hist is None:
+                    hist = self.generation[model] = Histogram()
+                hist.observe(e.elapsed)
+        else:
+            error = self.error_labels.get(e.error_type or ev_mod.UNKNOWN_ERROR)
+            _add(self.errors, (project, error), 1)
+            credits = e.credits or 0.0
+        if credits:
+            self._charge(project, model, task.project, task.user, ts, credits)
+        if known is None:
+            self._remember(e.task_id, flags | how, ts)
+        else:
+            tasks[e.task_id] = flags | how
+
+    def _usage_line(self, e: Event, ts: float) -> None:
+        """A simple tracker's line: one submitted and succeeded task with its credits."""
+        known = self.tasks.get(e.task_id)
+        flags = 0 if known is None else _flags(known)
+        if flags & _DONE:
+            self.duplicates += 1
+            return
+        task = known if isinstance(known, Task) else self._new_task(e, ts, 0)
+        if not flags & _SUB:
+            # A usage line names no clip length unless it says so.
+            self._count_submission(task, video_seconds=e.duration is not None)
+        elif not flags & _FINISHED:
+            _add(self.in_flight, self.project_labels.get(task.project, count=False), -1)
+        counted = not flags & _SUB  # folds were counted with the submission just now
+        project = self.project_labels.get(task.project, count=not counted)
+        model = self.model_labels.get(task.model, count=not counted)
+        _add(self.completed, (project, model, "succeed"), 1)
+        if e.credits:
+            self._charge(project, model, task.project, task.user, ts, e.credits)
+        if known is None:
+            self._remember(e.task_id, _SUB | _DONE, ts)
+        else:
+            self.tasks[e.task_id] = flags | _SUB | _DONE
+
+    def _charge(
+        self,
+        project: str,
+        model: str,
+        real_project: str,
+        user: str | None,
+        ts: float,
+        credits: float,
+    ) -> None:
+        usd = credits * self.pricing.usd_per_credit
+        key = (project, model)
+        _add(self.credits, key, credits)
+        _add(self.usd, key, usd)
+        pair = (real_project, user)
+        usage, start = self.usage, self.clock.start
+        for kind in PERIOD_KINDS:
+            bucket_key = (kind, start(kind, ts))
+            bucket = usage.get(bucket_key)
+            if bucket is None:
+                bucket = usage[bucket_key] = {}
+            acc = bucket.get(pair)
+            if acc is None:
+                bucket[pair] = [credits, usd]
+            else:
+                acc[0] += credits
+                acc[1] += usd
+
+    # -- housekeeping ----------------------------------------------------------------
+
+    def expire(self, now: float) -> int:
+        """Forget tasks older than the TTL (by event time) or past the size cap.
+        An unfinished task forgotten here leaves the in-flight gauge."""
+        cutoff = max(self.last_event_ts, 0.0) - self.ttl
+        expiry, tasks = self._expiry, self.tasks
+        dropped = 0
+        while expiry and (expiry[0][0] < cutoff or len(tasks) > self.max_tasks):
+            ts, task_id = expiry.popleft()
+            value = tasks.get(task_id)
+            if value is None:
+                continue
+            if isinstance(value, Task):
+                if value.ts != ts:
+                    continue
+                if value.flags == _SUB:
+                    project = self.project_labels.get(value.project, count=False)
+                    _add(self.in_flight, project, -1)
+                    _add(self.expired, project, 1)
+            del tasks[task_id]
+            dropped += 1
+        self._prune_usage(now)
+        return dropped
+
+    def _prune_usage(self, now: float) -> None:
+        current = {kind: period_bounds(kind, now, self.clock.tz)[0] for kind in PERIOD_KINDS}
+        for key in [k for k in self.usage if k[1] < current[k[0]]]:
+            del self.usage[key]
+
+    # -- reading ---------------------------------------------------------------------
+
+    def used(
+        self, budget: BudgetConfig, now: float
+    ) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(credits, usd) used by a budget in the period holding ``now``, and its bounds."""
+        return self._budget_usage([budget], now)[0]
+
+    def _budget_usage(
+        self, budgets: Iterable[BudgetConfig], now: float
+    ) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+        sums: dict[str, tuple[Any, ...]] = {}
+        out = []
+        for b in budgets:
+            if b.period not in sums:
+                bounds = period_bounds(b.period, now, self.clock.tz)
+                bucket = self.usage.get((b.period, bounds[0]), {})
+                by_project: dict[str, list[float]] = {}
+                by_user: dict[str | None, list[float]] = {}
+                total = [0.0, 0.0]
+                for (project, user), (c, u) in bucket.items():
+                    _sum_into(by_project, project, c, u)
+                    _sum_into(by_user, user, c, u)
+                    total[0] += c
+                    total[1] += u
+                sums[b.period] = (bounds, bucket, by_project, by_user, total)
+            bounds, bucket, by_project, by_user, total = sums[b.period]
+            if b.project is not None and b.user is not None:
+                acc = bucket.get((b.project, b.user))
+            elif b.project is not None:
+                acc = by_project.get(b.project)
+            elif b.user is not None:
+                acc = by_user.get(b.user)
+            else:
+                acc = total
+            out.append(((acc[0], acc[1]) if acc else (0.0, 0.0), bounds))
+        return out
+
+    def budget_statuses(self, now: float) -> list[BudgetStatus]:
+        budgets = self.config.budgets
+        return [
+            _budget_status(b, used, bounds)
+            for b, (used, bounds) in zip(budgets, self._budget_usage(budgets, now), strict=True)
+        ]
+
+    def snapshot(self, now: float) -> Snapshot:
+        return Snapshot(
+            submitted=self.submitted.copy(),
+            completed=self.completed.copy(),
+            errors=self.errors.copy(),
+            credits=self.credits.copy(),
+            usd=self.usd.copy(),
+            video_seconds=self.video_seconds.copy(),
+            generation={m: (h.cumulative(), h.sum) for m, h in self.generation.items()},
+            in_flight=self.in_flight.copy(),
+            expired=self.expired.copy(),
+            budgets=self.budget_statuses(now),
+            lines_read=self.lines_read,
+            bytes_read=self.bytes_read,
+            invalid=self.invalid.copy(),
+            duplicates=self.duplicates,
+            last_event_ts=self.last_event_ts,
+            label_overflow={
+                "project": self.project_labels.overflow,
+                "model": self.model_labels.overflow,
+                "error_type": self.error_labels.overflow,
+            },
+            tasks_tracked=len(self.tasks),
+        )
+
+    # -- persistence -----------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """The whole ledger as plain data (lists, numbers, strings) for msgspec."""
+        tasks = []
+        for task_id, value in self.tasks.items():
+            if isinstance(value, Task):
+                tasks.append(
+                    [
+                        task_id,
+                        value.ts,
+                        value.flags,
+                        value.project,
+                        value.user,
+                        value.model,
+                        value.mode,
+                        value.duration,
+                        value.audio,
+                        value.kind,
+                    ]
+                )
+            else:
+                tasks.append([task_id, None, value])
+        return {
+            "version": STATE_VERSION,
+            "timezone": self.config.timezone,
+            "submitted": [[*k, v] for k, v in self.submitted.items()],
+            "completed": [[*k, v] for k, v in self.completed.items()],
+            "errors": [[*k, v] for k, v in self.errors.items()],
+            "credits": [[*k, v] for k, v in self.credits.items()],
+            "usd": [[*k, v] for k, v in self.usd.items()],
+            "video_seconds": [[*k, v] for k, v in self.video_seconds.items()],
+            "generation": [[m, h.counts, h.sum] for m, h in self.generation.items()],
+            "in_flight": list(self.in_flight.items()),
+            "expired": list(self.expired.items()),
+            "invalid": list(self.invalid.items()),
+            "lines_read": self.lines_read,
+            "bytes_read": self.bytes_read,
+            "duplicates": self.duplicates,
+            "last_event_ts": self.last_event_ts,
+            "labels": [
+                [list(lim.known), lim.overflow]
+                for lim in (self.project_labels, self.model_labels, self.error_labels)
+            ],
+            "tasks": tasks,
+            "expiry": [[ts, task_id] for ts, task_id in self._expiry],
+            "usage": [
+                [kind, start, [[p, u, c, d] for (p, u), (c, d) in bucket.items()]]
+                for (kind, start), bucket in self.usage.items()
+            ],
+        }
+
+    @classmethod
+    def from_state(cls, config: Config, state: dict[str, Any]) -> Ledger:
+        """Rebuild a ledger saved by ``to_state``; raises ValueError if it does not fit."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("timezone") != config.timezone:
+            raise ValueError("state was saved with another timezone")
+        led = cls(config)
+        try:
+            led.submitted = {(p, m, mo): v for p, m, mo, v in state["submitted"]}
+            led.completed = {(p, m, s): v for p, m, s, v in state["completed"]}
+            led.errors = {(p, e): v for p, e, v in state["errors"]}
+            led.credits = {(p, m): v for p, m, v in state["credits"]}
+            led.usd = {(p, m): v for p, m, v in state["usd"]}
+            led.video_seconds = {(p, m): v for p, m, v in state["video_seconds"]}
+            for model, counts, total in state["generation"]:
+                hist = led.generation[model] = Histogram()
+                if len(counts) != len(hist.counts):
+                    raise ValueError("histogram buckets changed")
+                hist.counts, hist.sum = list(counts), total
+            led.in_flight = dict(state["in_flight"])
+            led.expired = dict(state["expired"])
+            led.invalid.update(dict(state["invalid"]))
+            led.lines_read = state["lines_read"]
+            led.bytes_read = state["bytes_read"]
+            led.duplicates = state["duplicates"]
+            led.last_event_ts = state["last_event_ts"]
+            for lim, (known, overflow) in zip(
+                (led.project_labels, led.model_labels, led.error_labels),
+                state["labels"],
+                strict=True,
+            ):
+                lim.known = {k: k for k in known}
+                lim.overflow = overflow
+            for row in state["tasks"]:
+                if row[1] is None:
+                    led.tasks[row[0]] = row[2]
+                else:
+                    task_id, ts, flags, project, user, model, mode, duration, audio, kind = row
+                    led.tasks[task_id] = Task(
+                        project, user, model, mode, duration, audio, kind, ts, flags
+                    )
+            led._expiry = deque((ts, task_id) for ts, task_id in state["expiry"])
+            for kind, start, rows in state["usage"]:
+                led.usage[(kind, start)] = {(p, u): [c, d] for p, u, c, d in rows}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"state does not fit this version: {e!r}") from None
+        return led

@@ -1,0 +1,70 @@
+"""What a task costs in credits and dollars, from the configured pricing rules."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import NamedTuple
+
+from exporter.config import PriceRule, PricingConfig
+
+# Kling's own API defaults for a request that leaves these out.
+DEFAULT_MODE = "standard"
+DEFAULT_DURATION = 5
+DEFAULT_KIND = "video"
+
+
+class Request(NamedTuple):
+    """The priced properties of one task."""
+
+    model: str | None = None
+    mode: str | None = None
+    duration: int | None = None
+    audio: bool = False
+    kind: str | None = None
+
+
+def _matches(rule: PriceRule, req: Request, audio: bool) -> bool:
+    if rule.kind is not None and rule.kind != (req.kind or DEFAULT_KIND):
+        return False
+    if rule.mode is not None and rule.mode != (req.mode or DEFAULT_MODE):
+        return False
+    if rule.duration is not None and rule.duration != (req.duration or DEFAULT_DURATION):
+        return False
+    # A rule that names no audio prices silent tasks only.
+    if bool(rule.audio) != audio:
+        return False
+    return rule.model is None or (req.model is not None and fnmatchcase(req.model, rule.model))
+
+
+class Pricing:
+    """Prices requests by the first matching rule; results are memoised per request."""
+
+    def __init__(self, config: PricingConfig) -> None:
+        self.config = config
+        self.usd_per_credit = config.usd_per_credit
+        self._cache: dict[Request, float] = {}
+
+    def credits(self, req: Request) -> float:
+        cached = self._cache.get(req)
+        if cached is not None:
+            return cached
+        value = self._price(req)
+        if len(self._cache) < 10_000:
+            self._cache[req] = value
+        return value
+
+    def usd(self, credits: float) -> float:
+        return credits * self.usd_per_credit
+
+    def _price(self, req: Request) -> float:
+        cfg = self.config
+        for rule in cfg.rules:
+            if _matches(rule, req, req.audio):
+                return rule.credits
+        multiplier = cfg.audio_multiplier if req.audio else 1.0
+        if req.audio:
+            for rule in cfg.rules:
+                if _matches(rule, req, False):
+                    return rule.credits * multiplier
+        duration = req.duration if req.duration is not None else DEFAULT_DURATION
+        return cfg.credits_per_second * duration * multiplier

@@ -1,0 +1,122 @@
+"""HTTP: /metrics, the landing page, health, readiness, reload and the budget API."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.process_collector import ProcessCollector
+
+from exporter import __version__
+from exporter.collector import KlingCollector
+from exporter.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon", Daemon)
+
+
+def build_registry(daemon: Daemon) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KlingCollector(daemon.snapshot))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def _landing(telemetry_path: str) -> str:
+    path = html.escape(telemetry_path)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Kling Exporter</title></head>
+<body>
+<h1>Kling Exporter</h1>
+<p>Version {html.escape(__version__)}: Prometheus metrics and budgets for Kling AI video
+generation.</p>
+<ul>
+<li><a href="{path}">Metrics</a></li>
+<li><a href="/api/v1/budgets">Budgets (JSON)</a></li>
+<li><a href="/-/healthy">Health</a></li>
+<li><a href="/-/ready">Readiness</a></li>
+</ul>
+</body></html>
+"""
+
+
+async def healthy(request: web.Request) -> web.Response:
+    return web.Response(text="Healthy.\n")
+
+
+async def ready(request: web.Request) -> web.Response:
+    if request.app[DAEMON].ready.is_set():
+        return web.Response(text="Ready.\n")
+    return web.Response(status=503, text="Not ready: still reading the existing logs.\n")
+
+
+async def reload(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    error = await asyncio.get_running_loop().run_in_executor(None, daemon.reload)
+    if error is not None:
+        return web.Response(status=500, text=f"failed to reload config: {error}\n")
+    return web.Response(text="Config reloaded.\n")
+
+
+def budget_json(daemon: Daemon) -> dict[str, Any]:
+    snap, _ = daemon.snapshot()
+    return {
+        "budgets": [
+            {
+                "name": b.name,
+                "period": b.period,
+                "project": b.project,
+                "user": b.user,
+                "limit_credits": b.limit_credits,
+                "limit_usd": b.limit_usd,
+                "used_credits": b.used_credits,
+                "used_usd": b.used_usd,
+                "remaining_credits": b.remaining_credits,
+                "remaining_usd": b.remaining_usd,
+                "utilization": b.utilization,
+                "alert_threshold": b.alert_threshold,
+                "period_start": b.period_start,
+                "period_end": b.period_end,
+            }
+            for b in snap.budgets
+        ]
+    }
+
+
+async def budgets(request: web.Request) -> web.Response:
+    return web.json_response(budget_json(request.app[DAEMON]))
+
+
+def build_app(daemon: Daemon, telemetry_path: str = "/metrics") -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    app[DAEMON] = daemon
+    registry = build_registry(daemon)
+    landing = _landing(telemetry_path)
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=landing, content_type="text/html")
+
+    app.router.add_get(telemetry_path, make_aiohttp_handler(registry))
+    if telemetry_path != "/":
+        app.router.add_get("/", index)
+    app.router.add_get("/-/healthy", healthy)
+    app.router.add_get("/-/ready", ready)
+    app.router.add_post("/-/reload", reload)
+    app.router.add_put("/-/reload", reload)
+    app.router.add_get("/api/v1/budgets", budgets)
+    return app
+
+
+def parse_listen_address(address: str) -> tuple[str | None, int]:
+    """``:10177`` (all interfaces), ``127.0.0.1:10177`` or ``[::1]:10177``."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--web.listen-address: expected HOST:PORT, got {address!r}")
+    host = host.strip("[]")
+    return (host or None), int(port)

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import DaemonProcess
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start real exporter processes in tmp_path; all are stopped after the test."""
+    started: list[DaemonProcess] = []
+
+    def make(
+        config: str | None = None, extra: list[str] | None = None, wait_ready: bool = True
+    ) -> DaemonProcess:
+        d = DaemonProcess(tmp_path, config, extra)
+        started.append(d)
+        return d.start(wait_ready=wait_ready)
+
+    yield make
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()

@@ -1,0 +1,185 @@
+"""The real daemon as a process: live appends, partial lines, new files, bad lines, HTTP."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.helpers import DaemonProcess, by_name, line, value, write_lines
+
+Factory = Callable[..., DaemonProcess]
+
+CONFIG = """
+state: {path: ""}
+logs: {poll_interval: 200ms}
+budgets:
+  - {name: mk, project: marketing, period: monthly, limit_credits: 100}
+"""
+
+
+def submitted(task_id: str, project: str = "marketing", **kw: object) -> str:
+    return line(
+        event="task_submitted",
+        task_id=task_id,
+        project=project,
+        model="kling-v2-6",
+        mode="std",
+        duration=5,
+        **kw,
+    )
+
+
+def completed(task_id: str, **kw: object) -> str:
+    return line(event="task_completed", task_id=task_id, status="succeed", elapsed_sec=60, **kw)
+
+
+def test_counts_appends_partial_lines_and_new_files(
+    tmp_path: Path, daemon_factory: Factory
+) -> None:
+    log1 = tmp_path / "logs" / "kling-2026-11-22.jsonl"
+    write_lines(log1, [submitted("a"), completed("a")])
+    d = daemon_factory(CONFIG)
+    series = d.metrics()
+    assert (
+        value(
+            series,
+            "kling_tasks_submitted_total",
+            project="marketing",
+            model="kling-v2-6",
+            mode="standard",
+        )
+        == 1
+    )
+    assert value(series, "kling_budget_used_credits", budget="mk", period="monthly") == 10
+
+    write_lines(log1, [submitted("b")])
+    d.wait_metric("kling_tasks_in_flight", 1, project="marketing")
+
+    raw = completed("b").encode() + b"\n"
+    with open(log1, "ab") as f:
+        f.write(raw[:20])
+        f.flush()
+        d.wait_metric("kling_log_lines_read_total", 3)
+        f.write(raw[20:])
+    series = d.wait_metric("kling_tasks_in_flight", 0, project="marketing")
+    assert value(series, "kling_credits_used_total", project="marketing", model="kling-v2-6") == 20
+
+    log2 = tmp_path / "logs" / "kling-2026-11-23.jsonl"
+    tmp = tmp_path / "incoming.jsonl"
+    write_lines(tmp, [submitted("c", project="sales"), completed("c", credits_used=33)])
+    tmp.rename(log2)  # a new daily file that already holds lines when it appears
+    series = d.wait_metric("kling_credits_used_total", 33, project="sales", model="kling-v2-6")
+    assert value(series, "kling_log_files_watched") == 2
+    assert value(series, "kling_log_lines_read_total") == 6
+    assert value(series, "kling_log_lines_invalid_total", reason="invalid_json") == 0
+
+
+def test_bad_lines_are_counted_and_good_ones_around_them_kept(
+    tmp_path: Path, daemon_factory: Factory
+) -> None:
+    log = tmp_path / "logs" / "kling-2026-11-22.jsonl"
+    d = daemon_factory(CONFIG)
+    good = [submitted(f"t{i}") for i in range(6)]
+    log.parent.mkdir()  # the log folder appears after the daemon started
+    with open(log, "wb") as f:
+        f.write(good[0].encode() + b"\n")
+        f.write(b"{not json\n")
+        f.write(good[1].encode() + b"\n")
+        f.write(b'{"event": "task_submitted", "task_id": "x", "duration": "long"}\n')
+        f.write(good[2].encode() + b"\n")
+        f.write(b'{"event": "task_exploded", "task_id": "y"}\n')
+        f.write(b'{"event": "task_submitted", "project": "p"}\n')
+        f.write(good[3].encode() + b"\n")
+        f.write(b'{"event": "task_submitted", "task_id": "\xff\xfe\xfd"}\n')
+        f.write(good[4].encode() + b"\n")
+        f.write(
+            b'{"event": "task_submitted", "task_id": "big", "x": "' + b"z" * 3_000_000 + b'"}\n'
+        )
+        f.write(b"[1, 2, 3]\n")
+        f.write(good[5].encode() + b"\n")
+    series = d.wait_metric(
+        "kling_tasks_submitted_total", 6, project="marketing", model="kling-v2-6", mode="standard"
+    )
+    invalid = {
+        dict(k)["reason"]: v for k, v in by_name(series, "kling_log_lines_invalid_total").items()
+    }
+    assert invalid == {
+        "invalid_json": 1,
+        "wrong_type": 1,
+        "unknown_event": 1,
+        "missing_field": 1,
+        "invalid_utf8": 1,
+        "too_long": 1,
+        "not_object": 1,
+        "bad_value": 0,
+    }
+    assert value(series, "kling_log_lines_read_total") == 13
+    assert d.get("/-/healthy")[0] == 200
+    out = d.output()
+    assert "invalid log line skipped" in out and "line=2" in out and "reason=invalid_json" in out
+
+
+def test_http_endpoints(tmp_path: Path, daemon_factory: Factory) -> None:
+    write_lines(tmp_path / "logs" / "kling-2026-11-22.jsonl", [submitted("a")])
+    d = daemon_factory(CONFIG)
+    status, body = d.get("/")
+    assert status == 200 and b'href="/metrics"' in body
+    assert d.get("/-/healthy") == (200, b"Healthy.\n")
+    assert d.get("/-/ready")[0] == 200
+    status, body = d.get("/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert status == 200 and body.endswith(b"# EOF\n")
+    status, body = d.get("/metrics", {"Accept-Encoding": "gzip"})
+    assert status == 200 and b"kling_tasks_submitted_total" in gzip.decompress(body)
+    status, body = d.get("/api/v1/budgets")
+    assert status == 200
+    budget = json.loads(body)["budgets"][0]
+    assert budget["name"] == "mk" and budget["limit_credits"] == 100
+    assert d.get("/nope")[0] == 404
+
+
+def test_reload_applies_a_good_config_and_refuses_a_bad_one(
+    tmp_path: Path, daemon_factory: Factory
+) -> None:
+    write_lines(
+        tmp_path / "logs" / "kling-2026-11-22.jsonl",
+        [submitted("a"), completed("a", credits_used=50)],
+    )
+    d = daemon_factory(CONFIG)
+    d.wait_metric("kling_budget_utilization_ratio", 0.5, budget="mk", period="monthly")
+
+    d.config_path.write_text(CONFIG.replace("limit_credits: 100", "limit_credits: 200"))
+    assert d.post("/-/reload")[0] == 200
+    d.wait_metric("kling_budget_utilization_ratio", 0.25, budget="mk", period="monthly")
+
+    d.config_path.write_text(CONFIG.replace("period: monthly", "period: montly"))
+    status, body = d.post("/-/reload")
+    assert status == 500 and b"budgets[0].period" in body
+    series = d.wait_metric("kling_config_last_reload_successful", 0)
+    assert value(series, "kling_budget_utilization_ratio", budget="mk", period="monthly") == 0.25
+
+    d.config_path.write_text(CONFIG.replace("limit_credits: 100", "limit_credits: 500"))
+    d.send(signal.SIGHUP)
+    series = d.wait_metric("kling_budget_utilization_ratio", 0.1, budget="mk", period="monthly")
+    assert value(series, "kling_config_last_reload_successful") == 1
+    assert value(series, "kling_credits_used_total", project="marketing", model="kling-v2-6") == 50
+
+
+def test_bare_command_serves_on_defaults_and_stops_cleanly(
+    tmp_path: Path, daemon_factory: Factory
+) -> None:
+    write_lines(tmp_path / "logs" / "kling-2026-11-22.jsonl", [submitted("a")])
+    d = daemon_factory()  # no config file: the built-in defaults, logs/kling-*.jsonl
+    d.wait_metric("kling_tasks_in_flight", 1, project="marketing")
+    assert d.stop(signal.SIGTERM) == 0
+    assert (tmp_path / "kling-exporter.state").exists()
+    assert "shutting down" in d.output()
+
+
+def test_a_bad_config_file_refuses_to_start(tmp_path: Path, daemon_factory: Factory) -> None:
+    d = daemon_factory("budgets: [{name: x, limit_credits: -1}]\n", wait_ready=False)
+    assert d.proc is not None
+    assert d.proc.wait(timeout=20) == 2
+    assert "budgets[0].limit_credits: must be greater than 0" in d.output()

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter import events
+from exporter.events import Event, decode_line
+
+
+def decode(**fields: object) -> Event | str:
+    return decode_line(json.dumps(fields).encode())
+
+
+def test_submitted_event_is_decoded_with_kling_aliases() -> None:
+    e = decode(
+        event="task_submitted",
+        timestamp="2026-11-22T10:00:00Z",
+        task_id="t1",
+        project_id="marketing",
+        user_id="ann",
+        model="kling-v2-6",
+        duration=10,
+        mode="pro",
+        audio=True,
+        kind="video",
+        prompt_len=120,
+    )
+    assert isinstance(e, Event)
+    assert e.type == events.SUBMITTED
+    assert (e.project, e.user, e.model, e.mode, e.duration, e.audio) == (
+        "marketing",
+        "ann",
+        "kling-v2-6",
+        "professional",
+        10,
+        True,
+    )
+    assert e.ts == dt.datetime(2026, 11, 22, 10, tzinfo=dt.UTC).timestamp()
+
+
+def test_std_is_standard() -> None:
+    e = decode(event="task_submitted", task_id="t", mode="std")
+    assert isinstance(e, Event) and e.mode == "standard"
+
+
+def test_naive_timestamp_is_utc() -> None:
+    e = decode(event="task_error", task_id="t", timestamp="2026-11-22T10:00:00")
+    assert isinstance(e, Event)
+    assert e.ts == dt.datetime(2026, 11, 22, 10, tzinfo=dt.UTC).timestamp()
+
+
+def test_offset_timestamp_is_converted() -> None:
+    e = decode(event="task_error", task_id="t", timestamp="2026-11-22T12:00:00+02:00")
+    assert isinstance(e, Event)
+    assert e.ts == dt.datetime(2026, 11, 22, 10, tzinfo=dt.UTC).timestamp()
+
+
+def test_missing_timestamp_is_left_for_the_time_of_reading() -> None:
+    e = decode(event="task_error", task_id="t")
+    assert isinstance(e, Event) and e.ts is None
+
+
+def test_missing_project_is_default() -> None:
+    e = decode(event="task_submitted", task_id="t")
+    assert isinstance(e, Event) and e.project == "default"
+
+
+def test_duration_as_string_is_accepted() -> None:
+    e = decode(event="task_submitted", task_id="t", duration="5")
+    assert isinstance(e, Event) and e.duration == 5
+
+
+def test_usage_line_without_event() -> None:
+    e = decode(task_id="u1", credits=35, project="p")
+    assert isinstance(e, Event)
+    assert e.type == events.USAGE and e.credits == 35
+
+
+def test_completed_event() -> None:
+    e = decode(
+        event="task_completed", task_id="t", status="failed", elapsed_sec=3.5, credits_used=0
+    )
+    assert isinstance(e, Event)
+    assert (e.type, e.status, e.elapsed, e.credits) == (events.COMPLETED, "failed", 3.5, 0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"not json", "invalid_json"),
+        (b'{"event": "task_submitted", "task_id": "t"', "invalid_json"),
+        (b'{"event": "task_submitted", "task_id": "\xff\xfe"}', "invalid_utf8"),
+        (b"[1, 2]", "not_object"),
+        (b"42", "not_object"),
+        (b'{"event": "task_submitted", "task_id": "t", "duration": "long"}', "wrong_type"),
+        (b'{"event": "task_submitted", "task_id": ["t"]}', "wrong_type"),
+        (b'{"event": "task_completed", "task_id": "t", "elapsed_sec": "x"}', "wrong_type"),
+        (b'{"event": "task_submitted", "task_id": "t", "timestamp": "yesterday"}', "wrong_type"),
+        (b'{"event": "task_submitted"}', "missing_field"),
+        (b'{"project": "p"}', "missing_field"),
+        (b'{"event": "task_cancelled", "task_id": "t"}', "unknown_event"),
+        (b'{"task_id": "t"}', "unknown_event"),
+        (b'{"event": "task_submitted", "task_id": "t", "mode": "turbo"}', "bad_value"),
+        (b'{"event": "task_completed", "task_id": "t", "status": "maybe"}', "bad_value"),
+        (b'{"event": "task_completed", "task_id": "t", "credits_used": -1}', "bad_value"),
+        (b'{"event": "task_submitted", "task_id": "t", "kind": "audio"}', "bad_value"),
+        (b'{"event": "task_submitted", "task_id": "t", "project": ""}', "bad_value"),
+    ],
+)
+def test_bad_lines_are_classified(raw: bytes, reason: str) -> None:
+    assert decode_line(raw) == reason
+
+
+def test_message_and_prompt_are_never_read() -> None:
+    e = decode(
+        event="task_error",
+        task_id="t",
+        error_type="quota",
+        message={"not": "a string"},
+        prompt=["whatever"],
+    )
+    assert isinstance(e, Event) and e.error_type == "quota"
+
+
+def test_overlong_label_values_are_refused() -> None:
+    assert decode(event="task_submitted", task_id="t", project="p" * 500) == "bad_value"
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise(data: bytes) -> None:
+    result = decode_line(data)
+    assert isinstance(result, Event) or result in events.INVALID_REASONS
+
+
+LABEL_FIELDS = {"project", "project_id", "user", "user_id", "model", "error_type"}
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "event",
+                "task_id",
+                "message",
+                "prompt",
+                "status",
+                "mode",
+                "model",
+                "project",
+                "error_type",
+                "credits",
+                "note",
+                "kind",
+            ]
+        ),
+        st.one_of(st.text(max_size=40), st.integers(), st.none(), st.booleans()),
+    )
+)
+def test_free_text_never_becomes_a_label(fields: dict[str, object]) -> None:
+    result = decode_line(json.dumps(fields).encode())
+    if not isinstance(result, Event):
+        return
+    labels = {result.project, result.model, result.error_type, result.user}
+    allowed = {fields.get(k) for k in LABEL_FIELDS} | {"default", None}
+    assert labels <= allowed

@@ -1,0 +1,439 @@
+"""The accounting rules, each checked against totals computed here from the task list."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+import msgspec
+import pytest
+
+from exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig, parse_config
+from exporter.events import Event, decode_line
+from exporter.ledger import OTHER, Ledger
+from tests.helpers import line
+
+UTC = dt.UTC
+PRICE = {  # the default rules, by hand: (mode, duration, audio) -> credits
+    ("standard", 5, False): 10,
+    ("professional", 5, False): 35,
+    ("standard", 10, False): 20,
+    ("professional", 10, False): 70,
+    ("standard", 5, True): 50,
+    ("professional", 10, True): 200,
+    ("standard", 10, True): 100,
+    ("professional", 5, True): 175,
+}
+NOW = dt.datetime(2026, 11, 22, 12, tzinfo=UTC).timestamp()
+
+
+def feed(ledger: Ledger, *lines: str, now: float = NOW) -> None:
+    for raw in lines:
+        event = decode_line(raw.encode())
+        assert isinstance(event, Event), (raw, event)
+        ledger.apply(event, now)
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+@dataclass
+class Task:
+    id: str
+    project: str
+    user: str
+    model: str
+    mode: str
+    duration: int
+    audio: bool
+    ts: float
+    outcome: str  # succeed, failed, error, open
+    credits_used: float | None
+    elapsed: float
+
+
+def random_tasks(rng: random.Random, n: int, start: float, span: float) -> list[Task]:
+    tasks = []
+    for i in range(n):
+        outcome = rng.choice(["succeed"] * 6 + ["failed", "error", "open"])
+        tasks.append(
+            Task(
+                id=f"task-{i}",
+                project=rng.choice(["marketing", "sales", "rnd"]),
+                user=rng.choice(["ann", "bob"]),
+                model=rng.choice(["kling-v1", "kling-v2-6"]),
+                mode=rng.choice(["standard", "professional"]),
+                duration=rng.choice([5, 10]),
+                audio=rng.random() < 0.2,
+                ts=start + rng.random() * span,
+                outcome=outcome,
+                credits_used=rng.choice([None, None, 7.0, 12.5]) if outcome == "succeed" else None,
+                elapsed=rng.uniform(10, 400),
+            )
+        )
+    return tasks
+
+
+def task_lines(tasks: list[Task], rng: random.Random, duplicates: int = 0) -> list[str]:
+    """Events in time order: submission, then completion a little later; some repeated."""
+    events: list[tuple[float, str]] = []
+    for t in tasks:
+        events.append(
+            (
+                t.ts,
+                line(
+                    event="task_submitted",
+                    timestamp=iso(t.ts),
+                    task_id=t.id,
+                    project=t.project,
+                    user=t.user,
+                    model=t.model,
+                    mode=rng.choice(
+                        {"standard": ["standard", "std"], "professional": ["pro"]}[t.mode]
+                    ),
+                    duration=t.duration,
+                    audio=t.audio,
+                    prompt_len=42,
+                ),
+            )
+        )
+        done = t.ts + t.elapsed
+        if t.outcome in ("succeed", "failed"):
+            fields: dict[str, object] = {
+                "event": "task_completed",
+                "timestamp": iso(done),
+                "task_id": t.id,
+                "status": t.outcome,
+                "elapsed_sec": t.elapsed,
+            }
+            if t.credits_used is not None:
+                fields["credits_used"] = t.credits_used
+            events.append((done, line(**fields)))
+        elif t.outcome == "error":
+            events.append(
+                (
+                    done,
+                    line(
+                        event="task_error",
+                        timestamp=iso(done),
+                        task_id=t.id,
+                        error_type="quota",
+                        message="prompt was: a cat",
+                    ),
+                )
+            )
+    events.sort(key=lambda e: e[0])
+    out = [raw for _, raw in events]
+    for _ in range(duplicates):  # a repeat comes after the line it repeats
+        i = rng.randrange(len(out))
+        out.insert(rng.randrange(i + 1, len(out) + 1), out[i])
+    return out
+
+
+def charged(t: Task) -> float:
+    if t.outcome != "succeed":
+        return 0.0
+    if t.credits_used is not None:
+        return t.credits_used
+    return PRICE[(t.mode, t.duration, t.audio)]
+
+
+def test_counters_match_independent_totals() -> None:
+    rng = random.Random(7)
+    tasks = random_tasks(rng, 400, NOW - 86400 * 3, 86400 * 3)
+    ledger = Ledger(Config())
+    feed(ledger, *task_lines(tasks, rng, duplicates=25))
+
+    submitted = Counter((t.project, t.model, t.mode) for t in tasks)
+    completed = Counter(
+        (t.project, t.model, t.outcome) for t in tasks if t.outcome in ("succeed", "failed")
+    )
+    errors = Counter((t.project, "quota") for t in tasks if t.outcome == "error")
+    credits: dict[tuple[str, str], float] = defaultdict(float)
+    seconds: Counter[tuple[str, str]] = Counter()
+    for t in tasks:
+        seconds[(t.project, t.model)] += t.duration
+        if charged(t):
+            credits[(t.project, t.model)] += charged(t)
+    in_flight = Counter(t.project for t in tasks if t.outcome == "open")
+
+    assert ledger.submitted == dict(submitted)
+    assert ledger.completed == dict(completed)
+    assert ledger.errors == dict(errors)
+    assert ledger.credits == pytest.approx(dict(credits))
+    assert ledger.usd == pytest.approx({k: v * 0.14 for k, v in credits.items()})
+    assert ledger.video_seconds == dict(seconds)
+    assert {k: v for k, v in ledger.in_flight.items() if v} == dict(in_flight)
+    assert ledger.duplicates == 25
+    hist_count = sum(h.counts[-1] for h in ledger.generation.values())
+    assert sum(sum(h.counts) for h in ledger.generation.values()) == sum(
+        1 for t in tasks if t.outcome == "succeed"
+    )
+    assert hist_count == sum(1 for t in tasks if t.outcome == "succeed" and t.elapsed > 3600)
+
+
+@pytest.mark.parametrize("tz", ["UTC", "America/New_York", "Asia/Kolkata"])
+@pytest.mark.parametrize("period", ["daily", "weekly", "monthly"])
+def test_budget_usage_per_period_and_timezone(tz: str, period: str) -> None:
+    rng = random.Random(period + tz)
+    tasks = random_tasks(rng, 300, NOW - 86400 * 40, 86400 * 40)
+    config = parse_config(
+        {
+            "timezone": tz,
+            "budgets": [
+                {"name": "mk", "project": "marketing", "period": period, "limit_credits": 1000},
+                {
+                    "name": "ann",
+                    "user": "ann",
+                    "period": period,
+                    "limit_credits": 500,
+                    "limit_usd": 20,
+                },
+                {
+                    "name": "mk-bob",
+                    "project": "marketing",
+                    "user": "bob",
+                    "period": period,
+                    "limit_credits": 300,
+                },
+                {"name": "all", "period": period, "limit_credits": 5000, "alert_threshold": 0.5},
+            ],
+        }
+    )
+    ledger = Ledger(config)
+    feed(ledger, *task_lines(tasks, rng))
+
+    zone = ZoneInfo(tz)
+    local_now = dt.datetime.fromtimestamp(NOW, zone)
+    day = local_now.date()
+    start_day = {
+        "daily": day,
+        "weekly": day - dt.timedelta(days=day.weekday()),
+        "monthly": day.replace(day=1),
+    }[period]
+    start = dt.datetime(start_day.year, start_day.month, start_day.day, tzinfo=zone).timestamp()
+
+    def used(match: dict[str, str]) -> float:
+        return sum(
+            charged(t)
+            for t in tasks
+            if start <= t.ts + t.elapsed <= NOW
+            and all(getattr(t, k) == v for k, v in match.items())
+        )
+
+    statuses = {b.name: b for b in ledger.budget_statuses(NOW)}
+    expected = {
+        "mk": used({"project": "marketing"}),
+        "ann": used({"user": "ann"}),
+        "mk-bob": used({"project": "marketing", "user": "bob"}),
+        "all": used({}),
+    }
+    for name, credits in expected.items():
+        assert statuses[name].used_credits == pytest.approx(credits), name
+        assert statuses[name].period_start == start
+    ann = statuses["ann"]
+    assert ann.used_usd == pytest.approx(expected["ann"] * 0.14)
+    assert ann.utilization == pytest.approx(max(expected["ann"] / 500, expected["ann"] * 0.14 / 20))
+    assert statuses["mk"].remaining_credits == pytest.approx(max(0, 1000 - expected["mk"]))
+    assert statuses["all"].alert_threshold == 0.5
+
+
+def test_usage_goes_back_to_zero_at_the_period_boundary_by_the_clock() -> None:
+    config = parse_config({"budgets": [{"name": "d", "period": "daily", "limit_credits": 100}]})
+    ledger = Ledger(config)
+    feed(
+        ledger, line(event="task_completed", task_id="a", timestamp=iso(NOW - 60), credits_used=40)
+    )
+    assert ledger.budget_statuses(NOW)[0].used_credits == 40
+    midnight = dt.datetime(2026, 11, 23, tzinfo=UTC).timestamp()
+    after = ledger.budget_statuses(midnight)[0]
+    assert after.used_credits == 0
+    assert after.utilization == 0
+    assert after.remaining_credits == 100
+    assert after.period_start == midnight
+
+
+def test_a_late_line_lands_in_its_own_period() -> None:
+    config = parse_config({"budgets": [{"name": "d", "period": "daily", "limit_credits": 100}]})
+    ledger = Ledger(config)
+    yesterday = NOW - 86400
+    feed(
+        ledger,
+        line(event="task_completed", task_id="late", timestamp=iso(yesterday), credits_used=30),
+    )
+    assert ledger.budget_statuses(NOW)[0].used_credits == 0
+    assert ledger.budget_statuses(yesterday)[0].used_credits == 30
+    assert ledger.credits == {("default", "unknown"): 30}
+
+
+def test_completion_joins_its_submission() -> None:
+    ledger = Ledger(Config())
+    feed(
+        ledger,
+        line(
+            event="task_submitted",
+            task_id="t",
+            project="p",
+            user="u",
+            model="kling-v2-6",
+            mode="pro",
+            duration=10,
+            audio=True,
+        ),
+        line(event="task_completed", task_id="t", status="succeed", elapsed_sec=100),
+    )
+    assert ledger.completed == {("p", "kling-v2-6", "succeed"): 1}
+    assert ledger.credits == {("p", "kling-v2-6"): 200}
+    assert ledger.in_flight == {"p": 0}
+
+
+def test_failed_task_costs_nothing_unless_logged() -> None:
+    ledger = Ledger(Config())
+    feed(
+        ledger,
+        line(event="task_submitted", task_id="a", project="p", model="m"),
+        line(event="task_completed", task_id="a", status="failed"),
+        line(event="task_submitted", task_id="b", project="p", model="m"),
+        line(event="task_completed", task_id="b", status="failed", credits_used=3),
+    )
+    assert ledger.credits == {("p", "m"): 3}
+
+
+def test_error_joins_and_leaves_flight() -> None:
+    ledger = Ledger(Config())
+    feed(
+        ledger,
+        line(event="task_submitted", task_id="t", project="p", model="m"),
+        line(event="task_error", task_id="t", error_type="content_policy", message="no"),
+    )
+    assert ledger.errors == {("p", "content_policy"): 1}
+    assert ledger.in_flight == {"p": 0}
+
+
+def test_a_task_completed_twice_is_counted_once() -> None:
+    ledger = Ledger(Config())
+    done = line(event="task_completed", task_id="t", status="succeed", credits_used=10)
+    feed(ledger, line(event="task_submitted", task_id="t", project="p", model="m"), done, done)
+    assert ledger.completed == {("p", "m", "succeed"): 1}
+    assert ledger.credits == {("p", "m"): 10}
+    assert ledger.duplicates == 1
+
+
+def test_completion_read_before_its_submission() -> None:
+    ledger = Ledger(Config())
+    feed(
+        ledger,
+        line(event="task_completed", task_id="t", project="p", model="m", credits_used=5),
+        line(event="task_submitted", task_id="t", project="p", model="m"),
+    )
+    assert ledger.submitted == {("p", "m", "standard"): 1}
+    assert ledger.completed == {("p", "m", "succeed"): 1}
+    assert ledger.in_flight.get("p", 0) == 0
+
+
+def test_usage_line_is_a_submitted_and_succeeded_task() -> None:
+    ledger = Ledger(Config())
+    feed(ledger, line(task_id="u", credits=35, project="p"), line(task_id="u", credits=35))
+    assert ledger.submitted == {("p", "unknown", "standard"): 1}
+    assert ledger.completed == {("p", "unknown", "succeed"): 1}
+    assert ledger.credits == {("p", "unknown"): 35}
+    assert ledger.duplicates == 1
+
+
+def test_projects_past_the_limit_fold_into_other() -> None:
+    ledger = Ledger(Config(labels=LabelsConfig(max_projects=2)))
+    feed(
+        ledger,
+        *(
+            line(event="task_submitted", task_id=f"t{i}", project=f"p{i}", model="m")
+            for i in range(5)
+        ),
+    )
+    assert ledger.submitted == {
+        ("p0", "m", "standard"): 1,
+        ("p1", "m", "standard"): 1,
+        (OTHER, "m", "standard"): 3,
+    }
+    assert ledger.project_labels.overflow == 3
+
+
+def test_budgets_match_the_real_project_even_when_its_label_is_folded() -> None:
+    config = Config(
+        labels=LabelsConfig(max_projects=1),
+        budgets=[BudgetConfig(name="b", project="late", period="monthly", limit_credits=100)],
+    )
+    ledger = Ledger(config)
+    feed(
+        ledger,
+        line(event="task_completed", task_id="x", project="first", credits_used=1),
+        line(
+            event="task_completed", task_id="y", project="late", credits_used=9, timestamp=iso(NOW)
+        ),
+    )
+    assert ledger.budget_statuses(NOW)[0].used_credits == 9
+    assert (OTHER, "unknown") in ledger.credits
+
+
+def test_unfinished_tasks_expire_after_the_ttl() -> None:
+    ledger = Ledger(Config(tasks=TasksConfig(ttl="1h")))
+    feed(
+        ledger,
+        line(event="task_submitted", task_id="old", project="p", timestamp=iso(NOW - 7200)),
+        line(event="task_submitted", task_id="new", project="p", timestamp=iso(NOW)),
+    )
+    assert ledger.in_flight == {"p": 2}
+    ledger.expire(NOW)
+    assert ledger.in_flight == {"p": 1}
+    assert ledger.expired == {"p": 1}
+    assert "old" not in ledger.tasks and "new" in ledger.tasks
+
+
+def test_task_index_is_capped() -> None:
+    ledger = Ledger(Config(tasks=TasksConfig(max_tasks=100)))
+    feed(
+        ledger,
+        *(line(event="task_submitted", task_id=f"t{i}", timestamp=iso(NOW)) for i in range(1000)),
+    )
+    ledger.expire(NOW)
+    assert len(ledger.tasks) == 100
+    assert ledger.in_flight == {"default": 100}
+
+
+def test_reload_keeps_totals_and_new_budget_is_exact_at_once() -> None:
+    ledger = Ledger(Config())
+    feed(
+        ledger,
+        line(event="task_completed", task_id="a", project="p", credits_used=12, timestamp=iso(NOW)),
+    )
+    ledger.configure(
+        parse_config({"budgets": [{"name": "p", "project": "p", "limit_credits": 24}]})
+    )
+    assert ledger.credits == {("p", "unknown"): 12}
+    assert ledger.budget_statuses(NOW)[0].utilization == 0.5
+
+
+def test_reload_refuses_a_timezone_change() -> None:
+    ledger = Ledger(Config())
+    with pytest.raises(ValueError, match="timezone"):
+        ledger.configure(parse_config({"timezone": "Europe/Berlin"}))
+
+
+def test_state_round_trip_is_exact() -> None:
+    rng = random.Random(3)
+    config = parse_config({"budgets": [{"name": "w", "period": "weekly", "limit_credits": 9}]})
+    tasks = random_tasks(rng, 200, NOW - 86400 * 2, 86400 * 2)
+    lines = task_lines(tasks, rng, duplicates=10)
+    whole = Ledger(config)
+    feed(whole, *lines)
+
+    first = Ledger(config)
+    feed(first, *lines[:150])
+    restored = Ledger.from_state(
+        config, msgspec.msgpack.decode(msgspec.msgpack.encode(first.to_state()))
+    )
+    feed(restored, *lines[150:])
+    assert restored.snapshot(NOW) == whole.snapshot(NOW)

@@ -1,0 +1,85 @@
+"""The whole /metrics output for a fixed log, against a golden file and promtool."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from exporter.collector import KlingCollector
+from exporter.config import parse_config
+from exporter.daemon import Status
+from exporter.events import Event, decode_line
+from exporter.ledger import Ledger
+from tests.helpers import require_binary
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden" / "metrics.prom"
+NOW = dt.datetime(2026, 11, 22, 12, tzinfo=dt.UTC).timestamp()
+CONFIG = parse_config(
+    {
+        "timezone": "Europe/Berlin",
+        "budgets": [
+            {
+                "name": "marketing",
+                "project": "marketing",
+                "period": "monthly",
+                "limit_credits": 10000,
+                "limit_usd": 600,
+            },
+            {
+                "name": "bob-daily",
+                "user": "bob",
+                "period": "daily",
+                "limit_credits": 100,
+                "alert_threshold": 0.9,
+            },
+            {"name": "everything", "period": "weekly", "limit_usd": 50},
+        ],
+    }
+)
+
+
+def render_fixed_log() -> bytes:
+    ledger = Ledger(CONFIG)
+    for raw in (HERE / "data" / "fixed.jsonl").read_bytes().splitlines():
+        ledger.lines_read += 1
+        ledger.bytes_read += len(raw) + 1
+        result = decode_line(raw)
+        if isinstance(result, Event):
+            ledger.apply(result, NOW)
+        else:
+            ledger.count_invalid(result)
+    status = Status(
+        files_watched=1,
+        ready=True,
+        reload_successful=True,
+        reload_success_ts=NOW - 60,
+        state_save_ts=NOW - 5,
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KlingCollector(lambda: (ledger.snapshot(NOW), status)))
+    return generate_latest(registry)
+
+
+def test_metrics_output_matches_golden_file() -> None:
+    text = render_fixed_log()
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_bytes(text)
+    assert text.decode() == GOLDEN.read_text(), "rerun with UPDATE_GOLDEN=1 and review the diff"
+
+
+def test_promtool_check_metrics_is_clean() -> None:
+    promtool = require_binary("promtool")
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=render_fixed_log(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == b"" and result.stderr.strip() == b""
