@@ -150,6 +150,8 @@ class Tailer:
                 log.info("file renamed", extra={"old": fs.path, "path": path})
                 fs.path = path
             seen.add(ident)
+        if self._saved:
+            self._find_rotated_while_stopped(now)
         self._first_poll = False
         self._saved.clear()
 
@@ -166,6 +168,29 @@ class Tailer:
             if fs.gone_since is not None and now - fs.gone_since >= self.config.rotate_wait_seconds:
                 self._close(fs, sink)
 
+    def _find_rotated_while_stopped(self, now: float) -> None:
+        """A saved file no longer under the globs may have been renamed beside them
+        (``kling.jsonl.1``) while the daemon was down: find it by inode and drain it."""
+        for (dev, ino), saved in list(self._saved.items()):
+            directory = os.path.dirname(saved["path"]) or "."
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(directory, name)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) == (dev, ino) and stat.S_ISREG(st.st_mode):
+                    fs = self._open(path, st)
+                    if fs is not None:
+                        fs.gone_since = now
+                        self.files[(dev, ino)] = fs
+                        log.info("draining file rotated while stopped", extra={"path": path})
+                    break
+
     def _open(self, path: str, st: os.stat_result) -> FileState | None:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -177,7 +202,7 @@ class Tailer:
         self._unreadable.discard(path)
         st = os.fstat(fd)  # the file we opened, even if the path changed meanwhile
         fs = FileState(path, st.st_dev, st.st_ino, fd)
-        saved = self._saved.get((st.st_dev, st.st_ino))
+        saved = self._saved.pop((st.st_dev, st.st_ino), None)
         if saved is not None:
             fp = saved["fingerprint"]
             if saved["offset"] <= st.st_size and os.pread(fd, len(fp), 0) == fp:
@@ -259,7 +284,9 @@ class Tailer:
                 fs.skipping = True
 
     def to_state(self) -> list[dict[str, Any]]:
-        return [
+        # Saved positions not yet claimed by a poll are kept, so a save right after a
+        # restart does not forget them.
+        return [*self._saved.values()] + [
             {
                 "path": fs.path,
                 "dev": fs.dev,
