@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,14 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
+        self.clock = clock  # wall time for events without a timestamp and for periods
         self.config_path = config_path
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -169,7 +176,7 @@ class Daemon:
     # -- reading ---------------------------------------------------------------------
 
     def _sink(self, path: str, lines: list[bytes | None], first: int, nbytes: int) -> None:
-        now = time.time()
+        now = self.clock()
         ledger = self.ledger
         apply, invalid = ledger.apply, ledger.count_invalid
         with self.lock:
@@ -202,7 +209,7 @@ class Daemon:
         self.watcher.watch(self.tailer.base_dirs())
         self.tailer.poll(self._sink, self.stopping)
         with self.lock:
-            self.ledger.expire(time.time())
+            self.ledger.expire(self.clock())
 
     def _run(self) -> None:
         try:
@@ -263,7 +270,7 @@ class Daemon:
     # -- reading for others ----------------------------------------------------------
 
     def snapshot(self) -> tuple[Snapshot, Status]:
-        now = time.time()
+        now = self.clock()
         with self.lock:
             snap = self.ledger.snapshot(now)
             files = self.tailer.watched
