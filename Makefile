@@ -16,6 +16,10 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/kling-exporter $(ARGS)
 
+## demo: synthetic Kling traffic into a temporary log folder, served on :10177
+demo: $(BIN)/.installed
+	$(BIN)/kling-exporter demo $(ARGS)
+
 ## tools: Prometheus, promtool, Alertmanager and amtool for the end-to-end tests
 tools:
 	@scripts/ensure-tools

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import json
 import logging
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
-from exporter import __version__
-from exporter.config import Config, ConfigError, load_config
+from exporter import __version__, reports
+from exporter.config import KINDS, Config, ConfigError, load_config, normalize_mode
 from exporter.daemon import Daemon
+from exporter.demo import DemoTraffic, demo_config
 from exporter.logsetup import LEVELS, setup_logging
+from exporter.pricing import Pricing, Request
 from exporter.server import build_app, parse_listen_address
 
 log = logging.getLogger("exporter")
 
 DEFAULT_LISTEN = ":10177"
-COMMANDS = ("serve", "check-config")
+COMMANDS = ("serve", "report", "costs", "export", "estimate", "check-config", "demo")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -72,9 +78,250 @@ def build_parser() -> argparse.ArgumentParser:
         help="path of the metrics (default: /metrics)",
     )
 
+    report = sub.add_parser("report", help="daily summary of the logs")
+    _common(report)
+    report.add_argument("--date", type=_date, help="YYYY-MM-DD (default: today)")
+    report.add_argument("--format", choices=("text", "json"), default="text")
+
+    costs = sub.add_parser("costs", help="credits, videos and dollars per day")
+    _common(costs)
+    costs.add_argument("--days", type=_positive, default=7, help="days back (default: 7)")
+    costs.add_argument("--format", choices=("text", "json"), default="text")
+
+    export = sub.add_parser("export", help="write the events as CSV")
+    _common(export)
+    export.add_argument("--output", required=True, metavar="FILE", help="CSV file, - for stdout")
+    export.add_argument("--since", type=_date, metavar="DATE", help="first day (YYYY-MM-DD)")
+    export.add_argument("--until", type=_date, metavar="DATE", help="last day (YYYY-MM-DD)")
+
+    estimate = sub.add_parser("estimate", help="credits and dollars for a request")
+    _common(estimate)
+    estimate.add_argument("--model", required=True, help="e.g. kling-v2-6")
+    estimate.add_argument("--mode", required=True, type=_mode, help="standard|professional")
+    estimate.add_argument("--duration", required=True, type=_positive, help="seconds")
+    estimate.add_argument("--audio", action="store_true", help="with generated audio")
+    estimate.add_argument("--kind", choices=KINDS, default="video")
+    estimate.add_argument("--count", type=_positive, default=1, help="number of tasks")
+    estimate.add_argument("--format", choices=("text", "json"), default="text")
+
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", help="the YAML configuration file")
+
+    demo = sub.add_parser("demo", help="write realistic synthetic events and serve them")
+    demo.add_argument(
+        "--web.listen-address",
+        dest="listen",
+        default=DEFAULT_LISTEN,
+        metavar="ADDR",
+        help=f"address to listen on (default: {DEFAULT_LISTEN})",
+    )
+    demo.add_argument("--logs", metavar="DIR", help="log folder (default: a temporary one)")
+    demo.add_argument(
+        "--rate", type=float, default=1.0, help="new tasks per second on average (default: 1)"
+    )
+    demo.add_argument(
+        "--backfill", type=float, default=2.0, help="hours of history written at start (default: 2)"
+    )
+    demo.add_argument("--log.level", dest="log_level", choices=LEVELS, default="info")
+    demo.add_argument(
+        "--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt"
+    )
     return parser
+
+
+def _date(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {value!r}") from None
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value: str) -> float:
+    number = _non_negative_float(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError("expected a number greater than 0")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {value!r}")
+    return number
+
+
+def _mode(value: str) -> str:
+    mode = normalize_mode(value)
+    if mode is None:
+        raise argparse.ArgumentTypeError(
+            f"expected standard, professional, std or pro, got {value!r}"
+        )
+    return mode
+
+
+def _today(config: Config) -> dt.date:
+    return dt.datetime.now(config.tz).date()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    config = _load(args.config_file)
+    day = args.date or _today(config)
+    result = reports.daily_report(reports.read_records(config, sys.stderr), day, config)
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"Kling usage on {result['date']} ({config.timezone})\n")
+    print(
+        reports.table(
+            [
+                "submitted",
+                "succeeded",
+                "failed",
+                "errors",
+                "success",
+                "credits",
+                "USD",
+                "avg gen s",
+            ],
+            [
+                [
+                    result["total_submitted"],
+                    result["succeeded"],
+                    result["failed"],
+                    result["errors"],
+                    f"{result['success_rate']:.1%}",
+                    float(result["total_credits"]),
+                    float(result["total_usd"]),
+                    float(result["avg_generation_sec"]),
+                ]
+            ],
+        )
+    )
+    for title, key in (("model", "by_model"), ("project", "by_project")):
+        rows = [
+            [
+                name,
+                int(t["submitted"]),
+                int(t["succeeded"]),
+                int(t["failed"]),
+                int(t["errors"]),
+                float(t["credits"]),
+                float(t["usd"]),
+            ]
+            for name, t in result[key].items()
+        ]
+        if rows:
+            print(f"\nBy {title}:")
+            print(
+                reports.table(
+                    [title, "submitted", "succeeded", "failed", "errors", "credits", "USD"], rows
+                )
+            )
+    return 0
+
+
+def cmd_costs(args: argparse.Namespace) -> int:
+    config = _load(args.config_file)
+    result = reports.cost_analysis(
+        reports.read_records(config, sys.stderr), args.days, _today(config), config
+    )
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"Kling costs, {result['from']} to {result['to']} ({config.timezone})\n")
+    rows = [
+        [d["date"], float(d["credits"]), int(d["videos"]), float(d["usd"])]
+        for d in result["per_day"]
+    ]
+    rows.append(
+        [
+            "total",
+            float(result["total_credits"]),
+            int(result["total_videos"]),
+            float(result["total_usd"]),
+        ]
+    )
+    rows.append(
+        [
+            "average/day",
+            float(result["avg_credits_per_day"]),
+            round(result["total_videos"] / args.days, 2),
+            float(result["avg_usd_per_day"]),
+        ]
+    )
+    print(reports.table(["date", "credits", "videos", "USD"], rows))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    config = _load(args.config_file)
+    if args.since and args.until and args.since > args.until:
+        print("kling-exporter: --since is after --until", file=sys.stderr)
+        return 2
+    records = reports.read_records(config, sys.stderr)
+    if args.output == "-":
+        count = reports.export_csv(records, sys.stdout, config, args.since, args.until)
+    else:
+        try:
+            with open(args.output, "w", encoding="utf-8", newline="") as out:
+                count = reports.export_csv(records, out, config, args.since, args.until)
+        except OSError as e:
+            print(f"kling-exporter: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+            return 1
+    print(f"wrote {count} events to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    config = _load(args.config_file)
+    pricing = Pricing(config.pricing)
+    each = pricing.credits(Request(args.model, args.mode, args.duration, args.audio, args.kind))
+    result = {
+        "model": args.model,
+        "mode": args.mode,
+        "duration": args.duration,
+        "audio": args.audio,
+        "kind": args.kind,
+        "count": args.count,
+        "credits_per_task": each,
+        "credits": each * args.count,
+        "usd": round(pricing.usd(each * args.count), 4),
+    }
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+        return 0
+    audio = " with audio" if args.audio else ""
+    print(
+        f"{args.count} x {args.model} {args.mode} {args.duration}s {args.kind}{audio}: "
+        f"{each:g} credits each, {each * args.count:g} credits, ${result['usd']:,.2f}"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        host, port = parse_listen_address(args.listen)
+    except ValueError as e:
+        print(f"kling-exporter: {e}", file=sys.stderr)
+        return 2
+    log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="kling-demo-"))
+    traffic = DemoTraffic(log_dir, rate=args.rate)
+    written = traffic.backfill(args.backfill * 3600)
+    log.info(
+        "demo traffic",
+        extra={"logs": str(log_dir), "backfilled_events": written, "rate_per_s": args.rate},
+    )
+    traffic.start()
+    return _run(Daemon(demo_config(log_dir)), host, port, "/metrics")
 
 
 def _load(path: str | None) -> Config:
@@ -126,9 +373,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.telemetry_path.startswith("/"):
         print("kling-exporter: --web.telemetry-path must start with /", file=sys.stderr)
         return 2
-    daemon = Daemon(config, args.config_file)
+    return _run(Daemon(config, args.config_file), host, port, args.telemetry_path)
+
+
+def _run(daemon: Daemon, host: str | None, port: int, telemetry_path: str) -> int:
     try:
-        asyncio.run(_serve(daemon, host, port, args.telemetry_path))
+        asyncio.run(_serve(daemon, host, port, telemetry_path))
     except OSError as e:
         log.error("cannot serve", extra={"err": str(e)})
         return 1
@@ -144,6 +394,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "logfmt"))
-    if args.command == "check-config":
-        return cmd_check_config(args)
-    return cmd_serve(args)
+    commands = {
+        "check-config": cmd_check_config,
+        "report": cmd_report,
+        "costs": cmd_costs,
+        "export": cmd_export,
+        "estimate": cmd_estimate,
+        "demo": cmd_demo,
+    }
+    return commands.get(args.command, cmd_serve)(args)

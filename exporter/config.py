@@ -230,7 +230,7 @@ _AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
 
 
-def _friendly(error: msgspec.ValidationError) -> str:
+def describe_validation_error(error: msgspec.ValidationError) -> str:
     """Turn msgspec's ``message - at `$.a[0]` `` into ``a[0].key: message``."""
     match = _AT_RE.match(str(error))
     assert match is not None
@@ -259,7 +259,7 @@ def parse_config(data: Any) -> Config:
     try:
         return msgspec.convert(data, Config, strict=True)
     except msgspec.ValidationError as e:
-        raise ConfigError(_friendly(e)) from None
+        raise ConfigError(describe_validation_error(e)) from None
 
 
 def load_config(path: str | Path | None) -> Config:

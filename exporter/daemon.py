@@ -20,7 +20,8 @@ import msgspec
 
 from exporter.config import Config, ConfigError, load_config
 from exporter.events import Event, decode_line
-from exporter.ledger import Ledger, Snapshot
+from exporter.ledger import CheckResult, Ledger, Snapshot
+from exporter.pricing import Request
 from exporter.tailer import Tailer, Watcher
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,10 @@ class Daemon:
         return None
 
     # -- reading for others ----------------------------------------------------------
+
+    def check(self, req: Request, count: int, project: str, user: str | None) -> CheckResult:
+        with self.lock:
+            return self.ledger.check(req, count, project, user, self.clock())
 
     def snapshot(self) -> tuple[Snapshot, Status]:
         now = self.clock()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -101,6 +101,53 @@ class Histogram:
             total += count
             out.append(("+Inf" if bound == float("inf") else repr(bound), total))
         return out
+
+
+class Record(msgspec.Struct, frozen=True):
+    """One counted event with what the join knows of its task, for reports and exports."""
+
+    event: str  # submitted | completed | error
+    ts: float
+    task_id: str
+    project: str
+    user: str | None
+    model: str
+    mode: str
+    duration: int
+    audio: bool
+    kind: str
+    status: str | None = None
+    elapsed: float | None = None
+    error_type: str | None = None
+    credits: float = 0.0
+    usd: float = 0.0
+
+
+Observer = Callable[[Record], None]
+
+
+def _record(event: str, task_id: str, t: Task, ts: float, **more: Any) -> Record:
+    return Record(
+        event, ts, task_id, t.project, t.user, t.model, t.mode, t.duration, t.audio, t.kind, **more
+    )
+
+
+class CheckBudget(msgspec.Struct, frozen=True):
+    name: str
+    period: str
+    credits_remaining: float | None
+    usd_remaining: float | None
+    utilization_after: float
+
+
+class CheckResult(msgspec.Struct, frozen=True):
+    """The answer to a pre-flight check (``POST /api/v1/check``)."""
+
+    allowed: bool
+    credits_needed: float
+    usd_needed: float
+    reason: str
+    budgets: list[CheckBudget]
 
 
 class BudgetStatus(msgspec.Struct, frozen=True):
@@ -210,6 +257,8 @@ class Ledger:
         self._expiry: deque[tuple[float, str]] = deque()
         # (period kind, period start) -> (project, user) -> [credits, usd]
         self.usage: dict[tuple[str, float], dict[tuple[str, str | None], list[float]]] = {}
+        # Told of every counted event (reports); None in the daemon.
+        self.observer: Observer | None = None
         self.configure(config)
 
     # -- configuration ---------------------------------------------------------------
@@ -287,13 +336,16 @@ class Ledger:
                 self.duplicates += 1
                 return
             # The task finished before its submission was read: count it, not in flight.
-            self._count_submission(self._new_task(e, ts, _SUB))
+            task = self._new_task(e, ts, _SUB)
+            self._count_submission(task)
             tasks[e.task_id] = flags | _SUB
-            return
-        task = self._new_task(e, ts, _SUB)
-        self._count_submission(task)
-        _add(self.in_flight, self.project_labels.get(task.project, count=False), 1)
-        self._remember(e.task_id, task, ts)
+        else:
+            task = self._new_task(e, ts, _SUB)
+            self._count_submission(task)
+            _add(self.in_flight, self.project_labels.get(task.project, count=False), 1)
+            self._remember(e.task_id, task, ts)
+        if self.observer is not None:
+            self.observer(_record("submitted", e.task_id, task, ts))
 
     def _finished(self, e: Event, ts: float, how: int) -> None:
         tasks = self.tasks
@@ -337,6 +389,30 @@ class Ledger:
             self._remember(e.task_id, flags | how, ts)
         else:
             tasks[e.task_id] = flags | how
+        if self.observer is not None:
+            usd = credits * self.pricing.usd_per_credit
+            if how == _DONE:
+                rec = _record(
+                    "completed",
+                    e.task_id,
+                    task,
+                    ts,
+                    status=status,
+                    elapsed=e.elapsed,
+                    credits=credits,
+                    usd=usd,
+                )
+            else:
+                rec = _record(
+                    "error",
+                    e.task_id,
+                    task,
+                    ts,
+                    error_type=e.error_type or ev_mod.UNKNOWN_ERROR,
+                    credits=credits,
+                    usd=usd,
+                )
+            self.observer(rec)
 
     def _usage_line(self, e: Event, ts: float) -> None:
         """A simple tracker's line: one submitted and succeeded task with its credits."""
@@ -361,6 +437,22 @@ class Ledger:
             self._remember(e.task_id, _SUB | _DONE, ts)
         else:
             self.tasks[e.task_id] = flags | _SUB | _DONE
+        if self.observer is not None:
+            if counted:
+                self.observer(_record("submitted", e.task_id, task, ts))
+            credits = e.credits or 0.0
+            self.observer(
+                _record(
+                    "completed",
+                    e.task_id,
+                    task,
+                    ts,
+                    status="succeed",
+                    elapsed=e.elapsed,
+                    credits=credits,
+                    usd=credits * self.pricing.usd_per_credit,
+                )
+            )
 
     def _charge(
         self,
@@ -463,6 +555,58 @@ class Ledger:
             _budget_status(b, used, bounds)
             for b, (used, bounds) in zip(budgets, self._budget_usage(budgets, now), strict=True)
         ]
+
+    def check(
+        self, req: Request, count: int, project: str, user: str | None, now: float
+    ) -> CheckResult:
+        """May ``count`` tasks like ``req`` be generated for this project and user now?
+        Refused when any matching budget would go over its limit; exactly at it is allowed."""
+        credits = self.pricing.credits(req) * count
+        usd = credits * self.pricing.usd_per_credit
+        matching = [
+            b
+            for b in self.config.budgets
+            if (b.project is None or b.project == project) and (b.user is None or b.user == user)
+        ]
+        rows, reasons = [], []
+        for b, ((used_c, used_u), _) in zip(
+            matching, self._budget_usage(matching, now), strict=True
+        ):
+            after = max(
+                _utilization(used_c + credits, b.limit_credits),
+                _utilization(used_u + usd, b.limit_usd),
+            )
+            remaining_c = None if b.limit_credits is None else max(b.limit_credits - used_c, 0.0)
+            remaining_u = None if b.limit_usd is None else max(b.limit_usd - used_u, 0.0)
+            over = (b.limit_credits is not None and used_c + credits > b.limit_credits + 1e-9) or (
+                b.limit_usd is not None and used_u + usd > b.limit_usd + 1e-9
+            )
+            if over:
+                left = (
+                    f"{remaining_c:g} credits left"
+                    if remaining_c is not None
+                    else f"${remaining_u:.2f} left"
+                )
+                reasons.append(
+                    f"budget {b.name!r} ({b.period}) would reach {after:.0%}: "
+                    f"needs {credits:g} credits (${usd:.2f}), {left}"
+                )
+            rows.append(
+                CheckBudget(
+                    name=b.name,
+                    period=b.period,
+                    credits_remaining=remaining_c,
+                    usd_remaining=remaining_u,
+                    utilization_after=after,
+                )
+            )
+        return CheckResult(
+            allowed=not reasons,
+            credits_needed=credits,
+            usd_needed=usd,
+            reason="; ".join(reasons) if reasons else "within every matching budget",
+            budgets=rows,
+        )
 
     def snapshot(self, now: float) -> Snapshot:
         return Snapshot(

@@ -7,6 +7,7 @@ import html
 import logging
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -14,7 +15,10 @@ from prometheus_client.process_collector import ProcessCollector
 
 from exporter import __version__
 from exporter.collector import KlingCollector
+from exporter.config import KINDS, describe_validation_error, normalize_mode
 from exporter.daemon import Daemon
+from exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
+from exporter.pricing import Request
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +97,76 @@ async def budgets(request: web.Request) -> web.Response:
     return web.json_response(budget_json(request.app[DAEMON]))
 
 
+MAX_BODY = 64 * 1024
+
+
+class CheckRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /api/v1/check``: every field optional, count at least 1."""
+
+    project: str | None = None
+    user: str | None = None
+    model: str | None = None
+    mode: str | None = None
+    duration: int | None = None
+    audio: bool = False
+    kind: str | None = None
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"count: must be at least 1, got {self.count}")
+        if self.count > 100_000:
+            raise ValueError(f"count: must be at most 100000, got {self.count}")
+        if self.mode is not None:
+            mode = normalize_mode(self.mode)
+            if mode is None:
+                raise ValueError(
+                    f"mode: expected one of standard, professional, std, pro, got {self.mode!r}"
+                )
+            self.mode = mode
+        if self.kind is not None and self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.duration is not None and not 1 <= self.duration <= 3600:
+            raise ValueError(f"duration: expected seconds from 1 to 3600, got {self.duration}")
+        for key in ("project", "user", "model"):
+            value = getattr(self, key)
+            if value is not None and not 0 < len(value) <= MAX_LABEL_LEN:
+                raise ValueError(f"{key}: expected 1 to {MAX_LABEL_LEN} characters")
+
+
+def _bad_request(message: str) -> web.Response:
+    message = message.replace("(top level)", "body", 1)
+    field = message.split(":", 1)[0] if ":" in message else "body"
+    return web.json_response({"error": message, "field": field}, status=400)
+
+
+async def check(request: web.Request) -> web.Response:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return _bad_request(f"body: larger than {MAX_BODY} bytes")
+    try:
+        body = await request.content.read(MAX_BODY + 1)
+    except (OSError, web.HTTPException):
+        return _bad_request("body: could not be read")
+    if len(body) > MAX_BODY:
+        return _bad_request(f"body: larger than {MAX_BODY} bytes")
+    try:
+        req = msgspec.json.decode(body or b"{}", type=CheckRequest)
+    except msgspec.ValidationError as e:
+        return _bad_request(describe_validation_error(e))
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return _bad_request("body: not a JSON object")
+    daemon = request.app[DAEMON]
+    result = daemon.check(
+        Request(req.model, req.mode, req.duration, req.audio, req.kind),
+        req.count,
+        req.project or DEFAULT_PROJECT,
+        req.user,
+    )
+    return web.Response(body=msgspec.json.encode(result), content_type="application/json")
+
+
 def build_app(daemon: Daemon, telemetry_path: str = "/metrics") -> web.Application:
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=MAX_BODY)
     app[DAEMON] = daemon
     registry = build_registry(daemon)
     landing = _landing(telemetry_path)
@@ -110,6 +182,7 @@ def build_app(daemon: Daemon, telemetry_path: str = "/metrics") -> web.Applicati
     app.router.add_post("/-/reload", reload)
     app.router.add_put("/-/reload", reload)
     app.router.add_get("/api/v1/budgets", budgets)
+    app.router.add_post("/api/v1/check", check)
     return app
 
 

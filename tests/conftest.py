@@ -14,9 +14,12 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
     def make(
-        config: str | None = None, extra: list[str] | None = None, wait_ready: bool = True
+        config: str | None = None,
+        extra: list[str] | None = None,
+        wait_ready: bool = True,
+        command: str = "serve",
     ) -> DaemonProcess:
-        d = DaemonProcess(tmp_path, config, extra)
+        d = DaemonProcess(tmp_path, config, extra, command)
         started.append(d)
         return d.start(wait_ready=wait_ready)
 

@@ -87,8 +87,15 @@ def require_binary(name: str) -> str:
 class DaemonProcess:
     """The real exporter as a subprocess on a loopback port chosen at run time."""
 
-    def __init__(self, workdir: Path, config: str | None = None, extra: list[str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        config: str | None = None,
+        extra: list[str] | None = None,
+        command: str = "serve",
+    ):
         self.workdir = workdir
+        self.command = command
         self.port = free_port()
         self.config_path = workdir / "config.yml"
         if config is not None:
@@ -106,12 +113,12 @@ class DaemonProcess:
             sys.executable,
             "-m",
             "exporter",
-            "serve",
+            self.command,
             "--web.listen-address",
             f"127.0.0.1:{self.port}",
             *self.extra,
         ]
-        if self.config_path.exists():
+        if self.config_path.exists() and self.command == "serve":
             cmd += ["--config.file", str(self.config_path)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()

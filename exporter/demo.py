@@ -1,0 +1,181 @@
+"""Realistic synthetic Kling traffic, for trying the exporter with one command."""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+import json
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from exporter.config import Config, parse_config
+
+PROJECTS = [("marketing", 8), ("product", 5), ("sales", 3), ("support", 2), ("research", 1)]
+USERS = ["ann", "bob", "chen", "dana", "eli"]
+MODELS = [("kling-v2-6", 5), ("kling-v2-5-turbo", 4), ("kling-v1-6", 2), ("kling-v1", 1)]
+ERRORS = [("quota_exceeded", 2), ("content_policy", 3), ("timeout", 1), ("rate_limited", 2)]
+
+
+def demo_config(log_dir: Path) -> Config:
+    return parse_config(
+        {
+            "logs": {"paths": [str(log_dir / "kling-*.jsonl")], "poll_interval": "1s"},
+            "state": {"path": ""},
+            # Sized for the default rate and backfill: one budget warns at once, one
+            # crosses 80% and then 100% within half an hour, the others stay calm.
+            "budgets": [
+                {
+                    "name": "marketing-daily",
+                    "project": "marketing",
+                    "period": "daily",
+                    "limit_credits": 12000,
+                },
+                {
+                    "name": "research-daily",
+                    "project": "research",
+                    "period": "daily",
+                    "limit_credits": 1300,
+                    "alert_threshold": 0.7,
+                },
+                {
+                    "name": "product-weekly",
+                    "project": "product",
+                    "period": "weekly",
+                    "limit_credits": 60000,
+                    "limit_usd": 9000,
+                },
+                {"name": "ann-monthly", "user": "ann", "period": "monthly", "limit_usd": 800},
+                {"name": "company-monthly", "period": "monthly", "limit_usd": 50000},
+            ],
+        }
+    )
+
+
+def _pick(rng: random.Random, weighted: list[tuple[str, int]]) -> str:
+    return rng.choices([v for v, _ in weighted], [w for _, w in weighted])[0]
+
+
+class DemoTraffic:
+    """Writes submissions, and completions or errors after a plausible generation time,
+    to ``DIR/kling-YYYY-MM-DD.jsonl``; bursts now and then, some failures and errors."""
+
+    def __init__(self, log_dir: Path, rate: float = 0.2, seed: int | None = None) -> None:
+        self.dir = log_dir
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.pending: list[tuple[float, int, dict[str, Any]]] = []
+        self.count = 0
+        self.stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def _submission(self, ts: float) -> list[tuple[float, dict[str, Any]]]:
+        rng = self.rng
+        self.count += 1
+        task_id = f"demo-{self.count:07d}-{rng.randrange(16**6):06x}"
+        kind = rng.choices(["video", "image", "try_on"], [90, 8, 2])[0]
+        mode = rng.choices(["std", "pro"], [65, 35])[0]
+        duration = rng.choice([5, 5, 5, 10])
+        sub = {
+            "event": "task_submitted",
+            "task_id": task_id,
+            "project": _pick(rng, PROJECTS),
+            "user": rng.choice(USERS),
+            "model": _pick(rng, MODELS),
+            "mode": mode,
+            "duration": duration,
+            "audio": rng.random() < 0.15,
+            "kind": kind,
+            "prompt_len": rng.randint(20, 900),
+        }
+        out = [(ts, sub)]
+        roll = rng.random()
+        if roll < 0.04:
+            out.append(
+                (
+                    ts + rng.uniform(0.5, 5),
+                    {
+                        "event": "task_error",
+                        "task_id": task_id,
+                        "error_type": _pick(rng, ERRORS),
+                        "message": 'simulated error: the prompt "..." was refused',
+                    },
+                )
+            )
+        else:
+            elapsed = max(5.0, rng.lognormvariate(4.4 + (0.5 if mode == "pro" else 0), 0.4))
+            status = "failed" if roll < 0.11 else "succeed"
+            out.append(
+                (
+                    ts + elapsed,
+                    {
+                        "event": "task_completed",
+                        "task_id": task_id,
+                        "status": status,
+                        "elapsed_sec": round(elapsed, 1),
+                    },
+                )
+            )
+        return out
+
+    def _write(self, items: list[tuple[float, dict[str, Any]]]) -> None:
+        by_file: dict[Path, list[bytes]] = {}
+        for ts, fields in items:
+            when = dt.datetime.fromtimestamp(ts, dt.UTC)
+            line = {
+                "timestamp": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                **fields,
+            }
+            path = self.dir / f"kling-{when:%Y-%m-%d}.jsonl"
+            by_file.setdefault(path, []).append(json.dumps(line).encode() + b"\n")
+        for path, lines in by_file.items():
+            with open(path, "ab") as f:
+                f.write(b"".join(lines))
+
+    def backfill(self, seconds: float, now: float | None = None) -> int:
+        """History for the last ``seconds``, so graphs have a past from the first scrape."""
+        now = time.time() if now is None else now
+        ts, items = now - seconds, []
+        while ts < now:
+            for when, fields in self._submission(ts):
+                if when <= now:
+                    items.append((when, fields))
+                else:
+                    heapq.heappush(self.pending, (when, self.count, fields))
+            ts += self.rng.expovariate(self.rate)
+        items.sort(key=lambda item: item[0])
+        self._write(items)
+        return len(items)
+
+    def tick(self, now: float, dt_seconds: float) -> None:
+        """Write what happens in the next ``dt_seconds``: new tasks and due completions."""
+        burst = 6.0 if self.rng.random() < 0.01 else 1.0
+        due: list[tuple[float, dict[str, Any]]] = []
+        for _ in range(self._poisson(self.rate * burst * dt_seconds)):
+            first, *rest = self._submission(now)
+            due.append(first)
+            for when, fields in rest:
+                heapq.heappush(self.pending, (when, self.count, fields))
+        while self.pending and self.pending[0][0] <= now:
+            when, _, fields = heapq.heappop(self.pending)
+            due.append((when, fields))
+        if due:
+            self._write(due)
+
+    def _poisson(self, mean: float) -> int:
+        n, t = 0, self.rng.expovariate(1.0)
+        while t < mean:
+            n += 1
+            t += self.rng.expovariate(1.0)
+        return n
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.tick(time.time(), 0.5)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="demo-traffic", daemon=True)
+        self._thread.start()

@@ -1,0 +1,248 @@
+"""The operator's subcommands on a fixed log."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from exporter.cli import main
+from tests.helpers import line, write_lines
+
+DATA = Path(__file__).parent / "data" / "fixed.jsonl"
+
+REPORT = """\
+Kling usage on 2026-11-22 (UTC)
+
+submitted  succeeded  failed  errors  success  credits    USD  avg gen s
+---------  ---------  ------  ------  -------  -------  -----  ---------
+        7          3       1       1  60.0%     245.00  34.30     235.25
+
+By model:
+model             submitted  succeeded  failed  errors  credits    USD
+----------------  ---------  ---------  ------  ------  -------  -----
+kling-v1-6                1          0       1       0     0.00   0.00
+kling-v2-5-turbo          1          0       0       1     0.00   0.00
+kling-v2-6                4          2       0       0   210.00  29.40
+unknown                   1          1       0       0    35.00   4.90
+
+By project:
+project    submitted  succeeded  failed  errors  credits    USD
+---------  ---------  ---------  ------  ------  -------  -----
+marketing          2          2       0       0   210.00  29.40
+rnd                3          1       0       0    35.00   4.90
+sales              2          0       1       1     0.00   0.00
+"""
+
+
+@pytest.fixture
+def logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    shutil.copy(DATA, tmp_path / "logs" / "kling-2026-11-22.jsonl")
+    return tmp_path / "logs"
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_report_text(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "report", "--date", "2026-11-22") == (0, REPORT, "")
+
+
+def test_report_json_has_the_spec_keys(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _code, out, _ = run(capsys, "report", "--date", "2026-11-22", "--format", "json")
+    report = json.loads(out)
+    assert {
+        "date",
+        "total_submitted",
+        "succeeded",
+        "failed",
+        "errors",
+        "success_rate",
+        "total_credits",
+        "total_usd",
+        "avg_generation_sec",
+        "by_model",
+        "by_project",
+    } <= report.keys()
+    assert (report["total_submitted"], report["succeeded"], report["failed"], report["errors"]) == (
+        7,
+        3,
+        1,
+        1,
+    )
+    assert report["success_rate"] == 0.6
+    assert report["total_credits"] == 245
+    assert report["avg_generation_sec"] == pytest.approx((115.5 + 355) / 2)
+    assert report["by_project"]["marketing"]["credits"] == 210
+
+
+def test_report_for_a_date_without_events(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "report", "--date", "2020-01-01", "--format", "json")
+    report = json.loads(out)
+    assert code == 0
+    assert report["total_submitted"] == 0 and report["success_rate"] == 0
+    assert report["by_model"] == {} and report["by_project"] == {}
+    code, out, _ = run(capsys, "report", "--date", "2020-01-01")
+    assert "By model" not in out and "        0          0" in out
+
+
+def test_report_with_an_empty_log_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "report", "--format", "json")
+    assert code == 0 and json.loads(out)["total_submitted"] == 0
+
+
+def test_report_uses_the_configured_timezone(
+    logs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (logs.parent / "tz.yml").write_text("timezone: Pacific/Kiritimati\n")  # UTC+14
+    _code, out, _ = run(
+        capsys, "report", "--config.file", "tz.yml", "--date", "2026-11-22", "--format", "json"
+    )
+    assert json.loads(out)["total_submitted"] == 2  # only the 09:00 UTC tasks: 23:00 local
+
+
+def test_costs_per_day(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    today = dt.datetime.now(dt.UTC).replace(hour=0, minute=30, second=0, microsecond=0)
+
+    def stamp(days_ago: int) -> str:
+        return (today - dt.timedelta(days=days_ago)).isoformat()
+
+    write_lines(
+        tmp_path / "logs" / "kling-x.jsonl",
+        [
+            line(task_id="a", credits=10, timestamp=stamp(0), duration=5),
+            line(task_id="b", credits=30, timestamp=stamp(1), duration=5),
+            line(task_id="c", credits=20, timestamp=stamp(1), duration=5),
+            line(task_id="d", credits=99, timestamp=stamp(9), duration=5),  # outside 3 days
+        ],
+    )
+    code, out, _ = run(capsys, "costs", "--days", "3", "--format", "json")
+    result = json.loads(out)
+    assert [d["credits"] for d in result["per_day"]] == [0, 50, 10]
+    assert [d["videos"] for d in result["per_day"]] == [0, 2, 1]
+    assert result["total_credits"] == 60 and result["avg_credits_per_day"] == 20
+    assert result["total_usd"] == pytest.approx(8.4)
+    code, out, _ = run(capsys, "costs", "--days", "3")
+    assert code == 0
+    assert out.splitlines()[-2].split() == ["total", "60.00", "3", "8.40"]
+    assert out.splitlines()[-1].split() == ["average/day", "20.00", "1.00", "2.80"]
+
+
+def test_export_csv_with_a_date_range(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_lines(
+        logs / "kling-2026-11-23.jsonl",
+        [line(task_id="z", credits=5, timestamp="2026-11-23T08:00:00Z")],
+    )
+    code, _, err = run(capsys, "export", "--output", "all.csv")
+    assert code == 0 and "wrote 14 events" in err
+    rows = list(csv.DictReader(open("all.csv", encoding="utf-8")))  # noqa: SIM115
+    assert list(rows[0]) == [
+        "timestamp",
+        "event",
+        "task_id",
+        "project",
+        "user",
+        "model",
+        "mode",
+        "duration",
+        "audio",
+        "kind",
+        "status",
+        "elapsed_sec",
+        "error_type",
+        "credits",
+        "usd",
+    ]
+    assert rows[3] == {
+        "timestamp": "2026-11-22T09:06:00Z",
+        "event": "completed",
+        "task_id": "m2",
+        "project": "marketing",
+        "user": "ann",
+        "model": "kling-v2-6",
+        "mode": "professional",
+        "duration": "10",
+        "audio": "true",
+        "kind": "video",
+        "status": "succeed",
+        "elapsed_sec": "355.0",
+        "error_type": "",
+        "credits": "200",
+        "usd": "28.0000",
+    }
+    assert sum(float(r["credits"]) for r in rows) == 250
+    code, _, err = run(
+        capsys, "export", "--output", "day.csv", "--since", "2026-11-23", "--until", "2026-11-23"
+    )
+    assert "wrote 2 events" in err
+    assert "The prompt" not in Path("all.csv").read_text()
+
+
+def test_export_refuses_a_reversed_range(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(
+        capsys, "export", "--output", "x.csv", "--since", "2026-11-23", "--until", "2026-11-01"
+    )
+    assert code == 2 and "--since is after --until" in err
+
+
+def test_estimate(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys,
+        "estimate",
+        "--model",
+        "kling-v2-6",
+        "--mode",
+        "pro",
+        "--duration",
+        "10",
+        "--count",
+        "40",
+    )
+    assert code == 0
+    assert out == (
+        "40 x kling-v2-6 professional 10s video: 70 credits each, 2800 credits, $392.00\n"
+    )
+    code, out, _ = run(
+        capsys,
+        "estimate",
+        "--model",
+        "kling-v2-6",
+        "--mode",
+        "std",
+        "--duration",
+        "5",
+        "--audio",
+        "--format",
+        "json",
+    )
+    assert json.loads(out)["credits"] == 50 and json.loads(out)["usd"] == 7
+
+
+def test_estimate_refuses_an_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["estimate", "--model", "m", "--mode", "turbo", "--duration", "5"])
+    assert exit_.value.code == 2
+    assert "expected standard, professional, std or pro" in capsys.readouterr().err
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("serve", "report", "costs", "export", "estimate", "check-config", "demo"):
+        assert command in out
