@@ -4,7 +4,7 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 ARGS    ?=
 
-.PHONY: run demo test lint typecheck unit tools clean
+.PHONY: run demo test lint typecheck unit tools clean screenshots dashboards
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ run: $(BIN)/.installed
 ## demo: synthetic Kling traffic into a temporary log folder, served on :10177
 demo: $(BIN)/.installed
 	$(BIN)/kling-exporter demo $(ARGS)
+
+## screenshots: PNG previews of the dashboards from real data, into docs/
+screenshots: $(BIN)/.installed tools
+	$(BIN)/python grafana/preview.py
+
+## dashboards: rewrite grafana/dashboards/*.json from grafana/build_dashboards.py
+dashboards: $(BIN)/.installed
+	$(BIN)/python grafana/build_dashboards.py
 
 ## tools: Prometheus, promtool, Alertmanager and amtool for the end-to-end tests
 tools:

@@ -124,6 +124,7 @@ class KlingCollector(Collector):
                 ("used_credits", "Credits used in the budget's current period."),
                 ("used_usd", "US dollars used in the budget's current period."),
                 ("remaining_credits", "Credits left in the current period (never below 0)."),
+                ("remaining_usd", "US dollars left in the current period (never below 0)."),
                 (
                     "utilization_ratio",
                     "Share of the budget used: the larger of credits and dollars (1 = 100%).",
@@ -146,6 +147,7 @@ class KlingCollector(Collector):
                 "used_credits": b.used_credits,
                 "used_usd": b.used_usd,
                 "remaining_credits": b.remaining_credits,
+                "remaining_usd": b.remaining_usd,
                 "utilization_ratio": b.utilization,
                 "alert_threshold_ratio": b.alert_threshold,
                 "period_start_timestamp_seconds": b.period_start,
