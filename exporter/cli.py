@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import signal
+import ssl
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from exporter.demo import DemoTraffic, demo_config
 from exporter.logsetup import LEVELS, setup_logging
 from exporter.pricing import Pricing, Request
 from exporter.server import build_app, parse_listen_address
+from exporter.webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("exporter")
 
@@ -76,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="/metrics",
         metavar="PATH",
         help="path of the metrics (default: /metrics)",
+    )
+    serve.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="FILE",
+        help="exporter-toolkit web configuration: TLS, basic auth, response headers",
     )
 
     report = sub.add_parser("report", help="daily summary of the logs")
@@ -345,13 +353,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(daemon: Daemon, host: str | None, port: int, telemetry_path: str) -> None:
-    app = build_app(daemon, telemetry_path)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+async def _serve(
+    daemon: Daemon,
+    host: str | None,
+    port: int,
+    telemetry_path: str,
+    web_config: WebConfig | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> None:
+    app = build_app(daemon, telemetry_path, web_config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=75)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=10)
+    site = web.TCPSite(runner, host, port, shutdown_timeout=10, ssl_context=tls)
     await site.start()
-    log.info("listening", extra={"address": f"{host or ''}:{port}", "version": __version__})
+    log.info(
+        "listening",
+        extra={
+            "address": f"{host or ''}:{port}",
+            "version": __version__,
+            "tls": tls is not None,
+            "basic_auth": bool(web_config and web_config.basic_auth_users),
+        },
+    )
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -373,12 +396,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.telemetry_path.startswith("/"):
         print("kling-exporter: --web.telemetry-path must start with /", file=sys.stderr)
         return 2
-    return _run(Daemon(config, args.config_file), host, port, args.telemetry_path)
+    web_config, tls = None, None
+    if args.web_config_file:
+        try:
+            web_config, tls = load_web_config(args.web_config_file)
+        except ConfigError as e:
+            print(f"kling-exporter: invalid web config: {e}", file=sys.stderr)
+            return 2
+    daemon = Daemon(config, args.config_file)
+    return _run(daemon, host, port, args.telemetry_path, web_config, tls)
 
 
-def _run(daemon: Daemon, host: str | None, port: int, telemetry_path: str) -> int:
+def _run(
+    daemon: Daemon,
+    host: str | None,
+    port: int,
+    telemetry_path: str,
+    web_config: WebConfig | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> int:
     try:
-        asyncio.run(_serve(daemon, host, port, telemetry_path))
+        asyncio.run(_serve(daemon, host, port, telemetry_path, web_config, tls))
     except OSError as e:
         log.error("cannot serve", extra={"err": str(e)})
         return 1

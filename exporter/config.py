@@ -240,7 +240,7 @@ def describe_validation_error(error: msgspec.ValidationError) -> str:
         key = unknown.group("field")
         return f"{_join(path, key)}: unknown key"
     field, sep, rest = msg.partition(": ")
-    if sep and re.fullmatch(r"[a-z_][a-z_0-9\[\].]*", field):
+    if sep and re.fullmatch(r"[A-Za-z_][\w\[\].-]*", field):
         return f"{_join(path, field)}: {rest}"
     msg = msg.replace("Expected", "expected")
     return f"{path or '(top level)'}: {msg}"

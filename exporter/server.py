@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import html
 import logging
 from typing import Any
@@ -19,6 +20,7 @@ from exporter.config import KINDS, describe_validation_error, normalize_mode
 from exporter.daemon import Daemon
 from exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
 from exporter.pricing import Request
+from exporter.webconfig import BasicAuth, WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,10 @@ async def check(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_BODY:
         return _bad_request(f"body: larger than {MAX_BODY} bytes")
     try:
-        body = await request.content.read(MAX_BODY + 1)
+        async with asyncio.timeout(BODY_TIMEOUT):
+            body = await request.content.read(MAX_BODY + 1)
+    except TimeoutError:
+        return _bad_request(f"body: not received within {BODY_TIMEOUT:g} s")
     except (OSError, web.HTTPException):
         return _bad_request("body: could not be read")
     if len(body) > MAX_BODY:
@@ -165,8 +170,62 @@ async def check(request: web.Request) -> web.Response:
     return web.Response(body=msgspec.json.encode(result), content_type="application/json")
 
 
-def build_app(daemon: Daemon, telemetry_path: str = "/metrics") -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+# At most this many API requests at once; more get 503 rather than queueing behind
+# a slow client and stalling scrapes.
+MAX_CONCURRENT_API = 64
+BODY_TIMEOUT = 10.0
+
+
+def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
+    auth = BasicAuth(web_config.basic_auth_users if web_config else {})
+    headers = web_config.http_server_config.headers if web_config else {}
+    api_slots = asyncio.Semaphore(MAX_CONCURRENT_API)
+
+    @web.middleware
+    async def protect(request: web.Request, handler: Any) -> web.StreamResponse:
+        if auth.enabled and request.path != "/-/healthy":
+            user, password = _credentials(request)
+            loop = asyncio.get_running_loop()
+            if user is None or not await loop.run_in_executor(
+                None, auth.check, user, password or ""
+            ):
+                return web.Response(
+                    status=401,
+                    text="Unauthorized\n",
+                    headers={"WWW-Authenticate": 'Basic realm="kling-exporter"', **headers},
+                )
+        if request.path.startswith("/api/"):
+            if api_slots.locked():
+                response: web.StreamResponse = web.json_response(
+                    {"error": "too many requests at once, try again"}, status=503
+                )
+            else:
+                async with api_slots:
+                    response = await handler(request)
+        else:
+            response = await handler(request)
+        response.headers.update(headers)
+        return response
+
+    return [protect]
+
+
+def _credentials(request: web.Request) -> tuple[str | None, str | None]:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None, None
+    try:
+        user, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    return (user, password) if sep else (None, None)
+
+
+def build_app(
+    daemon: Daemon, telemetry_path: str = "/metrics", web_config: WebConfig | None = None
+) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=_security_middlewares(web_config))
     app[DAEMON] = daemon
     registry = build_registry(daemon)
     landing = _landing(telemetry_path)
