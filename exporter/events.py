@@ -3,16 +3,18 @@
 Nothing here raises on bad input: ``decode_line`` returns either an ``Event``
 or one of ``INVALID_REASONS``. Only the fields named in the spec are read;
 free text such as prompts and error messages is never decoded at all.
+
+The types and bounds of every field are checked by msgspec while it decodes (in C);
+what is left in Python is the little that ties fields together.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Final
+import re
+from typing import Annotated, Final, Literal
 
 import msgspec
-
-from exporter.config import KINDS, normalize_mode
 
 SUBMITTED: Final = 0
 COMPLETED: Final = 1
@@ -43,57 +45,70 @@ UNKNOWN_ERROR: Final = "unknown"
 STATUSES: Final = ("succeed", "failed")
 
 _UTC = dt.UTC
+_MODES: Final[dict[str, Literal["standard", "professional"]]] = {
+    "standard": "standard",
+    "std": "standard",
+    "professional": "professional",
+    "pro": "professional",
+}
 
-
-class _Raw(msgspec.Struct, gc=False):
-    event: str | None = None
-    timestamp: dt.datetime | None = None
-    task_id: str | int | None = None
-    project: str | None = None
-    project_id: str | None = None
-    user: str | None = None
-    user_id: str | None = None
-    model: str | None = None
-    duration: int | None = None
-    mode: str | None = None
-    audio: bool | None = None
-    kind: str | None = None
-    status: str | None = None
-    elapsed_sec: float | None = None
-    credits_used: float | None = None
-    credits: float | None = None
-    error_type: str | None = None
+# An empty or very long label value is garbage, not a name.
+Label = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_LEN)]
+Credits = Annotated[float, msgspec.Meta(ge=0, lt=1e12)]
+# Fields the decoder fills in itself; decode_line always overwrites them, so a JSON key
+# of the same name has no effect.
+_DERIVED = "__derived_"
 
 
 class Event(msgspec.Struct, gc=False):
-    """A validated event. ``ts`` is Unix seconds, or None when the line had no time."""
+    """One event line. After ``decode_line``: ``type`` is one of SUBMITTED, COMPLETED,
+    ERROR, USAGE; ``ts`` is Unix seconds or None; ``project`` is set (``default`` when the
+    line had none); ``user`` falls back to ``user_id``; ``mode`` is ``standard`` or
+    ``professional``; ``task_id`` is a string."""
 
-    type: int
-    task_id: str
-    ts: float | None
-    project: str
-    user: str | None
-    model: str | None
-    mode: str | None
-    duration: int | None
-    audio: bool | None
-    kind: str | None
-    status: str | None
-    elapsed: float | None
-    credits: float | None
-    error_type: str | None
+    event: Literal["task_submitted", "task_completed", "task_error"] | None = None
+    timestamp: dt.datetime | None = None
+    task_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | int | None = None
+    project: Label | None = None
+    project_id: Label | None = None
+    user: Label | None = None
+    user_id: Label | None = None
+    model: Label | None = None
+    duration: Annotated[int, msgspec.Meta(ge=0, le=3600)] | None = None
+    mode: Literal["standard", "professional", "std", "pro"] | None = None
+    audio: bool | None = None
+    kind: Literal["video", "image", "try_on"] | None = None
+    status: Literal["succeed", "failed"] | None = None
+    elapsed_sec: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] | None = None
+    credits_used: Credits | None = None
+    credits: Credits | None = None
+    error_type: Label | None = None
+    type: int = msgspec.field(default=-1, name=_DERIVED + "type")
+    ts: float | None = msgspec.field(default=None, name=_DERIVED + "ts")
 
 
 # strict=False accepts Kling's habits: durations as "5", times as Unix numbers.
-_decoder = msgspec.json.Decoder(_Raw, strict=False)
+_decoder = msgspec.json.Decoder(Event, strict=False)
+_BOUND = re.compile(r"Expected `\w+` (?:of length )?[<>]=?")
+
+
+def _classify(error: msgspec.ValidationError) -> str:
+    msg = str(error)
+    if msg.startswith("Expected `object`"):
+        return "not_object"
+    if msg.endswith("`$.event`"):
+        return "unknown_event"
+    if "Invalid enum value" in msg or _BOUND.match(msg):
+        return "bad_value"
+    return "wrong_type"
 
 
 def decode_line(line: bytes) -> Event | str:
     """Decode one line (without its newline) into an Event or an invalid reason."""
     try:
-        raw = _decoder.decode(line)
-    except msgspec.ValidationError as e:
-        return "not_object" if str(e).startswith("Expected `object`") else "wrong_type"
+        e = _decoder.decode(line)
+    except msgspec.ValidationError as err:
+        return _classify(err)
     except UnicodeDecodeError:
         return "invalid_utf8"
     except msgspec.DecodeError:
@@ -102,76 +117,27 @@ def decode_line(line: bytes) -> Event | str:
         except UnicodeDecodeError:
             return "invalid_utf8"
         return "invalid_json"
-    return validate(raw)
-
-
-def validate(raw: _Raw) -> Event | str:
-    name = raw.event
+    name = e.event
     if name is None:
-        if raw.credits is None:
-            return "unknown_event" if raw.task_id is not None else "missing_field"
-        etype = USAGE
+        if e.credits is None:
+            return "unknown_event" if e.task_id is not None else "missing_field"
+        e.type = USAGE
     else:
-        found = EVENT_NAMES.get(name)
-        if found is None:
-            return "unknown_event"
-        etype = found
-    task_id = raw.task_id
+        e.type = EVENT_NAMES[name]
+    task_id = e.task_id
     if task_id is None:
         return "missing_field"
-    if isinstance(task_id, int):
-        task_id = str(task_id)
-    if not task_id or len(task_id) > 256:
-        return "bad_value"
-
-    ts: float | None = None
-    if raw.timestamp is not None:
-        stamp = raw.timestamp
-        if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=_UTC)
-        ts = stamp.timestamp()
-
-    project = raw.project if raw.project is not None else raw.project_id
-    user = raw.user if raw.user is not None else raw.user_id
-    for label in (project, user, raw.model, raw.error_type):
-        # An empty or very long label value is garbage, not a name.
-        if label is not None and (not label or len(label) > MAX_LABEL_LEN):
-            return "bad_value"
-
-    mode = raw.mode
-    if mode is not None:
-        mode = normalize_mode(mode)
-        if mode is None:
-            return "bad_value"
-    kind = raw.kind
-    if kind is not None and kind not in KINDS:
-        return "bad_value"
-    status = raw.status
-    if status is not None and status not in STATUSES:
-        return "bad_value"
-    duration = raw.duration
-    if duration is not None and not 0 <= duration <= 3600:
-        return "bad_value"
-    credits = raw.credits_used if etype != USAGE else raw.credits
-    if credits is not None and not 0 <= credits < 1e12:  # also refuses NaN and inf
-        return "bad_value"
-    elapsed = raw.elapsed_sec
-    if elapsed is not None and not 0 <= elapsed < 1e9:
-        return "bad_value"
-
-    return Event(
-        type=etype,
-        task_id=task_id,
-        ts=ts,
-        project=project or DEFAULT_PROJECT,
-        user=user,
-        model=raw.model,
-        mode=mode,
-        duration=duration,
-        audio=raw.audio,
-        kind=kind,
-        status=status,
-        elapsed=elapsed,
-        credits=credits,
-        error_type=raw.error_type,
-    )
+    if type(task_id) is int:
+        e.task_id = str(task_id)
+    stamp = e.timestamp
+    if stamp is None:
+        e.ts = None
+    else:
+        e.ts = (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=_UTC)).timestamp()
+    if e.project is None:
+        e.project = e.project_id or DEFAULT_PROJECT
+    if e.user is None:
+        e.user = e.user_id
+    if e.mode is not None:
+        e.mode = _MODES[e.mode]
+    return e

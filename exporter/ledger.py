@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -272,12 +272,15 @@ class Ledger:
         self.config = config
         self.pricing = Pricing(config.pricing)
         self.clock = PeriodClock(config.tz)
+        self._forget_buckets()
         self.ttl = config.tasks.ttl_seconds
         self.max_tasks = config.tasks.max_tasks
         if old is None:
             self.project_labels = LabelLimiter(config.labels.max_projects)
             self.model_labels = LabelLimiter(config.labels.max_models)
             self.error_labels = LabelLimiter(config.labels.max_error_types)
+            self._known_projects = self.project_labels.known
+            self._known_models = self.model_labels.known
         else:
             self.project_labels.limit = config.labels.max_projects
             self.model_labels.limit = config.labels.max_models
@@ -290,122 +293,139 @@ class Ledger:
 
     def apply(self, event: Event, now: float) -> None:
         """Account one valid event; ``now`` stands in for a missing timestamp."""
-        ts = event.ts if event.ts is not None else now
+        ts = event.ts
+        if ts is None:
+            ts = now
         if ts > self.last_event_ts:
             self.last_event_ts = ts
         kind = event.type
+        task_id = cast(str, event.task_id)  # decode_line made it a string
         if kind == ev_mod.SUBMITTED:
-            self._submitted(event, ts)
+            self._submitted(event, task_id, ts)
         elif kind == ev_mod.COMPLETED:
-            self._finished(event, ts, _DONE)
+            self._finished(event, task_id, ts, _DONE)
         elif kind == ev_mod.ERROR:
-            self._finished(event, ts, _ERR)
+            self._finished(event, task_id, ts, _ERR)
         else:
-            self._usage_line(event, ts)
+            self._usage_line(event, task_id, ts)
 
     def _new_task(self, e: Event, ts: float, flags: int) -> Task:
         return Task(
-            project=e.project,
-            user=e.user,
-            model=e.model or ev_mod.UNKNOWN_MODEL,
-            mode=e.mode or DEFAULT_MODE,
-            duration=e.duration if e.duration is not None else DEFAULT_DURATION,
-            audio=bool(e.audio),
-            kind=e.kind or "video",
-            ts=ts,
-            flags=flags,
+            cast(str, e.project),  # decode_line set it
+            e.user,
+            e.model or ev_mod.UNKNOWN_MODEL,
+            e.mode or DEFAULT_MODE,
+            e.duration if e.duration is not None else DEFAULT_DURATION,
+            bool(e.audio),
+            e.kind or "video",
+            ts,
+            flags,
         )
 
     def _remember(self, task_id: str, value: Task | int, ts: float) -> None:
         self.tasks[task_id] = value
         self._expiry.append((ts, task_id))
 
-    def _count_submission(self, t: Task, video_seconds: bool = True) -> None:
-        project = self.project_labels.get(t.project)
-        model = self.model_labels.get(t.model)
-        _add(self.submitted, (project, model, t.mode), 1)
-        if video_seconds and t.kind == "video":
-            _add(self.video_seconds, (project, model), t.duration)
+    def _labels(self, t: Task, count: bool = True) -> tuple[str, str]:
+        # The known-label dicts answer almost every lookup without a call.
+        project = self._known_projects.get(t.project) or self.project_labels.get(t.project, count)
+        model = self._known_models.get(t.model) or self.model_labels.get(t.model, count)
+        return project, model
 
-    def _submitted(self, e: Event, ts: float) -> None:
+    def _count_submission(self, t: Task, video_seconds: bool = True) -> str:
+        project, model = self._labels(t)
+        key = (project, model, t.mode)
+        submitted = self.submitted
+        submitted[key] = submitted.get(key, 0) + 1
+        if video_seconds and t.kind == "video":
+            vs, key2 = self.video_seconds, (project, model)
+            vs[key2] = vs.get(key2, 0) + t.duration
+        return project
+
+    def _submitted(self, e: Event, task_id: str, ts: float) -> None:
         tasks = self.tasks
-        known = tasks.get(e.task_id)
+        known = tasks.get(task_id)
+        task = self._new_task(e, ts, _SUB)
         if known is not None:
             flags = _flags(known)
             if flags & _SUB:
                 self.duplicates += 1
                 return
             # The task finished before its submission was read: count it, not in flight.
-            task = self._new_task(e, ts, _SUB)
             self._count_submission(task)
-            tasks[e.task_id] = flags | _SUB
+            tasks[task_id] = flags | _SUB
         else:
-            task = self._new_task(e, ts, _SUB)
-            self._count_submission(task)
-            _add(self.in_flight, self.project_labels.get(task.project, count=False), 1)
-            self._remember(e.task_id, task, ts)
+            project = self._count_submission(task)
+            in_flight = self.in_flight
+            in_flight[project] = in_flight.get(project, 0) + 1
+            tasks[task_id] = task
+            self._expiry.append((ts, task_id))
         if self.observer is not None:
-            self.observer(_record("submitted", e.task_id, task, ts))
+            self.observer(_record("submitted", task_id, task, ts))
 
-    def _finished(self, e: Event, ts: float, how: int) -> None:
+    def _finished(self, e: Event, task_id: str, ts: float, how: int) -> None:
         tasks = self.tasks
-        known = tasks.get(e.task_id)
-        if isinstance(known, Task):
+        known = tasks.get(task_id)
+        if type(known) is Task:
             task, flags = known, known.flags
+            project, model = self._labels(task)
             if not flags & _FINISHED:
-                _add(self.in_flight, self.project_labels.get(task.project, count=False), -1)
+                in_flight = self.in_flight
+                in_flight[project] = in_flight.get(project, 0) - 1
         else:
-            flags = known or 0
+            flags = known or 0  # type: ignore[assignment]
             if flags & how:
                 self.duplicates += 1
                 return
             # No open submission: take what the line itself says.
             task = self._new_task(e, ts, 0)
-        project = self.project_labels.get(task.project)
-        model = self.model_labels.get(task.model)
+            project, model = self._labels(task)
         if how == _DONE:
             status = e.status or "succeed"
-            _add(self.completed, (project, model, status), 1)
-            if e.credits is not None:
-                credits = e.credits
-            elif status == "failed":
-                credits = 0.0
-            else:
-                credits = self.pricing.credits(
-                    Request(task.model, task.mode, task.duration, task.audio, task.kind)
-                )
-            if status == "succeed" and e.elapsed is not None:
+            completed, key = self.completed, (project, model, status)
+            completed[key] = completed.get(key, 0) + 1
+            credits = e.credits_used
+            if credits is None:
+                if status == "failed":
+                    credits = 0.0
+                else:
+                    price_key = (task.model, task.mode, task.duration, task.audio, task.kind)
+                    credits = self.pricing.cache.get(price_key)
+                    if credits is None:
+                        credits = self.pricing.credits(Request(*price_key))
+            if status == "succeed" and e.elapsed_sec is not None:
                 hist = self.generation.get(model)
                 if hist is None:
                     hist = self.generation[model] = Histogram()
-                hist.observe(e.elapsed)
+                hist.observe(e.elapsed_sec)
         else:
             error = self.error_labels.get(e.error_type or ev_mod.UNKNOWN_ERROR)
-            _add(self.errors, (project, error), 1)
-            credits = e.credits or 0.0
+            errors, ekey = self.errors, (project, error)
+            errors[ekey] = errors.get(ekey, 0) + 1
+            credits = e.credits_used or 0.0
         if credits:
             self._charge(project, model, task.project, task.user, ts, credits)
         if known is None:
-            self._remember(e.task_id, flags | how, ts)
+            self._remember(task_id, flags | how, ts)
         else:
-            tasks[e.task_id] = flags | how
+            tasks[task_id] = flags | how
         if self.observer is not None:
             usd = credits * self.pricing.usd_per_credit
             if how == _DONE:
                 rec = _record(
                     "completed",
-                    e.task_id,
+                    task_id,
                     task,
                     ts,
                     status=status,
-                    elapsed=e.elapsed,
+                    elapsed=e.elapsed_sec,
                     credits=credits,
                     usd=usd,
                 )
             else:
                 rec = _record(
                     "error",
-                    e.task_id,
+                    task_id,
                     task,
                     ts,
                     error_type=e.error_type or ev_mod.UNKNOWN_ERROR,
@@ -414,9 +434,9 @@ class Ledger:
                 )
             self.observer(rec)
 
-    def _usage_line(self, e: Event, ts: float) -> None:
+    def _usage_line(self, e: Event, task_id: str, ts: float) -> None:
         """A simple tracker's line: one submitted and succeeded task with its credits."""
-        known = self.tasks.get(e.task_id)
+        known = self.tasks.get(task_id)
         flags = 0 if known is None else _flags(known)
         if flags & _DONE:
             self.duplicates += 1
@@ -434,21 +454,21 @@ class Ledger:
         if e.credits:
             self._charge(project, model, task.project, task.user, ts, e.credits)
         if known is None:
-            self._remember(e.task_id, _SUB | _DONE, ts)
+            self._remember(task_id, _SUB | _DONE, ts)
         else:
-            self.tasks[e.task_id] = flags | _SUB | _DONE
+            self.tasks[task_id] = flags | _SUB | _DONE
         if self.observer is not None:
             if counted:
-                self.observer(_record("submitted", e.task_id, task, ts))
+                self.observer(_record("submitted", task_id, task, ts))
             credits = e.credits or 0.0
             self.observer(
                 _record(
                     "completed",
-                    e.task_id,
+                    task_id,
                     task,
                     ts,
                     status="succeed",
-                    elapsed=e.elapsed,
+                    elapsed=e.elapsed_sec,
                     credits=credits,
                     usd=credits * self.pricing.usd_per_credit,
                 )
@@ -465,21 +485,32 @@ class Ledger:
     ) -> None:
         usd = credits * self.pricing.usd_per_credit
         key = (project, model)
-        _add(self.credits, key, credits)
-        _add(self.usd, key, usd)
+        table = self.credits
+        table[key] = table.get(key, 0) + credits
+        table = self.usd
+        table[key] = table.get(key, 0) + usd
         pair = (real_project, user)
-        usage, start = self.usage, self.clock.start
-        for kind in PERIOD_KINDS:
-            bucket_key = (kind, start(kind, ts))
-            bucket = usage.get(bucket_key)
-            if bucket is None:
-                bucket = usage[bucket_key] = {}
+        buckets = self._current_buckets
+        for i in (0, 1, 2):
+            lo, hi, bucket = buckets[i]
+            if not lo <= ts < hi:
+                bucket = self._bucket(i, ts)
             acc = bucket.get(pair)
             if acc is None:
                 bucket[pair] = [credits, usd]
             else:
                 acc[0] += credits
                 acc[1] += usd
+
+    def _bucket(self, i: int, ts: float) -> dict[tuple[str, str | None], list[float]]:
+        """The usage bucket of period kind ``i`` holding ``ts``, remembered for the next."""
+        kind = PERIOD_KINDS[i]
+        lo, hi = self.clock.bounds(kind, ts)
+        bucket = self.usage.get((kind, lo))
+        if bucket is None:
+            bucket = self.usage[(kind, lo)] = {}
+        self._current_buckets[i] = (lo, hi, bucket)
+        return bucket
 
     # -- housekeeping ----------------------------------------------------------------
 
@@ -508,8 +539,16 @@ class Ledger:
 
     def _prune_usage(self, now: float) -> None:
         current = {kind: period_bounds(kind, now, self.clock.tz)[0] for kind in PERIOD_KINDS}
-        for key in [k for k in self.usage if k[1] < current[k[0]]]:
+        stale = [k for k in self.usage if k[1] < current[k[0]]]
+        for key in stale:
             del self.usage[key]
+        if stale:
+            self._forget_buckets()
+
+    def _forget_buckets(self) -> None:
+        self._current_buckets: list[tuple[float, float, dict[Any, list[float]]]] = [
+            (1.0, 0.0, {}) for _ in PERIOD_KINDS
+        ]
 
     # -- reading ---------------------------------------------------------------------
 
@@ -717,7 +756,8 @@ class Ledger:
                 state["labels"],
                 strict=True,
             ):
-                lim.known = {k: k for k in known}
+                lim.known.clear()
+                lim.known.update((k, k) for k in known)
                 lim.overflow = overflow
             for row in state["tasks"]:
                 if row[1] is None:

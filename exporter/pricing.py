@@ -42,15 +42,16 @@ class Pricing:
     def __init__(self, config: PricingConfig) -> None:
         self.config = config
         self.usd_per_credit = config.usd_per_credit
-        self._cache: dict[Request, float] = {}
+        # Request is a tuple, so a plain (model, mode, duration, audio, kind) finds it too.
+        self.cache: dict[tuple[object, ...], float] = {}
 
     def credits(self, req: Request) -> float:
-        cached = self._cache.get(req)
+        cached = self.cache.get(req)
         if cached is not None:
             return cached
         value = self._price(req)
-        if len(self._cache) < 10_000:
-            self._cache[req] = value
+        if len(self.cache) < 10_000:
+            self.cache[req] = value
         return value
 
     def usd(self, credits: float) -> float:

@@ -85,7 +85,7 @@ def test_completed_event() -> None:
         event="task_completed", task_id="t", status="failed", elapsed_sec=3.5, credits_used=0
     )
     assert isinstance(e, Event)
-    assert (e.type, e.status, e.elapsed, e.credits) == (events.COMPLETED, "failed", 3.5, 0)
+    assert (e.type, e.status, e.elapsed_sec, e.credits_used) == (events.COMPLETED, "failed", 3.5, 0)
 
 
 @pytest.mark.parametrize(
