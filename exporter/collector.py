@@ -1,13 +1,17 @@
-"""Rendering a ledger snapshot as Prometheus metric families.
+"""Rendering a ledger snapshot as Prometheus metrics.
 
-A scrape copies the ledger's tables under the lock and renders outside it, so
-it never waits on parsing and parsing never waits on it.
+A scrape copies the ledger's tables under the lock and renders outside it, so it never
+waits on parsing and parsing never waits on it. The metrics are described once, as
+``Family`` rows built from the snapshot; from those rows come both prometheus_client
+metric families (for OpenMetrics and anything else the library serves) and, for the
+common Prometheus text format, a direct renderer that reuses each series' label string
+from scrape to scrape. A test holds the two to the same bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -16,27 +20,306 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
 from exporter.daemon import Status
 from exporter.ledger import Snapshot
 
-
-def _counter(
-    name: str, doc: str, labels: list[str], table: Mapping[Any, float], unit: str = ""
-) -> Metric:
-    family = CounterMetricFamily(name, doc, labels=labels, unit=unit)
-    for key in sorted(table):
-        family.add_metric(list(key) if isinstance(key, tuple) else [key], table[key])
-    return family
+Key = tuple[str, ...]
+_fmt = cast(Callable[[float], str], floatToGoString)  # the library's own number format
 
 
-def _gauge(name: str, doc: str, value: float, unit: str = "") -> Metric:
-    return GaugeMetricFamily(name, doc, value=value, unit=unit)
+class Family(NamedTuple):
+    """One metric: ``samples`` maps label values (in ``labels`` order) to a value, or for
+    a histogram to (cumulative buckets, sum)."""
+
+    name: str  # counters without the _total suffix
+    type: str  # counter | gauge | histogram
+    doc: str
+    labels: tuple[str, ...]
+    samples: Mapping[Any, Any]  # keyed by tuples of label values
+    unit: str = ""  # shown in OpenMetrics only
 
 
 def _opt(value: str | None) -> str:
     return "" if value is None else value
+
+
+def _keyed(table: Mapping[Any, float]) -> dict[Key, float]:
+    return {k if isinstance(k, tuple) else (k,): v for k, v in table.items()}
+
+
+def families(s: Snapshot, st: Status) -> list[Family]:
+    """Every metric of a scrape, in exposition order."""
+    out = [
+        Family(
+            "kling_tasks_submitted",
+            "counter",
+            "Tasks submitted to Kling.",
+            ("project", "model", "mode"),
+            s.submitted,
+        ),
+        Family(
+            "kling_tasks_completed",
+            "counter",
+            "Tasks that reached a final Kling status (succeed or failed).",
+            ("project", "model", "status"),
+            s.completed,
+        ),
+        Family(
+            "kling_task_errors",
+            "counter",
+            "Tasks that ended in an error before Kling returned a status.",
+            ("project", "error_type"),
+            s.errors,
+        ),
+        Family(
+            "kling_credits_used",
+            "counter",
+            "Kling credits charged: credits_used where logged, else priced.",
+            ("project", "model"),
+            s.credits,
+        ),
+        Family(
+            "kling_cost_usd",
+            "counter",
+            "Cost of the credits charged, in US dollars.",
+            ("project", "model"),
+            s.usd,
+        ),
+        Family(
+            "kling_video_seconds",
+            "counter",
+            "Seconds of video requested.",
+            ("project", "model"),
+            s.video_seconds,
+        ),
+        Family(
+            "kling_task_generation_seconds",
+            "histogram",
+            "Time Kling took to generate a succeeded task.",
+            ("model",),
+            {(m,): v for m, v in s.generation.items()},
+            unit="seconds",
+        ),
+        Family(
+            "kling_tasks_in_flight",
+            "gauge",
+            "Tasks submitted and not yet completed or failed.",
+            ("project",),
+            _keyed(s.in_flight),
+        ),
+        Family(
+            "kling_tasks_expired",
+            "counter",
+            "Unfinished tasks forgotten after tasks.ttl without a completion.",
+            ("project",),
+            _keyed(s.expired),
+        ),
+    ]
+    budget_docs = (
+        ("limit_credits", "Configured budget limit in credits."),
+        ("limit_usd", "Configured budget limit in US dollars."),
+        ("used_credits", "Credits used in the budget's current period."),
+        ("used_usd", "US dollars used in the budget's current period."),
+        ("remaining_credits", "Credits left in the current period (never below 0)."),
+        ("remaining_usd", "US dollars left in the current period (never below 0)."),
+        (
+            "utilization_ratio",
+            "Share of the budget used: the larger of credits and dollars (1 = 100%).",
+        ),
+        ("alert_threshold_ratio", "Utilization at which the budget warns."),
+        ("period_start_timestamp_seconds", "Start of the budget's current period."),
+        ("period_end_timestamp_seconds", "End of the budget's current period."),
+    )
+    tables: dict[str, dict[Key, float]] = {name: {} for name, _ in budget_docs}
+    info: dict[Key, float] = {}
+    for b in s.budgets:
+        key = (b.name, b.period)
+        values = {
+            "limit_credits": b.limit_credits,
+            "limit_usd": b.limit_usd,
+            "used_credits": b.used_credits,
+            "used_usd": b.used_usd,
+            "remaining_credits": b.remaining_credits,
+            "remaining_usd": b.remaining_usd,
+            "utilization_ratio": b.utilization,
+            "alert_threshold_ratio": b.alert_threshold,
+            "period_start_timestamp_seconds": b.period_start,
+            "period_end_timestamp_seconds": b.period_end,
+        }
+        for name, value in values.items():
+            if value is not None:
+                tables[name][key] = value
+        info[(b.name, b.period, _opt(b.project), _opt(b.user))] = 1
+    out += [
+        Family(f"kling_budget_{name}", "gauge", doc, ("budget", "period"), tables[name])
+        for name, doc in budget_docs
+    ]
+    out.append(
+        Family(
+            "kling_budget_info",
+            "gauge",
+            "What each budget matches.",
+            ("budget", "period", "project", "user"),
+            info,
+        )
+    )
+
+    def single(name: str, kind: str, doc: str, value: float) -> Family:
+        return Family(name, kind, doc, (), {(): value})
+
+    out += [
+        Family(
+            "kling_exporter_build_info",
+            "gauge",
+            "The exporter's version; always 1.",
+            ("version",),
+            {(__version__,): 1},
+        ),
+        single("kling_log_lines_read", "counter", "Log lines read.", s.lines_read),
+        Family(
+            "kling_log_lines_invalid",
+            "counter",
+            "Log lines skipped as invalid, by reason.",
+            ("reason",),
+            _keyed(s.invalid),
+        ),
+        single(
+            "kling_log_read_bytes", "counter", "Bytes of complete log lines read.", s.bytes_read
+        ),
+        single(
+            "kling_log_files_watched",
+            "gauge",
+            "Log files matching the configured globs.",
+            st.files_watched,
+        ),
+        single(
+            "kling_events_duplicate",
+            "counter",
+            "Events seen again for a task and counted once.",
+            s.duplicates,
+        ),
+        single(
+            "kling_last_event_timestamp_seconds",
+            "gauge",
+            "Time of the newest event read (0 before any).",
+            s.last_event_ts,
+        ),
+        Family(
+            "kling_label_overflow",
+            "counter",
+            "Events whose label value was folded into __other__ past the limit.",
+            ("label",),
+            _keyed(s.label_overflow),
+        ),
+        single(
+            "kling_tasks_tracked",
+            "gauge",
+            "Tasks held in the index for joins and dedup.",
+            s.tasks_tracked,
+        ),
+        single(
+            "kling_exporter_ready",
+            "gauge",
+            "1 once the initial read of the logs is done.",
+            1 if st.ready else 0,
+        ),
+        single(
+            "kling_config_last_reload_successful",
+            "gauge",
+            "1 if the last config (re)load succeeded.",
+            1 if st.reload_successful else 0,
+        ),
+        single(
+            "kling_config_last_reload_success_timestamp_seconds",
+            "gauge",
+            "Time of the last successful config (re)load.",
+            st.reload_success_ts,
+        ),
+        single(
+            "kling_state_last_save_timestamp_seconds",
+            "gauge",
+            "Time the state was last saved (0 before any).",
+            st.state_save_ts,
+        ),
+    ]
+    return out
+
+
+def to_metric(f: Family) -> Metric:
+    """The prometheus_client family of a Family row."""
+    labels = list(f.labels)
+    if f.type == "histogram":
+        hist = HistogramMetricFamily(f.name, f.doc, labels=labels, unit=f.unit)
+        for key in sorted(f.samples):
+            buckets, total = f.samples[key]
+            hist.add_metric(list(key), buckets, total)
+        return hist
+    family: Metric
+    if not labels:
+        value = f.samples[()]
+        if f.type == "counter":
+            return CounterMetricFamily(f.name, f.doc, value=value)
+        return GaugeMetricFamily(f.name, f.doc, value=value)
+    if f.type == "counter":
+        family = CounterMetricFamily(f.name, f.doc, labels=labels)
+    else:
+        family = GaugeMetricFamily(f.name, f.doc, labels=labels)
+    for key in sorted(f.samples):
+        family.add_metric(list(key), f.samples[key])
+    return family
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+class TextRenderer:
+    """Prometheus text format (0.0.4) straight from Family rows. Label strings are made
+    once per series and kept, since series outlive scrapes."""
+
+    def __init__(self) -> None:
+        self._labels: dict[tuple[tuple[str, ...], Key], str] = {}
+
+    def _labelstr(self, names: tuple[str, ...], key: Key) -> str:
+        cache_key = (names, key)
+        found = self._labels.get(cache_key)
+        if found is None:
+            pairs = sorted(zip(names, key, strict=True))
+            found = "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in pairs) + "}"
+            if len(self._labels) > 200_000:  # label churn beyond any sane limit
+                self._labels.clear()
+            self._labels[cache_key] = found
+        return found
+
+    def render(self, fams: list[Family]) -> str:
+        out: list[str] = []
+        append, labelstr, fmt = out.append, self._labelstr, _fmt
+        for f in fams:
+            name = f.name + "_total" if f.type == "counter" else f.name
+            doc = f.doc.replace("\\", r"\\").replace("\n", r"\n")
+            append(f"# HELP {name} {doc}\n# TYPE {name} {f.type}\n")
+            samples = f.samples
+            if f.type == "histogram":
+                for key in sorted(samples):
+                    buckets, total = samples[key]
+                    count = 0.0
+                    for le, value in buckets:
+                        labels = labelstr((*f.labels, "le"), (*key, le))
+                        append(f"{name}_bucket{labels} {fmt(value)}\n")
+                        count = value
+                    labels = labelstr(f.labels, key)
+                    append(f"{name}_count{labels} {fmt(count)}\n")
+                    append(f"{name}_sum{labels} {fmt(total)}\n")
+            elif not f.labels:
+                append(f"{name} {fmt(samples[()])}\n")
+            else:
+                names = f.labels
+                for key in sorted(samples):
+                    append(f"{name}{labelstr(names, key)} {fmt(samples[key])}\n")
+        return "".join(out)
 
 
 class KlingCollector(Collector):
@@ -46,177 +329,9 @@ class KlingCollector(Collector):
     def describe(self) -> list[Metric]:
         return []  # no collect() at registration time
 
+    def families(self) -> list[Family]:
+        return families(*self.source())
+
     def collect(self) -> Iterator[Metric]:
-        snap, status = self.source()
-        yield from self._usage(snap)
-        yield from self._budgets(snap)
-        yield from self._self(snap, status)
-
-    def _usage(self, s: Snapshot) -> Iterator[Metric]:
-        yield _counter(
-            "kling_tasks_submitted_total",
-            "Tasks submitted to Kling.",
-            ["project", "model", "mode"],
-            s.submitted,
-        )
-        yield _counter(
-            "kling_tasks_completed_total",
-            "Tasks that reached a final Kling status (succeed or failed).",
-            ["project", "model", "status"],
-            s.completed,
-        )
-        yield _counter(
-            "kling_task_errors_total",
-            "Tasks that ended in an error before Kling returned a status.",
-            ["project", "error_type"],
-            s.errors,
-        )
-        yield _counter(
-            "kling_credits_used_total",
-            "Kling credits charged: credits_used where logged, else priced.",
-            ["project", "model"],
-            s.credits,
-        )
-        yield _counter(
-            "kling_cost_usd_total",
-            "Cost of the credits charged, in US dollars.",
-            ["project", "model"],
-            s.usd,
-        )
-        yield _counter(
-            "kling_video_seconds_total",
-            "Seconds of video requested.",
-            ["project", "model"],
-            s.video_seconds,
-        )
-        hist = HistogramMetricFamily(
-            "kling_task_generation_seconds",
-            "Time Kling took to generate a succeeded task.",
-            labels=["model"],
-            unit="seconds",
-        )
-        for model in sorted(s.generation):
-            buckets, total = s.generation[model]
-            hist.add_metric([model], buckets, total)
-        yield hist
-        inflight = GaugeMetricFamily(
-            "kling_tasks_in_flight",
-            "Tasks submitted and not yet completed or failed.",
-            labels=["project"],
-        )
-        for project in sorted(s.in_flight):
-            inflight.add_metric([project], s.in_flight[project])
-        yield inflight
-        yield _counter(
-            "kling_tasks_expired_total",
-            "Unfinished tasks forgotten after tasks.ttl without a completion.",
-            ["project"],
-            s.expired,
-        )
-
-    def _budgets(self, s: Snapshot) -> Iterator[Metric]:
-        labels = ["budget", "period"]
-        fams = {
-            name: GaugeMetricFamily(f"kling_budget_{name}", doc, labels=labels)
-            for name, doc in (
-                ("limit_credits", "Configured budget limit in credits."),
-                ("limit_usd", "Configured budget limit in US dollars."),
-                ("used_credits", "Credits used in the budget's current period."),
-                ("used_usd", "US dollars used in the budget's current period."),
-                ("remaining_credits", "Credits left in the current period (never below 0)."),
-                ("remaining_usd", "US dollars left in the current period (never below 0)."),
-                (
-                    "utilization_ratio",
-                    "Share of the budget used: the larger of credits and dollars (1 = 100%).",
-                ),
-                ("alert_threshold_ratio", "Utilization at which the budget warns."),
-                ("period_start_timestamp_seconds", "Start of the budget's current period."),
-                ("period_end_timestamp_seconds", "End of the budget's current period."),
-            )
-        }
-        info = GaugeMetricFamily(
-            "kling_budget_info",
-            "What each budget matches.",
-            labels=["budget", "period", "project", "user"],
-        )
-        for b in sorted(s.budgets, key=lambda b: b.name):
-            key = [b.name, b.period]
-            values: dict[str, float | None] = {
-                "limit_credits": b.limit_credits,
-                "limit_usd": b.limit_usd,
-                "used_credits": b.used_credits,
-                "used_usd": b.used_usd,
-                "remaining_credits": b.remaining_credits,
-                "remaining_usd": b.remaining_usd,
-                "utilization_ratio": b.utilization,
-                "alert_threshold_ratio": b.alert_threshold,
-                "period_start_timestamp_seconds": b.period_start,
-                "period_end_timestamp_seconds": b.period_end,
-            }
-            for name, value in values.items():
-                if value is not None:
-                    fams[name].add_metric(key, value)
-            info.add_metric([b.name, b.period, _opt(b.project), _opt(b.user)], 1)
-        yield from fams.values()
-        yield info
-
-    def _self(self, s: Snapshot, st: Status) -> Iterator[Metric]:
-        build = GaugeMetricFamily(
-            "kling_exporter_build_info", "The exporter's version; always 1.", labels=["version"]
-        )
-        build.add_metric([__version__], 1)
-        yield build
-        yield CounterMetricFamily(
-            "kling_log_lines_read_total", "Log lines read.", value=s.lines_read
-        )
-        yield _counter(
-            "kling_log_lines_invalid_total",
-            "Log lines skipped as invalid, by reason.",
-            ["reason"],
-            s.invalid,
-        )
-        yield CounterMetricFamily(
-            "kling_log_read_bytes_total", "Bytes of complete log lines read.", value=s.bytes_read
-        )
-        yield _gauge(
-            "kling_log_files_watched", "Log files matching the configured globs.", st.files_watched
-        )
-        yield CounterMetricFamily(
-            "kling_events_duplicate_total",
-            "Events seen again for a task and counted once.",
-            value=s.duplicates,
-        )
-        yield _gauge(
-            "kling_last_event_timestamp_seconds",
-            "Time of the newest event read (0 before any).",
-            s.last_event_ts,
-        )
-        yield _counter(
-            "kling_label_overflow_total",
-            "Events whose label value was folded into __other__ past the limit.",
-            ["label"],
-            s.label_overflow,
-        )
-        yield _gauge(
-            "kling_tasks_tracked", "Tasks held in the index for joins and dedup.", s.tasks_tracked
-        )
-        yield _gauge(
-            "kling_exporter_ready",
-            "1 once the initial read of the logs is done.",
-            1 if st.ready else 0,
-        )
-        yield _gauge(
-            "kling_config_last_reload_successful",
-            "1 if the last config (re)load succeeded.",
-            1 if st.reload_successful else 0,
-        )
-        yield _gauge(
-            "kling_config_last_reload_success_timestamp_seconds",
-            "Time of the last successful config (re)load.",
-            st.reload_success_ts,
-        )
-        yield _gauge(
-            "kling_state_last_save_timestamp_seconds",
-            "Time the state was last saved (0 before any).",
-            st.state_save_ts,
-        )
+        for f in self.families():
+            yield to_metric(f)

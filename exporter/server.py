@@ -10,12 +10,12 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.process_collector import ProcessCollector
 
 from exporter import __version__
-from exporter.collector import KlingCollector
+from exporter.collector import KlingCollector, TextRenderer
 from exporter.config import KINDS, describe_validation_error, normalize_mode
 from exporter.daemon import Daemon
 from exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
@@ -27,11 +27,36 @@ log = logging.getLogger(__name__)
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon", Daemon)
 
 
-def build_registry(daemon: Daemon) -> CollectorRegistry:
+def build_registry(daemon: Daemon) -> tuple[CollectorRegistry, KlingCollector, CollectorRegistry]:
+    """The full registry (for OpenMetrics and filtered scrapes), our collector, and a
+    registry of the process metrics alone (for the fast text path)."""
+    kling = KlingCollector(daemon.snapshot)
+    process = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=process)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KlingCollector(daemon.snapshot))
-    ProcessCollector(registry=registry)
-    return registry
+    registry.register(kling)
+    registry.register(process)
+    return registry, kling, process
+
+
+def metrics_handler(daemon: Daemon) -> Any:
+    """/metrics: the plain Prometheus text format comes from our renderer, which reuses
+    label strings across scrapes; OpenMetrics and ``name[]`` filters go to
+    prometheus_client's handler. Both compress when the client asks."""
+    registry, kling, process = build_registry(daemon)
+    library = make_aiohttp_handler(registry)
+    renderer = TextRenderer()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        accept = ",".join(request.headers.getall("Accept", []))
+        if "application/openmetrics-text" in accept or "name[]" in request.query:
+            return await library(request)
+        text = renderer.render(kling.families()) + generate_latest(process).decode()
+        response = web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        response.enable_compression()
+        return response
+
+    return handler
 
 
 def _landing(telemetry_path: str) -> str:
@@ -227,13 +252,12 @@ def build_app(
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=_security_middlewares(web_config))
     app[DAEMON] = daemon
-    registry = build_registry(daemon)
     landing = _landing(telemetry_path)
 
     async def index(request: web.Request) -> web.Response:
         return web.Response(text=landing, content_type="text/html")
 
-    app.router.add_get(telemetry_path, make_aiohttp_handler(registry))
+    app.router.add_get(telemetry_path, metrics_handler(daemon))
     if telemetry_path != "/":
         app.router.add_get("/", index)
     app.router.add_get("/-/healthy", healthy)

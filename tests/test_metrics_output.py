@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.collector import KlingCollector
+from exporter.collector import KlingCollector, TextRenderer
 from exporter.config import parse_config
 from exporter.daemon import Status
 from exporter.events import Event, decode_line
@@ -83,3 +84,47 @@ def test_promtool_check_metrics_is_clean() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == b"" and result.stderr.strip() == b""
+
+
+def test_fast_text_renderer_matches_prometheus_client_byte_for_byte() -> None:
+    ledger = Ledger(CONFIG)
+    for raw in (HERE / "data" / "fixed.jsonl").read_bytes().splitlines():
+        result = decode_line(raw)
+        if isinstance(result, Event):
+            ledger.apply(result, NOW)
+    # Label values with every character the format escapes.
+    for i, project in enumerate(['quote"d', "back\\slash", "new\nline", "ünïcode", "plain"]):
+        for fields in (
+            {
+                "event": "task_submitted",
+                "task_id": f"x{i}",
+                "project": project,
+                "model": f'm"{i}',
+                "mode": "pro",
+                "duration": 10,
+            },
+            {
+                "event": "task_completed",
+                "task_id": f"x{i}",
+                "status": "succeed",
+                "elapsed_sec": 12.5 * i,
+                "credits_used": 1e7 + i,
+            },
+        ):
+            result = decode_line(json.dumps(fields).encode())
+            assert isinstance(result, Event)
+            ledger.apply(result, NOW)
+    status = Status(
+        files_watched=3,
+        ready=False,
+        reload_successful=False,
+        reload_success_ts=NOW,
+        state_save_ts=0,
+    )
+    collector = KlingCollector(lambda: (ledger.snapshot(NOW), status))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    renderer = TextRenderer()
+    expected = generate_latest(registry).decode()
+    assert renderer.render(collector.families()) == expected
+    assert renderer.render(collector.families()) == expected  # again, from the label cache
