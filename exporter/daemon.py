@@ -196,6 +196,8 @@ class Daemon:
                     reason = result
                 invalid(reason)
                 self._report_invalid(path, first + i if first else 0, reason, now)
+            # Within a long first read too, so the task index never outgrows its TTL.
+            ledger.expire_tasks()
 
     def _report_invalid(self, path: str, lineno: int, reason: str, now: float) -> None:
         allowed, held = self._invalid_log.allow(now)

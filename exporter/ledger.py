@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from collections.abc import Callable, Iterable
+from sys import intern
 from typing import Any, cast
 
 import msgspec
@@ -310,14 +311,17 @@ class Ledger:
             self._usage_line(event, task_id, ts)
 
     def _new_task(self, e: Event, ts: float, flags: int) -> Task:
+        # Interned: each decoded line brings its own copies of the same few names, and
+        # the index holds a task for a day.
+        user = e.user
         return Task(
-            cast(str, e.project),  # decode_line set it
-            e.user,
-            e.model or ev_mod.UNKNOWN_MODEL,
+            intern(cast(str, e.project)),  # decode_line set it
+            None if user is None else intern(user),
+            intern(e.model or ev_mod.UNKNOWN_MODEL),
             e.mode or DEFAULT_MODE,
             e.duration if e.duration is not None else DEFAULT_DURATION,
             bool(e.audio),
-            e.kind or "video",
+            intern(e.kind or "video"),
             ts,
             flags,
         )
@@ -515,6 +519,12 @@ class Ledger:
     # -- housekeeping ----------------------------------------------------------------
 
     def expire(self, now: float) -> int:
+        """Forget old tasks (``expire_tasks``) and usage of periods that have ended."""
+        dropped = self.expire_tasks()
+        self._prune_usage(now)
+        return dropped
+
+    def expire_tasks(self) -> int:
         """Forget tasks older than the TTL (by event time) or past the size cap.
         An unfinished task forgotten here leaves the in-flight gauge."""
         cutoff = max(self.last_event_ts, 0.0) - self.ttl
@@ -534,7 +544,6 @@ class Ledger:
                     _add(self.expired, project, 1)
             del tasks[task_id]
             dropped += 1
-        self._prune_usage(now)
         return dropped
 
     def _prune_usage(self, now: float) -> None:
