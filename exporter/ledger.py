@@ -11,14 +11,14 @@ import bisect
 from collections import deque
 from collections.abc import Callable, Iterable
 from sys import intern
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 
 from exporter import events as ev_mod
 from exporter.config import BudgetConfig, Config
 from exporter.events import INVALID_REASONS, Event
-from exporter.periods import PERIOD_KINDS, PeriodClock, period_bounds
+from exporter.periods import PeriodClock, period_bounds
 from exporter.pricing import DEFAULT_DURATION, DEFAULT_MODE, Pricing, Request
 
 OTHER = "__other__"
@@ -46,7 +46,7 @@ _DONE = 2
 _ERR = 4
 _FINISHED = _DONE | _ERR
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class Task(msgspec.Struct, gc=False):
@@ -219,10 +219,6 @@ def _budget_status(
     )
 
 
-def _add(table: dict[Any, Any], key: Any, value: float) -> None:
-    table[key] = table.get(key, 0) + value
-
-
 def _flags(known: Task | int) -> int:
     return known.flags if isinstance(known, Task) else known
 
@@ -236,17 +232,26 @@ def _sum_into(table: dict[Any, list[float]], key: Any, credits: float, usd: floa
         acc[1] += usd
 
 
+# Slots of a series accumulator, one per (project label, model label).
+SUB_STANDARD, SUB_PROFESSIONAL, VIDEO_SECONDS, SUCCEEDED, FAILED, CREDITS, USD = range(7)
+_MODE_SLOT = {"standard": SUB_STANDARD, "professional": SUB_PROFESSIONAL}
+_STATUS_SLOT = {"succeed": SUCCEEDED, "failed": FAILED}
+# Slots of a project accumulator: in flight, expired, and whether in flight was touched.
+IN_FLIGHT, EXPIRED, TOUCHED = range(3)
+Route = tuple[list[float], list[int], str, str]
+
+
 class Ledger:
+    """Counters live in small lists per label pair (``series``) and per project
+    (``projects``), reached through ``_route`` in one lookup per event; the dict views
+    (``submitted``, ``completed``, ...) are built from them when asked."""
+
     def __init__(self, config: Config) -> None:
-        self.submitted: dict[tuple[str, str, str], int] = {}
-        self.completed: dict[tuple[str, str, str], int] = {}
+        self.series: dict[tuple[str, str], list[float]] = {}
+        self.projects: dict[str, list[int]] = {}
+        self._routes: dict[tuple[str, str], Route] = {}
         self.errors: dict[tuple[str, str], int] = {}
-        self.credits: dict[tuple[str, str], float] = {}
-        self.usd: dict[tuple[str, str], float] = {}
-        self.video_seconds: dict[tuple[str, str], int] = {}
         self.generation: dict[str, Histogram] = {}
-        self.in_flight: dict[str, int] = {}
-        self.expired: dict[str, int] = {}
         self.invalid: dict[str, int] = dict.fromkeys(INVALID_REASONS, 0)
         self.lines_read = 0
         self.bytes_read = 0
@@ -257,10 +262,56 @@ class Ledger:
         self.tasks: dict[str, Task | int] = {}
         self._expiry: deque[tuple[float, str]] = deque()
         # (period kind, period start) -> (project, user) -> [credits, usd]
-        self.usage: dict[tuple[str, float], dict[tuple[str, str | None], list[float]]] = {}
+        # Usage per local day (weeks and months are whole days, so they are sums of
+        # these): day start -> (project, user) -> [credits, usd]
+        self.usage: dict[float, dict[tuple[str, str | None], list[float]]] = {}
+        self._day: tuple[float, float, dict[tuple[str, str | None], list[float]]] = (1.0, 0.0, {})
         # Told of every counted event (reports); None in the daemon.
         self.observer: Observer | None = None
         self.configure(config)
+
+    # -- dict views of the accumulators ----------------------------------------------
+
+    @property
+    def submitted(self) -> dict[tuple[str, str, str], int]:
+        out = {}
+        for (p, m), acc in self.series.items():
+            for mode, slot in _MODE_SLOT.items():
+                if acc[slot]:
+                    out[(p, m, mode)] = int(acc[slot])
+        return out
+
+    @property
+    def completed(self) -> dict[tuple[str, str, str], int]:
+        out = {}
+        for (p, m), acc in self.series.items():
+            for status, slot in _STATUS_SLOT.items():
+                if acc[slot]:
+                    out[(p, m, status)] = int(acc[slot])
+        return out
+
+    def _series_view(self, slot: int) -> dict[tuple[str, str], float]:
+        return {key: acc[slot] for key, acc in self.series.items() if acc[slot]}
+
+    @property
+    def credits(self) -> dict[tuple[str, str], float]:
+        return self._series_view(CREDITS)
+
+    @property
+    def usd(self) -> dict[tuple[str, str], float]:
+        return self._series_view(USD)
+
+    @property
+    def video_seconds(self) -> dict[tuple[str, str], int]:
+        return {k: int(v) for k, v in self._series_view(VIDEO_SECONDS).items()}
+
+    @property
+    def in_flight(self) -> dict[str, int]:
+        return {p: acc[IN_FLIGHT] for p, acc in self.projects.items() if acc[TOUCHED]}
+
+    @property
+    def expired(self) -> dict[str, int]:
+        return {p: acc[EXPIRED] for p, acc in self.projects.items() if acc[EXPIRED]}
 
     # -- configuration ---------------------------------------------------------------
 
@@ -273,15 +324,13 @@ class Ledger:
         self.config = config
         self.pricing = Pricing(config.pricing)
         self.clock = PeriodClock(config.tz)
-        self._forget_buckets()
+        self._forget_day()
         self.ttl = config.tasks.ttl_seconds
         self.max_tasks = config.tasks.max_tasks
         if old is None:
             self.project_labels = LabelLimiter(config.labels.max_projects)
             self.model_labels = LabelLimiter(config.labels.max_models)
             self.error_labels = LabelLimiter(config.labels.max_error_types)
-            self._known_projects = self.project_labels.known
-            self._known_models = self.model_labels.known
         else:
             self.project_labels.limit = config.labels.max_projects
             self.model_labels.limit = config.labels.max_models
@@ -300,7 +349,7 @@ class Ledger:
         if ts > self.last_event_ts:
             self.last_event_ts = ts
         kind = event.type
-        task_id = cast(str, event.task_id)  # decode_line made it a string
+        task_id: str = event.task_id  # type: ignore[assignment]  # decode_line made it a str
         if kind == ev_mod.SUBMITTED:
             self._submitted(event, task_id, ts)
         elif kind == ev_mod.COMPLETED:
@@ -315,7 +364,7 @@ class Ledger:
         # the index holds a task for a day.
         user = e.user
         return Task(
-            intern(cast(str, e.project)),  # decode_line set it
+            intern(e.project),  # type: ignore[arg-type]  # decode_line set it
             None if user is None else intern(user),
             intern(e.model or ev_mod.UNKNOWN_MODEL),
             e.mode or DEFAULT_MODE,
@@ -330,21 +379,32 @@ class Ledger:
         self.tasks[task_id] = value
         self._expiry.append((ts, task_id))
 
-    def _labels(self, t: Task, count: bool = True) -> tuple[str, str]:
-        # The known-label dicts answer almost every lookup without a call.
-        project = self._known_projects.get(t.project) or self.project_labels.get(t.project, count)
-        model = self._known_models.get(t.model) or self.model_labels.get(t.model, count)
-        return project, model
+    def _route(self, project: str, model: str, count: bool = True) -> Route:
+        """The accumulators and labels of a task's real project and model."""
+        route = self._routes.get((project, model))
+        if route is not None:
+            return route
+        plabel = self.project_labels.get(project, count)
+        mlabel = self.model_labels.get(model, count)
+        acc = self.series.get((plabel, mlabel))
+        if acc is None:
+            acc = self.series[(plabel, mlabel)] = [0, 0, 0, 0, 0, 0.0, 0.0]
+        pacc = self.projects.get(plabel)
+        if pacc is None:
+            pacc = self.projects[plabel] = [0, 0, 0]
+        route = (acc, pacc, plabel, mlabel)
+        # A folded pair is looked up every time, so each event counts its fold.
+        if OTHER not in (plabel, mlabel) and len(self._routes) < 100_000:
+            self._routes[(project, model)] = route
+        return route
 
-    def _count_submission(self, t: Task, video_seconds: bool = True) -> str:
-        project, model = self._labels(t)
-        key = (project, model, t.mode)
-        submitted = self.submitted
-        submitted[key] = submitted.get(key, 0) + 1
+    def _count_submission(self, t: Task, video_seconds: bool = True) -> Route:
+        route = self._route(t.project, t.model)
+        acc = route[0]
+        acc[_MODE_SLOT[t.mode]] += 1
         if video_seconds and t.kind == "video":
-            vs, key2 = self.video_seconds, (project, model)
-            vs[key2] = vs.get(key2, 0) + t.duration
-        return project
+            acc[VIDEO_SECONDS] += t.duration
+        return route
 
     def _submitted(self, e: Event, task_id: str, ts: float) -> None:
         tasks = self.tasks
@@ -359,9 +419,9 @@ class Ledger:
             self._count_submission(task)
             tasks[task_id] = flags | _SUB
         else:
-            project = self._count_submission(task)
-            in_flight = self.in_flight
-            in_flight[project] = in_flight.get(project, 0) + 1
+            pacc = self._count_submission(task)[1]
+            pacc[IN_FLIGHT] += 1
+            pacc[TOUCHED] = 1
             tasks[task_id] = task
             self._expiry.append((ts, task_id))
         if self.observer is not None:
@@ -372,10 +432,10 @@ class Ledger:
         known = tasks.get(task_id)
         if type(known) is Task:
             task, flags = known, known.flags
-            project, model = self._labels(task)
+            acc, pacc, project, model = self._route(task.project, task.model)
             if not flags & _FINISHED:
-                in_flight = self.in_flight
-                in_flight[project] = in_flight.get(project, 0) - 1
+                pacc[IN_FLIGHT] -= 1
+                pacc[TOUCHED] = 1
         else:
             flags = known or 0  # type: ignore[assignment]
             if flags & how:
@@ -383,11 +443,10 @@ class Ledger:
                 return
             # No open submission: take what the line itself says.
             task = self._new_task(e, ts, 0)
-            project, model = self._labels(task)
+            acc, _, project, model = self._route(task.project, task.model)
         if how == _DONE:
             status = e.status or "succeed"
-            completed, key = self.completed, (project, model, status)
-            completed[key] = completed.get(key, 0) + 1
+            acc[_STATUS_SLOT[status]] += 1
             credits = e.credits_used
             if credits is None:
                 if status == "failed":
@@ -408,7 +467,7 @@ class Ledger:
             errors[ekey] = errors.get(ekey, 0) + 1
             credits = e.credits_used or 0.0
         if credits:
-            self._charge(project, model, task.project, task.user, ts, credits)
+            self._charge(acc, task.project, task.user, ts, credits)
         if known is None:
             self._remember(task_id, flags | how, ts)
         else:
@@ -446,17 +505,18 @@ class Ledger:
             self.duplicates += 1
             return
         task = known if isinstance(known, Task) else self._new_task(e, ts, 0)
-        if not flags & _SUB:
+        counted = not flags & _SUB
+        if counted:
             # A usage line names no clip length unless it says so.
-            self._count_submission(task, video_seconds=e.duration is not None)
-        elif not flags & _FINISHED:
-            _add(self.in_flight, self.project_labels.get(task.project, count=False), -1)
-        counted = not flags & _SUB  # folds were counted with the submission just now
-        project = self.project_labels.get(task.project, count=not counted)
-        model = self.model_labels.get(task.model, count=not counted)
-        _add(self.completed, (project, model, "succeed"), 1)
+            acc, pacc, _, _ = self._count_submission(task, video_seconds=e.duration is not None)
+        else:
+            acc, pacc, _, _ = self._route(task.project, task.model)
+            if not flags & _FINISHED:
+                pacc[IN_FLIGHT] -= 1
+                pacc[TOUCHED] = 1
+        acc[SUCCEEDED] += 1
         if e.credits:
-            self._charge(project, model, task.project, task.user, ts, e.credits)
+            self._charge(acc, task.project, task.user, ts, e.credits)
         if known is None:
             self._remember(task_id, _SUB | _DONE, ts)
         else:
@@ -479,41 +539,29 @@ class Ledger:
             )
 
     def _charge(
-        self,
-        project: str,
-        model: str,
-        real_project: str,
-        user: str | None,
-        ts: float,
-        credits: float,
+        self, acc: list[float], real_project: str, user: str | None, ts: float, credits: float
     ) -> None:
         usd = credits * self.pricing.usd_per_credit
-        key = (project, model)
-        table = self.credits
-        table[key] = table.get(key, 0) + credits
-        table = self.usd
-        table[key] = table.get(key, 0) + usd
+        acc[CREDITS] += credits
+        acc[USD] += usd
         pair = (real_project, user)
-        buckets = self._current_buckets
-        for i in (0, 1, 2):
-            lo, hi, bucket = buckets[i]
-            if not lo <= ts < hi:
-                bucket = self._bucket(i, ts)
-            acc = bucket.get(pair)
-            if acc is None:
-                bucket[pair] = [credits, usd]
-            else:
-                acc[0] += credits
-                acc[1] += usd
+        lo, hi, bucket = self._day
+        if not lo <= ts < hi:
+            bucket = self._day_bucket(ts)
+        used = bucket.get(pair)
+        if used is None:
+            bucket[pair] = [credits, usd]
+        else:
+            used[0] += credits
+            used[1] += usd
 
-    def _bucket(self, i: int, ts: float) -> dict[tuple[str, str | None], list[float]]:
-        """The usage bucket of period kind ``i`` holding ``ts``, remembered for the next."""
-        kind = PERIOD_KINDS[i]
-        lo, hi = self.clock.bounds(kind, ts)
-        bucket = self.usage.get((kind, lo))
+    def _day_bucket(self, ts: float) -> dict[tuple[str, str | None], list[float]]:
+        """The usage of the local day holding ``ts``, remembered for the next event."""
+        lo, hi = self.clock.bounds("daily", ts)
+        bucket = self.usage.get(lo)
         if bucket is None:
-            bucket = self.usage[(kind, lo)] = {}
-        self._current_buckets[i] = (lo, hi, bucket)
+            bucket = self.usage[lo] = {}
+        self._day = (lo, hi, bucket)
         return bucket
 
     # -- housekeeping ----------------------------------------------------------------
@@ -539,25 +587,26 @@ class Ledger:
                 if value.ts != ts:
                     continue
                 if value.flags == _SUB:
-                    project = self.project_labels.get(value.project, count=False)
-                    _add(self.in_flight, project, -1)
-                    _add(self.expired, project, 1)
+                    pacc = self._route(value.project, value.model, count=False)[1]
+                    pacc[IN_FLIGHT] -= 1
+                    pacc[EXPIRED] += 1
+                    pacc[TOUCHED] = 1
             del tasks[task_id]
             dropped += 1
         return dropped
 
     def _prune_usage(self, now: float) -> None:
-        current = {kind: period_bounds(kind, now, self.clock.tz)[0] for kind in PERIOD_KINDS}
-        stale = [k for k in self.usage if k[1] < current[k[0]]]
-        for key in stale:
-            del self.usage[key]
+        """Keep the days of the current week and month; earlier ones no budget reads."""
+        tz = self.clock.tz
+        keep_from = min(period_bounds(k, now, tz)[0] for k in ("weekly", "monthly"))
+        stale = [day for day in self.usage if day < keep_from]
+        for day in stale:
+            del self.usage[day]
         if stale:
-            self._forget_buckets()
+            self._forget_day()
 
-    def _forget_buckets(self) -> None:
-        self._current_buckets: list[tuple[float, float, dict[Any, list[float]]]] = [
-            (1.0, 0.0, {}) for _ in PERIOD_KINDS
-        ]
+    def _forget_day(self) -> None:
+        self._day = (1.0, 0.0, {})
 
     # -- reading ---------------------------------------------------------------------
 
@@ -575,7 +624,11 @@ class Ledger:
         for b in budgets:
             if b.period not in sums:
                 bounds = period_bounds(b.period, now, self.clock.tz)
-                bucket = self.usage.get((b.period, bounds[0]), {})
+                bucket: dict[tuple[str, str | None], list[float]] = {}
+                for day, pairs in self.usage.items():
+                    if bounds[0] <= day < bounds[1]:
+                        for pair, (c, u) in pairs.items():
+                            _sum_into(bucket, pair, c, u)
                 by_project: dict[str, list[float]] = {}
                 by_user: dict[str | None, list[float]] = {}
                 total = [0.0, 0.0]
@@ -658,15 +711,15 @@ class Ledger:
 
     def snapshot(self, now: float) -> Snapshot:
         return Snapshot(
-            submitted=self.submitted.copy(),
-            completed=self.completed.copy(),
+            submitted=self.submitted,
+            completed=self.completed,
             errors=self.errors.copy(),
-            credits=self.credits.copy(),
-            usd=self.usd.copy(),
-            video_seconds=self.video_seconds.copy(),
+            credits=self.credits,
+            usd=self.usd,
+            video_seconds=self.video_seconds,
             generation={m: (h.cumulative(), h.sum) for m, h in self.generation.items()},
-            in_flight=self.in_flight.copy(),
-            expired=self.expired.copy(),
+            in_flight=self.in_flight,
+            expired=self.expired,
             budgets=self.budget_statuses(now),
             lines_read=self.lines_read,
             bytes_read=self.bytes_read,
@@ -728,10 +781,16 @@ class Ledger:
             "tasks": tasks,
             "expiry": [[ts, task_id] for ts, task_id in self._expiry],
             "usage": [
-                [kind, start, [[p, u, c, d] for (p, u), (c, d) in bucket.items()]]
-                for (kind, start), bucket in self.usage.items()
+                [day, [[p, u, c, d] for (p, u), (c, d) in bucket.items()]]
+                for day, bucket in self.usage.items()
             ],
         }
+
+    def _series(self, plabel: str, mlabel: str) -> list[float]:
+        acc = self.series.get((plabel, mlabel))
+        if acc is None:
+            acc = self.series[(plabel, mlabel)] = [0, 0, 0, 0, 0, 0.0, 0.0]
+        return acc
 
     @classmethod
     def from_state(cls, config: Config, state: dict[str, Any]) -> Ledger:
@@ -742,19 +801,28 @@ class Ledger:
             raise ValueError("state was saved with another timezone")
         led = cls(config)
         try:
-            led.submitted = {(p, m, mo): v for p, m, mo, v in state["submitted"]}
-            led.completed = {(p, m, s): v for p, m, s, v in state["completed"]}
+            for p, m, mode, v in state["submitted"]:
+                led._series(p, m)[_MODE_SLOT[mode]] = v
+            for p, m, status, v in state["completed"]:
+                led._series(p, m)[_STATUS_SLOT[status]] = v
             led.errors = {(p, e): v for p, e, v in state["errors"]}
-            led.credits = {(p, m): v for p, m, v in state["credits"]}
-            led.usd = {(p, m): v for p, m, v in state["usd"]}
-            led.video_seconds = {(p, m): v for p, m, v in state["video_seconds"]}
+            for slot, name in (
+                (CREDITS, "credits"),
+                (USD, "usd"),
+                (VIDEO_SECONDS, "video_seconds"),
+            ):
+                for p, m, v in state[name]:
+                    led._series(p, m)[slot] = v
             for model, counts, total in state["generation"]:
                 hist = led.generation[model] = Histogram()
                 if len(counts) != len(hist.counts):
                     raise ValueError("histogram buckets changed")
                 hist.counts, hist.sum = list(counts), total
-            led.in_flight = dict(state["in_flight"])
-            led.expired = dict(state["expired"])
+            for p, v in state["in_flight"]:
+                pacc = led.projects.setdefault(p, [0, 0, 0])
+                pacc[IN_FLIGHT], pacc[TOUCHED] = v, 1
+            for p, v in state["expired"]:
+                led.projects.setdefault(p, [0, 0, 0])[EXPIRED] = v
             led.invalid.update(dict(state["invalid"]))
             led.lines_read = state["lines_read"]
             led.bytes_read = state["bytes_read"]
@@ -777,8 +845,8 @@ class Ledger:
                         project, user, model, mode, duration, audio, kind, ts, flags
                     )
             led._expiry = deque((ts, task_id) for ts, task_id in state["expiry"])
-            for kind, start, rows in state["usage"]:
-                led.usage[(kind, start)] = {(p, u): [c, d] for p, u, c, d in rows}
+            for day, rows in state["usage"]:
+                led.usage[day] = {(p, u): [c, d] for p, u, c, d in rows}
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"state does not fit this version: {e!r}") from None
         return led

@@ -42,9 +42,3 @@ class PeriodClock:
         found = period_bounds(kind, ts, self.tz)
         self._last[kind] = found
         return found
-
-    def start(self, kind: str, ts: float) -> float:
-        lo, hi = self._last[kind]
-        if lo <= ts < hi:
-            return lo
-        return self.bounds(kind, ts)[0]
