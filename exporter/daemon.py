@@ -179,7 +179,7 @@ class Daemon:
     def _sink(self, path: str, lines: list[bytes | None], first: int, nbytes: int) -> None:
         now = self.clock()
         ledger = self.ledger
-        apply, invalid = ledger.apply, ledger.count_invalid
+        apply, invalid, decode = ledger.apply, ledger.count_invalid, decode_line
         with self.lock:
             ledger.lines_read += len(lines)
             ledger.bytes_read += nbytes
@@ -187,13 +187,13 @@ class Daemon:
                 if line is None:
                     reason = "too_long"
                 else:
-                    result = decode_line(line)
-                    if isinstance(result, Event):
+                    result = decode(line)
+                    if type(result) is Event:
                         apply(result, now)
                         continue
                     if not line.strip():
                         continue  # blank lines are not events and not errors
-                    reason = result
+                    reason = result  # type: ignore[assignment]
                 invalid(reason)
                 self._report_invalid(path, first + i if first else 0, reason, now)
             # Within a long first read too, so the task index never outgrows its TTL.

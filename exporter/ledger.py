@@ -418,8 +418,12 @@ class Ledger:
             # The task finished before its submission was read: count it, not in flight.
             self._count_submission(task)
             tasks[task_id] = flags | _SUB
-        else:
-            pacc = self._count_submission(task)[1]
+        else:  # the common case, inlined: it runs for every submission
+            key = (task.project, task.model)
+            acc, pacc, _, _ = self._routes.get(key) or self._route(*key)
+            acc[_MODE_SLOT[task.mode]] += 1
+            if task.kind == "video":
+                acc[VIDEO_SECONDS] += task.duration
             pacc[IN_FLIGHT] += 1
             pacc[TOUCHED] = 1
             tasks[task_id] = task
@@ -432,7 +436,8 @@ class Ledger:
         known = tasks.get(task_id)
         if type(known) is Task:
             task, flags = known, known.flags
-            acc, pacc, project, model = self._route(task.project, task.model)
+            key = (task.project, task.model)
+            acc, pacc, project, model = self._routes.get(key) or self._route(*key)
             if not flags & _FINISHED:
                 pacc[IN_FLIGHT] -= 1
                 pacc[TOUCHED] = 1
