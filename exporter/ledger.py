@@ -272,23 +272,22 @@ class Ledger:
 
     # -- dict views of the accumulators ----------------------------------------------
 
-    @property
-    def submitted(self) -> dict[tuple[str, str, str], int]:
+    def _split_view(self, slots: dict[str, int]) -> dict[tuple[str, str, str], int]:
+        """Counts of several slots, keyed by (project, model, the slot's label)."""
         out = {}
         for (p, m), acc in self.series.items():
-            for mode, slot in _MODE_SLOT.items():
+            for label, slot in slots.items():
                 if acc[slot]:
-                    out[(p, m, mode)] = int(acc[slot])
+                    out[(p, m, label)] = int(acc[slot])
         return out
 
     @property
+    def submitted(self) -> dict[tuple[str, str, str], int]:
+        return self._split_view(_MODE_SLOT)
+
+    @property
     def completed(self) -> dict[tuple[str, str, str], int]:
-        out = {}
-        for (p, m), acc in self.series.items():
-            for status, slot in _STATUS_SLOT.items():
-                if acc[slot]:
-                    out[(p, m, status)] = int(acc[slot])
-        return out
+        return self._split_view(_STATUS_SLOT)
 
     def _series_view(self, slot: int) -> dict[tuple[str, str], float]:
         return {key: acc[slot] for key, acc in self.series.items() if acc[slot]}

@@ -97,27 +97,7 @@ async def reload(request: web.Request) -> web.Response:
 
 def budget_json(daemon: Daemon) -> dict[str, Any]:
     snap, _ = daemon.snapshot()
-    return {
-        "budgets": [
-            {
-                "name": b.name,
-                "period": b.period,
-                "project": b.project,
-                "user": b.user,
-                "limit_credits": b.limit_credits,
-                "limit_usd": b.limit_usd,
-                "used_credits": b.used_credits,
-                "used_usd": b.used_usd,
-                "remaining_credits": b.remaining_credits,
-                "remaining_usd": b.remaining_usd,
-                "utilization": b.utilization,
-                "alert_threshold": b.alert_threshold,
-                "period_start": b.period_start,
-                "period_end": b.period_end,
-            }
-            for b in snap.budgets
-        ]
-    }
+    return {"budgets": [msgspec.structs.asdict(b) for b in snap.budgets]}
 
 
 async def budgets(request: web.Request) -> web.Response:
