@@ -42,7 +42,6 @@ MAX_LABEL_LEN: Final = 128
 DEFAULT_PROJECT: Final = "default"
 UNKNOWN_MODEL: Final = "unknown"
 UNKNOWN_ERROR: Final = "unknown"
-STATUSES: Final = ("succeed", "failed")
 
 _UTC = dt.UTC
 _MODES: Final[dict[str, Literal["standard", "professional"]]] = {

@@ -614,12 +614,6 @@ class Ledger:
 
     # -- reading ---------------------------------------------------------------------
 
-    def used(
-        self, budget: BudgetConfig, now: float
-    ) -> tuple[tuple[float, float], tuple[float, float]]:
-        """(credits, usd) used by a budget in the period holding ``now``, and its bounds."""
-        return self._budget_usage([budget], now)[0]
-
     def _budget_usage(
         self, budgets: Iterable[BudgetConfig], now: float
     ) -> list[tuple[tuple[float, float], tuple[float, float]]]:
