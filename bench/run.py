@@ -92,10 +92,17 @@ def bench_pipeline(path: Path) -> float:
     return len(lines) / (time.perf_counter() - start)
 
 
-def start_daemon(workdir: Path, log_glob: str, port: int) -> subprocess.Popen[bytes]:
+def start_daemon(
+    workdir: Path, log_globs: list[str], port: int, state: str = "", interval: str = "10s"
+) -> subprocess.Popen[bytes]:
     config = workdir / "bench.yml"
     config.write_text(
-        json.dumps({"logs": {"paths": [log_glob], "poll_interval": "100ms"}, "state": {"path": ""}})
+        json.dumps(
+            {
+                "logs": {"paths": log_globs, "poll_interval": "100ms"},
+                "state": {"path": state, "interval": interval},
+            }
+        )
     )
     return subprocess.Popen(
         [
@@ -128,7 +135,7 @@ def bench_cold(path: Path, lines: int, workdir: Path) -> dict[str, float]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     start = time.perf_counter()
-    proc = start_daemon(workdir, str(path), port)
+    proc = start_daemon(workdir, [str(path)], port)
     try:
         while True:
             got = scrape_value(url, "kling_log_lines_read_total")
@@ -180,22 +187,31 @@ def bench_mtail(path: Path, lines: int, workdir: Path) -> dict[str, float] | Non
     return {"seconds": seconds, "lines_per_s": lines / seconds}
 
 
-def bench_latency(workdir: Path, rate: int, seconds: float) -> dict[str, float]:
+def bench_latency(workdir: Path, rate: int, seconds: float, backlog: Path) -> dict[str, float]:
+    """The daemon first reads the whole benchmark log (so its task index and saved state
+    are full size) and saves its state every 2 s while the writer appends."""
     logs = workdir / "latency"
     logs.mkdir(exist_ok=True)
     log = logs / "kling-live.jsonl"
     log.write_text("")
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
-    proc = start_daemon(workdir, str(logs / "kling-*.jsonl"), port)
+    proc = start_daemon(
+        workdir,
+        [str(backlog), str(logs / "kling-*.jsonl")],
+        port,
+        state=str(workdir / "latency.state"),
+        interval="2s",
+    )
     written: list[float] = []
     seen: list[tuple[float, float]] = []
     try:
-        deadline = time.time() + 30
-        while scrape_value(url, "kling_log_lines_read_total") is None:
+        deadline = time.time() + 120
+        while scrape_value(url, "kling_exporter_ready") != 1:
             if time.time() > deadline:
                 raise RuntimeError("the daemon did not start")
             time.sleep(0.05)
+        base = scrape_value(url, "kling_log_lines_read_total") or 0.0
         stop = threading.Event()
 
         def watch() -> None:
@@ -238,7 +254,7 @@ def bench_latency(workdir: Path, rate: int, seconds: float) -> dict[str, float]:
     latencies = []
     j = 0
     for i, t in enumerate(written):
-        while j < len(seen) and seen[j][1] < i + 1:
+        while j < len(seen) and seen[j][1] - base < i + 1:
             j += 1
         if j == len(seen):
             break
@@ -249,6 +265,7 @@ def bench_latency(workdir: Path, rate: int, seconds: float) -> dict[str, float]:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))]
 
     return {
+        "backlog_lines": base,
         "lines": len(written),
         "measured": len(latencies),
         "p50_ms": pct(0.5),
@@ -365,7 +382,7 @@ def main() -> int:
             "pipeline": lambda: bench_pipeline(path),
             "cold": lambda: bench_cold(path, args.lines, workdir),
             "mtail": lambda: bench_mtail(path, args.lines, workdir),
-            "latency": lambda: bench_latency(workdir, args.rate, args.latency_seconds),
+            "latency": lambda: bench_latency(workdir, args.rate, args.latency_seconds, path),
             "render": bench_render,
         }
         for name, step in steps.items():

@@ -88,9 +88,8 @@ def read_state(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def write_state(path: Path, state: dict[str, Any]) -> None:
+def write_state(path: Path, data: bytes) -> None:
     """Write atomically: a temporary file, fsync, rename, fsync of the directory."""
-    data = msgspec.msgpack.encode(state)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -122,6 +121,7 @@ class Daemon:
         self.reload_successful = True
         self.reload_success_ts = time.time()
         self.state_save_ts = 0.0
+        self._writer: threading.Thread | None = None
         self._invalid_log = _RateLimit()
         self.ledger, self.tailer = self._restore(config)
         self.watcher = Watcher(self.wake)
@@ -155,21 +155,37 @@ class Daemon:
                 )
         return Ledger(config), Tailer(config.logs)
 
-    def save_state(self) -> None:
+    def save_state(self, wait: bool = True) -> None:
         """Save offsets and ledger together. Called only from the reader thread (or
-        after it stopped), so the two always agree."""
+        after it stopped), so the two always agree. The snapshot is encoded here, in C;
+        with ``wait=False`` the write and fsync happen on a thread of their own, so
+        reading goes on meanwhile."""
         path = self._state_path()
         if path is None:
             return
+        if self._writer is not None:
+            if self._writer.is_alive() and not wait:
+                return  # the previous save is still being written; the next will do
+            self._writer.join()
         with self.lock:
-            state = {
-                "format": STATE_FORMAT,
-                "saved_at": time.time(),
-                "files": self.tailer.to_state(),
-                "ledger": self.ledger.to_state(),
-            }
+            data = msgspec.msgpack.encode(
+                {
+                    "format": STATE_FORMAT,
+                    "saved_at": time.time(),
+                    "files": self.tailer.to_state(),
+                    "ledger": self.ledger.to_state(),
+                }
+            )
+        self._writer = threading.Thread(
+            target=self._write_state, args=(path, data), name="state-writer", daemon=True
+        )
+        self._writer.start()
+        if wait:
+            self._writer.join()
+
+    def _write_state(self, path: Path, data: bytes) -> None:
         try:
-            write_state(path, state)
+            write_state(path, data)
             self.state_save_ts = time.time()
         except OSError as e:
             log.error("cannot save state", extra={"path": str(path), "err": e.strerror})
@@ -230,7 +246,7 @@ class Daemon:
                     break
                 self.poll_once()
                 if time.monotonic() >= next_save:
-                    self.save_state()
+                    self.save_state(wait=False)
                     next_save = time.monotonic() + self.config.state.interval_seconds
         except Exception:
             log.exception("reader failed")

@@ -46,10 +46,10 @@ _DONE = 2
 _ERR = 4
 _FINISHED = _DONE | _ERR
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
-class Task(msgspec.Struct, gc=False):
+class Task(msgspec.Struct, gc=False, array_like=True):
     """What the index remembers of a task that has been submitted but not finished."""
 
     project: str
@@ -735,26 +735,8 @@ class Ledger:
     # -- persistence -----------------------------------------------------------------
 
     def to_state(self) -> dict[str, Any]:
-        """The whole ledger as plain data (lists, numbers, strings) for msgspec."""
-        tasks = []
-        for task_id, value in self.tasks.items():
-            if isinstance(value, Task):
-                tasks.append(
-                    [
-                        task_id,
-                        value.ts,
-                        value.flags,
-                        value.project,
-                        value.user,
-                        value.model,
-                        value.mode,
-                        value.duration,
-                        value.audio,
-                        value.kind,
-                    ]
-                )
-            else:
-                tasks.append([task_id, None, value])
+        """The whole ledger as data msgspec encodes (open tasks as arrays, in C). Encode it
+        before the ledger changes again: the task index is handed over, not copied."""
         return {
             "version": STATE_VERSION,
             "timezone": self.config.timezone,
@@ -776,8 +758,8 @@ class Ledger:
                 [list(lim.known), lim.overflow]
                 for lim in (self.project_labels, self.model_labels, self.error_labels)
             ],
-            "tasks": tasks,
-            "expiry": [[ts, task_id] for ts, task_id in self._expiry],
+            "tasks": self.tasks,
+            "expiry": list(self._expiry),  # (ts, task_id) tuples, encoded as arrays
             "usage": [
                 [day, [[p, u, c, d] for (p, u), (c, d) in bucket.items()]]
                 for day, bucket in self.usage.items()
@@ -834,15 +816,9 @@ class Ledger:
                 lim.known.clear()
                 lim.known.update((k, k) for k in known)
                 lim.overflow = overflow
-            for row in state["tasks"]:
-                if row[1] is None:
-                    led.tasks[row[0]] = row[2]
-                else:
-                    task_id, ts, flags, project, user, model, mode, duration, audio, kind = row
-                    led.tasks[task_id] = Task(
-                        project, user, model, mode, duration, audio, kind, ts, flags
-                    )
-            led._expiry = deque((ts, task_id) for ts, task_id in state["expiry"])
+            for task_id, value in state["tasks"].items():
+                led.tasks[task_id] = value if isinstance(value, int) else Task(*value)
+            led._expiry = deque(tuple(pair) for pair in state["expiry"])
             for day, rows in state["usage"]:
                 led.usage[day] = {(p, u): [c, d] for p, u, c, d in rows}
         except (KeyError, TypeError, ValueError) as e:
