@@ -274,10 +274,11 @@ class Tailer:
                 fs.pending = buf
             else:
                 fs.pending = buf[nl + 1 :]
-                lines: list[bytes | None] = list(buf[:nl].split(b"\n"))
-                for i, line in enumerate(lines):
-                    if line is not None and len(line) > max_line:
-                        lines[i] = None
+                lines: list[bytes | None] = buf[:nl].split(b"\n")  # type: ignore[assignment]
+                if nl > max_line:  # only a chunk longer than the limit can hold a long line
+                    for i, line in enumerate(lines):
+                        if line is not None and len(line) > max_line:
+                            lines[i] = None
                 self._emit(fs, sink, lines, nl + 1)
             if len(fs.pending) > max_line:
                 fs.pending = b""
