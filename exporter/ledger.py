@@ -38,7 +38,6 @@ GENERATION_BUCKETS = (
     1800.0,
     3600.0,
 )
-LABEL_NAMES = ("project", "model", "error_type")
 
 # Task flags.
 _SUB = 1
@@ -261,7 +260,6 @@ class Ledger:
         # kept only to join late events and to drop repeats.
         self.tasks: dict[str, Task | int] = {}
         self._expiry: deque[tuple[float, str]] = deque()
-        # (period kind, period start) -> (project, user) -> [credits, usd]
         # Usage per local day (weeks and months are whole days, so they are sums of
         # these): day start -> (project, user) -> [credits, usd]
         self.usage: dict[float, dict[tuple[str, str | None], list[float]]] = {}
