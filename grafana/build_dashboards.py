@@ -79,6 +79,29 @@ class Layout:
         return self.next_id - 1
 
 
+def panel(
+    kind: str,
+    title: str,
+    description: str,
+    targets: list[dict[str, Any]],
+    defaults: dict[str, Any],
+    options: dict[str, Any],
+    overrides: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> Panel:
+    """The envelope every panel shares; ``extra`` (transformations) goes after targets."""
+    return {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "targets": targets,
+        **extra,
+        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
+        "options": options,
+    }
+
+
 def stat(
     title: str,
     description: str,
@@ -94,22 +117,15 @@ def stat(
     }
     if decimals is not None:
         defaults["decimals"] = decimals
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "targets": [target(expr)],
-        "fieldConfig": {"defaults": defaults, "overrides": []},
-        "options": {
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "colorMode": "value",
-            "graphMode": "area",
-            "justifyMode": "auto",
-            "textMode": "auto",
-            "orientation": "auto",
-        },
+    options = {
+        "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+        "colorMode": "value",
+        "graphMode": "area",
+        "justifyMode": "auto",
+        "textMode": "auto",
+        "orientation": "auto",
     }
+    return panel("stat", title, description, [target(expr)], defaults, options)
 
 
 def timeseries(
@@ -142,23 +158,16 @@ def timeseries(
     }
     if max_value is not None:
         defaults["max"] = max_value
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "targets": targets,
-        "fieldConfig": {"defaults": defaults, "overrides": []},
-        "options": {
-            "legend": {
-                "displayMode": "table",
-                "placement": "bottom",
-                "showLegend": True,
-                "calcs": ["lastNotNull", "max"],
-            },
-            "tooltip": {"mode": "multi", "sort": "desc"},
+    options = {
+        "legend": {
+            "displayMode": "table",
+            "placement": "bottom",
+            "showLegend": True,
+            "calcs": ["lastNotNull", "max"],
         },
+        "tooltip": {"mode": "multi", "sort": "desc"},
     }
+    return panel("timeseries", title, description, targets, defaults, options)
 
 
 def query_var(name: str, label: str, query: str) -> dict[str, Any]:
@@ -554,98 +563,93 @@ def overview() -> dict[str, Any]:
 BSEL = 'budget=~"$budget"'
 
 
+TABLE_OPTIONS = {
+    "showHeader": True,
+    "cellHeight": "sm",
+    "footer": {"show": False, "reducer": ["sum"], "fields": ""},
+}
+
+
 def budgets() -> dict[str, Any]:
     lay = Layout()
     lay.row("Budgets now")
+    gauge_defaults = {
+        "unit": "percentunit",
+        "min": 0,
+        "max": 1.2,
+        "decimals": 1,
+        "thresholds": BUDGET_STEPS,
+        "color": {"mode": "thresholds"},
+    }
+    gauge_options = {
+        "displayMode": "gradient",
+        "orientation": "horizontal",
+        "showUnfilled": True,
+        "valueMode": "color",
+        "minVizHeight": 16,
+        "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+    }
     lay.add(
-        {
-            "type": "bargauge",
-            "title": "Budget utilization",
-            "description": "Share of each budget used in its current period (the larger of "
+        panel(
+            "bargauge",
+            "Budget utilization",
+            "Share of each budget used in its current period (the larger of "
             "credits and dollars), summed over every exporter. Orange from "
             "80%, red from 100%.",
-            "datasource": DS,
-            "targets": [
-                target(f"kling:budget_utilization:ratio{{{BSEL}}}", "{{budget}} ({{period}})")
-            ],
-            "fieldConfig": {
-                "defaults": {
-                    "unit": "percentunit",
-                    "min": 0,
-                    "max": 1.2,
-                    "decimals": 1,
-                    "thresholds": BUDGET_STEPS,
-                    "color": {"mode": "thresholds"},
-                },
-                "overrides": [],
-            },
-            "options": {
-                "displayMode": "gradient",
-                "orientation": "horizontal",
-                "showUnfilled": True,
-                "valueMode": "color",
-                "minVizHeight": 16,
-                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            },
-        },
+            [target(f"kling:budget_utilization:ratio{{{BSEL}}}", "{{budget}} ({{period}})")],
+            gauge_defaults,
+            gauge_options,
+        ),
         12,
         9,
     )
+    columns = {
+        "A": ("kling:budget_limit_credits:max", "Limit (credits)"),
+        "B": ("kling:budget_used_credits:sum", "Used (credits)"),
+        "C": ("kling:budget_remaining_credits:sum", "Remaining (credits)"),
+        "D": ("kling:budget_limit_usd:max", "Limit (USD)"),
+        "E": ("kling:budget_used_usd:sum", "Used (USD)"),
+        "F": ("kling:budget_remaining_usd:sum", "Remaining (USD)"),
+        "G": ("kling:budget_period_end:max", "Period ends"),
+    }
+    table_targets = [
+        target(f"{metric}{{{BSEL}}}" + (" * 1000" if ref == "G" else ""), "", ref, instant=True)
+        for ref, (metric, _) in columns.items()
+    ]
     lay.add(
-        {
-            "type": "table",
-            "title": "Budgets",
-            "description": "Limits, usage and the end of the current period of each budget.",
-            "datasource": DS,
-            "targets": [
-                target(f"kling:budget_limit_credits:max{{{BSEL}}}", "", "A", instant=True),
-                target(f"kling:budget_used_credits:sum{{{BSEL}}}", "", "B", instant=True),
-                target(f"kling:budget_remaining_credits:sum{{{BSEL}}}", "", "C", instant=True),
-                target(f"kling:budget_limit_usd:max{{{BSEL}}}", "", "D", instant=True),
-                target(f"kling:budget_used_usd:sum{{{BSEL}}}", "", "E", instant=True),
-                target(f"kling:budget_remaining_usd:sum{{{BSEL}}}", "", "F", instant=True),
-                target(f"kling:budget_period_end:max{{{BSEL}}} * 1000", "", "G", instant=True),
+        panel(
+            "table",
+            "Budgets",
+            "Limits, usage and the end of the current period of each budget.",
+            table_targets,
+            {"unit": "short", "decimals": 0},
+            TABLE_OPTIONS,
+            overrides=[
+                {
+                    "matcher": {"id": "byRegexp", "options": ".*\\(USD\\)"},
+                    "properties": [
+                        {"id": "unit", "value": "currencyUSD"},
+                        {"id": "decimals", "value": 2},
+                    ],
+                },
+                {
+                    "matcher": {"id": "byName", "options": "Period ends"},
+                    "properties": [{"id": "unit", "value": "dateTimeAsIso"}],
+                },
             ],
-            "transformations": [
+            transformations=[
                 {"id": "merge", "options": {}},
                 {
                     "id": "organize",
                     "options": {
                         "excludeByName": {"Time": True},
                         "renameByName": {
-                            "Value #A": "Limit (credits)",
-                            "Value #B": "Used (credits)",
-                            "Value #C": "Remaining (credits)",
-                            "Value #D": "Limit (USD)",
-                            "Value #E": "Used (USD)",
-                            "Value #F": "Remaining (USD)",
-                            "Value #G": "Period ends",
+                            f"Value #{ref}": title for ref, (_, title) in columns.items()
                         },
                     },
                 },
             ],
-            "fieldConfig": {
-                "defaults": {"unit": "short", "decimals": 0},
-                "overrides": [
-                    {
-                        "matcher": {"id": "byRegexp", "options": ".*\\(USD\\)"},
-                        "properties": [
-                            {"id": "unit", "value": "currencyUSD"},
-                            {"id": "decimals", "value": 2},
-                        ],
-                    },
-                    {
-                        "matcher": {"id": "byName", "options": "Period ends"},
-                        "properties": [{"id": "unit", "value": "dateTimeAsIso"}],
-                    },
-                ],
-            },
-            "options": {
-                "showHeader": True,
-                "cellHeight": "sm",
-                "footer": {"show": False, "reducer": ["sum"], "fields": ""},
-            },
-        },
+        ),
         12,
         9,
     )
@@ -718,15 +722,14 @@ def budgets() -> dict[str, Any]:
     ]
     lay.add(remaining, 12, 8)
     lay.add(
-        {
-            "type": "table",
-            "title": "Budget alerts firing",
-            "description": "Kling alerts that are firing now.",
-            "datasource": DS,
-            "targets": [
-                target('ALERTS{alertname=~"Kling.*", alertstate="firing"}', "", "A", instant=True)
-            ],
-            "transformations": [
+        panel(
+            "table",
+            "Budget alerts firing",
+            "Kling alerts that are firing now.",
+            [target('ALERTS{alertname=~"Kling.*", alertstate="firing"}', "", "A", instant=True)],
+            {},
+            TABLE_OPTIONS,
+            transformations=[
                 {
                     "id": "organize",
                     "options": {
@@ -739,13 +742,7 @@ def budgets() -> dict[str, Any]:
                     },
                 }
             ],
-            "fieldConfig": {"defaults": {}, "overrides": []},
-            "options": {
-                "showHeader": True,
-                "cellHeight": "sm",
-                "footer": {"show": False, "reducer": ["sum"], "fields": ""},
-            },
-        },
+        ),
         12,
         8,
     )
