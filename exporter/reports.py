@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import glob
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
@@ -17,13 +16,7 @@ from typing import Any, TextIO
 from exporter.config import Config
 from exporter.events import Event, decode_line
 from exporter.ledger import Ledger, Record
-
-
-def log_files(config: Config) -> list[str]:
-    paths: set[str] = set()
-    for pattern in config.logs.paths:
-        paths.update(glob.glob(pattern, recursive=True))
-    return sorted(paths)
+from exporter.tailer import matching_files
 
 
 def read_records(config: Config, progress: TextIO | None = None) -> list[Record]:
@@ -31,7 +24,7 @@ def read_records(config: Config, progress: TextIO | None = None) -> list[Record]
     records: list[Record] = []
     ledger = Ledger(config)
     ledger.observer = records.append
-    files = log_files(config)
+    files = matching_files(config.logs.paths)
     now = dt.datetime.now(dt.UTC).timestamp()
     show = progress is not None and progress.isatty() and len(files) > 1
     for i, path in enumerate(files, 1):

@@ -82,6 +82,15 @@ def _glob_base(pattern: str) -> Path:
     return Path(*base) if base else Path(".")
 
 
+def matching_files(patterns: Iterable[str]) -> list[str]:
+    """Every path the globs match, once each, in name order (so daily files go oldest
+    first)."""
+    paths: set[str] = set()
+    for pattern in patterns:
+        paths.update(glob.glob(pattern, recursive=True))
+    return sorted(paths)
+
+
 def _last_line_end(fd: int, size: int) -> int:
     """Position just past the last newline before ``size`` (0 if there is none)."""
     pos = size
@@ -120,19 +129,13 @@ class Tailer:
             out.append((base, recursive))
         return out
 
-    def _matching(self) -> list[str]:
-        paths: set[str] = set()
-        for pattern in self.patterns:
-            paths.update(glob.glob(pattern, recursive=True))
-        return sorted(paths)
-
     def poll(self, sink: Sink, stop: threading.Event | None = None) -> None:
         """Find files, notice rotation and truncation, and hand on every new complete line.
         ``stop`` set meanwhile ends the poll between two blocks, offsets consistent."""
         self._stop = stop
         now = time.monotonic()
         seen: set[tuple[int, int]] = set()
-        for path in self._matching():
+        for path in matching_files(self.patterns):
             try:
                 st = os.stat(path)
             except OSError:
