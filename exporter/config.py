@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import zoneinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import yaml
@@ -214,17 +214,19 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return zoneinfo.ZoneInfo(self.timezone)
 
 
-def normalize_mode(mode: str) -> str | None:
-    """Map Kling's ``std``/``pro`` and our long names to the long name; None if unknown."""
-    return _MODE_ALIASES.get(mode.lower())
-
-
-_MODE_ALIASES = {
+# Kling's std/pro and our long names, to the long name.
+MODE_ALIASES: dict[str, Literal["standard", "professional"]] = {
     "standard": "standard",
     "std": "standard",
     "professional": "professional",
     "pro": "professional",
 }
+
+
+def normalize_mode(mode: str) -> str | None:
+    """Map Kling's ``std``/``pro`` and our long names to the long name; None if unknown."""
+    return MODE_ALIASES.get(mode.lower())
+
 
 _AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
@@ -262,10 +264,8 @@ def parse_config(data: Any) -> Config:
         raise ConfigError(describe_validation_error(e)) from None
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Read and validate a config file; no path means the built-in defaults."""
-    if path is None:
-        return Config()
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's data; ConfigError if it cannot be read or parsed."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
@@ -273,7 +273,13 @@ def load_config(path: str | Path | None) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    return parse_config(data)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a config file; no path means the built-in defaults."""
+    if path is None:
+        return Config()
+    return parse_config(read_yaml(path))

@@ -16,6 +16,8 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from exporter.config import MODE_ALIASES
+
 SUBMITTED: Final = 0
 COMPLETED: Final = 1
 ERROR: Final = 2
@@ -44,12 +46,6 @@ UNKNOWN_MODEL: Final = "unknown"
 UNKNOWN_ERROR: Final = "unknown"
 
 _UTC = dt.UTC
-_MODES: Final[dict[str, Literal["standard", "professional"]]] = {
-    "standard": "standard",
-    "std": "standard",
-    "professional": "professional",
-    "pro": "professional",
-}
 
 # An empty or very long label value is garbage, not a name.
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_LEN)]
@@ -138,5 +134,5 @@ def decode_line(line: bytes) -> Event | str:
     if e.user is None:
         e.user = e.user_id
     if e.mode is not None:
-        e.mode = _MODES[e.mode]
+        e.mode = MODE_ALIASES[e.mode]
     return e

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import bcrypt
 import msgspec
-import yaml
 
-from exporter.config import ConfigError, describe_validation_error
+from exporter.config import ConfigError, describe_validation_error, read_yaml
 
 TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -101,12 +100,7 @@ class WebConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 def load_web_config(path: str | Path) -> tuple[WebConfig, ssl.SSLContext | None]:
     """Read and check a web config file, and build its TLS context; errors name the key."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping")
     try:
