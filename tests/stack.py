@@ -96,13 +96,18 @@ class Webhook:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def alerts(self, path: str | None = None) -> list[tuple[float, str, dict[str, Any]]]:
-        """(arrival, path, alert) for every alert in every notification so far."""
+    def alerts(
+        self, path: str | None = None, alertname: str | None = None, status: str | None = None
+    ) -> list[tuple[float, str, dict[str, Any]]]:
+        """(arrival, path, alert) for every alert in every notification so far, or only
+        those sent to ``path`` with that ``alertname`` and ``status`` (firing, resolved)."""
         return [
             (t, p, alert)
             for t, p, body in list(self.received)
             if path is None or p == path
             for alert in body["alerts"]
+            if (alertname is None or alert["labels"]["alertname"] == alertname)
+            and (status is None or alert["status"] == status)
         ]
 
     def close(self) -> None:

@@ -151,12 +151,7 @@ def test_budget_alerts_reach_a_webhook_through_prometheus_and_alertmanager(tmp_p
             crossed = time.time()
             write_lines(log, [_completion("t1", 15)])  # 85%: past the 80% threshold
             warning = wait_until(
-                lambda: [
-                    a
-                    for a in webhook.alerts("/warning")
-                    if a[2]["labels"]["alertname"] == "KlingBudgetWarning"
-                    and a[2]["status"] == "firing"
-                ],
+                lambda: webhook.alerts("/warning", "KlingBudgetWarning", "firing"),
                 timeout=60,
             )[0]
             assert warning[2]["labels"]["budget"] == "mk"
@@ -167,12 +162,7 @@ def test_budget_alerts_reach_a_webhook_through_prometheus_and_alertmanager(tmp_p
             crossed = time.time()
             write_lines(log, [_completion("t2", 20)])  # 105%: exhausted
             critical = wait_until(
-                lambda: [
-                    a
-                    for a in webhook.alerts("/critical")
-                    if a[2]["labels"]["alertname"] == "KlingBudgetExhausted"
-                    and a[2]["status"] == "firing"
-                ],
+                lambda: webhook.alerts("/critical", "KlingBudgetExhausted", "firing"),
                 timeout=60,
             )[0]
             crit_latency = critical[0] - crossed
@@ -191,12 +181,7 @@ def test_budget_alerts_reach_a_webhook_through_prometheus_and_alertmanager(tmp_p
             end = exporter.daemon.snapshot()[0].budgets[0].period_end
             clock.offset = end - time.time() + 2
             wait_until(
-                lambda: [
-                    a
-                    for a in webhook.alerts("/critical")
-                    if a[2]["labels"]["alertname"] == "KlingBudgetExhausted"
-                    and a[2]["status"] == "resolved"
-                ],
+                lambda: webhook.alerts("/critical", "KlingBudgetExhausted", "resolved"),
                 timeout=90,
             )
             print(
