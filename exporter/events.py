@@ -11,12 +11,13 @@ what is left in Python is the little that ties fields together.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from typing import Annotated, Final, Literal
 
 import msgspec
 
-from exporter.config import MODE_ALIASES
+from exporter.config import KIND_ALIASES, MODE_ALIASES, OTHER_KIND
 
 SUBMITTED: Final = 0
 COMPLETED: Final = 1
@@ -38,6 +39,8 @@ INVALID_REASONS: Final = (
     "unknown_event",
     "bad_value",
     "too_long",
+    "too_deep",
+    "internal_error",
 )
 
 MAX_LABEL_LEN: Final = 128
@@ -49,7 +52,11 @@ _UTC = dt.UTC
 
 # An empty or very long label value is garbage, not a name.
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_LEN)]
+# Numeric names and ids are their decimal strings (``"user_id": 42`` is user "42").
+LabelOrNumber = Label | int
 Credits = Annotated[float, msgspec.Meta(ge=0, lt=1e12)]
+# A numeric timestamp above this is Unix milliseconds, below it Unix seconds.
+MILLIS_FROM: Final = 1e11
 # Fields the decoder fills in itself; decode_line always overwrites them, so a JSON key
 # of the same name has no effect.
 _DERIVED = "__derived_"
@@ -62,17 +69,17 @@ class Event(msgspec.Struct, gc=False):
     ``professional``; ``task_id`` is a string."""
 
     event: Literal["task_submitted", "task_completed", "task_error"] | None = None
-    timestamp: dt.datetime | None = None
+    timestamp: dt.datetime | float | None = None
     task_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | int | None = None
-    project: Label | None = None
-    project_id: Label | None = None
-    user: Label | None = None
-    user_id: Label | None = None
+    project: LabelOrNumber | None = None
+    project_id: LabelOrNumber | None = None
+    user: LabelOrNumber | None = None
+    user_id: LabelOrNumber | None = None
     model: Label | None = None
     duration: Annotated[int, msgspec.Meta(ge=0, le=3600)] | None = None
     mode: Literal["standard", "professional", "std", "pro"] | None = None
     audio: bool | None = None
-    kind: Literal["video", "image", "try_on"] | None = None
+    kind: Label | None = None
     status: Literal["succeed", "failed"] | None = None
     elapsed_sec: Annotated[float, msgspec.Meta(ge=0, lt=1e9)] | None = None
     credits_used: Credits | None = None
@@ -80,6 +87,8 @@ class Event(msgspec.Struct, gc=False):
     error_type: Label | None = None
     type: int = msgspec.field(default=-1, name=_DERIVED + "type")
     ts: float | None = msgspec.field(default=None, name=_DERIVED + "ts")
+    # Whether the line named its project itself (rather than leaving it to the join).
+    own_project: bool = msgspec.field(default=False, name=_DERIVED + "own_project")
 
 
 # strict=False accepts Kling's habits: durations as "5", times as Unix numbers.
@@ -100,8 +109,12 @@ def _classify(error: msgspec.ValidationError) -> str:
 
 def decode_line(line: bytes) -> Event | str:
     """Decode one line (without its newline) into an Event or an invalid reason."""
+    if line.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, as some editors write
+        line = line[3:]
     try:
         e = _decoder.decode(line)
+    except RecursionError:
+        return "too_deep"
     except msgspec.ValidationError as err:
         return _classify(err)
     except UnicodeDecodeError:
@@ -127,12 +140,21 @@ def decode_line(line: bytes) -> Event | str:
     stamp = e.timestamp
     if stamp is None:
         e.ts = None
+    elif type(stamp) is float:
+        if not math.isfinite(stamp) or stamp < 0:
+            return "bad_value"
+        e.ts = stamp / 1000 if stamp > MILLIS_FROM else stamp
     else:
-        e.ts = (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=_UTC)).timestamp()
-    if e.project is None:
-        e.project = e.project_id or DEFAULT_PROJECT
-    if e.user is None:
-        e.user = e.user_id
+        e.ts = (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=_UTC)).timestamp()  # type: ignore[union-attr]
+    project = e.project if e.project is not None else e.project_id
+    if project is None:
+        e.project = DEFAULT_PROJECT
+    else:
+        e.project, e.own_project = str(project), True
+    user = e.user if e.user is not None else e.user_id
+    e.user = None if user is None else str(user)
     if e.mode is not None:
         e.mode = MODE_ALIASES[e.mode]
+    if e.kind is not None:
+        e.kind = KIND_ALIASES.get(e.kind.lower(), OTHER_KIND)
     return e

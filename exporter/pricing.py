@@ -5,7 +5,7 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import NamedTuple
 
-from exporter.config import PriceRule, PricingConfig
+from exporter.config import KINDS, PriceRule, PricingConfig
 
 # Kling's own API defaults for a request that leaves these out.
 DEFAULT_MODE = "standard"
@@ -59,12 +59,14 @@ class Pricing:
 
     def _price(self, req: Request) -> float:
         cfg = self.config
-        for rule in cfg.rules:
+        # A kind the rules cannot name (an unknown spelling) is priced by the fallback.
+        rules = cfg.rules if req.kind is None or req.kind in KINDS else ()
+        for rule in rules:
             if _matches(rule, req, req.audio):
                 return rule.credits
         multiplier = cfg.audio_multiplier if req.audio else 1.0
         if req.audio:
-            for rule in cfg.rules:
+            for rule in rules:
                 if _matches(rule, req, False):
                     return rule.credits * multiplier
         duration = req.duration if req.duration is not None else DEFAULT_DURATION

@@ -107,7 +107,6 @@ def test_completed_event() -> None:
         (b'{"event": "task_submitted", "task_id": "t", "mode": "turbo"}', "bad_value"),
         (b'{"event": "task_completed", "task_id": "t", "status": "maybe"}', "bad_value"),
         (b'{"event": "task_completed", "task_id": "t", "credits_used": -1}', "bad_value"),
-        (b'{"event": "task_submitted", "task_id": "t", "kind": "audio"}', "bad_value"),
         (b'{"event": "task_submitted", "task_id": "t", "project": ""}', "bad_value"),
     ],
 )
@@ -168,3 +167,58 @@ def test_free_text_never_becomes_a_label(fields: dict[str, object]) -> None:
     labels = {result.project, result.model, result.error_type, result.user}
     allowed = {fields.get(k) for k in LABEL_FIELDS} | {"default", None}
     assert labels <= allowed
+
+
+def test_json_nested_too_deep_is_its_own_reason() -> None:
+    deep = b'{"event": "task_completed", "task_id": "y", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert decode_line(deep) == "too_deep"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"user_id": 42}, ("default", "42")),
+        ({"project": 7, "user": 9}, ("7", "9")),
+        ({"project_id": 12}, ("12", None)),
+    ],
+)
+def test_numeric_names_are_their_decimal_strings(
+    fields: dict[str, object], expected: tuple[str, str | None]
+) -> None:
+    e = decode(event="task_submitted", task_id=1, **fields)
+    assert isinstance(e, Event)
+    assert (e.project, e.user, e.task_id) == (*expected, "1")
+
+
+def test_unix_seconds_and_milliseconds() -> None:
+    at = dt.datetime(2026, 11, 22, 10, tzinfo=dt.UTC).timestamp()
+    for stamp in (at, int(at * 1000), str(int(at))):
+        e = decode(event="task_error", task_id="t", timestamp=stamp)
+        assert isinstance(e, Event) and e.ts == at, stamp
+
+
+def test_a_not_finite_timestamp_is_a_bad_value() -> None:
+    assert decode_line(b'{"event": "task_error", "task_id": "t", "timestamp": "nan"}') == (
+        "bad_value"
+    )
+
+
+def test_byte_order_mark_is_ignored() -> None:
+    e = decode_line(b'\xef\xbb\xbf{"event": "task_submitted", "task_id": "t"}')
+    assert isinstance(e, Event) and e.task_id == "t"
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("video", "video"),
+        ("images", "image"),
+        ("Image", "image"),
+        ("virtual_try_on", "try_on"),
+        ("try-on", "try_on"),
+        ("3d_scene", "other"),
+    ],
+)
+def test_kind_spellings(kind: str, expected: str) -> None:
+    e = decode(event="task_submitted", task_id="t", kind=kind)
+    assert isinstance(e, Event) and e.kind == expected
