@@ -202,6 +202,25 @@ def families(s: Snapshot, st: Status) -> list[Family]:
             s.duplicates,
         ),
         single(
+            "kling_events_orphaned",
+            "counter",
+            "Completions and errors counted without their submission, after waiting for it.",
+            s.orphaned,
+        ),
+        single(
+            "kling_events_awaiting_submission",
+            "gauge",
+            "Completions and errors read before their submission, waiting for it.",
+            s.awaiting_submission,
+        ),
+        Family(
+            "kling_log_timestamps_clamped",
+            "counter",
+            "Event times replaced by the time of reading: too far ahead, or before 2000.",
+            ("reason",),
+            _keyed(s.timestamps_clamped),
+        ),
+        single(
             "kling_last_event_timestamp_seconds",
             "gauge",
             "Time of the newest event read (0 before any).",
@@ -243,6 +262,36 @@ def families(s: Snapshot, st: Status) -> list[Family]:
             "gauge",
             "Time the state was last saved (0 before any).",
             st.state_save_ts,
+        ),
+        single(
+            "kling_state_save_interval_seconds",
+            "gauge",
+            "How often the state is saved (0 when no state is kept).",
+            st.state_save_interval,
+        ),
+        single(
+            "kling_log_reader_up",
+            "gauge",
+            "1 while the log reader runs; 0 once it has failed (the process needs a restart).",
+            1 if st.reader_up else 0,
+        ),
+        single(
+            "kling_log_last_poll_timestamp_seconds",
+            "gauge",
+            "Time the reader last finished looking at every log file.",
+            st.last_poll_ts,
+        ),
+        single(
+            "kling_log_unread_bytes",
+            "gauge",
+            "Bytes in the followed log files beyond what has been read.",
+            st.unread_bytes,
+        ),
+        single(
+            "kling_log_open_files",
+            "gauge",
+            "Log files held open; idle ones are closed and opened again when they grow.",
+            st.open_files,
         ),
     ]
     return out

@@ -54,6 +54,13 @@ class LogsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     poll_interval: str | float = "1s"
     max_line_bytes: int = 1 << 20
     rotate_wait: str | float = "5s"
+    # An event time further ahead of the time of reading is a broken clock: the time of
+    # reading is taken instead (and counted).
+    max_clock_ahead: str | float = "5m"
+    # Files unchanged this long are closed (and opened again at their offset when they
+    # grow), so old daily files do not hold a descriptor each.
+    idle_close: str | float = "1m"
+    follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         if not self.paths:
@@ -64,6 +71,8 @@ class LogsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if parse_duration(self.poll_interval, "poll_interval") <= 0:
             raise ValueError("poll_interval: must be greater than 0")
         parse_duration(self.rotate_wait, "rotate_wait")
+        parse_duration(self.max_clock_ahead, "max_clock_ahead")
+        parse_duration(self.idle_close, "idle_close")
         if self.max_line_bytes < 1024:
             raise ValueError(f"max_line_bytes: must be at least 1024, got {self.max_line_bytes}")
 
@@ -74,6 +83,14 @@ class LogsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     @property
     def rotate_wait_seconds(self) -> float:
         return parse_duration(self.rotate_wait, "rotate_wait")
+
+    @property
+    def max_clock_ahead_seconds(self) -> float:
+        return parse_duration(self.max_clock_ahead, "max_clock_ahead")
+
+    @property
+    def idle_close_seconds(self) -> float:
+        return parse_duration(self.idle_close, "idle_close")
 
 
 class StateConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -174,16 +191,24 @@ class TasksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     ttl: str | float = "24h"
     max_tasks: int = 1_000_000
+    # How long (time of reading) a completion or error read before its submission waits
+    # for it before it is counted on its own; 0 counts it at once.
+    orphan_wait: str | float = "5m"
 
     def __post_init__(self) -> None:
         if parse_duration(self.ttl, "ttl") <= 0:
             raise ValueError("ttl: must be greater than 0")
+        parse_duration(self.orphan_wait, "orphan_wait")
         if self.max_tasks < 1:
             raise ValueError(f"max_tasks: must be at least 1, got {self.max_tasks}")
 
     @property
     def ttl_seconds(self) -> float:
         return parse_duration(self.ttl, "ttl")
+
+    @property
+    def orphan_wait_seconds(self) -> float:
+        return parse_duration(self.orphan_wait, "orphan_wait")
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -221,6 +246,22 @@ MODE_ALIASES: dict[str, Literal["standard", "professional"]] = {
     "professional": "professional",
     "pro": "professional",
 }
+
+
+# Spellings of the task kinds users write, to our names. Any other kind is OTHER_KIND: the
+# task is counted, and priced by the rules that name no kind or by the fallback.
+KIND_ALIASES: dict[str, str] = {
+    "video": "video",
+    "videos": "video",
+    "image": "image",
+    "images": "image",
+    "try_on": "try_on",
+    "try-on": "try_on",
+    "tryon": "try_on",
+    "virtual_try_on": "try_on",
+    "virtual-try-on": "try_on",
+}
+OTHER_KIND = "other"
 
 
 def normalize_mode(mode: str) -> str | None:

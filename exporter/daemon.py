@@ -19,10 +19,10 @@ from typing import Any
 import msgspec
 
 from exporter.config import Config, ConfigError, load_config
-from exporter.events import Event, decode_line
+from exporter.ingest import RateLimit, ingest
 from exporter.ledger import CheckResult, Ledger, Snapshot
 from exporter.pricing import Request
-from exporter.tailer import Tailer, Watcher
+from exporter.tailer import Tailer, Watcher, raise_open_file_limit
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +37,11 @@ class Status(msgspec.Struct):
     reload_successful: bool
     reload_success_ts: float
     state_save_ts: float
-
-
-class _RateLimit:
-    """At most ``burst`` log lines per ``window`` seconds; says how many it held back."""
-
-    def __init__(self, burst: int = 10, window: float = 60.0) -> None:
-        self.burst, self.window = burst, window
-        self.start, self.count, self.suppressed = 0.0, 0, 0
-
-    def allow(self, now: float) -> tuple[bool, int]:
-        if now - self.start >= self.window:
-            held, self.suppressed = self.suppressed, 0
-            self.start, self.count = now, 0
-        else:
-            held = 0
-        self.count += 1
-        if self.count > self.burst:
-            self.suppressed += 1
-            return False, held
-        return True, held
+    state_save_interval: float = 0.0
+    reader_up: bool = True
+    last_poll_ts: float = 0.0
+    unread_bytes: int = 0
+    open_files: int = 0
 
 
 def read_state(path: Path) -> dict[str, Any] | None:
@@ -121,8 +106,13 @@ class Daemon:
         self.reload_successful = True
         self.reload_success_ts = time.time()
         self.state_save_ts = 0.0
+        self.last_poll_ts = 0.0
+        # Set when the reader died: the ledger may hold half a block, so it is never
+        # saved again, and /-/healthy fails so that the process is restarted.
+        self.failed = threading.Event()
         self._writer: threading.Thread | None = None
-        self._invalid_log = _RateLimit()
+        self._invalid_log = RateLimit()
+        self._save_error_log = RateLimit(burst=1)
         self.ledger, self.tailer = self._restore(config)
         self.watcher = Watcher(self.wake)
         self._thread: threading.Thread | None = None
@@ -163,6 +153,9 @@ class Daemon:
         path = self._state_path()
         if path is None:
             return
+        if self.failed.is_set():
+            log.error("reader failed: state not saved, the last good one is kept")
+            return
         if self._writer is not None:
             if self._writer.is_alive() and not wait:
                 return  # the previous save is still being written; the next will do
@@ -188,32 +181,24 @@ class Daemon:
             write_state(path, data)
             self.state_save_ts = time.time()
         except OSError as e:
-            log.error("cannot save state", extra={"path": str(path), "err": e.strerror})
+            if self._save_error_log.allow(time.monotonic())[0]:
+                log.error("cannot save state", extra={"path": str(path), "err": e.strerror})
 
     # -- reading ---------------------------------------------------------------------
 
     def _sink(self, path: str, lines: list[bytes | None], first: int, nbytes: int) -> None:
         now = self.clock()
         ledger = self.ledger
-        apply, invalid, decode = ledger.apply, ledger.count_invalid, decode_line
+
+        def report(i: int, reason: str) -> None:
+            self._report_invalid(path, first + i if first else 0, reason, now)
+
         with self.lock:
             ledger.lines_read += len(lines)
             ledger.bytes_read += nbytes
-            for i, line in enumerate(lines):
-                if line is None:
-                    reason = "too_long"
-                else:
-                    result = decode(line)
-                    if type(result) is Event:
-                        apply(result, now)
-                        continue
-                    if not line.strip():
-                        continue  # blank lines are not events and not errors
-                    reason = result  # type: ignore[assignment]
-                invalid(reason)
-                self._report_invalid(path, first + i if first else 0, reason, now)
+            ingest(ledger, lines, now, report)
             # Within a long first read too, so the task index never outgrows its TTL.
-            ledger.expire_tasks()
+            ledger.expire_tasks(now)
 
     def _report_invalid(self, path: str, lineno: int, reason: str, now: float) -> None:
         allowed, held = self._invalid_log.allow(now)
@@ -229,6 +214,7 @@ class Daemon:
         self.tailer.poll(self._sink, self.stopping)
         with self.lock:
             self.ledger.expire(self.clock())
+        self.last_poll_ts = time.time()
 
     def _run(self) -> None:
         try:
@@ -248,11 +234,18 @@ class Daemon:
                 if time.monotonic() >= next_save:
                     self.save_state(wait=False)
                     next_save = time.monotonic() + self.config.state.interval_seconds
-        except Exception:
+        except BaseException:
+            self.failed.set()
+            log.critical("reader failed; no more lines are read and the state is not saved")
             log.exception("reader failed")
-            raise
+
+    @property
+    def reader_up(self) -> bool:
+        return not self.failed.is_set()
 
     def start(self) -> None:
+        soft, hard = raise_open_file_limit()
+        log.debug("open file limit", extra={"soft": soft, "hard": hard})
         self._thread = threading.Thread(target=self._run, name="reader", daemon=True)
         self._thread.start()
 
@@ -297,10 +290,16 @@ class Daemon:
         with self.lock:
             snap = self.ledger.snapshot(now)
             files = self.tailer.watched
+        state_interval = self.config.state.interval_seconds if self._state_path() else 0.0
         return snap, Status(
             files_watched=files,
             ready=self.ready.is_set(),
             reload_successful=self.reload_successful,
             reload_success_ts=self.reload_success_ts,
             state_save_ts=self.state_save_ts,
+            state_save_interval=state_interval,
+            reader_up=self.reader_up,
+            last_poll_ts=self.last_poll_ts,
+            unread_bytes=self.tailer.unread_bytes(),
+            open_files=self.tailer.open_files,
         )

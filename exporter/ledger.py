@@ -19,7 +19,7 @@ from exporter import events as ev_mod
 from exporter.config import BudgetConfig, Config
 from exporter.events import INVALID_REASONS, Event
 from exporter.periods import PeriodClock, period_bounds
-from exporter.pricing import DEFAULT_DURATION, DEFAULT_MODE, Pricing, Request
+from exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Pricing, Request
 
 OTHER = "__other__"
 GENERATION_BUCKETS = (
@@ -45,7 +45,11 @@ _DONE = 2
 _ERR = 4
 _FINISHED = _DONE | _ERR
 
-STATE_VERSION = 3
+STATE_VERSION = 4
+# 2000-01-01T00:00:00Z: an earlier event time is a broken clock (Kling did not exist).
+OLDEST_TS = 946684800.0
+# How an implausible event time was replaced by the time of reading.
+CLAMP_REASONS = ("ahead", "too_old")
 
 
 class Task(msgspec.Struct, gc=False, array_like=True):
@@ -189,6 +193,9 @@ class Snapshot(msgspec.Struct):
     last_event_ts: float
     label_overflow: dict[str, int]
     tasks_tracked: int
+    timestamps_clamped: dict[str, int]
+    awaiting_submission: int
+    orphaned: int
 
 
 def _utilization(used: float, limit: float | None) -> float:
@@ -216,6 +223,13 @@ def _budget_status(
         period_start=bounds[0],
         period_end=bounds[1],
     )
+
+
+def _event_fields(e: Event) -> list[Any]:
+    """An event's fields as an array for the saved state; the parsed time is in ``ts``."""
+    fields = list(msgspec.structs.astuple(e))
+    fields[1] = None  # timestamp
+    return fields
 
 
 def _flags(known: Task | int) -> int:
@@ -256,6 +270,11 @@ class Ledger:
         self.bytes_read = 0
         self.duplicates = 0
         self.last_event_ts = 0.0
+        self.clamped: dict[str, int] = dict.fromkeys(CLAMP_REASONS, 0)
+        # Terminal events read before their submission: task_id -> (event, event time,
+        # time of reading), in the order read. They wait ``orphan_wait`` of reading time.
+        self.waiting: dict[str, tuple[Event, float, float]] = {}
+        self.orphaned = 0
         # task_id -> Task while open, or its flags (a small int) once finished,
         # kept only to join late events and to drop repeats.
         self.tasks: dict[str, Task | int] = {}
@@ -324,6 +343,8 @@ class Ledger:
         self._forget_day()
         self.ttl = config.tasks.ttl_seconds
         self.max_tasks = config.tasks.max_tasks
+        self.orphan_wait = config.tasks.orphan_wait_seconds
+        self.max_ahead = config.logs.max_clock_ahead_seconds
         if old is None:
             self.project_labels = LabelLimiter(config.labels.max_projects)
             self.model_labels = LabelLimiter(config.labels.max_models)
@@ -339,10 +360,19 @@ class Ledger:
         self.invalid[reason] += 1
 
     def apply(self, event: Event, now: float) -> None:
-        """Account one valid event; ``now`` stands in for a missing timestamp."""
+        """Account one valid event; ``now`` is the time of reading. It stands in for a
+        missing timestamp and for an implausible one (more than ``max_clock_ahead`` in the
+        future, or before 2000), so one producer's broken clock cannot move the time by
+        which other producers' tasks expire or are placed in periods."""
         ts = event.ts
         if ts is None:
             ts = now
+        elif ts > now + self.max_ahead:
+            ts = now
+            self.clamped["ahead"] += 1
+        elif ts < OLDEST_TS:
+            ts = now
+            self.clamped["too_old"] += 1
         if ts > self.last_event_ts:
             self.last_event_ts = ts
         kind = event.type
@@ -350,9 +380,9 @@ class Ledger:
         if kind == ev_mod.SUBMITTED:
             self._submitted(event, task_id, ts)
         elif kind == ev_mod.COMPLETED:
-            self._finished(event, task_id, ts, _DONE)
+            self._finished(event, task_id, ts, _DONE, now)
         elif kind == ev_mod.ERROR:
-            self._finished(event, task_id, ts, _ERR)
+            self._finished(event, task_id, ts, _ERR, now)
         else:
             self._usage_line(event, task_id, ts)
 
@@ -362,12 +392,12 @@ class Ledger:
         user = e.user
         return Task(
             intern(e.project),  # type: ignore[arg-type]  # decode_line set it
-            None if user is None else intern(user),
+            None if user is None else intern(user),  # type: ignore[arg-type]
             intern(e.model or ev_mod.UNKNOWN_MODEL),
             e.mode or DEFAULT_MODE,
             e.duration if e.duration is not None else DEFAULT_DURATION,
             bool(e.audio),
-            intern(e.kind or "video"),
+            intern(e.kind or DEFAULT_KIND),
             ts,
             flags,
         )
@@ -427,8 +457,23 @@ class Ledger:
             self._expiry.append((ts, task_id))
         if self.observer is not None:
             self.observer(_record("submitted", task_id, task, ts))
+        if self.waiting:
+            parked = self.waiting.pop(task_id, None)
+            if parked is not None:
+                self._finish_parked(task_id, *parked, orphan=False)
 
-    def _finished(self, e: Event, task_id: str, ts: float, how: int) -> None:
+    def _finish_parked(
+        self, task_id: str, e: Event, ts: float, read_at: float, orphan: bool
+    ) -> None:
+        how = _DONE if e.type == ev_mod.COMPLETED else _ERR
+        self._finished(e, task_id, ts, how, read_at, orphan=orphan)
+
+    def _finished(
+        self, e: Event, task_id: str, ts: float, how: int, now: float, orphan: bool = False
+    ) -> None:
+        """A completion or an error. One read before its submission waits (``waiting``)
+        until the submission comes or ``orphan_wait`` of reading time has passed; then
+        (``orphan``) it is counted with what the line itself says."""
         tasks = self.tasks
         known = tasks.get(task_id)
         if type(known) is Task:
@@ -440,9 +485,16 @@ class Ledger:
                 pacc[TOUCHED] = 1
         else:
             flags = known or 0  # type: ignore[assignment]
-            if flags & how:
+            # The first terminal event wins; a later one, even of the other kind, repeats it.
+            if flags & _FINISHED or (self.waiting and task_id in self.waiting):
                 self.duplicates += 1
                 return
+            if not orphan and self.orphan_wait > 0 and not e.own_project:
+                # Its submission may still come (another file, another host) and say
+                # whose it is; a line that names its project is counted at once.
+                self.waiting[task_id] = (e, ts, now)
+                return
+            self.orphaned += 1
             # No open submission: take what the line itself says.
             task = self._new_task(e, ts, 0)
             acc, _, project, model = self._route(task.project, task.model)
@@ -503,7 +555,7 @@ class Ledger:
         """A simple tracker's line: one submitted and succeeded task with its credits."""
         known = self.tasks.get(task_id)
         flags = 0 if known is None else _flags(known)
-        if flags & _DONE:
+        if flags & _FINISHED or (self.waiting and task_id in self.waiting):
             self.duplicates += 1
             return
         task = known if isinstance(known, Task) else self._new_task(e, ts, 0)
@@ -569,14 +621,34 @@ class Ledger:
     # -- housekeeping ----------------------------------------------------------------
 
     def expire(self, now: float) -> int:
-        """Forget old tasks (``expire_tasks``) and usage of periods that have ended."""
-        dropped = self.expire_tasks()
+        """Count the terminal events that waited long enough for their submission, forget
+        old tasks (``expire_tasks``) and usage of periods that have ended."""
+        self.settle_waiting(now - self.orphan_wait)
+        dropped = self.expire_tasks(now)
         self._prune_usage(now)
         return dropped
 
-    def expire_tasks(self) -> int:
+    def settle_waiting(self, read_before: float = float("inf")) -> None:
+        """Count as orphans the waiting terminal events read before ``read_before`` (all of
+        them by default: the end of a one-off read of the logs)."""
+        waiting = self.waiting
+        while waiting:
+            task_id = next(iter(waiting))
+            e, ts, read_at = waiting[task_id]
+            if read_at >= read_before and len(waiting) <= self.max_tasks:
+                break
+            del waiting[task_id]
+            self._finish_parked(task_id, e, ts, read_at, orphan=True)
+
+    def expire_tasks(self, now: float) -> int:
         """Forget tasks older than the TTL (by event time) or past the size cap.
-        An unfinished task forgotten here leaves the in-flight gauge."""
+        An unfinished task forgotten here leaves the in-flight gauge. The newest event
+        time may not run ahead of the time of reading (a state saved by a version that
+        let a broken clock move it is mended here)."""
+        if self.last_event_ts > now + self.max_ahead:
+            self.last_event_ts = now
+        if len(self.waiting) > self.max_tasks:
+            self.settle_waiting(float("-inf"))
         cutoff = max(self.last_event_ts, 0.0) - self.ttl
         expiry, tasks = self._expiry, self.tasks
         dropped = 0
@@ -728,6 +800,9 @@ class Ledger:
                 "error_type": self.error_labels.overflow,
             },
             tasks_tracked=len(self.tasks),
+            timestamps_clamped=self.clamped.copy(),
+            awaiting_submission=len(self.waiting),
+            orphaned=self.orphaned,
         )
 
     # -- persistence -----------------------------------------------------------------
@@ -752,6 +827,12 @@ class Ledger:
             "bytes_read": self.bytes_read,
             "duplicates": self.duplicates,
             "last_event_ts": self.last_event_ts,
+            "clamped": list(self.clamped.items()),
+            "orphaned": self.orphaned,
+            "waiting": [
+                [task_id, ts, read_at, _event_fields(e)]
+                for task_id, (e, ts, read_at) in self.waiting.items()
+            ],
             "labels": [
                 [list(lim.known), lim.overflow]
                 for lim in (self.project_labels, self.model_labels, self.error_labels)
@@ -806,6 +887,12 @@ class Ledger:
             led.bytes_read = state["bytes_read"]
             led.duplicates = state["duplicates"]
             led.last_event_ts = state["last_event_ts"]
+            led.clamped.update(dict(state["clamped"]))
+            led.orphaned = state["orphaned"]
+            led.waiting = {
+                task_id: (Event(*fields), ts, read_at)
+                for task_id, ts, read_at, fields in state["waiting"]
+            }
             for lim, (known, overflow) in zip(
                 (led.project_labels, led.model_labels, led.error_labels),
                 state["labels"],

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from exporter.config import Config
-from exporter.events import Event, decode_line
+from exporter.ingest import ingest
 from exporter.ledger import Ledger, Record
 from exporter.tailer import matching_files
 
@@ -33,12 +33,12 @@ def read_records(config: Config, progress: TextIO | None = None) -> list[Record]
             progress.flush()
         try:
             with open(path, "rb") as f:
-                for line in f:
-                    event = decode_line(line.rstrip(b"\n"))
-                    if isinstance(event, Event):
-                        ledger.apply(event, now)
+                for block in iter(lambda: f.readlines(1 << 20), []):
+                    ingest(ledger, [line.rstrip(b"\n") for line in block], now)
         except OSError as e:
             print(f"kling-exporter: cannot read {path}: {e.strerror}", file=sys.stderr)
+    # The whole log has been read: what still waits for its submission never gets it.
+    ledger.settle_waiting()
     if show and progress is not None:
         progress.write("\r" + " " * 70 + "\r")
     return records

@@ -78,6 +78,8 @@ generation.</p>
 
 
 async def healthy(request: web.Request) -> web.Response:
+    if not request.app[DAEMON].reader_up:
+        return web.Response(status=503, text="Unhealthy: the log reader has failed.\n")
     return web.Response(text="Healthy.\n")
 
 

@@ -2,20 +2,31 @@
 
 The tailer knows files, offsets and rotation, nothing of Kling. A file is
 known by its device and inode plus a fingerprint of its first bytes, so a
-rename keeps its position, a copytruncate or a reused inode starts it again
+rename keeps its position, a truncation or a reused inode starts it again
 from 0, and a rotated-away file is drained through its open handle before it
 is let go. Lines go to a sink with the file and the number of the first line.
+
+What is known of a file outlives its descriptor: an idle file is closed and
+opened again at its offset when it grows; a file that leaves the globs (a
+directory moved away) and comes back continues where it was; the lines a
+copytruncate left only in the copy are read from the copy, and a copy whose
+first bytes are a stream already read continues that stream. An error while
+listing or opening files means "unknown", never "gone".
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fnmatch
 import glob
 import logging
 import os
+import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +39,50 @@ log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
 FINGERPRINT_LEN = 256
+# A copy is told by its first bytes only when there are enough of them to be unique.
+MIN_TWIN_FINGERPRINT = 64
+# Positions of files that left the globs, kept in case they come back.
+KEEP_GONE = 10_000
+KEEP_GONE_SECONDS = 7 * 86400
+# Errors that say a path is not there (as opposed to "could not look").
+_ABSENT = (errno.ENOENT, errno.ENOTDIR)
 
 # sink(path, lines, first_line_number, bytes): None in lines marks a line too long to keep.
 Sink = Callable[[str, list[bytes | None], int, int], None]
 
 
+class ListingError(OSError):
+    """A directory under a glob could not be listed: which files exist is unknown."""
+
+
 class FileState:
-    """One followed file. ``offset`` is just past the last complete line handed on;
-    ``read_pos`` is how far the bytes have been read (pending or skipped beyond it)."""
+    """One known file. ``offset`` is just past the last complete line handed on;
+    ``read_pos`` is how far the bytes have been read (pending or skipped beyond it).
+    ``fd`` is None while the file is closed (idle, gone, or not yet opened)."""
 
     __slots__ = (
+        "changed_at",
         "dev",
         "fd",
         "fingerprint",
         "gone_since",
         "ino",
         "lineno",
+        "mtime_ns",
         "offset",
         "path",
         "pending",
         "read_pos",
+        "shadow_of",
         "skipping",
+        "verified",
     )
 
-    def __init__(self, path: str, dev: int, ino: int, fd: int) -> None:
+    def __init__(self, path: str, dev: int, ino: int) -> None:
         self.path = path
         self.dev = dev
         self.ino = ino
-        self.fd = fd
+        self.fd: int | None = None
         self.fingerprint = b""
         self.offset = 0
         self.read_pos = 0
@@ -63,12 +90,32 @@ class FileState:
         self.pending = b""
         self.skipping = False
         self.gone_since: float | None = None
+        # Monotonic time the file last grew, and its mtime when it was closed.
+        self.changed_at = 0.0
+        self.mtime_ns = 0
+        # False until opened once: a position not yet checked against the file.
+        self.verified = False
+        # The file whose copy this is, while that file still holds the same stream.
+        self.shadow_of: tuple[int, int] | None = None
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        return (self.dev, self.ino)
 
     def rewind(self) -> None:
         self.fingerprint = b""
         self.offset = self.read_pos = self.lineno = 0
         self.pending = b""
         self.skipping = False
+
+    def continue_stream(self, fingerprint: bytes, offset: int, lineno: int, size: int) -> None:
+        """Go on from where another file holding the same stream was left."""
+        self.fingerprint = fingerprint
+        self.offset = self.read_pos = min(offset, size)
+        self.lineno = lineno
+        self.pending = b""
+        self.skipping = False
+        self.shadow_of = None
 
 
 def _glob_base(pattern: str) -> Path:
@@ -82,13 +129,92 @@ def _glob_base(pattern: str) -> Path:
     return Path(*base) if base else Path(".")
 
 
-def matching_files(patterns: Iterable[str]) -> list[str]:
+def _scandir(directory: str) -> list[os.DirEntry[str]]:
+    """The entries of a directory; none if it is not there; ListingError if it could not
+    be read (too many open files, no permission, I/O error)."""
+    try:
+        with os.scandir(directory or ".") as it:
+            return list(it)
+    except OSError as e:
+        if e.errno in _ABSENT:
+            return []
+        raise ListingError(e.errno, f"cannot list {directory or '.'}: {e.strerror}") from None
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _expand(directory: str, parts: list[str]) -> Iterator[str]:
+    """Paths under ``directory`` matching the glob ``parts`` (glob's rules: ``**`` spans
+    directories, hidden names match only a pattern that starts with a dot)."""
+    if not parts:
+        yield directory
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "**":
+        yield from _expand(directory, rest)
+        for entry in _scandir(directory):
+            if not _hidden(entry.name) and entry.is_dir(follow_symlinks=False):
+                yield from _expand(entry.path, parts)
+        return
+    if not glob.has_magic(part):
+        path = os.path.join(directory, part)
+        if not rest:
+            try:
+                os.lstat(path)
+            except OSError as e:
+                if e.errno in _ABSENT:
+                    return
+                raise ListingError(e.errno, f"cannot look at {path}: {e.strerror}") from None
+            yield path
+        else:
+            yield from _expand(path, rest)
+        return
+    match = re.compile(fnmatch.translate(part)).match
+    for entry in _scandir(directory):
+        if _hidden(entry.name) and not _hidden(part):
+            continue
+        if match(entry.name) and (not rest or entry.is_dir()):
+            yield from _expand(entry.path, rest)
+
+
+def expand_glob(pattern: str) -> list[str]:
+    """Every path a glob matches; ListingError when a directory could not be read, so an
+    error is never taken for "no files"."""
+    drive, tail = os.path.splitdrive(pattern)
+    start = drive + os.sep if os.path.isabs(pattern) else ""
+    parts = [p for p in tail.split(os.sep) if p]
+    return list(_expand(start, parts))
+
+
+def _inside(path: str, folder: str) -> bool:
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def matching_files(patterns: Iterable[str], follow_symlinks: bool = False) -> list[str]:
     """Every path the globs match, once each, in name order (so daily files go oldest
-    first)."""
+    first). A path that leads through a symlink out of its glob's folder is left out
+    unless ``follow_symlinks``. Raises ListingError when a directory could not be read."""
     paths: set[str] = set()
     for pattern in patterns:
-        paths.update(glob.glob(pattern, recursive=True))
+        base = str(_glob_base(pattern))
+        for path in expand_glob(pattern):
+            if follow_symlinks or _inside(path, base):
+                paths.add(path)
+            else:
+                _warn_once("symlink leads out of the log folder, not followed", path)
     return sorted(paths)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, path: str, **extra: Any) -> None:
+    if path not in _warned and len(_warned) < 10_000:
+        _warned.add(path)
+        log.warning(message, extra={"path": path, **extra})
 
 
 def _last_line_end(fd: int, size: int) -> int:
@@ -104,16 +230,67 @@ def _last_line_end(fd: int, size: int) -> int:
     return 0
 
 
+def _open_fd(path: str) -> int:
+    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+
+def _prefix_of(fd: int, fingerprint: bytes) -> bool:
+    return os.pread(fd, len(fingerprint), 0) == fingerprint
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft limit of open descriptors to the hard one (systemd's default soft
+    limit is 1024); returns the limits now in force."""
+    try:
+        import resource  # noqa: PLC0415 - not on every platform
+    except ImportError:  # pragma: no cover
+        return (1024, 1024)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _max_open() -> int:
+    """How many log files to hold open at once: a small share of the descriptor limit,
+    so clients and the state writer always have room."""
+    try:
+        import resource  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        return 64
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(4, min(4096, soft // 8))
+
+
 class Tailer:
     def __init__(self, config: LogsConfig, saved: Iterable[dict[str, Any]] = ()) -> None:
         self.configure(config)
         self.files: dict[tuple[int, int], FileState] = {}
-        self._saved = {(s["dev"], s["ino"]): s for s in saved}
+        now = time.monotonic()
+        for s in saved:
+            fs = FileState(s["path"], s["dev"], s["ino"])
+            fs.fingerprint, fs.offset, fs.lineno = s["fingerprint"], s["offset"], s["lineno"]
+            fs.read_pos = fs.offset
+            gone_for = s.get("gone_for")
+            fs.gone_since = None if gone_for is None else now - gone_for
+            self.files[fs.ident] = fs
+        # Streams left behind by a truncation whose copy has not been seen (yet):
+        # fingerprint, offset, line number.
+        self.retired: list[tuple[bytes, int, int]] = []
         self._first_poll = True
         self._unreadable: set[str] = set()
-        # Files under the globs after the last poll (read by other threads, so a plain int).
+        # Read by other threads, so plain values replaced whole.
         self.watched = 0
+        self.open_files = 0
+        self.positions: list[tuple[str, int]] = []
+        self.max_open = _max_open()
         self._stop: threading.Event | None = None
+        # Followed files by their first bytes, built once a poll when a new file needs it.
+        self._heads: dict[bytes, FileState] | None = None
 
     def configure(self, config: LogsConfig) -> None:
         self.config = config
@@ -129,120 +306,312 @@ class Tailer:
             out.append((base, recursive))
         return out
 
+    # -- finding files ---------------------------------------------------------------
+
+    def _list(self) -> tuple[dict[tuple[int, int], tuple[str, os.stat_result]], bool]:
+        """The regular files under the globs by identity, and whether the listing is
+        complete (False after any error other than "not there")."""
+        complete = True
+        try:
+            paths = matching_files(self.patterns, self.config.follow_symlinks)
+        except ListingError as e:
+            complete = False
+            paths = []
+            _warn_once("cannot list log files; keeping every known file", "(listing)", err=str(e))
+        else:
+            _warned.discard("(listing)")
+        found: dict[tuple[int, int], tuple[str, os.stat_result]] = {}
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                if e.errno not in _ABSENT:
+                    complete = False
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[(st.st_dev, st.st_ino)] = (path, st)
+        return found, complete
+
     def poll(self, sink: Sink, stop: threading.Event | None = None) -> None:
         """Find files, notice rotation and truncation, and hand on every new complete line.
         ``stop`` set meanwhile ends the poll between two blocks, offsets consistent."""
         self._stop = stop
+        self._heads = None
         now = time.monotonic()
-        seen: set[tuple[int, int]] = set()
-        for path in matching_files(self.patterns):
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            ident = (st.st_dev, st.st_ino)
+        found, complete = self._list()
+        for ident, (path, _) in found.items():
             fs = self.files.get(ident)
             if fs is None:
-                fs = self._open(path, st)
-                if fs is None:
-                    continue
-                self.files[ident] = fs
+                self.files[ident] = fs = FileState(path, *ident)
             elif fs.path != path:
                 log.info("file renamed", extra={"old": fs.path, "path": path})
                 fs.path = path
-            seen.add(ident)
-        if self._saved:
-            self._find_rotated_while_stopped(now)
-        self._first_poll = False
-        self._saved.clear()
+            fs.gone_since = None
+        if complete:
+            for ident, fs in self.files.items():
+                if ident not in found and fs.gone_since is None:
+                    fs.gone_since = now
+        if self._first_poll:
+            self._find_rotated_while_stopped(found, now)
+        self.watched = len(found)
 
-        for ident, fs in self.files.items():
-            if ident in seen:
-                fs.gone_since = None
-            elif fs.gone_since is None:
-                fs.gone_since = now
-        self.watched = len(seen)
         # Rotated-away files first, so an old file is drained before its successor.
         order = sorted(self.files.values(), key=lambda f: (f.gone_since is None, f.path))
         for fs in order:
+            if fs.ident not in self.files:
+                continue  # taken over as a copy meanwhile
+            listed = found.get(fs.ident)
+            if listed is not None and not self._worth_reading(fs, listed[1]):
+                continue
+            if fs.fd is None and ((listed is None and fs.verified) or not self._reopen(fs, sink)):
+                continue
             self._read(fs, sink)
-            if fs.gone_since is not None and now - fs.gone_since >= self.config.rotate_wait_seconds:
-                self._close(fs, sink)
+            self._maybe_close(fs, sink, now)
+        self._first_poll = False
+        self._forget_old(now)
+        self.open_files = sum(1 for fs in self.files.values() if fs.fd is not None)
+        self.positions = [
+            (fs.path, fs.read_pos) for fs in self.files.values() if fs.gone_since is None
+        ]
 
-    def _find_rotated_while_stopped(self, now: float) -> None:
+    def _worth_reading(self, fs: FileState, st: os.stat_result) -> bool:
+        """A closed file is opened again only when it changed since it was closed."""
+        if fs.fd is not None or not fs.verified or fs.shadow_of is not None:
+            return True
+        return st.st_size != fs.read_pos or st.st_mtime_ns != fs.mtime_ns
+
+    def _find_rotated_while_stopped(
+        self, found: dict[tuple[int, int], tuple[str, os.stat_result]], now: float
+    ) -> None:
         """A saved file no longer under the globs may have been renamed beside them
         (``kling.jsonl.1``) while the daemon was down: find it by inode and drain it."""
-        for (dev, ino), saved in list(self._saved.items()):
-            directory = os.path.dirname(saved["path"]) or "."
+        missing = {i: fs for i, fs in self.files.items() if i not in found}
+        for directory in {os.path.dirname(fs.path) for fs in missing.values()}:
             try:
-                names = os.listdir(directory)
-            except OSError:
+                entries = _scandir(directory)
+            except ListingError:
                 continue
-            for name in names:
-                path = os.path.join(directory, name)
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    continue
-                if (st.st_dev, st.st_ino) == (dev, ino) and stat.S_ISREG(st.st_mode):
-                    fs = self._open(path, st)
-                    if fs is not None:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    st = entry.stat()
+                    fs = missing.pop((st.st_dev, st.st_ino), None)
+                    if fs is not None and stat.S_ISREG(st.st_mode):
+                        fs.path = entry.path
                         fs.gone_since = now
-                        self.files[(dev, ino)] = fs
-                        log.info("draining file rotated while stopped", extra={"path": path})
-                    break
+                        log.info("draining file rotated while stopped", extra={"path": fs.path})
+        for fs in missing.values():
+            # Not to be found: opened again only if a listing brings it back.
+            fs.verified = True
+            if fs.gone_since is None:
+                fs.gone_since = now
 
-    def _open(self, path: str, st: os.stat_result) -> FileState | None:
+    # -- opening and closing ---------------------------------------------------------
+
+    def _reopen(self, fs: FileState, sink: Sink) -> bool:
+        """Open a file by its path, checking that the path still leads to it and that
+        its known position still fits; False (and try again later) when it cannot."""
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = _open_fd(fs.path)
         except OSError as e:
-            if path not in self._unreadable:
-                self._unreadable.add(path)
-                log.warning("cannot open log file", extra={"path": path, "err": e.strerror})
-            return None
-        self._unreadable.discard(path)
-        st = os.fstat(fd)  # the file we opened, even if the path changed meanwhile
-        fs = FileState(path, st.st_dev, st.st_ino, fd)
-        saved = self._saved.pop((st.st_dev, st.st_ino), None)
-        if saved is not None:
-            fp = saved["fingerprint"]
-            if saved["offset"] <= st.st_size and os.pread(fd, len(fp), 0) == fp:
-                fs.fingerprint = fp
-                fs.offset = fs.read_pos = saved["offset"]
-                fs.lineno = saved["lineno"]
-                log.info("resuming file", extra={"path": path, "offset": fs.offset})
-                return fs
-            log.info("file changed while stopped, reading from start", extra={"path": path})
-        elif self._first_poll and self.config.start_at == "end":
+            if e.errno in _ABSENT:
+                fs.verified = True  # not there: only a listing brings it back
+                return False
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                _warn_once("too many open files; will read this file later", fs.path)
+            elif fs.path not in self._unreadable:
+                self._unreadable.add(fs.path)
+                log.warning("cannot open log file", extra={"path": fs.path, "err": e.strerror})
+            return False
+        self._unreadable.discard(fs.path)
+        _warned.discard(fs.path)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != fs.ident:
+            os.close(fd)  # the path changed meanwhile; the next listing sorts it out
+            return False
+        fs.fd = fd
+        self.open_files += 1
+        first_open, fs.verified = not fs.verified, True
+        if fs.offset or fs.fingerprint:
+            # A position from the saved state, from before the file went away, or from
+            # before it was closed as idle: it still fits if the file begins the same.
+            if fs.read_pos <= st.st_size and _prefix_of(fd, fs.fingerprint):
+                if first_open:
+                    log.info("resuming file", extra={"path": fs.path, "offset": fs.offset})
+                return True
+            log.info("file changed while not followed, reading from start", extra={"path": fs.path})
+            self._restart(fs, sink)
+            return True
+        fs.changed_at = time.monotonic()
+        if self._as_copy(fs, st):
+            return True
+        if self._first_poll and self.config.start_at == "end":
             fs.offset = fs.read_pos = _last_line_end(fd, st.st_size)
             fs.lineno = -1  # line numbers unknown when starting at the end
             fs.fingerprint = os.pread(fd, FINGERPRINT_LEN, 0)
-        log.info("following file", extra={"path": path})
-        return fs
+        log.info("following file", extra={"path": fs.path})
+        return True
 
-    def _close(self, fs: FileState, sink: Sink) -> None:
+    def _as_copy(self, fs: FileState, st: os.stat_result) -> bool:
+        """A new file that starts with the bytes of a stream already read is a copy of
+        it (a copytruncate's, or a backup): it shadows a file that still holds that
+        stream, or continues a stream a truncation left behind."""
+        assert fs.fd is not None
+        head = os.pread(fs.fd, FINGERPRINT_LEN, 0)
+        if len(head) < MIN_TWIN_FINGERPRINT:
+            return False
+        if self._heads is None:
+            self._heads = {
+                other.fingerprint[:MIN_TWIN_FINGERPRINT]: other
+                for other in self.files.values()
+                if other.gone_since is None
+                and other.shadow_of is None
+                and len(other.fingerprint) >= MIN_TWIN_FINGERPRINT
+            }
+        other = self._heads.get(head[:MIN_TWIN_FINGERPRINT])
+        if other is not None and other is not fs and head.startswith(other.fingerprint):
+            fs.shadow_of = other.ident
+            fs.fingerprint = other.fingerprint
+            log.info("file is a copy of one being read", extra={"path": fs.path, "of": other.path})
+            return True
+        for i, (fp, offset, lineno) in enumerate(self.retired):
+            if head.startswith(fp):
+                del self.retired[i]
+                fs.continue_stream(fp, offset, lineno, st.st_size)
+                log.info("copy continues a truncated file", extra={"path": fs.path})
+                return True
+        return False
+
+    def _maybe_close(self, fs: FileState, sink: Sink, now: float) -> None:
+        if fs.fd is None:
+            return
+        if fs.gone_since is not None:
+            if now - fs.gone_since >= self.config.rotate_wait_seconds:
+                self._let_go(fs, sink)
+            return
+        idle = time.monotonic() - fs.changed_at >= self.config.idle_close_seconds
+        crowded = self.open_files >= self.max_open
+        if (idle or crowded) and not fs.pending and not fs.skipping:
+            self._close_fd(fs)
+
+    def _close_fd(self, fs: FileState) -> None:
+        if fs.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            fs.mtime_ns = os.fstat(fs.fd).st_mtime_ns
+        os.close(fs.fd)
+        fs.fd = None
+        self.open_files -= 1
+
+    def _let_go(self, fs: FileState, sink: Sink) -> None:
+        """A file gone from the globs for ``rotate_wait``: drained, closed, its position
+        kept in case it comes back."""
         if fs.pending and not fs.skipping:
             # The file is gone for good: its last line will never get its newline.
             self._emit(fs, sink, [fs.pending], len(fs.pending))
             fs.pending = b""
-        os.close(fs.fd)
-        del self.files[(fs.dev, fs.ino)]
+        self._close_fd(fs)
+        self._adopt_shadows(fs, sink)
         log.info("stopped following file", extra={"path": fs.path})
+
+    def _forget_old(self, now: float) -> None:
+        gone = [fs for fs in self.files.values() if fs.gone_since is not None and fs.fd is None]
+        gone.sort(key=lambda f: f.gone_since or 0.0)
+        excess = len(gone) - KEEP_GONE
+        for i, fs in enumerate(gone):
+            if i < excess or now - (fs.gone_since or now) > KEEP_GONE_SECONDS:
+                del self.files[fs.ident]
 
     def close(self) -> None:
         for fs in self.files.values():
-            os.close(fs.fd)
-        self.files.clear()
+            if fs.fd is not None:
+                os.close(fs.fd)
+                fs.fd = None
+        self.open_files = 0
+
+    # -- truncation and copies -------------------------------------------------------
+
+    def _restart(self, fs: FileState, sink: Sink) -> None:
+        """The file was truncated or replaced: the stream read so far goes on in its copy
+        if there is one (copytruncate), and the file is read again from its start."""
+        if fs.offset and len(fs.fingerprint) >= MIN_TWIN_FINGERPRINT:
+            old = (fs.fingerprint, fs.offset, fs.lineno)
+            copy = self._adopt_shadows(fs, sink) or self._find_copy(fs, sink, old)
+            if not copy:
+                self.retired.append(old)
+                del self.retired[:-100]
+        fs.rewind()
+
+    def _adopt_shadows(self, fs: FileState, sink: Sink) -> bool:
+        """The copies of a file that no longer holds its stream take it over."""
+        heir: FileState | None = None
+        for other in list(self.files.values()):
+            if other.shadow_of != fs.ident:
+                continue
+            if heir is not None:
+                other.shadow_of = heir.ident  # a second copy shadows the first
+                continue
+            heir = other
+            if other.fd is None:
+                # Not open (yet): it takes the position and is checked when opened.
+                other.fingerprint, other.offset, other.lineno = fs.fingerprint, fs.offset, fs.lineno
+                other.read_pos, other.shadow_of = fs.offset, None
+                continue
+            other.continue_stream(fs.fingerprint, fs.offset, fs.lineno, os.fstat(other.fd).st_size)
+            log.info("copy continues a truncated file", extra={"path": other.path})
+            self._read(other, sink)
+        return heir is not None
+
+    def _find_copy(self, fs: FileState, sink: Sink, old: tuple[bytes, int, int]) -> bool:
+        """Look beside a truncated file for the copy a copytruncate made (a name the globs
+        may not match) and read from it what was written before the truncation."""
+        fp, offset, lineno = old
+        try:
+            entries = _scandir(os.path.dirname(fs.path))
+        except ListingError:
+            return False
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            ident = (st.st_dev, st.st_ino)
+            if ident == fs.ident or not stat.S_ISREG(st.st_mode) or st.st_size < offset:
+                continue
+            known = self.files.get(ident)
+            if known is not None and (known.verified or known.fd is not None):
+                continue
+            try:
+                fd = _open_fd(entry.path)
+            except OSError:
+                continue
+            if not _prefix_of(fd, fp):
+                os.close(fd)
+                continue
+            copy = known
+            if copy is None:
+                # Not under the globs: drained, then let go after rotate_wait.
+                copy = self.files[ident] = FileState(entry.path, *ident)
+                copy.gone_since = time.monotonic()
+            copy.fd, copy.verified = fd, True
+            self.open_files += 1
+            copy.continue_stream(fp, offset, lineno, st.st_size)
+            log.info(
+                "reading the rest of a truncated file from its copy", extra={"path": entry.path}
+            )
+            self._read(copy, sink)
+            return True
+        return False
 
     def _changed_under_us(self, fs: FileState) -> bool:
         """True if the file was truncated, or replaced in place by other content."""
+        assert fs.fd is not None
         size = os.fstat(fs.fd).st_size
         if size < fs.read_pos:
             return True
         fp = fs.fingerprint
-        return bool(fp) and os.pread(fs.fd, len(fp), 0) != fp
+        return bool(fp) and not _prefix_of(fs.fd, fp)
+
+    # -- reading ---------------------------------------------------------------------
 
     def _emit(self, fs: FileState, sink: Sink, lines: list[bytes | None], nbytes: int) -> None:
         first = fs.lineno + 1 if fs.lineno >= 0 else 0
@@ -252,17 +621,26 @@ class Tailer:
             fs.lineno += len(lines)
 
     def _read(self, fs: FileState, sink: Sink) -> None:
+        fd = fs.fd
+        assert fd is not None
+        if fs.shadow_of is not None:
+            if fs.shadow_of in self.files:
+                return  # its stream is read from the original, then handed over
+            # The original was forgotten without handing over: its stream was read.
+            end = _last_line_end(fd, os.fstat(fd).st_size)
+            fs.continue_stream(fs.fingerprint, end, -1, end)
         if self._changed_under_us(fs):
             log.warning("file truncated or replaced, reading from start", extra={"path": fs.path})
-            fs.rewind()
+            self._restart(fs, sink)
         max_line, stop = self.max_line, self._stop
         while stop is None or not stop.is_set():
-            data = os.pread(fs.fd, BLOCK, fs.read_pos)
+            data = os.pread(fd, BLOCK, fs.read_pos)
             if not data:
                 break
             fs.read_pos += len(data)
+            fs.changed_at = time.monotonic()
             if len(fs.fingerprint) < FINGERPRINT_LEN:
-                fs.fingerprint = os.pread(fs.fd, FINGERPRINT_LEN, 0)
+                fs.fingerprint = os.pread(fd, FINGERPRINT_LEN, 0)
             if fs.skipping:
                 nl = data.find(b"\n")
                 if nl < 0:
@@ -287,10 +665,20 @@ class Tailer:
                 fs.pending = b""
                 fs.skipping = True
 
+    def unread_bytes(self) -> int:
+        """Bytes in the followed files beyond what was read at the last poll (called from
+        other threads: it reads only ``positions``)."""
+        total = 0
+        for path, pos in self.positions:
+            with contextlib.suppress(OSError):
+                total += max(0, os.stat(path).st_size - pos)
+        return total
+
     def to_state(self) -> list[dict[str, Any]]:
-        # Saved positions not yet claimed by a poll are kept, so a save right after a
-        # restart does not forget them.
-        return [*self._saved.values()] + [
+        """Positions of every known file, open, closed or gone. A partial last line is not
+        part of a position: after a restart it is read again, whole."""
+        now = time.monotonic()
+        return [
             {
                 "path": fs.path,
                 "dev": fs.dev,
@@ -298,8 +686,11 @@ class Tailer:
                 "fingerprint": fs.fingerprint,
                 "offset": fs.offset,
                 "lineno": fs.lineno,
+                # Seconds gone, as a monotonic time means nothing to another process.
+                "gone_for": None if fs.gone_since is None else now - fs.gone_since,
             }
             for fs in self.files.values()
+            if fs.shadow_of is None
         ]
 
 
@@ -313,7 +704,6 @@ class Watcher:
         self.wake = wake
         self._observer: Any = None
         self._watched: set[tuple[str, bool]] = set()
-        self.mode = "polling"
 
     def watch(self, dirs: Iterable[tuple[Path, bool]]) -> None:
         """Watch these directories (again, if they appeared since the last call)."""
@@ -340,7 +730,6 @@ class Watcher:
                 )
                 continue
             self._watched.add(key)
-            self.mode = "events"
 
     def stop(self) -> None:
         if self._observer is not None:

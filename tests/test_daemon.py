@@ -115,6 +115,8 @@ def test_bad_lines_are_counted_and_good_ones_around_them_kept(
         "too_long": 1,
         "not_object": 1,
         "bad_value": 0,
+        "too_deep": 0,
+        "internal_error": 0,
     }
     assert value(series, "kling_log_lines_read_total") == 13
     assert d.get("/-/healthy")[0] == 200

@@ -30,11 +30,15 @@ PRICE = {  # the default rules, by hand: (mode, duration, audio) -> credits
 NOW = dt.datetime(2026, 11, 22, 12, tzinfo=UTC).timestamp()
 
 
-def feed(ledger: Ledger, *lines: str, now: float = NOW) -> None:
+def feed(ledger: Ledger, *lines: str, now: float = NOW, settle: bool = True) -> None:
+    """Apply the lines; ``settle`` ends like a whole read of the logs, counting what
+    still waits for its submission."""
     for raw in lines:
         event = decode_line(raw.encode())
         assert isinstance(event, Event), (raw, event)
         ledger.apply(event, now)
+    if settle:
+        ledger.settle_waiting()
 
 
 def iso(ts: float) -> str:
@@ -431,7 +435,7 @@ def test_state_round_trip_is_exact() -> None:
     feed(whole, *lines)
 
     first = Ledger(config)
-    feed(first, *lines[:150])
+    feed(first, *lines[:150], settle=False)
     restored = Ledger.from_state(
         config, msgspec.msgpack.decode(msgspec.msgpack.encode(first.to_state()))
     )

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import shutil
 from pathlib import Path
 
+import pytest
+
 from exporter.config import LogsConfig
-from exporter.tailer import Tailer
+from exporter.tailer import ListingError, Tailer, expand_glob
 
 
 class Collect:
@@ -157,3 +162,178 @@ def test_saved_positions_resume_and_a_replaced_file_starts_over(tmp_path: Path) 
     t2, got2 = Tailer(t.config, saved), Collect()
     t2.poll(got2)
     assert sorted(got2.lines) == [b"B1", b"a2"]  # type: ignore[type-var]
+
+
+def lines_of(prefix: str, n: int, start: int = 0) -> bytes:
+    """n distinct lines, each long enough for copies to be told by their first bytes."""
+    return b"".join(
+        f'{{"task_id": "{prefix}-{i:06d}", "note": "{"x" * 60}"}}\n'.encode()
+        for i in range(start, start + n)
+    )
+
+
+def test_a_listing_error_is_not_taken_for_files_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "logs" / "kling-x.jsonl"
+    log.parent.mkdir()
+    log.write_bytes(lines_of("a", 3))
+    t, got = tailer_for(tmp_path, rotate_wait="0s"), Collect()
+    t.poll(got)
+    real = os.scandir
+
+    def no_descriptors(path: str) -> object:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "scandir", no_descriptors)
+    for _ in range(3):
+        t.poll(got)
+    monkeypatch.setattr(os, "scandir", real)
+    with open(log, "ab") as f:
+        f.write(lines_of("a", 2, start=3))
+    t.poll(got)
+    assert len(got.lines) == 5
+    assert len(set(got.lines)) == 5
+
+
+def test_idle_files_are_closed_and_read_on_from_their_offset(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for day in range(5):
+        (logs / f"kling-{day}.jsonl").write_bytes(lines_of(str(day), 2))
+    t, got = tailer_for(tmp_path, idle_close="0s"), Collect()
+    t.poll(got)
+    assert t.open_files == 0 and len(got.lines) == 10
+    with open(logs / "kling-4.jsonl", "ab") as f:
+        f.write(lines_of("4", 1, start=2))
+    t.poll(got)
+    t.poll(got)
+    assert len(got.lines) == 11 and len(set(got.lines)) == 11
+
+
+def test_at_most_max_open_files_are_held(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for day in range(20):
+        (logs / f"kling-{day:02d}.jsonl").write_bytes(lines_of(str(day), 1))
+    t, got = tailer_for(tmp_path), Collect()
+    t.max_open = 4
+    t.poll(got)
+    assert t.open_files <= 4 and len(got.lines) == 20
+
+
+def test_a_directory_moved_away_and_back_is_not_read_again(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "kling-x.jsonl").write_bytes(lines_of("a", 4))
+    t, got = tailer_for(tmp_path, rotate_wait="0s"), Collect()
+    t.poll(got)
+    os.rename(logs, tmp_path / "elsewhere")
+    t.poll(got)
+    t.poll(got)  # gone past rotate_wait: let go
+    os.rename(tmp_path / "elsewhere", logs)
+    with open(logs / "kling-x.jsonl", "ab") as f:
+        f.write(lines_of("a", 1, start=4))
+    t.poll(got)
+    assert len(got.lines) == 5 and len(set(got.lines)) == 5
+
+
+def copytruncate(log: Path, copy: Path) -> None:
+    shutil.copyfile(log, copy)
+    with open(log, "r+b") as f:
+        f.truncate(0)
+
+
+@pytest.mark.parametrize("glob_matches_copies", [False, True])
+@pytest.mark.parametrize("look_between", [False, True])
+def test_copytruncate_reads_the_lines_only_in_the_copy_once(
+    tmp_path: Path, glob_matches_copies: bool, look_between: bool
+) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "kling.jsonl"
+    pattern = "kling.jsonl*" if glob_matches_copies else "kling.jsonl"
+    t, got = Tailer(LogsConfig(paths=[str(logs / pattern)], rotate_wait="0s")), Collect()
+    log.write_bytes(lines_of("a", 5))
+    t.poll(got)
+    with open(log, "ab") as f:
+        f.write(lines_of("a", 3, start=5))  # written after the last look: only in the copy
+    shutil.copyfile(log, logs / "kling.jsonl.1")
+    if look_between:
+        t.poll(got)  # the copy is there, the truncation not yet
+    with open(log, "r+b") as f:
+        f.truncate(0)
+    with open(log, "ab") as f:
+        f.write(lines_of("b", 2))
+    t.poll(got)
+    t.poll(got)
+    assert len(got.lines) == 10, got.lines
+    assert len(set(got.lines)) == 10
+
+
+def test_copytruncate_across_a_restart_continues_from_the_copy(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "kling.jsonl"
+    config = LogsConfig(paths=[str(logs / "kling.jsonl*")], rotate_wait="0s")
+    t, got = Tailer(config), Collect()
+    log.write_bytes(lines_of("a", 5))
+    t.poll(got)
+    saved = t.to_state()
+    t.close()
+    with open(log, "ab") as f:
+        f.write(lines_of("a", 2, start=5))
+    copytruncate(log, logs / "kling.jsonl.1")
+    log.write_bytes(lines_of("b", 1))
+    t2 = Tailer(config, saved)
+    t2.poll(got)
+    t2.poll(got)
+    assert len(got.lines) == 8 and len(set(got.lines)) == 8
+
+
+def test_a_backup_copy_under_the_globs_is_not_read_twice(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    t, got = tailer_for(tmp_path), Collect()
+    (logs / "kling-a.jsonl").write_bytes(lines_of("a", 3))
+    t.poll(got)
+    shutil.copyfile(logs / "kling-a.jsonl", logs / "kling-a-backup.jsonl")
+    t.poll(got)
+    assert len(got.lines) == 3
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_symlinks_out_of_the_log_folder(tmp_path: Path, follow: bool) -> None:
+    logs = tmp_path / "logs"
+    (logs / "sub").mkdir(parents=True)
+    outside = tmp_path / "secret.jsonl"
+    outside.write_bytes(b"outside\n")
+    (logs / "sub" / "real.jsonl").write_bytes(b"inside\n")
+    (logs / "kling-out.jsonl").symlink_to(outside)
+    (logs / "kling-in.jsonl").symlink_to(logs / "sub" / "real.jsonl")
+    t, got = tailer_for(tmp_path, follow_symlinks=follow), Collect()
+    t.poll(got)
+    assert sorted(got.lines) == ([b"inside", b"outside"] if follow else [b"inside"])  # type: ignore[type-var]
+
+
+def test_expand_glob_matches_like_glob(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.jsonl", "a/b/y.jsonl", "a/.hidden.jsonl", "a/b/z.txt"):
+        (tmp_path / name).write_text("")
+    for pattern in ("a/*.jsonl", "a/**/*.jsonl", "*/b/*", "a/?.jsonl", "a/.*"):
+        full = str(tmp_path / pattern)
+        assert sorted(expand_glob(full)) == sorted(glob.glob(full, recursive=True)), pattern
+
+
+def test_expand_glob_raises_instead_of_answering_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "logs").mkdir()
+
+    def denied(path: str) -> object:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(ListingError):
+        expand_glob(str(tmp_path / "logs" / "*.jsonl"))
+    assert expand_glob(str(tmp_path / "missing" / "x.jsonl")) == []
