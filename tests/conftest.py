@@ -18,8 +18,9 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
         extra: list[str] | None = None,
         wait_ready: bool = True,
         command: str = "serve",
+        nofile: int | None = None,
     ) -> DaemonProcess:
-        d = DaemonProcess(tmp_path, config, extra, command)
+        d = DaemonProcess(tmp_path, config, extra, command, nofile)
         started.append(d)
         return d.start(wait_ready=wait_ready)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -76,7 +77,7 @@ def by_name(series: Series, name: str) -> dict[frozenset[tuple[str, str]], float
 
 def require_binary(name: str) -> str:
     """The path of a tool the end-to-end tests need: a failure in CI, a skip elsewhere."""
-    path = shutil.which(name)
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path is None:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is not installed (make tools installs it)")
@@ -93,6 +94,7 @@ class DaemonProcess:
         config: str | None = None,
         extra: list[str] | None = None,
         command: str = "serve",
+        nofile: int | None = None,
     ):
         self.workdir = workdir
         self.command = command
@@ -101,6 +103,7 @@ class DaemonProcess:
         if config is not None:
             self.config_path.write_text(config)
         self.extra = extra or []
+        self.nofile = nofile  # a hard limit of open descriptors, as a small system has
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / f"daemon-{self.port}.log"
 
@@ -122,8 +125,19 @@ class DaemonProcess:
             cmd += ["--config.file", str(self.config_path)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        limit = self.nofile
+
+        def preexec() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         self.proc = subprocess.Popen(
-            cmd, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT, env=env
+            cmd,
+            cwd=self.workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=preexec,  # noqa: PLW1509 - only setrlimit, no threads touched
         )
         if wait_ready:
             wait_until(lambda: self.get("/-/ready")[0] == 200, timeout=30)

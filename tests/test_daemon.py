@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from exporter.config import parse_config
+from exporter.daemon import Daemon
+from exporter.server import build_app
 from tests.helpers import DaemonProcess, by_name, line, value, write_lines
 
 Factory = Callable[..., DaemonProcess]
@@ -185,3 +192,72 @@ def test_a_bad_config_file_refuses_to_start(tmp_path: Path, daemon_factory: Fact
     assert d.proc is not None
     assert d.proc.wait(timeout=20) == 2
     assert "budgets[0].limit_credits: must be greater than 0" in d.output()
+
+
+POISON = [
+    b'{"event": "task_completed", "task_id": "deep", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"event":"task_completed","task_id":"y","credits_used":1,"timestamp":"9999-12-31T23:59:59Z"}',
+    b'{"event":"task_completed","task_id":"z","credits_used":1,'
+    b'"timestamp":"0001-01-01T00:00:00+01:00"}',
+]
+
+
+def test_poison_lines_neither_stop_the_reader_nor_double_after_a_restart(
+    tmp_path: Path, daemon_factory: Factory
+) -> None:
+    config = CONFIG.replace(
+        'state: {path: ""}', "state: {path: k.state, interval: 100ms}\ntasks: {orphan_wait: 0s}"
+    )
+    log = tmp_path / "logs" / "kling-2026-11-22.jsonl"
+    write_lines(log, [submitted("a"), completed("a", credits_used=10)])
+    d = daemon_factory(config)
+    with open(log, "ab") as f:
+        f.write(b"\n".join(POISON) + b"\n")
+    write_lines(log, [submitted("b"), completed("b", credits_used=20)])
+    series = d.wait_metric("kling_log_lines_read_total", 7)
+    assert sum(by_name(series, "kling_credits_used_total").values()) == 32
+    assert value(series, "kling_budget_used_credits", budget="mk", period="monthly") == 30
+    assert value(series, "kling_log_lines_invalid_total", reason="too_deep") == 1
+    assert value(series, "kling_log_timestamps_clamped_total", reason="ahead") == 1
+    assert value(series, "kling_log_timestamps_clamped_total", reason="too_old") == 1
+    assert value(series, "kling_log_reader_up") == 1
+    assert d.get("/-/healthy")[0] == 200
+    assert d.stop(signal.SIGKILL) != 0
+    d2 = daemon_factory(config)
+    write_lines(log, [submitted("c")])
+    series = d2.wait_metric("kling_log_lines_read_total", 8)
+    assert sum(by_name(series, "kling_credits_used_total").values()) == 32
+
+
+def test_a_dead_reader_fails_health_and_never_saves_a_half_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "logs" / "kling-a.jsonl"
+    write_lines(log, [submitted("a"), completed("a", credits_used=10)])
+    state = tmp_path / "k.state"
+    config = parse_config(
+        {"logs": {"paths": [str(tmp_path / "logs" / "*.jsonl")]}, "state": {"path": str(state)}}
+    )
+    daemon = Daemon(config)
+    daemon.poll_once()
+    daemon.save_state()
+    saved = state.read_bytes()
+    write_lines(log, [submitted("b"), completed("b", credits_used=5)])
+
+    def expire_tasks(now: float) -> int:
+        raise MemoryError  # what no guard in ingest can catch
+
+    monkeypatch.setattr(daemon.ledger, "expire_tasks", expire_tasks)
+    daemon.start()
+    assert daemon.failed.wait(10)
+    _, status = daemon.snapshot()
+    assert not status.reader_up
+    daemon.stop()  # saves no state: the ledger holds a block its offsets do not
+    assert state.read_bytes() == saved
+    app = build_app(daemon)
+
+    async def health() -> int:
+        async with TestServer(app) as server, TestClient(server) as client:
+            return (await client.get("/-/healthy")).status
+
+    assert asyncio.run(health()) == 503

@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DaemonProcess, Series, by_name, value, wait_until
+from tests.helpers import DaemonProcess, Series, by_name, require_binary, value, wait_until
 
 Factory = Callable[..., DaemonProcess]
 
@@ -245,3 +248,225 @@ def test_corrupt_state_file_is_moved_aside_and_rebuilt(
     assert_exact(d2, w, "corrupt state file")
     assert (tmp_path / "kling-exporter.state.corrupt").exists()
     assert "state file unreadable, moved aside" in d2.output()
+
+
+def raise_own_fd_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need <= hard or (hard == resource.RLIM_INFINITY and soft < need):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < need:
+        pytest.skip(f"this test needs {need} descriptors")
+
+
+SMALL_INDEX = CONFIG + "tasks: {max_tasks: 1000, orphan_wait: 0s}\n"
+
+
+def test_idle_clients_past_the_descriptor_limit_do_not_cause_a_reread(
+    tmp_path: Path, daemon_factory: Factory
+) -> None:
+    """1,100 idle connections at the systemd default limit of 1,024 descriptors: every
+    listing fails with EMFILE, and no file may be taken for gone and read again."""
+    raise_own_fd_limit(1400)
+    w = Writer(log_path(tmp_path))
+    w.write(1500)
+    d = daemon_factory(SMALL_INDEX, nofile=1024)
+    assert_exact(d, w)
+    clients: list[socket.socket] = []
+    try:
+        refused = 0
+        while len(clients) < 1100 and refused < 4:  # the daemon stops accepting at its limit
+            s = socket.socket()
+            s.settimeout(0.5)
+            clients.append(s)
+            try:
+                s.connect(("127.0.0.1", d.port))
+                refused = 0
+            except OSError:
+                refused += 1
+        time.sleep(5)  # longer than rotate_wait, with every descriptor taken
+        assert "Too many open files" in d.output()
+        w.write(100)
+        time.sleep(1)
+    finally:
+        for s in clients:
+            s.close()
+    assert_exact(d, w, "1,100 idle clients at a limit of 1,024 descriptors")
+
+
+def test_more_log_files_than_descriptors(tmp_path: Path, daemon_factory: Factory) -> None:
+    w = Writer(log_path(tmp_path))
+    for day in range(1100):
+        w.write(1, log_path(tmp_path, f"2023-{day:04d}"))
+    d = daemon_factory(SMALL_INDEX, nofile=1024)
+    series = assert_exact(d, w)
+    assert value(series, "kling_log_files_watched") == 1100
+    assert value(series, "kling_log_open_files") <= 128
+    time.sleep(4)  # longer than rotate_wait: nothing may be taken for gone
+    w.write(5, log_path(tmp_path, "2023-0007"))
+    assert_exact(d, w)
+    assert d.stop(signal.SIGTERM) == 0
+    d2 = daemon_factory(SMALL_INDEX, nofile=1024)
+    assert_exact(d2, w, "1,100 log files at a limit of 1,024 descriptors, restarted")
+
+
+def test_log_directory_moved_away_and_back(tmp_path: Path, daemon_factory: Factory) -> None:
+    w = Writer(log_path(tmp_path))
+    w.write(500)
+    d = daemon_factory(SMALL_INDEX)
+    assert_exact(d, w)
+    os.rename(tmp_path / "logs", tmp_path / "logs.moved")
+    time.sleep(4)  # past rotate_wait: the files are let go
+    os.rename(tmp_path / "logs.moved", tmp_path / "logs")
+    w.write(20)
+    assert_exact(d, w, "log directory moved away for 4 s and back")
+
+
+LOGROTATE = """
+{path} {{
+    {mode}
+    rotate 100
+    missingok
+    nocompress
+    size 1
+}}
+"""
+
+
+class Writers:
+    """Writer threads appending task lines to one path at a steady rate, as a service's
+    workers would; each reopens the path for every batch (so a `create` rotation is
+    followed)."""
+
+    def __init__(self, path: Path, count: int = 4, lines_per_second: int = 1500) -> None:
+        self.path = path
+        self.stop = threading.Event()
+        self.batch = 10
+        self.pause = count * self.batch / lines_per_second
+        self.threads = [
+            threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(count)
+        ]
+        self.written = [0] * count  # lines, by writer
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _run(self, n: int) -> None:
+        i = 0
+        while not self.stop.is_set():
+            lines = []
+            for _ in range(self.batch // 2):
+                i += 1
+                tid = f"w{n}-{i}"
+                lines.append(
+                    json.dumps(
+                        {"event": "task_submitted", "task_id": tid, "project": "p", "model": "m"}
+                    )
+                )
+                lines.append(
+                    json.dumps({"event": "task_completed", "task_id": tid, "credits_used": 3})
+                )
+            with open(self.path, "ab") as f:
+                f.write(("\n".join(lines) + "\n").encode())
+            self.written[n] += len(lines)
+            time.sleep(self.pause)
+
+    def __enter__(self) -> Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def on_disk(folder: Path) -> tuple[int, int, int]:
+    """Lines, submissions and credits in every file of the folder: the ground truth once
+    a rotation has lost what it loses by itself."""
+    lines = submissions = credits = 0
+    for path in folder.iterdir():
+        for raw in path.read_bytes().splitlines():
+            lines += 1
+            event = json.loads(raw)
+            if event["event"] == "task_submitted":
+                submissions += 1
+            else:
+                credits += event["credits_used"]
+    return lines, submissions, credits
+
+
+@pytest.mark.parametrize(
+    ("mode", "pattern"),
+    [
+        ("copytruncate", "kling.jsonl"),
+        ("copytruncate", "kling.jsonl*"),
+        ("create", "kling.jsonl*"),
+    ],
+    ids=["copytruncate-active-only", "copytruncate-copies-too", "create"],
+)
+def test_logrotate_under_writers_and_kill_9(
+    tmp_path: Path, daemon_factory: Factory, mode: str, pattern: str
+) -> None:
+    logrotate = require_binary("logrotate")
+    folder = tmp_path / "logs"
+    active = folder / "kling.jsonl"
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(LOGROTATE.format(path=active, mode=mode))
+    config = (
+        f"logs: {{paths: ['{folder / pattern}'], poll_interval: 100ms, rotate_wait: 3s}}\n"
+        "state: {path: kling-exporter.state, interval: 200ms}\n"
+        "tasks: {max_tasks: 1000, orphan_wait: 0s}\n"
+    )
+
+    def rotate() -> None:
+        subprocess.run(
+            [logrotate, "-f", "-s", str(tmp_path / "logrotate.status"), str(conf)],
+            check=True,
+            capture_output=True,
+        )
+
+    d = daemon_factory(config)
+    with Writers(active) as writers:
+        for round_ in range(6):
+            time.sleep(0.7)
+            rotate()
+            if round_ in (1, 4):
+                d.stop(signal.SIGKILL)
+                d = daemon_factory(config)
+        time.sleep(0.5)
+    lines, submissions, credits = on_disk(folder)
+    written = sum(writers.written)
+    series: Series = {}
+
+    def caught_up() -> bool:
+        nonlocal series
+        series = d.metrics()
+        return value(series, "kling_log_lines_read_total") >= lines and (
+            value(series, "kling_log_unread_bytes") == 0
+        )
+
+    with contextlib.suppress(AssertionError):
+        wait_until(caught_up, timeout=30)
+    counted = (
+        value(series, "kling_log_lines_read_total"),
+        sum(by_name(series, "kling_tasks_submitted_total").values()),
+        sum(by_name(series, "kling_credits_used_total").values()),
+    )
+    RESULTS.append(
+        {
+            "scenario": f"logrotate {mode}, glob {pattern}, 4 writers, 2 x kill -9",
+            "lines_written": written,
+            "lines_on_disk": lines,
+            "lines_counted": counted[0],
+            "lost": max(0, lines - counted[0]),
+            "doubled": max(0, counted[0] - written),
+        }
+    )
+    # copytruncate itself destroys what is written between its copy and its truncation;
+    # of those lines, the ones read in time are counted. Every line still on disk is
+    # counted once, and nothing beyond what was written (a re-read file would be).
+    assert lines <= counted[0] <= written, d.output()[-3000:]
+    assert submissions <= counted[1] <= written / 2
+    assert credits <= counted[2] <= written / 2 * 3
+    if mode == "create":
+        assert counted == (lines, submissions, credits) and lines == written
+    assert value(series, "kling_events_duplicate_total") == 0
