@@ -23,6 +23,7 @@ from exporter.demo import DemoTraffic, demo_config
 from exporter.logsetup import LEVELS, setup_logging
 from exporter.pricing import Pricing, Request
 from exporter.server import build_app, parse_listen_address
+from exporter.tailer import ListingError
 from exporter.webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("exporter")
@@ -440,4 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "estimate": cmd_estimate,
         "demo": cmd_demo,
     }
-    return commands.get(args.command, cmd_serve)(args)
+    try:
+        return commands.get(args.command, cmd_serve)(args)
+    except ListingError as e:
+        print(
+            f"kling-exporter: {e}; totals would be incomplete, so none are shown", file=sys.stderr
+        )
+        return 1

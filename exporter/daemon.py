@@ -22,7 +22,7 @@ from exporter.config import Config, ConfigError, load_config
 from exporter.ingest import RateLimit, ingest
 from exporter.ledger import CheckResult, Ledger, Snapshot
 from exporter.pricing import Request
-from exporter.tailer import Tailer, Watcher, raise_open_file_limit
+from exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,7 @@ class Daemon:
 
     def start(self) -> None:
         soft, hard = raise_open_file_limit()
+        self.tailer.max_open = max_open_files()
         log.debug("open file limit", extra={"soft": soft, "hard": hard})
         self._thread = threading.Thread(target=self._run, name="reader", daemon=True)
         self._thread.start()

@@ -17,7 +17,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from exporter.config import KIND_ALIASES, MODE_ALIASES, OTHER_KIND
+from exporter.config import KIND_ALIASES, KINDS, MODE_ALIASES, OTHER_KIND
 
 SUBMITTED: Final = 0
 COMPLETED: Final = 1
@@ -49,6 +49,8 @@ UNKNOWN_MODEL: Final = "unknown"
 UNKNOWN_ERROR: Final = "unknown"
 
 _UTC = dt.UTC
+_KINDS = frozenset(KINDS)
+_BOM = b"\xef\xbb\xbf"
 
 # An empty or very long label value is garbage, not a name.
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_LEN)]
@@ -109,8 +111,6 @@ def _classify(error: msgspec.ValidationError) -> str:
 
 def decode_line(line: bytes) -> Event | str:
     """Decode one line (without its newline) into an Event or an invalid reason."""
-    if line.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, as some editors write
-        line = line[3:]
     try:
         e = _decoder.decode(line)
     except RecursionError:
@@ -120,6 +120,8 @@ def decode_line(line: bytes) -> Event | str:
     except UnicodeDecodeError:
         return "invalid_utf8"
     except msgspec.DecodeError:
+        if line.startswith(_BOM):  # a byte-order mark, as some editors write: looked
+            return decode_line(line[3:])  # for only here, off the path of good lines
         try:
             line.decode("utf-8")
         except UnicodeDecodeError:
@@ -146,15 +148,30 @@ def decode_line(line: bytes) -> Event | str:
         e.ts = stamp / 1000 if stamp > MILLIS_FROM else stamp
     else:
         e.ts = (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=_UTC)).timestamp()  # type: ignore[union-attr]
-    project = e.project if e.project is not None else e.project_id
+    # Numbers become their decimal strings; the common case (strings) costs one check.
+    project = e.project
     if project is None:
-        e.project = DEFAULT_PROJECT
+        project = e.project_id
+        if project is None:
+            e.project = DEFAULT_PROJECT
+        else:
+            e.project = project if type(project) is str else str(project)
+            e.own_project = True
     else:
-        e.project, e.own_project = str(project), True
-    user = e.user if e.user is not None else e.user_id
-    e.user = None if user is None else str(user)
-    if e.mode is not None:
-        e.mode = MODE_ALIASES[e.mode]
-    if e.kind is not None:
-        e.kind = KIND_ALIASES.get(e.kind.lower(), OTHER_KIND)
+        if type(project) is not str:
+            e.project = str(project)
+        e.own_project = True
+    user = e.user
+    if user is None:
+        user = e.user_id
+        if user is not None:
+            e.user = user if type(user) is str else str(user)
+    elif type(user) is not str:
+        e.user = str(user)
+    mode = e.mode
+    if mode is not None:
+        e.mode = MODE_ALIASES[mode]
+    kind = e.kind
+    if kind is not None and kind not in _KINDS:
+        e.kind = KIND_ALIASES.get(kind.lower(), OTHER_KIND)
     return e

@@ -854,7 +854,8 @@ class Ledger:
     @classmethod
     def from_state(cls, config: Config, state: dict[str, Any]) -> Ledger:
         """Rebuild a ledger saved by ``to_state``; raises ValueError if it does not fit."""
-        if state.get("version") != STATE_VERSION:
+        # Version 3 lacks only what version 4 added (clamped times, waiting events).
+        if state.get("version") not in (3, STATE_VERSION):
             raise ValueError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
         if state.get("timezone") != config.timezone:
             raise ValueError("state was saved with another timezone")
@@ -887,11 +888,11 @@ class Ledger:
             led.bytes_read = state["bytes_read"]
             led.duplicates = state["duplicates"]
             led.last_event_ts = state["last_event_ts"]
-            led.clamped.update(dict(state["clamped"]))
-            led.orphaned = state["orphaned"]
+            led.clamped.update(dict(state.get("clamped", ())))
+            led.orphaned = state.get("orphaned", 0)
             led.waiting = {
                 task_id: (Event(*fields), ts, read_at)
-                for task_id, ts, read_at, fields in state["waiting"]
+                for task_id, ts, read_at, fields in state.get("waiting", ())
             }
             for lim, (known, overflow) in zip(
                 (led.project_labels, led.model_labels, led.error_labels),

@@ -93,7 +93,9 @@ class FileState:
         # Monotonic time the file last grew, and its mtime when it was closed.
         self.changed_at = 0.0
         self.mtime_ns = 0
-        # False until opened once: a position not yet checked against the file.
+        # False while the file is to be opened by its path even if no listing shows it
+        # (new, restored from the state, or found renamed beside the globs); its
+        # position is checked against the file whenever it is opened.
         self.verified = False
         # The file whose copy this is, while that file still holds the same stream.
         self.shadow_of: tuple[int, int] | None = None
@@ -253,7 +255,7 @@ def raise_open_file_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def _max_open() -> int:
+def max_open_files() -> int:
     """How many log files to hold open at once: a small share of the descriptor limit,
     so clients and the state writer always have room."""
     try:
@@ -276,7 +278,8 @@ class Tailer:
             fs.fingerprint, fs.offset, fs.lineno = s["fingerprint"], s["offset"], s["lineno"]
             fs.read_pos = fs.offset
             gone_for = s.get("gone_for")
-            fs.gone_since = None if gone_for is None else now - gone_for
+            if gone_for is not None:  # gone before the restart: back only through a listing
+                fs.gone_since, fs.verified = now - gone_for, True
             self.files[fs.ident] = fs
         # Streams left behind by a truncation whose copy has not been seen (yet):
         # fingerprint, offset, line number.
@@ -287,7 +290,7 @@ class Tailer:
         self.watched = 0
         self.open_files = 0
         self.positions: list[tuple[str, int]] = []
-        self.max_open = _max_open()
+        self.max_open = max_open_files()
         self._stop: threading.Event | None = None
         # Followed files by their first bytes, built once a poll when a new file needs it.
         self._heads: dict[bytes, FileState] | None = None
@@ -348,11 +351,13 @@ class Tailer:
                 fs.path = path
             fs.gone_since = None
         if complete:
+            missing = []
             for ident, fs in self.files.items():
                 if ident not in found and fs.gone_since is None:
                     fs.gone_since = now
-        if self._first_poll:
-            self._find_rotated_while_stopped(found, now)
+                    if fs.fd is None:
+                        missing.append(fs)
+            self._locate(missing)
         self.watched = len(found)
 
         # Rotated-away files first, so an old file is drained before its successor.
@@ -380,30 +385,26 @@ class Tailer:
             return True
         return st.st_size != fs.read_pos or st.st_mtime_ns != fs.mtime_ns
 
-    def _find_rotated_while_stopped(
-        self, found: dict[tuple[int, int], tuple[str, os.stat_result]], now: float
-    ) -> None:
-        """A saved file no longer under the globs may have been renamed beside them
-        (``kling.jsonl.1``) while the daemon was down: find it by inode and drain it."""
-        missing = {i: fs for i, fs in self.files.items() if i not in found}
-        for directory in {os.path.dirname(fs.path) for fs in missing.values()}:
+    def _locate(self, missing: list[FileState]) -> None:
+        """A closed file that left the globs may have been renamed beside them
+        (``kling.jsonl.1``, while the daemon was down or while the file was idle): find
+        it by inode, so that what its writer still appends is drained. One that cannot
+        be found comes back only through a listing."""
+        by_ident = {fs.ident: fs for fs in missing}
+        for directory in {os.path.dirname(fs.path) for fs in missing}:
             try:
                 entries = _scandir(directory)
             except ListingError:
                 continue
             for entry in entries:
                 with contextlib.suppress(OSError):
-                    st = entry.stat()
-                    fs = missing.pop((st.st_dev, st.st_ino), None)
+                    st = entry.stat(follow_symlinks=False)
+                    fs = by_ident.pop((st.st_dev, st.st_ino), None)
                     if fs is not None and stat.S_ISREG(st.st_mode):
-                        fs.path = entry.path
-                        fs.gone_since = now
-                        log.info("draining file rotated while stopped", extra={"path": fs.path})
-        for fs in missing.values():
-            # Not to be found: opened again only if a listing brings it back.
+                        fs.path, fs.verified = entry.path, False
+                        log.info("draining file rotated away", extra={"path": fs.path})
+        for fs in by_ident.values():
             fs.verified = True
-            if fs.gone_since is None:
-                fs.gone_since = now
 
     # -- opening and closing ---------------------------------------------------------
 

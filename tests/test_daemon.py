@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from exporter.config import parse_config
@@ -257,7 +258,9 @@ def test_a_dead_reader_fails_health_and_never_saves_a_half_block(
     app = build_app(daemon)
 
     async def health() -> int:
-        async with TestServer(app) as server, TestClient(server) as client:
-            return (await client.get("/-/healthy")).status
+        async with TestServer(app) as server:
+            client: TestClient[web.Request, None] = TestClient(server)
+            async with client:
+                return (await client.get("/-/healthy")).status
 
     assert asyncio.run(health()) == 503

@@ -337,3 +337,18 @@ def test_expand_glob_raises_instead_of_answering_nothing(
     with pytest.raises(ListingError):
         expand_glob(str(tmp_path / "logs" / "*.jsonl"))
     assert expand_glob(str(tmp_path / "missing" / "x.jsonl")) == []
+
+
+def test_an_idle_closed_file_rotated_away_is_still_drained(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "kling-x.jsonl"
+    log.parent.mkdir()
+    log.write_bytes(b"1\n")
+    t, got = tailer_for(tmp_path, idle_close="0s", rotate_wait="0s"), Collect()
+    t.poll(got)
+    assert t.open_files == 0
+    with open(log, "ab") as writer:
+        os.rename(log, tmp_path / "logs" / "kling-x.jsonl.1")
+        writer.write(b"2\n")  # the writer still has the old handle
+    log.write_bytes(b"3\n")
+    t.poll(got)
+    assert got.lines == [b"1", b"2", b"3"]
