@@ -6,6 +6,8 @@ import asyncio
 import base64
 import html
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -20,7 +22,7 @@ from exporter.config import KINDS, describe_validation_error, normalize_mode
 from exporter.daemon import Daemon
 from exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
 from exporter.pricing import Request
-from exporter.webconfig import BasicAuth, WebConfig
+from exporter.webconfig import BasicAuth, FailureLimit, WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -183,24 +185,58 @@ MAX_CONCURRENT_API = 64
 BODY_TIMEOUT = 10.0
 
 
+# Credentials not yet verified wait for one of a few bcrypt threads of their own, at
+# most this many at once; more are refused at once, and a client past FailureLimit's
+# burst of wrong passwords is refused without a check.
+BCRYPT_THREADS = 2
+MAX_PENDING_LOGINS = 32
+
+
 def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
     auth = BasicAuth(web_config.basic_auth_users if web_config else {})
     headers = web_config.http_server_config.headers if web_config else {}
     api_slots = asyncio.Semaphore(MAX_CONCURRENT_API)
+    failures = FailureLimit()
+    bcrypt_pool = ThreadPoolExecutor(BCRYPT_THREADS, thread_name_prefix="bcrypt")
+    pending = 0
+
+    def refuse(status: int, text: str) -> web.Response:
+        if status == 401:
+            extra = {"WWW-Authenticate": 'Basic realm="kling-exporter"'}
+        else:
+            extra = {"Retry-After": "60"}
+        return web.Response(status=status, text=text, headers={**extra, **headers})
+
+    async def verified(request: web.Request) -> web.Response | None:
+        """None when the credentials are good, else the answer that refuses them."""
+        nonlocal pending
+        user, password = _credentials(request)
+        if user is None:
+            return refuse(401, "Unauthorized\n")
+        if auth.known(user, password or ""):
+            return None
+        client, now = request.remote or "", time.monotonic()
+        if failures.blocked(client, now):
+            return refuse(429, "Too many failed logins; try again later\n")
+        if pending >= MAX_PENDING_LOGINS:
+            return refuse(503, "Too many logins being checked; try again\n")
+        pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(bcrypt_pool, auth.check, user, password or "")
+        finally:
+            pending -= 1
+        if ok:
+            return None
+        failures.failed(client, now)
+        return refuse(401, "Unauthorized\n")
 
     @web.middleware
     async def protect(request: web.Request, handler: Any) -> web.StreamResponse:
         if auth.enabled and request.path != "/-/healthy":
-            user, password = _credentials(request)
-            loop = asyncio.get_running_loop()
-            if user is None or not await loop.run_in_executor(
-                None, auth.check, user, password or ""
-            ):
-                return web.Response(
-                    status=401,
-                    text="Unauthorized\n",
-                    headers={"WWW-Authenticate": 'Basic realm="kling-exporter"', **headers},
-                )
+            refused = await verified(request)
+            if refused is not None:
+                return refused
         if request.path.startswith("/api/"):
             if api_slots.locked():
                 response: web.StreamResponse = web.json_response(

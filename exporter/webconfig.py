@@ -140,7 +140,11 @@ def _tls_context(tls: TLSServerConfig | None, base: Path) -> ssl.SSLContext | No
 
 class BasicAuth:
     """Checks basic-auth credentials against bcrypt hashes. Successful checks are
-    remembered (by a keyed digest of user and password), since bcrypt is slow by design."""
+    remembered by a keyed digest of user and password (``known``, a microsecond on the
+    event loop), since bcrypt is slow by design; only credentials not yet verified pay
+    for ``check``, so a flood of wrong passwords never delays a verified scraper."""
+
+    MAX_KNOWN = 1000
 
     def __init__(self, users: dict[str, str]) -> None:
         self.users = {u: h.encode() for u, h in users.items()}
@@ -155,15 +159,44 @@ class BasicAuth:
     def enabled(self) -> bool:
         return bool(self.users)
 
+    def _digest(self, user: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{user}\x00{password}".encode(), hashlib.sha256).digest()
+
+    def known(self, user: str, password: str) -> bool:
+        """Whether these credentials were verified before (cheap)."""
+        return self._digest(user, password) in self._ok
+
     def check(self, user: str, password: str) -> bool:
-        digest = hmac.new(self._key, f"{user}\x00{password}".encode(), hashlib.sha256).digest()
+        """Verify with bcrypt (slow: run it off the event loop)."""
+        digest = self._digest(user, password)
         if digest in self._ok:
             return True
         hashed = self.users.get(user)
         valid = bcrypt.checkpw(password.encode(), hashed if hashed is not None else self._dummy)
         if valid and hashed is not None:
-            if len(self._ok) > 1000:
+            if len(self._ok) >= self.MAX_KNOWN:
                 self._ok.clear()
             self._ok.add(digest)
             return True
         return False
+
+
+class FailureLimit:
+    """Failed logins per client: past ``burst`` in ``window`` seconds a client is refused
+    without a bcrypt check until the window ends."""
+
+    def __init__(self, burst: int = 10, window: float = 60.0, max_clients: int = 10_000) -> None:
+        self.burst, self.window, self.max_clients = burst, window, max_clients
+        self._failures: dict[str, tuple[float, int]] = {}
+
+    def blocked(self, client: str, now: float) -> bool:
+        start, count = self._failures.get(client, (now, 0))
+        return now - start < self.window and count >= self.burst
+
+    def failed(self, client: str, now: float) -> None:
+        start, count = self._failures.get(client, (now, 0))
+        if now - start >= self.window:
+            start, count = now, 0
+        if len(self._failures) >= self.max_clients and client not in self._failures:
+            self._failures.clear()  # bounded memory under a spread-out attack
+        self._failures[client] = (start, count + 1)

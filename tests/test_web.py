@@ -8,9 +8,11 @@ import datetime as dt
 import ipaddress
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bcrypt
@@ -91,7 +93,11 @@ def make_certs(directory: Path) -> dict[str, Path]:
 
 
 def web_config(
-    tmp_path: Path, certs: dict[str, Path], client_certs: bool = False, users: bool = True
+    tmp_path: Path,
+    certs: dict[str, Path],
+    client_certs: bool = False,
+    users: bool = True,
+    cost: int = 4,
 ) -> Path:
     config: dict[str, object] = {
         "tls_server_config": {
@@ -105,7 +111,7 @@ def web_config(
             client_auth_type="RequireAndVerifyClientCert", client_ca_file=certs["ca"].name
         )
     if users:
-        hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+        hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()
         config["basic_auth_users"] = {"prometheus": hashed.replace("$2b$", "$2y$", 1)}
     path = tmp_path / "web.yml"
     path.write_text(yaml.safe_dump(config))
@@ -188,6 +194,31 @@ def test_basic_auth(tmp_path: Path, certs: dict[str, Path], daemon_factory: Fact
     assert get(base + "/", ctx)[0] == 401
     assert get(base + "/-/healthy", ctx)[0] == 200  # the one open path
     assert get(base + "/api/v1/budgets", ctx, "prometheus", PASSWORD)[0] == 200
+
+
+def test_a_wrong_password_flood_neither_delays_a_verified_scrape_nor_queues_unbounded(
+    tmp_path: Path, certs: dict[str, Path], daemon_factory: Factory
+) -> None:
+    """300 concurrent wrong passwords against bcrypt cost 10 (about 50 ms of CPU each):
+    a scraper whose credentials were verified before is answered while they are still
+    arriving, and the flood is refused (429 past the failure burst, 503 past the pending
+    bound) instead of queueing for 300 bcrypt checks."""
+    d = start(daemon_factory, tmp_path, web_config(tmp_path, certs, cost=10))
+    url = f"https://127.0.0.1:{d.port}/metrics"
+    ctx = client_ctx(certs["ca"])
+    assert wait_until(lambda: get(url, ctx, "prometheus", PASSWORD))[0] == 200
+    statuses: list[int] = []
+    with ThreadPoolExecutor(300) as pool:
+        flood = [pool.submit(get, url, ctx, "prometheus", f"wrong-{i}") for i in range(300)]
+        time.sleep(0.3)  # the flood is under way
+        status, _, body = get(url, ctx, "prometheus", PASSWORD)
+        still_flooding = sum(not f.done() for f in flood)
+        statuses = [f.result()[0] for f in flood]
+    assert status == 200 and b"kling_log_lines_read_total" in body
+    assert still_flooding > 0  # answered while the flood was in flight, not after it
+    assert set(statuses) <= {401, 429, 503}
+    assert statuses.count(401) <= 10 + 32  # bcrypt ran for a bounded number only
+    assert statuses.count(429) > 0
 
 
 def test_unknown_user_is_checked_against_a_hash_of_the_same_cost() -> None:
