@@ -319,8 +319,13 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Read and validate a config file; no path means the built-in defaults."""
+def load_config(path: str | Path | None, allow_empty: bool = True) -> Config:
+    """Read and validate a config file; no path means the built-in defaults. An empty
+    file (or one of only comments) means the defaults too, unless ``allow_empty`` is
+    False: a reload refuses it, since a deploy cut short would drop every budget."""
     if path is None:
         return Config()
-    return parse_config(read_yaml(path))
+    data = read_yaml(path)
+    if data is None and not allow_empty:
+        raise ConfigError(f"{path}: empty; refusing to replace the running config with none")
+    return parse_config(data)

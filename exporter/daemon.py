@@ -265,7 +265,7 @@ class Daemon:
     def reload(self) -> str | None:
         """Load the config file again; return the error (and keep the old config) if bad."""
         try:
-            config = load_config(self.config_path)
+            config = load_config(self.config_path, allow_empty=False)
             with self.lock:
                 self.ledger.configure(config)
                 self.tailer.configure(config.logs)

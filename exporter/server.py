@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import html
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -145,6 +146,24 @@ class CheckRequest(msgspec.Struct, forbid_unknown_fields=True):
                 raise ValueError(f"{key}: expected 1 to {MAX_LABEL_LEN} characters")
 
 
+def _duplicate_key(body: bytes) -> str | None:
+    """The first key an object of the body repeats (which one counts is ambiguous, so
+    such a body is refused), or None."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        if not found and len(set(keys)) != len(keys):
+            found.append(next(k for i, k in enumerate(keys) if k in keys[:i]))
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None  # not JSON: the decoder says what is wrong
+    return found[0] if found else None
+
+
 def _bad_request(message: str) -> web.Response:
     message = message.replace("(top level)", "body", 1)
     field = message.split(":", 1)[0] if ":" in message else "body"
@@ -163,8 +182,13 @@ async def check(request: web.Request) -> web.Response:
         return _bad_request("body: could not be read")
     if len(body) > MAX_BODY:
         return _bad_request(f"body: larger than {MAX_BODY} bytes")
+    if not body.strip():
+        return _bad_request("body: empty; send a JSON object ({} asks with the defaults)")
+    duplicate = _duplicate_key(body)
+    if duplicate is not None:
+        return _bad_request(f"{duplicate}: given twice")
     try:
-        req = msgspec.json.decode(body or b"{}", type=CheckRequest)
+        req = msgspec.json.decode(body, type=CheckRequest)
     except msgspec.ValidationError as e:
         return _bad_request(describe_validation_error(e))
     except (msgspec.DecodeError, UnicodeDecodeError):
@@ -233,6 +257,8 @@ def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
 
     @web.middleware
     async def protect(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.version < (1, 0):
+            return web.Response(status=505, text="HTTP/1.0 or later is needed\n")
         if auth.enabled and request.path != "/-/healthy":
             refused = await verified(request)
             if refused is not None:

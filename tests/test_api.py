@@ -116,6 +116,10 @@ def test_user_matched_budget(daemon: DaemonProcess) -> None:
         (b"not json", "body"),
         (b"[1, 2]", "body"),
         (b"{" + b'"project": "' + b"x" * 70_000 + b'"}', "body"),
+        (b"", "body"),
+        (b"  \n", "body"),
+        (b'{"count": 1, "count": 1000}', "count"),
+        (b'{"project": "a", "model": "m", "project": "b"}', "project"),
     ],
 )
 def test_malformed_bodies_get_400_naming_the_field(

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -175,6 +176,32 @@ def test_reload_applies_a_good_config_and_refuses_a_bad_one(
     series = d.wait_metric("kling_budget_utilization_ratio", 0.1, budget="mk", period="monthly")
     assert value(series, "kling_config_last_reload_successful") == 1
     assert value(series, "kling_credits_used_total", project="marketing", model="kling-v2-6") == 50
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n", "# only a comment\n"])
+def test_reload_refuses_an_empty_file_and_keeps_the_budgets(
+    tmp_path: Path, daemon_factory: Factory, content: str
+) -> None:
+    write_lines(
+        tmp_path / "logs" / "kling-2026-11-22.jsonl",
+        [submitted("a"), completed("a", credits_used=50)],
+    )
+    d = daemon_factory(CONFIG)
+    d.wait_metric("kling_budget_utilization_ratio", 0.5, budget="mk", period="monthly")
+    d.config_path.write_text(content)  # a deploy cut short
+    status, body = d.post("/-/reload")
+    assert status == 500 and b"empty" in body
+    series = d.wait_metric("kling_config_last_reload_successful", 0)
+    assert value(series, "kling_budget_utilization_ratio", budget="mk", period="monthly") == 0.5
+
+
+def test_http_0_9_is_refused(tmp_path: Path, daemon_factory: Factory) -> None:
+    d = daemon_factory(CONFIG)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+        s.sendall(b"GET /metrics\r\n\r\n")
+        answer = s.recv(200)
+    assert b" 505 " in answer.split(b"\r\n", 1)[0]
+    assert b"kling_" not in answer
 
 
 def test_bare_command_serves_on_defaults_and_stops_cleanly(
