@@ -74,13 +74,21 @@ def read_state(path: Path) -> dict[str, Any] | None:
 
 
 def write_state(path: Path, data: bytes) -> None:
-    """Write atomically: a temporary file, fsync, rename, fsync of the directory."""
+    """Write atomically: a temporary file readable by the owner only, fsync, rename,
+    fsync of the directory. A failed write (a full disk) leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as f:
+            os.fchmod(fd, 0o600)  # also when an older version left the file 0644
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     with contextlib.suppress(OSError):
         dfd = os.open(path.parent, os.O_RDONLY)
         try:

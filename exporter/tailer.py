@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fnmatch
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -73,6 +74,7 @@ class FileState:
         "path",
         "pending",
         "read_pos",
+        "saved_digest",
         "shadow_of",
         "skipping",
         "verified",
@@ -84,6 +86,9 @@ class FileState:
         self.ino = ino
         self.fd: int | None = None
         self.fingerprint = b""
+        # From the saved state, which keeps only a digest of the first bytes (a prompt
+        # in a first line must not sit in another file): (length, SHA-256).
+        self.saved_digest: tuple[int, bytes] | None = None
         self.offset = 0
         self.read_pos = 0
         self.lineno = 0
@@ -104,7 +109,17 @@ class FileState:
     def ident(self) -> tuple[int, int]:
         return (self.dev, self.ino)
 
+    def begins(self, fd: int) -> bytes | None:
+        """The file's first bytes if they are the ones this state knows, else None."""
+        if self.saved_digest is not None:
+            length, digest = self.saved_digest
+            head = os.pread(fd, length, 0)
+            return head if hashlib.sha256(head).digest() == digest else None
+        head = os.pread(fd, len(self.fingerprint), 0)
+        return head if head == self.fingerprint else None
+
     def rewind(self) -> None:
+        self.saved_digest = None
         self.fingerprint = b""
         self.offset = self.read_pos = self.lineno = 0
         self.pending = b""
@@ -112,7 +127,7 @@ class FileState:
 
     def continue_stream(self, fingerprint: bytes, offset: int, lineno: int, size: int) -> None:
         """Go on from where another file holding the same stream was left."""
-        self.fingerprint = fingerprint
+        self.fingerprint, self.saved_digest = fingerprint, None
         self.offset = self.read_pos = min(offset, size)
         self.lineno = lineno
         self.pending = b""
@@ -236,8 +251,13 @@ def _open_fd(path: str) -> int:
     return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
 
-def _prefix_of(fd: int, fingerprint: bytes) -> bool:
-    return os.pread(fd, len(fingerprint), 0) == fingerprint
+def _digest(fs: FileState) -> dict[str, Any]:
+    """How a file begins, for the saved state: its length and SHA-256, not the bytes."""
+    if fs.saved_digest is not None:
+        length, digest = fs.saved_digest
+    else:
+        length, digest = len(fs.fingerprint), hashlib.sha256(fs.fingerprint).digest()
+    return {"fingerprint_len": length, "fingerprint_sha256": digest}
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -275,7 +295,11 @@ class Tailer:
         now = time.monotonic()
         for s in saved:
             fs = FileState(s["path"], s["dev"], s["ino"])
-            fs.fingerprint, fs.offset, fs.lineno = s["fingerprint"], s["offset"], s["lineno"]
+            fs.offset, fs.lineno = s["offset"], s["lineno"]
+            if "fingerprint" in s:  # saved by an earlier version: the bytes themselves
+                fs.fingerprint = s["fingerprint"]
+            else:
+                fs.saved_digest = (s["fingerprint_len"], s["fingerprint_sha256"])
             fs.read_pos = fs.offset
             gone_for = s.get("gone_for")
             if gone_for is not None:  # gone before the restart: back only through a listing
@@ -432,10 +456,12 @@ class Tailer:
         fs.fd = fd
         self.open_files += 1
         first_open, fs.verified = not fs.verified, True
-        if fs.offset or fs.fingerprint:
+        if fs.offset or fs.fingerprint or fs.saved_digest:
             # A position from the saved state, from before the file went away, or from
             # before it was closed as idle: it still fits if the file begins the same.
-            if fs.read_pos <= st.st_size and _prefix_of(fd, fs.fingerprint):
+            head = fs.begins(fd) if fs.read_pos <= st.st_size else None
+            if head is not None:
+                fs.fingerprint, fs.saved_digest = head, None
                 if first_open:
                     log.info("resuming file", extra={"path": fs.path, "offset": fs.offset})
                 return True
@@ -534,11 +560,11 @@ class Tailer:
     def _restart(self, fs: FileState, sink: Sink) -> None:
         """The file was truncated or replaced: the stream read so far goes on in its copy
         if there is one (copytruncate), and the file is read again from its start."""
-        if fs.offset and len(fs.fingerprint) >= MIN_TWIN_FINGERPRINT:
-            old = (fs.fingerprint, fs.offset, fs.lineno)
-            copy = self._adopt_shadows(fs, sink) or self._find_copy(fs, sink, old)
-            if not copy:
-                self.retired.append(old)
+        known = len(fs.fingerprint) if fs.saved_digest is None else fs.saved_digest[0]
+        if fs.offset and known >= MIN_TWIN_FINGERPRINT:
+            copy = self._adopt_shadows(fs, sink) or self._find_copy(fs, sink)
+            if not copy and fs.fingerprint:
+                self.retired.append((fs.fingerprint, fs.offset, fs.lineno))
                 del self.retired[:-100]
         fs.rewind()
 
@@ -562,10 +588,10 @@ class Tailer:
             self._read(other, sink)
         return heir is not None
 
-    def _find_copy(self, fs: FileState, sink: Sink, old: tuple[bytes, int, int]) -> bool:
+    def _find_copy(self, fs: FileState, sink: Sink) -> bool:
         """Look beside a truncated file for the copy a copytruncate made (a name the globs
         may not match) and read from it what was written before the truncation."""
-        fp, offset, lineno = old
+        offset, lineno = fs.offset, fs.lineno
         try:
             entries = _scandir(os.path.dirname(fs.path))
         except ListingError:
@@ -585,7 +611,8 @@ class Tailer:
                 fd = _open_fd(entry.path)
             except OSError:
                 continue
-            if not _prefix_of(fd, fp):
+            fp = fs.begins(fd)
+            if fp is None:
                 os.close(fd)
                 continue
             copy = known
@@ -609,8 +636,7 @@ class Tailer:
         size = os.fstat(fs.fd).st_size
         if size < fs.read_pos:
             return True
-        fp = fs.fingerprint
-        return bool(fp) and not _prefix_of(fs.fd, fp)
+        return bool(fs.fingerprint) and fs.begins(fs.fd) is None
 
     # -- reading ---------------------------------------------------------------------
 
@@ -684,7 +710,7 @@ class Tailer:
                 "path": fs.path,
                 "dev": fs.dev,
                 "ino": fs.ino,
-                "fingerprint": fs.fingerprint,
+                **_digest(fs),
                 "offset": fs.offset,
                 "lineno": fs.lineno,
                 # Seconds gone, as a monotonic time means nothing to another process.

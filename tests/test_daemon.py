@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gzip
 import json
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from exporter.config import parse_config
-from exporter.daemon import Daemon
+from exporter.daemon import Daemon, write_state
 from exporter.server import build_app
 from tests.helpers import DaemonProcess, by_name, line, value, write_lines
 
@@ -291,3 +293,37 @@ def test_a_dead_reader_fails_health_and_never_saves_a_half_block(
                 return (await client.get("/-/healthy")).status
 
     assert asyncio.run(health()) == 503
+
+
+def test_state_file_is_private_and_holds_no_log_text(tmp_path: Path) -> None:
+    prompt = "a prompt nobody else may read"
+    log = tmp_path / "logs" / "kling-a.jsonl"
+    write_lines(log, [line(event="task_submitted", task_id="a", note=prompt)])
+    state = tmp_path / "k.state"
+    config = parse_config(
+        {"logs": {"paths": [str(tmp_path / "logs" / "*.jsonl")]}, "state": {"path": str(state)}}
+    )
+    daemon = Daemon(config)
+    daemon.poll_once()
+    daemon.save_state()
+    assert state.stat().st_mode & 0o777 == 0o600
+    assert prompt.encode() not in state.read_bytes()
+    assert b"task_submitted" not in state.read_bytes()
+    daemon.tailer.close()
+    restored = Daemon(config)  # the digest still recognises the file
+    write_lines(log, [line(event="task_submitted", task_id="b")])
+    restored.poll_once()
+    assert sum(restored.ledger.submitted.values()) == 2
+    restored.tailer.close()
+
+
+def test_a_failed_save_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_state(tmp_path / "k.state", b"x" * 1000)
+    assert list(tmp_path.iterdir()) == []
