@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ from exporter.pricing import Request
 from exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
 
 log = logging.getLogger(__name__)
+
+# Lines applied under the lock at once: a few milliseconds of work.
+INGEST_CHUNK = 1000
 
 STATE_FORMAT = 1
 
@@ -115,6 +118,8 @@ class Daemon:
         self.reload_success_ts = time.time()
         self.state_save_ts = 0.0
         self.last_poll_ts = 0.0
+        # Threads waiting to read the ledger (a hint for the reader to yield to them).
+        self.readers_waiting = 0
         # Set when the reader died: the ledger may hold half a block, so it is never
         # saved again, and /-/healthy fails so that the process is restarted.
         self.failed = threading.Event()
@@ -195,18 +200,42 @@ class Daemon:
     # -- reading ---------------------------------------------------------------------
 
     def _sink(self, path: str, lines: list[bytes | None], first: int, nbytes: int) -> None:
+        """Apply a block (about a megabyte) in chunks, each under the lock on its own, so
+        a scrape or a pre-flight check waits for a chunk at most, never a whole block.
+        Offsets and totals still agree whenever the state is saved: that happens on this
+        thread, between blocks."""
         now = self.clock()
         ledger = self.ledger
+        start = 0
 
         def report(i: int, reason: str) -> None:
-            self._report_invalid(path, first + i if first else 0, reason, now)
+            n = start + i
+            self._report_invalid(path, first + n if first else 0, reason, now)
 
+        for start in range(0, len(lines), INGEST_CHUNK):
+            if self.readers_waiting:
+                time.sleep(0)  # let the waiting reader take the lock first
+            chunk = lines[start : start + INGEST_CHUNK]
+            with self.lock:
+                ledger.lines_read += len(chunk)
+                ingest(ledger, chunk, now, report)
         with self.lock:
-            ledger.lines_read += len(lines)
             ledger.bytes_read += nbytes
-            ingest(ledger, lines, now, report)
             # Within a long first read too, so the task index never outgrows its TTL.
             ledger.expire_tasks(now)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """The lock, for threads that read the ledger: the reader yields to them."""
+        self.readers_waiting += 1
+        try:
+            self.lock.acquire()
+        finally:
+            self.readers_waiting -= 1
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def _report_invalid(self, path: str, lineno: int, reason: str, now: float) -> None:
         allowed, held = self._invalid_log.allow(now)
@@ -291,12 +320,12 @@ class Daemon:
     # -- reading for others ----------------------------------------------------------
 
     def check(self, req: Request, count: int, project: str, user: str | None) -> CheckResult:
-        with self.lock:
+        with self._reading():
             return self.ledger.check(req, count, project, user, self.clock())
 
     def snapshot(self) -> tuple[Snapshot, Status]:
         now = self.clock()
-        with self.lock:
+        with self._reading():
             snap = self.ledger.snapshot(now)
             files = self.tailer.watched
         state_interval = self.config.state.interval_seconds if self._state_path() else 0.0

@@ -49,13 +49,30 @@ def metrics_handler(daemon: Daemon) -> Any:
     registry, kling, process = build_registry(daemon)
     library = make_aiohttp_handler(registry)
     renderer = TextRenderer()
+    # One render at a time, on a thread of its own so the event loop keeps answering;
+    # scrapes that arrive while it is under way share its result.
+    render_thread = ThreadPoolExecutor(1, thread_name_prefix="render")
+    under_way: asyncio.Future[bytes] | None = None
+
+    def render() -> bytes:
+        text = renderer.render(kling.families()) + generate_latest(process).decode()
+        return text.encode()
+
+    def finished(future: asyncio.Future[bytes]) -> None:
+        nonlocal under_way
+        if under_way is future:
+            under_way = None
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal under_way
         accept = ",".join(request.headers.getall("Accept", []))
         if "application/openmetrics-text" in accept or "name[]" in request.query:
             return await library(request)
-        text = renderer.render(kling.families()) + generate_latest(process).decode()
-        response = web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        if under_way is None:
+            under_way = asyncio.get_running_loop().run_in_executor(render_thread, render)
+            under_way.add_done_callback(finished)
+        body = await asyncio.shield(under_way)
+        response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
         response.enable_compression()
         return response
 

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from exporter import daemon as daemon_module
 from exporter.config import parse_config
 from exporter.daemon import Daemon, write_state
+from exporter.ingest import ingest
 from exporter.server import build_app
 from tests.helpers import DaemonProcess, by_name, line, value, write_lines
 
@@ -327,3 +330,51 @@ def test_a_failed_save_leaves_no_temporary_file(
     with pytest.raises(OSError, match="No space"):
         write_state(tmp_path / "k.state", b"x" * 1000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_scrapes_share_one_render(tmp_path: Path) -> None:
+    config = parse_config({"logs": {"paths": [str(tmp_path / "*.jsonl")]}, "state": {"path": ""}})
+    daemon = Daemon(config)
+    real_snapshot, renders = daemon.snapshot, []
+
+    def slow_snapshot():
+        renders.append(1)
+        time.sleep(0.3)
+        return real_snapshot()
+
+    daemon.snapshot = slow_snapshot  # type: ignore[method-assign]
+    app = build_app(daemon)
+
+    async def scrape_together() -> list[int]:
+        async with TestServer(app) as server:
+            client: TestClient[web.Request, None] = TestClient(server)
+            async with client:
+                answers = await asyncio.gather(*(client.get("/metrics") for _ in range(50)))
+                # The event loop answers other requests while a render is under way.
+                health = await client.get("/-/healthy")
+                assert health.status == 200
+                return [a.status for a in answers]
+
+    assert asyncio.run(scrape_together()) == [200] * 50
+    assert len(renders) <= 3
+
+
+def test_a_block_is_applied_in_chunks_that_readers_can_come_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = parse_config({"logs": {"paths": [str(tmp_path / "*.jsonl")]}, "state": {"path": ""}})
+    daemon = Daemon(config)
+    seen: list[int] = []
+    real_ingest = ingest
+
+    def counting_ingest(ledger, lines, now, report):
+        assert daemon.lock.locked()
+        seen.append(len(lines))
+        real_ingest(ledger, lines, now, report)
+
+    monkeypatch.setattr(daemon_module, "ingest", counting_ingest)
+    lines: list[bytes | None] = [submitted(f"t{i}").encode() for i in range(5000)]
+    daemon._sink("x.jsonl", lines, 1, sum(len(x or b"") + 1 for x in lines))
+    assert seen == [1000] * 5
+    assert daemon.ledger.lines_read == 5000
+    assert sum(daemon.ledger.submitted.values()) == 5000
