@@ -17,12 +17,19 @@ from pathlib import Path
 from aiohttp import web
 
 from exporter import __version__, reports
-from exporter.config import KINDS, Config, ConfigError, load_config, normalize_mode
+from exporter.config import (
+    KINDS,
+    Config,
+    ConfigError,
+    load_config,
+    normalize_mode,
+    parse_duration,
+)
 from exporter.daemon import Daemon
 from exporter.demo import DemoTraffic, demo_config
 from exporter.logsetup import LEVELS, setup_logging
 from exporter.pricing import Pricing, Request
-from exporter.server import build_app, parse_listen_address
+from exporter.server import GuardedSite, Limits, build_app, parse_listen_address
 from exporter.tailer import ListingError
 from exporter.webconfig import WebConfig, load_web_config
 
@@ -85,6 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
         dest="web_config_file",
         metavar="FILE",
         help="exporter-toolkit web configuration: TLS, basic auth, response headers",
+    )
+    serve.add_argument(
+        "--web.max-connections",
+        dest="max_connections",
+        type=_positive,
+        default=Limits().max_connections,
+        metavar="N",
+        help="connections open at once; more get 503 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--web.read-header-timeout",
+        dest="header_timeout",
+        type=_seconds,
+        default=Limits().header_timeout,
+        metavar="DURATION",
+        help="close a connection whose request headers take longer (default: 10s)",
+    )
+    serve.add_argument(
+        "--web.idle-timeout",
+        dest="idle_timeout",
+        type=_seconds,
+        default=Limits().idle_timeout,
+        metavar="DURATION",
+        help="close a keep-alive connection idle this long (default: 60s)",
     )
 
     report = sub.add_parser("report", help="daily summary of the logs")
@@ -149,6 +180,17 @@ def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
     return int(value)
+
+
+def _seconds(value: str) -> float:
+    """A duration flag: ``10s``, ``1m30s`` or plain seconds, greater than 0."""
+    try:
+        seconds = parse_duration(value, "duration")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("duration: ")) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration greater than 0, got {value!r}")
+    return seconds
 
 
 def _positive_float(value: str) -> float:
@@ -361,11 +403,14 @@ async def _serve(
     telemetry_path: str,
     web_config: WebConfig | None = None,
     tls: ssl.SSLContext | None = None,
+    limits: Limits = Limits(),  # noqa: B008 - immutable
 ) -> None:
     app = build_app(daemon, telemetry_path, web_config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=75)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, keepalive_timeout=limits.idle_timeout
+    )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=10, ssl_context=tls)
+    site = GuardedSite(runner, host, port, shutdown_timeout=10, ssl_context=tls, limits=limits)
     await site.start()
     log.info(
         "listening",
@@ -404,8 +449,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ConfigError as e:
             print(f"kling-exporter: invalid web config: {e}", file=sys.stderr)
             return 2
+    limits = Limits(args.max_connections, args.header_timeout, args.idle_timeout)
     daemon = Daemon(config, args.config_file)
-    return _run(daemon, host, port, args.telemetry_path, web_config, tls)
+    return _run(daemon, host, port, args.telemetry_path, web_config, tls, limits)
 
 
 def _run(
@@ -415,9 +461,10 @@ def _run(
     telemetry_path: str,
     web_config: WebConfig | None = None,
     tls: ssl.SSLContext | None = None,
+    limits: Limits = Limits(),  # noqa: B008 - immutable
 ) -> int:
     try:
-        asyncio.run(_serve(daemon, host, port, telemetry_path, web_config, tls))
+        asyncio.run(_serve(daemon, host, port, telemetry_path, web_config, tls, limits))
     except OSError as e:
         log.error("cannot serve", extra={"err": str(e)})
         return 1

@@ -378,3 +378,23 @@ def test_a_block_is_applied_in_chunks_that_readers_can_come_between(
     assert seen == [1000] * 5
     assert daemon.ledger.lines_read == 5000
     assert sum(daemon.ledger.submitted.values()) == 5000
+
+
+def test_slow_and_surplus_connections_are_bounded(tmp_path: Path, daemon_factory: Factory) -> None:
+    d = daemon_factory(
+        CONFIG,
+        extra=["--web.max-connections", "20", "--web.read-header-timeout", "1s"],
+    )
+    trickling = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        trickling.append(s)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as surplus:
+        assert surplus.recv(100).startswith(b"HTTP/1.1 503")
+    time.sleep(1.5)
+    for s in trickling:  # each was closed by the header timeout
+        s.settimeout(5)
+        assert s.recv(100) == b""
+        s.close()
+    assert d.get("/metrics")[0] == 200
