@@ -236,13 +236,63 @@ def _flags(known: Task | int) -> int:
     return known.flags if isinstance(known, Task) else known
 
 
-def _sum_into(table: dict[Any, list[float]], key: Any, credits: float, usd: float) -> None:
-    acc = table.get(key)
-    if acc is None:
-        table[key] = [credits, usd]
-    else:
-        acc[0] += credits
-        acc[1] += usd
+DaySums = tuple[dict[str, list[float]], dict[str | None, list[float]], list[float]]
+
+
+class DayUsage:
+    """Credits and dollars of one local day by (project, user). The sums by project, by
+    user and in all are made when a budget first asks after a change, so that a budget
+    reads one sum a day, and an event pays only for its own pair."""
+
+    __slots__ = ("by_pair", "sums")
+
+    def __init__(self) -> None:
+        self.by_pair: dict[tuple[str, str | None], list[float]] = {}
+        # (by project, by user, total), or None when by_pair changed since.
+        self.sums: DaySums | None = None
+
+    def add(self, project: str, user: str | None, credits: float, usd: float) -> None:
+        acc = self.by_pair.get((project, user))
+        if acc is None:
+            self.by_pair[(project, user)] = [credits, usd]
+        else:
+            acc[0] += credits
+            acc[1] += usd
+        self.sums = None
+
+    def _sum(self) -> DaySums:
+        by_project: dict[str, list[float]] = {}
+        by_user: dict[str | None, list[float]] = {}
+        total = [0.0, 0.0]
+        for (project, user), (c, u) in self.by_pair.items():
+            acc = by_project.get(project)
+            if acc is None:
+                by_project[project] = [c, u]
+            else:
+                acc[0] += c
+                acc[1] += u
+            acc = by_user.get(user)
+            if acc is None:
+                by_user[user] = [c, u]
+            else:
+                acc[0] += c
+                acc[1] += u
+            total[0] += c
+            total[1] += u
+        return by_project, by_user, total
+
+    def used(self, b: BudgetConfig) -> list[float] | None:
+        """What the budget ``b`` matches of this day."""
+        if b.project is not None and b.user is not None:
+            return self.by_pair.get((b.project, b.user))
+        sums = self.sums
+        if sums is None:
+            sums = self.sums = self._sum()
+        if b.project is not None:
+            return sums[0].get(b.project)
+        if b.user is not None:
+            return sums[1].get(b.user)
+        return sums[2]
 
 
 # Slots of a series accumulator, one per (project label, model label).
@@ -281,8 +331,8 @@ class Ledger:
         self._expiry: deque[tuple[float, str]] = deque()
         # Usage per local day (weeks and months are whole days, so they are sums of
         # these): day start -> (project, user) -> [credits, usd]
-        self.usage: dict[float, dict[tuple[str, str | None], list[float]]] = {}
-        self._day: tuple[float, float, dict[tuple[str, str | None], list[float]]] = (1.0, 0.0, {})
+        self.usage: dict[float, DayUsage] = {}
+        self._day: tuple[float, float, DayUsage] = (1.0, 0.0, DayUsage())
         # Told of every counted event (reports); None in the daemon.
         self.observer: Observer | None = None
         self.configure(config)
@@ -598,23 +648,24 @@ class Ledger:
         usd = credits * self.pricing.usd_per_credit
         acc[CREDITS] += credits
         acc[USD] += usd
-        pair = (real_project, user)
         lo, hi, bucket = self._day
         if not lo <= ts < hi:
             bucket = self._day_bucket(ts)
-        used = bucket.get(pair)
+        pair = (real_project, user)  # DayUsage.add, inlined: it runs for every charge
+        used = bucket.by_pair.get(pair)
         if used is None:
-            bucket[pair] = [credits, usd]
+            bucket.by_pair[pair] = [credits, usd]
         else:
             used[0] += credits
             used[1] += usd
+        bucket.sums = None
 
-    def _day_bucket(self, ts: float) -> dict[tuple[str, str | None], list[float]]:
+    def _day_bucket(self, ts: float) -> DayUsage:
         """The usage of the local day holding ``ts``, remembered for the next event."""
         lo, hi = self.clock.bounds("daily", ts)
         bucket = self.usage.get(lo)
         if bucket is None:
-            bucket = self.usage[lo] = {}
+            bucket = self.usage[lo] = DayUsage()
         self._day = (lo, hi, bucket)
         return bucket
 
@@ -680,42 +731,31 @@ class Ledger:
             self._forget_day()
 
     def _forget_day(self) -> None:
-        self._day = (1.0, 0.0, {})
+        self._day = (1.0, 0.0, DayUsage())
 
     # -- reading ---------------------------------------------------------------------
 
     def _budget_usage(
         self, budgets: Iterable[BudgetConfig], now: float
     ) -> list[tuple[tuple[float, float], tuple[float, float]]]:
-        sums: dict[str, tuple[Any, ...]] = {}
+        """Each budget's (credits, usd) in its current period, and the period's bounds:
+        one lookup per day of the period, whatever else is in the ledger."""
+        periods: dict[str, tuple[tuple[float, float], list[DayUsage]]] = {}
         out = []
         for b in budgets:
-            if b.period not in sums:
+            found = periods.get(b.period)
+            if found is None:
                 bounds = period_bounds(b.period, now, self.clock.tz)
-                bucket: dict[tuple[str, str | None], list[float]] = {}
-                for day, pairs in self.usage.items():
-                    if bounds[0] <= day < bounds[1]:
-                        for pair, (c, u) in pairs.items():
-                            _sum_into(bucket, pair, c, u)
-                by_project: dict[str, list[float]] = {}
-                by_user: dict[str | None, list[float]] = {}
-                total = [0.0, 0.0]
-                for (project, user), (c, u) in bucket.items():
-                    _sum_into(by_project, project, c, u)
-                    _sum_into(by_user, user, c, u)
-                    total[0] += c
-                    total[1] += u
-                sums[b.period] = (bounds, bucket, by_project, by_user, total)
-            bounds, bucket, by_project, by_user, total = sums[b.period]
-            if b.project is not None and b.user is not None:
-                acc = bucket.get((b.project, b.user))
-            elif b.project is not None:
-                acc = by_project.get(b.project)
-            elif b.user is not None:
-                acc = by_user.get(b.user)
-            else:
-                acc = total
-            out.append(((acc[0], acc[1]) if acc else (0.0, 0.0), bounds))
+                days = [d for start, d in self.usage.items() if bounds[0] <= start < bounds[1]]
+                found = periods[b.period] = (bounds, days)
+            bounds, days = found
+            credits = usd = 0.0
+            for day in days:
+                acc = day.used(b)
+                if acc is not None:
+                    credits += acc[0]
+                    usd += acc[1]
+            out.append(((credits, usd), bounds))
         return out
 
     def budget_statuses(self, now: float) -> list[BudgetStatus]:
@@ -840,7 +880,7 @@ class Ledger:
             "tasks": self.tasks,
             "expiry": list(self._expiry),  # (ts, task_id) tuples, encoded as arrays
             "usage": [
-                [day, [[p, u, c, d] for (p, u), (c, d) in bucket.items()]]
+                [day, [[p, u, c, d] for (p, u), (c, d) in bucket.by_pair.items()]]
                 for day, bucket in self.usage.items()
             ],
         }
@@ -906,7 +946,9 @@ class Ledger:
                 led.tasks[task_id] = value if isinstance(value, int) else Task(*value)
             led._expiry = deque(tuple(pair) for pair in state["expiry"])
             for day, rows in state["usage"]:
-                led.usage[day] = {(p, u): [c, d] for p, u, c, d in rows}
+                bucket = led.usage[day] = DayUsage()
+                for p, u, c, d in rows:
+                    bucket.add(p, u, c, d)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"state does not fit this version: {e!r}") from None
         return led

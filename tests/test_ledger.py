@@ -13,7 +13,8 @@ import pytest
 
 from exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig, parse_config
 from exporter.events import Event, decode_line
-from exporter.ledger import OTHER, Ledger
+from exporter.ledger import OTHER, DayUsage, Ledger
+from exporter.pricing import Request
 from tests.helpers import line
 
 UTC = dt.UTC
@@ -441,3 +442,47 @@ def test_state_round_trip_is_exact() -> None:
     )
     feed(restored, *lines[150:])
     assert restored.snapshot(NOW) == whole.snapshot(NOW)
+
+
+def test_a_check_reads_only_the_budgets_that_match_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    budgets = [
+        {"name": f"b{i}", "project": f"p{i}", "period": "monthly", "limit_credits": 1000}
+        for i in range(500)
+    ]
+    ledger = Ledger(parse_config({"budgets": budgets}))
+    start = dt.datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+    feed(
+        ledger,
+        *(
+            line(
+                event="task_completed",
+                task_id=f"t{i}",
+                project=f"p{i % 1000}",
+                user=f"u{i % 7}",
+                credits_used=1,
+                timestamp=iso(start + (i % 20) * 86400),
+            )
+            for i in range(5000)
+        ),
+    )
+    calls = {"used": 0, "sum": 0}
+    real_used, real_sum = DayUsage.used, DayUsage._sum
+
+    def used(self: DayUsage, b: BudgetConfig) -> list[float] | None:
+        calls["used"] += 1
+        return real_used(self, b)
+
+    def summed(self: DayUsage) -> object:
+        calls["sum"] += 1
+        return real_sum(self)
+
+    monkeypatch.setattr(DayUsage, "used", used)
+    monkeypatch.setattr(DayUsage, "_sum", summed)
+    request = Request("kling-v2-6", "standard", 5)
+    result = ledger.check(request, 1, "p3", None, NOW)
+    assert [b.name for b in result.budgets] == ["b3"]
+    assert calls["used"] == 20  # one per day of the month so far, for the one budget
+    first_sums = calls["sum"]
+    ledger.check(request, 1, "p4", None, NOW)
+    assert calls["sum"] == first_sums  # the days' sums are kept until a day changes
+    assert ledger.budget_statuses(NOW)[3].used_credits == 5
