@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import msgspec  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
+from bench import web_load  # noqa: E402
 from bench.generate import write as generate  # noqa: E402
 from exporter.collector import KlingCollector, TextRenderer  # noqa: E402
 from exporter.config import parse_config  # noqa: E402
@@ -359,7 +360,7 @@ def main() -> int:
         "--skip",
         nargs="*",
         default=[],
-        choices=["floor", "pipeline", "cold", "mtail", "latency", "render"],
+        choices=["floor", "pipeline", "cold", "mtail", "latency", "render", "web"],
     )
     args = parser.parse_args()
     results: dict[str, Any] = {
@@ -383,6 +384,9 @@ def main() -> int:
             "mtail": lambda: bench_mtail(path, args.lines, workdir),
             "latency": lambda: bench_latency(workdir, args.rate, args.latency_seconds, path),
             "render": bench_render,
+            # Scrapes, pre-flight checks and an auth flood against the real daemon, idle
+            # and while it reads a backlog of the same size (bench/web_load.py).
+            "web": lambda: web_load.run(args.lines),
         }
         for name, step in steps.items():
             if name not in args.skip:
@@ -443,13 +447,15 @@ def print_table(r: dict[str, Any]) -> None:
                 f"prometheus_client's own rendering {ren['library_median_ms']:.0f} ms",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)] if rows else [0, 0, 0]
     print(
         f"\n{r['lines']:,} lines ({r['file_mib']:.0f} MiB), {r['open_tasks']:,} unfinished "
         f"tasks; {r['machine']['cpus']} CPUs, Python {r['machine']['python']}\n"
     )
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if r.get("web"):
+        print(web_load.table(r["web"]))
 
 
 if __name__ == "__main__":

@@ -244,12 +244,14 @@ class DayUsage:
     user and in all are made when a budget first asks after a change, so that a budget
     reads one sum a day, and an event pays only for its own pair."""
 
-    __slots__ = ("by_pair", "sums")
+    __slots__ = ("by_pair", "sums", "version")
 
     def __init__(self) -> None:
         self.by_pair: dict[tuple[str, str | None], list[float]] = {}
-        # (by project, by user, total), or None when by_pair changed since.
-        self.sums: DaySums | None = None
+        # Counts changes; the sums (by project, by user, total) hold the version they
+        # were made from, so sums made while the reader changed the day are made again.
+        self.version = 0
+        self.sums: tuple[int, DaySums] = (-1, ({}, {}, [0.0, 0.0]))
 
     def add(self, project: str, user: str | None, credits: float, usd: float) -> None:
         acc = self.by_pair.get((project, user))
@@ -258,7 +260,7 @@ class DayUsage:
         else:
             acc[0] += credits
             acc[1] += usd
-        self.sums = None
+        self.version += 1
 
     def _sum(self) -> DaySums:
         by_project: dict[str, list[float]] = {}
@@ -285,9 +287,11 @@ class DayUsage:
         """What the budget ``b`` matches of this day."""
         if b.project is not None and b.user is not None:
             return self.by_pair.get((b.project, b.user))
-        sums = self.sums
-        if sums is None:
-            sums = self.sums = self._sum()
+        version, sums = self.sums
+        if version != self.version:
+            version = self.version
+            sums = self._sum()
+            self.sums = (version, sums)
         if b.project is not None:
             return sums[0].get(b.project)
         if b.user is not None:
@@ -658,7 +662,7 @@ class Ledger:
         else:
             used[0] += credits
             used[1] += usd
-        bucket.sums = None
+        bucket.version += 1
 
     def _day_bucket(self, ts: float) -> DayUsage:
         """The usage of the local day holding ``ts``, remembered for the next event."""

@@ -1,0 +1,294 @@
+"""The HTTP face under load, measured against the real daemon on loopback:
+
+- scrape latency at 1,000 projects x 5 models and 500 budgets, idle and while the daemon
+  ingests a backlog, in the same run;
+- pre-flight checks (POST /api/v1/check) per second and their p99 at 16 and 64
+  connections, while the daemon ingests and is scraped every second;
+- an authenticated scrape while 300 concurrent requests send wrong passwords (bcrypt
+  cost 10), plain HTTP.
+
+    python bench/web_load.py                 # backlog of 1,000,000 lines
+    python bench/web_load.py --backlog 200000 --json web.json
+
+bench/run.py calls ``run`` for its HTTP rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import bcrypt
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECTS, MODELS, BUDGETS = 1000, 5, 500
+PASSWORD = "bench-password"  # noqa: S105 - a benchmark's own user
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def wide_log(path: Path) -> None:
+    """One finished task per project and model: 5,000 series in every usage family."""
+    with open(path, "w") as f:
+        for p in range(PROJECTS):
+            for m in range(MODELS):
+                tid = f"w-{p}-{m}"
+                f.write(
+                    json.dumps(
+                        {
+                            "event": "task_submitted",
+                            "task_id": tid,
+                            "project": f"p{p}",
+                            "model": f"kling-m{m}",
+                            "mode": "std",
+                            "duration": 5,
+                        }
+                    )
+                    + "\n"
+                )
+                f.write(json.dumps({"event": "task_completed", "task_id": tid}) + "\n")
+
+
+def start(workdir: Path, port: int, web_config: Path | None = None) -> subprocess.Popen[bytes]:
+    config = {
+        "logs": {"paths": [str(workdir / "logs" / "*.jsonl")], "poll_interval": "100ms"},
+        "state": {"path": ""},
+        "labels": {"max_projects": PROJECTS + 100},
+        "budgets": [
+            {"name": f"b{i}", "project": f"p{i}", "period": "monthly", "limit_credits": 10**6}
+            for i in range(BUDGETS)
+        ],
+    }
+    path = workdir / "bench-http.yml"
+    path.write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "exporter", "serve", "--config.file", str(path)]
+    cmd += ["--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warn"]
+    if web_config is not None:
+        cmd += ["--web.config.file", str(web_config)]
+    return subprocess.Popen(
+        cmd,
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def lines_read(session: aiohttp.ClientSession, base: str) -> float:
+    async with session.get(base + "/metrics") as r:
+        text = await r.text()
+    for raw in text.splitlines():
+        if raw.startswith("kling_log_lines_read_total "):
+            return float(raw.split()[1])
+    return 0.0
+
+
+async def wait_for(session: aiohttp.ClientSession, base: str, lines: float, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if await lines_read(session, base) >= lines:
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the daemon did not read {lines:.0f} lines in {limit:.0f} s")
+
+
+async def timed_scrape(session: aiohttp.ClientSession, url: str, **kw: Any) -> float:
+    start = time.perf_counter()
+    async with session.get(url, **kw) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"scrape answered {r.status}")
+    return (time.perf_counter() - start) * 1000
+
+
+async def checks(base: str, connections: int, seconds: float) -> dict[str, float]:
+    body = json.dumps({"project": "p7", "model": "kling-v2-6", "mode": "std", "duration": 5})
+    latencies: list[float] = []
+    refused = 0
+    deadline = time.monotonic() + seconds
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal refused
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                async with session.post(base + "/api/v1/check", data=body) as r:
+                    await r.read()
+                    if r.status != 200:
+                        refused += 1
+                        continue
+                latencies.append((time.perf_counter() - start) * 1000)
+
+        await asyncio.gather(*(worker() for _ in range(connections)))
+    return {
+        "per_s": len(latencies) / seconds,
+        "p50_ms": percentile(latencies, 0.5),
+        "p99_ms": percentile(latencies, 0.99),
+        "refused": refused,
+    }
+
+
+async def measure_load(workdir: Path, backlog: Path, backlog_lines: int) -> dict[str, Any]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start(workdir, port)
+    out: dict[str, Any] = {}
+    try:
+        async with aiohttp.ClientSession() as session:
+            wide = 2 * PROJECTS * MODELS
+            await wait_for(session, base, wide, 120)
+            idle = [await timed_scrape(session, base + "/metrics") for _ in range(60)]
+            out["scrape_idle"] = {"p50_ms": percentile(idle, 0.5), "p99_ms": percentile(idle, 0.99)}
+            for n in (16, 64):
+                out[f"check_idle_{n}"] = await checks(base, n, 3)
+
+            # The backlog appears under the globs: everything below runs while it is read,
+            # scraped every second as by an impatient Prometheus.
+            os.rename(backlog, workdir / "logs" / "backlog.jsonl")
+            total = wide + backlog_lines
+            loaded: list[float] = []
+            done = asyncio.Event()
+
+            async def scraper() -> None:
+                while not done.is_set():
+                    loaded.append(await timed_scrape(session, base + "/metrics"))
+                    await asyncio.sleep(1)
+
+            async def watcher() -> None:
+                while await lines_read(session, base) < total:
+                    await asyncio.sleep(0.2)
+                done.set()
+
+            tasks = [asyncio.create_task(scraper()), asyncio.create_task(watcher())]
+            for n in (16, 64):
+                result = await checks(base, n, 3)
+                result["while_ingesting"] = not done.is_set()
+                out[f"check_loaded_{n}"] = result
+            await asyncio.gather(*tasks)
+            out["scrape_loaded"] = {
+                "p50_ms": percentile(loaded, 0.5),
+                "p99_ms": percentile(loaded, 0.99),
+                "samples": len(loaded),
+            }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
+
+
+async def measure_auth_flood(workdir: Path) -> dict[str, float]:
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode()
+    web = workdir / "web.yml"
+    web.write_text(json.dumps({"basic_auth_users": {"bench": hashed}}))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    good = {"Authorization": "Basic " + base64.b64encode(f"bench:{PASSWORD}".encode()).decode()}
+    bad = {"Authorization": "Basic " + base64.b64encode(b"bench:wrong").decode()}
+    proc = start(workdir, port, web)
+    try:
+        async with aiohttp.ClientSession(headers=good) as session:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    await timed_scrape(session, base + "/metrics")
+                    break
+                except (aiohttp.ClientError, RuntimeError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            connector = aiohttp.TCPConnector(limit=300)
+            async with aiohttp.ClientSession(connector=connector, headers=bad) as attackers:
+
+                async def attack() -> None:
+                    async with attackers.get(base + "/metrics") as r:
+                        await r.read()
+
+                flood = asyncio.gather(*(attack() for _ in range(300)))
+                await asyncio.sleep(0.1)
+                during = [await timed_scrape(session, base + "/metrics") for _ in range(10)]
+                await flood
+        return {"p50_ms": percentile(during, 0.5), "max_ms": max(during)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run(backlog_lines: int = 1_000_000) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="kling-bench-http-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "logs").mkdir()
+        wide_log(workdir / "logs" / "wide.jsonl")
+        backlog = workdir / "backlog.jsonl"
+        generate = [sys.executable, str(ROOT / "bench" / "generate.py"), "--out", str(backlog)]
+        subprocess.run(
+            [*generate, "--lines", str(backlog_lines), "--open-tasks", str(backlog_lines // 10)],
+            check=True,
+            capture_output=True,
+        )
+        result = asyncio.run(measure_load(workdir, backlog, backlog_lines))
+        result["auth_flood"] = asyncio.run(measure_auth_flood(workdir))
+        return result
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [
+        ("scrape, idle (5,000 series, 500 budgets)", r["scrape_idle"]),
+        ("scrape, while ingesting", r["scrape_loaded"]),
+    ]
+    out = [f"{name:<44} p50 {v['p50_ms']:.0f} ms, p99 {v['p99_ms']:.0f} ms" for name, v in rows]
+    for state in ("idle", "loaded"):
+        for n in (16, 64):
+            v = r[f"check_{state}_{n}"]
+            label = f"pre-flight, {n} connections, {state}"
+            if state == "loaded" and not v["while_ingesting"]:
+                label += " (ingest ended)"
+            out.append(
+                f"{label:<44} {v['per_s']:,.0f}/s, p50 {v['p50_ms']:.1f} ms, "
+                f"p99 {v['p99_ms']:.1f} ms"
+            )
+    v = r["auth_flood"]
+    label = "verified scrape under 300 wrong passwords"
+    out.append(f"{label:<44} p50 {v['p50_ms']:.0f} ms, max {v['max_ms']:.0f} ms")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backlog", type=int, default=1_000_000, help="lines read under load")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if args.backlog < 1000:
+        parser.error("--backlog must be at least 1000")
+    result = run(args.backlog)
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
