@@ -20,7 +20,9 @@ RUN mkdir -p logs && chown kling:kling logs
 VOLUME ["/var/lib/kling-exporter", "/var/lib/kling-exporter/logs"]
 USER kling
 EXPOSE 10177
+# With TLS or another port, set KLING_EXPORTER_HEALTH_URL (e.g. https://127.0.0.1:9443/-/healthy).
+ENV KLING_EXPORTER_HEALTH_URL=http://127.0.0.1:10177/-/healthy
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:10177/-/healthy', timeout=4)"]
+  CMD ["kling-exporter", "healthcheck"]
 ENTRYPOINT ["kling-exporter"]
 CMD ["serve"]

@@ -7,10 +7,12 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +38,18 @@ from exporter.webconfig import WebConfig, load_web_config
 log = logging.getLogger("exporter")
 
 DEFAULT_LISTEN = ":10177"
-COMMANDS = ("serve", "report", "costs", "export", "estimate", "check-config", "demo")
+COMMANDS = (
+    "serve",
+    "report",
+    "costs",
+    "export",
+    "estimate",
+    "check-config",
+    "demo",
+    "healthcheck",
+)
+# The container's health check asks this (set it where TLS or another port is used).
+HEALTH_URL_ENV = "KLING_EXPORTER_HEALTH_URL"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -146,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", help="the YAML configuration file")
+
+    health = sub.add_parser(
+        "healthcheck",
+        help="exit 0 if the exporter on this host answers /-/healthy (for HEALTHCHECK)",
+    )
+    health.add_argument(
+        "--url",
+        default=None,
+        help=f"health URL (default: ${HEALTH_URL_ENV}, else http://127.0.0.1:10177/-/healthy);"
+        " an https URL is not checked against a CA: this asks the local process",
+    )
 
     demo = sub.add_parser("demo", help="write realistic synthetic events and serve them")
     demo.add_argument(
@@ -383,6 +407,26 @@ def _load(path: str | None) -> Config:
         raise SystemExit(2) from None
 
 
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    default = f"http://127.0.0.1:{DEFAULT_LISTEN.rsplit(':', 1)[1]}/-/healthy"
+    url = args.url or os.environ.get(HEALTH_URL_ENV) or default
+    if not url.startswith(("http://", "https://")):
+        print(f"kling-exporter: healthcheck: not an http(s) URL: {url!r}", file=sys.stderr)
+        return 2
+    # The exporter on this host, reached by loopback: its certificate may name another
+    # host, and trusting it is the point of asking.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=4, context=context) as answer:  # noqa: S310
+            ok = answer.status == 200
+    except (OSError, ValueError) as e:
+        print(f"kling-exporter: healthcheck: {url}: {e}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
@@ -482,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "logfmt"))
     commands = {
         "check-config": cmd_check_config,
+        "healthcheck": cmd_healthcheck,
         "report": cmd_report,
         "costs": cmd_costs,
         "export": cmd_export,

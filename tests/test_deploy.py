@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from exporter.cli import DEFAULT_LISTEN, build_parser
+from exporter.cli import DEFAULT_LISTEN, HEALTH_URL_ENV, build_parser
 from exporter.config import Config
 from tests.helpers import ROOT, require_binary
 
@@ -37,8 +37,12 @@ def test_dockerfile_agrees_with_the_cli_defaults() -> None:
     assert d["EXPOSE"] == [port]
     assert yaml.safe_load(d["ENTRYPOINT"][0]) == ["kling-exporter"]
     assert yaml.safe_load(d["CMD"][0]) == ["serve"]
-    health = d["HEALTHCHECK"][0]
-    assert f"http://127.0.0.1:{port}/-/healthy" in health
+    assert yaml.safe_load(d["HEALTHCHECK"][0].split("CMD", 1)[1]) == [
+        "kling-exporter",
+        "healthcheck",
+    ]
+    env = dict(item.split("=", 1) for item in d["ENV"][-1].split())
+    assert env[HEALTH_URL_ENV] == f"http://127.0.0.1:{port}/-/healthy"
     user = d["USER"][0]
     assert user not in ("root", "0")
     workdir = PurePosixPath(d["WORKDIR"][-1])

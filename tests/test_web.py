@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
+import os
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from exporter.cli import HEALTH_URL_ENV
 from exporter.webconfig import BasicAuth
 from tests.helpers import ROOT, DaemonProcess, free_port, require_binary, wait_until, write_lines
 from tests.stack import Process
@@ -316,3 +319,22 @@ def test_prometheus_scrapes_over_tls_with_basic_auth(
         assert up[0]["value"][1] == "1" and up[0]["metric"]["job"] == "kling-exporter"
     finally:
         prom.stop()
+
+
+def test_healthcheck_command_reaches_a_tls_exporter_on_another_port(
+    tmp_path: Path, certs: dict[str, Path], daemon_factory: Factory
+) -> None:
+    d = start(daemon_factory, tmp_path, web_config(tmp_path, certs))
+    url = f"https://127.0.0.1:{d.port}/-/healthy"
+
+    def health(*args: str, env: dict[str, str] | None = None) -> int:
+        cmd = [sys.executable, "-m", "exporter", "healthcheck", *args]
+        environ = {**os.environ, "PYTHONPATH": str(ROOT)}
+        environ.pop(HEALTH_URL_ENV, None)
+        environ.update(env or {})
+        done = subprocess.run(cmd, env=environ, capture_output=True, timeout=30, check=False)
+        return done.returncode
+
+    assert wait_until(lambda: health("--url", url) == 0, timeout=20)
+    assert health(env={HEALTH_URL_ENV: url}) == 0
+    assert health("--url", f"http://127.0.0.1:{free_port()}/-/healthy") == 1
