@@ -15,6 +15,7 @@ import tempfile
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -281,6 +282,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             ],
         )
     )
+    print(
+        f"\nsuccess: {result['success_rate']:.1%} of finished tasks (errors included), "
+        f"{result['success_rate_completions']:.1%} of completions alone"
+    )
     for title, key in (("model", "by_model"), ("project", "by_project")):
         rows = [
             [
@@ -301,6 +306,23 @@ def cmd_report(args: argparse.Namespace) -> int:
                     [title, "submitted", "succeeded", "failed", "errors", "credits", "USD"], rows
                 )
             )
+    budgets = [
+        [
+            b["name"],
+            b["period"],
+            float(b["used_credits"]),
+            "-" if b["limit_credits"] is None else float(b["limit_credits"]),
+            "-" if b["over_by_credits"] is None else float(b["over_by_credits"]),
+            float(b["used_usd"]),
+            "-" if b["limit_usd"] is None else float(b["limit_usd"]),
+            "-" if b["over_by_usd"] is None else float(b["over_by_usd"]),
+        ]
+        for b in result["budgets"]
+    ]
+    if budgets:
+        print(f"\nBudgets at the end of {result['date']}:")
+        headers = ["budget", "period", "credits", "limit", "over by", "USD", "limit", "over by"]
+        print(reports.table(headers, budgets))
     return 0
 
 
@@ -313,8 +335,19 @@ def cmd_costs(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"Kling costs, {result['from']} to {result['to']} ({config.timezone})\n")
-    rows = [
-        [d["date"], float(d["credits"]), int(d["videos"]), float(d["usd"])]
+
+    def per(value: float | None) -> float | str:
+        return "-" if value is None else float(value)
+
+    rows: list[list[Any]] = [
+        [
+            d["date"],
+            float(d["credits"]),
+            int(d["videos"]),
+            int(d["succeeded"]),
+            float(d["usd"]),
+            per(d["usd_per_succeeded"]),
+        ]
         for d in result["per_day"]
     ]
     rows.append(
@@ -322,7 +355,9 @@ def cmd_costs(args: argparse.Namespace) -> int:
             "total",
             float(result["total_credits"]),
             int(result["total_videos"]),
+            int(result["total_succeeded"]),
             float(result["total_usd"]),
+            per(result["usd_per_succeeded"]),
         ]
     )
     rows.append(
@@ -330,10 +365,14 @@ def cmd_costs(args: argparse.Namespace) -> int:
             "average/day",
             float(result["avg_credits_per_day"]),
             round(result["total_videos"] / args.days, 2),
+            round(result["total_succeeded"] / args.days, 2),
             float(result["avg_usd_per_day"]),
+            "",
         ]
     )
-    print(reports.table(["date", "credits", "videos", "USD"], rows))
+    # videos: tasks submitted that day, as usage scripts count them.
+    headers = ["date", "credits", "videos", "succeeded", "USD", "USD/succeeded"]
+    print(reports.table(headers, rows))
     return 0
 
 

@@ -72,7 +72,11 @@ class Event(msgspec.Struct, gc=False):
 
     event: Literal["task_submitted", "task_completed", "task_error"] | None = None
     timestamp: dt.datetime | float | None = None
-    task_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | int | None = None
+    # UNSET when the line has no task_id at all; None when it says null (a task_error
+    # logged when the submission itself failed, before Kling gave the task an id).
+    task_id: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | int | msgspec.UnsetType | None
+    ) = msgspec.UNSET
     project: LabelOrNumber | None = None
     project_id: LabelOrNumber | None = None
     user: LabelOrNumber | None = None
@@ -128,17 +132,20 @@ def decode_line(line: bytes) -> Event | str:
             return "invalid_utf8"
         return "invalid_json"
     name = e.event
+    task_id = e.task_id
     if name is None:
         if e.credits is None:
-            return "unknown_event" if e.task_id is not None else "missing_field"
+            return "unknown_event" if task_id else "missing_field"
         e.type = USAGE
     else:
         e.type = EVENT_NAMES[name]
-    task_id = e.task_id
-    if task_id is None:
-        return "missing_field"
     if type(task_id) is int:
         e.task_id = str(task_id)
+    elif task_id is None:
+        if e.type != ERROR:
+            return "missing_field"
+    elif task_id is msgspec.UNSET:
+        return "missing_field"
     stamp = e.timestamp
     if stamp is None:
         e.ts = None

@@ -142,6 +142,9 @@ class CheckBudget(msgspec.Struct, frozen=True):
     credits_remaining: float | None
     usd_remaining: float | None
     utilization_after: float
+    # How far past its limits the budget already is (0 within them; None: no such limit).
+    over_by_credits: float | None = None
+    over_by_usd: float | None = None
 
 
 class CheckResult(msgspec.Struct, frozen=True):
@@ -171,6 +174,9 @@ class BudgetStatus(msgspec.Struct, frozen=True):
     utilization: float
     period_start: float
     period_end: float
+    # Remaining never goes below 0; these say by how much a budget is over instead.
+    over_by_credits: float | None = None
+    over_by_usd: float | None = None
 
 
 class Snapshot(msgspec.Struct):
@@ -222,7 +228,14 @@ def _budget_status(
         utilization=util,
         period_start=bounds[0],
         period_end=bounds[1],
+        over_by_credits=over_by(credits, b.limit_credits),
+        over_by_usd=over_by(usd, b.limit_usd),
     )
+
+
+def over_by(used: float, limit: float | None) -> float | None:
+    """How far ``used`` is past ``limit``: 0 within it, None for no limit."""
+    return None if limit is None else max(used - limit, 0.0)
 
 
 def _event_fields(e: Event) -> list[Any]:
@@ -436,9 +449,29 @@ class Ledger:
         elif kind == ev_mod.COMPLETED:
             self._finished(event, task_id, ts, _DONE, now)
         elif kind == ev_mod.ERROR:
-            self._finished(event, task_id, ts, _ERR, now)
+            if task_id is None:
+                self._error_without_task(event, ts)
+            else:
+                self._finished(event, task_id, ts, _ERR, now)
         else:
             self._usage_line(event, task_id, ts)
+
+    def _error_without_task(self, e: Event, ts: float) -> None:
+        """A task_error with ``"task_id": null``: the submission itself failed (rate
+        limit, auth) before there was a task. Counted under its own project and error
+        type; there is nothing to join or to deduplicate."""
+        task = self._new_task(e, ts, 0)
+        acc, _, project, _ = self._route(task.project, task.model)
+        error = self.error_labels.get(e.error_type or ev_mod.UNKNOWN_ERROR)
+        self.errors[(project, error)] = self.errors.get((project, error), 0) + 1
+        credits = e.credits_used or 0.0
+        if credits:
+            self._charge(acc, task.project, task.user, ts, credits)
+        if self.observer is not None:
+            usd = credits * self.pricing.usd_per_credit
+            self.observer(
+                _record("error", "", task, ts, error_type=error, credits=credits, usd=usd)
+            )
 
     def _new_task(self, e: Event, ts: float, flags: int) -> Task:
         # Interned: each decoded line brings its own copies of the same few names, and
@@ -811,6 +844,8 @@ class Ledger:
                     credits_remaining=remaining_c,
                     usd_remaining=remaining_u,
                     utilization_after=after,
+                    over_by_credits=over_by(used_c, b.limit_credits),
+                    over_by_usd=over_by(used_u, b.limit_usd),
                 )
             )
         return CheckResult(

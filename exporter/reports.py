@@ -10,12 +10,13 @@ import csv
 import datetime as dt
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 from exporter.config import Config
 from exporter.ingest import ingest
-from exporter.ledger import Ledger, Record
+from exporter.ledger import Ledger, Record, over_by
+from exporter.periods import period_bounds
 from exporter.tailer import matching_files
 
 
@@ -63,7 +64,7 @@ def _count(t: dict[str, float], r: Record) -> None:
     t["usd"] += r.usd
 
 
-def daily_report(records: Iterable[Record], day: dt.date, config: Config) -> dict[str, Any]:
+def daily_report(records: Sequence[Record], day: dt.date, config: Config) -> dict[str, Any]:
     total = _tally()
     by_model: dict[str, dict[str, float]] = defaultdict(_tally)
     by_project: dict[str, dict[str, float]] = defaultdict(_tally)
@@ -75,20 +76,55 @@ def daily_report(records: Iterable[Record], day: dt.date, config: Config) -> dic
             _count(t, r)
         if r.event == "completed" and r.status == "succeed" and r.elapsed is not None:
             elapsed.append(r.elapsed)
-    finished = total["succeeded"] + total["failed"] + total["errors"]
+    completed = total["succeeded"] + total["failed"]
+    finished = completed + total["errors"]
     return {
         "date": day.isoformat(),
         "total_submitted": int(total["submitted"]),
         "succeeded": int(total["succeeded"]),
         "failed": int(total["failed"]),
         "errors": int(total["errors"]),
+        # Of every finished task, errors included (the rate users feel); and of the
+        # completions alone, as hand-rolled trackers compute it.
         "success_rate": round(total["succeeded"] / finished, 4) if finished else 0.0,
+        "success_rate_completions": round(total["succeeded"] / completed, 4) if completed else 0.0,
         "total_credits": round(total["credits"], 4),
         "total_usd": round(total["usd"], 4),
         "avg_generation_sec": round(sum(elapsed) / len(elapsed), 2) if elapsed else 0.0,
         "by_model": {k: _rounded(v) for k, v in sorted(by_model.items())},
         "by_project": {k: _rounded(v) for k, v in sorted(by_project.items())},
+        "budgets": budget_report(records, day, config),
     }
+
+
+def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> list[dict[str, Any]]:
+    """Each budget in its period as of the end of ``day``: used, remaining (never below
+    0) and by how much it is over (``over_by_*``, 0 within the limit)."""
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), config.tz).timestamp()
+    out = []
+    for b in config.budgets:
+        start, _ = period_bounds(b.period, end - 1, config.tz)
+        credits = usd = 0.0
+        for r in records:
+            if (
+                start <= r.ts < end
+                and (b.project is None or r.project == b.project)
+                and (b.user is None or r.user == b.user)
+            ):
+                credits += r.credits
+                usd += r.usd
+        out.append(
+            {
+                "name": b.name,
+                "period": b.period,
+                "used_credits": round(credits, 4),
+                "used_usd": round(usd, 4),
+                "limit_credits": b.limit_credits,
+                "limit_usd": b.limit_usd,
+                **overspend(b.limit_credits, b.limit_usd, credits, usd),
+            }
+        )
+    return out
 
 
 def _rounded(t: dict[str, float]) -> dict[str, float]:
@@ -99,8 +135,11 @@ def cost_analysis(
     records: Iterable[Record], days: int, today: dt.date, config: Config
 ) -> dict[str, Any]:
     first = today - dt.timedelta(days=days - 1)
+    # "videos" are tasks submitted that day, as the usage scripts teams ran before
+    # count them; "succeeded" are the ones that succeeded.
     per_day = {
-        first + dt.timedelta(days=i): {"credits": 0.0, "videos": 0, "usd": 0.0} for i in range(days)
+        first + dt.timedelta(days=i): {"credits": 0.0, "videos": 0, "succeeded": 0, "usd": 0.0}
+        for i in range(days)
     }
     for r in records:
         row = per_day.get(local_date(r.ts, config))
@@ -108,10 +147,13 @@ def cost_analysis(
             continue
         row["credits"] += r.credits
         row["usd"] += r.usd
-        if r.event == "completed" and r.status == "succeed" and r.kind == "video":
+        if r.event == "submitted":
             row["videos"] += 1
+        elif r.event == "completed" and r.status == "succeed":
+            row["succeeded"] += 1
     total_credits = sum(r["credits"] for r in per_day.values())
     total_usd = sum(r["usd"] for r in per_day.values())
+    total_succeeded = int(sum(r["succeeded"] for r in per_day.values()))
     return {
         "days": days,
         "from": first.isoformat(),
@@ -121,35 +163,57 @@ def cost_analysis(
                 "date": d.isoformat(),
                 "credits": round(r["credits"], 4),
                 "videos": int(r["videos"]),
+                "succeeded": int(r["succeeded"]),
                 "usd": round(r["usd"], 4),
+                "usd_per_succeeded": _per(r["usd"], r["succeeded"]),
             }
             for d, r in per_day.items()
         ],
         "total_credits": round(total_credits, 4),
         "total_videos": int(sum(r["videos"] for r in per_day.values())),
+        "total_succeeded": total_succeeded,
         "total_usd": round(total_usd, 4),
+        "usd_per_succeeded": _per(total_usd, total_succeeded),
         "avg_credits_per_day": round(total_credits / days, 4),
         "avg_usd_per_day": round(total_usd / days, 4),
     }
 
 
+def _per(amount: float, count: float) -> float | None:
+    return round(amount / count, 4) if count else None
+
+
+def overspend(
+    limit_credits: float | None, limit_usd: float | None, credits: float, usd: float
+) -> dict[str, float | None]:
+    """How far past its limits a budget is: 0 within them, None for a limit not set."""
+    over = {
+        "over_by_credits": over_by(credits, limit_credits),
+        "over_by_usd": over_by(usd, limit_usd),
+    }
+    return {k: None if v is None else round(v, 4) for k, v in over.items()}
+
+
+# The first seven columns are those of the usage scripts teams already run
+# (export_usage_csv), with the log's own event names; ours follow. A stable contract.
 CSV_COLUMNS = (
     "timestamp",
     "event",
     "task_id",
+    "model",
+    "status",
+    "credits_used",
+    "elapsed_sec",
     "project",
     "user",
-    "model",
     "mode",
     "duration",
     "audio",
     "kind",
-    "status",
-    "elapsed_sec",
     "error_type",
-    "credits",
     "usd",
 )
+EVENT_NAMES = {"submitted": "task_submitted", "completed": "task_completed", "error": "task_error"}
 
 
 def export_csv(
@@ -168,23 +232,24 @@ def export_csv(
         if (since and day < since) or (until and day > until):
             continue
         stamp = dt.datetime.fromtimestamp(r.ts, dt.UTC).isoformat().replace("+00:00", "Z")
+        charged = r.event != "submitted"
         writer.writerow(
             [
                 stamp,
-                r.event,
+                EVENT_NAMES[r.event],
                 r.task_id,
+                r.model,
+                r.status or "",
+                f"{r.credits:g}" if charged else "",
+                "" if r.elapsed is None else r.elapsed,
                 r.project,
                 r.user or "",
-                r.model,
                 r.mode,
                 r.duration,
                 str(r.audio).lower(),
                 r.kind,
-                r.status or "",
-                "" if r.elapsed is None else r.elapsed,
                 r.error_type or "",
-                f"{r.credits:g}",
-                f"{r.usd:.4f}",
+                f"{r.usd:.4f}" if charged else "",
             ]
         )
         rows += 1

@@ -22,6 +22,8 @@ submitted  succeeded  failed  errors  success  credits    USD  avg gen s
 ---------  ---------  ------  ------  -------  -------  -----  ---------
         7          3       1       1  60.0%     245.00  34.30     235.25
 
+success: 60.0% of finished tasks (errors included), 75.0% of completions alone
+
 By model:
 model             submitted  succeeded  failed  errors  credits    USD
 ----------------  ---------  ---------  ------  ------  -------  -----
@@ -139,8 +141,8 @@ def test_costs_per_day(
     assert result["total_usd"] == pytest.approx(8.4)
     code, out, _ = run(capsys, "costs", "--days", "3")
     assert code == 0
-    assert out.splitlines()[-2].split() == ["total", "60.00", "3", "8.40"]
-    assert out.splitlines()[-1].split() == ["average/day", "20.00", "1.00", "2.80"]
+    assert out.splitlines()[-2].split() == ["total", "60.00", "3", "3", "8.40", "2.80"]
+    assert out.splitlines()[-1].split() == ["average/day", "20.00", "1.00", "1.00", "2.80"]
 
 
 def test_export_csv_with_a_date_range(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,41 +153,45 @@ def test_export_csv_with_a_date_range(logs: Path, capsys: pytest.CaptureFixture[
     code, _, err = run(capsys, "export", "--output", "all.csv")
     assert code == 0 and "wrote 14 events" in err
     rows = list(csv.DictReader(open("all.csv", encoding="utf-8")))  # noqa: SIM115
+    # The seven columns of the usage scripts teams already run come first, as they wrote
+    # them; ours follow.
     assert list(rows[0]) == [
         "timestamp",
         "event",
         "task_id",
+        "model",
+        "status",
+        "credits_used",
+        "elapsed_sec",
         "project",
         "user",
-        "model",
         "mode",
         "duration",
         "audio",
         "kind",
-        "status",
-        "elapsed_sec",
         "error_type",
-        "credits",
         "usd",
     ]
     assert rows[3] == {
         "timestamp": "2026-11-22T09:06:00Z",
-        "event": "completed",
+        "event": "task_completed",
         "task_id": "m2",
+        "model": "kling-v2-6",
+        "status": "succeed",
+        "credits_used": "200",
+        "elapsed_sec": "355.0",
         "project": "marketing",
         "user": "ann",
-        "model": "kling-v2-6",
         "mode": "professional",
         "duration": "10",
         "audio": "true",
         "kind": "video",
-        "status": "succeed",
-        "elapsed_sec": "355.0",
         "error_type": "",
-        "credits": "200",
         "usd": "28.0000",
     }
-    assert sum(float(r["credits"]) for r in rows) == 250
+    assert {r["event"] for r in rows} == {"task_submitted", "task_completed", "task_error"}
+    assert all(r["credits_used"] == "" for r in rows if r["event"] == "task_submitted")
+    assert sum(float(r["credits_used"] or 0) for r in rows) == 250
     code, _, err = run(
         capsys, "export", "--output", "day.csv", "--since", "2026-11-23", "--until", "2026-11-23"
     )

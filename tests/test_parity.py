@@ -1,0 +1,189 @@
+"""Drop-in parity with the hand-rolled scripts teams already run: a KlingEventLogger
+that writes the log, UsageAnalytics (daily_summary, cost_analysis, export_usage_csv) that
+reads it, and a BudgetGuard. The lines here are in exactly their format: naive
+``datetime.utcnow().isoformat()`` timestamps, no project, ``prompt_len``, a message cut
+to 200 characters, and ``"task_id": null`` on an error before the task existed."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from exporter.cli import main
+from exporter.config import parse_config
+from exporter.ledger import Ledger
+from exporter.pricing import Request
+from tests.test_ledger import feed
+
+DAY = dt.datetime(2026, 11, 22, 9, 0, 0, 123456)
+CONFIG = """
+budgets:
+  - {name: team, period: daily, limit_credits: 100, limit_usd: 12}
+"""
+
+
+def at(minutes: int) -> str:
+    return (DAY + dt.timedelta(minutes=minutes)).isoformat()  # as utcnow().isoformat()
+
+
+def their_log() -> list[str]:
+    """What their KlingEventLogger writes for a day: three tasks, one that fails, one
+    error with a task, and one submission that failed before Kling gave it an id."""
+    lines: list[dict[str, object]] = []
+    for i, (credits, model) in enumerate(((35, "kling-v2-6"), (70, "kling-v2-6"))):
+        lines.append(
+            {
+                "timestamp": at(i * 10),
+                "event": "task_submitted",
+                "task_id": f"t{i}",
+                "model": model,
+                "duration": 5,
+                "mode": "pro",
+                "prompt_len": 120,
+            }
+        )
+        lines.append(
+            {
+                "timestamp": at(i * 10 + 3),
+                "event": "task_completed",
+                "task_id": f"t{i}",
+                "status": "succeed",
+                "elapsed_sec": 180.5,
+                "credits_used": credits,
+            }
+        )
+    lines.append(
+        {
+            "timestamp": at(30),
+            "event": "task_submitted",
+            "task_id": "t2",
+            "model": "kling-v1",
+            "duration": 10,
+            "mode": "std",
+            "prompt_len": 80,
+        }
+    )
+    lines.append(
+        {
+            "timestamp": at(33),
+            "event": "task_completed",
+            "task_id": "t2",
+            "status": "failed",
+            "elapsed_sec": 40.0,
+            "credits_used": 0,
+        }
+    )
+    lines.append(
+        {
+            "timestamp": at(40),
+            "event": "task_error",
+            "task_id": None,
+            "error_type": "rate_limit",
+            "message": ("429 Too Many Requests: " + "x" * 400)[:200],
+        }
+    )
+    return [json.dumps(x) for x in lines]
+
+
+@pytest.fixture
+def logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "kling-2026-11-22.jsonl").write_text("\n".join(their_log()) + "\n")
+    (tmp_path / "config.yml").write_text(CONFIG)
+    return tmp_path
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+    assert main([*args, "--config.file", "config.yml", "--format", "json"]) == 0
+    result: dict[str, object] = json.loads(capsys.readouterr().out)
+    return result
+
+
+def test_an_error_before_the_task_existed_is_counted(
+    logs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = run_json(capsys, "report", "--date", "2026-11-22")
+    assert report["errors"] == 1
+    assert report["by_project"]["default"]["errors"] == 1  # type: ignore[index]
+    ledger = Ledger(parse_config({}))
+    feed(ledger, *their_log())
+    assert ledger.errors == {("default", "rate_limit"): 1}
+
+
+def test_success_rate_says_which_and_gives_theirs_too(
+    logs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = run_json(capsys, "report", "--date", "2026-11-22")
+    assert report["success_rate"] == round(2 / 4, 4)  # of finished tasks, errors included
+    assert report["success_rate_completions"] == round(2 / 3, 4)  # theirs: completions only
+
+
+def test_videos_are_tasks_submitted_and_succeeded_has_its_own_key(
+    logs: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("exporter.cli._today", lambda config: dt.date(2026, 11, 22))
+    costs = run_json(capsys, "costs", "--days", "1")
+    day = costs["per_day"][0]  # type: ignore[index]
+    assert (day["videos"], day["succeeded"]) == (3, 2)
+    assert day["credits"] == 105
+    assert day["usd_per_succeeded"] == pytest.approx(105 * 0.14 / 2)
+    assert costs["total_videos"] == 3 and costs["total_succeeded"] == 2
+
+
+def test_csv_export_keeps_their_seven_columns_first(
+    logs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["export", "--config.file", "config.yml", "--output", "usage.csv"]) == 0
+    with open("usage.csv", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:7] == [
+        "timestamp",
+        "event",
+        "task_id",
+        "model",
+        "status",
+        "credits_used",
+        "elapsed_sec",
+    ]
+    theirs = [row[:7] for row in rows[1:]]
+    assert [r[1] for r in theirs] == [
+        "task_submitted",
+        "task_completed",
+        "task_submitted",
+        "task_completed",
+        "task_submitted",
+        "task_completed",
+        "task_error",
+    ]
+    assert theirs[1][2:] == ["t0", "kling-v2-6", "succeed", "35", "180.5"]
+    assert theirs[-1][2:5] == ["", "unknown", ""]
+
+
+def test_overspend_is_shown_not_hidden(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = run_json(capsys, "report", "--date", "2026-11-22")
+    budgets: list[dict[str, float]] = report["budgets"]  # type: ignore[assignment]
+    (team,) = budgets
+    assert team["used_credits"] == 105 and team["over_by_credits"] == 5
+    assert team["over_by_usd"] == pytest.approx(105 * 0.14 - 12)
+    ledger = Ledger(
+        parse_config(
+            {
+                "budgets": [
+                    {"name": "team", "period": "daily", "limit_credits": 100, "limit_usd": 12}
+                ]
+            }
+        )
+    )
+    feed(ledger, *their_log())
+    now = (DAY + dt.timedelta(hours=1)).replace(tzinfo=dt.UTC).timestamp()
+    status = ledger.budget_statuses(now)[0]
+    assert (status.remaining_credits, status.over_by_credits) == (0, 5)
+    answer = ledger.check(Request("kling-v2-6", "standard", 5), 1, "default", None, now)
+    assert not answer.allowed
+    assert answer.budgets[0].over_by_credits == 5
+    assert answer.budgets[0].over_by_usd == pytest.approx(105 * 0.14 - 12)
