@@ -4,7 +4,7 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 ARGS    ?=
 
-.PHONY: run demo test lint typecheck unit tools clean screenshots dashboards
+.PHONY: run demo test lint typecheck unit tools clean screenshots dashboards kubernetes
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ screenshots: $(BIN)/.installed tools
 ## dashboards: rewrite grafana/dashboards/*.json from grafana/build_dashboards.py
 dashboards: $(BIN)/.installed
 	$(BIN)/python grafana/build_dashboards.py
+
+## kubernetes: rewrite examples/kubernetes' PrometheusRule and dashboards ConfigMap
+kubernetes: $(BIN)/.installed
+	$(BIN)/python examples/kubernetes/build.py
 
 ## tools: Prometheus, promtool, Alertmanager and amtool for the end-to-end tests
 tools:
