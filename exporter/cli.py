@@ -30,10 +30,10 @@ from exporter.config import (
 )
 from exporter.daemon import Daemon
 from exporter.demo import DemoTraffic, demo_config
+from exporter.listing import ListingError
 from exporter.logsetup import LEVELS, setup_logging
 from exporter.pricing import Pricing, Request
 from exporter.server import GuardedSite, Limits, build_app, parse_listen_address
-from exporter.tailer import ListingError
 from exporter.webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("exporter")

@@ -16,8 +16,8 @@ from typing import Any, TextIO
 from exporter.config import Config
 from exporter.ingest import ingest
 from exporter.ledger import Ledger, Record, over_by
+from exporter.listing import matching_files
 from exporter.periods import period_bounds
-from exporter.tailer import matching_files
 
 
 def read_records(config: Config, progress: TextIO | None = None) -> list[Record]:

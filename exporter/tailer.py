@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
-import glob
 import hashlib
 import logging
 import os
-import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +32,15 @@ from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from exporter.config import LogsConfig
+from exporter.listing import (
+    ABSENT,
+    ListingError,
+    glob_base,
+    matching_files,
+    scandir,
+    warn_once,
+    warned,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +51,9 @@ MIN_TWIN_FINGERPRINT = 64
 # Positions of files that left the globs, kept in case they come back.
 KEEP_GONE = 10_000
 KEEP_GONE_SECONDS = 7 * 86400
-# Errors that say a path is not there (as opposed to "could not look").
-_ABSENT = (errno.ENOENT, errno.ENOTDIR)
 
 # sink(path, lines, first_line_number, bytes): None in lines marks a line too long to keep.
 Sink = Callable[[str, list[bytes | None], int, int], None]
-
-
-class ListingError(OSError):
-    """A directory under a glob could not be listed: which files exist is unknown."""
 
 
 class FileState:
@@ -133,105 +133,6 @@ class FileState:
         self.pending = b""
         self.skipping = False
         self.shadow_of = None
-
-
-def _glob_base(pattern: str) -> Path:
-    """The deepest directory of a glob that has no wildcard in it."""
-    parts = Path(pattern).parts
-    base: list[str] = []
-    for part in parts[:-1]:
-        if glob.has_magic(part):
-            break
-        base.append(part)
-    return Path(*base) if base else Path(".")
-
-
-def _scandir(directory: str) -> list[os.DirEntry[str]]:
-    """The entries of a directory; none if it is not there; ListingError if it could not
-    be read (too many open files, no permission, I/O error)."""
-    try:
-        with os.scandir(directory or ".") as it:
-            return list(it)
-    except OSError as e:
-        if e.errno in _ABSENT:
-            return []
-        raise ListingError(e.errno, f"cannot list {directory or '.'}: {e.strerror}") from None
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _expand(directory: str, parts: list[str]) -> Iterator[str]:
-    """Paths under ``directory`` matching the glob ``parts`` (glob's rules: ``**`` spans
-    directories, hidden names match only a pattern that starts with a dot)."""
-    if not parts:
-        yield directory
-        return
-    part, rest = parts[0], parts[1:]
-    if part == "**":
-        yield from _expand(directory, rest)
-        for entry in _scandir(directory):
-            if not _hidden(entry.name) and entry.is_dir(follow_symlinks=False):
-                yield from _expand(entry.path, parts)
-        return
-    if not glob.has_magic(part):
-        path = os.path.join(directory, part)
-        if not rest:
-            try:
-                os.lstat(path)
-            except OSError as e:
-                if e.errno in _ABSENT:
-                    return
-                raise ListingError(e.errno, f"cannot look at {path}: {e.strerror}") from None
-            yield path
-        else:
-            yield from _expand(path, rest)
-        return
-    match = re.compile(fnmatch.translate(part)).match
-    for entry in _scandir(directory):
-        if _hidden(entry.name) and not _hidden(part):
-            continue
-        if match(entry.name) and (not rest or entry.is_dir()):
-            yield from _expand(entry.path, rest)
-
-
-def expand_glob(pattern: str) -> list[str]:
-    """Every path a glob matches; ListingError when a directory could not be read, so an
-    error is never taken for "no files"."""
-    drive, tail = os.path.splitdrive(pattern)
-    start = drive + os.sep if os.path.isabs(pattern) else ""
-    parts = [p for p in tail.split(os.sep) if p]
-    return list(_expand(start, parts))
-
-
-def _inside(path: str, folder: str) -> bool:
-    real, base = os.path.realpath(path), os.path.realpath(folder)
-    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
-
-
-def matching_files(patterns: Iterable[str], follow_symlinks: bool = False) -> list[str]:
-    """Every path the globs match, once each, in name order (so daily files go oldest
-    first). A path that leads through a symlink out of its glob's folder is left out
-    unless ``follow_symlinks``. Raises ListingError when a directory could not be read."""
-    paths: set[str] = set()
-    for pattern in patterns:
-        base = str(_glob_base(pattern))
-        for path in expand_glob(pattern):
-            if follow_symlinks or _inside(path, base):
-                paths.add(path)
-            else:
-                _warn_once("symlink leads out of the log folder, not followed", path)
-    return sorted(paths)
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str, path: str, **extra: Any) -> None:
-    if path not in _warned and len(_warned) < 10_000:
-        _warned.add(path)
-        log.warning(message, extra={"path": path, **extra})
 
 
 def _last_line_end(fd: int, size: int) -> int:
@@ -328,7 +229,7 @@ class Tailer:
         """Directories to watch for changes, and whether recursively."""
         out = []
         for pattern in self.patterns:
-            base = _glob_base(pattern)
+            base = glob_base(pattern)
             recursive = len(Path(pattern).parts) - len(base.parts) > 1 or "**" in pattern
             out.append((base, recursive))
         return out
@@ -344,15 +245,15 @@ class Tailer:
         except ListingError as e:
             complete = False
             paths = []
-            _warn_once("cannot list log files; keeping every known file", "(listing)", err=str(e))
+            warn_once("cannot list log files; keeping every known file", "(listing)", err=str(e))
         else:
-            _warned.discard("(listing)")
+            warned.discard("(listing)")
         found: dict[tuple[int, int], tuple[str, os.stat_result]] = {}
         for path in paths:
             try:
                 st = os.stat(path)
             except OSError as e:
-                if e.errno not in _ABSENT:
+                if e.errno not in ABSENT:
                     complete = False
                 continue
             if stat.S_ISREG(st.st_mode):
@@ -417,7 +318,7 @@ class Tailer:
         by_ident = {fs.ident: fs for fs in missing}
         for directory in {os.path.dirname(fs.path) for fs in missing}:
             try:
-                entries = _scandir(directory)
+                entries = scandir(directory)
             except ListingError:
                 continue
             for entry in entries:
@@ -438,17 +339,17 @@ class Tailer:
         try:
             fd = _open_fd(fs.path)
         except OSError as e:
-            if e.errno in _ABSENT:
+            if e.errno in ABSENT:
                 fs.verified = True  # not there: only a listing brings it back
                 return False
             if e.errno in (errno.EMFILE, errno.ENFILE):
-                _warn_once("too many open files; will read this file later", fs.path)
+                warn_once("too many open files; will read this file later", fs.path)
             elif fs.path not in self._unreadable:
                 self._unreadable.add(fs.path)
                 log.warning("cannot open log file", extra={"path": fs.path, "err": e.strerror})
             return False
         self._unreadable.discard(fs.path)
-        _warned.discard(fs.path)
+        warned.discard(fs.path)
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != fs.ident:
             os.close(fd)  # the path changed meanwhile; the next listing sorts it out
@@ -593,7 +494,7 @@ class Tailer:
         may not match) and read from it what was written before the truncation."""
         offset, lineno = fs.offset, fs.lineno
         try:
-            entries = _scandir(os.path.dirname(fs.path))
+            entries = scandir(os.path.dirname(fs.path))
         except ListingError:
             return False
         for entry in entries:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from exporter.config import LogsConfig
-from exporter.tailer import ListingError, Tailer, expand_glob
+from exporter.listing import ListingError, expand_glob
+from exporter.tailer import Tailer
 
 
 class Collect:

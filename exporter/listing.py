@@ -1,0 +1,127 @@
+"""Which log files exist: glob expansion that tells an error from an empty answer.
+
+``glob.glob`` answers "no files" when a directory cannot be read (too many open files,
+no permission); for a tailer that means "every file is gone". Here such an error raises
+``ListingError``, and only "not there" (ENOENT, ENOTDIR) is an empty answer. Paths that
+lead through a symlink out of their glob's folder are left out unless asked for.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import glob
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Errors that say a path is not there (as opposed to "could not look").
+ABSENT = (errno.ENOENT, errno.ENOTDIR)
+
+
+class ListingError(OSError):
+    """A directory under a glob could not be listed: which files exist is unknown."""
+
+
+def glob_base(pattern: str) -> Path:
+    """The deepest directory of a glob that has no wildcard in it."""
+    parts = Path(pattern).parts
+    base: list[str] = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        base.append(part)
+    return Path(*base) if base else Path(".")
+
+
+def scandir(directory: str) -> list[os.DirEntry[str]]:
+    """The entries of a directory; none if it is not there; ListingError if it could not
+    be read (too many open files, no permission, I/O error)."""
+    try:
+        with os.scandir(directory or ".") as it:
+            return list(it)
+    except OSError as e:
+        if e.errno in ABSENT:
+            return []
+        raise ListingError(e.errno, f"cannot list {directory or '.'}: {e.strerror}") from None
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _expand(directory: str, parts: list[str]) -> Iterator[str]:
+    """Paths under ``directory`` matching the glob ``parts`` (glob's rules: ``**`` spans
+    directories, hidden names match only a pattern that starts with a dot)."""
+    if not parts:
+        yield directory
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "**":
+        yield from _expand(directory, rest)
+        for entry in scandir(directory):
+            if not _hidden(entry.name) and entry.is_dir(follow_symlinks=False):
+                yield from _expand(entry.path, parts)
+        return
+    if not glob.has_magic(part):
+        path = os.path.join(directory, part)
+        if not rest:
+            try:
+                os.lstat(path)
+            except OSError as e:
+                if e.errno in ABSENT:
+                    return
+                raise ListingError(e.errno, f"cannot look at {path}: {e.strerror}") from None
+            yield path
+        else:
+            yield from _expand(path, rest)
+        return
+    match = re.compile(fnmatch.translate(part)).match
+    for entry in scandir(directory):
+        if _hidden(entry.name) and not _hidden(part):
+            continue
+        if match(entry.name) and (not rest or entry.is_dir()):
+            yield from _expand(entry.path, rest)
+
+
+def expand_glob(pattern: str) -> list[str]:
+    """Every path a glob matches; ListingError when a directory could not be read, so an
+    error is never taken for "no files"."""
+    drive, tail = os.path.splitdrive(pattern)
+    start = drive + os.sep if os.path.isabs(pattern) else ""
+    parts = [p for p in tail.split(os.sep) if p]
+    return list(_expand(start, parts))
+
+
+def _inside(path: str, folder: str) -> bool:
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def matching_files(patterns: Iterable[str], follow_symlinks: bool = False) -> list[str]:
+    """Every path the globs match, once each, in name order (so daily files go oldest
+    first). A path that leads through a symlink out of its glob's folder is left out
+    unless ``follow_symlinks``. Raises ListingError when a directory could not be read."""
+    paths: set[str] = set()
+    for pattern in patterns:
+        base = str(glob_base(pattern))
+        for path in expand_glob(pattern):
+            if follow_symlinks or _inside(path, base):
+                paths.add(path)
+            else:
+                warn_once("symlink leads out of the log folder, not followed", path)
+    return sorted(paths)
+
+
+warned: set[str] = set()
+
+
+def warn_once(message: str, path: str, **extra: Any) -> None:
+    if path not in warned and len(warned) < 10_000:
+        warned.add(path)
+        log.warning(message, extra={"path": path, **extra})
