@@ -13,7 +13,7 @@ import ssl
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,13 @@ from exporter.config import (
     parse_duration,
 )
 from exporter.daemon import Daemon
-from exporter.demo import DemoTraffic, demo_config
+from exporter.demo import (
+    DEFAULT_BACKFILL_HOURS,
+    DEFAULT_RATE,
+    DEFAULT_SEED,
+    DemoTraffic,
+    demo_config,
+)
 from exporter.listing import ListingError
 from exporter.logsetup import LEVELS, setup_logging
 from exporter.pricing import Pricing, Request
@@ -182,10 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--logs", metavar="DIR", help="log folder (default: a temporary one)")
     demo.add_argument(
-        "--rate", type=float, default=1.0, help="new tasks per second on average (default: 1)"
+        "--rate",
+        type=_bounded(0.0, 100.0, low_open=True),
+        default=DEFAULT_RATE,
+        help="new tasks per second on average, up to 100 (default: %(default)s)",
     )
     demo.add_argument(
-        "--backfill", type=float, default=2.0, help="hours of history written at start (default: 2)"
+        "--backfill",
+        type=_bounded(0.0, 24.0 * 31),
+        default=DEFAULT_BACKFILL_HOURS,
+        help="hours of history written at start, up to a month (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help="random seed of the synthetic traffic (default: %(default)s)",
     )
     demo.add_argument("--log.level", dest="log_level", choices=LEVELS, default="info")
     demo.add_argument(
@@ -207,6 +225,24 @@ def _positive(value: str) -> int:
     return int(value)
 
 
+def _bounded(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
+    """A number flag between ``low`` and ``high`` (``low`` itself excluded if open)."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if not (low < number <= high if low_open else low <= number <= high):
+            side = "above" if low_open else "at least"
+            raise argparse.ArgumentTypeError(
+                f"expected a number {side} {low:g} and at most {high:g}, got {value}"
+            )
+        return number
+
+    return parse
+
+
 def _seconds(value: str) -> float:
     """A duration flag: ``10s``, ``1m30s`` or plain seconds, greater than 0."""
     try:
@@ -216,23 +252,6 @@ def _seconds(value: str) -> float:
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"expected a duration greater than 0, got {value!r}")
     return seconds
-
-
-def _positive_float(value: str) -> float:
-    number = _non_negative_float(value)
-    if number == 0:
-        raise argparse.ArgumentTypeError("expected a number greater than 0")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not 0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {value!r}")
-    return number
 
 
 def _mode(value: str) -> str:
@@ -428,7 +447,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"kling-exporter: {e}", file=sys.stderr)
         return 2
     log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="kling-demo-"))
-    traffic = DemoTraffic(log_dir, rate=args.rate)
+    traffic = DemoTraffic(log_dir, rate=args.rate, seed=args.seed)
     written = traffic.backfill(args.backfill * 3600)
     log.info(
         "demo traffic",

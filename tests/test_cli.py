@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.cli import main
+from exporter.cli import COMMANDS, main
 from tests.helpers import line, write_lines
 
 DATA = Path(__file__).parent / "data" / "fixed.jsonl"
@@ -250,5 +250,5 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("serve", "report", "costs", "export", "estimate", "check-config", "demo"):
+    for command in COMMANDS:
         assert command in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import multiprocessing
 import time
@@ -11,8 +12,17 @@ from pathlib import Path
 import pytest
 
 from exporter.client import BudgetClient, BudgetExceededError, EventLogger, generate_within_budget
-from exporter.demo import DemoTraffic
+from exporter.demo import (
+    DEFAULT_BACKFILL_HOURS,
+    DEFAULT_RATE,
+    DEFAULT_SEED,
+    DemoTraffic,
+    demo_config,
+)
 from exporter.events import Event, decode_line
+from exporter.ingest import ingest
+from exporter.ledger import Ledger
+from exporter.tailer import Tailer
 from tests.helpers import DaemonProcess, by_name, value, wait_until
 
 Factory = Callable[..., DaemonProcess]
@@ -130,7 +140,41 @@ def test_demo_command_serves_live_metrics(tmp_path: Path, daemon_factory: Factor
     series = d.metrics()
     assert (
         value(series, "kling_budget_limit_credits", budget="marketing-daily", period="daily")
-        == 12000
+        == 13000
     )
     assert sum(by_name(series, "kling_log_lines_invalid_total").values()) == 0
     assert d.stop() == 0
+
+
+def test_demo_defaults_keep_the_readmes_promise(tmp_path: Path) -> None:
+    """With the demo's own defaults (an hour of history at 0.2 tasks/s), on a working
+    morning: one budget warns at once, none is exhausted, and another crosses 80% and
+    then 100% within about half an hour, as the README says."""
+    now = dt.datetime(2026, 11, 23, 10, tzinfo=dt.UTC).timestamp()
+    traffic = DemoTraffic(tmp_path, rate=DEFAULT_RATE, seed=DEFAULT_SEED)
+    traffic.backfill(DEFAULT_BACKFILL_HOURS * 3600, now)
+    config = demo_config(tmp_path)
+    ledger, tailer = Ledger(config), Tailer(config.logs)
+
+    def read(at: float) -> dict[str, float]:
+        tailer.poll(lambda path, lines, first, nbytes: ingest(ledger, lines, at))
+        return {b.name: b.utilization for b in ledger.budget_statuses(at)}
+
+    thresholds = {b.name: b.alert_threshold for b in config.budgets}
+    start = read(now)
+    warning = {name for name, u in start.items() if u >= thresholds[name]}
+    assert warning == {"research-daily"} and max(start.values()) < 1, start
+    crossed80 = crossed100 = None
+    at = now
+    for step in range(1, 2 * 40 * 60 + 1):  # 40 minutes in half seconds, as the demo ticks
+        at = now + step * 0.5
+        traffic.tick(at, 0.5)
+        if step % 120 == 0:
+            u = read(at)["marketing-daily"]
+            crossed80 = crossed80 or (at if u >= 0.8 else None)
+            crossed100 = crossed100 or (at if u >= 1.0 else None)
+    assert crossed80 is not None and crossed100 is not None
+    assert crossed80 < crossed100 <= now + 40 * 60
+    end = read(at)
+    calm = {"product-weekly", "ann-monthly", "company-monthly"}
+    assert all(end[name] < thresholds[name] for name in calm), end
