@@ -4,7 +4,12 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 ARGS    ?=
 
-.PHONY: run demo test lint typecheck unit tools clean screenshots dashboards kubernetes
+.PHONY: help run demo test lint typecheck unit tools clean screenshots dashboards kubernetes
+.DEFAULT_GOAL := help
+
+## help: list the targets (plain `make` does this)
+help:
+	@grep -E '^## [a-z]+:' $(MAKEFILE_LIST) | sed 's/^## /  make /'
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,22 +37,26 @@ dashboards: $(BIN)/.installed
 kubernetes: $(BIN)/.installed
 	$(BIN)/python examples/kubernetes/build.py
 
-## tools: Prometheus, promtool, Alertmanager and amtool for the end-to-end tests
+## tools: Prometheus, promtool, Alertmanager, amtool and logrotate for the end-to-end tests
 tools:
 	@scripts/ensure-tools
 
+## lint: ruff, the linter and the formatter's check
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+## typecheck: mypy --strict
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
 
+## unit: the test suite alone
 unit: $(BIN)/.installed tools
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 ## test: lint, type-check and the whole test suite
 test: lint typecheck unit
 
+## clean: remove the virtual environment and caches
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

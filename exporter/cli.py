@@ -593,6 +593,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands.get(args.command, cmd_serve)(args)
+    except BrokenPipeError:
+        # The reader went away (`report | head`): end quietly, and keep Python from
+        # complaining again when it flushes standard output at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except ListingError as e:
         print(
             f"kling-exporter: {e}; totals would be incomplete, so none are shown", file=sys.stderr

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from exporter.config import Config, ConfigError, load_config
+from exporter.events import explain_invalid
 from exporter.ingest import RateLimit, ingest
 from exporter.ledger import CheckResult, Ledger, Snapshot
 from exporter.pricing import Request
@@ -212,7 +213,7 @@ class Daemon:
 
         def report(i: int, reason: str) -> None:
             n = start + i
-            self._report_invalid(path, first + n if first else 0, reason, now)
+            self._report_invalid(path, first + n if first else 0, reason, now, lines[n])
 
         for start in range(0, len(lines), INGEST_CHUNK):
             if self.readers_waiting:
@@ -239,14 +240,17 @@ class Daemon:
         finally:
             self.lock.release()
 
-    def _report_invalid(self, path: str, lineno: int, reason: str, now: float) -> None:
+    def _report_invalid(
+        self, path: str, lineno: int, reason: str, now: float, line: bytes | None
+    ) -> None:
         allowed, held = self._invalid_log.allow(now)
         if held:
             log.warning("invalid log lines not shown", extra={"count": held})
         if allowed:
-            log.warning(
-                "invalid log line skipped", extra={"path": path, "line": lineno, "reason": reason}
-            )
+            extra: dict[str, object] = {"path": path, "line": lineno, "reason": reason}
+            if line is not None and reason in ("wrong_type", "bad_value", "missing_field"):
+                extra["field"], extra["detail"] = explain_invalid(line)
+            log.warning("invalid log line skipped", extra=extra)
 
     def poll_once(self) -> None:
         self.watcher.watch(self.tailer.base_dirs())

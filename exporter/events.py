@@ -113,6 +113,32 @@ def _classify(error: msgspec.ValidationError) -> str:
     return "wrong_type"
 
 
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.S)
+
+
+def explain_invalid(line: bytes, limit: int = 80) -> tuple[str, str]:
+    """For the log, not the hot path: the field a rejected line got wrong and what the
+    decoder said of its value, truncated (free-text fields are never decoded, so no
+    prompt or message can appear here)."""
+    line = line[3:] if line.startswith(_BOM) else line
+    try:
+        _decoder.decode(line)
+    except msgspec.ValidationError as err:
+        match = _AT.match(str(err))
+        if match is not None:
+            field = match.group("path") or "(line)"
+            detail = match.group("msg")
+            try:
+                value = msgspec.json.decode(line).get(field)
+                detail += f", value {value!r}"[: limit // 2]
+            except (msgspec.DecodeError, AttributeError, RecursionError):
+                pass
+            return field, detail[:limit]
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
+        return "(line)", str(err)[:limit]
+    return "task_id", "missing"
+
+
 def decode_line(line: bytes) -> Event | str:
     """Decode one line (without its newline) into an Event or an invalid reason."""
     try:

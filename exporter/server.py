@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import html
 import json
 import logging
@@ -117,9 +118,31 @@ async def reload(request: web.Request) -> web.Response:
     return web.Response(text="Config reloaded.\n")
 
 
+def for_people(value: Any, key: str = "") -> Any:
+    """JSON answers as a person reads them: dollars to the cent, whole credits as
+    integers, Unix times also as RFC 3339 (``period_start`` gains ``period_start_rfc3339``).
+    Metrics keep full precision."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out[k] = for_people(v, k)
+            if k.startswith("period_") and isinstance(v, float):
+                stamp = dt.datetime.fromtimestamp(v, dt.UTC).isoformat()
+                out[f"{k}_rfc3339"] = stamp.replace("+00:00", "Z")
+        return out
+    if isinstance(value, list):
+        return [for_people(v, key) for v in value]
+    if isinstance(value, float):
+        if "usd" in key:
+            return round(value, 2)
+        if "credits" in key:
+            return int(value) if value.is_integer() else round(value, 4)
+    return value
+
+
 def budget_json(daemon: Daemon) -> dict[str, Any]:
     snap, _ = daemon.snapshot()
-    return {"budgets": [msgspec.structs.asdict(b) for b in snap.budgets]}
+    return {"budgets": [for_people(msgspec.structs.asdict(b)) for b in snap.budgets]}
 
 
 async def budgets(request: web.Request) -> web.Response:
@@ -217,7 +240,9 @@ async def check(request: web.Request) -> web.Response:
         req.project or DEFAULT_PROJECT,
         req.user,
     )
-    return web.Response(body=msgspec.json.encode(result), content_type="application/json")
+    answer = for_people(msgspec.structs.asdict(result))
+    answer["budgets"] = [for_people(msgspec.structs.asdict(b)) for b in result.budgets]
+    return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
 
 
 # At most this many API requests at once; more get 503 rather than queueing behind

@@ -140,3 +140,17 @@ def test_a_concurrent_burst_is_answered_correctly(daemon: DaemonProcess) -> None
     for body, (status, answer) in zip(bodies, answers, strict=True):
         assert status == 200
         assert answer["allowed"] is (int(body["count"]) <= 50)
+
+
+def test_answers_read_as_a_person_would(daemon: DaemonProcess) -> None:
+    """Money to the cent, whole credits as integers, period bounds also as RFC 3339."""
+    status, answer = check(daemon, {"project": "sales", "mode": "pro", "duration": 10, "count": 40})
+    assert status == 200
+    raw = json.dumps(answer)
+    assert '"usd_needed": 392.0' in raw and '"credits_needed": 2800' in raw
+    status, body = daemon.get("/api/v1/budgets")
+    budgets = {b["name"]: b for b in json.loads(body)["budgets"]}
+    mk = budgets["mk-day"]
+    assert mk["used_usd"] == 8.4  # 60 x 0.14 is 8.400000000000002 in floating point
+    assert mk["used_credits"] == 60 and isinstance(mk["used_credits"], int)
+    assert mk["period_start_rfc3339"].endswith("T00:00:00Z")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from exporter.cli import COMMANDS, main
-from tests.helpers import line, write_lines
+from tests.helpers import ROOT, line, write_lines
 
 DATA = Path(__file__).parent / "data" / "fixed.jsonl"
 
@@ -252,3 +255,19 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     for command in COMMANDS:
         assert command in out
+
+
+def test_a_closed_pipe_ends_quietly(logs: Path) -> None:
+    """`kling-exporter costs --days 400 | head -1`: no BrokenPipeError traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "costs", "--days", "400"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away, as head does
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=30)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

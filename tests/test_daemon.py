@@ -136,6 +136,8 @@ def test_bad_lines_are_counted_and_good_ones_around_them_kept(
     assert d.get("/-/healthy")[0] == 200
     out = d.output()
     assert "invalid log line skipped" in out and "line=2" in out and "reason=invalid_json" in out
+    # A rejected value names its field and shows the value, cut short.
+    assert "reason=wrong_type field=duration" in out and "long" in out
 
 
 def test_http_endpoints(tmp_path: Path, daemon_factory: Factory) -> None:
