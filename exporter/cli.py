@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import difflib
 import json
 import logging
 import os
@@ -489,7 +490,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
     except ConfigError as e:
-        print(f"{args.file}: {e}", file=sys.stderr)
+        print(e, file=sys.stderr)
         return 1
     print(
         f"{args.file}: OK ({len(config.budgets)} budgets, "
@@ -576,10 +577,28 @@ def _run(
     return 0
 
 
+def _with_command_first(argv: list[str]) -> list[str]:
+    """Flags may come before the subcommand (``--config.file F report``); no subcommand
+    means serve. A word that is not a subcommand is refused with the closest one."""
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        return argv or ["serve"]
+    commands = [i for i, word in enumerate(argv) if word in COMMANDS]
+    if commands:
+        i = commands[0]
+        return [argv[i], *argv[:i], *argv[i + 1 :]]
+    if not argv[0].startswith("-"):
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(
+            f"kling-exporter: unknown command {argv[0]!r}{hint} (commands: {', '.join(COMMANDS)})",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return ["serve", *argv]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
-        argv.insert(0, "serve")
+    argv = _with_command_first(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "logfmt"))
     commands = {

@@ -6,6 +6,7 @@ name the key path (``budgets[2].period``) and say what is wrong.
 
 from __future__ import annotations
 
+import difflib
 import re
 import zoneinfo
 from pathlib import Path
@@ -273,15 +274,47 @@ _AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
 
 
+_TYPE_WORDS = {
+    "float": "a number",
+    "int": "a whole number",
+    "str": "text",
+    "bool": "true or false",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "nothing",
+}
+_EXPECTED_RE = re.compile(r"Expected `(?P<want>[^`]*)`, got `(?P<got>[^`]*)`")
+
+
+def _in_words(types: str) -> str:
+    """``float | null`` -> ``a number``: what a person would call the types."""
+    words = [_TYPE_WORDS.get(t.strip(), t.strip()) for t in types.split("|")]
+    words = [w for w in words if w != "nothing"] or ["nothing"]
+    return " or ".join(dict.fromkeys(words))
+
+
+def _known_keys() -> set[str]:
+    structs: tuple[type[msgspec.Struct], ...] = (Config, LogsConfig, StateConfig, PriceRule)
+    structs += (PricingConfig, BudgetConfig, LabelsConfig, TasksConfig)
+    return {f for struct in structs for f in struct.__struct_fields__}
+
+
 def describe_validation_error(error: msgspec.ValidationError) -> str:
-    """Turn msgspec's ``message - at `$.a[0]` `` into ``a[0].key: message``."""
+    """Turn msgspec's ``message - at `$.a[0]` `` into ``a[0].key: message``, with types
+    in words and a suggestion for a misspelt key."""
     match = _AT_RE.match(str(error))
     assert match is not None
     msg, path = match.group("msg"), (match.group("path") or "").lstrip(".")
     unknown = _UNKNOWN_RE.match(msg)
     if unknown:
         key = unknown.group("field")
-        return f"{_join(path, key)}: unknown key"
+        close = difflib.get_close_matches(key, sorted(_known_keys()), n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{_join(path, key)}: unknown key{hint}"
+    expected = _EXPECTED_RE.search(msg)
+    if expected:
+        want, got = _in_words(expected.group("want")), _in_words(expected.group("got"))
+        msg = f"{msg[: expected.start()]}expected {want}, got {got}{msg[expected.end() :]}"
     field, sep, rest = msg.partition(": ")
     if sep and re.fullmatch(r"[A-Za-z_][\w\[\].-]*", field):
         return f"{_join(path, field)}: {rest}"
@@ -306,17 +339,23 @@ def parse_config(data: Any) -> Config:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """A YAML file's data; ConfigError if it cannot be read or parsed."""
+    """A YAML file's data; ConfigError (without the path, which the caller adds) if it
+    cannot be read or parsed."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+        raise ConfigError(f"cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+        raise ConfigError("not UTF-8 text") from None
     try:
         return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = (e.problem or str(e)).replace("'<stream end>'", "the end of the file")
+        raise ConfigError(f"invalid YAML at {where}{problem}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"invalid YAML: {e}") from None
 
 
 def load_config(path: str | Path | None, allow_empty: bool = True) -> Config:
@@ -325,7 +364,10 @@ def load_config(path: str | Path | None, allow_empty: bool = True) -> Config:
     False: a reload refuses it, since a deploy cut short would drop every budget."""
     if path is None:
         return Config()
-    data = read_yaml(path)
-    if data is None and not allow_empty:
-        raise ConfigError(f"{path}: empty; refusing to replace the running config with none")
-    return parse_config(data)
+    try:
+        data = read_yaml(path)
+        if data is None and not allow_empty:
+            raise ConfigError("empty; refusing to replace the running config with none")
+        return parse_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

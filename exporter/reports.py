@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,10 @@ def read_records(config: Config, progress: TextIO | None = None) -> list[Record]
     ledger = Ledger(config)
     ledger.observer = records.append
     files = matching_files(config.logs.paths)
+    for pattern in config.logs.paths:
+        if not matching_files([pattern]):
+            where = "" if os.path.isabs(pattern) else f" (relative to {os.getcwd()})"
+            print(f"kling-exporter: no log file matches {pattern}{where}", file=sys.stderr)
     now = dt.datetime.now(dt.UTC).timestamp()
     show = progress is not None and progress.isatty() and len(files) > 1
     for i, path in enumerate(files, 1):

@@ -100,7 +100,10 @@ class WebConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 def load_web_config(path: str | Path) -> tuple[WebConfig, ssl.SSLContext | None]:
     """Read and check a web config file, and build its TLS context; errors name the key."""
     path = Path(path)
-    data = read_yaml(path) or {}
+    try:
+        data = read_yaml(path) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping")
     try:

@@ -271,3 +271,25 @@ def test_a_closed_pipe_ends_quietly(logs: Path) -> None:
     err = proc.stderr.read().decode()
     proc.wait(timeout=30)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_misspelt_command_gets_the_closest_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["reprot"])
+    assert exit_.value.code == 2
+    assert "unknown command 'reprot'; did you mean 'report'?" in capsys.readouterr().err
+
+
+def test_flags_may_come_before_the_command(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Path("c.yml").write_text("timezone: UTC\n")
+    assert main(["--config.file", "c.yml", "report", "--date", "2026-11-22"]) == 0
+    assert "Kling usage on 2026-11-22" in capsys.readouterr().out
+
+
+def test_globs_that_match_nothing_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["costs", "--days", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"no log file matches logs/kling-*.jsonl (relative to {tmp_path})" in err

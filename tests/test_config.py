@@ -67,7 +67,7 @@ def test_example_from_the_spec_is_valid() -> None:
         ({"budgets": [{"limit_credits": 5}]}, "budgets[0]: Object missing required field `name`"),
         (
             {"budgets": [{"name": "a", "limit_credits": "lots"}]},
-            "budgets[0].limit_credits: expected `float | null`, got `str`",
+            "budgets[0].limit_credits: expected a number, got text",
         ),
         (
             {"budgets": [{"name": "a", "limit_credits": 1, "alert_threshold": 80}]},
@@ -128,3 +128,36 @@ def test_check_config_refuses_invalid_yaml(
     path.write_text("budgets: [\n")
     assert main(["check-config", str(path)]) == 1
     assert "invalid YAML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"budgets": [{"name": "a", "limit_credit": 5}]},
+            "budgets[0].limit_credit: unknown key (did you mean 'limit_credits'?)",
+        ),
+        ({"budgts": []}, "budgts: unknown key (did you mean 'budgets'?)"),
+        ({"zzz": 1}, "zzz: unknown key"),
+        ({"labels": {"max_projects": "many"}}, "labels.max_projects: expected a whole number"),
+        ({"logs": {"follow_symlinks": "yes"}}, "logs.follow_symlinks: expected true or false"),
+    ],
+)
+def test_errors_say_what_to_do(data: object, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert str(err.value) == message or str(err.value).startswith(message + ","), str(err.value)
+
+
+def test_invalid_yaml_names_the_file_once_and_the_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.yml"
+    path.write_text("budgets: [\n")
+    assert main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"{path}: invalid YAML at line 2, column 1: expected the node content, "
+        "but found the end of the file"
+    )
+    assert "<unicode string>" not in err and err.count(str(path)) == 1
