@@ -298,13 +298,15 @@ class Daemon:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop reading, then save the state one last time."""
+        """Stop reading, then save the state one last time. A daemon that never started
+        (its port was taken, say) saves nothing: the state file may belong to another
+        instance that is running."""
         self.stopping.set()
         self.wake.set()
         if self._thread is not None:
             self._thread.join()
-        self.watcher.stop()
-        self.save_state()
+            self.watcher.stop()
+            self.save_state()
         self.tailer.close()
 
     # -- config ----------------------------------------------------------------------

@@ -400,3 +400,21 @@ def test_slow_and_surplus_connections_are_bounded(tmp_path: Path, daemon_factory
         assert s.recv(100) == b""
         s.close()
     assert d.get("/metrics")[0] == 200
+
+
+def test_a_second_instance_on_a_taken_port_leaves_the_state_alone(
+    tmp_path: Path, daemon_factory: Factory
+) -> None:
+    config = "state: {path: k.state, interval: 1h}\nlogs: {poll_interval: 200ms}\n"
+    write_lines(tmp_path / "logs" / "kling-a.jsonl", [submitted("a")])
+    first = daemon_factory(config)
+    first.wait_metric("kling_log_lines_read_total", 1)
+    assert first.stop(signal.SIGTERM) == 0  # saves the state
+    first = daemon_factory(config)
+    state = tmp_path / "k.state"
+    before = (state.stat().st_ino, state.stat().st_mtime_ns, state.read_bytes())
+    second = DaemonProcess(tmp_path, config)
+    second.port = first.port  # the port is taken
+    second.start(wait_ready=False)
+    assert second.proc is not None and second.proc.wait(timeout=30) != 0
+    assert (state.stat().st_ino, state.stat().st_mtime_ns, state.read_bytes()) == before
