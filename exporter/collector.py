@@ -91,7 +91,7 @@ def families(s: Snapshot, st: Status) -> list[Family]:
         Family(
             "kling_video_seconds",
             "counter",
-            "Seconds of video requested.",
+            "Seconds of video generated: succeeded video tasks' clip length.",
             ("project", "model"),
             s.video_seconds,
         ),

@@ -512,12 +512,9 @@ class Ledger:
             self._routes[(project, model)] = route
         return route
 
-    def _count_submission(self, t: Task, video_seconds: bool = True) -> Route:
+    def _count_submission(self, t: Task) -> Route:
         route = self._route(t.project, t.model)
-        acc = route[0]
-        acc[_MODE_SLOT[t.mode]] += 1
-        if video_seconds and t.kind == "video":
-            acc[VIDEO_SECONDS] += t.duration
+        route[0][_MODE_SLOT[t.mode]] += 1
         return route
 
     def _submitted(self, e: Event, task_id: str, ts: float) -> None:
@@ -536,8 +533,6 @@ class Ledger:
             key = (task.project, task.model)
             acc, pacc, _, _ = self._routes.get(key) or self._route(*key)
             acc[_MODE_SLOT[task.mode]] += 1
-            if task.kind == "video":
-                acc[VIDEO_SECONDS] += task.duration
             pacc[IN_FLIGHT] += 1
             pacc[TOUCHED] = 1
             tasks[task_id] = task
@@ -597,6 +592,14 @@ class Ledger:
                     credits = self.pricing.cache.get(price_key)
                     if credits is None:
                         credits = self.pricing.credits(Request(*price_key))
+            # Seconds of video made: succeeded videos whose length is known (from the
+            # submission, or from the line itself), never a guessed default.
+            if (
+                status == "succeed"
+                and task.kind == "video"
+                and (type(known) is Task or e.duration is not None)
+            ):
+                acc[VIDEO_SECONDS] += task.duration
             if status == "succeed" and e.elapsed_sec is not None:
                 hist = self.generation.get(model)
                 if hist is None:
@@ -648,14 +651,16 @@ class Ledger:
         task = known if isinstance(known, Task) else self._new_task(e, ts, 0)
         counted = not flags & _SUB
         if counted:
-            # A usage line names no clip length unless it says so.
-            acc, pacc, _, _ = self._count_submission(task, video_seconds=e.duration is not None)
+            acc, pacc, _, _ = self._count_submission(task)
         else:
             acc, pacc, _, _ = self._route(task.project, task.model)
             if not flags & _FINISHED:
                 pacc[IN_FLIGHT] -= 1
                 pacc[TOUCHED] = 1
         acc[SUCCEEDED] += 1
+        # A usage line names no clip length unless it says so (or its submission did).
+        if task.kind == "video" and (type(known) is Task or e.duration is not None):
+            acc[VIDEO_SECONDS] += task.duration
         if e.credits:
             self._charge(acc, task.project, task.user, ts, e.credits)
         if known is None:
