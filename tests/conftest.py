@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,3 +29,19 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     for d in started:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say loudly which end-to-end tests did not run for want of a tool."""
+    missing = [
+        report
+        for report in terminalreporter.stats.get("skipped", [])
+        if "is not installed" in str(report.longrepr)
+    ]
+    if missing:
+        terminalreporter.write_sep("!", f"{len(missing)} END-TO-END TESTS SKIPPED", red=True)
+        for report in missing:
+            terminalreporter.write_line(f"  {report.nodeid}: {report.longrepr[-1]}")
+        terminalreporter.write_line(
+            "  Install the tools (make tools says how) for the whole suite."
+        )

@@ -75,14 +75,16 @@ def by_name(series: Series, name: str) -> dict[frozenset[tuple[str, str]], float
     return {labels: v for (n, labels), v in series.items() if n == name}
 
 
-def require_binary(name: str) -> str:
-    """The path of a tool the end-to-end tests need: a failure in CI, a skip elsewhere."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed (make tools installs it)")
-        pytest.skip(f"{name} is not installed; run `make tools`")
-    return path
+def require_binary(name: str, *other_names: str) -> str:
+    """The path of a tool the end-to-end tests need (under any of its names): a failure
+    in CI, a skip elsewhere, listed at the end of the run."""
+    for candidate in (name, *other_names):
+        path = shutil.which(candidate) or shutil.which(candidate, path="/usr/sbin:/sbin")
+        if path is not None:
+            return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is not installed (make tools installs it)")
+    pytest.skip(f"{name} is not installed; run `make tools`")
 
 
 class DaemonProcess:

@@ -169,7 +169,7 @@ def alertmanager_config(webhook_url: str, workdir: Path) -> Path:
 
 @contextmanager
 def alertmanager(workdir: Path, webhook: Webhook) -> Iterator[Process]:
-    binary = require_binary("prometheus-alertmanager")
+    binary = require_binary("prometheus-alertmanager", "alertmanager")
     port = free_port()
     config = alertmanager_config(webhook.url, workdir)
     am = Process(
