@@ -158,15 +158,21 @@ def test_http_endpoints(tmp_path: Path, daemon_factory: Factory) -> None:
     assert d.get("/nope")[0] == 404
 
 
-def test_reload_applies_a_good_config_and_refuses_a_bad_one(
-    tmp_path: Path, daemon_factory: Factory
-) -> None:
+def half_used(tmp_path: Path, daemon_factory: Factory) -> DaemonProcess:
+    """A daemon whose budget mk has used 50 of its 100 credits."""
     write_lines(
         tmp_path / "logs" / "kling-2026-11-22.jsonl",
         [submitted("a"), completed("a", credits_used=50)],
     )
     d = daemon_factory(CONFIG)
     d.wait_metric("kling_budget_utilization_ratio", 0.5, budget="mk", period="monthly")
+    return d
+
+
+def test_reload_applies_a_good_config_and_refuses_a_bad_one(
+    tmp_path: Path, daemon_factory: Factory
+) -> None:
+    d = half_used(tmp_path, daemon_factory)
 
     d.config_path.write_text(CONFIG.replace("limit_credits: 100", "limit_credits: 200"))
     assert d.post("/-/reload")[0] == 200
@@ -189,12 +195,7 @@ def test_reload_applies_a_good_config_and_refuses_a_bad_one(
 def test_reload_refuses_an_empty_file_and_keeps_the_budgets(
     tmp_path: Path, daemon_factory: Factory, content: str
 ) -> None:
-    write_lines(
-        tmp_path / "logs" / "kling-2026-11-22.jsonl",
-        [submitted("a"), completed("a", credits_used=50)],
-    )
-    d = daemon_factory(CONFIG)
-    d.wait_metric("kling_budget_utilization_ratio", 0.5, budget="mk", period="monthly")
+    d = half_used(tmp_path, daemon_factory)
     d.config_path.write_text(content)  # a deploy cut short
     status, body = d.post("/-/reload")
     assert status == 500 and b"empty" in body
