@@ -157,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     estimate = sub.add_parser("estimate", help="credits and dollars for a request")
     _common(estimate)
-    estimate.add_argument("--model", required=True, help="e.g. kling-v2-6")
-    estimate.add_argument("--mode", required=True, type=_mode, help="standard|professional")
-    estimate.add_argument("--duration", required=True, type=_positive, help="seconds")
+    estimate.add_argument("--model", help="e.g. kling-v2-6 (needed for videos)")
+    estimate.add_argument("--mode", type=_mode, help="standard|professional (videos)")
+    estimate.add_argument("--duration", type=_positive, help="seconds (videos)")
     estimate.add_argument("--audio", action="store_true", help="with generated audio")
     estimate.add_argument("--kind", choices=KINDS, default="video")
     estimate.add_argument("--count", type=_positive, default=1, help="number of tasks")
@@ -417,6 +417,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     config = _load(args.config_file)
+    if args.kind == "video":
+        missing = [f"--{name}" for name in ("model", "mode", "duration") if not getattr(args, name)]
+        if missing:
+            print(f"kling-exporter estimate: a video needs {', '.join(missing)}", file=sys.stderr)
+            return 2
     pricing = Pricing(config.pricing)
     each = pricing.credits(Request(args.model, args.mode, args.duration, args.audio, args.kind))
     result = {
@@ -428,14 +433,18 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         "count": args.count,
         "credits_per_task": each,
         "credits": each * args.count,
-        "usd": round(pricing.usd(each * args.count), 4),
+        "usd": round(pricing.usd(each * args.count), 2),
     }
     if args.format == "json":
         print(json.dumps(result, indent=2))
         return 0
     audio = " with audio" if args.audio else ""
+    if args.kind == "video":
+        what = f"{args.model} {args.mode} {args.duration}s video{audio}"
+    else:  # images and try-ons have no mode or clip length
+        what = " ".join(x for x in (args.model, args.kind.replace("_", "-")) if x)
     print(
-        f"{args.count} x {args.model} {args.mode} {args.duration}s {args.kind}{audio}: "
+        f"{args.count} x {what}: "
         f"{each:g} credits each, {each * args.count:g} credits, ${result['usd']:,.2f}"
     )
     return 0
@@ -449,7 +458,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="kling-demo-"))
     traffic = DemoTraffic(log_dir, rate=args.rate, seed=args.seed)
-    written = traffic.backfill(args.backfill * 3600)
+    # A restarted demo (compose restarts it) goes on from the history it wrote before.
+    written = 0 if traffic.has_history() else traffic.backfill(args.backfill * 3600)
     log.info(
         "demo traffic",
         extra={"logs": str(log_dir), "backfilled_events": written, "rate_per_s": args.rate},

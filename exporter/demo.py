@@ -144,6 +144,10 @@ class DemoTraffic:
             with open(path, "ab") as f:
                 f.write(b"".join(lines))
 
+    def has_history(self) -> bool:
+        """Whether the log folder already holds demo logs (a restart)."""
+        return any(self.dir.glob("kling-*.jsonl"))
+
     def backfill(self, seconds: float, now: float | None = None) -> int:
         """History for the last ``seconds``, so graphs have a past from the first scrape."""
         now = time.time() if now is None else now

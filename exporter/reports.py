@@ -93,8 +93,8 @@ def daily_report(records: Sequence[Record], day: dt.date, config: Config) -> dic
         # completions alone, as hand-rolled trackers compute it.
         "success_rate": round(total["succeeded"] / finished, 4) if finished else 0.0,
         "success_rate_completions": round(total["succeeded"] / completed, 4) if completed else 0.0,
-        "total_credits": round(total["credits"], 4),
-        "total_usd": round(total["usd"], 4),
+        "total_credits": _amount("credits", total["credits"]),
+        "total_usd": _amount("usd", total["usd"]),
         "avg_generation_sec": round(sum(elapsed) / len(elapsed), 2) if elapsed else 0.0,
         "by_model": {k: _rounded(v) for k, v in sorted(by_model.items())},
         "by_project": {k: _rounded(v) for k, v in sorted(by_project.items())},
@@ -122,8 +122,8 @@ def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> li
             {
                 "name": b.name,
                 "period": b.period,
-                "used_credits": round(credits, 4),
-                "used_usd": round(usd, 4),
+                "used_credits": _amount("credits", credits),
+                "used_usd": _amount("usd", usd),
                 "limit_credits": b.limit_credits,
                 "limit_usd": b.limit_usd,
                 **overspend(b.limit_credits, b.limit_usd, credits, usd),
@@ -133,7 +133,14 @@ def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> li
 
 
 def _rounded(t: dict[str, float]) -> dict[str, float]:
-    return {k: (round(v, 4) if k in ("credits", "usd") else int(v)) for k, v in t.items()}
+    return {k: _amount(k, v) if k in ("credits", "usd") else int(v) for k, v in t.items()}
+
+
+def _amount(key: str, value: float) -> float:
+    """Dollars to the cent, whole credits as integers: as a person reads them."""
+    if "usd" in key:
+        return round(value, 2)
+    return int(value) if float(value).is_integer() else round(value, 4)
 
 
 def cost_analysis(
@@ -166,26 +173,26 @@ def cost_analysis(
         "per_day": [
             {
                 "date": d.isoformat(),
-                "credits": round(r["credits"], 4),
+                "credits": _amount("credits", r["credits"]),
                 "videos": int(r["videos"]),
                 "succeeded": int(r["succeeded"]),
-                "usd": round(r["usd"], 4),
+                "usd": _amount("usd", r["usd"]),
                 "usd_per_succeeded": _per(r["usd"], r["succeeded"]),
             }
             for d, r in per_day.items()
         ],
-        "total_credits": round(total_credits, 4),
+        "total_credits": _amount("credits", total_credits),
         "total_videos": int(sum(r["videos"] for r in per_day.values())),
         "total_succeeded": total_succeeded,
-        "total_usd": round(total_usd, 4),
+        "total_usd": _amount("usd", total_usd),
         "usd_per_succeeded": _per(total_usd, total_succeeded),
-        "avg_credits_per_day": round(total_credits / days, 4),
-        "avg_usd_per_day": round(total_usd / days, 4),
+        "avg_credits_per_day": _amount("credits", total_credits / days),
+        "avg_usd_per_day": _amount("usd", total_usd / days),
     }
 
 
 def _per(amount: float, count: float) -> float | None:
-    return round(amount / count, 4) if count else None
+    return round(amount / count, 2) if count else None
 
 
 def overspend(
@@ -196,7 +203,7 @@ def overspend(
         "over_by_credits": over_by(credits, limit_credits),
         "over_by_usd": over_by(usd, limit_usd),
     }
-    return {k: None if v is None else round(v, 4) for k, v in over.items()}
+    return {k: None if v is None else _amount(k, v) for k, v in over.items()}
 
 
 # The first seven columns are those of the usage scripts teams already run
@@ -249,8 +256,8 @@ def export_csv(
                 "" if r.elapsed is None else r.elapsed,
                 r.project,
                 r.user or "",
-                r.mode,
-                r.duration,
+                r.mode if r.kind == "video" else "",
+                r.duration if r.kind == "video" else "",
                 str(r.audio).lower(),
                 r.kind,
                 r.error_type or "",

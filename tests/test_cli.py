@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from exporter.cli import COMMANDS, main
+from exporter.demo import DemoTraffic
 from tests.helpers import ROOT, line, write_lines
 
 DATA = Path(__file__).parent / "data" / "fixed.jsonl"
@@ -293,3 +294,33 @@ def test_globs_that_match_nothing_are_named(
     assert main(["costs", "--days", "1"]) == 0
     err = capsys.readouterr().err
     assert f"no log file matches logs/kling-*.jsonl (relative to {tmp_path})" in err
+
+
+def test_estimate_an_image_needs_no_mode_or_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "estimate", "--kind", "image", "--count", "3")
+    assert (code, out) == (0, "3 x image: 1 credits each, 3 credits, $0.42\n")
+    code, _, err = run(capsys, "estimate", "--model", "kling-v2-6")
+    assert code == 2 and "a video needs --mode, --duration" in err
+
+
+def test_exports_invent_no_mode_or_duration_for_images(
+    logs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["export", "--output", "all.csv"]) == 0
+    rows = list(csv.DictReader(open("all.csv", encoding="utf-8")))  # noqa: SIM115
+    image = next(r for r in rows if r["kind"] == "image")
+    assert (image["mode"], image["duration"]) == ("", "")
+
+
+def test_money_in_reports_is_to_the_cent(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = json.loads(run(capsys, "report", "--date", "2026-11-22", "--format", "json")[1])
+    for value in [result["total_usd"], *(m["usd"] for m in result["by_model"].values())]:
+        assert value == round(value, 2)
+    assert result["total_credits"] == 245 and isinstance(result["total_credits"], int)
+
+
+def test_a_restarted_demo_does_not_backfill_again(tmp_path: Path) -> None:
+    first = DemoTraffic(tmp_path)
+    assert not first.has_history()
+    first.backfill(600)
+    assert DemoTraffic(tmp_path).has_history()

@@ -135,6 +135,12 @@ def test_systemd_unit_runs_real_flags() -> None:
     assert args[0].endswith("/kling-exporter") and args[1] == "serve"
     parsed = build_parser().parse_args(args[1:])
     assert parsed.config_file == "/etc/kling-exporter/config.yml"
+    # Install steps that work (no index serves the package), the group it needs, and
+    # the log folder it is granted named as logs.paths.
+    assert "pip install kling-exporter" not in unit and "groupadd --system kling-logs" in unit
+    read_only = re.search(r"^ReadOnlyPaths=(.+)$", unit, re.M)
+    assert read_only and all(p.startswith("-") for p in read_only.group(1).split())
+    assert 'logs: {paths: ["/var/log/kling/kling-*.jsonl"]}' in unit
     for hardening in (
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
