@@ -139,11 +139,26 @@ def _default_rules() -> list[PriceRule]:
     ]
 
 
+class ModelMultiplier(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Credits of a model matching ``model`` (a shell-style pattern) times ``multiplier``."""
+
+    model: str
+    multiplier: float
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: must not be empty")
+        if self.multiplier < 0:
+            raise ValueError(f"multiplier: must not be negative, got {self.multiplier}")
+
+
 class PricingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     usd_per_credit: float = 0.14
     rules: list[PriceRule] = msgspec.field(default_factory=_default_rules)
     credits_per_second: float = 2
     audio_multiplier: float = 5
+    # Applied to whatever a rule or the fallback gives; the first matching pattern wins.
+    model_multipliers: list[ModelMultiplier] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key in ("usd_per_credit", "credits_per_second", "audio_multiplier"):
@@ -295,7 +310,7 @@ def _in_words(types: str) -> str:
 
 def _known_keys() -> set[str]:
     structs: tuple[type[msgspec.Struct], ...] = (Config, LogsConfig, StateConfig, PriceRule)
-    structs += (PricingConfig, BudgetConfig, LabelsConfig, TasksConfig)
+    structs += (PricingConfig, ModelMultiplier, BudgetConfig, LabelsConfig, TasksConfig)
     return {f for struct in structs for f in struct.__struct_fields__}
 
 

@@ -58,6 +58,14 @@ class Pricing:
         return credits * self.usd_per_credit
 
     def _price(self, req: Request) -> float:
+        base = self._base_price(req)
+        if req.model is not None:
+            for m in self.config.model_multipliers:
+                if fnmatchcase(req.model, m.model):
+                    return base * m.multiplier
+        return base
+
+    def _base_price(self, req: Request) -> float:
         cfg = self.config
         # A kind the rules cannot name (an unknown spelling) is priced by the fallback.
         rules = cfg.rules if req.kind is None or req.kind in KINDS else ()

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.config import PriceRule, PricingConfig
+from exporter.config import ConfigError, PriceRule, PricingConfig, load_config, parse_config
 from exporter.pricing import Pricing, Request
+from tests.helpers import ROOT
 
 DEFAULT = Pricing(PricingConfig())
 
@@ -53,3 +54,50 @@ def test_model_pattern_and_first_match_wins() -> None:
 
 def test_usd_uses_the_configured_rate() -> None:
     assert Pricing(PricingConfig(usd_per_credit=0.5)).usd(10) == 5
+
+
+TRACKER = ROOT / "examples" / "pricing" / "cost-tracker.yml"
+
+
+@pytest.mark.parametrize(
+    ("model", "mode", "duration", "audio", "credits"),
+    [
+        ("kling-v1", "standard", 5, False, 10),
+        ("kling-v2-6", "professional", 5, False, 10),  # the tracker ignores the mode
+        ("kling-v1", "standard", 10, False, 20),
+        ("kling-v1", "standard", 7, False, 14),  # 2 a second otherwise
+        ("kling-pro", "standard", 5, False, 20),  # kling-pro: twice
+        ("kling-pro-v2", "professional", 10, False, 40),
+        ("kling-pro", "standard", 7, False, 28),
+        ("kling-v2-6", "standard", 5, True, 10),  # audio is not priced by it
+    ],
+)
+def test_the_cost_trackers_pricing_comes_out_exactly(
+    model: str, mode: str, duration: int, audio: bool, credits: float
+) -> None:
+    pricing = Pricing(load_config(TRACKER).pricing)
+    got = pricing.credits(Request(model, mode, duration, audio, "video"))
+    assert got == credits
+    assert pricing.usd(got) == pytest.approx(credits * 0.07)
+
+
+def test_a_model_multiplier_applies_to_the_first_matching_pattern() -> None:
+    config = parse_config(
+        {
+            "pricing": {
+                "model_multipliers": [
+                    {"model": "kling-v2-6*", "multiplier": 1.5},
+                    {"model": "kling-*", "multiplier": 3},
+                ]
+            }
+        }
+    )
+    pricing = Pricing(config.pricing)
+    assert pricing.credits(Request("kling-v2-6", "standard", 5)) == 15
+    assert pricing.credits(Request("kling-v1", "standard", 5)) == 30
+    assert pricing.credits(Request("other", "standard", 5)) == 10
+
+
+def test_a_negative_multiplier_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"pricing.model_multipliers\[0\].multiplier"):
+        parse_config({"pricing": {"model_multipliers": [{"model": "x", "multiplier": -1}]}})
