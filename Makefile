@@ -4,7 +4,7 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 ARGS    ?=
 
-.PHONY: help run demo test lint typecheck unit tools clean screenshots dashboards kubernetes
+.PHONY: help run demo test lint typecheck unit tools clean screenshots dashboards kubernetes certs
 .DEFAULT_GOAL := help
 
 ## help: list the targets (plain `make` does this)
@@ -36,6 +36,16 @@ dashboards: $(BIN)/.installed
 ## kubernetes: rewrite examples/kubernetes' PrometheusRule and dashboards ConfigMap
 kubernetes: $(BIN)/.installed
 	$(BIN)/python examples/kubernetes/build.py
+
+## certs: a self-signed certificate and key for trying examples/web-config.yml (examples/tls/)
+CERTS_DIR ?= examples/tls
+certs:
+	mkdir -p $(CERTS_DIR)
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 \
+		-subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+		-keyout $(CERTS_DIR)/exporter.key -out $(CERTS_DIR)/exporter.crt 2>/dev/null
+	chmod 600 $(CERTS_DIR)/exporter.key
+	@echo "wrote $(CERTS_DIR)/exporter.crt and exporter.key (self-signed: for trying only)"
 
 ## tools: Prometheus, promtool, Alertmanager, amtool and logrotate for the end-to-end tests
 tools:

@@ -7,6 +7,7 @@ import base64
 import datetime as dt
 import ipaddress
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -338,3 +339,25 @@ def test_healthcheck_command_reaches_a_tls_exporter_on_another_port(
     assert wait_until(lambda: health("--url", url) == 0, timeout=20)
     assert health(env={HEALTH_URL_ENV: url}) == 0
     assert health("--url", f"http://127.0.0.1:{free_port()}/-/healthy") == 1
+
+
+def test_make_certs_lets_the_example_web_config_run_as_shipped(tmp_path: Path) -> None:
+    """`make certs` writes the pair the example names, so promtool accepts the example
+    unchanged (and the exporter would start with it)."""
+    require_binary("openssl")
+    shutil.copy(ROOT / "examples" / "web-config.yml", tmp_path / "web-config.yml")
+    subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "certs", f"CERTS_DIR={tmp_path / 'tls'}"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    result = subprocess.run(
+        [require_binary("promtool"), "check", "web-config", str(tmp_path / "web-config.yml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "tls" / "exporter.key").stat().st_mode & 0o777 == 0o600
