@@ -16,6 +16,7 @@ import pytest
 from exporter.cli import COMMANDS, main
 from exporter.demo import DemoTraffic
 from tests.helpers import ROOT, line, write_lines
+from tests.test_parity import THEIR_CSV_COLUMNS
 
 DATA = Path(__file__).parent / "data" / "fixed.jsonl"
 
@@ -160,13 +161,7 @@ def test_export_csv_with_a_date_range(logs: Path, capsys: pytest.CaptureFixture[
     # The seven columns of the usage scripts teams already run come first, as they wrote
     # them; ours follow.
     assert list(rows[0]) == [
-        "timestamp",
-        "event",
-        "task_id",
-        "model",
-        "status",
-        "credits_used",
-        "elapsed_sec",
+        *THEIR_CSV_COLUMNS,
         "project",
         "user",
         "mode",

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from exporter import daemon as daemon_module
-from exporter.config import parse_config
+from exporter.config import Config, parse_config
 from exporter.daemon import Daemon, write_state
 from exporter.ingest import ingest
 from exporter.server import build_app
@@ -265,15 +265,23 @@ def test_poison_lines_neither_stop_the_reader_nor_double_after_a_restart(
     assert sum(by_name(series, "kling_credits_used_total").values()) == 32
 
 
+def local_config(tmp_path: Path, state: Path | None = None) -> Config:
+    """Config for an in-process daemon reading tmp_path/logs, saving state if asked."""
+    return parse_config(
+        {
+            "logs": {"paths": [str(tmp_path / "logs" / "*.jsonl")]},
+            "state": {"path": str(state) if state else ""},
+        }
+    )
+
+
 def test_a_dead_reader_fails_health_and_never_saves_a_half_block(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = tmp_path / "logs" / "kling-a.jsonl"
     write_lines(log, [submitted("a"), completed("a", credits_used=10)])
     state = tmp_path / "k.state"
-    config = parse_config(
-        {"logs": {"paths": [str(tmp_path / "logs" / "*.jsonl")]}, "state": {"path": str(state)}}
-    )
+    config = local_config(tmp_path, state)
     daemon = Daemon(config)
     daemon.poll_once()
     daemon.save_state()
@@ -306,9 +314,7 @@ def test_state_file_is_private_and_holds_no_log_text(tmp_path: Path) -> None:
     log = tmp_path / "logs" / "kling-a.jsonl"
     write_lines(log, [line(event="task_submitted", task_id="a", note=prompt)])
     state = tmp_path / "k.state"
-    config = parse_config(
-        {"logs": {"paths": [str(tmp_path / "logs" / "*.jsonl")]}, "state": {"path": str(state)}}
-    )
+    config = local_config(tmp_path, state)
     daemon = Daemon(config)
     daemon.poll_once()
     daemon.save_state()
@@ -336,7 +342,7 @@ def test_a_failed_save_leaves_no_temporary_file(
 
 
 def test_concurrent_scrapes_share_one_render(tmp_path: Path) -> None:
-    config = parse_config({"logs": {"paths": [str(tmp_path / "*.jsonl")]}, "state": {"path": ""}})
+    config = local_config(tmp_path)
     daemon = Daemon(config)
     real_snapshot, renders = daemon.snapshot, []
 
@@ -365,7 +371,7 @@ def test_concurrent_scrapes_share_one_render(tmp_path: Path) -> None:
 def test_a_block_is_applied_in_chunks_that_readers_can_come_between(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = parse_config({"logs": {"paths": [str(tmp_path / "*.jsonl")]}, "state": {"path": ""}})
+    config = local_config(tmp_path)
     daemon = Daemon(config)
     seen: list[int] = []
     real_ingest = ingest

@@ -20,6 +20,16 @@ from exporter.pricing import Request
 from tests.test_ledger import feed
 
 DAY = dt.datetime(2026, 11, 22, 9, 0, 0, 123456)
+# The header their export_usage_csv writes, which readers of it depend on.
+THEIR_CSV_COLUMNS = [
+    "timestamp",
+    "event",
+    "task_id",
+    "model",
+    "status",
+    "credits_used",
+    "elapsed_sec",
+]
 CONFIG = """
 budgets:
   - {name: team, period: daily, limit_credits: 100, limit_usd: 12}
@@ -141,15 +151,7 @@ def test_csv_export_keeps_their_seven_columns_first(
     assert main(["export", "--config.file", "config.yml", "--output", "usage.csv"]) == 0
     with open("usage.csv", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    assert rows[0][:7] == [
-        "timestamp",
-        "event",
-        "task_id",
-        "model",
-        "status",
-        "credits_used",
-        "elapsed_sec",
-    ]
+    assert rows[0][:7] == THEIR_CSV_COLUMNS
     theirs = [row[:7] for row in rows[1:]]
     assert [r[1] for r in theirs] == [
         "task_submitted",
