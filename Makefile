@@ -25,7 +25,7 @@ run: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/kling-exporter demo $(ARGS)
 
-## screenshots: PNG previews of the dashboards from real data, into docs/
+## screenshots: PNG previews of the dashboards from two simulated hours of demo data, into docs/
 screenshots: $(BIN)/.installed tools
 	$(BIN)/python grafana/preview.py
 

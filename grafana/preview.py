@@ -1,9 +1,11 @@
 """Draws a PNG preview of each dashboard from real data (`make screenshots`).
 
-Starts the exporter on demo traffic, a real Prometheus with the shipped rules scraping it
-every second, lets data gather for a while, then runs every panel's query against
-Prometheus and draws the panels where the dashboard places them. There is no Grafana
-here; this shows what each panel will hold, not Grafana's exact look.
+Writes a few hours of the demo's traffic, replays it through the exporter's own ledger
+as scrapes every 15 s of simulated time, turns those into Prometheus blocks (promtool's
+OpenMetrics import, then the shipped recording rules evaluated over the same hours),
+starts a real Prometheus on them, runs every panel's query against it and draws the
+panels where the dashboard places them. There is no Grafana here; this shows what each
+panel will hold over hours, not Grafana's exact look.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,13 +26,23 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import yaml
 from matplotlib.axes import Axes
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from exporter.collector import TextRenderer, families  # noqa: E402
+from exporter.daemon import Status  # noqa: E402
 from exporter.demo import DemoTraffic, demo_config  # noqa: E402
-from tests.stack import InProcessExporter, Process, prometheus  # noqa: E402
+from exporter.events import Event, decode_line  # noqa: E402
+from exporter.ingest import ingest  # noqa: E402
+from exporter.ledger import Ledger  # noqa: E402
+from tests.helpers import free_port, require_binary  # noqa: E402
+from tests.stack import Process  # noqa: E402
+
+STEP = 15.0  # seconds between simulated scrapes
+RULE_LEVELS = 3  # recording rules that read recording rules, this deep
 
 VAR_RE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
 COLORS = {"green": "#56a64b", "orange": "#ff9830", "red": "#e02f44", "blue": "#3274d9"}
@@ -160,11 +174,13 @@ def draw_table(ax: Axes, panel: dict[str, Any], prom: Process) -> None:
     ax.axis("off")
     if cells:
         table = ax.table(
-            cellText=cells, colLabels=["", *headers], loc="upper center", cellLoc="left"
+            cellText=cells, colLabels=["", *headers], loc="upper right", cellLoc="left"
         )
         table.auto_set_font_size(False)
-        table.set_fontsize(6)
-        table.scale(1, 1.2)
+        table.set_fontsize(7)
+        # Columns as wide as their text, so names and amounts are read whole.
+        table.auto_set_column_width(list(range(len(headers) + 1)))
+        table.scale(1, 1.4)
 
 
 def render(dashboard: dict[str, Any], prom: Process, start: float, end: float, out: Path) -> None:
@@ -192,30 +208,131 @@ def render(dashboard: dict[str, Any], prom: Process, start: float, end: float, o
     print(f"wrote {out}")
 
 
+def history_as_openmetrics(logs: Path, start: float, end: float, step: float) -> str:
+    """The exporter's /metrics every ``step`` seconds of simulated time over the demo's
+    history, as OpenMetrics with timestamps, for promtool to turn into TSDB blocks."""
+    config = demo_config(logs)
+    ledger = Ledger(config)
+    events: list[tuple[float, bytes]] = []
+    for path in sorted(logs.glob("kling-*.jsonl")):
+        for raw in path.read_bytes().splitlines():
+            event = decode_line(raw)
+            if isinstance(event, Event) and event.ts is not None:
+                events.append((event.ts, raw))
+    events.sort(key=lambda item: item[0])
+    renderer = TextRenderer()
+    series: dict[str, list[str]] = {}  # metric name -> its samples, in time order
+    i, t = 0, start
+    while t <= end:
+        batch = []
+        while i < len(events) and events[i][0] <= t:
+            batch.append(events[i][1])
+            i += 1
+        ingest(ledger, batch, t)
+        ledger.lines_read += len(batch)
+        ledger.expire(t)
+        status = Status(
+            files_watched=1,
+            ready=True,
+            reload_successful=True,
+            reload_success_ts=start,
+            state_save_ts=t,
+            last_poll_ts=t,
+        )
+        text = renderer.render(families(ledger.snapshot(t), status))
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                series.setdefault(name, []).append(f"{line} {t:.3f}")
+        t += step
+    body = "\n".join(line for lines in series.values() for line in lines)
+    return body + "\n# EOF\n"
+
+
+def backfilled_prometheus(work: Path, start: float, end: float) -> Process:
+    """A Prometheus over the simulated history: raw samples from promtool's OpenMetrics
+    import, then the recording rules evaluated over the same hours, level by level (a
+    rule that reads another's output needs that output in the database first)."""
+    promtool = require_binary("promtool")
+    data = work / "prom-data"
+    source = work / "history.om"
+    source.write_text(history_as_openmetrics(work / "logs", start, end, STEP))
+    subprocess.run(
+        [promtool, "tsdb", "create-blocks-from", "openmetrics", "-q", str(source), str(data)],
+        check=True,
+    )
+    rules = [str(ROOT / "alerts" / "kling.rules.yml")]
+    for level in range(RULE_LEVELS + 1):
+        prom = serve_tsdb(work, data, rules if level == RULE_LEVELS else [])
+        if level == RULE_LEVELS:
+            return prom
+        try:
+            out = work / f"rules-{level}"
+            subprocess.run(
+                [
+                    promtool,
+                    "tsdb",
+                    "create-blocks-from",
+                    "rules",
+                    f"--start={start:.0f}",
+                    f"--end={end:.0f}",
+                    f"--url={prom.url}",
+                    f"--output-dir={out}",
+                    f"--eval-interval={STEP:.0f}s",
+                    *rules,
+                ],
+                check=True,
+                capture_output=True,
+            )
+        finally:
+            prom.stop()
+        for block in out.iterdir():
+            if block.is_dir():
+                shutil.move(str(block), data / f"{block.name}")
+    raise AssertionError("unreachable")
+
+
+def serve_tsdb(work: Path, data: Path, rule_files: list[str]) -> Process:
+    config = work / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump({"global": {"evaluation_interval": "15s"}, "rule_files": rule_files})
+    )
+    port = free_port()
+    prom = Process(
+        "prometheus",
+        [
+            require_binary("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=30d",
+        ],
+        work,
+        port,
+    )
+    prom.wait_ready()
+    return prom
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=120, help="how long data gathers")
+    parser.add_argument("--hours", type=float, default=2, help="hours of simulated history")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kling-preview-") as tmp:
         work = Path(tmp)
+        end = float(int(time.time() // STEP * STEP))
+        start = end - args.hours * 3600
         traffic = DemoTraffic(work / "logs", seed=3)  # the demo's own rate and budgets
-        traffic.backfill(3600)
-        traffic.rate = 1.0  # livelier while the data gathers
-        traffic.start()
-        exporter = InProcessExporter(demo_config(work / "logs")).start()
+        traffic.backfill(args.hours * 3600, now=end)
+        prom = backfilled_prometheus(work, start, end)
         try:
-            with prometheus(work, [f"127.0.0.1:{exporter.port}"]) as prom:
-                start = time.time()
-                print(f"gathering data for {args.seconds:.0f} s ...")
-                time.sleep(args.seconds)
-                end = time.time()
-                for path in sorted((ROOT / "grafana" / "dashboards").glob("*.json")):
-                    dashboard = json.loads(path.read_text())
-                    render(dashboard, prom, start, end, args.out / f"{path.stem}.png")
+            for path in sorted((ROOT / "grafana" / "dashboards").glob("*.json")):
+                dashboard = json.loads(path.read_text())
+                render(dashboard, prom, start, end, args.out / f"{path.stem}.png")
         finally:
-            traffic.stop.set()
-            exporter.stop()
+            prom.stop()
     return 0
 
 
