@@ -249,6 +249,15 @@ def _flags(known: Task | int) -> int:
     return known.flags if isinstance(known, Task) else known
 
 
+def _sum_into(table: dict[Any, list[float]], key: Any, credits: float, usd: float) -> None:
+    acc = table.get(key)
+    if acc is None:
+        table[key] = [credits, usd]
+    else:
+        acc[0] += credits
+        acc[1] += usd
+
+
 DaySums = tuple[dict[str, list[float]], dict[str | None, list[float]], list[float]]
 
 
@@ -267,12 +276,7 @@ class DayUsage:
         self.sums: tuple[int, DaySums] = (-1, ({}, {}, [0.0, 0.0]))
 
     def add(self, project: str, user: str | None, credits: float, usd: float) -> None:
-        acc = self.by_pair.get((project, user))
-        if acc is None:
-            self.by_pair[(project, user)] = [credits, usd]
-        else:
-            acc[0] += credits
-            acc[1] += usd
+        _sum_into(self.by_pair, (project, user), credits, usd)
         self.version += 1
 
     def _sum(self) -> DaySums:
@@ -280,18 +284,8 @@ class DayUsage:
         by_user: dict[str | None, list[float]] = {}
         total = [0.0, 0.0]
         for (project, user), (c, u) in self.by_pair.items():
-            acc = by_project.get(project)
-            if acc is None:
-                by_project[project] = [c, u]
-            else:
-                acc[0] += c
-                acc[1] += u
-            acc = by_user.get(user)
-            if acc is None:
-                by_user[user] = [c, u]
-            else:
-                acc[0] += c
-                acc[1] += u
+            _sum_into(by_project, project, c, u)
+            _sum_into(by_user, user, c, u)
             total[0] += c
             total[1] += u
         return by_project, by_user, total
