@@ -93,8 +93,8 @@ def daily_report(records: Sequence[Record], day: dt.date, config: Config) -> dic
         # completions alone, as hand-rolled trackers compute it.
         "success_rate": round(total["succeeded"] / finished, 4) if finished else 0.0,
         "success_rate_completions": round(total["succeeded"] / completed, 4) if completed else 0.0,
-        "total_credits": _amount("credits", total["credits"]),
-        "total_usd": _amount("usd", total["usd"]),
+        "total_credits": amount_for_people("credits", total["credits"]),
+        "total_usd": amount_for_people("usd", total["usd"]),
         "avg_generation_sec": round(sum(elapsed) / len(elapsed), 2) if elapsed else 0.0,
         "by_model": {k: _rounded(v) for k, v in sorted(by_model.items())},
         "by_project": {k: _rounded(v) for k, v in sorted(by_project.items())},
@@ -122,8 +122,8 @@ def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> li
             {
                 "name": b.name,
                 "period": b.period,
-                "used_credits": _amount("credits", credits),
-                "used_usd": _amount("usd", usd),
+                "used_credits": amount_for_people("credits", credits),
+                "used_usd": amount_for_people("usd", usd),
                 "limit_credits": b.limit_credits,
                 "limit_usd": b.limit_usd,
                 **overspend(b.limit_credits, b.limit_usd, credits, usd),
@@ -133,14 +133,17 @@ def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> li
 
 
 def _rounded(t: dict[str, float]) -> dict[str, float]:
-    return {k: _amount(k, v) if k in ("credits", "usd") else int(v) for k, v in t.items()}
+    return {k: amount_for_people(k, v) if k in ("credits", "usd") else int(v) for k, v in t.items()}
 
 
-def _amount(key: str, value: float) -> float:
-    """Dollars to the cent, whole credits as integers: as a person reads them."""
+def amount_for_people(key: str, value: float) -> float:
+    """Dollars (a key naming usd) to the cent, whole credits as integers, other
+    numbers as they are: as a person reads them. Metrics keep full precision."""
     if "usd" in key:
         return round(value, 2)
-    return int(value) if float(value).is_integer() else round(value, 4)
+    if "credits" in key:
+        return int(value) if float(value).is_integer() else round(value, 4)
+    return value
 
 
 def cost_analysis(
@@ -173,21 +176,21 @@ def cost_analysis(
         "per_day": [
             {
                 "date": d.isoformat(),
-                "credits": _amount("credits", r["credits"]),
+                "credits": amount_for_people("credits", r["credits"]),
                 "videos": int(r["videos"]),
                 "succeeded": int(r["succeeded"]),
-                "usd": _amount("usd", r["usd"]),
+                "usd": amount_for_people("usd", r["usd"]),
                 "usd_per_succeeded": _per(r["usd"], r["succeeded"]),
             }
             for d, r in per_day.items()
         ],
-        "total_credits": _amount("credits", total_credits),
+        "total_credits": amount_for_people("credits", total_credits),
         "total_videos": int(sum(r["videos"] for r in per_day.values())),
         "total_succeeded": total_succeeded,
-        "total_usd": _amount("usd", total_usd),
+        "total_usd": amount_for_people("usd", total_usd),
         "usd_per_succeeded": _per(total_usd, total_succeeded),
-        "avg_credits_per_day": _amount("credits", total_credits / days),
-        "avg_usd_per_day": _amount("usd", total_usd / days),
+        "avg_credits_per_day": amount_for_people("credits", total_credits / days),
+        "avg_usd_per_day": amount_for_people("usd", total_usd / days),
     }
 
 
@@ -203,7 +206,7 @@ def overspend(
         "over_by_credits": over_by(credits, limit_credits),
         "over_by_usd": over_by(usd, limit_usd),
     }
-    return {k: None if v is None else _amount(k, v) for k, v in over.items()}
+    return {k: None if v is None else amount_for_people(k, v) for k, v in over.items()}
 
 
 # The first seven columns are those of the usage scripts teams already run

@@ -24,6 +24,7 @@ from exporter.config import KINDS, describe_validation_error, normalize_mode
 from exporter.daemon import Daemon
 from exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
 from exporter.pricing import Request
+from exporter.reports import amount_for_people
 from exporter.webconfig import BasicAuth, FailureLimit, WebConfig
 
 log = logging.getLogger(__name__)
@@ -133,16 +134,13 @@ def for_people(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [for_people(v, key) for v in value]
     if isinstance(value, float):
-        if "usd" in key:
-            return round(value, 2)
-        if "credits" in key:
-            return int(value) if value.is_integer() else round(value, 4)
+        return amount_for_people(key, value)
     return value
 
 
 def budget_json(daemon: Daemon) -> dict[str, Any]:
     snap, _ = daemon.snapshot()
-    return {"budgets": [for_people(msgspec.structs.asdict(b)) for b in snap.budgets]}
+    return {"budgets": for_people(msgspec.to_builtins(snap.budgets))}
 
 
 async def budgets(request: web.Request) -> web.Response:
@@ -240,8 +238,7 @@ async def check(request: web.Request) -> web.Response:
         req.project or DEFAULT_PROJECT,
         req.user,
     )
-    answer = for_people(msgspec.structs.asdict(result))
-    answer["budgets"] = [for_people(msgspec.structs.asdict(b)) for b in result.budgets]
+    answer = for_people(msgspec.to_builtins(result))
     return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
 
 
