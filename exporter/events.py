@@ -17,7 +17,13 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from exporter.config import KIND_ALIASES, KINDS, MODE_ALIASES, OTHER_KIND
+from exporter.config import (
+    KIND_ALIASES,
+    KINDS,
+    MODE_ALIASES,
+    OTHER_KIND,
+    describe_validation_error,
+)
 
 SUBMITTED: Final = 0
 COMPLETED: Final = 1
@@ -113,27 +119,21 @@ def _classify(error: msgspec.ValidationError) -> str:
     return "wrong_type"
 
 
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.S)
-
-
 def explain_invalid(line: bytes, limit: int = 80) -> tuple[str, str]:
-    """For the log, not the hot path: the field a rejected line got wrong and what the
-    decoder said of its value, truncated (free-text fields are never decoded, so no
-    prompt or message can appear here)."""
+    """For the log, not the hot path: the field a rejected line got wrong and what is
+    wrong with it, in the words config errors use, with its value cut short (free-text
+    fields are never decoded, so no prompt or message can appear here)."""
     line = line[3:] if line.startswith(_BOM) else line
     try:
         _decoder.decode(line)
     except msgspec.ValidationError as err:
-        match = _AT.match(str(err))
-        if match is not None:
-            field = match.group("path") or "(line)"
-            detail = match.group("msg")
-            try:
-                value = msgspec.json.decode(line).get(field)
-                detail += f", value {value!r}"[: limit // 2]
-            except (msgspec.DecodeError, AttributeError, RecursionError):
-                pass
-            return field, detail[:limit]
+        field, _, detail = describe_validation_error(err).partition(": ")
+        try:
+            value = msgspec.json.decode(line).get(field)
+            detail += f", value {value!r}"[: limit // 2]
+        except (msgspec.DecodeError, AttributeError, RecursionError):
+            pass
+        return field, detail[:limit]
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
         return "(line)", str(err)[:limit]
     return "task_id", "missing"
