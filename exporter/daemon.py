@@ -22,7 +22,7 @@ import msgspec
 from exporter.config import Config, ConfigError, load_config
 from exporter.events import explain_invalid
 from exporter.ingest import RateLimit, ingest
-from exporter.ledger import CheckResult, Ledger, Snapshot
+from exporter.ledger import BudgetStatus, CheckResult, Ledger, Snapshot
 from exporter.pricing import Request
 from exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
 
@@ -344,6 +344,13 @@ class Daemon:
                 continue
         with self._reading():
             return self.ledger.check(req, count, project, user, now)
+
+    def budget_statuses(self) -> list[BudgetStatus]:
+        """The budgets alone: what /api/v1/budgets shows, without the counter views and
+        the look at every log file that a scrape's snapshot makes."""
+        now = self.clock()
+        with self._reading():
+            return self.ledger.budget_statuses(now)
 
     def snapshot(self) -> tuple[Snapshot, Status]:
         now = self.clock()

@@ -139,8 +139,7 @@ def for_people(value: Any, key: str = "") -> Any:
 
 
 def budget_json(daemon: Daemon) -> dict[str, Any]:
-    snap, _ = daemon.snapshot()
-    return {"budgets": for_people(msgspec.to_builtins(snap.budgets))}
+    return {"budgets": for_people(msgspec.to_builtins(daemon.budget_statuses()))}
 
 
 async def budgets(request: web.Request) -> web.Response:
