@@ -19,10 +19,11 @@ from typing import Any
 
 import msgspec
 
+from exporter.budgets import BudgetStatus, CheckResult
 from exporter.config import Config, ConfigError, load_config
 from exporter.events import explain_invalid
 from exporter.ingest import RateLimit, ingest
-from exporter.ledger import BudgetStatus, CheckResult, Ledger, Snapshot
+from exporter.ledger import Ledger, Snapshot
 from exporter.pricing import Request
 from exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
 

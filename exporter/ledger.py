@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from sys import intern
 from typing import Any
 
 import msgspec
 
 from exporter import events as ev_mod
-from exporter.config import BudgetConfig, Config
+from exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage
+from exporter.config import Config
 from exporter.events import INVALID_REASONS, Event
 from exporter.periods import PeriodClock, period_bounds
-from exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Pricing, Request
+from exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request
 
 OTHER = "__other__"
 GENERATION_BUCKETS = (
@@ -136,49 +137,6 @@ def _record(event: str, task_id: str, t: Task, ts: float, **more: Any) -> Record
     )
 
 
-class CheckBudget(msgspec.Struct, frozen=True):
-    name: str
-    period: str
-    credits_remaining: float | None
-    usd_remaining: float | None
-    utilization_after: float
-    # How far past its limits the budget already is (0 within them; None: no such limit).
-    over_by_credits: float | None = None
-    over_by_usd: float | None = None
-
-
-class CheckResult(msgspec.Struct, frozen=True):
-    """The answer to a pre-flight check (``POST /api/v1/check``)."""
-
-    allowed: bool
-    credits_needed: float
-    usd_needed: float
-    reason: str
-    budgets: list[CheckBudget]
-
-
-class BudgetStatus(msgspec.Struct, frozen=True):
-    """One budget in its current period."""
-
-    name: str
-    period: str
-    project: str | None
-    user: str | None
-    limit_credits: float | None
-    limit_usd: float | None
-    alert_threshold: float
-    used_credits: float
-    used_usd: float
-    remaining_credits: float | None
-    remaining_usd: float | None
-    utilization: float
-    period_start: float
-    period_end: float
-    # Remaining never goes below 0; these say by how much a budget is over instead.
-    over_by_credits: float | None = None
-    over_by_usd: float | None = None
-
-
 class Snapshot(msgspec.Struct):
     """Everything a scrape renders, copied out of the ledger at one instant."""
 
@@ -204,40 +162,6 @@ class Snapshot(msgspec.Struct):
     orphaned: int
 
 
-def _utilization(used: float, limit: float | None) -> float:
-    return used / limit if limit else 0.0
-
-
-def _budget_status(
-    b: BudgetConfig, used: tuple[float, float], bounds: tuple[float, float]
-) -> BudgetStatus:
-    credits, usd = used
-    util = max(_utilization(credits, b.limit_credits), _utilization(usd, b.limit_usd))
-    return BudgetStatus(
-        name=b.name,
-        period=b.period,
-        project=b.project,
-        user=b.user,
-        limit_credits=b.limit_credits,
-        limit_usd=b.limit_usd,
-        alert_threshold=b.alert_threshold,
-        used_credits=credits,
-        used_usd=usd,
-        remaining_credits=None if b.limit_credits is None else max(b.limit_credits - credits, 0.0),
-        remaining_usd=None if b.limit_usd is None else max(b.limit_usd - usd, 0.0),
-        utilization=util,
-        period_start=bounds[0],
-        period_end=bounds[1],
-        over_by_credits=over_by(credits, b.limit_credits),
-        over_by_usd=over_by(usd, b.limit_usd),
-    )
-
-
-def over_by(used: float, limit: float | None) -> float | None:
-    """How far ``used`` is past ``limit``: 0 within it, None for no limit."""
-    return None if limit is None else max(used - limit, 0.0)
-
-
 def _event_fields(e: Event) -> list[Any]:
     """An event's fields as an array for the saved state; the parsed time is in ``ts``."""
     fields = list(msgspec.structs.astuple(e))
@@ -247,63 +171,6 @@ def _event_fields(e: Event) -> list[Any]:
 
 def _flags(known: Task | int) -> int:
     return known.flags if isinstance(known, Task) else known
-
-
-def _sum_into(table: dict[Any, list[float]], key: Any, credits: float, usd: float) -> None:
-    acc = table.get(key)
-    if acc is None:
-        table[key] = [credits, usd]
-    else:
-        acc[0] += credits
-        acc[1] += usd
-
-
-DaySums = tuple[dict[str, list[float]], dict[str | None, list[float]], list[float]]
-
-
-class DayUsage:
-    """Credits and dollars of one local day by (project, user). The sums by project, by
-    user and in all are made when a budget first asks after a change, so that a budget
-    reads one sum a day, and an event pays only for its own pair."""
-
-    __slots__ = ("by_pair", "sums", "version")
-
-    def __init__(self) -> None:
-        self.by_pair: dict[tuple[str, str | None], list[float]] = {}
-        # Counts changes; the sums (by project, by user, total) hold the version they
-        # were made from, so sums made while the reader changed the day are made again.
-        self.version = 0
-        self.sums: tuple[int, DaySums] = (-1, ({}, {}, [0.0, 0.0]))
-
-    def add(self, project: str, user: str | None, credits: float, usd: float) -> None:
-        _sum_into(self.by_pair, (project, user), credits, usd)
-        self.version += 1
-
-    def _sum(self) -> DaySums:
-        by_project: dict[str, list[float]] = {}
-        by_user: dict[str | None, list[float]] = {}
-        total = [0.0, 0.0]
-        for (project, user), (c, u) in self.by_pair.items():
-            _sum_into(by_project, project, c, u)
-            _sum_into(by_user, user, c, u)
-            total[0] += c
-            total[1] += u
-        return by_project, by_user, total
-
-    def used(self, b: BudgetConfig) -> list[float] | None:
-        """What the budget ``b`` matches of this day."""
-        if b.project is not None and b.user is not None:
-            return self.by_pair.get((b.project, b.user))
-        version, sums = self.sums
-        if version != self.version:
-            version = self.version
-            sums = self._sum()
-            self.sums = (version, sums)
-        if b.project is not None:
-            return sums[0].get(b.project)
-        if b.user is not None:
-            return sums[1].get(b.user)
-        return sums[2]
 
 
 # Slots of a series accumulator, one per (project label, model label).
@@ -399,7 +266,8 @@ class Ledger:
         if old is not None and old.timezone != config.timezone:
             raise ValueError("timezone: changing the time zone needs a restart")
         self.config = config
-        self.pricing = Pricing(config.pricing)
+        self.budgets = Budgets(config)
+        self.pricing = self.budgets.pricing
         self.clock = PeriodClock(config.tz)
         self._forget_day()
         self.ttl = config.tasks.ttl_seconds
@@ -771,89 +639,14 @@ class Ledger:
 
     # -- reading ---------------------------------------------------------------------
 
-    def _budget_usage(
-        self, budgets: Iterable[BudgetConfig], now: float
-    ) -> list[tuple[tuple[float, float], tuple[float, float]]]:
-        """Each budget's (credits, usd) in its current period, and the period's bounds:
-        one lookup per day of the period, whatever else is in the ledger."""
-        periods: dict[str, tuple[tuple[float, float], list[DayUsage]]] = {}
-        out = []
-        for b in budgets:
-            found = periods.get(b.period)
-            if found is None:
-                bounds = period_bounds(b.period, now, self.clock.tz)
-                days = [d for start, d in self.usage.items() if bounds[0] <= start < bounds[1]]
-                found = periods[b.period] = (bounds, days)
-            bounds, days = found
-            credits = usd = 0.0
-            for day in days:
-                acc = day.used(b)
-                if acc is not None:
-                    credits += acc[0]
-                    usd += acc[1]
-            out.append(((credits, usd), bounds))
-        return out
-
     def budget_statuses(self, now: float) -> list[BudgetStatus]:
-        budgets = self.config.budgets
-        return [
-            _budget_status(b, used, bounds)
-            for b, (used, bounds) in zip(budgets, self._budget_usage(budgets, now), strict=True)
-        ]
+        return self.budgets.statuses(self.usage, now)
 
     def check(
         self, req: Request, count: int, project: str, user: str | None, now: float
     ) -> CheckResult:
-        """May ``count`` tasks like ``req`` be generated for this project and user now?
-        Refused when any matching budget would go over its limit; exactly at it is allowed."""
-        credits = self.pricing.credits(req) * count
-        usd = credits * self.pricing.usd_per_credit
-        matching = [
-            b
-            for b in self.config.budgets
-            if (b.project is None or b.project == project) and (b.user is None or b.user == user)
-        ]
-        rows, reasons = [], []
-        for b, ((used_c, used_u), _) in zip(
-            matching, self._budget_usage(matching, now), strict=True
-        ):
-            after = max(
-                _utilization(used_c + credits, b.limit_credits),
-                _utilization(used_u + usd, b.limit_usd),
-            )
-            remaining_c = None if b.limit_credits is None else max(b.limit_credits - used_c, 0.0)
-            remaining_u = None if b.limit_usd is None else max(b.limit_usd - used_u, 0.0)
-            over = (b.limit_credits is not None and used_c + credits > b.limit_credits + 1e-9) or (
-                b.limit_usd is not None and used_u + usd > b.limit_usd + 1e-9
-            )
-            if over:
-                left = (
-                    f"{remaining_c:g} credits left"
-                    if remaining_c is not None
-                    else f"${remaining_u:.2f} left"
-                )
-                reasons.append(
-                    f"budget {b.name!r} ({b.period}) would reach {after:.0%}: "
-                    f"needs {credits:g} credits (${usd:.2f}), {left}"
-                )
-            rows.append(
-                CheckBudget(
-                    name=b.name,
-                    period=b.period,
-                    credits_remaining=remaining_c,
-                    usd_remaining=remaining_u,
-                    utilization_after=after,
-                    over_by_credits=over_by(used_c, b.limit_credits),
-                    over_by_usd=over_by(used_u, b.limit_usd),
-                )
-            )
-        return CheckResult(
-            allowed=not reasons,
-            credits_needed=credits,
-            usd_needed=usd,
-            reason="; ".join(reasons) if reasons else "within every matching budget",
-            budgets=rows,
-        )
+        """May ``count`` tasks like ``req`` be generated for this project and user now?"""
+        return self.budgets.check(self.usage, req, count, project, user, now)
 
     def snapshot(self, now: float) -> Snapshot:
         return Snapshot(

@@ -14,9 +14,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
+from exporter.budgets import over_by
 from exporter.config import Config
 from exporter.ingest import ingest
-from exporter.ledger import Ledger, Record, over_by
+from exporter.ledger import Ledger, Record
 from exporter.listing import matching_files
 from exporter.periods import period_bounds
 

@@ -11,9 +11,10 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
+from exporter.budgets import DayUsage
 from exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig, parse_config
 from exporter.events import Event, decode_line
-from exporter.ledger import OTHER, DayUsage, Ledger
+from exporter.ledger import OTHER, Ledger
 from exporter.pricing import Request
 from tests.helpers import line
 

@@ -1,0 +1,260 @@
+"""Budgets: what each one has used in its current period, and pre-flight answers.
+
+Pure functions of daily usage and the configured budgets, with no I/O and no clock
+of their own. The ledger keeps the daily usage as it reads; the HTTP process keeps a
+copy of it, published by the reader after every chunk, and answers from that copy
+with the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+from exporter.config import BudgetConfig, Config
+from exporter.periods import period_bounds
+from exporter.pricing import Pricing, Request
+
+
+def _sum_into(table: dict[Any, list[float]], key: Any, credits: float, usd: float) -> None:
+    acc = table.get(key)
+    if acc is None:
+        table[key] = [credits, usd]
+    else:
+        acc[0] += credits
+        acc[1] += usd
+
+
+DaySums = tuple[dict[str, list[float]], dict[str | None, list[float]], list[float]]
+Pair = tuple[str, str | None]
+
+
+class DayUsage:
+    """Credits and dollars of one local day by (project, user). The sums by project, by
+    user and in all are made when a budget first asks after a change, so that a budget
+    reads one sum a day, and an event pays only for its own pair."""
+
+    __slots__ = ("by_pair", "sums", "version")
+
+    def __init__(self, by_pair: dict[Pair, list[float]] | None = None) -> None:
+        self.by_pair: dict[Pair, list[float]] = {} if by_pair is None else by_pair
+        # Counts changes; the sums (by project, by user, total) hold the version they
+        # were made from, so sums made while the reader changed the day are made again.
+        self.version = 0
+        self.sums: tuple[int, DaySums] = (-1, ({}, {}, [0.0, 0.0]))
+
+    def add(self, project: str, user: str | None, credits: float, usd: float) -> None:
+        _sum_into(self.by_pair, (project, user), credits, usd)
+        self.version += 1
+
+    def _sum(self) -> DaySums:
+        by_project: dict[str, list[float]] = {}
+        by_user: dict[str | None, list[float]] = {}
+        total = [0.0, 0.0]
+        for (project, user), (c, u) in self.by_pair.items():
+            _sum_into(by_project, project, c, u)
+            _sum_into(by_user, user, c, u)
+            total[0] += c
+            total[1] += u
+        return by_project, by_user, total
+
+    def used(self, b: BudgetConfig) -> list[float] | None:
+        """What the budget ``b`` matches of this day."""
+        if b.project is not None and b.user is not None:
+            return self.by_pair.get((b.project, b.user))
+        version, sums = self.sums
+        if version != self.version:
+            version = self.version
+            sums = self._sum()
+            self.sums = (version, sums)
+        if b.project is not None:
+            return sums[0].get(b.project)
+        if b.user is not None:
+            return sums[1].get(b.user)
+        return sums[2]
+
+
+Usage = Mapping[float, DayUsage]  # local day start -> that day's usage
+
+
+class CheckBudget(msgspec.Struct, frozen=True):
+    name: str
+    period: str
+    credits_remaining: float | None
+    usd_remaining: float | None
+    utilization_after: float
+    # How far past its limits the budget already is (0 within them; None: no such limit).
+    over_by_credits: float | None = None
+    over_by_usd: float | None = None
+
+
+class CheckResult(msgspec.Struct, frozen=True):
+    """The answer to a pre-flight check (``POST /api/v1/check``)."""
+
+    allowed: bool
+    credits_needed: float
+    usd_needed: float
+    reason: str
+    budgets: list[CheckBudget]
+
+
+class BudgetStatus(msgspec.Struct, frozen=True):
+    """One budget in its current period."""
+
+    name: str
+    period: str
+    project: str | None
+    user: str | None
+    limit_credits: float | None
+    limit_usd: float | None
+    alert_threshold: float
+    used_credits: float
+    used_usd: float
+    remaining_credits: float | None
+    remaining_usd: float | None
+    utilization: float
+    period_start: float
+    period_end: float
+    # Remaining never goes below 0; these say by how much a budget is over instead.
+    over_by_credits: float | None = None
+    over_by_usd: float | None = None
+
+
+def _utilization(used: float, limit: float | None) -> float:
+    return used / limit if limit else 0.0
+
+
+def over_by(used: float, limit: float | None) -> float | None:
+    """How far ``used`` is past ``limit``: 0 within it, None for no limit."""
+    return None if limit is None else max(used - limit, 0.0)
+
+
+def _remaining(used: float, limit: float | None) -> float | None:
+    return None if limit is None else max(limit - used, 0.0)
+
+
+def budget_status(
+    b: BudgetConfig, used: tuple[float, float], bounds: tuple[float, float]
+) -> BudgetStatus:
+    credits, usd = used
+    util = max(_utilization(credits, b.limit_credits), _utilization(usd, b.limit_usd))
+    return BudgetStatus(
+        name=b.name,
+        period=b.period,
+        project=b.project,
+        user=b.user,
+        limit_credits=b.limit_credits,
+        limit_usd=b.limit_usd,
+        alert_threshold=b.alert_threshold,
+        used_credits=credits,
+        used_usd=usd,
+        remaining_credits=_remaining(credits, b.limit_credits),
+        remaining_usd=_remaining(usd, b.limit_usd),
+        utilization=util,
+        period_start=bounds[0],
+        period_end=bounds[1],
+        over_by_credits=over_by(credits, b.limit_credits),
+        over_by_usd=over_by(usd, b.limit_usd),
+    )
+
+
+class Budgets:
+    """The configured budgets, indexed by project so that a pre-flight check reads only
+    the budgets that match it, with the pricing that says what a request needs."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pricing = Pricing(config.pricing)
+        self.tz = config.tz
+        self.by_project: dict[str | None, list[BudgetConfig]] = {}
+        for b in config.budgets:
+            self.by_project.setdefault(b.project, []).append(b)
+
+    def matching(self, project: str, user: str | None) -> list[BudgetConfig]:
+        """The budgets a task of this project and user counts against, in config order."""
+        found = self.by_project.get(project, []) + self.by_project.get(None, [])
+        if len(found) > 1:
+            order = {id(b): i for i, b in enumerate(self.config.budgets)}
+            found.sort(key=lambda b: order[id(b)])
+        return [b for b in found if b.user is None or b.user == user]
+
+    def usage(
+        self, budgets: Iterable[BudgetConfig], usage: Usage, now: float
+    ) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+        """Each budget's (credits, usd) in its current period, and the period's bounds:
+        one lookup per day of the period, whatever else is in the ledger."""
+        periods: dict[str, tuple[tuple[float, float], list[DayUsage]]] = {}
+        out = []
+        for b in budgets:
+            found = periods.get(b.period)
+            if found is None:
+                bounds = period_bounds(b.period, now, self.tz)
+                days = [d for start, d in usage.items() if bounds[0] <= start < bounds[1]]
+                found = periods[b.period] = (bounds, days)
+            bounds, days = found
+            credits = usd = 0.0
+            for day in days:
+                acc = day.used(b)
+                if acc is not None:
+                    credits += acc[0]
+                    usd += acc[1]
+            out.append(((credits, usd), bounds))
+        return out
+
+    def statuses(self, usage: Usage, now: float) -> list[BudgetStatus]:
+        budgets = self.config.budgets
+        return [
+            budget_status(b, used, bounds)
+            for b, (used, bounds) in zip(budgets, self.usage(budgets, usage, now), strict=True)
+        ]
+
+    def check(
+        self, usage: Usage, req: Request, count: int, project: str, user: str | None, now: float
+    ) -> CheckResult:
+        """May ``count`` tasks like ``req`` be generated for this project and user now?
+        Refused when any matching budget would go over its limit; exactly at it is allowed."""
+        credits = self.pricing.credits(req) * count
+        usd = credits * self.pricing.usd_per_credit
+        matching = self.matching(project, user)
+        rows, reasons = [], []
+        used = self.usage(matching, usage, now)
+        for b, ((used_c, used_u), _) in zip(matching, used, strict=True):
+            after = max(
+                _utilization(used_c + credits, b.limit_credits),
+                _utilization(used_u + usd, b.limit_usd),
+            )
+            remaining_c = _remaining(used_c, b.limit_credits)
+            remaining_u = _remaining(used_u, b.limit_usd)
+            over = (b.limit_credits is not None and used_c + credits > b.limit_credits + 1e-9) or (
+                b.limit_usd is not None and used_u + usd > b.limit_usd + 1e-9
+            )
+            if over:
+                left = (
+                    f"{remaining_c:g} credits left"
+                    if remaining_c is not None
+                    else f"${remaining_u:.2f} left"
+                )
+                reasons.append(
+                    f"budget {b.name!r} ({b.period}) would reach {after:.0%}: "
+                    f"needs {credits:g} credits (${usd:.2f}), {left}"
+                )
+            rows.append(
+                CheckBudget(
+                    name=b.name,
+                    period=b.period,
+                    credits_remaining=remaining_c,
+                    usd_remaining=remaining_u,
+                    utilization_after=after,
+                    over_by_credits=over_by(used_c, b.limit_credits),
+                    over_by_usd=over_by(used_u, b.limit_usd),
+                )
+            )
+        return CheckResult(
+            allowed=not reasons,
+            credits_needed=credits,
+            usd_needed=usd,
+            reason="; ".join(reasons) if reasons else "within every matching budget",
+            budgets=rows,
+        )
