@@ -1,11 +1,11 @@
 """Rendering a ledger snapshot as Prometheus metrics.
 
-A scrape copies the ledger's tables under the lock and renders outside it, so it never
-waits on parsing and parsing never waits on it. The metrics are described once, as
-``Family`` rows built from the snapshot; from those rows come both prometheus_client
-metric families (for OpenMetrics and anything else the library serves) and, for the
-common Prometheus text format, a direct renderer that reuses each series' label string
-from scrape to scrape. A test holds the two to the same bytes.
+A scrape is rendered while the reader waits between two chunks of lines, so the two
+never compete for the interpreter and a render waits for one chunk at most. The
+metrics are described once, as ``Family`` rows built from the snapshot; from those rows
+come both prometheus_client metric families (for OpenMetrics and anything else the
+library serves) and, for the common Prometheus text format, a direct renderer that
+reuses each series' label string from scrape to scrape. A test holds the two to the same bytes.
 """
 
 from __future__ import annotations
@@ -13,18 +13,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, cast
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
-from exporter.daemon import Status
 from exporter.ledger import Snapshot
+from exporter.model import Status
 
 Key = tuple[str, ...]
 _fmt = cast(Callable[[float], str], floatToGoString)  # the library's own number format
@@ -327,10 +330,14 @@ def _escape(value: str) -> str:
 
 class TextRenderer:
     """Prometheus text format (0.0.4) straight from Family rows. Label strings are made
-    once per series and kept, since series outlive scrapes."""
+    once per series and kept, since series outlive scrapes; so is the text of each
+    family, used again while its samples are equal to the last scrape's (comparing two
+    dicts costs a small part of rendering them)."""
 
     def __init__(self) -> None:
         self._labels: dict[tuple[tuple[str, ...], Key], str] = {}
+        self._texts: dict[str, tuple[Family, dict[Any, Any], str]] = {}
+        self._lines: dict[str, tuple[Any, dict[Key, tuple[float, str]], list[Key]]] = {}
 
     def _labelstr(self, names: tuple[str, ...], key: Key) -> str:
         cache_key = (names, key)
@@ -344,6 +351,19 @@ class TextRenderer:
         return found
 
     def render(self, fams: list[Family]) -> str:
+        texts = self._texts
+        out = []
+        for f in fams:
+            kept = texts.get(f.name)
+            if kept is not None and kept[0][:4] == f[:4] and kept[1] == f.samples:
+                out.append(kept[2])
+                continue
+            text = self._render([f])
+            texts[f.name] = (f, dict(f.samples), text)
+            out.append(text)
+        return "".join(out)
+
+    def _render(self, fams: list[Family]) -> str:
         out: list[str] = []
         append, labelstr, fmt = out.append, self._labelstr, _fmt
         for f in fams:
@@ -365,10 +385,29 @@ class TextRenderer:
             elif not f.labels:
                 append(f"{name} {fmt(samples[()])}\n")
             else:
-                names = f.labels
-                for key in sorted(samples):
-                    append(f"{name}{labelstr(names, key)} {fmt(samples[key])}\n")
+                self._series(name, f.labels, samples, append)
         return "".join(out)
+
+    def _series(
+        self, name: str, names: tuple[str, ...], samples: Mapping[Any, Any], append: Any
+    ) -> None:
+        """The lines of one family, each kept with its value: while a backlog is read most
+        series of a family keep their value from one scrape to the next, so most lines
+        are used again rather than formatted; the order of the keys is kept too."""
+        kept = self._lines.get(name)
+        if kept is None or len(kept[1]) > 2 * len(samples) + 1000:
+            kept = self._lines[name] = ({}.keys(), {}, [])
+        keys, lines, order = kept
+        if samples.keys() != keys:
+            order = sorted(samples)
+            self._lines[name] = (dict.fromkeys(samples).keys(), lines, order)
+        labelstr, fmt = self._labelstr, _fmt
+        for key in order:
+            value = samples[key]
+            line = lines.get(key)
+            if line is None or line[0] != value or not value:  # 0.0 and -0.0 are equal
+                line = lines[key] = (value, f"{name}{labelstr(names, key)} {fmt(value)}\n")
+            append(line[1])
 
 
 class KlingCollector(Collector):
@@ -384,3 +423,28 @@ class KlingCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         for f in self.families():
             yield to_metric(f)
+
+
+class Exposition:
+    """What a scrape receives: the plain Prometheus text from our renderer, which reuses
+    label strings across scrapes; OpenMetrics and ``name[]`` filters from
+    prometheus_client's encoders over the same families; process metrics beside ours."""
+
+    def __init__(self, source: Callable[[], tuple[Snapshot, Status]]) -> None:
+        self.kling = KlingCollector(source)
+        self.process = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.process)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.kling)
+        self.registry.register(ProcessCollector(registry=None))
+        self.text = TextRenderer()
+
+    def render(self, accept: str = "", names: list[str] | None = None) -> tuple[bytes, str]:
+        """The body and its content type for a scrape with this Accept header and these
+        ``name[]`` filters."""
+        if "application/openmetrics-text" in accept or names:
+            encoder, content_type = choose_encoder(accept)
+            registry = self.registry.restricted_registry(names) if names else self.registry
+            return encoder(registry), content_type
+        text = self.text.render(self.kling.families()) + generate_latest(self.process).decode()
+        return text.encode(), CONTENT_TYPE_LATEST

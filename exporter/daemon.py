@@ -1,12 +1,15 @@
-"""The running exporter: one reader thread feeding the ledger, state saved beside it.
+"""The reading daemon: one reader thread feeding the ledger, state saved beside it.
 
 The reader thread alone changes the ledger and the file offsets, so a saved
-state always holds offsets and totals that agree. HTTP handlers read the
-ledger under the same lock.
+state always holds offsets and totals that agree. Others read the ledger under
+the same lock, which the reader yields between chunks of lines. ``kling-exporter``
+runs this daemon in a process of its own (``exporter.reader``); tests may also
+serve it in process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -20,10 +23,12 @@ from typing import Any
 import msgspec
 
 from exporter.budgets import BudgetStatus, CheckResult
+from exporter.collector import Exposition
 from exporter.config import Config, ConfigError, load_config
 from exporter.events import explain_invalid
 from exporter.ingest import RateLimit, ingest
 from exporter.ledger import Ledger, Snapshot
+from exporter.model import Status
 from exporter.pricing import Request
 from exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
 
@@ -34,21 +39,6 @@ INGEST_CHUNK = 1000
 SWITCH_INTERVAL = 0.0005
 
 STATE_FORMAT = 1
-
-
-class Status(msgspec.Struct):
-    """How the daemon itself is doing, for the collector."""
-
-    files_watched: int
-    ready: bool
-    reload_successful: bool
-    reload_success_ts: float
-    state_save_ts: float
-    state_save_interval: float = 0.0
-    reader_up: bool = True
-    last_poll_ts: float = 0.0
-    unread_bytes: int = 0
-    open_files: int = 0
 
 
 def read_state(path: Path) -> dict[str, Any] | None:
@@ -133,6 +123,11 @@ class Daemon:
         self.ledger, self.tailer = self._restore(config)
         self.watcher = Watcher(self.wake)
         self._thread: threading.Thread | None = None
+        self.exposition = Exposition(self._snapshot)
+        # Told, under the lock, after every chunk of lines and whenever the daemon's
+        # health changes (``force``: also when little time has passed): the reader
+        # process publishes budget usage to the HTTP process from here.
+        self.publish: Callable[[bool], None] | None = None
 
     # -- state -----------------------------------------------------------------------
 
@@ -223,6 +218,7 @@ class Daemon:
             with self.lock:
                 ledger.lines_read += len(chunk)
                 ingest(ledger, chunk, now, report)
+                self._published(False)
         with self.lock:
             ledger.bytes_read += nbytes
             # Within a long first read too, so the task index never outgrows its TTL.
@@ -258,12 +254,19 @@ class Daemon:
         self.tailer.poll(self._sink, self.stopping)
         with self.lock:
             self.ledger.expire(self.clock())
-        self.last_poll_ts = time.time()
+            self.last_poll_ts = time.time()
+            self._published(True)
+
+    def _published(self, force: bool) -> None:
+        if self.publish is not None:
+            self.publish(force)
 
     def _run(self) -> None:
         try:
             self.poll_once()
-            self.ready.set()
+            with self.lock:
+                self.ready.set()
+                self._published(True)
             log.info(
                 "initial read done",
                 extra={"lines_read": self.ledger.lines_read, "files": self.tailer.watched},
@@ -280,6 +283,8 @@ class Daemon:
                     next_save = time.monotonic() + self.config.state.interval_seconds
         except BaseException:
             self.failed.set()
+            with contextlib.suppress(Exception), self._reading():
+                self._published(True)
             log.critical("reader failed; no more lines are read and the state is not saved")
             log.exception("reader failed")
 
@@ -354,13 +359,15 @@ class Daemon:
             return self.ledger.budget_statuses(now)
 
     def snapshot(self) -> tuple[Snapshot, Status]:
-        now = self.clock()
         with self._reading():
-            snap = self.ledger.snapshot(now)
-            files = self.tailer.watched
+            return self._snapshot()
+
+    def _snapshot(self) -> tuple[Snapshot, Status]:
+        """The ledger and the daemon's health at this instant; the caller holds the lock."""
+        snap = self.ledger.snapshot(self.clock())
         state_interval = self.config.state.interval_seconds if self._state_path() else 0.0
         return snap, Status(
-            files_watched=files,
+            files_watched=self.tailer.watched,
             ready=self.ready.is_set(),
             reload_successful=self.reload_successful,
             reload_success_ts=self.reload_success_ts,
@@ -371,3 +378,23 @@ class Daemon:
             unread_bytes=self.tailer.unread_bytes(),
             open_files=self.tailer.open_files,
         )
+
+    def render(self, accept: str = "", names: list[str] | None = None) -> tuple[bytes, str]:
+        """A scrape's body and content type. The reader waits meanwhile (a render takes
+        tens of milliseconds), so the two do not take turns on the interpreter and the
+        scrape is no slower while a backlog is read. What is published for pre-flight
+        answers is brought up to the same instant first."""
+        with self._reading():
+            self._published(True)
+            return self.exposition.render(accept, names)
+
+    # -- what the HTTP server asks of its source (see exporter.server.Source) ---------
+
+    def is_ready(self) -> bool:
+        return self.ready.is_set()
+
+    async def render_metrics(self, accept: str, names: list[str]) -> tuple[bytes, str]:
+        return await asyncio.to_thread(self.render, accept, names)
+
+    async def reload_config(self) -> str | None:
+        return await asyncio.to_thread(self.reload)

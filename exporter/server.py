@@ -10,57 +10,51 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.aiohttp import make_aiohttp_handler
-from prometheus_client.process_collector import ProcessCollector
 
 from exporter import __version__
-from exporter.collector import KlingCollector, TextRenderer
+from exporter.budgets import BudgetStatus, CheckResult
 from exporter.config import KINDS, describe_validation_error, normalize_mode
-from exporter.daemon import Daemon
 from exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
+from exporter.model import ReaderUnavailable
 from exporter.pricing import Request
 from exporter.reports import amount_for_people
 from exporter.webconfig import BasicAuth, FailureLimit, WebConfig
 
 log = logging.getLogger(__name__)
 
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon", Daemon)
+
+class Source(Protocol):
+    """What the server asks of the daemon: the reader process's link in the exporter
+    (``exporter.reader.ReaderProcess``), or a daemon in process in tests."""
+
+    @property
+    def reader_up(self) -> bool: ...
+
+    def is_ready(self) -> bool: ...
+
+    def check(self, req: Request, count: int, project: str, user: str | None) -> CheckResult: ...
+
+    def budget_statuses(self) -> list[BudgetStatus]: ...
+
+    async def render_metrics(self, accept: str, names: list[str]) -> tuple[bytes, str]: ...
+
+    async def reload_config(self) -> str | None: ...
 
 
-def build_registry(daemon: Daemon) -> tuple[CollectorRegistry, KlingCollector, CollectorRegistry]:
-    """The full registry (for OpenMetrics and filtered scrapes), our collector, and a
-    registry of the process metrics alone (for the fast text path)."""
-    kling = KlingCollector(daemon.snapshot)
-    process = CollectorRegistry(auto_describe=False)
-    ProcessCollector(registry=process)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(kling)
-    registry.register(process)
-    return registry, kling, process
+DAEMON: web.AppKey[Source] = web.AppKey("daemon", Source)
 
 
-def metrics_handler(daemon: Daemon) -> Any:
-    """/metrics: the plain Prometheus text format comes from our renderer, which reuses
-    label strings across scrapes; OpenMetrics and ``name[]`` filters go to
-    prometheus_client's handler. Both compress when the client asks."""
-    registry, kling, process = build_registry(daemon)
-    library = make_aiohttp_handler(registry)
-    renderer = TextRenderer()
-    # One render at a time, on a thread of its own so the event loop keeps answering;
-    # scrapes that arrive while it is under way share its result.
-    render_thread = ThreadPoolExecutor(1, thread_name_prefix="render")
-    under_way: asyncio.Future[bytes] | None = None
+def metrics_handler(source: Source) -> Any:
+    """/metrics, compressed when the client asks. Plain-text scrapes that arrive while a
+    render is under way share its result; OpenMetrics and ``name[]`` filters are
+    rendered for their own request."""
+    under_way: asyncio.Future[tuple[bytes, str]] | None = None
 
-    def render() -> bytes:
-        text = renderer.render(kling.families()) + generate_latest(process).decode()
-        return text.encode()
-
-    def finished(future: asyncio.Future[bytes]) -> None:
+    def finished(future: asyncio.Future[tuple[bytes, str]]) -> None:
         nonlocal under_way
         if under_way is future:
             under_way = None
@@ -68,13 +62,18 @@ def metrics_handler(daemon: Daemon) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         nonlocal under_way
         accept = ",".join(request.headers.getall("Accept", []))
-        if "application/openmetrics-text" in accept or "name[]" in request.query:
-            return await library(request)
-        if under_way is None:
-            under_way = asyncio.get_running_loop().run_in_executor(render_thread, render)
-            under_way.add_done_callback(finished)
-        body = await asyncio.shield(under_way)
-        response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        names = request.query.getall("name[]", [])
+        try:
+            if "application/openmetrics-text" in accept or names:
+                body, content_type = await source.render_metrics(accept, names)
+            else:
+                if under_way is None:
+                    under_way = asyncio.ensure_future(source.render_metrics("", []))
+                    under_way.add_done_callback(finished)
+                body, content_type = await asyncio.shield(under_way)
+        except ReaderUnavailable as e:
+            return web.Response(status=503, text=f"Metrics unavailable: {e}.\n")
+        response = web.Response(body=body, headers={"Content-Type": content_type})
         response.enable_compression()
         return response
 
@@ -106,14 +105,16 @@ async def healthy(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    if request.app[DAEMON].ready.is_set():
+    if request.app[DAEMON].is_ready():
         return web.Response(text="Ready.\n")
     return web.Response(status=503, text="Not ready: still reading the existing logs.\n")
 
 
 async def reload(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    error = await asyncio.get_running_loop().run_in_executor(None, daemon.reload)
+    try:
+        error = await request.app[DAEMON].reload_config()
+    except ReaderUnavailable as e:
+        return web.Response(status=503, text=f"failed to reload config: {e}\n")
     if error is not None:
         return web.Response(status=500, text=f"failed to reload config: {error}\n")
     return web.Response(text="Config reloaded.\n")
@@ -138,7 +139,7 @@ def for_people(value: Any, key: str = "") -> Any:
     return value
 
 
-def budget_json(daemon: Daemon) -> dict[str, Any]:
+def budget_json(daemon: Source) -> dict[str, Any]:
     return {"budgets": for_people(msgspec.to_builtins(daemon.budget_statuses()))}
 
 
@@ -330,7 +331,7 @@ def _credentials(request: web.Request) -> tuple[str | None, str | None]:
 
 
 def build_app(
-    daemon: Daemon, telemetry_path: str = "/metrics", web_config: WebConfig | None = None
+    daemon: Source, telemetry_path: str = "/metrics", web_config: WebConfig | None = None
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=_security_middlewares(web_config))
     app[DAEMON] = daemon

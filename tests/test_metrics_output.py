@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collector import KlingCollector, TextRenderer
 from exporter.config import parse_config
-from exporter.daemon import Status
 from exporter.events import Event, decode_line
 from exporter.ledger import Ledger
+from exporter.model import Status
 from tests.helpers import require_binary
 
 HERE = Path(__file__).parent
@@ -128,3 +128,21 @@ def test_fast_text_renderer_matches_prometheus_client_byte_for_byte() -> None:
     expected = generate_latest(registry).decode()
     assert renderer.render(collector.families()) == expected
     assert renderer.render(collector.families()) == expected  # again, from the label cache
+
+
+def test_text_kept_from_the_last_scrape_is_used_only_while_nothing_changed() -> None:
+    ledger = Ledger(CONFIG)
+    status = Status(
+        files_watched=1, ready=True, reload_successful=True, reload_success_ts=NOW, state_save_ts=0
+    )
+    collector = KlingCollector(lambda: (ledger.snapshot(NOW), status))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    renderer = TextRenderer()
+    lines = (HERE / "data" / "fixed.jsonl").read_bytes().splitlines()
+    for raw in [b"", *lines, b""]:
+        result = decode_line(raw) if raw else None
+        if isinstance(result, Event):
+            ledger.apply(result, NOW)
+        status.files_watched += 1
+        assert renderer.render(collector.families()) == generate_latest(registry).decode()
