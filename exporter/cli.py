@@ -29,7 +29,6 @@ from exporter.config import (
     normalize_mode,
     parse_duration,
 )
-from exporter.daemon import Daemon
 from exporter.demo import (
     DEFAULT_BACKFILL_HOURS,
     DEFAULT_RATE,
@@ -40,6 +39,7 @@ from exporter.demo import (
 from exporter.listing import ListingError
 from exporter.logsetup import LEVELS, setup_logging
 from exporter.pricing import Pricing, Request
+from exporter.reader import ReaderProcess
 from exporter.server import GuardedSite, Limits, build_app, parse_listen_address
 from exporter.webconfig import WebConfig, load_web_config
 
@@ -465,7 +465,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         extra={"logs": str(log_dir), "backfilled_events": written, "rate_per_s": args.rate},
     )
     traffic.start()
-    return _run(Daemon(demo_config(log_dir)), host, port, "/metrics")
+    reader = ReaderProcess(demo_config(log_dir), None, args.log_level, args.log_format)
+    return _run(reader, host, port, "/metrics")
 
 
 def _load(path: str | None) -> Config:
@@ -510,15 +511,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 async def _serve(
-    daemon: Daemon,
+    reader: ReaderProcess,
     host: str | None,
     port: int,
     telemetry_path: str,
     web_config: WebConfig | None = None,
     tls: ssl.SSLContext | None = None,
     limits: Limits = Limits(),  # noqa: B008 - immutable
-) -> None:
-    app = build_app(daemon, telemetry_path, web_config)
+) -> int:
+    """Serve until told to stop (0), or until the reader process ends unasked (1)."""
+    app = build_app(reader, telemetry_path, web_config)
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, keepalive_timeout=limits.idle_timeout
     )
@@ -538,11 +540,20 @@ async def _serve(
     done = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, daemon.reload))
-    daemon.start()
+    reloads: set[asyncio.Task[str | None]] = set()
+
+    def reload() -> None:
+        task = asyncio.ensure_future(reader.reload_config())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    reader.on_exit = done.set
+    reader.start()
     await done.wait()
     log.info("shutting down")
     await runner.cleanup()  # lets scrapes under way finish
+    return 0 if reader.stopping or not reader.ended.is_set() else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -563,12 +574,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"kling-exporter: invalid web config: {e}", file=sys.stderr)
             return 2
     limits = Limits(args.max_connections, args.header_timeout, args.idle_timeout)
-    daemon = Daemon(config, args.config_file)
-    return _run(daemon, host, port, args.telemetry_path, web_config, tls, limits)
+    reader = ReaderProcess(config, args.config_file, args.log_level, args.log_format)
+    return _run(reader, host, port, args.telemetry_path, web_config, tls, limits)
 
 
 def _run(
-    daemon: Daemon,
+    reader: ReaderProcess,
     host: str | None,
     port: int,
     telemetry_path: str,
@@ -577,14 +588,14 @@ def _run(
     limits: Limits = Limits(),  # noqa: B008 - immutable
 ) -> int:
     try:
-        asyncio.run(_serve(daemon, host, port, telemetry_path, web_config, tls, limits))
+        code = asyncio.run(_serve(reader, host, port, telemetry_path, web_config, tls, limits))
     except OSError as e:
         log.error("cannot serve", extra={"err": str(e)})
         return 1
     finally:
-        daemon.stop()
-        log.info("stopped", extra={"lines_read": daemon.ledger.lines_read})
-    return 0
+        reader.stop()
+    log.info("stopped", extra={"lines_read": reader.lines_read})
+    return code
 
 
 def _with_command_first(argv: list[str]) -> list[str]:
