@@ -44,10 +44,10 @@ from bench import web_load  # noqa: E402
 from bench.generate import write as generate  # noqa: E402
 from exporter.collector import KlingCollector, TextRenderer  # noqa: E402
 from exporter.config import parse_config  # noqa: E402
-from exporter.daemon import Status  # noqa: E402
 from exporter.events import Event, decode_line  # noqa: E402
 from exporter.ingest import ingest  # noqa: E402
 from exporter.ledger import Ledger  # noqa: E402
+from exporter.model import Status  # noqa: E402
 
 
 def free_port() -> int:
