@@ -8,7 +8,8 @@ Measures, on one generated log (bench/generate.py, seeded):
              own Event type) and adds it to a dict: what any Python reader pays
   pipeline   the exporter's decode + ledger in one process, no I/O
   cold       the real daemon from process start until kling_log_lines_read_total reaches N
-  rss        the daemon's peak resident memory after that ingest
+  rss        the reader process's peak resident memory after that ingest (and the
+             HTTP process's beside it)
   mtail      mtail --one_shot with bench/kling.mtail on the same file, if mtail is installed
   latency    append-to-visible percentiles while a writer appends at a steady rate
   render     /metrics render time with 1,000 projects x 5 models and 500 budgets
@@ -131,6 +132,14 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def reader_pid(pid: int) -> int:
+    """The exporter's reader process (it holds the ledger)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    if len(children) != 1:
+        raise RuntimeError(f"expected one reader process, found {children}")
+    return int(children[0])
+
+
 def bench_cold(path: Path, lines: int, workdir: Path) -> dict[str, float]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
@@ -151,7 +160,8 @@ def bench_cold(path: Path, lines: int, workdir: Path) -> dict[str, float]:
         return {
             "seconds": seconds,
             "lines_per_s": lines / seconds,
-            "peak_rss_mib": peak_rss_mib(proc.pid),
+            "peak_rss_mib": peak_rss_mib(reader_pid(proc.pid)),
+            "http_rss_mib": peak_rss_mib(proc.pid),
             "tasks_tracked": tasks,
         }
     finally:
@@ -422,7 +432,8 @@ def print_table(r: dict[str, Any]) -> None:
             (
                 "peak RSS after ingest",
                 f"{cold['peak_rss_mib']:.0f} MiB",
-                f"{cold['tasks_tracked']:,.0f} tasks indexed",
+                f"{cold['tasks_tracked']:,.0f} tasks indexed; "
+                f"HTTP process {cold.get('http_rss_mib', float('nan')):.0f} MiB",
             )
         )
     if mtail:
