@@ -18,7 +18,7 @@ from exporter.periods import period_bounds
 from exporter.pricing import Pricing, Request
 
 
-def _sum_into(table: dict[Any, list[float]], key: Any, credits: float, usd: float) -> None:
+def sum_into(table: dict[Any, list[float]], key: Any, credits: float, usd: float) -> None:
     acc = table.get(key)
     if acc is None:
         table[key] = [credits, usd]
@@ -46,7 +46,7 @@ class DayUsage:
         self.sums: tuple[int, DaySums] = (-1, ({}, {}, [0.0, 0.0]))
 
     def add(self, project: str, user: str | None, credits: float, usd: float) -> None:
-        _sum_into(self.by_pair, (project, user), credits, usd)
+        sum_into(self.by_pair, (project, user), credits, usd)
         self.version += 1
 
     def _sum(self) -> DaySums:
@@ -54,8 +54,8 @@ class DayUsage:
         by_user: dict[str | None, list[float]] = {}
         total = [0.0, 0.0]
         for (project, user), (c, u) in self.by_pair.items():
-            _sum_into(by_project, project, c, u)
-            _sum_into(by_user, user, c, u)
+            sum_into(by_project, project, c, u)
+            sum_into(by_user, user, c, u)
             total[0] += c
             total[1] += u
         return by_project, by_user, total
@@ -82,12 +82,15 @@ Usage = Mapping[float, DayUsage]  # local day start -> that day's usage
 class CheckBudget(msgspec.Struct, frozen=True):
     name: str
     period: str
+    # What is left after what is used, in flight and reserved.
     credits_remaining: float | None
     usd_remaining: float | None
     utilization_after: float
     # How far past its limits the budget already is (0 within them; None: no such limit).
     over_by_credits: float | None = None
     over_by_usd: float | None = None
+    in_flight_credits: float = 0.0
+    reserved_credits: float = 0.0
 
 
 class CheckResult(msgspec.Struct, frozen=True):
@@ -98,6 +101,7 @@ class CheckResult(msgspec.Struct, frozen=True):
     usd_needed: float
     reason: str
     budgets: list[CheckBudget]
+    refused_by: str | None = None  # the first budget that refused
 
 
 class BudgetStatus(msgspec.Struct, frozen=True):
@@ -120,6 +124,20 @@ class BudgetStatus(msgspec.Struct, frozen=True):
     # Remaining never goes below 0; these say by how much a budget is over instead.
     over_by_credits: float | None = None
     over_by_usd: float | None = None
+    # Estimated cost of tasks submitted and not finished, and of live reservations:
+    # what pre-flight answers count beside what is used.
+    in_flight_credits: float = 0.0
+    in_flight_usd: float = 0.0
+    reserved_credits: float = 0.0
+    reserved_usd: float = 0.0
+
+
+NOTHING = DayUsage()  # no tasks in flight, no reservations
+
+
+def _part(table: DayUsage, b: BudgetConfig) -> tuple[float, float]:
+    found = table.used(b) if table.by_pair else None
+    return (0.0, 0.0) if found is None else (found[0], found[1])
 
 
 def _utilization(used: float, limit: float | None) -> float:
@@ -136,7 +154,11 @@ def _remaining(used: float, limit: float | None) -> float | None:
 
 
 def budget_status(
-    b: BudgetConfig, used: tuple[float, float], bounds: tuple[float, float]
+    b: BudgetConfig,
+    used: tuple[float, float],
+    bounds: tuple[float, float],
+    flight: tuple[float, float] = (0.0, 0.0),
+    held: tuple[float, float] = (0.0, 0.0),
 ) -> BudgetStatus:
     credits, usd = used
     util = max(_utilization(credits, b.limit_credits), _utilization(usd, b.limit_usd))
@@ -157,6 +179,10 @@ def budget_status(
         period_end=bounds[1],
         over_by_credits=over_by(credits, b.limit_credits),
         over_by_usd=over_by(usd, b.limit_usd),
+        in_flight_credits=flight[0],
+        in_flight_usd=flight[1],
+        reserved_credits=held[0],
+        reserved_usd=held[1],
     )
 
 
@@ -203,24 +229,39 @@ class Budgets:
             out.append(((credits, usd), bounds))
         return out
 
-    def statuses(self, usage: Usage, now: float) -> list[BudgetStatus]:
+    def statuses(
+        self, usage: Usage, now: float, flight: DayUsage = NOTHING, held: DayUsage = NOTHING
+    ) -> list[BudgetStatus]:
         budgets = self.config.budgets
         return [
-            budget_status(b, used, bounds)
+            budget_status(b, used, bounds, _part(flight, b), _part(held, b))
             for b, (used, bounds) in zip(budgets, self.usage(budgets, usage, now), strict=True)
         ]
 
     def check(
-        self, usage: Usage, req: Request, count: int, project: str, user: str | None, now: float
+        self,
+        usage: Usage,
+        req: Request,
+        count: int,
+        project: str,
+        user: str | None,
+        now: float,
+        flight: DayUsage = NOTHING,
+        held: DayUsage = NOTHING,
     ) -> CheckResult:
         """May ``count`` tasks like ``req`` be generated for this project and user now?
-        Refused when any matching budget would go over its limit; exactly at it is allowed."""
+        Each matching budget counts what is used, the estimated cost of tasks in flight
+        and live reservations (``held``); refused when any would go over its limit,
+        exactly at it is allowed."""
         credits = self.pricing.credits(req) * count
         usd = credits * self.pricing.usd_per_credit
         matching = self.matching(project, user)
-        rows, reasons = [], []
+        rows, reasons, refused_by = [], [], None
         used = self.usage(matching, usage, now)
-        for b, ((used_c, used_u), _) in zip(matching, used, strict=True):
+        for b, ((spent_c, spent_u), _) in zip(matching, used, strict=True):
+            fly_c, fly_u = _part(flight, b)
+            held_c, held_u = _part(held, b)
+            used_c, used_u = spent_c + fly_c + held_c, spent_u + fly_u + held_u
             after = max(
                 _utilization(used_c + credits, b.limit_credits),
                 _utilization(used_u + usd, b.limit_usd),
@@ -240,6 +281,7 @@ class Budgets:
                     f"budget {b.name!r} ({b.period}) would reach {after:.0%}: "
                     f"needs {credits:g} credits (${usd:.2f}), {left}"
                 )
+                refused_by = refused_by or b.name
             rows.append(
                 CheckBudget(
                     name=b.name,
@@ -247,8 +289,10 @@ class Budgets:
                     credits_remaining=remaining_c,
                     usd_remaining=remaining_u,
                     utilization_after=after,
-                    over_by_credits=over_by(used_c, b.limit_credits),
-                    over_by_usd=over_by(used_u, b.limit_usd),
+                    over_by_credits=over_by(spent_c, b.limit_credits),
+                    over_by_usd=over_by(spent_u, b.limit_usd),
+                    in_flight_credits=fly_c,
+                    reserved_credits=held_c,
                 )
             )
         return CheckResult(
@@ -257,4 +301,5 @@ class Budgets:
             usd_needed=usd,
             reason="; ".join(reasons) if reasons else "within every matching budget",
             budgets=rows,
+            refused_by=refused_by,
         )

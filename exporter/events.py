@@ -101,6 +101,9 @@ class Event(msgspec.Struct, gc=False):
     ts: float | None = msgspec.field(default=None, name=_DERIVED + "ts")
     # Whether the line named its project itself (rather than leaving it to the join).
     own_project: bool = msgspec.field(default=False, name=_DERIVED + "own_project")
+    # The reservation a submission uses (POST /api/v1/reservations). Any string or number
+    # is read: one that names no live reservation is counted as unknown, never refused.
+    reservation_id: str | int | None = None
 
 
 # strict=False accepts Kling's habits: durations as "5", times as Unix numbers.

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from exporter import events as ev_mod
-from exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage
+from exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage, sum_into
 from exporter.config import Config
 from exporter.events import INVALID_REASONS, Event
 from exporter.periods import PeriodClock, period_bounds
@@ -47,6 +47,9 @@ _ERR = 4
 _FINISHED = _DONE | _ERR
 
 STATE_VERSION = 4
+# What reservations used is kept this long after their last task (a reservation lives a
+# day at most).
+CONSUMED_KEPT = 2 * 86400.0
 # 2000-01-01T00:00:00Z: an earlier event time is a broken clock (Kling did not exist).
 OLDEST_TS = 946684800.0
 # How an implausible event time was replaced by the time of reading.
@@ -211,6 +214,15 @@ class Ledger:
         # these): day start -> (project, user) -> [credits, usd]
         self.usage: dict[float, DayUsage] = {}
         self._day: tuple[float, float, DayUsage] = (1.0, 0.0, DayUsage())
+        # Tasks in flight (submitted, not finished) by (project, user): their estimated
+        # credits and dollars, and how many (so a pair back at none is exactly 0).
+        self.flight = DayUsage()
+        self.flight_tasks: dict[tuple[str, str | None], int] = {}
+        # Tasks submitted under each reservation id: id -> [tasks, newest event time].
+        # Absolute counts, so whoever holds the reservations may read them any number
+        # of times; ``consumed_changed`` names the ids changed since it last looked.
+        self.consumed: dict[str, list[float]] = {}
+        self.consumed_changed: set[str] = set()
         # Told of every counted event (reports); None in the daemon.
         self.observer: Observer | None = None
         self.configure(config)
@@ -268,6 +280,8 @@ class Ledger:
         self.config = config
         self.budgets = Budgets(config)
         self.pricing = self.budgets.pricing
+        if old is not None and old.pricing != config.pricing:
+            self._estimate_flight()  # estimates of tasks in flight follow the new prices
         self.clock = PeriodClock(config.tz)
         self._forget_day()
         self.ttl = config.tasks.ttl_seconds
@@ -399,6 +413,9 @@ class Ledger:
             pacc[TOUCHED] = 1
             tasks[task_id] = task
             self._expiry.append((ts, task_id))
+            self._fly(task, 1)
+        if e.reservation_id is not None:
+            self._consume(str(e.reservation_id), ts)
         if self.observer is not None:
             self.observer(_record("submitted", task_id, task, ts))
         if self.waiting:
@@ -427,6 +444,7 @@ class Ledger:
             if not flags & _FINISHED:
                 pacc[IN_FLIGHT] -= 1
                 pacc[TOUCHED] = 1
+                self._fly(task, -1)
         else:
             flags = known or 0  # type: ignore[assignment]
             # The first terminal event wins; a later one, even of the other kind, repeats it.
@@ -519,6 +537,8 @@ class Ledger:
             if not flags & _FINISHED:
                 pacc[IN_FLIGHT] -= 1
                 pacc[TOUCHED] = 1
+                if type(known) is Task:
+                    self._fly(known, -1)
         acc[SUCCEEDED] += 1
         # A usage line names no clip length unless it says so (or its submission did).
         if task.kind == "video" and (type(known) is Task or e.duration is not None):
@@ -564,6 +584,41 @@ class Ledger:
             used[1] += usd
         bucket.version += 1
 
+    def _fly(self, t: Task, sign: int) -> None:
+        """A task enters (1) or leaves (-1) flight: its estimated price, by its pair."""
+        price_key = (t.model, t.mode, t.duration, t.audio, t.kind)
+        credits = self.pricing.cache.get(price_key)
+        if credits is None:
+            credits = self.pricing.credits(Request(*price_key))
+        pair = (t.project, t.user)
+        left = self.flight_tasks.get(pair, 0) + sign
+        flight = self.flight
+        if left:
+            self.flight_tasks[pair] = left
+            credits *= sign
+            sum_into(flight.by_pair, pair, credits, credits * self.pricing.usd_per_credit)
+        else:  # none left: exactly 0, whatever rounding the sums gathered
+            self.flight_tasks.pop(pair, None)
+            flight.by_pair.pop(pair, None)
+        flight.version += 1
+
+    def _estimate_flight(self) -> None:
+        """Price every task in flight again (at start from a saved state, on new prices)."""
+        self.flight = DayUsage()
+        self.flight_tasks.clear()
+        for value in self.tasks.values():
+            if type(value) is Task and value.flags == _SUB:
+                self._fly(value, 1)
+
+    def _consume(self, reservation_id: str, ts: float) -> None:
+        used = self.consumed.get(reservation_id)
+        if used is None:
+            self.consumed[reservation_id] = [1, ts]
+        else:
+            used[0] += 1
+            used[1] = max(used[1], ts)
+        self.consumed_changed.add(reservation_id)
+
     def _day_bucket(self, ts: float) -> DayUsage:
         """The usage of the local day holding ``ts``, remembered for the next event."""
         lo, hi = self.clock.bounds("daily", ts)
@@ -581,7 +636,15 @@ class Ledger:
         self.settle_waiting(now - self.orphan_wait)
         dropped = self.expire_tasks(now)
         self._prune_usage(now)
+        self._prune_consumed(now)
         return dropped
+
+    def _prune_consumed(self, now: float) -> None:
+        """Forget what reservations used once none can be live (they last a day at most)."""
+        cutoff = min(now, self.last_event_ts) - CONSUMED_KEPT
+        stale = [rid for rid, (_, ts) in self.consumed.items() if ts < cutoff]
+        for rid in stale:
+            del self.consumed[rid]
 
     def settle_waiting(self, read_before: float = float("inf")) -> None:
         """Count as orphans the waiting terminal events read before ``read_before`` (all of
@@ -620,6 +683,7 @@ class Ledger:
                     pacc[IN_FLIGHT] -= 1
                     pacc[EXPIRED] += 1
                     pacc[TOUCHED] = 1
+                    self._fly(value, -1)
             del tasks[task_id]
             dropped += 1
         return dropped
@@ -640,13 +704,15 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------
 
     def budget_statuses(self, now: float) -> list[BudgetStatus]:
-        return self.budgets.statuses(self.usage, now)
+        return self.budgets.statuses(self.usage, now, self.flight)
 
     def check(
         self, req: Request, count: int, project: str, user: str | None, now: float
     ) -> CheckResult:
-        """May ``count`` tasks like ``req`` be generated for this project and user now?"""
-        return self.budgets.check(self.usage, req, count, project, user, now)
+        """May ``count`` tasks like ``req`` be generated for this project and user now?
+        Counts tasks in flight too (reservations are the HTTP side's: see
+        ``exporter.reservations``)."""
+        return self.budgets.check(self.usage, req, count, project, user, now, self.flight)
 
     def snapshot(self, now: float) -> Snapshot:
         return Snapshot(
@@ -714,6 +780,7 @@ class Ledger:
                 [day, [[p, u, c, d] for (p, u), (c, d) in bucket.by_pair.items()]]
                 for day, bucket in self.usage.items()
             ],
+            "consumed": [[rid, n, ts] for rid, (n, ts) in self.consumed.items()],
         }
 
     def _series(self, plabel: str, mlabel: str) -> list[float]:
@@ -780,6 +847,8 @@ class Ledger:
                 bucket = led.usage[day] = DayUsage()
                 for p, u, c, d in rows:
                     bucket.add(p, u, c, d)
+            led.consumed = {rid: [n, ts] for rid, n, ts in state.get("consumed", ())}
+            led._estimate_flight()
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"state does not fit this version: {e!r}") from None
         return led
