@@ -40,6 +40,7 @@ from exporter.listing import ListingError
 from exporter.logsetup import LEVELS, setup_logging
 from exporter.pricing import Pricing, Request
 from exporter.reader import ReaderProcess
+from exporter.reservations import Reservations, journal_beside
 from exporter.server import GuardedSite, Limits, build_app, parse_listen_address
 from exporter.webconfig import WebConfig, load_web_config
 
@@ -520,7 +521,8 @@ async def _serve(
     limits: Limits = Limits(),  # noqa: B008 - immutable
 ) -> int:
     """Serve until told to stop (0), or until the reader process ends unasked (1)."""
-    app = build_app(reader, telemetry_path, web_config)
+    reservations = Reservations(journal_beside(reader.config.state.path))
+    app = build_app(reader, telemetry_path, web_config, reservations)
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, keepalive_timeout=limits.idle_timeout
     )
@@ -553,6 +555,8 @@ async def _serve(
     await done.wait()
     log.info("shutting down")
     await runner.cleanup()  # lets scrapes under way finish
+    if reservations.journal is not None:
+        reservations.journal.close()
     return 0 if reader.stopping or not reader.ended.is_set() else 1
 
 

@@ -11,7 +11,7 @@ reuses each series' label string from scrape to scrape. A test holds the two to 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -26,8 +26,12 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
+from exporter.budgets import BudgetStatus
 from exporter.ledger import Snapshot
 from exporter.model import Status
+
+if TYPE_CHECKING:
+    from exporter.reservations import Reservations
 
 Key = tuple[str, ...]
 _fmt = cast(Callable[[float], str], floatToGoString)  # the library's own number format
@@ -135,6 +139,11 @@ def families(s: Snapshot, st: Status) -> list[Family]:
         ("alert_threshold_ratio", "Utilization at which the budget warns."),
         ("period_start_timestamp_seconds", "Start of the budget's current period."),
         ("period_end_timestamp_seconds", "End of the budget's current period."),
+        (
+            "in_flight_credits",
+            "Estimated credits of tasks submitted and not yet finished that the budget "
+            "matches; pre-flight answers count them beside what is used.",
+        ),
     )
     tables: dict[str, dict[Key, float]] = {name: {} for name, _ in budget_docs}
     info: dict[Key, float] = {}
@@ -151,6 +160,7 @@ def families(s: Snapshot, st: Status) -> list[Family]:
             "alert_threshold_ratio": b.alert_threshold,
             "period_start_timestamp_seconds": b.period_start,
             "period_end_timestamp_seconds": b.period_end,
+            "in_flight_credits": b.in_flight_credits,
         }
         for name, value in values.items():
             if value is not None:
@@ -410,19 +420,59 @@ class TextRenderer:
             append(line[1])
 
 
-class KlingCollector(Collector):
-    def __init__(self, source: Callable[[], tuple[Snapshot, Status]]) -> None:
-        self.source = source
+def reservation_families(reservations: Reservations, budgets: list[BudgetStatus]) -> list[Family]:
+    """The reservations' metrics, kept by the HTTP process."""
+    credits = {(b.name, b.period): b.reserved_credits for b in budgets}
+    usd = {(b.name, b.period): b.reserved_usd for b in budgets}
+    labels = ("budget", "period")
+    return [
+        Family(
+            "kling_budget_reserved_credits",
+            "gauge",
+            "Credits held by live reservations that the budget matches.",
+            labels,
+            credits,
+        ),
+        Family(
+            "kling_budget_reserved_usd",
+            "gauge",
+            "US dollars held by live reservations that the budget matches.",
+            labels,
+            usd,
+        ),
+        Family(
+            "kling_reservations",
+            "counter",
+            "Reservations granted, refused, released and expired; tasks that consumed a "
+            "reservation, and tasks that named none live (unknown).",
+            ("outcome",),
+            {(k,): float(v) for k, v in reservations.outcomes.items()},
+        ),
+    ]
+
+
+class FamilyCollector(Collector):
+    """Family rows as a prometheus_client collector."""
+
+    def __init__(self, rows: Callable[[], list[Family]]) -> None:
+        self.rows = rows
 
     def describe(self) -> list[Metric]:
         return []  # no collect() at registration time
 
     def families(self) -> list[Family]:
-        return families(*self.source())
+        return self.rows()
 
     def collect(self) -> Iterator[Metric]:
         for f in self.families():
             yield to_metric(f)
+
+
+class KlingCollector(FamilyCollector):
+    """The ledger's and the daemon's metrics."""
+
+    def __init__(self, source: Callable[[], tuple[Snapshot, Status]]) -> None:
+        super().__init__(lambda: families(*source()))
 
 
 class Exposition:
@@ -430,13 +480,14 @@ class Exposition:
     label strings across scrapes; OpenMetrics and ``name[]`` filters from
     prometheus_client's encoders over the same families; process metrics beside ours."""
 
-    def __init__(self, source: Callable[[], tuple[Snapshot, Status]]) -> None:
-        self.kling = KlingCollector(source)
+    def __init__(self, rows: Callable[[], list[Family]], process: bool = True) -> None:
+        self.kling = FamilyCollector(rows)
         self.process = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=self.process)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.kling)
-        self.registry.register(ProcessCollector(registry=None))
+        if process:
+            ProcessCollector(registry=self.process)
+            self.registry.register(ProcessCollector(registry=None))
         self.text = TextRenderer()
 
     def render(self, accept: str = "", names: list[str] | None = None) -> tuple[bytes, str]:
@@ -448,3 +499,11 @@ class Exposition:
             return encoder(registry), content_type
         text = self.text.render(self.kling.families()) + generate_latest(self.process).decode()
         return text.encode(), CONTENT_TYPE_LATEST
+
+    def splice(self, body: bytes, accept: str = "", names: list[str] | None = None) -> bytes:
+        """``body`` (rendered elsewhere in the same format) with these families added."""
+        ours, _ = self.render(accept, names)
+        eof = b"# EOF\n"
+        if body.endswith(eof) and ours.endswith(eof):
+            return body[: -len(eof)] + ours
+        return body + ours

@@ -23,12 +23,12 @@ from typing import Any
 import msgspec
 
 from exporter.budgets import BudgetStatus, CheckResult
-from exporter.collector import Exposition
+from exporter.collector import Exposition, families
 from exporter.config import Config, ConfigError, load_config
 from exporter.events import explain_invalid
 from exporter.ingest import RateLimit, ingest
 from exporter.ledger import Ledger, Snapshot
-from exporter.model import Status
+from exporter.model import Consumed, Status, View
 from exporter.pricing import Request
 from exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
 
@@ -123,7 +123,7 @@ class Daemon:
         self.ledger, self.tailer = self._restore(config)
         self.watcher = Watcher(self.wake)
         self._thread: threading.Thread | None = None
-        self.exposition = Exposition(self._snapshot)
+        self.exposition = Exposition(lambda: families(*self._snapshot()))
         # Told, under the lock, after every chunk of lines and whenever the daemon's
         # health changes (``force``: also when little time has passed): the reader
         # process publishes budget usage to the HTTP process from here.
@@ -392,6 +392,33 @@ class Daemon:
 
     def is_ready(self) -> bool:
         return self.ready.is_set()
+
+    def view(self) -> View:
+        """Budget usage as it stands, read without the lock (see ``check``)."""
+        ledger = self.ledger
+        return View(ledger.budgets, ledger.usage, ledger.flight)
+
+    def listen(self, consumed: Consumed) -> None:
+        """Tell ``consumed``, on the running event loop, what the reader counted per
+        reservation id since it last told (in process; the reader process tells its
+        HTTP process the same way)."""
+        loop = asyncio.get_running_loop()
+        first = [True]
+
+        def publish(force: bool) -> None:
+            changed = self.ledger.consumed_changed
+            if changed or first[0]:
+                used = self.ledger.consumed
+                counts = {rid: int(used[rid][0]) for rid in changed if rid in used}
+                if first[0]:
+                    counts = {rid: int(n) for rid, (n, _) in self.ledger.consumed.items()}
+                changed.clear()
+                loop.call_soon_threadsafe(consumed, counts, first[0])
+                first[0] = False
+
+        with self._reading():
+            self.publish = publish
+            publish(True)
 
     async def render_metrics(self, accept: str, names: list[str]) -> tuple[bytes, str]:
         return await asyncio.to_thread(self.render, accept, names)

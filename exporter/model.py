@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
 import msgspec
+
+from exporter.budgets import Budgets, DayUsage, Usage
 
 
 class Status(msgspec.Struct):
@@ -22,3 +27,16 @@ class Status(msgspec.Struct):
 
 class ReaderUnavailable(RuntimeError):
     """The reader did not answer: it has ended, or did not answer in time."""
+
+
+class View(NamedTuple):
+    """What pre-flight answers read: the budgets, daily usage and tasks in flight."""
+
+    budgets: Budgets
+    usage: Usage
+    flight: DayUsage
+
+
+# Told the reader's counts of tasks per reservation id, and whether this is its first
+# word since it started.
+Consumed = Callable[[Mapping[str, int], bool], None]

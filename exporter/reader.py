@@ -40,12 +40,11 @@ from typing import Any
 
 import msgspec
 
-from exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage
+from exporter.budgets import Budgets, DayUsage
 from exporter.config import Config
 from exporter.daemon import Daemon
 from exporter.logsetup import setup_logging
-from exporter.model import ReaderUnavailable
-from exporter.pricing import Request
+from exporter.model import Consumed, ReaderUnavailable, View
 from exporter.tailer import raise_open_file_limit
 
 log = logging.getLogger(__name__)
@@ -65,12 +64,17 @@ Row = tuple[str, str | None, float, float]  # project, user, credits, usd
 
 
 class Published(msgspec.Struct, tag="usage", array_like=True):
-    """Days whose usage changed (all of each such day), days dropped, and health."""
+    """Days whose usage changed (all of each such day), days dropped, tasks in flight
+    (when they changed), tasks counted per reservation id (those that changed), and
+    health."""
 
     days: dict[float, list[Row]]
     dropped: list[float]
     ready: bool
     reader_up: bool
+    flight: list[Row] | None = None
+    consumed: dict[str, int] = {}
+    first: bool = False
 
 
 class Render(msgspec.Struct, tag="render", array_like=True):
@@ -141,6 +145,7 @@ class _Link:
         self.sending = threading.Lock()
         self.sent: dict[float, tuple[DayUsage, int]] = {}
         self.health: tuple[bool, bool] | None = None
+        self.flight_version = -1
         self.last = 0.0
 
     def send(self, message: FromReader) -> None:
@@ -166,10 +171,23 @@ class _Link:
         dropped = [start for start in self.sent if start not in usage]
         for start in dropped:
             del self.sent[start]
+        ledger = d.ledger
+        flight = None
+        if ledger.flight.version != self.flight_version:
+            self.flight_version = ledger.flight.version
+            flight = [(p, u, c, usd) for (p, u), (c, usd) in ledger.flight.by_pair.items()]
+        consumed: dict[str, int] = {}
+        if self.health is None:  # the first word: every count
+            consumed = {rid: int(n) for rid, (n, _) in ledger.consumed.items()}
+        elif ledger.consumed_changed:
+            used = ledger.consumed
+            consumed = {rid: int(used[rid][0]) for rid in ledger.consumed_changed if rid in used}
+        ledger.consumed_changed.clear()
         health = (d.ready.is_set(), d.reader_up)
-        if days or dropped or health != self.health:
+        if days or dropped or flight is not None or consumed or health != self.health:
+            first = self.health is None
             self.health = health
-            self.send(Published(days, dropped, *health))
+            self.send(Published(days, dropped, *health, flight, consumed, first))
 
     def answer(self, message: ToReader) -> None:
         if isinstance(message, Render):
@@ -242,6 +260,8 @@ class ReaderProcess:
         # Replaced whole on every publication, never changed in place: a check reads one
         # consistent copy without a lock.
         self.usage: dict[float, DayUsage] = {}
+        self.flight = DayUsage()
+        self._consumed: Consumed | None = None
         self._ready = False
         self._reader_up = True
         self.lines_read = 0
@@ -305,7 +325,7 @@ class ReaderProcess:
             except (EOFError, OSError):
                 break
             if isinstance(message, Published):
-                self._apply(message)
+                self._publish(message)
             elif isinstance(message, Stopped):
                 self.lines_read = message.lines_read
             else:
@@ -333,7 +353,19 @@ class ReaderProcess:
         if self.on_exit is not None:
             self.on_exit()
 
+    def _publish(self, message: Published) -> None:
+        """On the event loop, in the order sent: the usage, flight and reservation counts
+        of one message change together for the answers made there."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._apply, message)
+
     def _apply(self, message: Published) -> None:
+        if message.flight is not None:
+            self.flight = DayUsage({(p, u): [c, usd] for p, u, c, usd in message.flight})
+        if self._consumed is not None and (message.consumed or message.first):
+            self._consumed(message.consumed, message.first)
         usage = dict(self.usage)
         for start, rows in message.days.items():
             usage[start] = DayUsage({(p, u): [c, usd] for p, u, c, usd in rows})
@@ -382,11 +414,11 @@ class ReaderProcess:
     def is_ready(self) -> bool:
         return self._ready
 
-    def check(self, req: Request, count: int, project: str, user: str | None) -> CheckResult:
-        return self.budgets.check(self.usage, req, count, project, user, time.time())
+    def view(self) -> View:
+        return View(self.budgets, self.usage, self.flight)
 
-    def budget_statuses(self) -> list[BudgetStatus]:
-        return self.budgets.statuses(self.usage, time.time())
+    def listen(self, consumed: Consumed) -> None:
+        self._consumed = consumed
 
     async def render_metrics(self, accept: str, names: list[str]) -> tuple[bytes, str]:
         answer: Rendered = await self._ask(lambda i: Render(i, accept, names))

@@ -16,12 +16,21 @@ import msgspec
 from aiohttp import web
 
 from exporter import __version__
-from exporter.budgets import BudgetStatus, CheckResult
-from exporter.config import KINDS, describe_validation_error, normalize_mode
+from exporter.budgets import BudgetStatus
+from exporter.collector import Exposition, reservation_families
+from exporter.config import KINDS, describe_validation_error, normalize_mode, parse_duration
 from exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
-from exporter.model import ReaderUnavailable
+from exporter.model import Consumed, ReaderUnavailable, View
 from exporter.pricing import Request
 from exporter.reports import amount_for_people
+from exporter.reservations import (
+    DEFAULT_TTL,
+    MAX_ID,
+    MAX_TTL,
+    Reservations,
+    fingerprint,
+    valid_id,
+)
 from exporter.webconfig import BasicAuth, FailureLimit, WebConfig
 
 log = logging.getLogger(__name__)
@@ -36,9 +45,9 @@ class Source(Protocol):
 
     def is_ready(self) -> bool: ...
 
-    def check(self, req: Request, count: int, project: str, user: str | None) -> CheckResult: ...
+    def view(self) -> View: ...
 
-    def budget_statuses(self) -> list[BudgetStatus]: ...
+    def listen(self, consumed: Consumed) -> None: ...
 
     async def render_metrics(self, accept: str, names: list[str]) -> tuple[bytes, str]: ...
 
@@ -46,13 +55,16 @@ class Source(Protocol):
 
 
 DAEMON: web.AppKey[Source] = web.AppKey("daemon", Source)
+RESERVATIONS = web.AppKey("reservations", Reservations)
 
 
-def metrics_handler(source: Source) -> Any:
+def metrics_handler(source: Source, reservations: Reservations) -> Any:
     """/metrics, compressed when the client asks. Plain-text scrapes that arrive while a
-    render is under way share its result; OpenMetrics and ``name[]`` filters are
-    rendered for their own request."""
+    render is under way share the reader's render; OpenMetrics and ``name[]`` filters are
+    rendered for their own request. The reservations' families, kept on this side, are
+    added to what the reader rendered."""
     under_way: asyncio.Future[tuple[bytes, str]] | None = None
+    ours = Exposition(lambda: reservation_families(reservations, _statuses(source, reservations)))
 
     def finished(future: asyncio.Future[tuple[bytes, str]]) -> None:
         nonlocal under_way
@@ -73,6 +85,7 @@ def metrics_handler(source: Source) -> Any:
                 body, content_type = await asyncio.shield(under_way)
         except ReaderUnavailable as e:
             return web.Response(status=503, text=f"Metrics unavailable: {e}.\n")
+        body = ours.splice(body, accept, names)
         response = web.Response(body=body, headers={"Content-Type": content_type})
         response.enable_compression()
         return response
@@ -139,12 +152,19 @@ def for_people(value: Any, key: str = "") -> Any:
     return value
 
 
-def budget_json(daemon: Source) -> dict[str, Any]:
-    return {"budgets": for_people(msgspec.to_builtins(daemon.budget_statuses()))}
+def _statuses(source: Source, reservations: Reservations) -> list[BudgetStatus]:
+    for _ in range(3):
+        try:
+            view = source.view()
+            return reservations.statuses(view.budgets, view.usage, view.flight)
+        except RuntimeError:  # an in-process reader resized what was read: read again
+            continue
+    raise ReaderUnavailable("budget usage kept changing while it was read")
 
 
 async def budgets(request: web.Request) -> web.Response:
-    return web.json_response(budget_json(request.app[DAEMON]))
+    statuses = _statuses(request.app[DAEMON], request.app[RESERVATIONS])
+    return web.json_response({"budgets": for_people(msgspec.to_builtins(statuses))})
 
 
 MAX_BODY = 64 * 1024
@@ -208,7 +228,8 @@ def _bad_request(message: str) -> web.Response:
     return web.json_response({"error": message, "field": field}, status=400)
 
 
-async def check(request: web.Request) -> web.Response:
+async def _body(request: web.Request, kind: type[CheckRequest]) -> Any:
+    """The request's JSON body decoded as ``kind``, or the 400 that says what is wrong."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         return _bad_request(f"body: larger than {MAX_BODY} bytes")
     try:
@@ -226,20 +247,99 @@ async def check(request: web.Request) -> web.Response:
     if duplicate is not None:
         return _bad_request(f"{duplicate}: given twice")
     try:
-        req = msgspec.json.decode(body, type=CheckRequest)
+        return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as e:
         return _bad_request(describe_validation_error(e))
     except (msgspec.DecodeError, UnicodeDecodeError):
         return _bad_request("body: not a JSON object")
-    daemon = request.app[DAEMON]
-    result = daemon.check(
+
+
+def _json(answer: Any, status: int = 200) -> web.Response:
+    body = msgspec.json.encode(for_people(answer))
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def _asked(req: CheckRequest) -> tuple[Request, int, str, str | None]:
+    return (
         Request(req.model, req.mode, req.duration, req.audio, req.kind),
         req.count,
         req.project or DEFAULT_PROJECT,
         req.user,
     )
-    answer = for_people(msgspec.to_builtins(result))
-    return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
+
+
+async def check(request: web.Request) -> web.Response:
+    req = await _body(request, CheckRequest)
+    if isinstance(req, web.Response):
+        return req
+    source, reservations = request.app[DAEMON], request.app[RESERVATIONS]
+    for _ in range(3):
+        try:
+            view = source.view()
+            result = reservations.check(view.budgets, view.usage, view.flight, *_asked(req))
+            break
+        except RuntimeError:  # an in-process reader resized what was read: read again
+            continue
+    else:
+        return web.Response(status=503, text="Budget usage kept changing; try again.\n")
+    return _json(msgspec.to_builtins(result))
+
+
+class ReserveRequest(CheckRequest, forbid_unknown_fields=True):
+    """The body of ``POST /api/v1/reservations``: a check's, a ttl and an id."""
+
+    ttl: str | float | None = None
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.id is not None and not valid_id(self.id):
+            raise ValueError(f"id: expected 1 to {MAX_ID} printable ASCII characters")
+        seconds = DEFAULT_TTL if self.ttl is None else parse_duration(self.ttl, "ttl")
+        if not 1 <= seconds <= MAX_TTL:
+            raise ValueError(f"ttl: expected 1s to 24h, got {self.ttl!r}")
+        self.ttl = seconds
+
+
+async def reserve(request: web.Request) -> web.Response:
+    req = await _body(request, ReserveRequest)
+    if isinstance(req, web.Response):
+        return req
+    source, reservations = request.app[DAEMON], request.app[RESERVATIONS]
+    assert isinstance(req.ttl, float)
+    asked = msgspec.to_builtins(req)
+    for _ in range(3):
+        try:
+            view = source.view()
+            status, answer = await reservations.reserve(
+                view.budgets,
+                view.usage,
+                view.flight,
+                *_asked(req),
+                rid=req.id,
+                ttl=req.ttl,
+                fingerprint=fingerprint(asked),
+            )
+            break
+        except RuntimeError:
+            continue
+        except OSError:
+            return web.Response(status=503, text="Reservations cannot be saved; try again.\n")
+    else:
+        return web.Response(status=503, text="Budget usage kept changing; try again.\n")
+    return _json(answer, status)
+
+
+async def reservations_list(request: web.Request) -> web.Response:
+    return _json({"reservations": request.app[RESERVATIONS].live()})
+
+
+async def release(request: web.Request) -> web.Response:
+    rid = request.match_info["id"]
+    if await request.app[RESERVATIONS].release(rid):
+        return web.Response(status=204)
+    error = f"id: no live reservation {rid!r} (unknown, used up, expired or released)"
+    return web.json_response({"error": error, "field": "id"}, status=404)
 
 
 # At most this many API requests at once; more get 503 rather than queueing behind
@@ -331,16 +431,27 @@ def _credentials(request: web.Request) -> tuple[str | None, str | None]:
 
 
 def build_app(
-    daemon: Source, telemetry_path: str = "/metrics", web_config: WebConfig | None = None
+    daemon: Source,
+    telemetry_path: str = "/metrics",
+    web_config: WebConfig | None = None,
+    reservations: Reservations | None = None,
 ) -> web.Application:
+    """The HTTP face of ``daemon``. Reservations are kept in memory unless given with a
+    journal."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=_security_middlewares(web_config))
     app[DAEMON] = daemon
+    held = app[RESERVATIONS] = reservations or Reservations()
     landing = _landing(telemetry_path)
+
+    async def listen(app: web.Application) -> None:
+        daemon.listen(held.consumed)
+
+    app.on_startup.append(listen)
 
     async def index(request: web.Request) -> web.Response:
         return web.Response(text=landing, content_type="text/html")
 
-    app.router.add_get(telemetry_path, metrics_handler(daemon))
+    app.router.add_get(telemetry_path, metrics_handler(daemon, held))
     if telemetry_path != "/":
         app.router.add_get("/", index)
     app.router.add_get("/-/healthy", healthy)
@@ -349,6 +460,9 @@ def build_app(
     app.router.add_put("/-/reload", reload)
     app.router.add_get("/api/v1/budgets", budgets)
     app.router.add_post("/api/v1/check", check)
+    app.router.add_post("/api/v1/reservations", reserve)
+    app.router.add_get("/api/v1/reservations", reservations_list)
+    app.router.add_delete("/api/v1/reservations/{id}", release)
     return app
 
 

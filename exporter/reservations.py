@@ -1,0 +1,427 @@
+"""Reservations: pre-flight answers that hold when many workers ask at once.
+
+A check answers a question; a reservation holds what it was granted. Granting is one
+step on the event loop (check every matching budget against used + in flight + live
+holds, then hold), so two workers can never both take the last credits. A hold is
+written to the journal and fsynced before its answer is sent (grants that arrive
+together share one fsync), so a restart, ``kill -9`` included, neither loses nor
+repeats one.
+
+A hold shrinks by one task for every ``task_submitted`` line that names it: the
+reader counts those per reservation id (absolute counts, part of its own saved state)
+and this side takes what it is told, so a line read twice after a restart is still one
+task. What is left of a hold is released by DELETE or at its expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import heapq
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage, Usage
+from exporter.pricing import Request
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 900.0
+MAX_TTL = 86400.0
+MAX_ID = 128
+OUTCOMES = ("granted", "refused", "released", "expired", "consumed", "unknown")
+# The journal is rewritten with the live holds alone once it has this many records more.
+COMPACT_AFTER = 10_000
+
+
+class Hold(msgspec.Struct):
+    id: str
+    fingerprint: str  # of the request, so that a repeat with another body is refused
+    project: str
+    user: str | None
+    count: int
+    credits: float  # per task
+    usd: float  # per task
+    budgets: list[str]
+    expires_at: float
+    used: int = 0  # tasks submitted under it so far
+
+    @property
+    def left(self) -> int:
+        return max(self.count - self.used, 0)
+
+
+class Ended(msgspec.Struct, tag="end", array_like=True):
+    id: str
+    expires_at: float  # the id may not be used again before then
+
+
+class Granted(msgspec.Struct, tag="grant", array_like=True):
+    hold: Hold
+
+
+Record = Granted | Ended
+
+
+def rfc3339(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def valid_id(value: str) -> bool:
+    return 0 < len(value) <= MAX_ID and all("\x21" <= c <= "\x7e" for c in value)
+
+
+class Journal:
+    """Grants and ends, one msgpack record after another, fsynced before they count."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records = 0
+        self.fd = -1
+        self._pending: list[bytes] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flushing = False
+        self._flusher: asyncio.Task[None] | None = None
+
+    def load(self) -> list[Record]:
+        """What the journal holds; a torn last record (a crash mid-write) is dropped."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        out: list[Record] = []
+        decode = msgspec.msgpack.Decoder(Record).decode
+        offset = 0
+        while offset + 4 <= len(data):
+            size = int.from_bytes(data[offset : offset + 4], "big")
+            body = data[offset + 4 : offset + 4 + size]
+            if len(body) < size:
+                break
+            try:
+                out.append(decode(body))
+            except msgspec.DecodeError:
+                log.error("reservation journal record unreadable; skipped", extra={"at": offset})
+            offset += 4 + size
+        return out
+
+    def rewrite(self, records: list[Record]) -> None:
+        """Replace the journal by these records (atomically), and append after them."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"".join(_frame(r) for r in records))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.records = len(records)
+
+    async def append(self, record: Record) -> None:
+        """Return once the record is on disk; raises OSError if it cannot be."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_frame(record))
+        self._waiters.append(future)
+        if not self._flushing:
+            self._flushing = True
+            self._flusher = asyncio.ensure_future(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, waiters = self._pending, self._waiters
+                self._pending, self._waiters = [], []
+                try:
+                    await asyncio.to_thread(self._write, b"".join(batch))
+                except OSError as e:
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(e)
+                    continue
+                self.records += len(batch)
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+        finally:
+            self._flushing = False
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def journal_beside(state_path: str) -> Journal | None:
+    """The journal kept beside the state file (none when no state is kept)."""
+    if not state_path:
+        return None
+    path = Path(state_path)
+    return Journal(path.with_name(path.name + ".reservations"))
+
+
+def _frame(record: Record) -> bytes:
+    body = msgspec.msgpack.encode(record)
+    return len(body).to_bytes(4, "big") + body
+
+
+class Reservations:
+    """Live holds, the journal that keeps them, and the pre-flight answers that count
+    them. Used on the event loop only."""
+
+    def __init__(self, journal: Journal | None = None, clock: Callable[[], float] = time.time):
+        self.journal = journal
+        self.clock = clock
+        self.holds: dict[str, Hold] = {}
+        self._expiry: list[tuple[float, str]] = []  # a heap of (expires_at, id)
+        self.ended: dict[str, float] = {}  # id -> until when it may not be used again
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.held = DayUsage()  # what the live holds keep, by (project, user)
+        # Tasks the reader counted per reservation id, as it last said; ids of holds
+        # not live are kept for a day, so that a repeated count is not counted again.
+        self.told: dict[str, tuple[int, float]] = {}
+        self._seen_first = False
+        if journal is not None:
+            self._restore(journal)
+
+    # -- the journal ---------------------------------------------------------------
+
+    def _restore(self, journal: Journal) -> None:
+        now = self.clock()
+        for record in journal.load():
+            if isinstance(record, Granted):
+                self.holds[record.hold.id] = record.hold
+            else:
+                self.holds.pop(record.id, None)
+                self.ended[record.id] = record.expires_at
+        for rid, hold in list(self.holds.items()):
+            if hold.expires_at <= now:
+                del self.holds[rid]
+                self.ended[rid] = hold.expires_at
+        self.ended = {rid: until for rid, until in self.ended.items() if until > now}
+        journal.rewrite(self._live_records())
+        self._expiry = [(h.expires_at, h.id) for h in self.holds.values()]
+        heapq.heapify(self._expiry)
+        self._rebuild()
+        if self.holds:
+            log.info("reservations restored", extra={"live": len(self.holds)})
+
+    def _live_records(self) -> list[Record]:
+        return [Granted(h) for h in self.holds.values()] + [
+            Ended(rid, until) for rid, until in self.ended.items()
+        ]
+
+    async def _record(self, record: Record) -> None:
+        if self.journal is None:
+            return
+        await self.journal.append(record)
+        if self.journal.records > COMPACT_AFTER + 2 * len(self.holds) + len(self.ended):
+            self.journal.rewrite(self._live_records())
+
+    def _rebuild(self) -> None:
+        held: dict[tuple[str, str | None], list[float]] = {}
+        for h in self.holds.values():
+            left = h.left
+            acc = held.setdefault((h.project, h.user), [0.0, 0.0])
+            acc[0] += left * h.credits
+            acc[1] += left * h.usd
+        table = DayUsage(held)
+        table.version = self.held.version + 1
+        self.held = table
+
+    # -- what time and the reader change -------------------------------------------
+
+    def sweep(self) -> None:
+        """Release what is left of holds past their expiry."""
+        now = self.clock()
+        expired = []
+        while self._expiry and self._expiry[0][0] <= now:
+            _, rid = heapq.heappop(self._expiry)
+            hold = self.holds.get(rid)
+            if hold is not None and hold.expires_at <= now:
+                expired.append(hold)
+        for h in expired:
+            del self.holds[h.id]
+            self.ended[h.id] = h.expires_at
+            self.outcomes["expired"] += 1
+            # Not journalled: a restart finds the expiry in the grant.
+        if expired:
+            self._rebuild()
+        if len(self.ended) > 1000 and next(iter(self.ended.values())) <= now:
+            self.ended = {rid: until for rid, until in self.ended.items() if until > now}
+
+    def consumed(self, counts: Mapping[str, int], baseline: bool = False) -> None:
+        """The reader's counts of tasks submitted per reservation id (absolute, so a
+        count told again changes nothing). A hold takes what is new, up to what it has
+        left; the rest named no live reservation (``unknown``). With ``baseline`` (the
+        reader's first word after a start) counts of ids without a live hold are taken
+        as known already."""
+        now = self.clock()
+        changed = False
+        for rid, count in counts.items():
+            before = self.told.get(rid, (0, 0.0))[0]
+            self.told[rid] = (count, now)
+            new = max(count - before, 0)
+            hold = self.holds.get(rid)
+            if hold is None:
+                if not baseline:
+                    self.outcomes["unknown"] += new
+                continue
+            take = min(new, hold.left)
+            hold.used += take
+            self.outcomes["consumed"] += take
+            self.outcomes["unknown"] += new - take
+            changed = True
+            if hold.left == 0:
+                del self.holds[rid]
+                self.ended[rid] = hold.expires_at
+        if changed:
+            self._rebuild()
+        if len(self.told) > 100_000:
+            cutoff = now - 86400
+            self.told = {r: v for r, v in self.told.items() if v[1] > cutoff or r in self.holds}
+
+    # -- answers -------------------------------------------------------------------
+
+    def check(
+        self,
+        budgets: Budgets,
+        usage: Usage,
+        flight: DayUsage,
+        req: Request,
+        count: int,
+        project: str,
+        user: str | None,
+    ) -> CheckResult:
+        self.sweep()
+        now = self.clock()
+        return budgets.check(usage, req, count, project, user, now, flight, self.held)
+
+    def statuses(self, budgets: Budgets, usage: Usage, flight: DayUsage) -> list[BudgetStatus]:
+        self.sweep()
+        return budgets.statuses(usage, self.clock(), flight, self.held)
+
+    async def reserve(
+        self,
+        budgets: Budgets,
+        usage: Usage,
+        flight: DayUsage,
+        req: Request,
+        count: int,
+        project: str,
+        user: str | None,
+        rid: str | None,
+        ttl: float,
+        fingerprint: str,
+    ) -> tuple[int, dict[str, Any]]:
+        """Grant (201) or refuse (200) atomically; the same id and body again is the
+        same reservation (200), another body under a used id is 409."""
+        self.sweep()
+        if rid is not None:
+            hold = self.holds.get(rid)
+            if hold is not None:
+                if hold.fingerprint != fingerprint:
+                    return 409, _conflict(rid, "is held for another request")
+                return 200, self._granted(hold)
+            if rid in self.ended:
+                return 409, _conflict(rid, "has ended (released, expired or used up)")
+        result = budgets.check(usage, req, count, project, user, self.clock(), flight, self.held)
+        if not result.allowed:
+            self.outcomes["refused"] += 1
+            answer = msgspec.to_builtins(result)
+            return 200, answer
+        now = self.clock()
+        hold = Hold(
+            id=rid or str(uuid.uuid4()),
+            fingerprint=fingerprint,
+            project=project,
+            user=user,
+            count=count,
+            credits=result.credits_needed / count,
+            usd=result.usd_needed / count,
+            budgets=[b.name for b in result.budgets],
+            expires_at=now + ttl,
+        )
+        self.holds[hold.id] = hold
+        heapq.heappush(self._expiry, (hold.expires_at, hold.id))
+        self._rebuild()
+        try:
+            await self._record(Granted(hold))
+        except OSError as e:
+            if self.holds.get(hold.id) is hold:
+                del self.holds[hold.id]
+                self._rebuild()
+            log.error("cannot write the reservation journal", extra={"err": e.strerror})
+            raise
+        self.outcomes["granted"] += 1
+        answer = self._granted(hold)
+        answer["reason"] = result.reason
+        return 201, answer
+
+    def _granted(self, hold: Hold) -> dict[str, Any]:
+        return {
+            "allowed": True,
+            "id": hold.id,
+            "expires_at": rfc3339(hold.expires_at),
+            "credits": hold.credits * hold.count,
+            "usd": hold.usd * hold.count,
+            "count": hold.count,
+            "count_left": hold.left,
+            "budgets": hold.budgets,
+        }
+
+    async def release(self, rid: str) -> bool:
+        """Release what is left; False when no such hold is live."""
+        self.sweep()
+        hold = self.holds.pop(rid, None)
+        if hold is None:
+            return False
+        self.ended[rid] = hold.expires_at
+        self._rebuild()
+        try:
+            await self._record(Ended(rid, hold.expires_at))
+        except OSError:
+            log.error("cannot write the reservation journal; the release holds until restart")
+        self.outcomes["released"] += 1
+        return True
+
+    def live(self) -> list[dict[str, Any]]:
+        self.sweep()
+        return [
+            {
+                "id": h.id,
+                "count": h.count,
+                "count_left": h.left,
+                "credits_left": h.left * h.credits,
+                "usd_left": h.left * h.usd,
+                "budgets": h.budgets,
+                "expires_at": rfc3339(h.expires_at),
+            }
+            for h in self.holds.values()
+        ]
+
+
+def _conflict(rid: str, what: str) -> dict[str, Any]:
+    return {"error": f"id: reservation {rid!r} {what}", "field": "id"}
+
+
+def fingerprint(body: Mapping[str, Any]) -> str:
+    """The request a reservation was made for, without its id."""
+    canonical = msgspec.json.encode({k: v for k, v in sorted(body.items()) if k != "id"})
+    return hashlib.sha256(canonical).hexdigest()
