@@ -10,18 +10,33 @@ task_id = generate_within_budget(
 )
 ...
 log.completed(task_id, status="succeed", elapsed_sec=95.2, credits_used=70)
+
+or, holding credits for several tasks before any is submitted:
+
+with budget.reserve(model="kling-v2-6", mode="pro", duration=10, count=3) as held:
+    for prompt in prompts:
+        task_id = kling.text_to_video(prompt, mode="pro", duration=10)
+        log.submitted(task_id, "kling-v2-6", "pro", 10, reservation_id=held.id)
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class BudgetUnavailableError(RuntimeError):
+    """The exporter could not be asked (down, unreachable, or answering 5xx)."""
 
 
 class BudgetExceededError(RuntimeError):
@@ -78,7 +93,10 @@ class EventLogger:
         prompt_len: int | None = None,
         project: str | None = None,
         user: str | None = None,
+        reservation_id: str | None = None,
     ) -> None:
+        """A submission; ``reservation_id`` names the reservation it uses (one task of
+        the hold is then counted as in flight instead)."""
         self._write(
             {
                 "event": "task_submitted",
@@ -91,6 +109,7 @@ class EventLogger:
                 "audio": audio,
                 "kind": kind,
                 "prompt_len": prompt_len,
+                "reservation_id": reservation_id,
             }
         )
 
@@ -131,39 +150,119 @@ class EventLogger:
         )
 
 
+class Reservation:
+    """A hold granted by the exporter (``BudgetClient.reserve``). As a context manager
+    it releases the hold when the block raises; otherwise each submission logged with
+    ``reservation_id=held.id`` uses one task of it, and what is left expires at
+    ``expires_at`` (or call ``release``)."""
+
+    def __init__(self, client: BudgetClient | None, answer: dict[str, Any]) -> None:
+        self.client = client
+        self.answer = answer
+        self.id: str | None = answer.get("id")
+        self.expires_at: str | None = answer.get("expires_at")
+        self.count: int = answer.get("count", 0)
+
+    def release(self) -> bool:
+        """Release what is left; False if nothing was (used up, expired, or unavailable)."""
+        if self.client is None or self.id is None:
+            return False
+        return self.client.release(self.id)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if error is not None:
+            try:
+                self.release()
+            except (BudgetUnavailableError, ValueError) as e:
+                log.warning("could not release reservation %s: %s", self.id, e)
+
+
 class BudgetClient:
-    """Asks a kling-exporter whether a generation fits every matching budget."""
+    """Asks a kling-exporter whether a generation fits every matching budget.
+
+    When the exporter cannot be reached (or answers 5xx), ``check`` and ``reserve``
+    raise BudgetUnavailableError; constructed with ``fail_open=True`` they allow
+    instead and log a warning, for producers that would rather overspend than stop."""
 
     def __init__(
         self,
         url: str = "http://127.0.0.1:10177",
         timeout: float = 5.0,
         headers: dict[str, str] | None = None,
+        fail_open: bool = False,
     ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.fail_open = fail_open
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """(status, decoded JSON or None); 400 and 409 raise ValueError with the
+        exporter's words; an unreachable exporter raises BudgetUnavailableError."""
+        data = None
+        if body is not None:
+            data = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+        req = urllib.request.Request(  # noqa: S310 - the exporter's http(s) URL
+            self.url + path, data=data, headers=self.headers, method=method
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            if e.code in (400, 409):
+                raise ValueError(json.loads(raw).get("error", "bad request")) from None
+            if e.code == 404:
+                return 404, None
+            raise BudgetUnavailableError(f"{self.url} answered {e.code}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise BudgetUnavailableError(f"cannot ask {self.url}: {e}") from None
+
+    def _unavailable(self, e: BudgetUnavailableError) -> dict[str, Any]:
+        if not self.fail_open:
+            raise e
+        log.warning("budget exporter unavailable, allowing (fail_open): %s", e)
+        return {"allowed": True, "unavailable": True, "reason": str(e)}
 
     def check(self, **request: Any) -> dict[str, Any]:
         """The exporter's answer; raises BudgetExceededError when it is not allowed and
         ValueError when the exporter refuses the request as malformed."""
-        body = json.dumps({k: v for k, v in request.items() if v is not None}).encode()
-        req = urllib.request.Request(  # noqa: S310 - the exporter's http(s) URL
-            self.url + "/api/v1/check",
-            data=body,
-            headers=self.headers,
-            method="POST",
-        )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
-                result: dict[str, Any] = json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            if e.code == 400:
-                raise ValueError(json.loads(e.read()).get("error", "bad request")) from None
-            raise
+            _, result = self._call("POST", "/api/v1/check", request)
+        except BudgetUnavailableError as e:
+            return self._unavailable(e)
         if not result["allowed"]:
             raise BudgetExceededError(result["reason"], result)
+        assert isinstance(result, dict)
         return result
+
+    def reserve(
+        self, count: int = 1, ttl: str | float | None = None, id: str | None = None, **request: Any
+    ) -> Reservation:
+        """Hold what ``count`` tasks like ``request`` cost, against every matching budget,
+        until they are submitted or ``ttl`` passes (default 15m). ``id`` makes a retried
+        call the same reservation. Raises BudgetExceededError when a budget has no room."""
+        body = {**request, "count": count, "ttl": ttl, "id": id}
+        try:
+            _, answer = self._call("POST", "/api/v1/reservations", body)
+        except BudgetUnavailableError as e:
+            return Reservation(None, self._unavailable(e))
+        if not answer["allowed"]:
+            raise BudgetExceededError(answer["reason"], answer)
+        return Reservation(self, answer)
+
+    def release(self, reservation_id: str) -> bool:
+        status, _ = self._call("DELETE", f"/api/v1/reservations/{reservation_id}")
+        return bool(status == 204)
 
 
 def generate_within_budget(
@@ -179,9 +278,11 @@ def generate_within_budget(
     user: str | None = None,
     prompt_len: int | None = None,
 ) -> str:
-    """Check the budget, call ``submit`` (which returns Kling's task id) and log the
-    submission; an exception from ``submit`` is logged as a task error and re-raised."""
-    budget.check(
+    """Reserve what one task costs, call ``submit`` (which returns Kling's task id) and
+    log the submission under the reservation; an exception from ``submit`` releases the
+    reservation, is logged as a task error and re-raised. Concurrent callers can never
+    together go over a budget: each holds its share before it submits."""
+    with budget.reserve(
         project=project or log.project,
         user=user or log.user,
         model=model,
@@ -189,27 +290,28 @@ def generate_within_budget(
         duration=duration,
         audio=audio,
         kind=kind,
-    )
-    try:
-        task_id = submit()
-    except Exception as e:
-        log.error(
-            f"failed-{os.getpid()}-{id(e)}",
-            error_type=type(e).__name__,
-            message=str(e),
+    ) as held:
+        try:
+            task_id = submit()
+        except Exception as e:
+            log.error(
+                f"failed-{os.getpid()}-{id(e)}",
+                error_type=type(e).__name__,
+                message=str(e),
+                project=project,
+                user=user,
+            )
+            raise
+        log.submitted(
+            task_id,
+            model=model,
+            mode=mode,
+            duration=duration,
+            audio=audio,
+            kind=kind,
+            prompt_len=prompt_len,
             project=project,
             user=user,
+            reservation_id=held.id,
         )
-        raise
-    log.submitted(
-        task_id,
-        model=model,
-        mode=mode,
-        duration=duration,
-        audio=audio,
-        kind=kind,
-        prompt_len=prompt_len,
-        project=project,
-        user=user,
-    )
     return task_id
