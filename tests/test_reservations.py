@@ -1,0 +1,306 @@
+"""Reservations in process: holds against the real ledger and budgets, the journal that
+keeps them, and a state machine over reserve, consume, release, expire and restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hypothesis.strategies as st
+import msgspec
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from exporter.config import parse_config
+from exporter.ledger import Ledger
+from exporter.pricing import Request
+from exporter.reservations import Journal, Reservations, fingerprint
+from tests.test_ledger import NOW, feed
+
+CONFIG = parse_config(
+    {
+        "budgets": [
+            {"name": "team", "project": "p", "period": "monthly", "limit_credits": 100},
+            {"name": "ann", "user": "ann", "period": "daily", "limit_credits": 60},
+        ]
+    }
+)
+REQ = Request("kling-v2-6", "standard", 5)  # 10 credits a task
+
+
+class Clock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reserve(
+    held: Reservations,
+    ledger: Ledger,
+    count: int,
+    rid: str | None = None,
+    ttl: float = 60,
+    user: str | None = None,
+) -> tuple[int, dict[str, Any]]:
+    body = {"project": "p", "user": user, "count": count, "ttl": ttl}
+    return asyncio.run(
+        held.reserve(
+            ledger.budgets,
+            ledger.usage,
+            ledger.flight,
+            REQ,
+            count,
+            "p",
+            user,
+            rid=rid,
+            ttl=ttl,
+            fingerprint=fingerprint(body),
+        )
+    )
+
+
+def remaining(held: Reservations, ledger: Ledger, name: str = "team") -> float:
+    result = held.check(ledger.budgets, ledger.usage, ledger.flight, REQ, 1, "p", "ann")
+    left = next(b.credits_remaining for b in result.budgets if b.name == name)
+    assert left is not None
+    return left
+
+
+def submitted(task_id: str, rid: str | None, user: str | None = None) -> str:
+    fields: dict[str, Any] = {
+        "event": "task_submitted",
+        "task_id": task_id,
+        "project": "p",
+        "model": "kling-v2-6",
+        "mode": "std",
+        "duration": 5,
+    }
+    if rid is not None:
+        fields["reservation_id"] = rid
+    if user is not None:
+        fields["user"] = user
+    return json.dumps(fields)
+
+
+def completed(task_id: str, credits: float) -> str:
+    return json.dumps({"event": "task_completed", "task_id": task_id, "credits_used": credits})
+
+
+def tell(held: Reservations, ledger: Ledger) -> None:
+    """What the reader publishes after a chunk: counts of the reservations it changed."""
+    counts = {rid: int(ledger.consumed[rid][0]) for rid in ledger.consumed_changed}
+    ledger.consumed_changed.clear()
+    held.consumed(counts)
+
+
+def test_a_hold_counts_until_its_tasks_are_in_flight_and_then_as_them(tmp_path: Path) -> None:
+    ledger, held = Ledger(CONFIG), Reservations(Journal(tmp_path / "r"), Clock())
+    status, answer = reserve(held, ledger, 3, rid="r1")
+    assert status == 201 and answer["count"] == 3 and answer["credits"] == 30
+    assert answer["budgets"] == ["team"]
+    assert remaining(held, ledger) == 70
+
+    feed(ledger, submitted("t1", "r1"))
+    tell(held, ledger)
+    assert remaining(held, ledger) == 70  # 20 held, 10 in flight
+    (status_row,) = [b for b in held.statuses(ledger.budgets, ledger.usage, ledger.flight)][:1]
+    assert (status_row.reserved_credits, status_row.in_flight_credits) == (20, 10)
+
+    feed(ledger, completed("t1", 10))
+    assert remaining(held, ledger) == 70  # 20 held, 10 used
+
+    status, answer = reserve(held, ledger, 8)
+    assert status == 200 and answer["allowed"] is False and answer["refused_by"] == "team"
+    assert "70 credits left" in answer["reason"]
+    assert reserve(held, ledger, 7)[0] == 201  # exactly at the limit
+    assert held.outcomes["granted"] == 2 and held.outcomes["refused"] == 1
+    assert held.outcomes["consumed"] == 1
+
+
+def test_the_same_id_is_the_same_reservation_and_another_body_is_refused(
+    tmp_path: Path,
+) -> None:
+    ledger, held = Ledger(CONFIG), Reservations(Journal(tmp_path / "r"), Clock())
+    first = reserve(held, ledger, 2, rid="job-7")
+    again = reserve(held, ledger, 2, rid="job-7")
+    assert (first[0], again[0]) == (201, 200)
+    assert again[1]["expires_at"] == first[1]["expires_at"]
+    assert remaining(held, ledger) == 80  # held once
+    status, answer = reserve(held, ledger, 3, rid="job-7")
+    assert status == 409 and answer["field"] == "id"
+    assert asyncio.run(held.release("job-7"))
+    assert reserve(held, ledger, 2, rid="job-7")[0] == 409  # ended: not used again
+
+
+def test_release_and_expiry_give_back_what_is_left(tmp_path: Path) -> None:
+    clock = Clock()
+    ledger, held = Ledger(CONFIG), Reservations(Journal(tmp_path / "r"), clock)
+    reserve(held, ledger, 4, rid="a", ttl=30)
+    reserve(held, ledger, 4, rid="b", ttl=90)
+    feed(ledger, submitted("t1", "a"))
+    tell(held, ledger)
+    assert remaining(held, ledger) == 20
+    assert not asyncio.run(held.release("nope"))
+    assert asyncio.run(held.release("b"))
+    assert remaining(held, ledger) == 60
+    clock.now += 31
+    assert remaining(held, ledger) == 90  # a's three left expired; its task is in flight
+    assert held.live() == []
+    assert held.outcomes == {
+        "granted": 2,
+        "refused": 0,
+        "released": 1,
+        "expired": 1,
+        "consumed": 1,
+        "unknown": 0,
+    }
+
+
+def test_a_submission_naming_no_live_reservation_counts_normally(tmp_path: Path) -> None:
+    ledger, held = Ledger(CONFIG), Reservations(Journal(tmp_path / "r"), Clock())
+    reserve(held, ledger, 1, rid="one")
+    feed(ledger, submitted("t1", "one"), submitted("t2", "one"), submitted("t3", "ghost"))
+    tell(held, ledger)
+    assert held.outcomes["consumed"] == 1 and held.outcomes["unknown"] == 2
+    assert remaining(held, ledger) == 70  # three tasks in flight, nothing held
+    feed(ledger, submitted("t1", "one"))  # a repeated line is one task still
+    tell(held, ledger)
+    assert held.outcomes["unknown"] == 2
+
+
+def test_holds_outlive_a_restart_and_a_torn_last_record(tmp_path: Path) -> None:
+    clock = Clock()
+    ledger = Ledger(CONFIG)
+    held = Reservations(Journal(tmp_path / "r"), clock)
+    reserve(held, ledger, 2, rid="kept")
+    reserve(held, ledger, 1, rid="gone", ttl=10)
+    asyncio.run(held.release("gone"))
+    reserve(held, ledger, 3, rid="late", ttl=5)
+    assert held.journal is not None
+    held.journal.close()
+    with open(tmp_path / "r", "ab") as f:
+        f.write(b"\x00\x00\x01\x00half a record")  # a crash in the middle of a write
+    clock.now += 6  # "late" expired meanwhile
+    again = Reservations(Journal(tmp_path / "r"), clock)
+    assert [h["id"] for h in again.live()] == ["kept"]
+    assert remaining(again, ledger) == 80
+    assert reserve(again, ledger, 1, rid="gone")[0] == 409
+    assert reserve(again, ledger, 2, rid="kept")[0] == 200
+    assert (tmp_path / "r").stat().st_mode & 0o777 == 0o600
+
+
+@settings(
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+class ReservationMachine(RuleBasedStateMachine):
+    """Any mix of reserve, submit, finish, release, time passing and restart, against a
+    model kept by the rules themselves: committed never exceeds a limit, and the live
+    holds are exactly what was granted less what was consumed, released and expired."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="kling-res-"))
+        self.clock = Clock()
+        self.ledger = Ledger(CONFIG)
+        self.held = Reservations(Journal(self.dir / "r"), self.clock)
+        # The model: id -> [count, expires_at, used, released, user]
+        self.model: dict[str, list[Any]] = {}
+        self.gone = {"released": 0, "expired": 0}  # tasks left when a hold ended
+        self.expired: set[str] = set()
+        self.tasks = 0
+        self.open: list[str] = []
+
+    def _live(self) -> dict[str, int]:
+        now = self.clock()
+        for rid, (count, expires, used, released, _) in self.model.items():
+            if not released and used < count and now >= expires and rid not in self.expired:
+                self.expired.add(rid)
+                self.gone["expired"] += count - used
+        return {
+            rid: count - used
+            for rid, (count, expires, used, released, _) in self.model.items()
+            if not released and used < count and now < expires
+        }
+
+    @rule(
+        count=st.integers(1, 4), user=st.sampled_from([None, "ann"]), ttl=st.sampled_from([5, 60])
+    )
+    def reserve(self, count: int, user: str | None, ttl: int) -> None:
+        rid = f"r{len(self.model)}-{self.held.outcomes['refused']}"
+        status, _ = reserve(self.held, self.ledger, count, rid=rid, ttl=ttl, user=user)
+        if status == 201:
+            self.model[rid] = [count, self.clock() + ttl, 0, False, user]
+
+    @precondition(lambda self: bool(self._live()))
+    @rule(data=st.data())
+    def submit(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(sorted(self._live())))
+        self.tasks += 1
+        task_id = f"t{self.tasks}"
+        self.model[rid][2] += 1
+        feed(self.ledger, submitted(task_id, rid, self.model[rid][4]), now=self.clock())
+        self.open.append(task_id)
+        tell(self.held, self.ledger)
+
+    @precondition(lambda self: bool(self.open))
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        task_id = data.draw(st.sampled_from(self.open))
+        self.open.remove(task_id)
+        feed(self.ledger, completed(task_id, 10), now=self.clock())
+
+    @precondition(lambda self: bool(self._live()))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        live = self._live()
+        rid = data.draw(st.sampled_from(sorted(live)))
+        assert asyncio.run(self.held.release(rid))
+        self.model[rid][3] = True
+        self.gone["released"] += live[rid]
+
+    @rule(seconds=st.sampled_from([1, 6, 61]))
+    def wait(self, seconds: int) -> None:
+        self.clock.now += seconds
+
+    @rule()
+    def restart(self) -> None:
+        """Both sides start again from what they saved: the ledger's state and the
+        journal; the reader's first word is every count it has."""
+        assert self.held.journal is not None
+        self.held.journal.close()
+        saved = msgspec.msgpack.decode(msgspec.msgpack.encode(self.ledger.to_state()))
+        self.ledger = Ledger.from_state(CONFIG, saved)
+        self.held = Reservations(Journal(self.dir / "r"), self.clock)
+        counts = {rid: int(n) for rid, (n, _) in self.ledger.consumed.items()}
+        self.held.consumed(counts, baseline=True)
+        self.ledger.consumed_changed.clear()
+
+    @invariant()
+    def committed_within_every_limit(self) -> None:
+        statuses = self.held.statuses(self.ledger.budgets, self.ledger.usage, self.ledger.flight)
+        for b in statuses:
+            committed = b.used_credits + b.in_flight_credits + b.reserved_credits
+            assert b.limit_credits is not None
+            assert committed <= b.limit_credits + 1e-6, b
+
+    @invariant()
+    def holds_are_granted_less_consumed_released_and_expired(self) -> None:
+        self.held.sweep()
+        live = self._live()
+        assert {rid: h.left for rid, h in self.held.holds.items()} == live
+        granted = sum(m[0] for m in self.model.values())
+        consumed = sum(min(m[2], m[0]) for m in self.model.values())
+        assert sum(live.values()) == (
+            granted - consumed - self.gone["released"] - self.gone["expired"]
+        )
+
+
+TestReservationMachine = ReservationMachine.TestCase
