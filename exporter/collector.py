@@ -144,6 +144,7 @@ def families(s: Snapshot, st: Status) -> list[Family]:
             "Estimated credits of tasks submitted and not yet finished that the budget "
             "matches; pre-flight answers count them beside what is used.",
         ),
+        ("in_flight_usd", "US dollars of the same tasks in flight."),
     )
     tables: dict[str, dict[Key, float]] = {name: {} for name, _ in budget_docs}
     info: dict[Key, float] = {}
@@ -161,6 +162,7 @@ def families(s: Snapshot, st: Status) -> list[Family]:
             "period_start_timestamp_seconds": b.period_start,
             "period_end_timestamp_seconds": b.period_end,
             "in_flight_credits": b.in_flight_credits,
+            "in_flight_usd": b.in_flight_usd,
         }
         for name, value in values.items():
             if value is not None:

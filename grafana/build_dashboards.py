@@ -654,6 +654,62 @@ def budgets() -> dict[str, Any]:
         9,
     )
 
+    parts = {
+        "A": ("kling:budget_used_{}:sum", "Used"),
+        "B": ("kling:budget_in_flight_{}:sum", "In flight"),
+        "C": ("kling:budget_reserved_{}:sum", "Reserved"),
+    }
+
+    def share(metric: str) -> str:
+        """Of the credit limit where a budget has one, else of the dollar limit."""
+        return " or ".join(
+            f"({metric.format(unit)}{{{BSEL}}} / on (budget, period) "
+            f"kling:budget_limit_{unit}:max{{{BSEL}}})"
+            for unit in ("credits", "usd")
+        )
+
+    lay.add(
+        panel(
+            "barchart",
+            "Committed against the limit",
+            "What pre-flight answers count against each budget, as a share of its limit "
+            "(credits where it has a credit limit, else dollars): what is used, the "
+            "estimate of tasks submitted and not finished (in flight), and live "
+            "reservations. A worker is refused once the three would pass 100%.",
+            [target(share(metric), "", ref, instant=True) for ref, (metric, _) in parts.items()],
+            {
+                "unit": "percentunit",
+                "min": 0,
+                "max": 1.2,
+                "thresholds": BUDGET_STEPS,
+                "color": {"mode": "palette-classic"},
+                "custom": {"thresholdsStyle": {"mode": "line"}, "fillOpacity": 80},
+            },
+            {
+                "orientation": "horizontal",
+                "stacking": "normal",
+                "xField": "budget",
+                "showValue": "never",
+                "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                "tooltip": {"mode": "multi", "sort": "none"},
+            },
+            transformations=[
+                {"id": "merge", "options": {}},
+                {
+                    "id": "organize",
+                    "options": {
+                        "excludeByName": {"Time": True, "period": True},
+                        "renameByName": {
+                            f"Value #{ref}": title for ref, (_, title) in parts.items()
+                        },
+                    },
+                },
+            ],
+        ),
+        24,
+        8,
+    )
+
     lay.row("Over time")
     lay.add(
         timeseries(

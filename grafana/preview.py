@@ -142,6 +142,33 @@ def draw_bargauge(ax: Axes, panel: dict[str, Any], prom: Process) -> None:
     ax.tick_params(labelsize=7)
 
 
+def draw_barchart(ax: Axes, panel: dict[str, Any], prom: Process) -> None:
+    """Stacked horizontal bars, one per budget, one part per query."""
+    rename: dict[str, str] = {}
+    for tr in panel.get("transformations", []):
+        rename.update(tr.get("options", {}).get("renameByName", {}))
+    bars: dict[str, dict[str, float]] = {}
+    parts = []
+    for t in panel["targets"]:
+        part = rename.get(f"Value #{t['refId']}", t["refId"])
+        parts.append(part)
+        for s in api(prom, "/api/v1/query", query=substitute(t["expr"])):
+            bars.setdefault(s["metric"].get("budget", ""), {})[part] = float(s["value"][1])
+    names = sorted(bars)
+    left = [0.0] * len(names)
+    for part in parts:
+        widths = [min(bars[n].get(part, 0.0), 1.2) for n in names]
+        ax.barh(names, widths, left=left, label=part)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    for step in panel["fieldConfig"]["defaults"]["thresholds"]["steps"][1:]:
+        ax.axvline(step["value"], color=COLORS[step["color"]], linestyle="--", linewidth=1)
+    ax.set_xlim(0, 1.35)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.tick_params(labelsize=7)
+    if names:
+        ax.legend(fontsize=6, loc="lower right")
+
+
 def draw_table(ax: Axes, panel: dict[str, Any], prom: Process) -> None:
     rename = {}
     for tr in panel.get("transformations", []):
@@ -203,6 +230,10 @@ def render(dashboard: dict[str, Any], prom: Process, start: float, end: float, o
             draw_bargauge(ax, panel, prom)
         elif kind == "table":
             draw_table(ax, panel, prom)
+        elif kind == "barchart":
+            draw_barchart(ax, panel, prom)
+        else:
+            raise ValueError(f"no preview for {kind} panels ({panel['title']})")
     fig.savefig(out, dpi=80, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {out}")
