@@ -4,6 +4,8 @@
   ingests a backlog, and while it also answers the pre-flight floods below, in one run;
 - pre-flight checks (POST /api/v1/check) per second and their p99 at 16 and 64
   connections, while the daemon ingests and is scraped every second;
+- reservations (POST /api/v1/reservations, each a new id: a grant journalled and
+  fsynced) per second and their p99 at 16 and 64 connections, likewise;
 - an authenticated scrape while 300 concurrent requests send wrong passwords (bcrypt
   cost 10), plain HTTP.
 
@@ -73,7 +75,8 @@ def wide_log(path: Path) -> None:
 def start(workdir: Path, port: int, web_config: Path | None = None) -> subprocess.Popen[bytes]:
     config = {
         "logs": {"paths": [str(workdir / "logs" / "*.jsonl")], "poll_interval": "100ms"},
-        "state": {"path": ""},
+        # A state file, so that reservations are journalled and fsynced as in production.
+        "state": {"path": str(workdir / "bench.state")},
         "labels": {"max_projects": PROJECTS + 100},
         "budgets": [
             {"name": f"b{i}", "project": f"p{i}", "period": "monthly", "limit_credits": 10**6}
@@ -125,21 +128,34 @@ async def timed_scrape(session: aiohttp.ClientSession, url: str, **kw: Any) -> f
     return (time.perf_counter() - start) * 1000
 
 
-async def checks(base: str, connections: int, seconds: float) -> dict[str, float]:
-    body = json.dumps({"project": "p7", "model": "kling-v2-6", "mode": "std", "duration": 5})
+async def checks(
+    base: str, connections: int, seconds: float, path: str = "/api/v1/check"
+) -> dict[str, float]:
+    """Requests per second answered 200 (201 for reservations), and their latency. A
+    reservation names a new id each time, so every one is a grant written to the
+    journal and fsynced."""
+    task = {"project": "p7", "model": "kling-v2-6", "mode": "std", "duration": 5}
+    ok = 201 if path.endswith("reservations") else 200
     latencies: list[float] = []
     refused = 0
+    sent = 0
     deadline = time.monotonic() + seconds
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def worker() -> None:
-            nonlocal refused
+            nonlocal refused, sent
             while time.monotonic() < deadline:
+                sent += 1
+                body = json.dumps(
+                    {**task, "id": f"bench-{connections}-{sent}", "ttl": "1m"}
+                    if ok == 201
+                    else task
+                )
                 start = time.perf_counter()
-                async with session.post(base + "/api/v1/check", data=body) as r:
+                async with session.post(base + path, data=body) as r:
                     await r.read()
-                    if r.status != 200:
+                    if r.status != ok:
                         refused += 1
                         continue
                 latencies.append((time.perf_counter() - start) * 1000)
@@ -203,6 +219,10 @@ async def measure_load(workdir: Path, backlog: Path, backlog_lines: int) -> dict
                 result = await checks(base, n, 3)
                 result["while_ingesting"] = not done.is_set()
                 out[f"check_loaded_{n}"] = result
+            for n in (16, 64):
+                result = await checks(base, n, 3, "/api/v1/reservations")
+                result["while_ingesting"] = not done.is_set()
+                out[f"reserve_loaded_{n}"] = result
             await asyncio.gather(watching, scraping)
             out["scrape_busy"] = {
                 "p50_ms": percentile(busy, 0.5),
@@ -278,10 +298,13 @@ def table(r: dict[str, Any]) -> str:
     out = [f"{name:<44} p50 {v['p50_ms']:.0f} ms, p99 {v['p99_ms']:.0f} ms" for name, v in rows]
     if not r["scrape_loaded"].get("while_ingesting", True):
         out[1] += " (ingest ended)"
-    for state in ("idle", "loaded"):
+    for kind, state in (("check", "idle"), ("check", "loaded"), ("reserve", "loaded")):
         for n in (16, 64):
-            v = r[f"check_{state}_{n}"]
-            label = f"pre-flight, {n} connections, {state}"
+            v = r.get(f"{kind}_{state}_{n}")
+            if v is None:
+                continue
+            what = "reservations" if kind == "reserve" else "pre-flight"
+            label = f"{what}, {n} connections, {state}"
             if state == "loaded" and not v["while_ingesting"]:
                 label += " (ingest ended)"
             out.append(

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from exporter.config import BudgetConfig, Config
-from exporter.periods import period_bounds
+from exporter.periods import PeriodClock
 from exporter.pricing import Pricing, Request
 
 
@@ -194,6 +194,7 @@ class Budgets:
         self.config = config
         self.pricing = Pricing(config.pricing)
         self.tz = config.tz
+        self.clock = PeriodClock(config.tz)  # the current periods, found once
         self.by_project: dict[str | None, list[BudgetConfig]] = {}
         for b in config.budgets:
             self.by_project.setdefault(b.project, []).append(b)
@@ -216,7 +217,7 @@ class Budgets:
         for b in budgets:
             found = periods.get(b.period)
             if found is None:
-                bounds = period_bounds(b.period, now, self.tz)
+                bounds = self.clock.bounds(b.period, now)
                 days = [d for start, d in usage.items() if bounds[0] <= start < bounds[1]]
                 found = periods[b.period] = (bounds, days)
             bounds, days = found

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage, Usage
+from exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage, Usage, sum_into
 from exporter.pricing import Request
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,7 @@ class Reservations:
         self.ended: dict[str, float] = {}  # id -> until when it may not be used again
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.held = DayUsage()  # what the live holds keep, by (project, user)
+        self._pairs: dict[tuple[str, str | None], int] = {}  # live holds of each pair
         # Tasks the reader counted per reservation id, as it last said; ids of holds
         # not live are kept for a day, so that a repeated count is not counted again.
         self.told: dict[str, tuple[int, float]] = {}
@@ -235,15 +236,25 @@ class Reservations:
             self.journal.rewrite(self._live_records())
 
     def _rebuild(self) -> None:
-        held: dict[tuple[str, str | None], list[float]] = {}
+        """What the live holds keep, by (project, user), from the holds themselves."""
+        self.held = DayUsage()
+        self._pairs = {}
         for h in self.holds.values():
-            left = h.left
-            acc = held.setdefault((h.project, h.user), [0.0, 0.0])
-            acc[0] += left * h.credits
-            acc[1] += left * h.usd
-        table = DayUsage(held)
-        table.version = self.held.version + 1
-        self.held = table
+            self._change(h, h.left, 1)
+
+    def _change(self, h: Hold, tasks: int, holds: int = 0) -> None:
+        """``tasks`` of hold ``h`` were held (or, below 0, no longer are); ``holds`` says
+        whether the hold itself came or went. A pair without holds is exactly 0."""
+        pair = (h.project, h.user)
+        left = self._pairs.get(pair, 0) + holds
+        table = self.held
+        if left > 0:
+            self._pairs[pair] = left
+            sum_into(table.by_pair, pair, tasks * h.credits, tasks * h.usd)
+        else:
+            self._pairs.pop(pair, None)
+            table.by_pair.pop(pair, None)
+        table.version += 1
 
     # -- what time and the reader change -------------------------------------------
 
@@ -258,11 +269,10 @@ class Reservations:
                 expired.append(hold)
         for h in expired:
             del self.holds[h.id]
+            self._change(h, -h.left, -1)
             self.ended[h.id] = h.expires_at
             self.outcomes["expired"] += 1
             # Not journalled: a restart finds the expiry in the grant.
-        if expired:
-            self._rebuild()
         if len(self.ended) > 1000 and next(iter(self.ended.values())) <= now:
             self.ended = {rid: until for rid, until in self.ended.items() if until > now}
 
@@ -273,7 +283,6 @@ class Reservations:
         reader's first word after a start) counts of ids without a live hold are taken
         as known already."""
         now = self.clock()
-        changed = False
         for rid, count in counts.items():
             before = self.told.get(rid, (0, 0.0))[0]
             self.told[rid] = (count, now)
@@ -284,15 +293,14 @@ class Reservations:
                     self.outcomes["unknown"] += new
                 continue
             take = min(new, hold.left)
+            self._change(hold, -take)
             hold.used += take
             self.outcomes["consumed"] += take
             self.outcomes["unknown"] += new - take
-            changed = True
             if hold.left == 0:
                 del self.holds[rid]
+                self._change(hold, 0, -1)
                 self.ended[rid] = hold.expires_at
-        if changed:
-            self._rebuild()
         if len(self.told) > 100_000:
             cutoff = now - 86400
             self.told = {r: v for r, v in self.told.items() if v[1] > cutoff or r in self.holds}
@@ -360,13 +368,13 @@ class Reservations:
         )
         self.holds[hold.id] = hold
         heapq.heappush(self._expiry, (hold.expires_at, hold.id))
-        self._rebuild()
+        self._change(hold, hold.left, 1)
         try:
             await self._record(Granted(hold))
         except OSError as e:
             if self.holds.get(hold.id) is hold:
                 del self.holds[hold.id]
-                self._rebuild()
+                self._change(hold, -hold.left, -1)
             log.error("cannot write the reservation journal", extra={"err": e.strerror})
             raise
         self.outcomes["granted"] += 1
@@ -392,8 +400,8 @@ class Reservations:
         hold = self.holds.pop(rid, None)
         if hold is None:
             return False
+        self._change(hold, -hold.left, -1)
         self.ended[rid] = hold.expires_at
-        self._rebuild()
         try:
             await self._record(Ended(rid, hold.expires_at))
         except OSError:

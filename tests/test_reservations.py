@@ -292,6 +292,17 @@ class ReservationMachine(RuleBasedStateMachine):
             assert committed <= b.limit_credits + 1e-6, b
 
     @invariant()
+    def what_is_held_by_pair_is_the_live_holds(self) -> None:
+        self.held.sweep()
+        expected: dict[tuple[str, str | None], float] = {}
+        for h in self.held.holds.values():
+            pair = (h.project, h.user)
+            expected[pair] = expected.get(pair, 0.0) + h.left * h.credits
+        got = {pair: credits for pair, (credits, _) in self.held.held.by_pair.items()}
+        assert got.keys() == expected.keys()
+        assert all(abs(got[k] - expected[k]) < 1e-6 for k in got), (got, expected)
+
+    @invariant()
     def holds_are_granted_less_consumed_released_and_expired(self) -> None:
         self.held.sweep()
         live = self._live()
