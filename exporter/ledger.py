@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from exporter import events as ev_mod
-from exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage, sum_into
+from exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage
 from exporter.config import Config
 from exporter.events import INVALID_REASONS, Event
 from exporter.periods import PeriodClock, period_bounds
@@ -216,8 +216,8 @@ class Ledger:
         self._day: tuple[float, float, DayUsage] = (1.0, 0.0, DayUsage())
         # Tasks in flight (submitted, not finished) by (project, user): their estimated
         # credits and dollars, and how many (so a pair back at none is exactly 0).
-        self.flight = DayUsage()
-        self.flight_tasks: dict[tuple[str, str | None], int] = {}
+        # (project, user) -> [tasks, credits]; ``flight`` shows it as budgets read usage.
+        self.flight_tasks: dict[tuple[str, str | None], list[float]] = {}
         # Tasks submitted under each reservation id: id -> [tasks, newest event time].
         # Absolute counts, so whoever holds the reservations may read them any number
         # of times; ``consumed_changed`` names the ids changed since it last looked.
@@ -413,7 +413,19 @@ class Ledger:
             pacc[TOUCHED] = 1
             tasks[task_id] = task
             self._expiry.append((ts, task_id))
-            self._fly(task, 1)
+            # In flight: _fly(task, 1), inlined.
+            price = self.pricing.cache.get(
+                (task.model, task.mode, task.duration, task.audio, task.kind)
+            )
+            if price is None:
+                price = self._estimate(task)
+            pair = (task.project, task.user)
+            flying = self.flight_tasks.get(pair)
+            if flying is None:
+                self.flight_tasks[pair] = [1, price]
+            else:
+                flying[0] += 1
+                flying[1] += price
         if e.reservation_id is not None:
             self._consume(str(e.reservation_id), ts)
         if self.observer is not None:
@@ -444,7 +456,20 @@ class Ledger:
             if not flags & _FINISHED:
                 pacc[IN_FLIGHT] -= 1
                 pacc[TOUCHED] = 1
-                self._fly(task, -1)
+                # Out of flight: _fly(task, -1), inlined.
+                price_key = (task.model, task.mode, task.duration, task.audio, task.kind)
+                price = self.pricing.cache.get(price_key)
+                if price is None:
+                    price = self._estimate(task)
+                pair = (task.project, task.user)
+                flying = self.flight_tasks.get(pair)
+                if flying is None:
+                    pass  # cannot be: every open task entered flight
+                elif flying[0] == 1:
+                    del self.flight_tasks[pair]
+                else:
+                    flying[0] -= 1
+                    flying[1] -= price
         else:
             flags = known or 0  # type: ignore[assignment]
             # The first terminal event wins; a later one, even of the other kind, repeats it.
@@ -585,26 +610,32 @@ class Ledger:
         bucket.version += 1
 
     def _fly(self, t: Task, sign: int) -> None:
-        """A task enters (1) or leaves (-1) flight: its estimated price, by its pair."""
-        price_key = (t.model, t.mode, t.duration, t.audio, t.kind)
-        credits = self.pricing.cache.get(price_key)
+        """A task enters (1) or leaves (-1) flight: its estimated price, by its pair.
+        (Inlined where a submission is counted and where it finishes.)"""
+        credits = self.pricing.cache.get((t.model, t.mode, t.duration, t.audio, t.kind))
         if credits is None:
-            credits = self.pricing.credits(Request(*price_key))
+            credits = self._estimate(t)
         pair = (t.project, t.user)
-        left = self.flight_tasks.get(pair, 0) + sign
-        flight = self.flight
-        if left:
-            self.flight_tasks[pair] = left
-            credits *= sign
-            sum_into(flight.by_pair, pair, credits, credits * self.pricing.usd_per_credit)
-        else:  # none left: exactly 0, whatever rounding the sums gathered
-            self.flight_tasks.pop(pair, None)
-            flight.by_pair.pop(pair, None)
-        flight.version += 1
+        acc = self.flight_tasks.get(pair)
+        if acc is None:
+            self.flight_tasks[pair] = [sign, sign * credits]
+        elif acc[0] == -sign:  # none left: exactly 0, whatever rounding gathered
+            del self.flight_tasks[pair]
+        else:
+            acc[0] += sign
+            acc[1] += sign * credits
+
+    def _estimate(self, t: Task) -> float:
+        return self.pricing.credits(Request(t.model, t.mode, t.duration, t.audio, t.kind))
+
+    @property
+    def flight(self) -> DayUsage:
+        """Credits and dollars of tasks in flight by (project, user), as budgets read."""
+        rate = self.pricing.usd_per_credit
+        return DayUsage({pair: [c, c * rate] for pair, (_, c) in self.flight_tasks.items()})
 
     def _estimate_flight(self) -> None:
         """Price every task in flight again (at start from a saved state, on new prices)."""
-        self.flight = DayUsage()
         self.flight_tasks.clear()
         for value in self.tasks.values():
             if type(value) is Task and value.flags == _SUB:

@@ -145,7 +145,7 @@ class _Link:
         self.sending = threading.Lock()
         self.sent: dict[float, tuple[DayUsage, int]] = {}
         self.health: tuple[bool, bool] | None = None
-        self.flight_version = -1
+        self.flight_sent: list[Row] | None = None
         self.last = 0.0
 
     def send(self, message: FromReader) -> None:
@@ -172,10 +172,13 @@ class _Link:
         for start in dropped:
             del self.sent[start]
         ledger = d.ledger
-        flight = None
-        if ledger.flight.version != self.flight_version:
-            self.flight_version = ledger.flight.version
-            flight = [(p, u, c, usd) for (p, u), (c, usd) in ledger.flight.by_pair.items()]
+        flight: list[Row] | None = [
+            (p, u, c, usd) for (p, u), (c, usd) in ledger.flight.by_pair.items()
+        ]
+        if flight == self.flight_sent:
+            flight = None  # unchanged: not sent again
+        else:
+            self.flight_sent = flight
         consumed: dict[str, int] = {}
         if self.health is None:  # the first word: every count
             consumed = {rid: int(n) for rid, (n, _) in ledger.consumed.items()}
