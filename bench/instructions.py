@@ -25,11 +25,11 @@ ROUNDS = 3
 
 SCRIPT = """
 import sys, time
-sys.path.insert(0, {root!r})
-from exporter.config import parse_config
-from exporter.events import decode_line
-from exporter.ingest import ingest
-from exporter.ledger import Ledger
+sys.path.insert(0, {root!r} + "/exporter")
+from kling_exporter.config import parse_config
+from kling_exporter.events import decode_line
+from kling_exporter.ingest import ingest
+from kling_exporter.ledger import Ledger
 lines = open({log!r}, "rb").read().splitlines()
 what, rounds = sys.argv[1], int(sys.argv[2])
 now = time.time()

@@ -37,18 +37,19 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 
 import msgspec  # noqa: E402
+from kling_exporter.collector import KlingCollector, TextRenderer  # noqa: E402
+from kling_exporter.config import parse_config  # noqa: E402
+from kling_exporter.events import Event, decode_line  # noqa: E402
+from kling_exporter.ingest import ingest  # noqa: E402
+from kling_exporter.ledger import Ledger  # noqa: E402
+from kling_exporter.model import Status  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 from bench import web_load  # noqa: E402
 from bench.generate import write as generate  # noqa: E402
-from exporter.collector import KlingCollector, TextRenderer  # noqa: E402
-from exporter.config import parse_config  # noqa: E402
-from exporter.events import Event, decode_line  # noqa: E402
-from exporter.ingest import ingest  # noqa: E402
-from exporter.ledger import Ledger  # noqa: E402
-from exporter.model import Status  # noqa: E402
 
 
 def free_port() -> int:
@@ -109,7 +110,7 @@ def start_daemon(
         [
             sys.executable,
             "-m",
-            "exporter",
+            "kling_exporter",
             "serve",
             "--config.file",
             str(config),
@@ -119,7 +120,7 @@ def start_daemon(
             "warn",
         ],
         cwd=workdir,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT / "exporter")},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

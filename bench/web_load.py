@@ -85,14 +85,14 @@ def start(workdir: Path, port: int, web_config: Path | None = None) -> subproces
     }
     path = workdir / "bench-http.yml"
     path.write_text(json.dumps(config))
-    cmd = [sys.executable, "-m", "exporter", "serve", "--config.file", str(path)]
+    cmd = [sys.executable, "-m", "kling_exporter", "serve", "--config.file", str(path)]
     cmd += ["--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warn"]
     if web_config is not None:
         cmd += ["--web.config.file", str(web_config)]
     return subprocess.Popen(
         cmd,
         cwd=workdir,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT / "exporter")},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -31,13 +31,15 @@ from matplotlib.axes import Axes
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 
-from exporter.collector import TextRenderer, families  # noqa: E402
-from exporter.demo import DemoTraffic, demo_config  # noqa: E402
-from exporter.events import Event, decode_line  # noqa: E402
-from exporter.ingest import ingest  # noqa: E402
-from exporter.ledger import Ledger  # noqa: E402
-from exporter.model import Status  # noqa: E402
+from kling_exporter.collector import TextRenderer, families  # noqa: E402
+from kling_exporter.demo import DemoTraffic, demo_config  # noqa: E402
+from kling_exporter.events import Event, decode_line  # noqa: E402
+from kling_exporter.ingest import ingest  # noqa: E402
+from kling_exporter.ledger import Ledger  # noqa: E402
+from kling_exporter.model import Status  # noqa: E402
+
 from tests.helpers import free_port, require_binary  # noqa: E402
 from tests.stack import Process  # noqa: E402
 

@@ -117,7 +117,7 @@ class DaemonProcess:
         cmd = [
             sys.executable,
             "-m",
-            "exporter",
+            "kling_exporter",
             self.command,
             "--web.listen-address",
             f"127.0.0.1:{self.port}",
@@ -125,7 +125,7 @@ class DaemonProcess:
         ]
         if self.config_path.exists() and self.command == "serve":
             cmd += ["--config.file", str(self.config_path)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "exporter")}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         limit = self.nofile
 

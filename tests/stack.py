@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from kling_exporter.config import Config
+from kling_exporter.daemon import Daemon
+from kling_exporter.server import build_app
 
-from exporter.config import Config
-from exporter.daemon import Daemon
-from exporter.server import build_app
 from tests.helpers import ROOT, free_port, request, require_binary, wait_until
 
 ALERTS = ROOT / "alerts"

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from kling_exporter.cli import COMMANDS, main
+from kling_exporter.demo import DemoTraffic
 
-from exporter.cli import COMMANDS, main
-from exporter.demo import DemoTraffic
 from tests.helpers import ROOT, line, write_lines
 from tests.test_parity import THEIR_CSV_COLUMNS
 
@@ -256,10 +256,10 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
 def test_a_closed_pipe_ends_quietly(logs: Path) -> None:
     """`kling-exporter costs --days 400 | head -1`: no BrokenPipeError traceback."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "costs", "--days", "400"],
+        [sys.executable, "-m", "kling_exporter", "costs", "--days", "400"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT / "exporter")},
     )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.readline()

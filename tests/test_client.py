@@ -10,19 +10,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from exporter.client import BudgetClient, BudgetExceededError, EventLogger, generate_within_budget
-from exporter.demo import (
+from kling_exporter.client import (
+    BudgetClient,
+    BudgetExceededError,
+    EventLogger,
+    generate_within_budget,
+)
+from kling_exporter.demo import (
     DEFAULT_BACKFILL_HOURS,
     DEFAULT_RATE,
     DEFAULT_SEED,
     DemoTraffic,
     demo_config,
 )
-from exporter.events import Event, decode_line
-from exporter.ingest import ingest
-from exporter.ledger import Ledger
-from exporter.tailer import Tailer
+from kling_exporter.events import Event, decode_line
+from kling_exporter.ingest import ingest
+from kling_exporter.ledger import Ledger
+from kling_exporter.tailer import Tailer
+
 from tests.helpers import DaemonProcess, by_name, value, wait_until
 
 Factory = Callable[..., DaemonProcess]

@@ -3,9 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from exporter.cli import main
-from exporter.config import Config, ConfigError, load_config, parse_config
+from kling_exporter.cli import main
+from kling_exporter.config import Config, ConfigError, load_config, parse_config
 
 
 def test_no_file_means_defaults() -> None:

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from kling_exporter import daemon as daemon_module
+from kling_exporter.config import Config, parse_config
+from kling_exporter.daemon import Daemon, write_state
+from kling_exporter.ingest import ingest
+from kling_exporter.server import build_app
 
-from exporter import daemon as daemon_module
-from exporter.config import Config, parse_config
-from exporter.daemon import Daemon, write_state
-from exporter.ingest import ingest
-from exporter.server import build_app
 from tests.helpers import DaemonProcess, by_name, line, value, write_lines
 
 Factory = Callable[..., DaemonProcess]

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
+from kling_exporter.demo import DemoTraffic, demo_config
 
-from exporter.demo import DemoTraffic, demo_config
 from tests.helpers import ROOT, wait_until
 from tests.stack import InProcessExporter, Process, prometheus
 

@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path, PurePosixPath
 
 import yaml
+from kling_exporter.cli import DEFAULT_LISTEN, HEALTH_URL_ENV, build_parser
+from kling_exporter.config import Config
 
-from exporter.cli import DEFAULT_LISTEN, HEALTH_URL_ENV, build_parser
-from exporter.config import Config
 from tests.helpers import ROOT, require_binary
 
 COMPOSE = ROOT / "examples" / "compose"

@@ -6,9 +6,8 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from exporter import events
-from exporter.events import Event, decode_line
+from kling_exporter import events
+from kling_exporter.events import Event, decode_line
 
 
 def decode(**fields: object) -> Event | str:

@@ -13,11 +13,10 @@ import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
-
-from exporter.config import parse_config
-from exporter.events import Event, decode_line
-from exporter.ledger import Ledger
-from exporter.tailer import Tailer
+from kling_exporter.config import parse_config
+from kling_exporter.events import Event, decode_line
+from kling_exporter.ledger import Ledger
+from kling_exporter.tailer import Tailer
 
 
 class Reader:

@@ -9,11 +9,11 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kling_exporter.config import Config, TasksConfig, parse_config
+from kling_exporter.events import INVALID_REASONS
+from kling_exporter.ingest import ingest
+from kling_exporter.ledger import Ledger
 
-from exporter.config import Config, TasksConfig, parse_config
-from exporter.events import INVALID_REASONS
-from exporter.ingest import ingest
-from exporter.ledger import Ledger
 from tests.helpers import line
 from tests.test_ledger import NOW, feed, iso, random_tasks, task_lines
 

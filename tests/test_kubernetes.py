@@ -14,8 +14,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from kling_exporter.cli import DEFAULT_LISTEN
 
-from exporter.cli import DEFAULT_LISTEN
 from tests.helpers import ROOT, require_binary
 
 K8S = ROOT / "examples" / "kubernetes"

@@ -10,12 +10,12 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
+from kling_exporter.budgets import DayUsage
+from kling_exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig, parse_config
+from kling_exporter.events import Event, decode_line
+from kling_exporter.ledger import OTHER, Ledger
+from kling_exporter.pricing import Request
 
-from exporter.budgets import DayUsage
-from exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig, parse_config
-from exporter.events import Event, decode_line
-from exporter.ledger import OTHER, Ledger
-from exporter.pricing import Request
 from tests.helpers import line
 
 UTC = dt.UTC

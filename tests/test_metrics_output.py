@@ -8,13 +8,13 @@ import os
 import subprocess
 from pathlib import Path
 
+from kling_exporter.collector import KlingCollector, TextRenderer
+from kling_exporter.config import parse_config
+from kling_exporter.events import Event, decode_line
+from kling_exporter.ledger import Ledger
+from kling_exporter.model import Status
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.collector import KlingCollector, TextRenderer
-from exporter.config import parse_config
-from exporter.events import Event, decode_line
-from exporter.ledger import Ledger
-from exporter.model import Status
 from tests.helpers import require_binary
 
 HERE = Path(__file__).parent

@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 import pytest
+from kling_exporter.cli import main
+from kling_exporter.config import parse_config
+from kling_exporter.ledger import Ledger
+from kling_exporter.pricing import Request
 
-from exporter.cli import main
-from exporter.config import parse_config
-from exporter.ledger import Ledger
-from exporter.pricing import Request
 from tests.test_ledger import feed
 
 DAY = dt.datetime(2026, 11, 22, 9, 0, 0, 123456)
@@ -136,7 +136,7 @@ def test_success_rate_says_which_and_gives_theirs_too(
 def test_videos_are_tasks_submitted_and_succeeded_has_its_own_key(
     logs: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("exporter.cli._today", lambda config: dt.date(2026, 11, 22))
+    monkeypatch.setattr("kling_exporter.cli._today", lambda config: dt.date(2026, 11, 22))
     costs = run_json(capsys, "costs", "--days", "1")
     day = costs["per_day"][0]  # type: ignore[index]
     assert (day["videos"], day["succeeded"]) == (3, 2)

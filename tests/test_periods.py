@@ -6,8 +6,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from exporter.periods import PERIOD_KINDS, PeriodClock, period_bounds
+from kling_exporter.periods import PERIOD_KINDS, PeriodClock, period_bounds
 
 UTC = ZoneInfo("UTC")
 NY = ZoneInfo("America/New_York")

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
+from kling_exporter.config import ConfigError, PriceRule, PricingConfig, load_config, parse_config
+from kling_exporter.pricing import Pricing, Request
 
-from exporter.config import ConfigError, PriceRule, PricingConfig, load_config, parse_config
-from exporter.pricing import Pricing, Request
 from tests.helpers import ROOT
 
 DEFAULT = Pricing(PricingConfig())

@@ -13,11 +13,11 @@ import hypothesis.strategies as st
 import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from kling_exporter.config import parse_config
+from kling_exporter.ledger import Ledger
+from kling_exporter.pricing import Request
+from kling_exporter.reservations import Journal, Reservations, fingerprint
 
-from exporter.config import parse_config
-from exporter.ledger import Ledger
-from exporter.pricing import Request
-from exporter.reservations import Journal, Reservations, fingerprint
 from tests.test_ledger import NOW, feed
 
 CONFIG = parse_config(

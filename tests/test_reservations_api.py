@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from exporter.client import (
+from kling_exporter.client import (
     BudgetClient,
     BudgetExceededError,
     BudgetUnavailableError,
     EventLogger,
 )
+
 from tests.helpers import DaemonProcess, free_port, request, value, wait_until, write_lines
 
 Factory = Callable[..., DaemonProcess]

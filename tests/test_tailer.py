@@ -9,10 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from exporter.config import LogsConfig
-from exporter.listing import ListingError, expand_glob
-from exporter.tailer import Tailer
+from kling_exporter.config import LogsConfig
+from kling_exporter.listing import ListingError, expand_glob
+from kling_exporter.tailer import Tailer
 
 
 class Collect:

@@ -25,9 +25,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kling_exporter.cli import HEALTH_URL_ENV
+from kling_exporter.webconfig import BasicAuth, FailureLimit
 
-from exporter.cli import HEALTH_URL_ENV
-from exporter.webconfig import BasicAuth, FailureLimit
 from tests.helpers import ROOT, DaemonProcess, free_port, require_binary, wait_until, write_lines
 from tests.stack import Process
 
@@ -341,8 +341,8 @@ def test_healthcheck_command_reaches_a_tls_exporter_on_another_port(
     url = f"https://127.0.0.1:{d.port}/-/healthy"
 
     def health(*args: str, env: dict[str, str] | None = None) -> int:
-        cmd = [sys.executable, "-m", "exporter", "healthcheck", *args]
-        environ = {**os.environ, "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "kling_exporter", "healthcheck", *args]
+        environ = {**os.environ, "PYTHONPATH": str(ROOT / "exporter")}
         environ.pop(HEALTH_URL_ENV, None)
         environ.update(env or {})
         done = subprocess.run(cmd, env=environ, capture_output=True, timeout=30, check=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import NamedTuple
 
-from exporter.config import KINDS, PriceRule, PricingConfig
+from kling_exporter.config import KINDS, PriceRule, PricingConfig
 
 # Kling's own API defaults for a request that leaves these out.
 DEFAULT_MODE = "standard"

@@ -17,7 +17,7 @@ from pathlib import Path
 import bcrypt
 import msgspec
 
-from exporter.config import ConfigError, describe_validation_error, read_yaml
+from kling_exporter.config import ConfigError, describe_validation_error, read_yaml
 
 TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,

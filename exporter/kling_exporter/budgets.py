@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 
-from exporter.config import BudgetConfig, Config
-from exporter.periods import PeriodClock
-from exporter.pricing import Pricing, Request
+from kling_exporter.config import BudgetConfig, Config
+from kling_exporter.periods import PeriodClock
+from kling_exporter.pricing import Pricing, Request
 
 
 def sum_into(table: dict[Any, list[float]], key: Any, credits: float, usd: float) -> None:

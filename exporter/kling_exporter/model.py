@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from exporter.budgets import Budgets, DayUsage, Usage
+from kling_exporter.budgets import Budgets, DayUsage, Usage
 
 
 class Status(msgspec.Struct):

@@ -31,8 +31,8 @@ from typing import Any
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from exporter.config import LogsConfig
-from exporter.listing import (
+from kling_exporter.config import LogsConfig
+from kling_exporter.listing import (
     ABSENT,
     ListingError,
     glob_base,

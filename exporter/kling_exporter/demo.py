@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from exporter.config import Config, parse_config
+from kling_exporter.config import Config, parse_config
 
 PROJECTS = [("marketing", 8), ("product", 5), ("sales", 3), ("support", 2), ("research", 1)]
 USERS = ["ann", "bob", "chen", "dana", "eli"]

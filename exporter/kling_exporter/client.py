@@ -1,6 +1,6 @@
 """For programs that call Kling: write the event log, and ask before spending.
 
-from exporter.client import BudgetClient, EventLogger, generate_within_budget
+from kling_exporter.client import BudgetClient, EventLogger, generate_within_budget
 
 log = EventLogger("logs", project="marketing", user="ann")
 budget = BudgetClient("http://127.0.0.1:10177")

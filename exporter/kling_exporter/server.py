@@ -15,15 +15,15 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 from aiohttp import web
 
-from exporter import __version__
-from exporter.budgets import BudgetStatus
-from exporter.collector import Exposition, reservation_families
-from exporter.config import KINDS, describe_validation_error, normalize_mode, parse_duration
-from exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
-from exporter.model import Consumed, ReaderUnavailable, View
-from exporter.pricing import Request
-from exporter.reports import amount_for_people
-from exporter.reservations import (
+from kling_exporter import __version__
+from kling_exporter.budgets import BudgetStatus
+from kling_exporter.collector import Exposition, reservation_families
+from kling_exporter.config import KINDS, describe_validation_error, normalize_mode, parse_duration
+from kling_exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
+from kling_exporter.model import Consumed, ReaderUnavailable, View
+from kling_exporter.pricing import Request
+from kling_exporter.reports import amount_for_people
+from kling_exporter.reservations import (
     DEFAULT_TTL,
     MAX_ID,
     MAX_TTL,
@@ -31,7 +31,7 @@ from exporter.reservations import (
     fingerprint,
     valid_id,
 )
-from exporter.webconfig import BasicAuth, FailureLimit, WebConfig
+from kling_exporter.webconfig import BasicAuth, FailureLimit, WebConfig
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from exporter import __version__
-from exporter.budgets import BudgetStatus
-from exporter.ledger import Snapshot
-from exporter.model import Status
+from kling_exporter import __version__
+from kling_exporter.budgets import BudgetStatus
+from kling_exporter.ledger import Snapshot
+from kling_exporter.model import Status
 
 if TYPE_CHECKING:
-    from exporter.reservations import Reservations
+    from kling_exporter.reservations import Reservations
 
 Key = tuple[str, ...]
 _fmt = cast(Callable[[float], str], floatToGoString)  # the library's own number format

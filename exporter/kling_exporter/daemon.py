@@ -22,15 +22,15 @@ from typing import Any
 
 import msgspec
 
-from exporter.budgets import BudgetStatus, CheckResult
-from exporter.collector import Exposition, families
-from exporter.config import Config, ConfigError, load_config
-from exporter.events import explain_invalid
-from exporter.ingest import RateLimit, ingest
-from exporter.ledger import Ledger, Snapshot
-from exporter.model import Consumed, Status, View
-from exporter.pricing import Request
-from exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
+from kling_exporter.budgets import BudgetStatus, CheckResult
+from kling_exporter.collector import Exposition, families
+from kling_exporter.config import Config, ConfigError, load_config
+from kling_exporter.events import explain_invalid
+from kling_exporter.ingest import RateLimit, ingest
+from kling_exporter.ledger import Ledger, Snapshot
+from kling_exporter.model import Consumed, Status, View
+from kling_exporter.pricing import Request
+from kling_exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
 
 log = logging.getLogger(__name__)
 

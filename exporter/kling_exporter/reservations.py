@@ -29,8 +29,8 @@ from typing import Any
 
 import msgspec
 
-from exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage, Usage, sum_into
-from exporter.pricing import Request
+from kling_exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage, Usage, sum_into
+from kling_exporter.pricing import Request
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from exporter.config import (
+from kling_exporter.config import (
     KIND_ALIASES,
     KINDS,
     MODE_ALIASES,

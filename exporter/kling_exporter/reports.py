@@ -14,12 +14,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
-from exporter.budgets import over_by
-from exporter.config import Config
-from exporter.ingest import ingest
-from exporter.ledger import Ledger, Record
-from exporter.listing import matching_files
-from exporter.periods import period_bounds
+from kling_exporter.budgets import over_by
+from kling_exporter.config import Config
+from kling_exporter.ingest import ingest
+from kling_exporter.ledger import Ledger, Record
+from kling_exporter.listing import matching_files
+from kling_exporter.periods import period_bounds
 
 
 def read_records(config: Config, progress: TextIO | None = None) -> list[Record]:

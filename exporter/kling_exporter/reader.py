@@ -40,12 +40,12 @@ from typing import Any
 
 import msgspec
 
-from exporter.budgets import Budgets, DayUsage
-from exporter.config import Config
-from exporter.daemon import Daemon
-from exporter.logsetup import setup_logging
-from exporter.model import Consumed, ReaderUnavailable, View
-from exporter.tailer import raise_open_file_limit
+from kling_exporter.budgets import Budgets, DayUsage
+from kling_exporter.config import Config
+from kling_exporter.daemon import Daemon
+from kling_exporter.logsetup import setup_logging
+from kling_exporter.model import Consumed, ReaderUnavailable, View
+from kling_exporter.tailer import raise_open_file_limit
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class _Link:
 
 
 def reader_main(fd: int) -> None:
-    """The reader process (``python -m exporter.reader FD``): the daemon, and the link
+    """The reader process (``python -m kling_exporter.reader FD``): the daemon, and the link
     on the socket ``FD`` that serves the HTTP process."""
     # The HTTP process decides when to stop or reload (a Ctrl-C reaches both processes).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -288,7 +288,7 @@ class ReaderProcess:
         # A fresh interpreter rather than a fork: nothing of this process's threads and
         # locks is copied, and no helper process is started beside it.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "exporter.reader", str(theirs.fileno())],
+            [sys.executable, "-m", "kling_exporter.reader", str(theirs.fileno())],
             stdin=subprocess.DEVNULL,
             pass_fds=[theirs.fileno()],
         )

@@ -15,12 +15,12 @@ from typing import Any
 
 import msgspec
 
-from exporter import events as ev_mod
-from exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage
-from exporter.config import Config
-from exporter.events import INVALID_REASONS, Event
-from exporter.periods import PeriodClock, period_bounds
-from exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request
+from kling_exporter import events as ev_mod
+from kling_exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage
+from kling_exporter.config import Config
+from kling_exporter.events import INVALID_REASONS, Event
+from kling_exporter.periods import PeriodClock, period_bounds
+from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request
 
 OTHER = "__other__"
 GENERATION_BUCKETS = (

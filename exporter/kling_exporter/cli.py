@@ -20,8 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
-from exporter import __version__, reports
-from exporter.config import (
+from kling_exporter import __version__, reports
+from kling_exporter.config import (
     KINDS,
     Config,
     ConfigError,
@@ -29,22 +29,22 @@ from exporter.config import (
     normalize_mode,
     parse_duration,
 )
-from exporter.demo import (
+from kling_exporter.demo import (
     DEFAULT_BACKFILL_HOURS,
     DEFAULT_RATE,
     DEFAULT_SEED,
     DemoTraffic,
     demo_config,
 )
-from exporter.listing import ListingError
-from exporter.logsetup import LEVELS, setup_logging
-from exporter.pricing import Pricing, Request
-from exporter.reader import ReaderProcess
-from exporter.reservations import Reservations, journal_beside
-from exporter.server import GuardedSite, Limits, build_app, parse_listen_address
-from exporter.webconfig import WebConfig, load_web_config
+from kling_exporter.listing import ListingError
+from kling_exporter.logsetup import LEVELS, setup_logging
+from kling_exporter.pricing import Pricing, Request
+from kling_exporter.reader import ReaderProcess
+from kling_exporter.reservations import Reservations, journal_beside
+from kling_exporter.server import GuardedSite, Limits, build_app, parse_listen_address
+from kling_exporter.webconfig import WebConfig, load_web_config
 
-log = logging.getLogger("exporter")
+log = logging.getLogger("kling_exporter")
 
 DEFAULT_LISTEN = ":10177"
 COMMANDS = (

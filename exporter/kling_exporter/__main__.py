@@ -1,0 +1,3 @@
+from kling_exporter.cli import main
+
+raise SystemExit(main())
