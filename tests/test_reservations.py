@@ -13,8 +13,10 @@ import hypothesis.strategies as st
 import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from kling_exporter.budgets import Ask
 from kling_exporter.config import parse_config
 from kling_exporter.ledger import Ledger
+from kling_exporter.model import View
 from kling_exporter.pricing import Request
 from kling_exporter.reservations import Journal, Reservations, fingerprint
 
@@ -39,6 +41,10 @@ class Clock:
         return self.now
 
 
+def view(ledger: Ledger) -> View:
+    return View(ledger.budgets, ledger.usage, ledger.flight)
+
+
 def reserve(
     held: Reservations,
     ledger: Ledger,
@@ -48,24 +54,12 @@ def reserve(
     user: str | None = None,
 ) -> tuple[int, dict[str, Any]]:
     body = {"project": "p", "user": user, "count": count, "ttl": ttl}
-    return asyncio.run(
-        held.reserve(
-            ledger.budgets,
-            ledger.usage,
-            ledger.flight,
-            REQ,
-            count,
-            "p",
-            user,
-            rid=rid,
-            ttl=ttl,
-            fingerprint=fingerprint(body),
-        )
-    )
+    ask = Ask(REQ, count, "p", user)
+    return asyncio.run(held.reserve(view(ledger), ask, rid, ttl, fingerprint(body)))
 
 
 def remaining(held: Reservations, ledger: Ledger, name: str = "team") -> float:
-    result = held.check(ledger.budgets, ledger.usage, ledger.flight, REQ, 1, "p", "ann")
+    result = held.check(view(ledger), Ask(REQ, 1, "p", "ann"))
     left = next(b.credits_remaining for b in result.budgets if b.name == name)
     assert left is not None
     return left
@@ -108,7 +102,7 @@ def test_a_hold_counts_until_its_tasks_are_in_flight_and_then_as_them(tmp_path: 
     feed(ledger, submitted("t1", "r1"))
     tell(held, ledger)
     assert remaining(held, ledger) == 70  # 20 held, 10 in flight
-    (status_row,) = [b for b in held.statuses(ledger.budgets, ledger.usage, ledger.flight)][:1]
+    (status_row,) = [b for b in held.statuses(view(ledger))][:1]
     assert (status_row.reserved_credits, status_row.in_flight_credits) == (20, 10)
 
     feed(ledger, completed("t1", 10))
@@ -285,7 +279,7 @@ class ReservationMachine(RuleBasedStateMachine):
 
     @invariant()
     def committed_within_every_limit(self) -> None:
-        statuses = self.held.statuses(self.ledger.budgets, self.ledger.usage, self.ledger.flight)
+        statuses = self.held.statuses(view(self.ledger))
         for b in statuses:
             committed = b.used_credits + b.in_flight_credits + b.reserved_credits
             assert b.limit_credits is not None

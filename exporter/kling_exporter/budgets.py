@@ -9,7 +9,7 @@ with the same code.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -77,6 +77,16 @@ class DayUsage:
 
 
 Usage = Mapping[float, DayUsage]  # local day start -> that day's usage
+
+
+class Ask(NamedTuple):
+    """What a pre-flight check or a reservation asks about: ``tasks`` tasks like
+    ``req`` for this project and user."""
+
+    req: Request
+    tasks: int
+    project: str
+    user: str | None
 
 
 class CheckBudget(msgspec.Struct, frozen=True):

@@ -29,8 +29,8 @@ from typing import Any
 
 import msgspec
 
-from kling_exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage, Usage, sum_into
-from kling_exporter.pricing import Request
+from kling_exporter.budgets import Ask, BudgetStatus, CheckResult, DayUsage, sum_into
+from kling_exporter.model import View
 
 log = logging.getLogger(__name__)
 
@@ -307,36 +307,17 @@ class Reservations:
 
     # -- answers -------------------------------------------------------------------
 
-    def check(
-        self,
-        budgets: Budgets,
-        usage: Usage,
-        flight: DayUsage,
-        req: Request,
-        count: int,
-        project: str,
-        user: str | None,
-    ) -> CheckResult:
+    def check(self, view: View, ask: Ask) -> CheckResult:
+        """A pre-flight answer that counts the live holds."""
         self.sweep()
-        now = self.clock()
-        return budgets.check(usage, req, count, project, user, now, flight, self.held)
+        return view.budgets.check(view.usage, *ask, self.clock(), view.flight, self.held)
 
-    def statuses(self, budgets: Budgets, usage: Usage, flight: DayUsage) -> list[BudgetStatus]:
+    def statuses(self, view: View) -> list[BudgetStatus]:
         self.sweep()
-        return budgets.statuses(usage, self.clock(), flight, self.held)
+        return view.budgets.statuses(view.usage, self.clock(), view.flight, self.held)
 
     async def reserve(
-        self,
-        budgets: Budgets,
-        usage: Usage,
-        flight: DayUsage,
-        req: Request,
-        count: int,
-        project: str,
-        user: str | None,
-        rid: str | None,
-        ttl: float,
-        fingerprint: str,
+        self, view: View, ask: Ask, rid: str | None, ttl: float, fingerprint: str
     ) -> tuple[int, dict[str, Any]]:
         """Grant (201) or refuse (200) atomically; the same id and body again is the
         same reservation (200), another body under a used id is 409."""
@@ -349,7 +330,7 @@ class Reservations:
                 return 200, self._granted(hold)
             if rid in self.ended:
                 return 409, _conflict(rid, "has ended (released, expired or used up)")
-        result = budgets.check(usage, req, count, project, user, self.clock(), flight, self.held)
+        result = self.check(view, ask)
         if not result.allowed:
             self.outcomes["refused"] += 1
             answer = msgspec.to_builtins(result)
@@ -358,11 +339,11 @@ class Reservations:
         hold = Hold(
             id=rid or str(uuid.uuid4()),
             fingerprint=fingerprint,
-            project=project,
-            user=user,
-            count=count,
-            credits=result.credits_needed / count,
-            usd=result.usd_needed / count,
+            project=ask.project,
+            user=ask.user,
+            count=ask.tasks,
+            credits=result.credits_needed / ask.tasks,
+            usd=result.usd_needed / ask.tasks,
             budgets=[b.name for b in result.budgets],
             expires_at=now + ttl,
         )

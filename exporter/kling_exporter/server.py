@@ -16,7 +16,7 @@ import msgspec
 from aiohttp import web
 
 from kling_exporter import __version__
-from kling_exporter.budgets import BudgetStatus
+from kling_exporter.budgets import Ask, BudgetStatus
 from kling_exporter.collector import Exposition, reservation_families
 from kling_exporter.config import KINDS, describe_validation_error, normalize_mode, parse_duration
 from kling_exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
@@ -155,8 +155,7 @@ def for_people(value: Any, key: str = "") -> Any:
 def _statuses(source: Source, reservations: Reservations) -> list[BudgetStatus]:
     for _ in range(3):
         try:
-            view = source.view()
-            return reservations.statuses(view.budgets, view.usage, view.flight)
+            return reservations.statuses(source.view())
         except RuntimeError:  # an in-process reader resized what was read: read again
             continue
     raise ReaderUnavailable("budget usage kept changing while it was read")
@@ -259,8 +258,8 @@ def _json(answer: Any, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
 
 
-def _asked(req: CheckRequest) -> tuple[Request, int, str, str | None]:
-    return (
+def _asked(req: CheckRequest) -> Ask:
+    return Ask(
         Request(req.model, req.mode, req.duration, req.audio, req.kind),
         req.count,
         req.project or DEFAULT_PROJECT,
@@ -275,8 +274,7 @@ async def check(request: web.Request) -> web.Response:
     source, reservations = request.app[DAEMON], request.app[RESERVATIONS]
     for _ in range(3):
         try:
-            view = source.view()
-            result = reservations.check(view.budgets, view.usage, view.flight, *_asked(req))
+            result = reservations.check(source.view(), _asked(req))
             break
         except RuntimeError:  # an in-process reader resized what was read: read again
             continue
@@ -310,15 +308,8 @@ async def reserve(request: web.Request) -> web.Response:
     asked = msgspec.to_builtins(req)
     for _ in range(3):
         try:
-            view = source.view()
             status, answer = await reservations.reserve(
-                view.budgets,
-                view.usage,
-                view.flight,
-                *_asked(req),
-                rid=req.id,
-                ttl=req.ttl,
-                fingerprint=fingerprint(asked),
+                source.view(), _asked(req), req.id, req.ttl, fingerprint(asked)
             )
             break
         except RuntimeError:
