@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import difflib
 import json
 import logging
 import os
-import signal
 import ssl
 import sys
 import tempfile
@@ -17,8 +15,6 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-from aiohttp import web
 
 from kling_exporter import __version__, reports
 from kling_exporter.config import (
@@ -29,6 +25,7 @@ from kling_exporter.config import (
     normalize_mode,
     parse_duration,
 )
+from kling_exporter.connections import Limits, parse_listen_address
 from kling_exporter.demo import (
     DEFAULT_BACKFILL_HOURS,
     DEFAULT_RATE,
@@ -40,9 +37,8 @@ from kling_exporter.listing import ListingError
 from kling_exporter.logsetup import LEVELS, setup_logging
 from kling_exporter.pricing import Pricing, Request
 from kling_exporter.reader import ReaderProcess
-from kling_exporter.reservations import Reservations, journal_beside
-from kling_exporter.server import GuardedSite, Limits, build_app, parse_listen_address
-from kling_exporter.webconfig import WebConfig, load_web_config
+from kling_exporter.server import run
+from kling_exporter.webconfig import load_web_config
 
 log = logging.getLogger("kling_exporter")
 
@@ -467,7 +463,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     traffic.start()
     reader = ReaderProcess(demo_config(log_dir), None, args.log_level, args.log_format)
-    return _run(reader, host, port, "/metrics")
+    return run(reader, host, port, "/metrics")
 
 
 def _load(path: str | None) -> Config:
@@ -511,55 +507,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(
-    reader: ReaderProcess,
-    host: str | None,
-    port: int,
-    telemetry_path: str,
-    web_config: WebConfig | None = None,
-    tls: ssl.SSLContext | None = None,
-    limits: Limits = Limits(),  # noqa: B008 - immutable
-) -> int:
-    """Serve until told to stop (0), or until the reader process ends unasked (1)."""
-    reservations = Reservations(journal_beside(reader.config.state.path))
-    app = build_app(reader, telemetry_path, web_config, reservations)
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, keepalive_timeout=limits.idle_timeout
-    )
-    await runner.setup()
-    site = GuardedSite(runner, host, port, shutdown_timeout=10, ssl_context=tls, limits=limits)
-    await site.start()
-    log.info(
-        "listening",
-        extra={
-            "address": f"{host or ''}:{port}",
-            "version": __version__,
-            "tls": tls is not None,
-            "basic_auth": bool(web_config and web_config.basic_auth_users),
-        },
-    )
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    reloads: set[asyncio.Task[str | None]] = set()
-
-    def reload() -> None:
-        task = asyncio.ensure_future(reader.reload_config())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    reader.on_exit = done.set
-    reader.start()
-    await done.wait()
-    log.info("shutting down")
-    await runner.cleanup()  # lets scrapes under way finish
-    if reservations.journal is not None:
-        reservations.journal.close()
-    return 0 if reader.stopping or not reader.ended.is_set() else 1
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config_file)
     try:
@@ -579,27 +526,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
     limits = Limits(args.max_connections, args.header_timeout, args.idle_timeout)
     reader = ReaderProcess(config, args.config_file, args.log_level, args.log_format)
-    return _run(reader, host, port, args.telemetry_path, web_config, tls, limits)
-
-
-def _run(
-    reader: ReaderProcess,
-    host: str | None,
-    port: int,
-    telemetry_path: str,
-    web_config: WebConfig | None = None,
-    tls: ssl.SSLContext | None = None,
-    limits: Limits = Limits(),  # noqa: B008 - immutable
-) -> int:
-    try:
-        code = asyncio.run(_serve(reader, host, port, telemetry_path, web_config, tls, limits))
-    except OSError as e:
-        log.error("cannot serve", extra={"err": str(e)})
-        return 1
-    finally:
-        reader.stop()
-    log.info("stopped", extra={"lines_read": reader.lines_read})
-    return code
+    return run(reader, host, port, args.telemetry_path, web_config, tls, limits)
 
 
 def _with_command_first(argv: list[str]) -> list[str]:

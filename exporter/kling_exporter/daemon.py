@@ -3,7 +3,7 @@
 The reader thread alone changes the ledger and the file offsets, so a saved
 state always holds offsets and totals that agree. Others read the ledger under
 the same lock, which the reader yields between chunks of lines. ``kling-exporter``
-runs this daemon in a process of its own (``exporter.reader``); tests may also
+runs this daemon in a process of its own (``kling_exporter.reader``); tests may also
 serve it in process.
 """
 

@@ -742,7 +742,7 @@ class Ledger:
     ) -> CheckResult:
         """May ``count`` tasks like ``req`` be generated for this project and user now?
         Counts tasks in flight too (reservations are the HTTP side's: see
-        ``exporter.reservations``)."""
+        ``kling_exporter.reservations``)."""
         return self.budgets.check(self.usage, req, count, project, user, now, self.flight)
 
     def snapshot(self, now: float) -> Snapshot:

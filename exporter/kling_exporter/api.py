@@ -1,0 +1,252 @@
+"""The budget API: budgets, pre-flight checks and reservations, and the source they
+read (the reader process's link, or a daemon in process)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from typing import Any, Protocol
+
+import msgspec
+from aiohttp import web
+
+from kling_exporter.budgets import Ask, BudgetStatus
+from kling_exporter.config import KINDS, describe_validation_error, normalize_mode, parse_duration
+from kling_exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
+from kling_exporter.model import Consumed, ReaderUnavailable, View
+from kling_exporter.pricing import Request
+from kling_exporter.reports import amount_for_people
+from kling_exporter.reservations import (
+    DEFAULT_TTL,
+    MAX_ID,
+    MAX_TTL,
+    Reservations,
+    fingerprint,
+    valid_id,
+)
+
+# A body not received within this long is refused.
+BODY_TIMEOUT = 10.0
+
+
+class Source(Protocol):
+    """What the server asks of the daemon: the reader process's link in the exporter
+    (``kling_exporter.reader.ReaderProcess``), or a daemon in process in tests."""
+
+    @property
+    def reader_up(self) -> bool: ...
+
+    def is_ready(self) -> bool: ...
+
+    def view(self) -> View: ...
+
+    def listen(self, consumed: Consumed) -> None: ...
+
+    async def render_metrics(self, accept: str, names: list[str]) -> tuple[bytes, str]: ...
+
+    async def reload_config(self) -> str | None: ...
+
+
+DAEMON: web.AppKey[Source] = web.AppKey("daemon", Source)
+RESERVATIONS = web.AppKey("reservations", Reservations)
+
+
+def for_people(value: Any, key: str = "") -> Any:
+    """JSON answers as a person reads them: dollars to the cent, whole credits as
+    integers, Unix times also as RFC 3339 (``period_start`` gains ``period_start_rfc3339``).
+    Metrics keep full precision."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out[k] = for_people(v, k)
+            if k.startswith("period_") and isinstance(v, float):
+                stamp = dt.datetime.fromtimestamp(v, dt.UTC).isoformat()
+                out[f"{k}_rfc3339"] = stamp.replace("+00:00", "Z")
+        return out
+    if isinstance(value, list):
+        return [for_people(v, key) for v in value]
+    if isinstance(value, float):
+        return amount_for_people(key, value)
+    return value
+
+
+def statuses(source: Source, reservations: Reservations) -> list[BudgetStatus]:
+    for _ in range(3):
+        try:
+            return reservations.statuses(source.view())
+        except RuntimeError:  # an in-process reader resized what was read: read again
+            continue
+    raise ReaderUnavailable("budget usage kept changing while it was read")
+
+
+async def budgets(request: web.Request) -> web.Response:
+    found = statuses(request.app[DAEMON], request.app[RESERVATIONS])
+    return web.json_response({"budgets": for_people(msgspec.to_builtins(found))})
+
+
+MAX_BODY = 64 * 1024
+
+
+class CheckRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /api/v1/check``: every field optional, count at least 1."""
+
+    project: str | None = None
+    user: str | None = None
+    model: str | None = None
+    mode: str | None = None
+    duration: int | None = None
+    audio: bool = False
+    kind: str | None = None
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"count: must be at least 1, got {self.count}")
+        if self.count > 100_000:
+            raise ValueError(f"count: must be at most 100000, got {self.count}")
+        if self.mode is not None:
+            mode = normalize_mode(self.mode)
+            if mode is None:
+                raise ValueError(
+                    f"mode: expected one of standard, professional, std, pro, got {self.mode!r}"
+                )
+            self.mode = mode
+        if self.kind is not None and self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.duration is not None and not 1 <= self.duration <= 3600:
+            raise ValueError(f"duration: expected seconds from 1 to 3600, got {self.duration}")
+        for key in ("project", "user", "model"):
+            value = getattr(self, key)
+            if value is not None and not 0 < len(value) <= MAX_LABEL_LEN:
+                raise ValueError(f"{key}: expected 1 to {MAX_LABEL_LEN} characters")
+
+
+def _duplicate_key(body: bytes) -> str | None:
+    """The first key an object of the body repeats (which one counts is ambiguous, so
+    such a body is refused), or None."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        if not found and len(set(keys)) != len(keys):
+            found.append(next(k for i, k in enumerate(keys) if k in keys[:i]))
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None  # not JSON: the decoder says what is wrong
+    return found[0] if found else None
+
+
+def _bad_request(message: str) -> web.Response:
+    message = message.replace("(top level)", "body", 1)
+    field = message.split(":", 1)[0] if ":" in message else "body"
+    return web.json_response({"error": message, "field": field}, status=400)
+
+
+async def _body(request: web.Request, kind: type[CheckRequest]) -> Any:
+    """The request's JSON body decoded as ``kind``, or the 400 that says what is wrong."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return _bad_request(f"body: larger than {MAX_BODY} bytes")
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            body = await request.content.read(MAX_BODY + 1)
+    except TimeoutError:
+        return _bad_request(f"body: not received within {BODY_TIMEOUT:g} s")
+    except (OSError, web.HTTPException):
+        return _bad_request("body: could not be read")
+    if len(body) > MAX_BODY:
+        return _bad_request(f"body: larger than {MAX_BODY} bytes")
+    if not body.strip():
+        return _bad_request("body: empty; send a JSON object ({} asks with the defaults)")
+    duplicate = _duplicate_key(body)
+    if duplicate is not None:
+        return _bad_request(f"{duplicate}: given twice")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as e:
+        return _bad_request(describe_validation_error(e))
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return _bad_request("body: not a JSON object")
+
+
+def _json(answer: Any, status: int = 200) -> web.Response:
+    body = msgspec.json.encode(for_people(answer))
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def _asked(req: CheckRequest) -> Ask:
+    return Ask(
+        Request(req.model, req.mode, req.duration, req.audio, req.kind),
+        req.count,
+        req.project or DEFAULT_PROJECT,
+        req.user,
+    )
+
+
+async def check(request: web.Request) -> web.Response:
+    req = await _body(request, CheckRequest)
+    if isinstance(req, web.Response):
+        return req
+    source, reservations = request.app[DAEMON], request.app[RESERVATIONS]
+    for _ in range(3):
+        try:
+            result = reservations.check(source.view(), _asked(req))
+            break
+        except RuntimeError:  # an in-process reader resized what was read: read again
+            continue
+    else:
+        return web.Response(status=503, text="Budget usage kept changing; try again.\n")
+    return _json(msgspec.to_builtins(result))
+
+
+class ReserveRequest(CheckRequest, forbid_unknown_fields=True):
+    """The body of ``POST /api/v1/reservations``: a check's, a ttl and an id."""
+
+    ttl: str | float | None = None
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.id is not None and not valid_id(self.id):
+            raise ValueError(f"id: expected 1 to {MAX_ID} printable ASCII characters")
+        seconds = DEFAULT_TTL if self.ttl is None else parse_duration(self.ttl, "ttl")
+        if not 1 <= seconds <= MAX_TTL:
+            raise ValueError(f"ttl: expected 1s to 24h, got {self.ttl!r}")
+        self.ttl = seconds
+
+
+async def reserve(request: web.Request) -> web.Response:
+    req = await _body(request, ReserveRequest)
+    if isinstance(req, web.Response):
+        return req
+    source, reservations = request.app[DAEMON], request.app[RESERVATIONS]
+    assert isinstance(req.ttl, float)
+    asked = msgspec.to_builtins(req)
+    for _ in range(3):
+        try:
+            status, answer = await reservations.reserve(
+                source.view(), _asked(req), req.id, req.ttl, fingerprint(asked)
+            )
+            break
+        except RuntimeError:
+            continue
+        except OSError:
+            return web.Response(status=503, text="Reservations cannot be saved; try again.\n")
+    else:
+        return web.Response(status=503, text="Budget usage kept changing; try again.\n")
+    return _json(answer, status)
+
+
+async def reservations_list(request: web.Request) -> web.Response:
+    return _json({"reservations": request.app[RESERVATIONS].live()})
+
+
+async def release(request: web.Request) -> web.Response:
+    rid = request.match_info["id"]
+    if await request.app[RESERVATIONS].release(rid):
+        return web.Response(status=204)
+    error = f"id: no live reservation {rid!r} (unknown, used up, expired or released)"
+    return web.json_response({"error": error, "field": "id"}, status=404)
