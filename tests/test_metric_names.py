@@ -1,0 +1,74 @@
+"""Every metric name that the rules, the dashboards, the runbook and the README use is
+one the exporter serves, and the README lists every metric it serves."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from kling_exporter.collector import Family, reservation_families
+from kling_exporter.reservations import Reservations
+
+from tests.test_metrics_output import render_fixed_log
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = re.compile(r"\bkling_[a-z0-9_]+")
+
+
+def served() -> set[str]:
+    """Every sample name of a scrape: the reader's families and the HTTP process's."""
+    names = set()
+    for line in render_fixed_log().decode().splitlines():
+        if line.startswith("# TYPE "):  # families without samples too
+            names.add(line.split()[2])
+        elif line.startswith("kling_"):
+            names.add(line.split("{")[0].split(" ")[0])
+    ours: list[Family] = reservation_families(Reservations(), [])
+    for f in ours:
+        names.add(f.name + "_total" if f.type == "counter" else f.name)
+    return names
+
+
+def families(names: set[str]) -> set[str]:
+    """The family names of these sample names (``_bucket``, ``_count`` and ``_sum`` of a
+    histogram belong to it)."""
+    return {re.sub(r"_(bucket|count|sum)$", "", n) for n in names} | names
+
+
+USERS = sorted(
+    [
+        *(ROOT / "alerts").glob("*.yml"),
+        *(ROOT / "alerts" / "tests").glob("*.yml"),
+        *(ROOT / "grafana" / "dashboards").glob("*.json"),
+        *(ROOT / "examples" / "kubernetes").glob("*.yaml"),
+        ROOT / "docs" / "runbook.md",
+        ROOT / "README.md",
+    ]
+)
+
+
+def test_the_pattern_finds_the_names_in_use() -> None:
+    used = set().union(*(NAME.findall(p.read_text()) for p in USERS))
+    assert {"kling_budget_used_credits", "kling_task_generation_seconds_bucket"} <= used
+
+
+@pytest.mark.parametrize("path", USERS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_metric_name_used_is_served(path: Path) -> None:
+    known = families(served())
+    used = set(NAME.findall(path.read_text()))
+    unknown = used - known - {"kling_exporter"}  # the package's name, in imports
+    assert not unknown, f"{path.name} uses metrics the exporter does not serve: {unknown}"
+
+
+def test_the_readme_lists_every_metric_served() -> None:
+    section = (ROOT / "README.md").read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    listed = set(NAME.findall(section))
+    missing = {
+        name
+        for name in families(served())
+        if not re.search(r"_(bucket|count|sum)$", name) and name not in listed
+    }
+    # The README writes `..._end_...` for the pair of period bound gauges.
+    missing.discard("kling_budget_period_end_timestamp_seconds")
+    assert not missing, f"served but not in the README's Metrics section: {sorted(missing)}"
