@@ -108,10 +108,12 @@ def test_user_matched_budget(daemon: DaemonProcess) -> None:
         ({"count": 0}, "count"),
         ({"count": "two"}, "count"),
         ({"mode": "turbo"}, "mode"),
-        ({"kind": "audio"}, "kind"),
+        ({"kind": ""}, "kind"),
         ({"duration": -5}, "duration"),
+        ({"duration": 3601}, "duration"),
         ({"audio": "yes"}, "audio"),
-        ({"project": 7}, "project"),
+        ({"project": True}, "project"),
+        ({"user_id": ""}, "user_id"),
         ({"cuont": 1}, "cuont"),
         (b"not json", "body"),
         (b"[1, 2]", "body"),
@@ -154,3 +156,12 @@ def test_answers_read_as_a_person_would(daemon: DaemonProcess) -> None:
     assert mk["used_usd"] == 8.4  # 60 x 0.14 is 8.400000000000002 in floating point
     assert mk["used_credits"] == 60 and isinstance(mk["used_credits"], int)
     assert mk["period_start_rfc3339"].endswith("T00:00:00Z")
+
+
+def test_the_api_reads_task_fields_as_the_log_does(daemon: DaemonProcess) -> None:
+    """``user_id`` and a duration written as text, as producers log them: the check
+    matches ann's weekly budget and prices ten seconds of pro video (70 credits)."""
+    status, answer = check(daemon, {"user_id": "ann", "mode": "pro", "duration": "10"})
+    assert status == 200, answer
+    assert answer["credits_needed"] == 70
+    assert [b["name"] for b in answer["budgets"]] == ["ann"]

@@ -6,14 +6,22 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import msgspec
 from aiohttp import web
 
 from kling_exporter.budgets import Ask, BudgetStatus
-from kling_exporter.config import KINDS, describe_validation_error, normalize_mode, parse_duration
-from kling_exporter.events import DEFAULT_PROJECT, MAX_LABEL_LEN
+from kling_exporter.config import MODE_ALIASES, describe_validation_error, parse_duration
+from kling_exporter.events import (
+    DEFAULT_PROJECT,
+    Duration,
+    Label,
+    LabelOrNumber,
+    Mode,
+    kind_of,
+    name_of,
+)
 from kling_exporter.model import Consumed, ReaderUnavailable, View
 from kling_exporter.pricing import Request
 from kling_exporter.reports import amount_for_people
@@ -89,37 +97,26 @@ MAX_BODY = 64 * 1024
 
 
 class CheckRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """The body of ``POST /api/v1/check``: every field optional, count at least 1."""
+    """The body of ``POST /api/v1/check``: every field optional, count at least 1. Each
+    task field takes exactly what a log line's field of the same name takes."""
 
-    project: str | None = None
-    user: str | None = None
-    model: str | None = None
-    mode: str | None = None
-    duration: int | None = None
-    audio: bool = False
-    kind: str | None = None
-    count: int = 1
+    project: LabelOrNumber | None = None
+    project_id: LabelOrNumber | None = None
+    user: LabelOrNumber | None = None
+    user_id: LabelOrNumber | None = None
+    model: Label | None = None
+    mode: Mode | None = None
+    duration: Duration | None = None
+    audio: bool | None = None
+    kind: Label | None = None
+    count: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
 
     def __post_init__(self) -> None:
-        if self.count < 1:
-            raise ValueError(f"count: must be at least 1, got {self.count}")
-        if self.count > 100_000:
-            raise ValueError(f"count: must be at most 100000, got {self.count}")
+        self.project = name_of(self.project, self.project_id)
+        self.user = name_of(self.user, self.user_id)
         if self.mode is not None:
-            mode = normalize_mode(self.mode)
-            if mode is None:
-                raise ValueError(
-                    f"mode: expected one of standard, professional, std, pro, got {self.mode!r}"
-                )
-            self.mode = mode
-        if self.kind is not None and self.kind not in KINDS:
-            raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.duration is not None and not 1 <= self.duration <= 3600:
-            raise ValueError(f"duration: expected seconds from 1 to 3600, got {self.duration}")
-        for key in ("project", "user", "model"):
-            value = getattr(self, key)
-            if value is not None and not 0 < len(value) <= MAX_LABEL_LEN:
-                raise ValueError(f"{key}: expected 1 to {MAX_LABEL_LEN} characters")
+            self.mode = MODE_ALIASES[self.mode]
+        self.kind = kind_of(self.kind)
 
 
 def _duplicate_key(body: bytes) -> str | None:
@@ -165,7 +162,7 @@ async def _body(request: web.Request, kind: type[CheckRequest]) -> Any:
     if duplicate is not None:
         return _bad_request(f"{duplicate}: given twice")
     try:
-        return msgspec.json.decode(body, type=kind)
+        return msgspec.json.decode(body, type=kind, strict=False)  # as the log is read
     except msgspec.ValidationError as e:
         return _bad_request(describe_validation_error(e))
     except (msgspec.DecodeError, UnicodeDecodeError):
@@ -178,11 +175,13 @@ def _json(answer: Any, status: int = 200) -> web.Response:
 
 
 def _asked(req: CheckRequest) -> Ask:
+    project, user = req.project, req.user
+    assert not isinstance(project, int) and not isinstance(user, int)  # name_of made them str
     return Ask(
-        Request(req.model, req.mode, req.duration, req.audio, req.kind),
+        Request(req.model, req.mode, req.duration, bool(req.audio), req.kind),
         req.count,
-        req.project or DEFAULT_PROJECT,
-        req.user,
+        project or DEFAULT_PROJECT,
+        user,
     )
 
 

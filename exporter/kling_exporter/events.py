@@ -58,10 +58,15 @@ _UTC = dt.UTC
 _KINDS = frozenset(KINDS)
 _BOM = b"\xef\xbb\xbf"
 
+# The vocabulary of a task, defined once: the log lines below and the pre-flight API
+# (``api.CheckRequest``) accept the same values, decoded with the same leniency
+# (``strict=False``: ``"duration": "10"`` is 10).
 # An empty or very long label value is garbage, not a name.
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_LEN)]
 # Numeric names and ids are their decimal strings (``"user_id": 42`` is user "42").
 LabelOrNumber = Label | int
+Duration = Annotated[int, msgspec.Meta(ge=0, le=3600)]  # seconds of video
+Mode = Literal["standard", "professional", "std", "pro"]
 Credits = Annotated[float, msgspec.Meta(ge=0, lt=1e12)]
 # A numeric timestamp above this is Unix milliseconds, below it Unix seconds.
 MILLIS_FROM: Final = 1e11
@@ -88,8 +93,8 @@ class Event(msgspec.Struct, gc=False):
     user: LabelOrNumber | None = None
     user_id: LabelOrNumber | None = None
     model: Label | None = None
-    duration: Annotated[int, msgspec.Meta(ge=0, le=3600)] | None = None
-    mode: Literal["standard", "professional", "std", "pro"] | None = None
+    duration: Duration | None = None
+    mode: Mode | None = None
     audio: bool | None = None
     kind: Label | None = None
     status: Literal["succeed", "failed"] | None = None
@@ -185,6 +190,7 @@ def decode_line(line: bytes) -> Event | str:
     else:
         e.ts = (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=_UTC)).timestamp()  # type: ignore[union-attr]
     # Numbers become their decimal strings; the common case (strings) costs one check.
+    # (``name_of`` and ``kind_of`` below say the same for the API, off this hot path.)
     project = e.project
     if project is None:
         project = e.project_id
@@ -211,3 +217,17 @@ def decode_line(line: bytes) -> Event | str:
     if kind is not None and kind not in _KINDS:
         e.kind = KIND_ALIASES.get(kind.lower(), OTHER_KIND)
     return e
+
+
+def name_of(value: str | int | None, fallback: str | int | None = None) -> str | None:
+    """A project or user as the log reads it: the field, else its ``_id`` twin, numbers
+    as their decimal strings."""
+    found = value if value is not None else fallback
+    return None if found is None else str(found)
+
+
+def kind_of(kind: str | None) -> str | None:
+    """A task kind as the log reads it: our name for a known spelling, else ``other``."""
+    if kind is None or kind in _KINDS:
+        return kind
+    return KIND_ALIASES.get(kind.lower(), OTHER_KIND)
