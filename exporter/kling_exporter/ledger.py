@@ -15,10 +15,17 @@ from typing import Any
 
 import msgspec
 
-from kling_exporter import events as ev_mod
 from kling_exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage
 from kling_exporter.config import Config
-from kling_exporter.events import INVALID_REASONS, Event
+from kling_exporter.events import (
+    COMPLETED,
+    ERROR,
+    INVALID_REASONS,
+    SUBMITTED,
+    UNKNOWN_ERROR,
+    UNKNOWN_MODEL,
+    Event,
+)
 from kling_exporter.periods import PeriodClock, period_bounds
 from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request
 
@@ -232,10 +239,10 @@ class Ledger:
     def _split_view(self, slots: dict[str, int]) -> dict[tuple[str, str, str], int]:
         """Counts of several slots, keyed by (project, model, the slot's label)."""
         out = {}
-        for (p, m), acc in self.series.items():
+        for (p, m), counts in self.series.items():
             for label, slot in slots.items():
-                if acc[slot]:
-                    out[(p, m, label)] = int(acc[slot])
+                if counts[slot]:
+                    out[(p, m, label)] = int(counts[slot])
         return out
 
     @property
@@ -247,7 +254,7 @@ class Ledger:
         return self._split_view(_STATUS_SLOT)
 
     def _series_view(self, slot: int) -> dict[tuple[str, str], float]:
-        return {key: acc[slot] for key, acc in self.series.items() if acc[slot]}
+        return {key: counts[slot] for key, counts in self.series.items() if counts[slot]}
 
     @property
     def credits(self) -> dict[tuple[str, str], float]:
@@ -263,11 +270,11 @@ class Ledger:
 
     @property
     def in_flight(self) -> dict[str, int]:
-        return {p: acc[IN_FLIGHT] for p, acc in self.projects.items() if acc[TOUCHED]}
+        return {p: counts[IN_FLIGHT] for p, counts in self.projects.items() if counts[TOUCHED]}
 
     @property
     def expired(self) -> dict[str, int]:
-        return {p: acc[EXPIRED] for p, acc in self.projects.items() if acc[EXPIRED]}
+        return {p: counts[EXPIRED] for p, counts in self.projects.items() if counts[EXPIRED]}
 
     # -- configuration ---------------------------------------------------------------
 
@@ -320,11 +327,11 @@ class Ledger:
             self.last_event_ts = ts
         kind = event.type
         task_id: str = event.task_id  # type: ignore[assignment]  # decode_line made it a str
-        if kind == ev_mod.SUBMITTED:
+        if kind == SUBMITTED:
             self._submitted(event, task_id, ts)
-        elif kind == ev_mod.COMPLETED:
+        elif kind == COMPLETED:
             self._finished(event, task_id, ts, _DONE, now)
-        elif kind == ev_mod.ERROR:
+        elif kind == ERROR:
             if task_id is None:
                 self._error_without_task(event, ts)
             else:
@@ -337,12 +344,12 @@ class Ledger:
         limit, auth) before there was a task. Counted under its own project and error
         type; there is nothing to join or to deduplicate."""
         task = self._new_task(e, ts, 0)
-        acc, _, project, _ = self._route(task.project, task.model)
-        error = self.error_labels.get(e.error_type or ev_mod.UNKNOWN_ERROR)
+        counts, _, project, _ = self._route(task.project, task.model)
+        error = self.error_labels.get(e.error_type or UNKNOWN_ERROR)
         self.errors[(project, error)] = self.errors.get((project, error), 0) + 1
         credits = e.credits_used or 0.0
         if credits:
-            self._charge(acc, task.project, task.user, ts, credits)
+            self._charge(counts, task.project, task.user, ts, credits)
         if self.observer is not None:
             usd = credits * self.pricing.usd_per_credit
             self.observer(
@@ -356,7 +363,7 @@ class Ledger:
         return Task(
             intern(e.project),  # type: ignore[arg-type]  # decode_line set it
             None if user is None else intern(user),  # type: ignore[arg-type]
-            intern(e.model or ev_mod.UNKNOWN_MODEL),
+            intern(e.model or UNKNOWN_MODEL),
             e.mode or DEFAULT_MODE,
             e.duration if e.duration is not None else DEFAULT_DURATION,
             bool(e.audio),
@@ -376,13 +383,13 @@ class Ledger:
             return route
         plabel = self.project_labels.get(project, count)
         mlabel = self.model_labels.get(model, count)
-        acc = self.series.get((plabel, mlabel))
-        if acc is None:
-            acc = self.series[(plabel, mlabel)] = [0, 0, 0, 0, 0, 0.0, 0.0]
-        pacc = self.projects.get(plabel)
-        if pacc is None:
-            pacc = self.projects[plabel] = [0, 0, 0]
-        route = (acc, pacc, plabel, mlabel)
+        counts = self.series.get((plabel, mlabel))
+        if counts is None:
+            counts = self.series[(plabel, mlabel)] = [0, 0, 0, 0, 0, 0.0, 0.0]
+        project_counts = self.projects.get(plabel)
+        if project_counts is None:
+            project_counts = self.projects[plabel] = [0, 0, 0]
+        route = (counts, project_counts, plabel, mlabel)
         # A folded pair is looked up every time, so each event counts its fold.
         if OTHER not in (plabel, mlabel) and len(self._routes) < 100_000:
             self._routes[(project, model)] = route
@@ -407,10 +414,10 @@ class Ledger:
             tasks[task_id] = flags | _SUB
         else:  # the common case, inlined: it runs for every submission
             key = (task.project, task.model)
-            acc, pacc, _, _ = self._routes.get(key) or self._route(*key)
-            acc[_MODE_SLOT[task.mode]] += 1
-            pacc[IN_FLIGHT] += 1
-            pacc[TOUCHED] = 1
+            counts, project_counts, _, _ = self._routes.get(key) or self._route(*key)
+            counts[_MODE_SLOT[task.mode]] += 1
+            project_counts[IN_FLIGHT] += 1
+            project_counts[TOUCHED] = 1
             tasks[task_id] = task
             self._expiry.append((ts, task_id))
             # In flight: _fly(task, 1), inlined.
@@ -438,7 +445,7 @@ class Ledger:
     def _finish_parked(
         self, task_id: str, e: Event, ts: float, read_at: float, orphan: bool
     ) -> None:
-        how = _DONE if e.type == ev_mod.COMPLETED else _ERR
+        how = _DONE if e.type == COMPLETED else _ERR
         self._finished(e, task_id, ts, how, read_at, orphan=orphan)
 
     def _finished(
@@ -452,10 +459,10 @@ class Ledger:
         if type(known) is Task:
             task, flags = known, known.flags
             key = (task.project, task.model)
-            acc, pacc, project, model = self._routes.get(key) or self._route(*key)
+            counts, project_counts, project, model = self._routes.get(key) or self._route(*key)
             if not flags & _FINISHED:
-                pacc[IN_FLIGHT] -= 1
-                pacc[TOUCHED] = 1
+                project_counts[IN_FLIGHT] -= 1
+                project_counts[TOUCHED] = 1
                 # Out of flight: _fly(task, -1), inlined.
                 price_key = (task.model, task.mode, task.duration, task.audio, task.kind)
                 price = self.pricing.cache.get(price_key)
@@ -484,10 +491,10 @@ class Ledger:
             self.orphaned += 1
             # No open submission: take what the line itself says.
             task = self._new_task(e, ts, 0)
-            acc, _, project, model = self._route(task.project, task.model)
+            counts, _, project, model = self._route(task.project, task.model)
         if how == _DONE:
             status = e.status or "succeed"
-            acc[_STATUS_SLOT[status]] += 1
+            counts[_STATUS_SLOT[status]] += 1
             credits = e.credits_used
             if credits is None:
                 if status == "failed":
@@ -504,19 +511,19 @@ class Ledger:
                 and task.kind == "video"
                 and (type(known) is Task or e.duration is not None)
             ):
-                acc[VIDEO_SECONDS] += task.duration
+                counts[VIDEO_SECONDS] += task.duration
             if status == "succeed" and e.elapsed_sec is not None:
                 hist = self.generation.get(model)
                 if hist is None:
                     hist = self.generation[model] = Histogram()
                 hist.observe(e.elapsed_sec)
         else:
-            error = self.error_labels.get(e.error_type or ev_mod.UNKNOWN_ERROR)
+            error = self.error_labels.get(e.error_type or UNKNOWN_ERROR)
             errors, ekey = self.errors, (project, error)
             errors[ekey] = errors.get(ekey, 0) + 1
             credits = e.credits_used or 0.0
         if credits:
-            self._charge(acc, task.project, task.user, ts, credits)
+            self._charge(counts, task.project, task.user, ts, credits)
         if known is None:
             self._remember(task_id, flags | how, ts)
         else:
@@ -540,7 +547,7 @@ class Ledger:
                     task_id,
                     task,
                     ts,
-                    error_type=e.error_type or ev_mod.UNKNOWN_ERROR,
+                    error_type=e.error_type or UNKNOWN_ERROR,
                     credits=credits,
                     usd=usd,
                 )
@@ -556,20 +563,20 @@ class Ledger:
         task = known if isinstance(known, Task) else self._new_task(e, ts, 0)
         counted = not flags & _SUB
         if counted:
-            acc, pacc, _, _ = self._count_submission(task)
+            counts, project_counts, _, _ = self._count_submission(task)
         else:
-            acc, pacc, _, _ = self._route(task.project, task.model)
+            counts, project_counts, _, _ = self._route(task.project, task.model)
             if not flags & _FINISHED:
-                pacc[IN_FLIGHT] -= 1
-                pacc[TOUCHED] = 1
+                project_counts[IN_FLIGHT] -= 1
+                project_counts[TOUCHED] = 1
                 if type(known) is Task:
                     self._fly(known, -1)
-        acc[SUCCEEDED] += 1
+        counts[SUCCEEDED] += 1
         # A usage line names no clip length unless it says so (or its submission did).
         if task.kind == "video" and (type(known) is Task or e.duration is not None):
-            acc[VIDEO_SECONDS] += task.duration
+            counts[VIDEO_SECONDS] += task.duration
         if e.credits:
-            self._charge(acc, task.project, task.user, ts, e.credits)
+            self._charge(counts, task.project, task.user, ts, e.credits)
         if known is None:
             self._remember(task_id, _SUB | _DONE, ts)
         else:
@@ -592,11 +599,11 @@ class Ledger:
             )
 
     def _charge(
-        self, acc: list[float], real_project: str, user: str | None, ts: float, credits: float
+        self, counts: list[float], real_project: str, user: str | None, ts: float, credits: float
     ) -> None:
         usd = credits * self.pricing.usd_per_credit
-        acc[CREDITS] += credits
-        acc[USD] += usd
+        counts[CREDITS] += credits
+        counts[USD] += usd
         lo, hi, bucket = self._day
         if not lo <= ts < hi:
             bucket = self._day_bucket(ts)
@@ -616,14 +623,14 @@ class Ledger:
         if credits is None:
             credits = self._estimate(t)
         pair = (t.project, t.user)
-        acc = self.flight_tasks.get(pair)
-        if acc is None:
+        counts = self.flight_tasks.get(pair)
+        if counts is None:
             self.flight_tasks[pair] = [sign, sign * credits]
-        elif acc[0] == -sign:  # none left: exactly 0, whatever rounding gathered
+        elif counts[0] == -sign:  # none left: exactly 0, whatever rounding gathered
             del self.flight_tasks[pair]
         else:
-            acc[0] += sign
-            acc[1] += sign * credits
+            counts[0] += sign
+            counts[1] += sign * credits
 
     def _estimate(self, t: Task) -> float:
         return self.pricing.credits(Request(t.model, t.mode, t.duration, t.audio, t.kind))
@@ -710,10 +717,10 @@ class Ledger:
                 if value.ts != ts:
                     continue
                 if value.flags == _SUB:
-                    pacc = self._route(value.project, value.model, count=False)[1]
-                    pacc[IN_FLIGHT] -= 1
-                    pacc[EXPIRED] += 1
-                    pacc[TOUCHED] = 1
+                    project_counts = self._route(value.project, value.model, count=False)[1]
+                    project_counts[IN_FLIGHT] -= 1
+                    project_counts[EXPIRED] += 1
+                    project_counts[TOUCHED] = 1
                     self._fly(value, -1)
             del tasks[task_id]
             dropped += 1
@@ -815,10 +822,10 @@ class Ledger:
         }
 
     def _series(self, plabel: str, mlabel: str) -> list[float]:
-        acc = self.series.get((plabel, mlabel))
-        if acc is None:
-            acc = self.series[(plabel, mlabel)] = [0, 0, 0, 0, 0, 0.0, 0.0]
-        return acc
+        counts = self.series.get((plabel, mlabel))
+        if counts is None:
+            counts = self.series[(plabel, mlabel)] = [0, 0, 0, 0, 0, 0.0, 0.0]
+        return counts
 
     @classmethod
     def from_state(cls, config: Config, state: dict[str, Any]) -> Ledger:
@@ -848,8 +855,8 @@ class Ledger:
                     raise ValueError("histogram buckets changed")
                 hist.counts, hist.sum = list(counts), total
             for p, v in state["in_flight"]:
-                pacc = led.projects.setdefault(p, [0, 0, 0])
-                pacc[IN_FLIGHT], pacc[TOUCHED] = v, 1
+                project_counts = led.projects.setdefault(p, [0, 0, 0])
+                project_counts[IN_FLIGHT], project_counts[TOUCHED] = v, 1
             for p, v in state["expired"]:
                 led.projects.setdefault(p, [0, 0, 0])[EXPIRED] = v
             led.invalid.update(dict(state["invalid"]))
