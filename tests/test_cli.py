@@ -61,7 +61,11 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 def test_report_text(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, "report", "--date", "2026-11-22") == (0, REPORT, "")
+    skipped = (
+        "kling-exporter: skipped 3 invalid log lines of 15 "
+        "(invalid_json 1, unknown_event 1, wrong_type 1); the totals leave them out\n"
+    )
+    assert run(capsys, "report", "--date", "2026-11-22") == (0, REPORT, skipped)
 
 
 def test_report_json_has_the_spec_keys(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -319,3 +323,22 @@ def test_a_restarted_demo_does_not_backfill_again(tmp_path: Path) -> None:
     assert not first.has_history()
     first.backfill(600)
     assert DemoTraffic(tmp_path).has_history()
+
+
+@pytest.mark.parametrize("command", ["report", "costs", "export"])
+def test_reports_say_how_many_lines_they_skipped_and_why(
+    logs: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    with open(logs / "kling-2026-11-22.jsonl", "a") as f:
+        f.write('{"event": "task_submitted", "task_id": "z", "duration": "long"}\nnot json\n')
+    lines = len((logs / "kling-2026-11-22.jsonl").read_text().splitlines())
+    args = {
+        "report": ["--date", "2026-11-22"],
+        "costs": ["--days", "1"],
+        "export": ["--output", "-"],
+    }
+    code, _, err = run(capsys, command, *args[command])
+    assert code == 0
+    # The fixed log holds three bad lines of its own.
+    assert f"skipped 5 invalid log lines of {lines} (" in err, err
+    assert "invalid_json 2, unknown_event 1, wrong_type 2)" in err, err

@@ -41,6 +41,7 @@ def read_records(config: Config, progress: TextIO | None = None) -> list[Record]
         try:
             with open(path, "rb") as f:
                 for block in iter(lambda: f.readlines(1 << 20), []):
+                    ledger.lines_read += len(block)
                     ingest(ledger, [line.rstrip(b"\n") for line in block], now)
         except OSError as e:
             print(f"kling-exporter: cannot read {path}: {e.strerror}", file=sys.stderr)
@@ -48,6 +49,15 @@ def read_records(config: Config, progress: TextIO | None = None) -> list[Record]
     ledger.settle_waiting()
     if show and progress is not None:
         progress.write("\r" + " " * 70 + "\r")
+    skipped = {reason: n for reason, n in ledger.invalid.items() if n}
+    if skipped:
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
+        total = sum(skipped.values())
+        print(
+            f"kling-exporter: skipped {total} invalid log line{'s' * (total != 1)} "
+            f"of {ledger.lines_read} ({why}); the totals leave them out",
+            file=sys.stderr,
+        )
     return records
 
 
