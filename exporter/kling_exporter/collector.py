@@ -27,8 +27,7 @@ from prometheus_client.utils import floatToGoString
 
 from kling_exporter import __version__
 from kling_exporter.budgets import BudgetStatus
-from kling_exporter.ledger import Snapshot
-from kling_exporter.model import Status
+from kling_exporter.model import Snapshot, Status
 
 if TYPE_CHECKING:
     from kling_exporter.reservations import Reservations

@@ -27,8 +27,8 @@ from kling_exporter.collector import Exposition, families
 from kling_exporter.config import Config, ConfigError, load_config
 from kling_exporter.events import explain_invalid
 from kling_exporter.ingest import RateLimit, ingest
-from kling_exporter.ledger import Ledger, Snapshot
-from kling_exporter.model import Consumed, Status, View
+from kling_exporter.ledger import Ledger
+from kling_exporter.model import Consumed, Snapshot, Status, View
 from kling_exporter.pricing import Request
 from kling_exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
 

@@ -26,6 +26,7 @@ from kling_exporter.events import (
     UNKNOWN_MODEL,
     Event,
 )
+from kling_exporter.model import Record, Snapshot
 from kling_exporter.periods import PeriodClock, period_bounds
 from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request
 
@@ -118,26 +119,6 @@ class Histogram:
         return out
 
 
-class Record(msgspec.Struct, frozen=True):
-    """One counted event with what the join knows of its task, for reports and exports."""
-
-    event: str  # submitted | completed | error
-    ts: float
-    task_id: str
-    project: str
-    user: str | None
-    model: str
-    mode: str
-    duration: int
-    audio: bool
-    kind: str
-    status: str | None = None
-    elapsed: float | None = None
-    error_type: str | None = None
-    credits: float = 0.0
-    usd: float = 0.0
-
-
 Observer = Callable[[Record], None]
 
 
@@ -145,31 +126,6 @@ def _record(event: str, task_id: str, t: Task, ts: float, **more: Any) -> Record
     return Record(
         event, ts, task_id, t.project, t.user, t.model, t.mode, t.duration, t.audio, t.kind, **more
     )
-
-
-class Snapshot(msgspec.Struct):
-    """Everything a scrape renders, copied out of the ledger at one instant."""
-
-    submitted: dict[tuple[str, str, str], int]
-    completed: dict[tuple[str, str, str], int]
-    errors: dict[tuple[str, str], int]
-    credits: dict[tuple[str, str], float]
-    usd: dict[tuple[str, str], float]
-    video_seconds: dict[tuple[str, str], int]
-    generation: dict[str, tuple[list[tuple[str, int]], float]]
-    in_flight: dict[str, int]
-    expired: dict[str, int]
-    budgets: list[BudgetStatus]
-    lines_read: int
-    bytes_read: int
-    invalid: dict[str, int]
-    duplicates: int
-    last_event_ts: float
-    label_overflow: dict[str, int]
-    tasks_tracked: int
-    timestamps_clamped: dict[str, int]
-    awaiting_submission: int
-    orphaned: int
 
 
 def _event_fields(e: Event) -> list[Any]:

@@ -1,4 +1,6 @@
-"""Data handed between the reader and those who show what it read."""
+"""Data handed between the ledger, the reader and those who show what they read: a
+scrape's snapshot, the records reports are made of, the daemon's health and what
+pre-flight answers read."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from kling_exporter.budgets import Budgets, DayUsage, Usage
+from kling_exporter.budgets import Budgets, BudgetStatus, DayUsage, Usage
 
 
 class Status(msgspec.Struct):
@@ -40,3 +42,48 @@ class View(NamedTuple):
 # Told the reader's counts of tasks per reservation id, and whether this is its first
 # word since it started.
 Consumed = Callable[[Mapping[str, int], bool], None]
+
+
+class Record(msgspec.Struct, frozen=True):
+    """One counted event with what the join knows of its task, for reports and exports."""
+
+    event: str  # submitted | completed | error
+    ts: float
+    task_id: str
+    project: str
+    user: str | None
+    model: str
+    mode: str
+    duration: int
+    audio: bool
+    kind: str
+    status: str | None = None
+    elapsed: float | None = None
+    error_type: str | None = None
+    credits: float = 0.0
+    usd: float = 0.0
+
+
+class Snapshot(msgspec.Struct):
+    """Everything a scrape renders, copied out of the ledger at one instant."""
+
+    submitted: dict[tuple[str, str, str], int]
+    completed: dict[tuple[str, str, str], int]
+    errors: dict[tuple[str, str], int]
+    credits: dict[tuple[str, str], float]
+    usd: dict[tuple[str, str], float]
+    video_seconds: dict[tuple[str, str], int]
+    generation: dict[str, tuple[list[tuple[str, int]], float]]
+    in_flight: dict[str, int]
+    expired: dict[str, int]
+    budgets: list[BudgetStatus]
+    lines_read: int
+    bytes_read: int
+    invalid: dict[str, int]
+    duplicates: int
+    last_event_ts: float
+    label_overflow: dict[str, int]
+    tasks_tracked: int
+    timestamps_clamped: dict[str, int]
+    awaiting_submission: int
+    orphaned: int

@@ -17,8 +17,9 @@ from typing import Any, TextIO
 from kling_exporter.budgets import over_by
 from kling_exporter.config import Config
 from kling_exporter.ingest import ingest
-from kling_exporter.ledger import Ledger, Record
+from kling_exporter.ledger import Ledger
 from kling_exporter.listing import matching_files
+from kling_exporter.model import Record
 from kling_exporter.periods import period_bounds
 
 
