@@ -13,14 +13,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from kling_exporter import daemon as daemon_module
 from kling_exporter.config import Config, parse_config
-from kling_exporter.daemon import Daemon, write_state
+from kling_exporter.daemon import Daemon
 from kling_exporter.ingest import ingest
 from kling_exporter.server import build_app
+from kling_exporter.state import write_state
 
 from tests.helpers import DaemonProcess, by_name, line, value, write_lines
 
@@ -425,3 +427,27 @@ def test_a_second_instance_on_a_taken_port_leaves_the_state_alone(
     second.start(wait_ready=False)
     assert second.proc is not None and second.proc.wait(timeout=30) != 0
     assert (state.stat().st_ino, state.stat().st_mtime_ns, state.read_bytes()) == before
+
+
+@pytest.mark.parametrize(
+    ("where", "field"),
+    [("ledger", "lines_read"), ("ledger", "tasks"), ("files", "offset"), ("ledger", "version")],
+)
+def test_a_state_of_the_wrong_shape_names_the_field_and_is_rebuilt_from_the_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str, field: str
+) -> None:
+    write_lines(tmp_path / "logs" / "kling-a.jsonl", [submitted("a"), completed("a")])
+    state = tmp_path / "k.state"
+    first = Daemon(local_config(tmp_path, state))
+    first.poll_once()
+    first.save_state()
+    saved = msgspec.msgpack.decode(state.read_bytes())
+    target = saved["ledger"] if where == "ledger" else saved["files"][0]
+    target[field] = "not what it should be"
+    state.write_bytes(msgspec.msgpack.encode(saved))
+    with caplog.at_level("ERROR"):
+        again = Daemon(local_config(tmp_path, state))
+    assert any(field in str(getattr(r, "err", "")) for r in caplog.records), caplog.records
+    again.poll_once()
+    assert again.ledger.lines_read == 2  # read again from the start, once
+    assert (tmp_path / "k.state.corrupt").exists()

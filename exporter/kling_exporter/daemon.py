@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -30,6 +28,7 @@ from kling_exporter.ingest import RateLimit, ingest
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import Consumed, Snapshot, Status, View
 from kling_exporter.pricing import Request
+from kling_exporter.state import FORMAT, State, read_state, write_state
 from kling_exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
 
 log = logging.getLogger(__name__)
@@ -37,61 +36,6 @@ log = logging.getLogger(__name__)
 # Lines applied under the lock at once: a few milliseconds of work.
 INGEST_CHUNK = 1000
 SWITCH_INTERVAL = 0.0005
-
-STATE_FORMAT = 1
-
-
-def read_state(path: Path) -> dict[str, Any] | None:
-    """The saved state, or None if there is none. A state that cannot be read is moved
-    aside (``.corrupt``) and reported, and the daemon starts from the logs instead."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        log.error(
-            "cannot read state file, rebuilding from logs",
-            extra={"path": str(path), "err": e.strerror},
-        )
-        return None
-    try:
-        state = msgspec.msgpack.decode(data)
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError("not a state file of this version")
-        return state
-    except (msgspec.DecodeError, ValueError) as e:
-        aside = path.with_name(path.name + ".corrupt")
-        with contextlib.suppress(OSError):
-            os.replace(path, aside)
-        log.error(
-            "state file unreadable, moved aside; rebuilding from logs",
-            extra={"path": str(path), "moved_to": str(aside), "err": str(e)},
-        )
-        return None
-
-
-def write_state(path: Path, data: bytes) -> None:
-    """Write atomically: a temporary file readable by the owner only, fsync, rename,
-    fsync of the directory. A failed write (a full disk) leaves no temporary file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:
-            os.fchmod(fd, 0o600)  # also when an older version left the file 0644
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 class Daemon:
@@ -139,18 +83,18 @@ class Daemon:
         state = read_state(path) if path else None
         if state is not None:
             try:
-                ledger = Ledger.from_state(config, state["ledger"])
-                tailer = Tailer(config.logs, state["files"])
+                ledger = Ledger.from_state(config, state.ledger)
+                tailer = Tailer(config.logs, state.files)
                 log.info(
                     "state restored",
                     extra={
                         "path": str(path),
-                        "files": len(state["files"]),
+                        "files": len(state.files),
                         "lines_read": ledger.lines_read,
                     },
                 )
                 return ledger, tailer
-            except (KeyError, TypeError, ValueError) as e:
+            except ValueError as e:
                 log.warning(
                     "saved state does not fit, rebuilding from logs",
                     extra={"path": str(path), "err": str(e)},
@@ -174,12 +118,7 @@ class Daemon:
             self._writer.join()
         with self.lock:
             data = msgspec.msgpack.encode(
-                {
-                    "format": STATE_FORMAT,
-                    "saved_at": time.time(),
-                    "files": self.tailer.to_state(),
-                    "ledger": self.ledger.to_state(),
-                }
+                State(FORMAT, time.time(), self.tailer.to_state(), self.ledger.to_state())
             )
         self._writer = threading.Thread(
             target=self._write_state, args=(path, data), name="state-writer", daemon=True

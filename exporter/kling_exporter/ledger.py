@@ -26,9 +26,10 @@ from kling_exporter.events import (
     UNKNOWN_MODEL,
     Event,
 )
-from kling_exporter.model import Record, Snapshot
+from kling_exporter.model import Record, Snapshot, Task
 from kling_exporter.periods import PeriodClock, period_bounds
 from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request
+from kling_exporter.state import LEDGER_VERSION, LedgerState, as_ledger_state
 
 OTHER = "__other__"
 GENERATION_BUCKETS = (
@@ -54,7 +55,6 @@ _DONE = 2
 _ERR = 4
 _FINISHED = _DONE | _ERR
 
-STATE_VERSION = 4
 # What reservations used is kept this long after their last task (a reservation lives a
 # day at most).
 CONSUMED_KEPT = 2 * 86400.0
@@ -62,20 +62,6 @@ CONSUMED_KEPT = 2 * 86400.0
 OLDEST_TS = 946684800.0
 # How an implausible event time was replaced by the time of reading.
 CLAMP_REASONS = ("ahead", "too_old")
-
-
-class Task(msgspec.Struct, gc=False, array_like=True):
-    """What the index remembers of a task that has been submitted but not finished."""
-
-    project: str
-    user: str | None
-    model: str
-    mode: str
-    duration: int
-    audio: bool
-    kind: str
-    ts: float
-    flags: int
 
 
 class LabelLimiter:
@@ -738,44 +724,44 @@ class Ledger:
 
     # -- persistence -----------------------------------------------------------------
 
-    def to_state(self) -> dict[str, Any]:
+    def to_state(self) -> LedgerState:
         """The whole ledger as data msgspec encodes (open tasks as arrays, in C). Encode it
         before the ledger changes again: the task index is handed over, not copied."""
-        return {
-            "version": STATE_VERSION,
-            "timezone": self.config.timezone,
-            "submitted": [[*k, v] for k, v in self.submitted.items()],
-            "completed": [[*k, v] for k, v in self.completed.items()],
-            "errors": [[*k, v] for k, v in self.errors.items()],
-            "credits": [[*k, v] for k, v in self.credits.items()],
-            "usd": [[*k, v] for k, v in self.usd.items()],
-            "video_seconds": [[*k, v] for k, v in self.video_seconds.items()],
-            "generation": [[m, h.counts, h.sum] for m, h in self.generation.items()],
-            "in_flight": list(self.in_flight.items()),
-            "expired": list(self.expired.items()),
-            "invalid": list(self.invalid.items()),
-            "lines_read": self.lines_read,
-            "bytes_read": self.bytes_read,
-            "duplicates": self.duplicates,
-            "last_event_ts": self.last_event_ts,
-            "clamped": list(self.clamped.items()),
-            "orphaned": self.orphaned,
-            "waiting": [
-                [task_id, ts, read_at, _event_fields(e)]
+        return LedgerState(
+            version=LEDGER_VERSION,
+            timezone=self.config.timezone,
+            submitted=[(*k, v) for k, v in self.submitted.items()],
+            completed=[(*k, v) for k, v in self.completed.items()],
+            errors=[(*k, v) for k, v in self.errors.items()],
+            credits=[(*k, v) for k, v in self.credits.items()],
+            usd=[(*k, v) for k, v in self.usd.items()],
+            video_seconds=[(*k, v) for k, v in self.video_seconds.items()],
+            generation=[(m, h.counts, h.sum) for m, h in self.generation.items()],
+            in_flight=list(self.in_flight.items()),
+            expired=list(self.expired.items()),
+            invalid=list(self.invalid.items()),
+            lines_read=self.lines_read,
+            bytes_read=self.bytes_read,
+            duplicates=self.duplicates,
+            last_event_ts=self.last_event_ts,
+            clamped=list(self.clamped.items()),
+            orphaned=self.orphaned,
+            waiting=[
+                (task_id, ts, read_at, _event_fields(e))
                 for task_id, (e, ts, read_at) in self.waiting.items()
             ],
-            "labels": [
-                [list(lim.known), lim.overflow]
+            labels=[
+                (list(lim.known), lim.overflow)
                 for lim in (self.project_labels, self.model_labels, self.error_labels)
             ],
-            "tasks": self.tasks,
-            "expiry": list(self._expiry),  # (ts, task_id) tuples, encoded as arrays
-            "usage": [
-                [day, [[p, u, c, d] for (p, u), (c, d) in bucket.by_pair.items()]]
+            tasks=self.tasks,
+            expiry=list(self._expiry),
+            usage=[
+                (day, [(p, u, c, d) for (p, u), (c, d) in bucket.by_pair.items()])
                 for day, bucket in self.usage.items()
             ],
-            "consumed": [[rid, n, ts] for rid, (n, ts) in self.consumed.items()],
-        }
+            consumed=[(rid, int(n), ts) for rid, (n, ts) in self.consumed.items()],
+        )
 
     def _series(self, plabel: str, mlabel: str) -> list[float]:
         counts = self.series.get((plabel, mlabel))
@@ -784,65 +770,61 @@ class Ledger:
         return counts
 
     @classmethod
-    def from_state(cls, config: Config, state: dict[str, Any]) -> Ledger:
-        """Rebuild a ledger saved by ``to_state``; raises ValueError if it does not fit."""
-        # Version 3 lacks only what version 4 added (clamped times, waiting events).
-        if state.get("version") not in (3, STATE_VERSION):
-            raise ValueError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
-        if state.get("timezone") != config.timezone:
+    def from_state(cls, config: Config, saved: LedgerState | Any) -> Ledger:
+        """Rebuild a ledger saved by ``to_state`` (or its decoded data); raises ValueError,
+        naming what does not fit, if it does not."""
+        state = as_ledger_state(saved)
+        if state.timezone != config.timezone:
             raise ValueError("state was saved with another timezone")
         led = cls(config)
+        for p, m, mode, v in state.submitted:
+            led._series(p, m)[_MODE_SLOT[mode]] = v
+        for p, m, status, v in state.completed:
+            led._series(p, m)[_STATUS_SLOT[status]] = v
+        led.errors = {(p, e): v for p, e, v in state.errors}
+        for slot, rows in ((CREDITS, state.credits), (USD, state.usd)):
+            for p, m, amount in rows:
+                led._series(p, m)[slot] = amount
+        for p, m, seconds in state.video_seconds:
+            led._series(p, m)[VIDEO_SECONDS] = seconds
+        for model, counts, total in state.generation:
+            hist = led.generation[model] = Histogram()
+            if len(counts) != len(hist.counts):
+                raise ValueError("state does not fit: the histogram buckets changed")
+            hist.counts, hist.sum = list(counts), total
+        for p, n in state.in_flight:
+            project_counts = led.projects.setdefault(p, [0, 0, 0])
+            project_counts[IN_FLIGHT], project_counts[TOUCHED] = n, 1
+        for p, n in state.expired:
+            led.projects.setdefault(p, [0, 0, 0])[EXPIRED] = n
+        led.invalid.update(dict(state.invalid))
+        led.lines_read = state.lines_read
+        led.bytes_read = state.bytes_read
+        led.duplicates = state.duplicates
+        led.last_event_ts = state.last_event_ts
+        led.clamped.update(dict(state.clamped))
+        led.orphaned = state.orphaned
         try:
-            for p, m, mode, v in state["submitted"]:
-                led._series(p, m)[_MODE_SLOT[mode]] = v
-            for p, m, status, v in state["completed"]:
-                led._series(p, m)[_STATUS_SLOT[status]] = v
-            led.errors = {(p, e): v for p, e, v in state["errors"]}
-            for slot, name in (
-                (CREDITS, "credits"),
-                (USD, "usd"),
-                (VIDEO_SECONDS, "video_seconds"),
-            ):
-                for p, m, v in state[name]:
-                    led._series(p, m)[slot] = v
-            for model, counts, total in state["generation"]:
-                hist = led.generation[model] = Histogram()
-                if len(counts) != len(hist.counts):
-                    raise ValueError("histogram buckets changed")
-                hist.counts, hist.sum = list(counts), total
-            for p, v in state["in_flight"]:
-                project_counts = led.projects.setdefault(p, [0, 0, 0])
-                project_counts[IN_FLIGHT], project_counts[TOUCHED] = v, 1
-            for p, v in state["expired"]:
-                led.projects.setdefault(p, [0, 0, 0])[EXPIRED] = v
-            led.invalid.update(dict(state["invalid"]))
-            led.lines_read = state["lines_read"]
-            led.bytes_read = state["bytes_read"]
-            led.duplicates = state["duplicates"]
-            led.last_event_ts = state["last_event_ts"]
-            led.clamped.update(dict(state.get("clamped", ())))
-            led.orphaned = state.get("orphaned", 0)
             led.waiting = {
                 task_id: (Event(*fields), ts, read_at)
-                for task_id, ts, read_at, fields in state.get("waiting", ())
+                for task_id, ts, read_at, fields in state.waiting
             }
-            for lim, (known, overflow) in zip(
-                (led.project_labels, led.model_labels, led.error_labels),
-                state["labels"],
-                strict=True,
-            ):
-                lim.known.clear()
-                lim.known.update((k, k) for k in known)
-                lim.overflow = overflow
-            for task_id, value in state["tasks"].items():
-                led.tasks[task_id] = value if isinstance(value, int) else Task(*value)
-            led._expiry = deque(tuple(pair) for pair in state["expiry"])
-            for day, rows in state["usage"]:
-                bucket = led.usage[day] = DayUsage()
-                for p, u, c, d in rows:
-                    bucket.add(p, u, c, d)
-            led.consumed = {rid: [n, ts] for rid, n, ts in state.get("consumed", ())}
-            led._estimate_flight()
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"state does not fit this version: {e!r}") from None
+        except TypeError as e:  # the event's fields are saved in order, untyped
+            raise ValueError(f"state does not fit: waiting events: {e}") from None
+        if len(state.labels) != 3:
+            raise ValueError("state does not fit: labels: expected 3 limiters")
+        for lim, (known, overflow) in zip(
+            (led.project_labels, led.model_labels, led.error_labels), state.labels, strict=True
+        ):
+            lim.known.clear()
+            lim.known.update((k, k) for k in known)
+            lim.overflow = overflow
+        led.tasks = dict(state.tasks)
+        led._expiry = deque(state.expiry)
+        for day, pairs in state.usage:
+            bucket = led.usage[day] = DayUsage()
+            for p, u, c, d in pairs:
+                bucket.add(p, u, c, d)
+        led.consumed = {rid: [n, ts] for rid, n, ts in state.consumed}
+        led._estimate_flight()
         return led

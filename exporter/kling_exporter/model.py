@@ -12,6 +12,20 @@ import msgspec
 from kling_exporter.budgets import Budgets, BudgetStatus, DayUsage, Usage
 
 
+class Task(msgspec.Struct, gc=False, array_like=True):
+    """What the index remembers of a task that has been submitted but not finished."""
+
+    project: str
+    user: str | None
+    model: str
+    mode: str
+    duration: int
+    audio: bool
+    kind: str
+    ts: float
+    flags: int
+
+
 class Status(msgspec.Struct):
     """How the daemon itself is doing, for the collector."""
 

@@ -41,6 +41,7 @@ from kling_exporter.listing import (
     warn_once,
     warned,
 )
+from kling_exporter.state import FilePosition, as_positions
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +153,11 @@ def _open_fd(path: str) -> int:
     return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
 
-def _digest(fs: FileState) -> dict[str, Any]:
+def _digest(fs: FileState) -> tuple[int, bytes]:
     """How a file begins, for the saved state: its length and SHA-256, not the bytes."""
     if fs.saved_digest is not None:
-        length, digest = fs.saved_digest
-    else:
-        length, digest = len(fs.fingerprint), hashlib.sha256(fs.fingerprint).digest()
-    return {"fingerprint_len": length, "fingerprint_sha256": digest}
+        return fs.saved_digest
+    return len(fs.fingerprint), hashlib.sha256(fs.fingerprint).digest()
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -190,21 +189,24 @@ def max_open_files() -> int:
 
 
 class Tailer:
-    def __init__(self, config: LogsConfig, saved: Iterable[dict[str, Any]] = ()) -> None:
+    def __init__(
+        self, config: LogsConfig, saved: Iterable[FilePosition | dict[str, Any]] = ()
+    ) -> None:
         self.configure(config)
         self.files: dict[tuple[int, int], FileState] = {}
         now = time.monotonic()
-        for s in saved:
-            fs = FileState(s["path"], s["dev"], s["ino"])
-            fs.offset, fs.lineno = s["offset"], s["lineno"]
-            if "fingerprint" in s:  # saved by an earlier version: the bytes themselves
-                fs.fingerprint = s["fingerprint"]
+        for s in as_positions(saved):
+            fs = FileState(s.path, s.dev, s.ino)
+            fs.offset, fs.lineno = s.offset, s.lineno
+            if s.fingerprint is not None:  # saved by an earlier version: the bytes
+                fs.fingerprint = s.fingerprint
+            elif s.fingerprint_len is not None and s.fingerprint_sha256 is not None:
+                fs.saved_digest = (s.fingerprint_len, s.fingerprint_sha256)
             else:
-                fs.saved_digest = (s["fingerprint_len"], s["fingerprint_sha256"])
+                raise ValueError(f"file positions do not fit: {s.path} has no fingerprint")
             fs.read_pos = fs.offset
-            gone_for = s.get("gone_for")
-            if gone_for is not None:  # gone before the restart: back only through a listing
-                fs.gone_since, fs.verified = now - gone_for, True
+            if s.gone_for is not None:  # gone before the restart: back only through a listing
+                fs.gone_since, fs.verified = now - s.gone_for, True
             self.files[fs.ident] = fs
         # Streams left behind by a truncation whose copy has not been seen (yet):
         # fingerprint, offset, line number.
@@ -602,21 +604,21 @@ class Tailer:
                 total += max(0, os.stat(path).st_size - pos)
         return total
 
-    def to_state(self) -> list[dict[str, Any]]:
+    def to_state(self) -> list[FilePosition]:
         """Positions of every known file, open, closed or gone. A partial last line is not
         part of a position: after a restart it is read again, whole."""
         now = time.monotonic()
         return [
-            {
-                "path": fs.path,
-                "dev": fs.dev,
-                "ino": fs.ino,
-                **_digest(fs),
-                "offset": fs.offset,
-                "lineno": fs.lineno,
+            FilePosition(
+                fs.path,
+                fs.dev,
+                fs.ino,
+                fs.offset,
+                fs.lineno,
+                *_digest(fs),
                 # Seconds gone, as a monotonic time means nothing to another process.
-                "gone_for": None if fs.gone_since is None else now - fs.gone_since,
-            }
+                gone_for=None if fs.gone_since is None else now - fs.gone_since,
+            )
             for fs in self.files.values()
             if fs.shadow_of is None
         ]
