@@ -150,7 +150,14 @@ def test_http_endpoints(tmp_path: Path, daemon_factory: Factory) -> None:
     assert d.get("/-/healthy") == (200, b"Healthy.\n")
     assert d.get("/-/ready")[0] == 200
     status, body = d.get("/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
-    assert status == 200 and body.endswith(b"# EOF\n")
+    assert status == 200 and body.endswith(b"# EOF\n") and body.count(b"# EOF") == 1
+    assert b"kling_reservations_total" in body and b"kling_tasks_submitted_total" in body
+    # name[] filters, as federation and some tools ask: those metrics and no others.
+    status, body = d.get(
+        "/metrics?name[]=kling_log_lines_read_total&name[]=kling_reservations_total"
+    )
+    names = {line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE")}
+    assert status == 200 and names == {"kling_log_lines_read_total", "kling_reservations_total"}
     status, body = d.get("/metrics", {"Accept-Encoding": "gzip"})
     assert status == 200 and b"kling_tasks_submitted_total" in gzip.decompress(body)
     status, body = d.get("/api/v1/budgets")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
-from kling_exporter.collector import Family, reservation_families
+from kling_exporter.collector import METRICS, Family, KlingCollector, reservation_families
 from kling_exporter.reservations import Reservations
 
 from tests.test_metrics_output import render_fixed_log
@@ -72,3 +73,14 @@ def test_the_readme_lists_every_metric_served() -> None:
     # The README writes `..._end_...` for the pair of period bound gauges.
     missing.discard("kling_budget_period_end_timestamp_seconds")
     assert not missing, f"served but not in the README's Metrics section: {sorted(missing)}"
+
+
+def test_the_collector_describes_the_table_without_reading() -> None:
+    def never() -> Any:
+        raise AssertionError("describe must not read the ledger")
+
+    described = {m.name for m in KlingCollector(never).describe()}
+    assert described == {spec.name for spec in METRICS}
+    # What a scrape serves is exactly what is described (counters gain _total).
+    serves = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in served()}
+    assert described == serves - {f.name for f in reservation_families(Reservations(), [])}

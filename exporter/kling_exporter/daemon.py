@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 
 from kling_exporter.budgets import BudgetStatus, CheckResult
-from kling_exporter.collector import Exposition, families
+from kling_exporter.collector import Exposition, declared, families
 from kling_exporter.config import Config, ConfigError, load_config
 from kling_exporter.events import explain_invalid
 from kling_exporter.ingest import RateLimit, ingest
@@ -67,7 +67,7 @@ class Daemon:
         self.ledger, self.tailer = self._restore(config)
         self.watcher = Watcher(self.wake)
         self._thread: threading.Thread | None = None
-        self.exposition = Exposition(lambda: families(*self._snapshot()))
+        self.exposition = Exposition(lambda: families(*self._snapshot()), declared)
         # Told, under the lock, after every chunk of lines and whenever the daemon's
         # health changes (``force``: also when little time has passed): the reader
         # process publishes budget usage to the HTTP process from here.

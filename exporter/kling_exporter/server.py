@@ -47,7 +47,11 @@ def metrics_handler(source: Source, reservations: Reservations) -> Any:
     rendered for their own request. The reservations' families, kept on this side, are
     added to what the reader rendered."""
     under_way: asyncio.Future[tuple[bytes, str]] | None = None
-    ours = Exposition(lambda: reservation_families(reservations, statuses(source, reservations)))
+    ours = Exposition(
+        lambda: reservation_families(reservations, statuses(source, reservations)),
+        lambda: reservation_families(Reservations(), []),
+        process=False,
+    )
 
     def finished(future: asyncio.Future[tuple[bytes, str]]) -> None:
         nonlocal under_way
