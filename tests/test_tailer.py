@@ -7,6 +7,7 @@ import glob
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kling_exporter.config import LogsConfig
@@ -30,12 +31,18 @@ def tailer_for(tmp_path: Path, **kw: object) -> Tailer:
     return Tailer(LogsConfig(paths=[str(tmp_path / "logs" / "kling-*.jsonl")], **kw))  # type: ignore[arg-type]
 
 
-def test_reads_complete_lines_and_holds_a_partial_one(tmp_path: Path) -> None:
-    log = tmp_path / "logs" / "kling-2026-11-22.jsonl"
-    log.parent.mkdir()
-    log.write_bytes(b"one\ntwo\nthr")
-    t, got = tailer_for(tmp_path), Collect()
+def started(tmp_path: Path, name: str, first: bytes, **kw: Any) -> tuple[Path, Tailer, Collect]:
+    """A log ``name`` holding ``first``, and a tailer that has read it once."""
+    log = tmp_path / "logs" / name
+    log.parent.mkdir(exist_ok=True)
+    log.write_bytes(first)
+    t, got = tailer_for(tmp_path, **kw), Collect()
     t.poll(got)
+    return log, t, got
+
+
+def test_reads_complete_lines_and_holds_a_partial_one(tmp_path: Path) -> None:
+    log, t, got = started(tmp_path, "kling-2026-11-22.jsonl", b"one\ntwo\nthr")
     assert got.lines == [b"one", b"two"]
     with open(log, "ab") as f:
         f.write(b"ee\nfour\n")
@@ -69,11 +76,7 @@ def test_overlong_line_is_marked_and_the_next_lines_survive(tmp_path: Path) -> N
 
 
 def test_overlong_line_written_in_pieces(tmp_path: Path) -> None:
-    log = tmp_path / "logs" / "kling-x.jsonl"
-    log.parent.mkdir()
-    log.write_bytes(b"a\n" + b"y" * 5000)
-    t, got = tailer_for(tmp_path, max_line_bytes=4096), Collect()
-    t.poll(got)
+    log, t, got = started(tmp_path, "kling-x.jsonl", b"a\n" + b"y" * 5000, max_line_bytes=4096)
     with open(log, "ab") as f:
         f.write(b"y" * 5000 + b"\nb\n")
     t.poll(got)
@@ -81,11 +84,7 @@ def test_overlong_line_written_in_pieces(tmp_path: Path) -> None:
 
 
 def test_copytruncate_reads_the_file_again_from_the_start(tmp_path: Path) -> None:
-    log = tmp_path / "logs" / "kling-x.jsonl"
-    log.parent.mkdir()
-    log.write_bytes(b"first line\nsecond line\n")
-    t, got = tailer_for(tmp_path), Collect()
-    t.poll(got)
+    log, t, got = started(tmp_path, "kling-x.jsonl", b"first line\nsecond line\n")
     with open(log, "r+b") as f:
         f.truncate(0)
     log.write_bytes(b"new 1\n")
@@ -94,22 +93,14 @@ def test_copytruncate_reads_the_file_again_from_the_start(tmp_path: Path) -> Non
 
 
 def test_copytruncate_then_more_bytes_than_before(tmp_path: Path) -> None:
-    log = tmp_path / "logs" / "kling-x.jsonl"
-    log.parent.mkdir()
-    log.write_bytes(b"aaaa\n")
-    t, got = tailer_for(tmp_path), Collect()
-    t.poll(got)
+    log, t, got = started(tmp_path, "kling-x.jsonl", b"aaaa\n")
     log.write_bytes(b"bbbb\ncccccccc\n")  # truncated and refilled between two looks
     t.poll(got)
     assert got.lines == [b"aaaa", b"bbbb", b"cccccccc"]
 
 
 def test_rename_rotation_drains_the_old_file_then_reads_the_new(tmp_path: Path) -> None:
-    log = tmp_path / "logs" / "kling-x.jsonl"
-    log.parent.mkdir()
-    log.write_bytes(b"1\n")
-    t, got = tailer_for(tmp_path, rotate_wait="0s"), Collect()
-    t.poll(got)
+    log, t, got = started(tmp_path, "kling-x.jsonl", b"1\n", rotate_wait="0s")
     with open(log, "ab") as writer:
         os.rename(log, tmp_path / "logs" / "kling-x.jsonl.1")
         writer.write(b"2\n")  # the writer still has the old handle
@@ -120,11 +111,7 @@ def test_rename_rotation_drains_the_old_file_then_reads_the_new(tmp_path: Path) 
 
 
 def test_rename_within_the_glob_keeps_the_position(tmp_path: Path) -> None:
-    log = tmp_path / "logs" / "kling-a.jsonl"
-    log.parent.mkdir()
-    log.write_bytes(b"1\n")
-    t, got = tailer_for(tmp_path), Collect()
-    t.poll(got)
+    log, t, got = started(tmp_path, "kling-a.jsonl", b"1\n")
     os.rename(log, tmp_path / "logs" / "kling-b.jsonl")
     with open(tmp_path / "logs" / "kling-b.jsonl", "ab") as f:
         f.write(b"2\n")
@@ -133,11 +120,7 @@ def test_rename_within_the_glob_keeps_the_position(tmp_path: Path) -> None:
 
 
 def test_start_at_end_skips_existing_lines_only(tmp_path: Path) -> None:
-    log = tmp_path / "logs" / "kling-x.jsonl"
-    log.parent.mkdir()
-    log.write_bytes(b"old\nhalf")
-    t, got = tailer_for(tmp_path, start_at="end"), Collect()
-    t.poll(got)
+    log, t, got = started(tmp_path, "kling-x.jsonl", b"old\nhalf", start_at="end")
     assert got.lines == []
     with open(log, "ab") as f:
         f.write(b" done\nnew\n")
@@ -175,11 +158,7 @@ def lines_of(prefix: str, n: int, start: int = 0) -> bytes:
 def test_a_listing_error_is_not_taken_for_files_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    log = tmp_path / "logs" / "kling-x.jsonl"
-    log.parent.mkdir()
-    log.write_bytes(lines_of("a", 3))
-    t, got = tailer_for(tmp_path, rotate_wait="0s"), Collect()
-    t.poll(got)
+    log, t, got = started(tmp_path, "kling-x.jsonl", lines_of("a", 3), rotate_wait="0s")
     real = os.scandir
 
     def no_descriptors(path: str) -> object:
@@ -340,11 +319,7 @@ def test_expand_glob_raises_instead_of_answering_nothing(
 
 
 def test_an_idle_closed_file_rotated_away_is_still_drained(tmp_path: Path) -> None:
-    log = tmp_path / "logs" / "kling-x.jsonl"
-    log.parent.mkdir()
-    log.write_bytes(b"1\n")
-    t, got = tailer_for(tmp_path, idle_close="0s", rotate_wait="0s"), Collect()
-    t.poll(got)
+    log, t, got = started(tmp_path, "kling-x.jsonl", b"1\n", idle_close="0s", rotate_wait="0s")
     assert t.open_files == 0
     with open(log, "ab") as writer:
         os.rename(log, tmp_path / "logs" / "kling-x.jsonl.1")
