@@ -14,7 +14,6 @@ import tempfile
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from kling_exporter import __version__, reports
 from kling_exporter.config import (
@@ -271,75 +270,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     result = reports.daily_report(reports.read_records(config, sys.stderr), day, config)
     if args.format == "json":
         print(json.dumps(result, indent=2))
-        return 0
-    print(f"Kling usage on {result['date']} ({config.timezone})\n")
-    print(
-        reports.table(
-            [
-                "submitted",
-                "succeeded",
-                "failed",
-                "errors",
-                "success",
-                "credits",
-                "USD",
-                "avg gen s",
-            ],
-            [
-                [
-                    result["total_submitted"],
-                    result["succeeded"],
-                    result["failed"],
-                    result["errors"],
-                    f"{result['success_rate']:.1%}",
-                    float(result["total_credits"]),
-                    float(result["total_usd"]),
-                    float(result["avg_generation_sec"]),
-                ]
-            ],
-        )
-    )
-    print(
-        f"\nsuccess: {result['success_rate']:.1%} of finished tasks (errors included), "
-        f"{result['success_rate_completions']:.1%} of completions alone"
-    )
-    for title, key in (("model", "by_model"), ("project", "by_project")):
-        rows = [
-            [
-                name,
-                int(t["submitted"]),
-                int(t["succeeded"]),
-                int(t["failed"]),
-                int(t["errors"]),
-                float(t["credits"]),
-                float(t["usd"]),
-            ]
-            for name, t in result[key].items()
-        ]
-        if rows:
-            print(f"\nBy {title}:")
-            print(
-                reports.table(
-                    [title, "submitted", "succeeded", "failed", "errors", "credits", "USD"], rows
-                )
-            )
-    budgets = [
-        [
-            b["name"],
-            b["period"],
-            float(b["used_credits"]),
-            "-" if b["limit_credits"] is None else float(b["limit_credits"]),
-            "-" if b["over_by_credits"] is None else float(b["over_by_credits"]),
-            float(b["used_usd"]),
-            "-" if b["limit_usd"] is None else float(b["limit_usd"]),
-            "-" if b["over_by_usd"] is None else float(b["over_by_usd"]),
-        ]
-        for b in result["budgets"]
-    ]
-    if budgets:
-        print(f"\nBudgets at the end of {result['date']}:")
-        headers = ["budget", "period", "credits", "limit", "over by", "USD", "limit", "over by"]
-        print(reports.table(headers, budgets))
+    else:
+        print(reports.daily_text(result, config), end="")
     return 0
 
 
@@ -350,46 +282,8 @@ def cmd_costs(args: argparse.Namespace) -> int:
     )
     if args.format == "json":
         print(json.dumps(result, indent=2))
-        return 0
-    print(f"Kling costs, {result['from']} to {result['to']} ({config.timezone})\n")
-
-    def per(value: float | None) -> float | str:
-        return "-" if value is None else float(value)
-
-    rows: list[list[Any]] = [
-        [
-            d["date"],
-            float(d["credits"]),
-            int(d["videos"]),
-            int(d["succeeded"]),
-            float(d["usd"]),
-            per(d["usd_per_succeeded"]),
-        ]
-        for d in result["per_day"]
-    ]
-    rows.append(
-        [
-            "total",
-            float(result["total_credits"]),
-            int(result["total_videos"]),
-            int(result["total_succeeded"]),
-            float(result["total_usd"]),
-            per(result["usd_per_succeeded"]),
-        ]
-    )
-    rows.append(
-        [
-            "average/day",
-            float(result["avg_credits_per_day"]),
-            round(result["total_videos"] / args.days, 2),
-            round(result["total_succeeded"] / args.days, 2),
-            float(result["avg_usd_per_day"]),
-            "",
-        ]
-    )
-    # videos: tasks submitted that day, as usage scripts count them.
-    headers = ["date", "credits", "videos", "succeeded", "USD", "USD/succeeded"]
-    print(reports.table(headers, rows))
+    else:
+        print(reports.costs_text(result, args.days, config), end="")
     return 0
 
 

@@ -306,3 +306,120 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def daily_text(result: dict[str, Any], config: Config) -> str:
+    """``report`` as people read it: totals, by model, by project, and the budgets."""
+    out: list[str] = []
+    out.append(f"Kling usage on {result['date']} ({config.timezone})\n")
+    out.append(
+        table(
+            [
+                "submitted",
+                "succeeded",
+                "failed",
+                "errors",
+                "success",
+                "credits",
+                "USD",
+                "avg gen s",
+            ],
+            [
+                [
+                    result["total_submitted"],
+                    result["succeeded"],
+                    result["failed"],
+                    result["errors"],
+                    f"{result['success_rate']:.1%}",
+                    float(result["total_credits"]),
+                    float(result["total_usd"]),
+                    float(result["avg_generation_sec"]),
+                ]
+            ],
+        )
+    )
+    out.append(
+        f"\nsuccess: {result['success_rate']:.1%} of finished tasks (errors included), "
+        f"{result['success_rate_completions']:.1%} of completions alone"
+    )
+    for title, key in (("model", "by_model"), ("project", "by_project")):
+        rows = [
+            [
+                name,
+                int(t["submitted"]),
+                int(t["succeeded"]),
+                int(t["failed"]),
+                int(t["errors"]),
+                float(t["credits"]),
+                float(t["usd"]),
+            ]
+            for name, t in result[key].items()
+        ]
+        if rows:
+            out.append(f"\nBy {title}:")
+            out.append(
+                table([title, "submitted", "succeeded", "failed", "errors", "credits", "USD"], rows)
+            )
+    budgets = [
+        [
+            b["name"],
+            b["period"],
+            float(b["used_credits"]),
+            "-" if b["limit_credits"] is None else float(b["limit_credits"]),
+            "-" if b["over_by_credits"] is None else float(b["over_by_credits"]),
+            float(b["used_usd"]),
+            "-" if b["limit_usd"] is None else float(b["limit_usd"]),
+            "-" if b["over_by_usd"] is None else float(b["over_by_usd"]),
+        ]
+        for b in result["budgets"]
+    ]
+    if budgets:
+        out.append(f"\nBudgets at the end of {result['date']}:")
+        headers = ["budget", "period", "credits", "limit", "over by", "USD", "limit", "over by"]
+        out.append(table(headers, budgets))
+    return "\n".join(out) + "\n"
+
+
+def costs_text(result: dict[str, Any], days: int, config: Config) -> str:
+    """``costs`` as people read it: one row a day, the total and the daily average."""
+    out: list[str] = []
+    out.append(f"Kling costs, {result['from']} to {result['to']} ({config.timezone})\n")
+
+    def per(value: float | None) -> float | str:
+        return "-" if value is None else float(value)
+
+    rows: list[list[Any]] = [
+        [
+            d["date"],
+            float(d["credits"]),
+            int(d["videos"]),
+            int(d["succeeded"]),
+            float(d["usd"]),
+            per(d["usd_per_succeeded"]),
+        ]
+        for d in result["per_day"]
+    ]
+    rows.append(
+        [
+            "total",
+            float(result["total_credits"]),
+            int(result["total_videos"]),
+            int(result["total_succeeded"]),
+            float(result["total_usd"]),
+            per(result["usd_per_succeeded"]),
+        ]
+    )
+    rows.append(
+        [
+            "average/day",
+            float(result["avg_credits_per_day"]),
+            round(result["total_videos"] / days, 2),
+            round(result["total_succeeded"] / days, 2),
+            float(result["avg_usd_per_day"]),
+            "",
+        ]
+    )
+    # videos: tasks submitted that day, as usage scripts count them.
+    headers = ["date", "credits", "videos", "succeeded", "USD", "USD/succeeded"]
+    out.append(table(headers, rows))
+    return "\n".join(out) + "\n"
