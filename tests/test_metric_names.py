@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kling_exporter.callbacks import Callbacks, callback_families
 from kling_exporter.collector import METRICS, Family, KlingCollector, reservation_families
+from kling_exporter.config import Config
 from kling_exporter.reservations import Reservations
 
 from tests.test_metrics_output import render_fixed_log
@@ -25,10 +27,14 @@ def served() -> set[str]:
             names.add(line.split()[2])
         elif line.startswith("kling_"):
             names.add(line.split("{")[0].split(" ")[0])
-    ours: list[Family] = reservation_families(Reservations(), [])
-    for f in ours:
+    for f in http_process_families():
         names.add(f.name + "_total" if f.type == "counter" else f.name)
     return names
+
+
+def http_process_families() -> list[Family]:
+    """The families the HTTP process adds to the reader's scrape."""
+    return reservation_families(Reservations(), []) + callback_families(Callbacks(Config))
 
 
 def families(names: set[str]) -> set[str]:
@@ -83,4 +89,4 @@ def test_the_collector_describes_the_table_without_reading() -> None:
     assert described == {spec.name for spec in METRICS}
     # What a scrape serves is exactly what is described (counters gain _total).
     serves = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in served()}
-    assert described == serves - {f.name for f in reservation_families(Reservations(), [])}
+    assert described == serves - {f.name for f in http_process_families()}

@@ -12,7 +12,12 @@ import msgspec
 from aiohttp import web
 
 from kling_exporter.budgets import Ask, BudgetStatus
-from kling_exporter.config import MODE_ALIASES, describe_validation_error, parse_duration
+from kling_exporter.config import (
+    MODE_ALIASES,
+    Config,
+    describe_validation_error,
+    parse_duration,
+)
 from kling_exporter.events import (
     DEFAULT_PROJECT,
     Duration,
@@ -44,6 +49,9 @@ class Source(Protocol):
 
     @property
     def reader_up(self) -> bool: ...
+
+    @property
+    def config(self) -> Config: ...
 
     def is_ready(self) -> bool: ...
 

@@ -227,6 +227,17 @@ class TasksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return parse_duration(self.orphan_wait, "orphan_wait")
 
 
+class KlingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Kling's own numbers. ``callback_token`` enables ``POST /api/v1/kling/callback``
+    (Kling calls it with ``?token=``); empty, the endpoint answers 404."""
+
+    callback_token: str = ""
+
+    def __post_init__(self) -> None:
+        if self.callback_token and len(self.callback_token) < 16:
+            raise ValueError("callback_token: use at least 16 characters (it is a password)")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
@@ -235,6 +246,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     budgets: list[BudgetConfig] = msgspec.field(default_factory=list)
     labels: LabelsConfig = msgspec.field(default_factory=LabelsConfig)
     tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
+    kling: KlingConfig = msgspec.field(default_factory=KlingConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -311,6 +323,7 @@ def _in_words(types: str) -> str:
 def _known_keys() -> set[str]:
     structs: tuple[type[msgspec.Struct], ...] = (Config, LogsConfig, StateConfig, PriceRule)
     structs += (PricingConfig, ModelMultiplier, BudgetConfig, LabelsConfig, TasksConfig)
+    structs += (KlingConfig,)
     return {f for struct in structs for f in struct.__struct_fields__}
 
 

@@ -28,6 +28,8 @@ from kling_exporter.api import (
     reserve,
     statuses,
 )
+from kling_exporter.callbacks import PATH as CALLBACK_PATH
+from kling_exporter.callbacks import Callbacks, callback_families
 from kling_exporter.collector import Exposition, reservation_families
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.model import ReaderUnavailable
@@ -41,15 +43,21 @@ from kling_exporter.webconfig import BasicAuth, FailureLimit, WebConfig
 log = logging.getLogger(__name__)
 
 
-def metrics_handler(source: Source, reservations: Reservations) -> Any:
+def metrics_handler(source: Source, reservations: Reservations, callbacks: Callbacks) -> Any:
     """/metrics, compressed when the client asks. Plain-text scrapes that arrive while a
     render is under way share the reader's render; OpenMetrics and ``name[]`` filters are
     rendered for their own request. The reservations' families, kept on this side, are
     added to what the reader rendered."""
     under_way: asyncio.Future[tuple[bytes, str]] | None = None
     ours = Exposition(
-        lambda: reservation_families(reservations, statuses(source, reservations)),
-        lambda: reservation_families(Reservations(), []),
+        lambda: (
+            reservation_families(reservations, statuses(source, reservations))
+            + callback_families(callbacks)
+        ),
+        lambda: (
+            reservation_families(Reservations(), [])
+            + callback_families(Callbacks(lambda: source.config))
+        ),
         process=False,
     )
 
@@ -175,7 +183,8 @@ def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
     async def protect(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.version < (1, 0):
             return web.Response(status=505, text="HTTP/1.0 or later is needed\n")
-        if auth.enabled and request.path != "/-/healthy":
+        # Kling cannot log in: its callbacks carry their own token instead.
+        if auth.enabled and request.path not in ("/-/healthy", CALLBACK_PATH):
             refused = await verified(request)
             if refused is not None:
                 return refused
@@ -228,7 +237,9 @@ def build_app(
     async def index(request: web.Request) -> web.Response:
         return web.Response(text=landing, content_type="text/html")
 
-    app.router.add_get(telemetry_path, metrics_handler(daemon, held))
+    callbacks = Callbacks(lambda: daemon.config)
+    app.router.add_get(telemetry_path, metrics_handler(daemon, held, callbacks))
+    app.router.add_post(CALLBACK_PATH, callbacks.handle)
     if telemetry_path != "/":
         app.router.add_get("/", index)
     app.router.add_get("/-/healthy", healthy)

@@ -1,0 +1,228 @@
+"""Kling's task callbacks, written to the exporter's own journal among the logs.
+
+Kling calls ``callback_url`` when a task changes status. A ``succeed`` or ``failed``
+callback becomes a ``task_completed`` line (``credits_used`` from
+``final_unit_deduction``), appended to a journal file that the configured log globs
+match, and fsynced before the 200: the tailer then counts it like any other line, once
+(a callback repeated or retried after a restart is a duplicate completion), and a
+restart loses nothing that was answered. ``submitted`` and ``processing`` callbacks
+are acknowledged and written nowhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import hmac
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from kling_exporter.collector import Family
+from kling_exporter.config import Config, LogsConfig
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("submitted", "processing", "succeed", "failed")
+OUTCOMES = ("recorded", "acknowledged", "unauthorized", "invalid", "unavailable")
+JOURNAL_NAME = "callbacks"  # put where the glob's file name has its first wildcard
+
+
+def journal_for(logs: LogsConfig) -> Path | None:
+    """A file the first fitting log glob matches, in a folder without wildcards, where
+    the journal is written: ``logs/kling-*.jsonl`` gives ``logs/kling-callbacks.jsonl``."""
+    for pattern in logs.paths:
+        folder, name = os.path.split(pattern)
+        if glob.has_magic(folder) or "*" not in name:
+            continue
+        candidate = name.replace("*", JOURNAL_NAME, 1).replace("*", "")
+        if not glob.has_magic(candidate) and fnmatchcase(candidate, name):
+            return Path(folder or ".") / candidate
+    return None
+
+
+class CallbackError(ValueError):
+    """A body that is not a Kling callback; the message names the field."""
+
+
+def completion(body: Any) -> dict[str, Any] | None:
+    """The log event a callback body stands for (None for a status that changes no
+    count); CallbackError naming the field when it is not a callback."""
+    if not isinstance(body, dict):
+        raise CallbackError("body: expected a JSON object")
+    task_id = body.get("task_id")
+    if not isinstance(task_id, str) or not 0 < len(task_id) <= 256:
+        raise CallbackError("task_id: expected 1 to 256 characters")
+    status = body.get("task_status")
+    if status not in STATUSES:
+        raise CallbackError(f"task_status: expected one of {', '.join(STATUSES)}")
+    info = body.get("task_info")
+    if info is not None and not isinstance(info, dict):
+        raise CallbackError("task_info: expected an object")
+    external = (info or {}).get("external_task_id")
+    if external is not None and (not isinstance(external, str) or not 0 < len(external) <= 256):
+        raise CallbackError("task_info.external_task_id: expected 1 to 256 characters")
+    credits = _number(body.get("final_unit_deduction"), "final_unit_deduction", 1e12)
+    updated = _number(body.get("updated_at"), "updated_at", 1e15)
+    if status in ("submitted", "processing"):
+        return None
+    event: dict[str, Any] = {
+        "event": "task_completed",
+        "task_id": external or task_id,
+        "status": status,
+        "source": "kling_callback",
+        "kling_task_id": task_id,
+    }
+    if updated is not None:
+        event["timestamp"] = updated  # Unix milliseconds, which the log reads as such
+    if credits is not None:
+        event["credits_used"] = credits
+    return event
+
+
+def _number(value: Any, field: str, below: float) -> float | None:
+    """A number Kling may send as a string ("10" or "10.5"), or None when absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise CallbackError(f"{field}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise CallbackError(f"{field}: expected a number, got {value!r}") from None
+    if not math.isfinite(number) or not 0 <= number < below:
+        raise CallbackError(f"{field}: out of range: {value!r}")
+    return number
+
+
+class Journal:
+    """Appends lines to the journal, each batch written whole and fsynced before the
+    callers waiting on it are answered; concurrent callbacks share one fsync."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pending: list[bytes] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def append(self, event: dict[str, Any]) -> None:
+        """Return once the line is on disk; OSError if it cannot be written."""
+        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n"
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(line.encode())
+        self._waiters.append(future)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, waiters = self._pending, self._waiters
+            self._pending, self._waiters = [], []
+            try:
+                await asyncio.to_thread(self._write, b"".join(batch))
+            except OSError as e:
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(e)
+                continue
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    def _write(self, data: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+PATH = "/api/v1/kling/callback"
+MAX_BODY = 64 * 1024
+BODY_TIMEOUT = 10.0
+
+
+class Callbacks:
+    """The endpoint's state: the config it reads its token and journal from (so a
+    reload applies), the journal, and what became of the callbacks."""
+
+    def __init__(self, config: Callable[[], Config]) -> None:
+        self.config = config
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self._journal: Journal | None = None
+
+    def journal(self) -> Journal | None:
+        path = journal_for(self.config().logs)
+        if path is None:
+            return None
+        if self._journal is None or self._journal.path != path:
+            self._journal = Journal(path)
+        return self._journal
+
+    def _refuse(self, outcome: str, status: int, error: str, field: str) -> web.Response:
+        self.outcomes[outcome] += 1
+        return web.json_response({"error": error, "field": field}, status=status)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        token = self.config().kling.callback_token
+        journal = self.journal()
+        if not token or journal is None:
+            raise web.HTTPNotFound(text="Kling callbacks are not enabled (kling.callback_token)\n")
+        given = request.query.get("token", "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return self._refuse("unauthorized", 401, "token: missing or wrong", "token")
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return self._refuse("invalid", 413, f"body: larger than {MAX_BODY} bytes", "body")
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                raw = await request.content.read(MAX_BODY + 1)
+        except (TimeoutError, OSError, web.HTTPException):
+            return self._refuse("invalid", 400, "body: could not be read", "body")
+        if len(raw) > MAX_BODY:
+            return self._refuse("invalid", 413, f"body: larger than {MAX_BODY} bytes", "body")
+        try:
+            event = completion(json.loads(raw))
+        except (ValueError, RecursionError) as e:  # CallbackError is a ValueError
+            message = str(e) if isinstance(e, CallbackError) else "body: not JSON"
+            return self._refuse("invalid", 400, message, message.split(":", 1)[0])
+        if event is None:
+            self.outcomes["acknowledged"] += 1
+            return web.json_response({"recorded": False})
+        try:
+            await journal.append(event)
+        except OSError as e:
+            # Not on disk, so not a 200: Kling calls again.
+            log.error(
+                "cannot write the callback journal",
+                extra={"path": str(journal.path), "err": e.strerror},
+            )
+            self.outcomes["unavailable"] += 1
+            return web.json_response({"error": "journal: cannot be written"}, status=503)
+        self.outcomes["recorded"] += 1
+        return web.json_response({"recorded": True})
+
+
+def callback_families(callbacks: Callbacks) -> list[Family]:
+    return [
+        Family(
+            "kling_callbacks",
+            "counter",
+            "Kling task callbacks: recorded to the journal, acknowledged without a count "
+            "(submitted, processing), refused (unauthorized, invalid) or not written "
+            "(unavailable: answered 503, Kling calls again).",
+            ("outcome",),
+            {(k,): float(v) for k, v in callbacks.outcomes.items()},
+        )
+    ]
