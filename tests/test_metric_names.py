@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kling_exporter.account import Account
 from kling_exporter.callbacks import Callbacks, callback_families
 from kling_exporter.collector import METRICS, Family, KlingCollector, reservation_families
 from kling_exporter.config import Config
@@ -33,8 +34,14 @@ def served() -> set[str]:
 
 
 def http_process_families() -> list[Family]:
-    """The families the HTTP process adds to the reader's scrape."""
-    return reservation_families(Reservations(), []) + callback_families(Callbacks(Config))
+    """The families the HTTP process adds to the reader's scrape (Kling's account's
+    only when keys are configured: here, in the environment)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KLING_ACCESS_KEY", "access")
+        env.setenv("KLING_SECRET_KEY", "secret")
+        account = Account(Config).families()
+    assert account, "the account's families are missing"
+    return reservation_families(Reservations(), []) + callback_families(Callbacks(Config)) + account
 
 
 def families(names: set[str]) -> set[str]:

@@ -228,14 +228,28 @@ class TasksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class KlingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Kling's own numbers. ``callback_token`` enables ``POST /api/v1/kling/callback``
-    (Kling calls it with ``?token=``); empty, the endpoint answers 404."""
+    """Kling's own numbers. With API keys (files, or KLING_ACCESS_KEY and
+    KLING_SECRET_KEY in the environment) the account's resource packs are polled;
+    ``callback_token`` enables ``POST /api/v1/kling/callback`` (Kling calls it with
+    ``?token=``; empty, the endpoint answers 404)."""
 
+    api_base: str = "https://api-singapore.klingai.com"
+    access_key_file: str = ""
+    secret_key_file: str = ""
+    account_poll_interval: str | float = "10m"
     callback_token: str = ""
 
     def __post_init__(self) -> None:
         if self.callback_token and len(self.callback_token) < 16:
             raise ValueError("callback_token: use at least 16 characters (it is a password)")
+        if not self.api_base.startswith(("https://", "http://")):
+            raise ValueError(f"api_base: expected an http(s) URL, got {self.api_base!r}")
+        if parse_duration(self.account_poll_interval, "account_poll_interval") < 1:
+            raise ValueError("account_poll_interval: at least 1s (Kling allows 1 query a second)")
+
+    @property
+    def poll_seconds(self) -> float:
+        return parse_duration(self.account_poll_interval, "account_poll_interval")
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

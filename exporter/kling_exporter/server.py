@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from kling_exporter import __version__
+from kling_exporter.account import Account, polling
 from kling_exporter.api import (
     DAEMON,
     MAX_BODY,
@@ -43,20 +44,24 @@ from kling_exporter.webconfig import BasicAuth, FailureLimit, WebConfig
 log = logging.getLogger(__name__)
 
 
-def metrics_handler(source: Source, reservations: Reservations, callbacks: Callbacks) -> Any:
+def metrics_handler(
+    source: Source, reservations: Reservations, callbacks: Callbacks, account: Account
+) -> Any:
     """/metrics, compressed when the client asks. Plain-text scrapes that arrive while a
     render is under way share the reader's render; OpenMetrics and ``name[]`` filters are
-    rendered for their own request. The reservations' families, kept on this side, are
-    added to what the reader rendered."""
+    rendered for their own request. The families kept on this side (reservations,
+    callbacks, Kling's account) are added to what the reader rendered."""
     under_way: asyncio.Future[tuple[bytes, str]] | None = None
     ours = Exposition(
         lambda: (
             reservation_families(reservations, statuses(source, reservations))
             + callback_families(callbacks)
+            + account.families()
         ),
         lambda: (
             reservation_families(Reservations(), [])
             + callback_families(Callbacks(lambda: source.config))
+            + account.families()
         ),
         process=False,
     )
@@ -238,7 +243,9 @@ def build_app(
         return web.Response(text=landing, content_type="text/html")
 
     callbacks = Callbacks(lambda: daemon.config)
-    app.router.add_get(telemetry_path, metrics_handler(daemon, held, callbacks))
+    account = Account(lambda: daemon.config)
+    app.cleanup_ctx.append(polling(account))
+    app.router.add_get(telemetry_path, metrics_handler(daemon, held, callbacks, account))
     app.router.add_post(CALLBACK_PATH, callbacks.handle)
     if telemetry_path != "/":
         app.router.add_get("/", index)

@@ -1,0 +1,1 @@
+SK-standin-secret-key-91c2e-0123456789
