@@ -710,6 +710,71 @@ def budgets() -> dict[str, Any]:
         8,
     )
 
+    lay.row("Kling resource packs")
+    pack_by = "max by (pack_id, pack_name, pack_type)"
+    pack_columns = {
+        "A": (f"{pack_by} (kling_account_resource_pack_total_units)", "Total units"),
+        "B": (f"{pack_by} (kling_account_resource_pack_remaining_units)", "Remaining units"),
+        "C": (
+            f"{pack_by} (kling_account_resource_pack_expiry_timestamp_seconds) * 1000",
+            "Expires",
+        ),
+        "D": (
+            f'{pack_by} (kling_account_resource_pack_status{{status="online"}})',
+            "Online",
+        ),
+    }
+    lay.add(
+        panel(
+            "table",
+            "Resource packs",
+            "Kling's resource packs as its account API reports them (with API keys "
+            "configured): what each was bought with, what is left, when it expires and "
+            "whether it is online. Units left at expiry are forfeited. Kling's remaining "
+            "quantity lags up to 12 hours.",
+            [target(expr, "", ref, instant=True) for ref, (expr, _) in pack_columns.items()],
+            {"unit": "short", "decimals": 0},
+            TABLE_OPTIONS,
+            overrides=[
+                {
+                    "matcher": {"id": "byName", "options": "Expires"},
+                    "properties": [{"id": "unit", "value": "dateTimeAsIso"}],
+                }
+            ],
+            transformations=[
+                {"id": "merge", "options": {}},
+                {
+                    "id": "organize",
+                    "options": {
+                        "excludeByName": {"Time": True},
+                        "renameByName": {
+                            f"Value #{ref}": title for ref, (_, title) in pack_columns.items()
+                        },
+                    },
+                },
+            ],
+        ),
+        12,
+        8,
+    )
+    lay.add(
+        timeseries(
+            "Remaining units by pack",
+            "Units left in each online pack, as Kling reports them: they lag up to 12 "
+            "hours, so a step down may come long after the work that spent the units.",
+            [
+                target(
+                    f"{pack_by} (kling_account_resource_pack_remaining_units) and on (pack_id) "
+                    f'{pack_by} (kling_account_resource_pack_status{{status="online"}}) == 1',
+                    "{{pack_name}}",
+                )
+            ],
+            "short",
+        ),
+        12,
+        8,
+    )
+
     lay.row("Over time")
     lay.add(
         timeseries(

@@ -19,6 +19,7 @@ from aiohttp import web
 from kling_exporter.config import Config
 from kling_exporter.daemon import Daemon
 from kling_exporter.server import build_app
+from kling_exporter.standin import KlingStandIn
 
 from tests.helpers import ROOT, free_port, request, require_binary, wait_until
 
@@ -38,10 +39,17 @@ class Clock:
 class InProcessExporter:
     """The daemon and its HTTP server on a thread of the test process."""
 
-    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock | None = None,
+        port: int | None = None,
+        standin: KlingStandIn | None = None,
+    ) -> None:
         self.clock = clock or Clock()
         self.daemon = Daemon(config, clock=self.clock)
-        self.port = free_port()
+        self.port = port or free_port()
+        self.standin = standin
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -58,7 +66,8 @@ class InProcessExporter:
         return self
 
     async def _serve(self) -> None:
-        self._runner = web.AppRunner(build_app(self.daemon), access_log=None)
+        app = build_app(self.daemon, standin=self.standin)
+        self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 

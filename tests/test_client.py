@@ -148,6 +148,12 @@ def test_demo_command_serves_live_metrics(tmp_path: Path, daemon_factory: Factor
         == 13000
     )
     assert sum(by_name(series, "kling_log_lines_invalid_total").values()) == 0
+    # Kling's resource packs, from the demo's own stand-in: one in each status.
+    statuses = wait_until(
+        lambda: by_name(d.metrics(), "kling_account_resource_pack_status") or None
+    )
+    current = {dict(labels)["status"] for labels, v in statuses.items() if v == 1}
+    assert current == {"toBeOnline", "online", "expired", "runOut"}
     assert d.stop() == 0
 
 

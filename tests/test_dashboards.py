@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 import yaml
-from kling_exporter.demo import DemoTraffic, demo_config
+from kling_exporter.demo import DEMO_KEYS, DemoTraffic, demo_account, demo_config
+from kling_exporter.standin import KlingStandIn, demo_packs
 
-from tests.helpers import ROOT, wait_until
+from tests.helpers import ROOT, free_port, wait_until
 from tests.stack import InProcessExporter, Process, prometheus
 
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -137,7 +138,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     traffic.backfill(3600)
     traffic.rate = 3.0
     traffic.start()
-    exporter = InProcessExporter(demo_config(logs)).start()
+    # With the demo's Kling stand-in, so that the resource-pack panels have data too.
+    port = free_port()
+    account = demo_account(port, workdir / "keys")
+    standin = KlingStandIn(*DEMO_KEYS, demo_packs(time.time()))
+    exporter = InProcessExporter(demo_config(logs, account), port=port, standin=standin).start()
     try:
         with prometheus(workdir, [f"127.0.0.1:{exporter.port}"]) as prom:
             yield prom

@@ -11,6 +11,7 @@ import os
 import ssl
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +30,9 @@ from kling_exporter.demo import (
     DEFAULT_BACKFILL_HOURS,
     DEFAULT_RATE,
     DEFAULT_SEED,
+    DEMO_KEYS,
     DemoTraffic,
+    demo_account,
     demo_config,
 )
 from kling_exporter.listing import ListingError
@@ -37,6 +40,7 @@ from kling_exporter.logsetup import LEVELS, setup_logging
 from kling_exporter.pricing import Pricing, Request
 from kling_exporter.reader import ReaderProcess
 from kling_exporter.server import run
+from kling_exporter.standin import KlingStandIn, demo_packs
 from kling_exporter.webconfig import load_web_config
 
 log = logging.getLogger("kling_exporter")
@@ -356,8 +360,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         extra={"logs": str(log_dir), "backfilled_events": written, "rate_per_s": args.rate},
     )
     traffic.start()
-    reader = ReaderProcess(demo_config(log_dir), None, args.log_level, args.log_format)
-    return run(reader, host, port, "/metrics")
+    # Packs from the demo's own Kling stand-in, served by the exporter itself.
+    account = demo_account(port, Path(tempfile.mkdtemp(prefix="kling-demo-keys-")))
+    standin = KlingStandIn(*DEMO_KEYS, demo_packs(time.time()))
+    config = demo_config(log_dir, account)
+    reader = ReaderProcess(config, None, args.log_level, args.log_format)
+    return run(reader, host, port, "/metrics", standin=standin)
 
 
 def _load(path: str | None) -> Config:

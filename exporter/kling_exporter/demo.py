@@ -26,9 +26,30 @@ DEFAULT_BACKFILL_HOURS = 1.0
 DEFAULT_SEED = 0
 
 
-def demo_config(log_dir: Path) -> Config:
+# The demo's own Kling account: a stand-in (kling_exporter.standin) served by the
+# exporter itself under this path, with these keys.
+STANDIN_PATH = "/demo/kling"
+DEMO_KEYS = ("demo-access-key", "demo-secret-key-for-the-stand-in-only")
+
+
+def demo_account(port: int, keys_dir: Path) -> dict[str, object]:
+    """The ``kling`` section that points the demo at its stand-in on ``port``."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    (keys_dir / "access").write_text(DEMO_KEYS[0])
+    (keys_dir / "secret").write_text(DEMO_KEYS[1])
+    return {
+        "api_base": f"http://127.0.0.1:{port}{STANDIN_PATH}",
+        "access_key_file": str(keys_dir / "access"),
+        "secret_key_file": str(keys_dir / "secret"),
+        "account_poll_interval": "1m",
+    }
+
+
+def demo_config(log_dir: Path, account: dict[str, object] | None = None) -> Config:
+    """The demo's config; ``account`` (``demo_account``) adds Kling's resource packs."""
     return parse_config(
         {
+            **({"kling": account} if account else {}),
             "logs": {"paths": [str(log_dir / "kling-*.jsonl")], "poll_interval": "1s"},
             "state": {"path": ""},
             # Sized for the default rate and backfill: one budget warns at once, one

@@ -33,12 +33,14 @@ from kling_exporter.callbacks import PATH as CALLBACK_PATH
 from kling_exporter.callbacks import Callbacks, callback_families
 from kling_exporter.collector import Exposition, reservation_families
 from kling_exporter.connections import GuardedSite, Limits
+from kling_exporter.demo import STANDIN_PATH
 from kling_exporter.model import ReaderUnavailable
 from kling_exporter.reader import ReaderProcess
 from kling_exporter.reservations import (
     Reservations,
     journal_beside,
 )
+from kling_exporter.standin import KlingStandIn
 from kling_exporter.webconfig import BasicAuth, FailureLimit, WebConfig
 
 log = logging.getLogger(__name__)
@@ -226,6 +228,7 @@ def build_app(
     telemetry_path: str = "/metrics",
     web_config: WebConfig | None = None,
     reservations: Reservations | None = None,
+    standin: KlingStandIn | None = None,
 ) -> web.Application:
     """The HTTP face of ``daemon``. Reservations are kept in memory unless given with a
     journal."""
@@ -247,6 +250,8 @@ def build_app(
     app.cleanup_ctx.append(polling(account))
     app.router.add_get(telemetry_path, metrics_handler(daemon, held, callbacks, account))
     app.router.add_post(CALLBACK_PATH, callbacks.handle)
+    if standin is not None:  # the demo's own Kling account
+        standin.routes(app, STANDIN_PATH)
     if telemetry_path != "/":
         app.router.add_get("/", index)
     app.router.add_get("/-/healthy", healthy)
@@ -272,10 +277,11 @@ async def _serve(
     web_config: WebConfig | None = None,
     tls: ssl.SSLContext | None = None,
     limits: Limits = Limits(),  # noqa: B008 - immutable
+    standin: KlingStandIn | None = None,
 ) -> int:
     """Serve until told to stop (0), or until the reader process ends unasked (1)."""
     reservations = Reservations(journal_beside(reader.config.state.path))
-    app = build_app(reader, telemetry_path, web_config, reservations)
+    app = build_app(reader, telemetry_path, web_config, reservations, standin)
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, keepalive_timeout=limits.idle_timeout
     )
@@ -321,11 +327,13 @@ def run(
     web_config: WebConfig | None = None,
     tls: ssl.SSLContext | None = None,
     limits: Limits = Limits(),  # noqa: B008 - immutable
+    standin: KlingStandIn | None = None,
 ) -> int:
     """Serve ``reader`` until SIGTERM or SIGINT (0), or until the reader ends unasked or
     the address cannot be served (1); then stop the reader, which saves its state."""
     try:
-        code = asyncio.run(_serve(reader, host, port, telemetry_path, web_config, tls, limits))
+        serving = _serve(reader, host, port, telemetry_path, web_config, tls, limits, standin)
+        code = asyncio.run(serving)
     except OSError as e:
         log.error("cannot serve", extra={"err": str(e)})
         return 1
