@@ -27,6 +27,7 @@ from aiohttp import web
 
 from kling_exporter.collector import Family
 from kling_exporter.config import Config, LogsConfig
+from kling_exporter.durable import GroupCommit, write_all_and_sync
 
 log = logging.getLogger(__name__)
 
@@ -103,48 +104,23 @@ def _number(value: Any, field: str, below: float) -> float | None:
 
 
 class Journal:
-    """Appends lines to the journal, each batch written whole and fsynced before the
-    callers waiting on it are answered; concurrent callbacks share one fsync."""
+    """Appends lines to the journal, each on disk before its caller is answered;
+    concurrent callbacks share one fsync."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._pending: list[bytes] = []
-        self._waiters: list[asyncio.Future[None]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._commit = GroupCommit(self._write)
 
     async def append(self, event: dict[str, Any]) -> None:
         """Return once the line is on disk; OSError if it cannot be written."""
         line = json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n"
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(line.encode())
-        self._waiters.append(future)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.ensure_future(self._flush())
-        await future
-
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, waiters = self._pending, self._waiters
-            self._pending, self._waiters = [], []
-            try:
-                await asyncio.to_thread(self._write, b"".join(batch))
-            except OSError as e:
-                for w in waiters:
-                    if not w.done():
-                        w.set_exception(e)
-                continue
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+        await self._commit.append(line.encode())
 
     def _write(self, data: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            write_all_and_sync(fd, data)
         finally:
             os.close(fd)
 

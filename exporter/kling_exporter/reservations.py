@@ -15,7 +15,6 @@ task. What is left of a hold is released by DELETE or at its expiry.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import heapq
@@ -30,7 +29,9 @@ from typing import Any
 import msgspec
 
 from kling_exporter.budgets import Ask, BudgetStatus, CheckResult, DayUsage, sum_into
+from kling_exporter.durable import GroupCommit, write_all_and_sync
 from kling_exporter.model import View
+from kling_exporter.state import write_state
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,7 @@ class Journal:
         self.path = path
         self.records = 0
         self.fd = -1
-        self._pending: list[bytes] = []
-        self._waiters: list[asyncio.Future[None]] = []
-        self._flushing = False
-        self._flusher: asyncio.Task[None] | None = None
+        self._commit = GroupCommit(self._write)
 
     def load(self) -> list[Record]:
         """What the journal holds; a torn last record (a crash mid-write) is dropped."""
@@ -114,14 +112,7 @@ class Journal:
 
     def rewrite(self, records: list[Record]) -> None:
         """Replace the journal by these records (atomically), and append after them."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, b"".join(_frame(r) for r in records))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        write_state(self.path, b"".join(_frame(r) for r in records))
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
@@ -129,38 +120,11 @@ class Journal:
 
     async def append(self, record: Record) -> None:
         """Return once the record is on disk; raises OSError if it cannot be."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(_frame(record))
-        self._waiters.append(future)
-        if not self._flushing:
-            self._flushing = True
-            self._flusher = asyncio.ensure_future(self._flush())
-        await future
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, waiters = self._pending, self._waiters
-                self._pending, self._waiters = [], []
-                try:
-                    await asyncio.to_thread(self._write, b"".join(batch))
-                except OSError as e:
-                    for w in waiters:
-                        if not w.done():
-                            w.set_exception(e)
-                    continue
-                self.records += len(batch)
-                for w in waiters:
-                    if not w.done():
-                        w.set_result(None)
-        finally:
-            self._flushing = False
+        await self._commit.append(_frame(record))
+        self.records += 1
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-        os.fsync(self.fd)
+        write_all_and_sync(self.fd, data)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,0 +1,51 @@
+"""Appends that are on disk before anyone is told they are: the reservations' journal
+and the callbacks' journal write through this."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+
+def write_all_and_sync(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (short writes continued), then fsync it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+class GroupCommit:
+    """Each ``append`` returns once its bytes are written and fsynced by ``write`` (on a
+    thread, so the event loop goes on), or raises its OSError. Appends that arrive while
+    a write is under way share the next one: one fsync for a burst, not one each."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self.write = write
+        self._pending: list[bytes] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def append(self, data: bytes) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(data)
+        self._waiters.append(future)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, waiters = self._pending, self._waiters
+            self._pending, self._waiters = [], []
+            try:
+                await asyncio.to_thread(self.write, b"".join(batch))
+            except OSError as e:
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(e)
+                continue
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
