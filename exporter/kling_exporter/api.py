@@ -151,19 +151,37 @@ def _bad_request(message: str) -> web.Response:
     return web.json_response({"error": message, "field": field}, status=400)
 
 
-async def _body(request: web.Request, kind: type[CheckRequest]) -> Any:
-    """The request's JSON body decoded as ``kind``, or the 400 that says what is wrong."""
+class BodyError(Exception):
+    """A request body too large (``too_large``), or not received whole in time."""
+
+    def __init__(self, message: str, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, at most MAX_BODY bytes, within BODY_TIMEOUT; BodyError else."""
+    too_large = BodyError(f"body: larger than {MAX_BODY} bytes", too_large=True)
     if request.content_length is not None and request.content_length > MAX_BODY:
-        return _bad_request(f"body: larger than {MAX_BODY} bytes")
+        raise too_large
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
             body = await request.content.read(MAX_BODY + 1)
     except TimeoutError:
-        return _bad_request(f"body: not received within {BODY_TIMEOUT:g} s")
+        raise BodyError(f"body: not received within {BODY_TIMEOUT:g} s") from None
     except (OSError, web.HTTPException):
-        return _bad_request("body: could not be read")
+        raise BodyError("body: could not be read") from None
     if len(body) > MAX_BODY:
-        return _bad_request(f"body: larger than {MAX_BODY} bytes")
+        raise too_large
+    return body
+
+
+async def _body(request: web.Request, kind: type[CheckRequest]) -> Any:
+    """The request's JSON body decoded as ``kind``, or the 400 that says what is wrong."""
+    try:
+        body = await read_body(request)
+    except BodyError as e:
+        return _bad_request(str(e))
     if not body.strip():
         return _bad_request("body: empty; send a JSON object ({} asks with the defaults)")
     duplicate = _duplicate_key(body)

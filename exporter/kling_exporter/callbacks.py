@@ -11,7 +11,6 @@ are acknowledged and written nowhere.
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import hmac
 import json
@@ -25,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kling_exporter.api import BodyError, read_body
 from kling_exporter.collector import Family
 from kling_exporter.config import Config, LogsConfig
 from kling_exporter.durable import GroupCommit, write_all_and_sync
@@ -126,8 +126,6 @@ class Journal:
 
 
 PATH = "/api/v1/kling/callback"
-MAX_BODY = 64 * 1024
-BODY_TIMEOUT = 10.0
 
 
 class Callbacks:
@@ -159,15 +157,12 @@ class Callbacks:
         given = request.query.get("token", "")
         if not hmac.compare_digest(given.encode(), token.encode()):
             return self._refuse("unauthorized", 401, "token: missing or wrong", "token")
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            return self._refuse("invalid", 413, f"body: larger than {MAX_BODY} bytes", "body")
         try:
-            async with asyncio.timeout(BODY_TIMEOUT):
-                raw = await request.content.read(MAX_BODY + 1)
-        except (TimeoutError, OSError, web.HTTPException):
+            raw = await read_body(request)
+        except BodyError as e:
+            if e.too_large:
+                return self._refuse("invalid", 413, str(e), "body")
             return self._refuse("invalid", 400, "body: could not be read", "body")
-        if len(raw) > MAX_BODY:
-            return self._refuse("invalid", 413, f"body: larger than {MAX_BODY} bytes", "body")
         try:
             event = completion(json.loads(raw))
         except (ValueError, RecursionError) as e:  # CallbackError is a ValueError
