@@ -40,6 +40,21 @@ def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -
     return t
 
 
+def merged(titles: dict[str, str], hidden: tuple[str, ...] = ("Time",)) -> list[dict[str, Any]]:
+    """Transformations that join instant queries into one table, a column per query
+    (refId -> title), without the ``hidden`` fields."""
+    return [
+        {"id": "merge", "options": {}},
+        {
+            "id": "organize",
+            "options": {
+                "excludeByName": dict.fromkeys(hidden, True),
+                "renameByName": {f"Value #{ref}": title for ref, title in titles.items()},
+            },
+        },
+    ]
+
+
 class Layout:
     """Places panels left to right in rows of 24 columns, giving each a unique id."""
 
@@ -637,18 +652,7 @@ def budgets() -> dict[str, Any]:
                     "properties": [{"id": "unit", "value": "dateTimeAsIso"}],
                 },
             ],
-            transformations=[
-                {"id": "merge", "options": {}},
-                {
-                    "id": "organize",
-                    "options": {
-                        "excludeByName": {"Time": True},
-                        "renameByName": {
-                            f"Value #{ref}": title for ref, (_, title) in columns.items()
-                        },
-                    },
-                },
-            ],
+            transformations=merged({ref: title for ref, (_, title) in columns.items()}),
         ),
         12,
         9,
@@ -693,18 +697,9 @@ def budgets() -> dict[str, Any]:
                 "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
                 "tooltip": {"mode": "multi", "sort": "none"},
             },
-            transformations=[
-                {"id": "merge", "options": {}},
-                {
-                    "id": "organize",
-                    "options": {
-                        "excludeByName": {"Time": True, "period": True},
-                        "renameByName": {
-                            f"Value #{ref}": title for ref, (_, title) in parts.items()
-                        },
-                    },
-                },
-            ],
+            transformations=merged(
+                {ref: title for ref, (_, title) in parts.items()}, ("Time", "period")
+            ),
         ),
         24,
         8,
@@ -741,18 +736,7 @@ def budgets() -> dict[str, Any]:
                     "properties": [{"id": "unit", "value": "dateTimeAsIso"}],
                 }
             ],
-            transformations=[
-                {"id": "merge", "options": {}},
-                {
-                    "id": "organize",
-                    "options": {
-                        "excludeByName": {"Time": True},
-                        "renameByName": {
-                            f"Value #{ref}": title for ref, (_, title) in pack_columns.items()
-                        },
-                    },
-                },
-            ],
+            transformations=merged({ref: title for ref, (_, title) in pack_columns.items()}),
         ),
         12,
         8,
