@@ -87,9 +87,7 @@ def completed(task_id: str, credits: float) -> str:
 
 def tell(held: Reservations, ledger: Ledger) -> None:
     """What the reader publishes after a chunk: counts of the reservations it changed."""
-    counts = {rid: int(ledger.consumed[rid][0]) for rid in ledger.consumed_changed}
-    ledger.consumed_changed.clear()
-    held.consumed(counts)
+    held.consumed(ledger.take_consumed())
 
 
 def test_a_hold_counts_until_its_tasks_are_in_flight_and_then_as_them(tmp_path: Path) -> None:
@@ -273,9 +271,7 @@ class ReservationMachine(RuleBasedStateMachine):
         saved = msgspec.msgpack.decode(msgspec.msgpack.encode(self.ledger.to_state()))
         self.ledger = Ledger.from_state(CONFIG, saved)
         self.held = Reservations(Journal(self.dir / "r"), self.clock)
-        counts = {rid: int(n) for rid, (n, _) in self.ledger.consumed.items()}
-        self.held.consumed(counts, baseline=True)
-        self.ledger.consumed_changed.clear()
+        self.held.consumed(self.ledger.take_consumed(every=True), baseline=True)
 
     @invariant()
     def committed_within_every_limit(self) -> None:

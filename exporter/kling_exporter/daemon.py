@@ -345,13 +345,8 @@ class Daemon:
         first = [True]
 
         def publish(force: bool) -> None:
-            changed = self.ledger.consumed_changed
-            if changed or first[0]:
-                used = self.ledger.consumed
-                counts = {rid: int(used[rid][0]) for rid in changed if rid in used}
-                if first[0]:
-                    counts = {rid: int(n) for rid, (n, _) in self.ledger.consumed.items()}
-                changed.clear()
+            if self.ledger.consumed_changed or first[0]:
+                counts = self.ledger.take_consumed(every=first[0])
                 loop.call_soon_threadsafe(consumed, counts, first[0])
                 first[0] = False
 

@@ -599,6 +599,15 @@ class Ledger:
             used[1] = max(used[1], ts)
         self.consumed_changed.add(reservation_id)
 
+    def take_consumed(self, every: bool = False) -> dict[str, int]:
+        """Tasks counted per reservation id: those changed since the last call, or
+        ``every`` one (a first word after a start); either way, nothing is then changed."""
+        used = self.consumed
+        ids = used if every else self.consumed_changed
+        counts = {rid: int(used[rid][0]) for rid in ids if rid in used}
+        self.consumed_changed.clear()
+        return counts
+
     def _day_bucket(self, ts: float) -> DayUsage:
         """The usage of the local day holding ``ts``, remembered for the next event."""
         lo, hi = self.clock.bounds("daily", ts)

@@ -179,13 +179,7 @@ class _Link:
             flight = None  # unchanged: not sent again
         else:
             self.flight_sent = flight
-        consumed: dict[str, int] = {}
-        if self.health is None:  # the first word: every count
-            consumed = {rid: int(n) for rid, (n, _) in ledger.consumed.items()}
-        elif ledger.consumed_changed:
-            used = ledger.consumed
-            consumed = {rid: int(used[rid][0]) for rid in ledger.consumed_changed if rid in used}
-        ledger.consumed_changed.clear()
+        consumed = ledger.take_consumed(every=self.health is None)  # the first word: all
         health = (d.ready.is_set(), d.reader_up)
         if days or dropped or flight is not None or consumed or health != self.health:
             first = self.health is None
