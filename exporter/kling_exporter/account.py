@@ -105,10 +105,13 @@ class Account:
         self._token: tuple[str, str, float] | None = None  # access key, token, exp
 
     def enabled(self) -> bool:
-        try:
-            return read_keys(self.config().kling) is not None
-        except OSError:
-            return True  # configured, but the files cannot be read: polling says so
+        """Whether keys are configured (files named, or both variables set); reading
+        them is the poll's business, so a scrape reads no file. A key file that cannot
+        be read, or is empty, shows as ``auth`` errors."""
+        kling = self.config().kling
+        access = kling.access_key_file or os.environ.get("KLING_ACCESS_KEY", "").strip()
+        secret = kling.secret_key_file or os.environ.get("KLING_SECRET_KEY", "").strip()
+        return bool(access and secret)
 
     def token(self, access: str, secret: str) -> str:
         """A signed token, reused until a minute before it expires."""
