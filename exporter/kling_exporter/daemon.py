@@ -20,14 +20,12 @@ from pathlib import Path
 
 import msgspec
 
-from kling_exporter.budgets import BudgetStatus, CheckResult
 from kling_exporter.collector import Exposition, declared, families
 from kling_exporter.config import Config, ConfigError, load_config
 from kling_exporter.events import explain_invalid
 from kling_exporter.ingest import RateLimit, ingest
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import Consumed, Snapshot, Status, View
-from kling_exporter.pricing import Request
 from kling_exporter.state import FORMAT, State, read_state, write_state
 from kling_exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
 
@@ -275,27 +273,6 @@ class Daemon:
         return None
 
     # -- reading for others ----------------------------------------------------------
-
-    def check(self, req: Request, count: int, project: str, user: str | None) -> CheckResult:
-        """A pre-flight answer without waiting for the reader: budget usage is read as it
-        stands (an event being applied may or may not be in it, as with any answer a
-        moment earlier or later). Only if the reader keeps resizing what is read is the
-        lock taken."""
-        now = self.clock()
-        for _ in range(3):
-            try:
-                return self.ledger.check(req, count, project, user, now)
-            except RuntimeError:  # "changed size during iteration": read again
-                continue
-        with self._reading():
-            return self.ledger.check(req, count, project, user, now)
-
-    def budget_statuses(self) -> list[BudgetStatus]:
-        """The budgets alone: what /api/v1/budgets shows, without the counter views and
-        the look at every log file that a scrape's snapshot makes."""
-        now = self.clock()
-        with self._reading():
-            return self.ledger.budget_statuses(now)
 
     def snapshot(self) -> tuple[Snapshot, Status]:
         with self._reading():

@@ -60,9 +60,10 @@ def metrics_handler(
             + callback_families(callbacks)
             + account.families()
         ),
+        # What there is, without reading usage (describe() drops the samples anyway).
         lambda: (
-            reservation_families(Reservations(), [])
-            + callback_families(Callbacks(lambda: source.config))
+            reservation_families(reservations, [])
+            + callback_families(callbacks)
             + account.families()
         ),
         process=False,
