@@ -145,6 +145,21 @@ class BudgetStatus(msgspec.Struct, frozen=True):
 NOTHING = DayUsage()  # no tasks in flight, no reservations
 
 
+class Share(NamedTuple):
+    """What other exporters of a fleet say a budget has used, has in flight and holds
+    in its current period (``kling_exporter.fleet``)."""
+
+    used_credits: float = 0.0
+    used_usd: float = 0.0
+    in_flight_credits: float = 0.0
+    in_flight_usd: float = 0.0
+    reserved_credits: float = 0.0
+    reserved_usd: float = 0.0
+
+
+ALONE: Mapping[str, Share] = {}  # no other exporters: budget name -> their share
+
+
 def _part(table: DayUsage, b: BudgetConfig) -> tuple[float, float]:
     found = table.used(b) if table.by_pair else None
     return (0.0, 0.0) if found is None else (found[0], found[1])
@@ -163,12 +178,30 @@ def _remaining(used: float, limit: float | None) -> float | None:
     return None if limit is None else max(limit - used, 0.0)
 
 
+Amount = tuple[float, float]  # (credits, usd)
+
+
+def _parts(
+    b: BudgetConfig, used: Amount, flight: DayUsage, held: DayUsage, elsewhere: Mapping[str, Share]
+) -> tuple[Amount, Amount, Amount]:
+    """What budget ``b`` has used, has in flight and holds, here and elsewhere."""
+    fly, kept = _part(flight, b), _part(held, b)
+    other = elsewhere.get(b.name)
+    if other is None:
+        return used, fly, kept
+    return (
+        (used[0] + other.used_credits, used[1] + other.used_usd),
+        (fly[0] + other.in_flight_credits, fly[1] + other.in_flight_usd),
+        (kept[0] + other.reserved_credits, kept[1] + other.reserved_usd),
+    )
+
+
 def budget_status(
     b: BudgetConfig,
-    used: tuple[float, float],
-    bounds: tuple[float, float],
-    flight: tuple[float, float] = (0.0, 0.0),
-    held: tuple[float, float] = (0.0, 0.0),
+    used: Amount,
+    flight: Amount,
+    held: Amount,
+    bounds: Amount,
 ) -> BudgetStatus:
     credits, usd = used
     util = max(_utilization(credits, b.limit_credits), _utilization(usd, b.limit_usd))
@@ -241,12 +274,33 @@ class Budgets:
         return out
 
     def statuses(
-        self, usage: Usage, now: float, flight: DayUsage = NOTHING, held: DayUsage = NOTHING
+        self,
+        usage: Usage,
+        now: float,
+        flight: DayUsage = NOTHING,
+        held: DayUsage = NOTHING,
+        elsewhere: Mapping[str, Share] = ALONE,
     ) -> list[BudgetStatus]:
+        """Every budget in its current period; with ``elsewhere``, what other exporters
+        say is added to this one's own."""
         budgets = self.config.budgets
+        out = []
+        for b, (used, bounds) in zip(budgets, self.usage(budgets, usage, now), strict=True):
+            out.append(budget_status(b, *_parts(b, used, flight, held, elsewhere), bounds))
+        return out
+
+    def shares(
+        self,
+        budgets: list[BudgetConfig],
+        usage: Usage,
+        now: float,
+        flight: DayUsage = NOTHING,
+        held: DayUsage = NOTHING,
+    ) -> list[tuple[Share, tuple[float, float]]]:
+        """This exporter's own share of each budget, and the bounds of its period."""
         return [
-            budget_status(b, used, bounds, _part(flight, b), _part(held, b))
-            for b, (used, bounds) in zip(budgets, self.usage(budgets, usage, now), strict=True)
+            (Share(c, u, *_part(flight, b), *_part(held, b)), bounds)
+            for b, ((c, u), bounds) in zip(budgets, self.usage(budgets, usage, now), strict=True)
         ]
 
     def check(
@@ -259,19 +313,22 @@ class Budgets:
         now: float,
         flight: DayUsage = NOTHING,
         held: DayUsage = NOTHING,
+        elsewhere: Mapping[str, Share] = ALONE,
     ) -> CheckResult:
         """May ``count`` tasks like ``req`` be generated for this project and user now?
         Each matching budget counts what is used, the estimated cost of tasks in flight
-        and live reservations (``held``); refused when any would go over its limit,
-        exactly at it is allowed."""
+        and live reservations (``held``), and what other exporters of a fleet say of
+        the three (``elsewhere``); refused when any would go over its limit, exactly at
+        it is allowed."""
         credits = self.pricing.credits(req) * count
         usd = credits * self.pricing.usd_per_credit
         matching = self.matching(project, user)
         rows, reasons, refused_by = [], [], None
         used = self.usage(matching, usage, now)
-        for b, ((spent_c, spent_u), _) in zip(matching, used, strict=True):
-            fly_c, fly_u = _part(flight, b)
-            held_c, held_u = _part(held, b)
+        for b, (spent, _) in zip(matching, used, strict=True):
+            (spent_c, spent_u), (fly_c, fly_u), (held_c, held_u) = _parts(
+                b, spent, flight, held, elsewhere
+            )
             used_c, used_u = spent_c + fly_c + held_c, spent_u + fly_u + held_u
             after = max(
                 _utilization(used_c + credits, b.limit_credits),

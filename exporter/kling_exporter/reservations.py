@@ -15,6 +15,7 @@ task. What is left of a hold is released by DELETE or at its expiry.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import heapq
@@ -22,13 +23,21 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from kling_exporter.budgets import Ask, BudgetStatus, CheckResult, DayUsage, sum_into
+from kling_exporter.budgets import (
+    ALONE,
+    Ask,
+    BudgetStatus,
+    CheckResult,
+    DayUsage,
+    Share,
+    sum_into,
+)
 from kling_exporter.durable import GroupCommit, write_all_and_sync
 from kling_exporter.model import View
 from kling_exporter.state import write_state
@@ -70,6 +79,10 @@ class Granted(msgspec.Struct, tag="grant", array_like=True):
 
 
 Record = Granted | Ended
+
+# A fleet's decision on (ask, id, ttl), made on a view it reads itself once its turn
+# has come: the check's result, or why the id is taken.
+Decide = Callable[[Ask, str | None, float], Awaitable[CheckResult | str]]
 
 
 def rfc3339(ts: float) -> str:
@@ -161,7 +174,7 @@ class Reservations:
         # Tasks the reader counted per reservation id, as it last said; ids of holds
         # not live are kept for a day, so that a repeated count is not counted again.
         self.told: dict[str, tuple[int, float]] = {}
-        self._seen_first = False
+        self.deciding = asyncio.Lock()  # a fleet's decisions, one at a time
         if journal is not None:
             self._restore(journal)
 
@@ -271,34 +284,85 @@ class Reservations:
 
     # -- answers -------------------------------------------------------------------
 
-    def check(self, view: View, ask: Ask) -> CheckResult:
-        """A pre-flight answer that counts the live holds."""
+    def check(self, view: View, ask: Ask, elsewhere: Mapping[str, Share] = ALONE) -> CheckResult:
+        """A pre-flight answer that counts the live holds (and, in a fleet, what the
+        other exporters say)."""
         self.sweep()
-        return view.budgets.check(view.usage, *ask, self.clock(), view.flight, self.held)
+        return view.budgets.check(view.usage, *ask, self.clock(), view.flight, self.held, elsewhere)
 
-    def statuses(self, view: View) -> list[BudgetStatus]:
+    def statuses(self, view: View, elsewhere: Mapping[str, Share] = ALONE) -> list[BudgetStatus]:
         self.sweep()
-        return view.budgets.statuses(view.usage, self.clock(), view.flight, self.held)
+        return view.budgets.statuses(view.usage, self.clock(), view.flight, self.held, elsewhere)
+
+    def max_expiry(self) -> float:
+        """When the last live hold expires (0 with none)."""
+        return max((h.expires_at for h in self.holds.values()), default=0.0)
 
     async def reserve(
-        self, view: View, ask: Ask, rid: str | None, ttl: float, fingerprint: str
+        self,
+        view: View,
+        ask: Ask,
+        rid: str | None,
+        ttl: float,
+        fingerprint: str,
+        decide: Decide | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """Grant (201) or refuse (200) atomically; the same id and body again is the
-        same reservation (200), another body under a used id is 409."""
+        same reservation (200), another body under a used id is 409. ``decide`` (a
+        fleet's) answers in place of this exporter's own check; it is called under
+        ``self.deciding``, which is held until the hold is counted here."""
         self.sweep()
-        if rid is not None:
-            hold = self.holds.get(rid)
-            if hold is not None:
-                if hold.fingerprint != fingerprint:
-                    return 409, _conflict(rid, "is held for another request")
-                return 200, self._granted(hold)
-            if rid in self.ended:
-                return 409, _conflict(rid, "has ended (released, expired or used up)")
-        result = self.check(view, ask)
+        known = self._known(rid, fingerprint)
+        if known is not None:
+            return known
+        if decide is None:
+            result = self.check(view, ask)
+            hold = self._hold(ask, rid, ttl, fingerprint, result)
+        else:
+            async with self.deciding:
+                known = self._known(rid, fingerprint)  # asked twice at once
+                if known is not None:
+                    return known
+                decided = await decide(ask, rid, ttl)
+                if isinstance(decided, str):
+                    return 409, _conflict(rid or "", decided)
+                result = decided
+                hold = self._hold(ask, rid, ttl, fingerprint, result)
+        if hold is None:
+            return 200, msgspec.to_builtins(result)
+        try:
+            await self._record(Granted(hold))
+        except OSError as e:
+            if self.holds.get(hold.id) is hold:
+                del self.holds[hold.id]
+                self._change(hold, -hold.left, -1)
+            log.error("cannot write the reservation journal", extra={"err": e.strerror})
+            raise
+        self.outcomes["granted"] += 1
+        answer = self._granted(hold)
+        answer["reason"] = result.reason
+        return 201, answer
+
+    def _known(self, rid: str | None, fingerprint: str) -> tuple[int, dict[str, Any]] | None:
+        """The answer for an id already used, or None."""
+        if rid is None:
+            return None
+        hold = self.holds.get(rid)
+        if hold is not None:
+            if hold.fingerprint != fingerprint:
+                return 409, _conflict(rid, "is held for another request")
+            return 200, self._granted(hold)
+        if rid in self.ended:
+            return 409, _conflict(rid, "has ended (released, expired or used up)")
+        return None
+
+    def _hold(
+        self, ask: Ask, rid: str | None, ttl: float, fingerprint: str, result: CheckResult
+    ) -> Hold | None:
+        """The hold ``result`` allows, counted at once; None (a refusal, counted) else."""
         if not result.allowed:
             self.outcomes["refused"] += 1
-            answer = msgspec.to_builtins(result)
-            return 200, answer
+            return None
         now = self.clock()
         hold = Hold(
             id=rid or str(uuid.uuid4()),
@@ -314,18 +378,7 @@ class Reservations:
         self.holds[hold.id] = hold
         heapq.heappush(self._expiry, (hold.expires_at, hold.id))
         self._change(hold, hold.left, 1)
-        try:
-            await self._record(Granted(hold))
-        except OSError as e:
-            if self.holds.get(hold.id) is hold:
-                del self.holds[hold.id]
-                self._change(hold, -hold.left, -1)
-            log.error("cannot write the reservation journal", extra={"err": e.strerror})
-            raise
-        self.outcomes["granted"] += 1
-        answer = self._granted(hold)
-        answer["reason"] = result.reason
-        return 201, answer
+        return hold
 
     def _granted(self, hold: Hold) -> dict[str, Any]:
         return {
