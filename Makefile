@@ -47,7 +47,7 @@ certs:
 	chmod 600 $(CERTS_DIR)/exporter.key
 	@echo "wrote $(CERTS_DIR)/exporter.crt and exporter.key (self-signed: for trying only)"
 
-## tools: Prometheus, promtool, Alertmanager, amtool and logrotate for the end-to-end tests
+## tools: Prometheus, promtool, Alertmanager, amtool, logrotate and redis-server for the end-to-end tests
 tools:
 	@scripts/ensure-tools
 

@@ -27,6 +27,7 @@ from kling_exporter.events import (
     kind_of,
     name_of,
 )
+from kling_exporter.fleet import Fleet
 from kling_exporter.model import Consumed, ReaderUnavailable, View
 from kling_exporter.pricing import Request
 from kling_exporter.reports import amount_for_people
@@ -66,6 +67,7 @@ class Source(Protocol):
 
 DAEMON: web.AppKey[Source] = web.AppKey("daemon", Source)
 RESERVATIONS = web.AppKey("reservations", Reservations)
+FLEET = web.AppKey("fleet", Fleet)
 
 
 def for_people(value: Any, key: str = "") -> Any:
@@ -97,8 +99,19 @@ def statuses(source: Source, reservations: Reservations) -> list[BudgetStatus]:
 
 
 async def budgets(request: web.Request) -> web.Response:
-    found = statuses(request.app[DAEMON], request.app[RESERVATIONS])
-    return web.json_response({"budgets": for_people(msgspec.to_builtins(found))})
+    source, fleet = request.app[DAEMON], request.app[FLEET]
+    if not fleet.enabled:
+        found = statuses(source, request.app[RESERVATIONS])
+        return web.json_response({"budgets": for_people(msgspec.to_builtins(found))})
+    for _ in range(3):
+        try:
+            rows = await fleet.statuses(source.view())
+            break
+        except RuntimeError:  # an in-process reader resized what was read: read again
+            continue
+    else:
+        raise ReaderUnavailable("budget usage kept changing while it was read")
+    return _json({"budgets": rows, "fleet": fleet.describe()})
 
 
 MAX_BODY = 64 * 1024
@@ -216,9 +229,13 @@ async def check(request: web.Request) -> web.Response:
     if isinstance(req, web.Response):
         return req
     source, reservations = request.app[DAEMON], request.app[RESERVATIONS]
+    fleet = request.app[FLEET]
     for _ in range(3):
         try:
-            result = reservations.check(source.view(), _asked(req))
+            if fleet.enabled:
+                result = await fleet.check(source.view(), _asked(req))
+            else:
+                result = reservations.check(source.view(), _asked(req))
             break
         except RuntimeError:  # an in-process reader resized what was read: read again
             continue
@@ -248,12 +265,14 @@ async def reserve(request: web.Request) -> web.Response:
     if isinstance(req, web.Response):
         return req
     source, reservations = request.app[DAEMON], request.app[RESERVATIONS]
+    fleet = request.app[FLEET]
+    decide = fleet.decide if fleet.enabled else None
     assert isinstance(req.ttl, float)
     asked = msgspec.to_builtins(req)
     for _ in range(3):
         try:
             status, answer = await reservations.reserve(
-                source.view(), _asked(req), req.id, req.ttl, fingerprint(asked)
+                source.view(), _asked(req), req.id, req.ttl, fingerprint(asked), decide
             )
             break
         except RuntimeError:
@@ -272,6 +291,7 @@ async def reservations_list(request: web.Request) -> web.Response:
 async def release(request: web.Request) -> web.Response:
     rid = request.match_info["id"]
     if await request.app[RESERVATIONS].release(rid):
+        request.app[FLEET].wake.set()  # the fleet sees the room at once
         return web.Response(status=204)
     error = f"id: no live reservation {rid!r} (unknown, used up, expired or released)"
     return web.json_response({"error": error, "field": "id"}, status=404)

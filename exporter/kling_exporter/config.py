@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import socket
 import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
@@ -252,6 +253,50 @@ class KlingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return parse_duration(self.account_poll_interval, "account_poll_interval")
 
 
+FLEET_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+
+
+class FleetConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Budgets shared by several exporters through Redis; ``redis_url`` empty: alone.
+    Every exporter of a fleet needs the same budgets and time zone, and its own
+    ``instance`` name (the host name unless given)."""
+
+    redis_url: str = ""
+    instance: str = ""
+    key_prefix: str = "kling:"
+    publish_interval: str | float = "1s"
+    on_unavailable: str = "allow"  # or refuse: what pre-flight does without Redis
+    # How long one answer from Redis may take before it counts as unavailable.
+    timeout: str | float = "500ms"
+
+    def __post_init__(self) -> None:
+        _one_of("on_unavailable", self.on_unavailable, ("allow", "refuse"))
+        if self.redis_url and not self.redis_url.startswith(FLEET_SCHEMES):
+            raise ValueError(
+                f"redis_url: expected a URL starting with one of {', '.join(FLEET_SCHEMES)}"
+            )
+        if not 0.1 <= parse_duration(self.publish_interval, "publish_interval") <= 60:
+            raise ValueError("publish_interval: expected 100ms to 1m")
+        if not 0.01 <= parse_duration(self.timeout, "timeout") <= 10:
+            raise ValueError("timeout: expected 10ms to 10s")
+        if len(self.instance) > 128 or not self.instance.isprintable():
+            raise ValueError("instance: expected up to 128 printable characters")
+        if not self.key_prefix.isprintable() or "{" in self.key_prefix:
+            raise ValueError("key_prefix: expected printable characters without '{'")
+
+    @property
+    def publish_seconds(self) -> float:
+        return parse_duration(self.publish_interval, "publish_interval")
+
+    @property
+    def timeout_seconds(self) -> float:
+        return parse_duration(self.timeout, "timeout")
+
+    @property
+    def instance_name(self) -> str:
+        return self.instance or socket.gethostname()
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
@@ -261,6 +306,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     labels: LabelsConfig = msgspec.field(default_factory=LabelsConfig)
     tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
     kling: KlingConfig = msgspec.field(default_factory=KlingConfig)
+    fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -337,7 +383,7 @@ def _in_words(types: str) -> str:
 def _known_keys() -> set[str]:
     structs: tuple[type[msgspec.Struct], ...] = (Config, LogsConfig, StateConfig, PriceRule)
     structs += (PricingConfig, ModelMultiplier, BudgetConfig, LabelsConfig, TasksConfig)
-    structs += (KlingConfig,)
+    structs += (KlingConfig, FleetConfig)
     return {f for struct in structs for f in struct.__struct_fields__}
 
 

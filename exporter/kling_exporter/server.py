@@ -19,6 +19,7 @@ from kling_exporter import __version__
 from kling_exporter.account import Account, polling
 from kling_exporter.api import (
     DAEMON,
+    FLEET,
     MAX_BODY,
     RESERVATIONS,
     Source,
@@ -34,6 +35,7 @@ from kling_exporter.callbacks import Callbacks, callback_families
 from kling_exporter.collector import Exposition, reservation_families
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.demo import STANDIN_PATH
+from kling_exporter.fleet import Fleet, publishing
 from kling_exporter.model import ReaderUnavailable
 from kling_exporter.reader import ReaderProcess
 from kling_exporter.reservations import (
@@ -47,7 +49,11 @@ log = logging.getLogger(__name__)
 
 
 def metrics_handler(
-    source: Source, reservations: Reservations, callbacks: Callbacks, account: Account
+    source: Source,
+    reservations: Reservations,
+    callbacks: Callbacks,
+    account: Account,
+    fleet: Fleet,
 ) -> Any:
     """/metrics, compressed when the client asks. Plain-text scrapes that arrive while a
     render is under way share the reader's render; OpenMetrics and ``name[]`` filters are
@@ -59,12 +65,14 @@ def metrics_handler(
             reservation_families(reservations, statuses(source, reservations))
             + callback_families(callbacks)
             + account.families()
+            + fleet.families()
         ),
         # What there is, without reading usage (describe() drops the samples anyway).
         lambda: (
             reservation_families(reservations, [])
             + callback_families(callbacks)
             + account.families()
+            + fleet.families()
         ),
         process=False,
     )
@@ -249,7 +257,10 @@ def build_app(
     callbacks = Callbacks(lambda: daemon.config)
     account = Account(lambda: daemon.config)
     app.cleanup_ctx.append(polling(account))
-    app.router.add_get(telemetry_path, metrics_handler(daemon, held, callbacks, account))
+    fleet = app[FLEET] = Fleet(lambda: daemon.config, held, daemon.view, daemon.is_ready)
+    app.cleanup_ctx.append(publishing(fleet))
+    handler = metrics_handler(daemon, held, callbacks, account, fleet)
+    app.router.add_get(telemetry_path, handler)
     app.router.add_post(CALLBACK_PATH, callbacks.handle)
     if standin is not None:  # the demo's own Kling account
         standin.routes(app, STANDIN_PATH)

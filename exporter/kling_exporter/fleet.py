@@ -1,0 +1,495 @@
+"""Fleet budgets: one budget across many exporters, shared through Redis.
+
+Each exporter keeps its own holds (journalled, as alone) and publishes, per budget and
+period, one entry of absolute sums: what its logs say is used and in flight, and what
+its live holds keep, with how long they last. Publishing the same totals again changes
+nothing, so a restart or a Redis that lost everything is mended by publishing.
+
+A reservation is decided by one server-side script that reads every instance's entry
+of the matching budgets, adds this exporter's fresh entry and the request, and, when
+every budget has room, writes this exporter's entry with the request held: two
+exporters can never both take the last credits. An entry stays until its period is
+over (a stopped exporter's spending still counts); its holds count until they expire.
+
+A Redis that restarted empty knows no instance's spending until each has published
+again: for two publish intervals after it first answers so (the ``epoch`` it keeps),
+the fleet counts as unavailable. Unavailable (unreachable, slow, or settling),
+pre-flight follows ``fleet.on_unavailable``: ``allow`` decides on this exporter's own
+usage plus the other instances' last seen, ``refuse`` refuses. Ingestion and scrapes
+never wait for Redis.
+
+All keys share one hash tag, so the script runs on a Redis Cluster too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from redis import asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+from kling_exporter.budgets import Ask, CheckResult, Share
+from kling_exporter.collector import Family
+from kling_exporter.config import BudgetConfig, Config, FleetConfig
+from kling_exporter.model import View
+from kling_exporter.reservations import Reservations
+
+log = logging.getLogger(__name__)
+
+FLEET_UNAVAILABLE = "fleet unavailable"
+# An instance that has not published for this many intervals is not counted as one of
+# the fleet's (its entries still count until their periods end).
+STALE_INTERVALS = 5
+# Entries are kept this long past their period's end, for clocks a little apart.
+KEEP_AFTER_PERIOD = 86400
+
+# KEYS: 1 epoch, 2 instances, 3 the hold's id, then one hash per budget
+# ARGV: 1 mode (publish | read | claim), 2 instance, 3 settle seconds, 4 stale seconds,
+#       5 credits needed, 6 usd needed, 7 the hold's ttl, 8 "1" when an id is given,
+#       then four per budget: credit limit (-1 none), usd limit (-1 none), seconds the
+#       entry is kept, this instance's entry [used c, u, in flight c, u, held c, u,
+#       seconds the holds last]
+# Entries are kept with the holds' end in Redis's own time, so that clocks of
+# exporters that disagree do not matter.
+SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local mode, me = ARGV[1], ARGV[2]
+local epoch = tonumber(redis.call('GET', KEYS[1]))
+if not epoch then
+  epoch = now
+  redis.call('SET', KEYS[1], string.format('%.6f', now))
+end
+local settled = now >= epoch + tonumber(ARGV[3])
+local n = #KEYS - 3
+local others, mine = {}, {}
+for i = 1, n do
+  local o = {0, 0, 0, 0, 0, 0}
+  local entries = redis.call('HGETALL', KEYS[3 + i])
+  for j = 1, #entries, 2 do
+    if entries[j] ~= me then
+      local e = cjson.decode(entries[j + 1])
+      for k = 1, 4 do o[k] = o[k] + e[k] end
+      if e[7] > now then
+        o[5] = o[5] + e[5]
+        o[6] = o[6] + e[6]
+      end
+    end
+  end
+  others[i] = o
+  mine[i] = cjson.decode(ARGV[8 + 4 * i])
+end
+local verdict, owner, refused_by = 'ok', '', 0
+if mode == 'claim' then
+  local holder = false
+  if ARGV[8] == '1' then holder = redis.call('GET', KEYS[3]) end
+  if not settled then
+    verdict = 'settling'
+  elseif holder and holder ~= me then
+    verdict, owner = 'taken', holder
+  else
+    local nc, nu = tonumber(ARGV[5]), tonumber(ARGV[6])
+    for i = 1, n do
+      local lc, lu = tonumber(ARGV[5 + 4 * i]), tonumber(ARGV[6 + 4 * i])
+      local o, m = others[i], mine[i]
+      local c = o[1] + m[1] + o[3] + m[3] + o[5] + m[5] + nc
+      local u = o[2] + m[2] + o[4] + m[4] + o[6] + m[6] + nu
+      if verdict == 'ok' and ((lc >= 0 and c > lc + 1e-9) or (lu >= 0 and u > lu + 1e-9)) then
+        verdict, refused_by = 'refused', i
+      end
+    end
+    if verdict == 'ok' then
+      local ttl = tonumber(ARGV[7])
+      for i = 1, n do
+        mine[i][5] = mine[i][5] + nc
+        mine[i][6] = mine[i][6] + nu
+        mine[i][7] = math.max(mine[i][7], ttl)
+      end
+      if ARGV[8] == '1' then
+        redis.call('SET', KEYS[3], me, 'EX', math.max(1, math.ceil(ttl)))
+      end
+    end
+  end
+end
+if mode ~= 'read' then
+  for i = 1, n do
+    local m = mine[i]
+    m[7] = now + m[7]
+    redis.call('HSET', KEYS[3 + i], me, cjson.encode(m))
+    redis.call('EXPIRE', KEYS[3 + i], math.max(1, math.ceil(tonumber(ARGV[7 + 4 * i]))))
+  end
+  redis.call('ZADD', KEYS[2], now, me)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 7 * 86400)
+end
+local instances = redis.call('ZCOUNT', KEYS[2], now - tonumber(ARGV[4]), '+inf')
+return cjson.encode({verdict = verdict, owner = owner, refused_by = refused_by,
+                     settled = settled,
+                     epoch = string.format('%.6f', epoch), instances = instances,
+                     others = others})
+"""
+
+
+class Answer(msgspec.Struct):
+    """What the script answers."""
+
+    verdict: str  # ok | refused | settling | taken
+    owner: str  # of the id, when taken
+    refused_by: int  # the first budget that refused, from 1
+    settled: bool
+    epoch: str
+    instances: int
+    others: list[list[float]] | dict[str, Any]  # Lua's cjson writes an empty list as {}
+
+
+_decode = msgspec.json.Decoder(Answer).decode
+
+
+class Unavailable(Exception):
+    """Redis did not answer in time, or answered with an error, or is settling."""
+
+
+def connect(url: str, timeout: float) -> Any:
+    """A client for ``url``: ``redis://`` (``rediss://``, ``unix://``) for one server,
+    ``redis+sentinel://[password@]host:port[,host:port...]/service[/db]`` for the
+    master Sentinel names, ``redis+cluster://host:port`` for a Cluster."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "decode_responses": True,
+    }
+    if url.startswith("redis+cluster://"):
+        return RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"), **options)
+    if url.startswith("redis+sentinel://"):
+        parts = urllib.parse.urlsplit(url)
+        hosts = []
+        for item in parts.netloc.rpartition("@")[2].split(","):
+            host, _, port = item.rpartition(":")
+            hosts.append((host or item, int(port) if host and port else 26379))
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("redis_url: a Sentinel URL names its service: .../service[/db]")
+        if parts.password:
+            options["password"] = urllib.parse.unquote(parts.password)
+        if len(path) > 1:
+            options["db"] = int(path[1])
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs={"socket_timeout": timeout}, **options
+        )
+        return sentinel.master_for(path[0])
+    return aioredis.Redis.from_url(url, **options)
+
+
+class Fleet:
+    """This exporter's part in a fleet: what it publishes, what it last saw of the
+    others, and the pre-flight answers and reservation decisions made with them."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        reservations: Reservations,
+        view: Callable[[], View],
+        ready: Callable[[], bool],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.reservations = reservations
+        # Read under the reservations' lock, never before it: a view taken before a
+        # wait may predate tasks that have since used holds.
+        self.view = view
+        self.ready = ready
+        self.clock = clock
+        self.up = False
+        self.settled = False
+        self.instances = 0
+        self.last_publish = 0.0
+        self.epoch = ""
+        # The other instances' share of each budget's current period, as last seen.
+        self.seen: dict[str, Share] = {}
+        self.errors = 0
+        self.wake = asyncio.Event()
+        self._client: Any = None
+        self._script: Any = None
+        self._url = ""
+        self._warned = 0.0
+
+    @property
+    def settings(self) -> FleetConfig:
+        return self.config().fleet
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.settings.redis_url)
+
+    def _key(self, b: BudgetConfig, start: float) -> str:
+        return f"{self.settings.key_prefix}{{fleet}}:usage:{b.period}:{int(start)}:{b.name}"
+
+    # -- talking to Redis ------------------------------------------------------------
+
+    async def _connected(self) -> Any:
+        settings = self.settings
+        if self._client is None or self._url != settings.redis_url:
+            await self.close()  # the URL changed in a reload
+            self._client = connect(settings.redis_url, settings.timeout_seconds)
+            self._script = self._client.register_script(SCRIPT)
+            self._url = settings.redis_url
+        return self._script
+
+    async def _run(
+        self,
+        mode: str,
+        view: View,
+        budgets: list[BudgetConfig],
+        needed: tuple[float, float] = (0.0, 0.0),
+        rid: str | None = None,
+        ttl: float = 0.0,
+    ) -> tuple[Answer, list[str]]:
+        """Run the script for ``budgets``; raise Unavailable when Redis does not answer."""
+        settings = self.settings
+        now = self.clock()
+        prefix = f"{settings.key_prefix}{{fleet}}:"
+        keys = [prefix + "epoch", prefix + "instances", prefix + f"id:{rid or ''}"]
+        held_for = max(self.reservations.max_expiry() - now, 0.0)
+        args: list[Any] = [
+            mode,
+            settings.instance_name,
+            2 * settings.publish_seconds + 1,
+            STALE_INTERVALS * settings.publish_seconds,
+            needed[0],
+            needed[1],
+            ttl,
+            "1" if rid else "",
+        ]
+        shares = view.budgets.shares(budgets, view.usage, now, view.flight, self.reservations.held)
+        for b, (share, (start, end)) in zip(budgets, shares, strict=True):
+            keys.append(self._key(b, start))
+            limit_c = -1.0 if b.limit_credits is None else b.limit_credits
+            limit_u = -1.0 if b.limit_usd is None else b.limit_usd
+            entry = msgspec.json.encode([*share, held_for]).decode()
+            args += [limit_c, limit_u, max(end - now, 0) + KEEP_AFTER_PERIOD, entry]
+        try:
+            script = await self._connected()
+            async with asyncio.timeout(settings.timeout_seconds * 2):
+                raw = await script(keys=keys, args=args)
+            answer = _decode(raw)
+        except (RedisError, OSError, TimeoutError, ValueError, msgspec.DecodeError) as e:
+            self._down(e)
+            raise Unavailable(str(e) or type(e).__name__) from None
+        if not self.up:
+            log.info("the fleet's Redis answers", extra={"instances": answer.instances})
+        self.up = True
+        self.settled = answer.settled
+        self.instances = answer.instances
+        if answer.epoch != self.epoch:
+            if self.epoch:
+                log.warning("the fleet's Redis started afresh; publishing again")
+                self.wake.set()
+            self.epoch = answer.epoch
+        if answer.settled:  # before, what others published may be missing
+            others = answer.others if isinstance(answer.others, list) else []
+            for key, o in zip(keys[3:], others, strict=True):
+                self.seen[key] = Share(*o)
+        return answer, keys[3:]
+
+    def _down(self, error: BaseException) -> None:
+        self.errors += 1
+        if self.up or self.clock() - self._warned > 60:
+            self._warned = self.clock()
+            log.warning(
+                "the fleet's Redis does not answer",
+                extra={
+                    "err": str(error) or type(error).__name__,
+                    "on_unavailable": (self.settings.on_unavailable),
+                },
+            )
+        self.up = False
+
+    def _last_seen(self, view: View, budgets: list[BudgetConfig]) -> dict[str, Share]:
+        """The other instances' share of these budgets as last seen, by budget name."""
+        now = self.clock()
+        out = {}
+        for b in budgets:
+            start = view.budgets.clock.bounds(b.period, now)[0]
+            found = self.seen.get(self._key(b, start))
+            if found is not None:
+                out[b.name] = found
+        return out
+
+    async def _elsewhere(self, view: View, budgets: list[BudgetConfig]) -> Mapping[str, Share]:
+        """The other instances' share of these budgets: read now, or last seen when
+        Redis does not answer (Unavailable raised then only for ``refuse``)."""
+        if self.up and budgets:
+            try:
+                answer, _ = await self._run("read", view, budgets)
+                if answer.settled:
+                    return self._last_seen(view, budgets)
+            except Unavailable:
+                pass
+        if self.settings.on_unavailable == "refuse":
+            raise Unavailable(FLEET_UNAVAILABLE)
+        return self._last_seen(view, budgets)
+
+    # -- the answers -----------------------------------------------------------------
+
+    async def check(self, view: View, ask: Ask) -> CheckResult:
+        """A pre-flight answer over the whole fleet."""
+        budgets = view.budgets.matching(ask.project, ask.user)
+        try:
+            elsewhere = await self._elsewhere(view, budgets)
+        except Unavailable:
+            return refused(self.reservations.check(view, ask))
+        return self.reservations.check(view, ask, elsewhere)
+
+    async def statuses(self, view: View) -> list[dict[str, Any]]:
+        """Every budget with the fleet's totals, and this exporter's share as ``local``."""
+        budgets = view.budgets.config.budgets
+        local = self.reservations.statuses(view)
+        try:
+            elsewhere = await self._elsewhere(view, budgets)
+        except Unavailable:
+            elsewhere = self._last_seen(view, budgets)
+        fleet = self.reservations.statuses(view, elsewhere)
+        out = []
+        for total, mine in zip(fleet, local, strict=True):
+            row = msgspec.to_builtins(total)
+            row["local"] = msgspec.to_builtins(mine)
+            out.append(row)
+        return out
+
+    async def decide(self, ask: Ask, rid: str | None, ttl: float) -> CheckResult | str:
+        """A reservation's decision (``Reservations.reserve`` calls it, one at a time):
+        granted by the script with this exporter's entry holding it, or refused; the
+        reason an id is taken by another instance as text."""
+        view = self.view()
+        budgets = view.budgets.matching(ask.project, ask.user)
+        mine = self.reservations.check(view, ask)  # what is needed; the local view
+        if not budgets:
+            return mine
+        if not self.ready():
+            return refused(mine, "this exporter is still reading its logs")
+        if self.up:
+            try:
+                needed = (mine.credits_needed, mine.usd_needed)
+                answer, _ = await self._run("claim", view, budgets, needed, rid, ttl)
+            except Unavailable:
+                answer = None
+            if answer is not None and answer.verdict == "taken":
+                return f"is held through the fleet's instance {answer.owner!r}"
+            if answer is not None and answer.verdict in ("ok", "refused"):
+                # The script's verdict, with the rows and words of a check made on what
+                # is here now (tasks may have used holds meanwhile: the sum is the same).
+                elsewhere = self._last_seen(view, budgets)
+                result = self.reservations.check(self.view(), ask, elsewhere)
+                if answer.verdict == "ok" and not result.allowed:
+                    reason = "within every matching budget"
+                    return msgspec.structs.replace(
+                        result, allowed=True, reason=reason, refused_by=None
+                    )
+                if answer.verdict == "refused" and result.allowed:
+                    name = budgets[answer.refused_by - 1].name
+                    reason = f"budget {name!r} has no room left in the fleet"
+                    return msgspec.structs.replace(
+                        result, allowed=False, reason=reason, refused_by=name
+                    )
+                return result
+        if self.settings.on_unavailable == "refuse":
+            return refused(mine)
+        return self.reservations.check(view, ask, self._last_seen(view, budgets))
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def publish(self) -> None:
+        """Publish this exporter's entry of every budget (under the reservations' lock,
+        so that no decision is made between reading the holds and writing them)."""
+        async with self.reservations.deciding:
+            view = self.view()
+            await self._run("publish", view, view.budgets.config.budgets)
+        self.last_publish = self.clock()
+
+    async def run(self) -> None:
+        """Publish every ``publish_interval`` once the logs are read, and at once when
+        Redis comes back or started afresh; until cancelled."""
+        while True:
+            self.wake.clear()
+            if self.enabled and self.ready():
+                try:
+                    await self.publish()
+                except Unavailable:
+                    pass
+                except RuntimeError:  # an in-process reader changed the usage read
+                    continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.publish_seconds):
+                    await self.wake.wait()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._client.aclose()
+            self._client = None
+
+    def families(self) -> list[Family]:
+        """The fleet's health; nothing when no Redis is configured."""
+        if not self.enabled:
+            return []
+        return [
+            Family(
+                "kling_fleet_up",
+                "gauge",
+                "Whether the fleet's Redis answered this exporter's last request (1) or not.",
+                (),
+                {(): 1.0 if self.up else 0.0},
+            ),
+            Family(
+                "kling_fleet_instances",
+                "gauge",
+                "Exporters that published to the fleet's Redis lately, this one included.",
+                (),
+                {(): float(self.instances)},
+            ),
+            Family(
+                "kling_fleet_last_publish_timestamp_seconds",
+                "gauge",
+                "When this exporter last published its usage to the fleet (0: never).",
+                (),
+                {(): self.last_publish},
+            ),
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        """The fleet as ``/api/v1/budgets`` shows it."""
+        return {
+            "instance": self.settings.instance_name,
+            "up": self.up,
+            "settled": self.settled,
+            "instances": self.instances,
+            "on_unavailable": self.settings.on_unavailable,
+        }
+
+
+def refused(result: CheckResult, why: str = FLEET_UNAVAILABLE) -> CheckResult:
+    """``result`` turned into a refusal for a reason of the fleet's."""
+    return msgspec.structs.replace(result, allowed=False, reason=why, refused_by=None)
+
+
+def publishing(fleet: Fleet) -> Callable[[web.Application], AsyncIterator[None]]:
+    """An aiohttp cleanup context that publishes for as long as the application runs."""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(fleet.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await fleet.close()
+
+    return run
