@@ -1,0 +1,66 @@
+"""A real redis-server on 127.0.0.1 for the fleet's tests: a port chosen at run time, no
+persistence (a restart starts empty), stopped afterwards."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+from tests.helpers import free_port, require_binary, wait_until
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None):
+        self.binary = require_binary("redis-server")
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5, decode_responses=True)
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / f"redis-{self.port}.log", "ab")  # noqa: SIM115
+        cmd = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        self.proc = subprocess.Popen(
+            [*cmd, *self.extra], cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        with self.client() as c:
+            wait_until(c.ping, timeout=15)
+        return self
+
+    def kill(self) -> None:
+        """kill -9: what it held is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,390 @@
+"""Fleet budgets: several real exporters sharing budgets through a real redis-server,
+with workers reserving concurrently, kill -9 of an exporter and of Redis, Redis down,
+and the Sentinel and Cluster URLs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kling_exporter.client import EventLogger
+
+from tests.helpers import (
+    DaemonProcess,
+    free_port,
+    require_binary,
+    value,
+    wait_until,
+)
+from tests.redis_server import RedisServer
+
+CONFIG = """
+state: {{path: {dir}/k.state}}
+logs: {{paths: ["{dir}/logs/kling-*.jsonl"], poll_interval: 100ms}}
+fleet: {{redis_url: "{url}", instance: {name}, publish_interval: 200ms, on_unavailable: {mode}}}
+budgets:
+  - {{name: team, project: p, period: monthly, limit_credits: {limit}}}
+  - {{name: everyone, period: daily, limit_usd: 100000}}
+"""
+TASK: dict[str, Any] = {"project": "p", "model": "kling-v2-6", "mode": "std", "duration": 5}
+CREDITS = 10  # what TASK costs
+
+
+class Fleet:
+    """A redis-server and exporters, each with its own folder and logs."""
+
+    def __init__(self, tmp_path: Path, limit: float, mode: str = "refuse") -> None:
+        self.tmp_path = tmp_path
+        self.limit = limit
+        self.mode = mode
+        self.redis = RedisServer(tmp_path / "redis").start()
+        self.exporters: dict[str, DaemonProcess] = {}
+
+    def config(self, name: str, url: str | None = None) -> str:
+        folder = self.tmp_path / name
+        return CONFIG.format(
+            dir=folder, url=url or self.redis.url, name=name, mode=self.mode, limit=self.limit
+        )
+
+    def start(self, name: str, url: str | None = None) -> DaemonProcess:
+        folder = self.tmp_path / name
+        folder.mkdir(exist_ok=True)
+        d = DaemonProcess(folder, self.config(name, url)).start()
+        self.exporters[name] = d
+        return d
+
+    def log(self, name: str) -> EventLogger:
+        return EventLogger(self.tmp_path / name / "logs", project="p")
+
+    def logged_credits(self) -> float:
+        """What every exporter's logs say was used: completions' credits."""
+        total = 0.0
+        for path in self.tmp_path.glob("*/logs/*.jsonl"):
+            for raw in path.read_text().splitlines():
+                event = json.loads(raw)
+                if event["event"] == "task_completed":
+                    total += event["credits_used"]
+        return total
+
+    def wait_settled(self) -> None:
+        """Until every exporter sees all of them, and Redis has had every entry."""
+        for d in self.exporters.values():
+            wait_until(partial(settled, d, len(self.exporters)), timeout=20)
+
+    def stop(self) -> None:
+        for d in self.exporters.values():
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop()
+        self.redis.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    made: list[Fleet] = []
+
+    def make(limit: float, mode: str = "refuse") -> Fleet:
+        made.append(Fleet(tmp_path, limit, mode))
+        return made[-1]
+
+    yield make  # type: ignore[misc]
+    for f in made:
+        f.stop()
+
+
+def budgets(d: DaemonProcess) -> dict[str, Any]:
+    status, raw = d.get("/api/v1/budgets")
+    assert status == 200, raw
+    answer: dict[str, Any] = json.loads(raw)
+    return answer
+
+
+def team(d: DaemonProcess) -> dict[str, Any]:
+    found: dict[str, Any] = budgets(d)["budgets"][0]
+    return found
+
+
+def settled(d: DaemonProcess, instances: int) -> bool:
+    described = budgets(d)["fleet"]
+    return bool(described["up"] and described["settled"] and described["instances"] == instances)
+
+
+def post(d: DaemonProcess, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    status, raw = d.post(path, json.dumps(body).encode())
+    return status, json.loads(raw) if raw.startswith(b"{") else {"raw": raw.decode()}
+
+
+class Workers:
+    """Workers that reserve one task at a time through their exporter, log it as their
+    exporter's workers do, and stop once refused for want of room."""
+
+    def __init__(self, fleet: Fleet, names: list[str], count: int) -> None:
+        self.fleet = fleet
+        self.names = names
+        self.count = count
+        self.granted: list[str] = []
+        self.refusals: list[dict[str, Any]] = []
+        self.unavailable = 0
+        self.lock = threading.Lock()
+        self.barrier = threading.Barrier(count)
+
+    def work(self, i: int) -> None:
+        name = self.names[i % len(self.names)]
+        log = self.fleet.log(name)
+        self.barrier.wait()
+        n = 0
+        while True:
+            rid = f"w{i}-{n}"
+            d = self.fleet.exporters[name]  # replaced when restarted
+            try:
+                status, answer = post(d, "/api/v1/reservations", {**TASK, "id": rid, "ttl": "5m"})
+            except OSError:  # the exporter is being restarted: the same id again
+                time.sleep(0.05)
+                continue
+            if status in (201, 200) and answer.get("allowed"):
+                # 200: granted before, its answer lost to a kill -9
+                if rid not in self.granted:
+                    log.submitted(rid, "kling-v2-6", "std", 5, reservation_id=rid)
+                    log.completed(rid, credits_used=CREDITS)
+                    with self.lock:
+                        self.granted.append(rid)
+                n += 1
+                continue
+            if status == 200 and answer["reason"] == "fleet unavailable":
+                with self.lock:
+                    self.unavailable += 1
+                time.sleep(0.05)
+                continue
+            if status in (503, 502) or "raw" in answer:
+                time.sleep(0.05)
+                continue
+            assert status == 200, (status, answer)
+            with self.lock:
+                self.refusals.append(answer)
+            return
+
+    def run(self) -> None:
+        with ThreadPoolExecutor(self.count) as pool:
+            list(pool.map(self.work, range(self.count)))
+
+
+def assert_exact(fleet: Fleet, workers: Workers) -> None:
+    """Nothing over-committed, nobody refused while room remained, and every instance
+    shows the sum of all logs."""
+    assert len(workers.granted) == len(set(workers.granted))  # no hold granted twice
+    assert fleet.logged_credits() == fleet.limit == CREDITS * len(workers.granted)
+    for refusal in workers.refusals:
+        row = next(b for b in refusal["budgets"] if b["name"] == "team")
+        assert refusal["refused_by"] == "team", refusal
+        assert row["credits_remaining"] < CREDITS, refusal  # refused only without room
+    for d in fleet.exporters.values():
+
+        def exact(d: DaemonProcess = d) -> bool:
+            b = team(d)
+            return (b["used_credits"], b["in_flight_credits"], b["reserved_credits"]) == (
+                fleet.limit,
+                0,
+                0,
+            )
+
+        wait_until(exact, timeout=20)
+
+
+def test_48_workers_over_three_exporters_fill_a_shared_budget_exactly(fleet: Any) -> None:
+    f: Fleet = fleet(limit=1500)
+    for name in ("a", "b", "c"):
+        f.start(name)
+    f.wait_settled()
+    workers = Workers(f, ["a", "b", "c"], 48)
+    workers.run()
+    assert_exact(f, workers)
+    shares = {name: team(d)["local"]["used_credits"] for name, d in f.exporters.items()}
+    assert sum(shares.values()) == 1500 and all(shares.values()), shares
+    # /metrics stays each exporter's own; the fleet's health beside it.
+    for name, d in f.exporters.items():
+        series = d.metrics()
+        used = value(series, "kling_budget_used_credits", budget="team", period="monthly")
+        assert used == shares[name]
+        assert value(series, "kling_fleet_up") == 1
+        assert value(series, "kling_fleet_instances") == 3
+    # A check anywhere now sees no room.
+    status, answer = post(f.exporters["b"], "/api/v1/check", TASK)
+    assert status == 200 and answer["refused_by"] == "team"
+
+
+def test_kill_9_of_an_exporter_and_of_redis_mid_run_keeps_budgets_exact(fleet: Any) -> None:
+    f: Fleet = fleet(limit=3000, mode="refuse")
+    for name in ("a", "b", "c"):
+        f.start(name)
+    f.wait_settled()
+    workers = Workers(f, ["a", "b", "c"], 48)
+    checks: list[dict[str, Any]] = []
+
+    def faults() -> None:
+        wait_until(lambda: len(workers.granted) >= 60, timeout=60)
+        f.exporters["b"].stop(signal.SIGKILL)
+        time.sleep(0.5)
+        f.start("b")  # from its saved state and journal; republishes the same totals
+        wait_until(lambda: len(workers.granted) >= 150, timeout=60)
+        f.redis.kill()  # restarted empty: every instance must publish again
+        time.sleep(0.3)
+        checks.append(post(f.exporters["a"], "/api/v1/check", TASK)[1])
+        f.redis.start()
+
+    chaos = threading.Thread(target=faults)
+    chaos.start()
+    workers.run()
+    chaos.join()
+    assert checks and checks[0]["allowed"] is False
+    assert checks[0]["reason"] == "fleet unavailable"  # pre-flight obeyed on_unavailable
+    assert workers.unavailable > 0  # reservations were refused while Redis settled
+    assert_exact(f, workers)
+
+
+def test_redis_down_allow_decides_on_local_usage_and_the_last_fleet_totals(
+    fleet: Any,
+) -> None:
+    f: Fleet = fleet(limit=100, mode="allow")
+    a, b = f.start("a"), f.start("b")
+    log = f.log("a")
+    for i in range(5):
+        log.submitted(f"t{i}", "kling-v2-6", "std", 5)
+        log.completed(f"t{i}", credits_used=CREDITS)
+    wait_until(lambda: team(b)["used_credits"] == 50 and settled(b, 2), timeout=20)
+    assert team(b)["local"]["used_credits"] == 0
+    six = {**TASK, "count": 6}
+    assert post(b, "/api/v1/check", six)[1]["allowed"] is False
+
+    f.redis.kill()
+    b.wait_metric("kling_fleet_up", 0)
+    assert post(b, "/api/v1/check", six)[1]["allowed"] is False  # a's 50 still counted
+    assert post(b, "/api/v1/check", {**TASK, "count": 5})[1]["allowed"] is True
+    assert (
+        post(b, "/api/v1/reservations", {**TASK, "count": 2, "id": "offline"})[0] == 201
+    )  # decided alone, held here
+    assert "does not answer" in b.output()
+
+    # Back, empty: both publish again, and the hold made meanwhile counts fleet-wide.
+    f.redis.start()
+    b.wait_metric("kling_fleet_up", 1)
+    wait_until(lambda: settled(a, 2), timeout=20)
+    wait_until(lambda: team(a)["reserved_credits"] == 20, timeout=20)
+    assert team(a)["used_credits"] == 50
+    assert post(a, "/api/v1/check", {**TASK, "count": 4})[1]["allowed"] is False
+    assert post(a, "/api/v1/check", {**TASK, "count": 3})[1]["allowed"] is True
+
+
+def test_a_stopped_instance_still_counts_and_a_restart_republishes_not_adds(
+    fleet: Any,
+) -> None:
+    f: Fleet = fleet(limit=100)
+    a, b = f.start("a"), f.start("b")
+    log = f.log("a")
+    for i in range(3):
+        log.submitted(f"t{i}", "kling-v2-6", "std", 5)
+        log.completed(f"t{i}", credits_used=CREDITS)
+    wait_until(lambda: team(b)["used_credits"] == 30, timeout=20)
+    a.stop()
+    time.sleep(1.5)  # several of b's publications
+    assert team(b)["used_credits"] == 30  # the host is gone, its spending is not
+    wait_until(lambda: budgets(b)["fleet"]["instances"] == 1, timeout=20)
+
+    a = f.start("a")  # the same state: the same totals, published again
+    wait_until(lambda: settled(b, 2), timeout=20)
+    time.sleep(1.0)
+    assert team(b)["used_credits"] == 30
+    assert team(a)["used_credits"] == 30
+
+
+def test_an_id_is_one_hold_across_the_fleet(fleet: Any) -> None:
+    f: Fleet = fleet(limit=100)
+    a, b = f.start("a"), f.start("b")
+    wait_until(lambda: settled(a, 2) and settled(b, 2), timeout=20)
+    assert post(a, "/api/v1/reservations", {**TASK, "id": "job-1"})[0] == 201
+    status, answer = post(b, "/api/v1/reservations", {**TASK, "id": "job-1"})
+    assert status == 409 and answer["field"] == "id", answer
+    assert "'a'" in answer["error"]
+
+
+def test_alone_without_redis_and_a_bad_url_is_refused_by_name(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    d = daemon_factory("budgets: [{name: team, limit_credits: 100}]\n")
+    answer = budgets(d)
+    assert "fleet" not in answer and "local" not in answer["budgets"][0]
+    assert "kling_fleet" not in d.get("/metrics")[1].decode()
+    (tmp_path / "bad").mkdir()
+    bad = DaemonProcess(tmp_path / "bad", "fleet: {redis_url: 'http://x'}\n")
+    bad.start(wait_ready=False)
+    assert bad.proc is not None and bad.proc.wait(30) != 0
+    assert "fleet.redis_url" in bad.output()
+
+
+# -- Sentinel and Cluster: the same code, by URL -------------------------------------
+
+
+def reserve_until_refused(d: DaemonProcess) -> int:
+    granted = 0
+    while True:
+        status, answer = post(d, "/api/v1/reservations", TASK)
+        if status != 201:
+            assert status == 200 and answer["refused_by"] == "team", answer
+            return granted
+        granted += 1
+
+
+def test_sentinel_and_cluster_urls_share_budgets_too(fleet: Any, tmp_path: Path) -> None:
+    f: Fleet = fleet(limit=50)
+    # Sentinel watching the fleet's redis-server as master "kling".
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\nsentinel monitor kling 127.0.0.1 {f.redis.port} 1\n"
+    )
+    sentinel = RedisServer(tmp_path / "sentinel", port)
+    nodes: list[RedisServer] = []
+    try:
+        sentinel.proc = subprocess.Popen(
+            [sentinel.binary, str(conf), "--sentinel"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        with sentinel.client() as c:
+            wait_until(lambda: c.execute_command("SENTINEL", "MASTERS"), timeout=15)
+        a = f.start("a", f"redis+sentinel://127.0.0.1:{port}/kling/0")
+        b = f.start("b")  # the same server, by its plain URL
+        wait_until(lambda: settled(a, 2) and settled(b, 2), timeout=20)
+        assert reserve_until_refused(a) + reserve_until_refused(b) == 5
+
+        # A three-node Cluster: every key of the fleet in one slot.
+        cli = require_binary("redis-cli")
+        for i in range(3):
+            node = RedisServer(tmp_path / f"node{i}")
+            node.extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            nodes.append(node.start())
+        subprocess.run(
+            [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        with nodes[0].client() as c:
+            wait_until(lambda: c.execute_command("CLUSTER", "INFO").find("cluster_state:ok") >= 0)
+        url = f"redis+cluster://127.0.0.1:{nodes[1].port}"
+        c1, c2 = f.start("c1", url), f.start("c2", url)
+        wait_until(lambda: settled(c1, 2) and settled(c2, 2), timeout=30)
+        assert reserve_until_refused(c1) + reserve_until_refused(c2) == 5
+        assert team(c2)["reserved_credits"] == 50
+    finally:
+        sentinel.stop()
+        for node in nodes:
+            node.stop()
