@@ -48,7 +48,7 @@ from kling_exporter.ledger import Ledger  # noqa: E402
 from kling_exporter.model import Status  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
-from bench import web_load  # noqa: E402
+from bench import fleet_load, web_load  # noqa: E402
 from bench.generate import write as generate  # noqa: E402
 
 
@@ -371,7 +371,7 @@ def main() -> int:
         "--skip",
         nargs="*",
         default=[],
-        choices=["floor", "pipeline", "cold", "mtail", "latency", "render", "web"],
+        choices=["floor", "pipeline", "cold", "mtail", "latency", "render", "web", "fleet"],
     )
     args = parser.parse_args()
     results: dict[str, Any] = {
@@ -398,6 +398,9 @@ def main() -> int:
             # Scrapes, pre-flight checks and an auth flood against the real daemon, idle
             # and while it reads a backlog of the same size (bench/web_load.py).
             "web": lambda: web_load.run(args.lines),
+            # Reservations through three exporters sharing budgets in a real Redis
+            # (bench/fleet_load.py), beside one exporter alone.
+            "fleet": fleet_load.run,
         }
         for name, step in steps.items():
             if name not in args.skip:
@@ -468,6 +471,8 @@ def print_table(r: dict[str, Any]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     if r.get("web"):
         print(web_load.table(r["web"]))
+    if r.get("fleet"):
+        print(fleet_load.table(r["fleet"]))
 
 
 if __name__ == "__main__":

@@ -129,14 +129,20 @@ async def timed_scrape(session: aiohttp.ClientSession, url: str, **kw: Any) -> f
 
 
 async def checks(
-    base: str, connections: int, seconds: float, path: str = "/api/v1/check"
+    base: str,
+    connections: int,
+    seconds: float,
+    path: str = "/api/v1/check",
+    ids: str = "bench",
+    latencies: list[float] | None = None,
 ) -> dict[str, float]:
-    """Requests per second answered 200 (201 for reservations), and their latency. A
-    reservation names a new id each time, so every one is a grant written to the
-    journal and fsynced."""
+    """Requests per second answered 200 (201 for reservations), and their latency (each
+    also added to ``latencies``). A reservation names a new id each time (``ids`` and a
+    number), so every one is a grant written to the journal and fsynced."""
     task = {"project": "p7", "model": "kling-v2-6", "mode": "std", "duration": 5}
     ok = 201 if path.endswith("reservations") else 200
-    latencies: list[float] = []
+    latencies = [] if latencies is None else latencies
+    mine = len(latencies)
     refused = 0
     sent = 0
     deadline = time.monotonic() + seconds
@@ -148,7 +154,7 @@ async def checks(
             while time.monotonic() < deadline:
                 sent += 1
                 body = json.dumps(
-                    {**task, "id": f"bench-{connections}-{sent}", "ttl": "1m"}
+                    {**task, "id": f"{ids}-{connections}-{sent}", "ttl": "1m"}
                     if ok == 201
                     else task
                 )
@@ -161,10 +167,11 @@ async def checks(
                 latencies.append((time.perf_counter() - start) * 1000)
 
         await asyncio.gather(*(worker() for _ in range(connections)))
+    answered = latencies[mine:]
     return {
-        "per_s": len(latencies) / seconds,
-        "p50_ms": percentile(latencies, 0.5),
-        "p99_ms": percentile(latencies, 0.99),
+        "per_s": len(answered) / seconds,
+        "p50_ms": percentile(answered, 0.5),
+        "p99_ms": percentile(answered, 0.99),
         "refused": refused,
     }
 

@@ -5,8 +5,10 @@ and the Sentinel and Cluster URLs."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kling_exporter.client import EventLogger
+from kling_exporter.config import load_config
 
 from tests.helpers import (
+    ROOT,
     DaemonProcess,
     free_port,
     require_binary,
@@ -68,7 +73,7 @@ class Fleet:
     def logged_credits(self) -> float:
         """What every exporter's logs say was used: completions' credits."""
         total = 0.0
-        for path in self.tmp_path.glob("*/logs/*.jsonl"):
+        for path in self.tmp_path.glob("*/logs/kling-*.jsonl"):
             for raw in path.read_text().splitlines():
                 event = json.loads(raw)
                 if event["event"] == "task_completed":
@@ -388,3 +393,81 @@ def test_sentinel_and_cluster_urls_share_budgets_too(fleet: Any, tmp_path: Path)
         sentinel.stop()
         for node in nodes:
             node.stop()
+
+
+# -- examples/compose: the two-exporter fleet ----------------------------------------
+
+COMPOSE = ROOT / "examples" / "compose"
+
+
+def test_the_compose_fleet_is_wired_together(tmp_path: Path) -> None:
+    compose = yaml.safe_load((COMPOSE / "docker-compose.fleet.yml").read_text())
+    services = compose["services"]
+    assert {"redis", "exporter-a", "exporter-b", "worker-a", "worker-b"} <= services.keys()
+    instances = set()
+    for name in ("exporter-a", "exporter-b"):
+        mounts = dict(v.split(":")[:2] for v in services[name]["volumes"])
+        source = next(s for s, target in mounts.items() if target.endswith("config.yml"))
+        config = load_config(COMPOSE / source)  # refused with the key named if wrong
+        assert services[name]["command"][-1] == "/etc/kling-exporter/config.yml"
+        assert config.fleet.redis_url.split("/")[2].split(":")[0] == "redis"
+        assert config.logs.paths[0].startswith("/var/lib/kling-exporter/logs/")
+        instances.add(config.fleet.instance)
+        # Its worker writes the logs it reads, through the same volume, and reserves
+        # through it.
+        worker = services[name.replace("exporter", "worker")]
+        shared = {v.split(":")[0] for v in worker["volumes"]} & set(mounts)
+        assert shared and worker["command"][1] == f"http://{name}:10177"
+        assert worker["command"][3] == config.logs.paths[0].rsplit("/", 1)[0]
+    assert len(instances) == 2
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (COMPOSE / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in compose["volumes"], f"{name}: volume {source} undeclared"
+    prom = yaml.safe_load((COMPOSE / "fleet" / "prometheus.yml").read_text())
+    assert prom["scrape_configs"][0]["job_name"] == "kling-exporter"
+    targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == ["exporter-a:10177", "exporter-b:10177"]
+    promtool = require_binary("promtool")
+    text = (COMPOSE / "fleet" / "prometheus.yml").read_text()
+    rooted = tmp_path / "prometheus.yml"
+    rooted.write_text(text.replace("/etc/prometheus/kling/", f"{ROOT / 'alerts'}/"))
+    checked = subprocess.run(
+        [promtool, "check", "config", str(rooted)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_compose_fleets_workers_share_its_budget(fleet: Any, tmp_path: Path) -> None:
+    """The example's workers, for real, against two exporters configured as the example's
+    (paths and Redis moved onto this machine): together they stop at the budget."""
+    f: Fleet = fleet(limit=0)
+    workers = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        text = (COMPOSE / "fleet" / f"exporter-{name}.yml").read_text()
+        text = text.replace("/var/lib/kling-exporter", str(folder))
+        text = text.replace("redis://redis:6379/0", f.redis.url)
+        f.exporters[name] = d = DaemonProcess(folder, text).start()
+    f.wait_settled()
+    for name, d in f.exporters.items():
+        logs = str(tmp_path / name / "logs")
+        cmd = [sys.executable, str(COMPOSE / "fleet" / "worker.py"), "--exporter", d.url]
+        cmd += ["--logs", logs, "--rate", "40", "--seconds", "6"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "exporter")}
+        workers.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    said = [w.communicate(timeout=60)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), said
+    assert all("refused: budget 'demo-daily'" in out for out in said), said
+    used = f.logged_credits()
+    assert 600 - 20 < used <= 600
+    for d in f.exporters.values():
+        wait_until(partial(lambda d: team(d)["used_credits"] == used, d), timeout=20)

@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 from kling_exporter.account import Account
+from kling_exporter.budgets import Budgets, DayUsage
 from kling_exporter.callbacks import Callbacks, callback_families
 from kling_exporter.collector import METRICS, Family, KlingCollector, reservation_families
-from kling_exporter.config import Config
+from kling_exporter.config import Config, FleetConfig
+from kling_exporter.fleet import Fleet
+from kling_exporter.model import View
 from kling_exporter.reservations import Reservations
 
 from tests.test_metrics_output import render_fixed_log
@@ -35,13 +38,19 @@ def served() -> set[str]:
 
 def http_process_families() -> list[Family]:
     """The families the HTTP process adds to the reader's scrape (Kling's account's
-    only when keys are configured: here, in the environment)."""
+    only when keys are configured: here, in the environment; the fleet's only with a
+    Redis URL)."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("KLING_ACCESS_KEY", "access")
         env.setenv("KLING_SECRET_KEY", "secret")
         account = Account(Config).families()
     assert account, "the account's families are missing"
-    return reservation_families(Reservations(), []) + callback_families(Callbacks(Config)) + account
+    in_fleet = Config(fleet=FleetConfig(redis_url="redis://127.0.0.1:6379/0"))
+    held = Reservations()
+    fleet = Fleet(lambda: in_fleet, held, lambda: View(Budgets(in_fleet), {}, DayUsage()), bool)
+    assert fleet.families(), "the fleet's families are missing"
+    mine = reservation_families(held, []) + callback_families(Callbacks(Config))
+    return mine + account + fleet.families()
 
 
 def families(names: set[str]) -> set[str]:
