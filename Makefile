@@ -4,7 +4,7 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 ARGS    ?=
 
-.PHONY: help run demo test lint typecheck unit tools clean screenshots dashboards kubernetes certs
+.PHONY: help run demo test lint typecheck unit tools clean screenshots mixin dashboards kubernetes certs
 .DEFAULT_GOAL := help
 
 ## help: list the targets (plain `make` does this)
@@ -28,6 +28,10 @@ demo: $(BIN)/.installed
 ## screenshots: PNG previews of the dashboards from two simulated hours of demo data, into docs/
 screenshots: $(BIN)/.installed tools
 	$(BIN)/python grafana/preview.py
+
+## mixin: rewrite alerts/kling.*.yml, the dashboards and the Kubernetes resources from mixin/config.yml
+mixin: $(BIN)/.installed
+	$(BIN)/python mixin/build.py
 
 ## dashboards: rewrite grafana/dashboards/*.json from grafana/build_dashboards.py
 dashboards: $(BIN)/.installed

@@ -1,4 +1,6 @@
-"""Writes the Grafana dashboards in grafana/dashboards/ from the definitions below.
+"""Writes the Grafana dashboards in grafana/dashboards/ from the definitions below and
+the thresholds and windows of mixin/config.yml (which the rules in alerts/ come from
+too; `make mixin` rewrites both).
 
     python grafana/build_dashboards.py        # rewrite the JSON files
     python grafana/build_dashboards.py --check  # exit 1 if they differ from this code
@@ -15,6 +17,13 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from mixin.build import config, values  # noqa: E402
+
+MIXIN = values(config())
+WARNING = float(MIXIN["budget_warning_ratio"])  # the dashboards' warning line
+BURN = MIXIN["budget_burn_window"]  # the window of the burn rate recording rules
 OUT = HERE / "dashboards"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 SCHEMA_VERSION = 39
@@ -28,7 +37,7 @@ def thresholds(*steps: tuple[str, float | None]) -> dict[str, Any]:
     return {"mode": "absolute", "steps": [{"color": c, "value": v} for c, v in steps]}
 
 
-BUDGET_STEPS = thresholds((GREEN, None), (ORANGE, 0.8), (RED, 1.0))
+BUDGET_STEPS = thresholds((GREEN, None), (ORANGE, WARNING), (RED, 1.0))
 
 
 def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> dict[str, Any]:
@@ -610,7 +619,7 @@ def budgets() -> dict[str, Any]:
             "Budget utilization",
             "Share of each budget used in its current period (the larger of "
             "credits and dollars), summed over every exporter. Orange from "
-            "80%, red from 100%.",
+            f"{MIXIN['budget_warning_ratio_percent']}, red from 100%.",
             [target(f"kling:budget_utilization:ratio{{{BSEL}}}", "{{budget}} ({{period}})")],
             gauge_defaults,
             gauge_options,
@@ -762,8 +771,9 @@ def budgets() -> dict[str, Any]:
     lay.row("Over time")
     lay.add(
         timeseries(
-            "Utilization with 80% and 100% thresholds",
-            "Budget utilization over time; the orange line is 80%, the red 100%.",
+            f"Utilization with {MIXIN['budget_warning_ratio_percent']} and 100% thresholds",
+            "Budget utilization over time; the orange line is "
+            f"{MIXIN['budget_warning_ratio_percent']}, the red 100%.",
             [target(f"kling:budget_utilization:ratio{{{BSEL}}}", "{{budget}} ({{period}})")],
             "percentunit",
             steps=BUDGET_STEPS,
@@ -775,7 +785,8 @@ def budgets() -> dict[str, Any]:
     lay.add(
         timeseries(
             "Forecast utilization at period end",
-            "Where each budget ends its period if the last hour's burn rate holds.",
+            "Where each budget ends its period if the last "
+            f"{MIXIN['budget_burn_window_span']}'s burn rate holds.",
             [
                 target(
                     f"kling:budget_forecast_utilization:ratio{{{BSEL}}}", "{{budget}} ({{period}})"
@@ -791,10 +802,12 @@ def budgets() -> dict[str, Any]:
     lay.add(
         timeseries(
             "Burn rate (credits per hour)",
-            "Credits per hour charged to each budget over the last hour.",
+            "Credits per hour charged to each budget over the last "
+            f"{MIXIN['budget_burn_window_span']}.",
             [
                 target(
-                    f"kling:budget_burn_credits:rate1h{{{BSEL}}} * 3600", "{{budget}} ({{period}})"
+                    f"kling:budget_burn_credits:rate{BURN}{{{BSEL}}} * 3600",
+                    "{{budget}} ({{period}})",
                 )
             ],
             "short",
@@ -854,7 +867,8 @@ def budgets() -> dict[str, Any]:
     return dashboard(
         "kling-budgets",
         "Kling budgets",
-        "Kling budgets: utilization against the 80% and 100% thresholds, forecast and burn.",
+        f"Kling budgets: utilization against the {MIXIN['budget_warning_ratio_percent']} and "
+        "100% thresholds, forecast and burn.",
         lay,
         [query_var("budget", "Budget", "label_values(kling_budget_info, budget)")],
         "Kling usage overview",

@@ -1,0 +1,1 @@
+"""The monitoring mixin: one config from which alerts/ and grafana/ are generated."""
