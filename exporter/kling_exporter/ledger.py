@@ -7,16 +7,29 @@ rebuilt with ``from_state``, so the daemon can save it beside file offsets.
 
 from __future__ import annotations
 
-import bisect
 from collections import deque
 from collections.abc import Callable
 from sys import intern
 from typing import Any
 
-import msgspec
-
 from kling_exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage
 from kling_exporter.config import Config
+from kling_exporter.counters import (
+    CREDITS,
+    EXPIRED,
+    IN_FLIGHT,
+    MODE_SLOT,
+    OTHER,
+    STATUS_SLOT,
+    SUCCEEDED,
+    TOUCHED,
+    USD,
+    VIDEO_SECONDS,
+    Counters,
+    Histogram,
+    LabelLimiter,
+    Route,
+)
 from kling_exporter.events import (
     COMPLETED,
     ERROR,
@@ -29,25 +42,7 @@ from kling_exporter.events import (
 from kling_exporter.model import Record, Snapshot, Task
 from kling_exporter.periods import PeriodClock, period_bounds
 from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request
-from kling_exporter.state import LEDGER_VERSION, LedgerState, as_ledger_state
-
-OTHER = "__other__"
-GENERATION_BUCKETS = (
-    15.0,
-    30.0,
-    60.0,
-    90.0,
-    120.0,
-    180.0,
-    240.0,
-    300.0,
-    450.0,
-    600.0,
-    900.0,
-    1200.0,
-    1800.0,
-    3600.0,
-)
+from kling_exporter.state import LedgerState, ledger_state, restore
 
 # Task flags.
 _SUB = 1
@@ -64,47 +59,6 @@ OLDEST_TS = 946684800.0
 CLAMP_REASONS = ("ahead", "too_old")
 
 
-class LabelLimiter:
-    """Hands out label values up to a limit; later values fold into ``__other__``."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.known: dict[str, str] = {}
-        self.overflow = 0
-
-    def get(self, value: str, count: bool = True) -> str:
-        """The label for ``value``; ``count`` says this event is being counted here,
-        so a fold is counted once per event however often its label is looked up."""
-        known = self.known.get(value)
-        if known is not None:
-            return known
-        if len(self.known) < self.limit:
-            self.known[value] = value
-            return value
-        if count:
-            self.overflow += 1
-        return OTHER
-
-
-class Histogram:
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(GENERATION_BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(GENERATION_BUCKETS, value)] += 1
-        self.sum += value
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        out, total = [], 0
-        for bound, count in zip((*GENERATION_BUCKETS, float("inf")), self.counts, strict=True):
-            total += count
-            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
-        return out
-
-
 Observer = Callable[[Record], None]
 
 
@@ -114,37 +68,18 @@ def _record(event: str, task_id: str, t: Task, ts: float, **more: Any) -> Record
     )
 
 
-def _event_fields(e: Event) -> list[Any]:
-    """An event's fields as an array for the saved state; the parsed time is in ``ts``."""
-    fields = list(msgspec.structs.astuple(e))
-    fields[1] = None  # timestamp
-    return fields
-
-
 def _flags(known: Task | int) -> int:
     return known.flags if isinstance(known, Task) else known
 
 
-# Slots of a series accumulator, one per (project label, model label).
-SUB_STANDARD, SUB_PROFESSIONAL, VIDEO_SECONDS, SUCCEEDED, FAILED, CREDITS, USD = range(7)
-_MODE_SLOT = {"standard": SUB_STANDARD, "professional": SUB_PROFESSIONAL}
-_STATUS_SLOT = {"succeed": SUCCEEDED, "failed": FAILED}
-# Slots of a project accumulator: in flight, expired, and whether in flight was touched.
-IN_FLIGHT, EXPIRED, TOUCHED = range(3)
-Route = tuple[list[float], list[int], str, str]
-
-
-class Ledger:
+class Ledger(Counters):
     """Counters live in small lists per label pair (``series``) and per project
     (``projects``), reached through ``_route`` in one lookup per event; the dict views
     (``submitted``, ``completed``, ...) are built from them when asked."""
 
     def __init__(self, config: Config) -> None:
-        self.series: dict[tuple[str, str], list[float]] = {}
-        self.projects: dict[str, list[int]] = {}
+        super().__init__()
         self._routes: dict[tuple[str, str], Route] = {}
-        self.errors: dict[tuple[str, str], int] = {}
-        self.generation: dict[str, Histogram] = {}
         self.invalid: dict[str, int] = dict.fromkeys(INVALID_REASONS, 0)
         self.lines_read = 0
         self.bytes_read = 0
@@ -175,48 +110,6 @@ class Ledger:
         # Told of every counted event (reports); None in the daemon.
         self.observer: Observer | None = None
         self.configure(config)
-
-    # -- dict views of the accumulators ----------------------------------------------
-
-    def _split_view(self, slots: dict[str, int]) -> dict[tuple[str, str, str], int]:
-        """Counts of several slots, keyed by (project, model, the slot's label)."""
-        out = {}
-        for (p, m), counts in self.series.items():
-            for label, slot in slots.items():
-                if counts[slot]:
-                    out[(p, m, label)] = int(counts[slot])
-        return out
-
-    @property
-    def submitted(self) -> dict[tuple[str, str, str], int]:
-        return self._split_view(_MODE_SLOT)
-
-    @property
-    def completed(self) -> dict[tuple[str, str, str], int]:
-        return self._split_view(_STATUS_SLOT)
-
-    def _series_view(self, slot: int) -> dict[tuple[str, str], float]:
-        return {key: counts[slot] for key, counts in self.series.items() if counts[slot]}
-
-    @property
-    def credits(self) -> dict[tuple[str, str], float]:
-        return self._series_view(CREDITS)
-
-    @property
-    def usd(self) -> dict[tuple[str, str], float]:
-        return self._series_view(USD)
-
-    @property
-    def video_seconds(self) -> dict[tuple[str, str], int]:
-        return {k: int(v) for k, v in self._series_view(VIDEO_SECONDS).items()}
-
-    @property
-    def in_flight(self) -> dict[str, int]:
-        return {p: counts[IN_FLIGHT] for p, counts in self.projects.items() if counts[TOUCHED]}
-
-    @property
-    def expired(self) -> dict[str, int]:
-        return {p: counts[EXPIRED] for p, counts in self.projects.items() if counts[EXPIRED]}
 
     # -- configuration ---------------------------------------------------------------
 
@@ -325,9 +218,7 @@ class Ledger:
             return route
         plabel = self.project_labels.get(project, count)
         mlabel = self.model_labels.get(model, count)
-        counts = self.series.get((plabel, mlabel))
-        if counts is None:
-            counts = self.series[(plabel, mlabel)] = [0, 0, 0, 0, 0, 0.0, 0.0]
+        counts = self.series_of(plabel, mlabel)
         project_counts = self.projects.get(plabel)
         if project_counts is None:
             project_counts = self.projects[plabel] = [0, 0, 0]
@@ -339,7 +230,7 @@ class Ledger:
 
     def _count_submission(self, t: Task) -> Route:
         route = self._route(t.project, t.model)
-        route[0][_MODE_SLOT[t.mode]] += 1
+        route[0][MODE_SLOT[t.mode]] += 1
         return route
 
     def _submitted(self, e: Event, task_id: str, ts: float) -> None:
@@ -357,7 +248,7 @@ class Ledger:
         else:  # the common case, inlined: it runs for every submission
             key = (task.project, task.model)
             counts, project_counts, _, _ = self._routes.get(key) or self._route(*key)
-            counts[_MODE_SLOT[task.mode]] += 1
+            counts[MODE_SLOT[task.mode]] += 1
             project_counts[IN_FLIGHT] += 1
             project_counts[TOUCHED] = 1
             tasks[task_id] = task
@@ -436,7 +327,7 @@ class Ledger:
             counts, _, project, model = self._route(task.project, task.model)
         if how == _DONE:
             status = e.status or "succeed"
-            counts[_STATUS_SLOT[status]] += 1
+            counts[STATUS_SLOT[status]] += 1
             credits = e.credits_used
             if credits is None:
                 if status == "failed":
@@ -734,106 +625,13 @@ class Ledger:
     # -- persistence -----------------------------------------------------------------
 
     def to_state(self) -> LedgerState:
-        """The whole ledger as data msgspec encodes (open tasks as arrays, in C). Encode it
-        before the ledger changes again: the task index is handed over, not copied."""
-        return LedgerState(
-            version=LEDGER_VERSION,
-            timezone=self.config.timezone,
-            submitted=[(*k, v) for k, v in self.submitted.items()],
-            completed=[(*k, v) for k, v in self.completed.items()],
-            errors=[(*k, v) for k, v in self.errors.items()],
-            credits=[(*k, v) for k, v in self.credits.items()],
-            usd=[(*k, v) for k, v in self.usd.items()],
-            video_seconds=[(*k, v) for k, v in self.video_seconds.items()],
-            generation=[(m, h.counts, h.sum) for m, h in self.generation.items()],
-            in_flight=list(self.in_flight.items()),
-            expired=list(self.expired.items()),
-            invalid=list(self.invalid.items()),
-            lines_read=self.lines_read,
-            bytes_read=self.bytes_read,
-            duplicates=self.duplicates,
-            last_event_ts=self.last_event_ts,
-            clamped=list(self.clamped.items()),
-            orphaned=self.orphaned,
-            waiting=[
-                (task_id, ts, read_at, _event_fields(e))
-                for task_id, (e, ts, read_at) in self.waiting.items()
-            ],
-            labels=[
-                (list(lim.known), lim.overflow)
-                for lim in (self.project_labels, self.model_labels, self.error_labels)
-            ],
-            tasks=self.tasks,
-            expiry=list(self._expiry),
-            usage=[
-                (day, [(p, u, c, d) for (p, u), (c, d) in bucket.by_pair.items()])
-                for day, bucket in self.usage.items()
-            ],
-            consumed=[(rid, int(n), ts) for rid, (n, ts) in self.consumed.items()],
-        )
-
-    def _series(self, plabel: str, mlabel: str) -> list[float]:
-        counts = self.series.get((plabel, mlabel))
-        if counts is None:
-            counts = self.series[(plabel, mlabel)] = [0, 0, 0, 0, 0, 0.0, 0.0]
-        return counts
+        """The whole ledger as data msgspec encodes (``state.ledger_state``)."""
+        return ledger_state(self)
 
     @classmethod
     def from_state(cls, config: Config, saved: LedgerState | Any) -> Ledger:
         """Rebuild a ledger saved by ``to_state`` (or its decoded data); raises ValueError,
         naming what does not fit, if it does not."""
-        state = as_ledger_state(saved)
-        if state.timezone != config.timezone:
-            raise ValueError("state was saved with another timezone")
         led = cls(config)
-        for p, m, mode, v in state.submitted:
-            led._series(p, m)[_MODE_SLOT[mode]] = v
-        for p, m, status, v in state.completed:
-            led._series(p, m)[_STATUS_SLOT[status]] = v
-        led.errors = {(p, e): v for p, e, v in state.errors}
-        for slot, rows in ((CREDITS, state.credits), (USD, state.usd)):
-            for p, m, amount in rows:
-                led._series(p, m)[slot] = amount
-        for p, m, seconds in state.video_seconds:
-            led._series(p, m)[VIDEO_SECONDS] = seconds
-        for model, counts, total in state.generation:
-            hist = led.generation[model] = Histogram()
-            if len(counts) != len(hist.counts):
-                raise ValueError("state does not fit: the histogram buckets changed")
-            hist.counts, hist.sum = list(counts), total
-        for p, n in state.in_flight:
-            project_counts = led.projects.setdefault(p, [0, 0, 0])
-            project_counts[IN_FLIGHT], project_counts[TOUCHED] = n, 1
-        for p, n in state.expired:
-            led.projects.setdefault(p, [0, 0, 0])[EXPIRED] = n
-        led.invalid.update(dict(state.invalid))
-        led.lines_read = state.lines_read
-        led.bytes_read = state.bytes_read
-        led.duplicates = state.duplicates
-        led.last_event_ts = state.last_event_ts
-        led.clamped.update(dict(state.clamped))
-        led.orphaned = state.orphaned
-        try:
-            led.waiting = {
-                task_id: (Event(*fields), ts, read_at)
-                for task_id, ts, read_at, fields in state.waiting
-            }
-        except TypeError as e:  # the event's fields are saved in order, untyped
-            raise ValueError(f"state does not fit: waiting events: {e}") from None
-        if len(state.labels) != 3:
-            raise ValueError("state does not fit: labels: expected 3 limiters")
-        for lim, (known, overflow) in zip(
-            (led.project_labels, led.model_labels, led.error_labels), state.labels, strict=True
-        ):
-            lim.known.clear()
-            lim.known.update((k, k) for k in known)
-            lim.overflow = overflow
-        led.tasks = dict(state.tasks)
-        led._expiry = deque(state.expiry)
-        for day, pairs in state.usage:
-            bucket = led.usage[day] = DayUsage()
-            for p, u, c, d in pairs:
-                bucket.add(p, u, c, d)
-        led.consumed = {rid: [n, ts] for rid, n, ts in state.consumed}
-        led._estimate_flight()
+        restore(led, saved)
         return led

@@ -11,12 +11,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from kling_exporter.budgets import DayUsage
+from kling_exporter.counters import (
+    CREDITS,
+    EXPIRED,
+    IN_FLIGHT,
+    MODE_SLOT,
+    STATUS_SLOT,
+    TOUCHED,
+    USD,
+    VIDEO_SECONDS,
+    Histogram,
+)
+from kling_exporter.events import Event
 from kling_exporter.model import Task
+
+if TYPE_CHECKING:
+    from kling_exporter.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -154,3 +171,110 @@ def write_state(path: Path, data: bytes) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+# -- the ledger, to and from its saved form -------------------------------------------
+
+
+def event_fields(e: Event) -> list[Any]:
+    """An event's fields as an array for the saved state; the parsed time is in ``ts``."""
+    fields = list(msgspec.structs.astuple(e))
+    fields[1] = None  # timestamp
+    return fields
+
+
+def ledger_state(led: Ledger) -> LedgerState:
+    """The whole ledger as data msgspec encodes (open tasks as arrays, in C). Encode it
+    before the ledger changes again: the task index is handed over, not copied."""
+    return LedgerState(
+        version=LEDGER_VERSION,
+        timezone=led.config.timezone,
+        submitted=[(*k, v) for k, v in led.submitted.items()],
+        completed=[(*k, v) for k, v in led.completed.items()],
+        errors=[(*k, v) for k, v in led.errors.items()],
+        credits=[(*k, v) for k, v in led.credits.items()],
+        usd=[(*k, v) for k, v in led.usd.items()],
+        video_seconds=[(*k, v) for k, v in led.video_seconds.items()],
+        generation=[(m, h.counts, h.sum) for m, h in led.generation.items()],
+        in_flight=list(led.in_flight.items()),
+        expired=list(led.expired.items()),
+        invalid=list(led.invalid.items()),
+        lines_read=led.lines_read,
+        bytes_read=led.bytes_read,
+        duplicates=led.duplicates,
+        last_event_ts=led.last_event_ts,
+        clamped=list(led.clamped.items()),
+        orphaned=led.orphaned,
+        waiting=[
+            (task_id, ts, read_at, event_fields(e))
+            for task_id, (e, ts, read_at) in led.waiting.items()
+        ],
+        labels=[
+            (list(lim.known), lim.overflow)
+            for lim in (led.project_labels, led.model_labels, led.error_labels)
+        ],
+        tasks=led.tasks,
+        expiry=list(led._expiry),
+        usage=[
+            (day, [(p, u, c, d) for (p, u), (c, d) in bucket.by_pair.items()])
+            for day, bucket in led.usage.items()
+        ],
+        consumed=[(rid, int(n), ts) for rid, (n, ts) in led.consumed.items()],
+    )
+
+
+def restore(led: Ledger, saved: LedgerState | Any) -> None:
+    """Fill a new ledger with what ``ledger_state`` saved (or its decoded data); raises
+    ValueError, naming what does not fit, if it does not."""
+    state = as_ledger_state(saved)
+    if state.timezone != led.config.timezone:
+        raise ValueError("state was saved with another timezone")
+    for p, m, mode, v in state.submitted:
+        led.series_of(p, m)[MODE_SLOT[mode]] = v
+    for p, m, status, v in state.completed:
+        led.series_of(p, m)[STATUS_SLOT[status]] = v
+    led.errors = {(p, e): v for p, e, v in state.errors}
+    for slot, rows in ((CREDITS, state.credits), (USD, state.usd)):
+        for p, m, amount in rows:
+            led.series_of(p, m)[slot] = amount
+    for p, m, seconds in state.video_seconds:
+        led.series_of(p, m)[VIDEO_SECONDS] = seconds
+    for model, counts, total in state.generation:
+        hist = led.generation[model] = Histogram()
+        if len(counts) != len(hist.counts):
+            raise ValueError("state does not fit: the histogram buckets changed")
+        hist.counts, hist.sum = list(counts), total
+    for p, n in state.in_flight:
+        project_counts = led.projects.setdefault(p, [0, 0, 0])
+        project_counts[IN_FLIGHT], project_counts[TOUCHED] = n, 1
+    for p, n in state.expired:
+        led.projects.setdefault(p, [0, 0, 0])[EXPIRED] = n
+    led.invalid.update(dict(state.invalid))
+    led.lines_read = state.lines_read
+    led.bytes_read = state.bytes_read
+    led.duplicates = state.duplicates
+    led.last_event_ts = state.last_event_ts
+    led.clamped.update(dict(state.clamped))
+    led.orphaned = state.orphaned
+    try:
+        led.waiting = {
+            task_id: (Event(*fields), ts, read_at) for task_id, ts, read_at, fields in state.waiting
+        }
+    except TypeError as e:  # the event's fields are saved in order, untyped
+        raise ValueError(f"state does not fit: waiting events: {e}") from None
+    if len(state.labels) != 3:
+        raise ValueError("state does not fit: labels: expected 3 limiters")
+    for lim, (known, overflow) in zip(
+        (led.project_labels, led.model_labels, led.error_labels), state.labels, strict=True
+    ):
+        lim.known.clear()
+        lim.known.update((k, k) for k in known)
+        lim.overflow = overflow
+    led.tasks = dict(state.tasks)
+    led._expiry = deque(state.expiry)
+    for day, pairs in state.usage:
+        bucket = led.usage[day] = DayUsage()
+        for p, u, c, d in pairs:
+            bucket.add(p, u, c, d)
+    led.consumed = {rid: [n, ts] for rid, n, ts in state.consumed}
+    led._estimate_flight()
