@@ -12,8 +12,8 @@ import msgspec
 import pytest
 from kling_exporter.budgets import DayUsage
 from kling_exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig, parse_config
-from kling_exporter.events import Event, decode_line
 from kling_exporter.counters import OTHER
+from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
 from kling_exporter.pricing import Request
 

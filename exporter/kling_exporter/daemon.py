@@ -25,9 +25,11 @@ from kling_exporter.config import Config, ConfigError, load_config
 from kling_exporter.events import explain_invalid
 from kling_exporter.ingest import RateLimit, ingest
 from kling_exporter.ledger import Ledger
+from kling_exporter.listing import Watcher
+from kling_exporter.logfile import max_open_files, raise_open_file_limit
 from kling_exporter.model import Consumed, Snapshot, Status, View
 from kling_exporter.state import FORMAT, State, read_state, write_state
-from kling_exporter.tailer import Tailer, Watcher, max_open_files, raise_open_file_limit
+from kling_exporter.tailer import Tailer
 
 log = logging.getLogger(__name__)
 

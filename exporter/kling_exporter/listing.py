@@ -1,4 +1,5 @@
-"""Which log files exist: glob expansion that tells an error from an empty answer.
+"""Which log files exist: glob expansion that tells an error from an empty answer, and
+the watch that wakes the reader when they change.
 
 ``glob.glob`` answers "no files" when a directory cannot be read (too many open files,
 no permission); for a tailer that means "every file is gone". Here such an error raises
@@ -14,9 +15,13 @@ import glob
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +130,47 @@ def warn_once(message: str, path: str, **extra: Any) -> None:
     if path not in warned and len(warned) < 10_000:
         warned.add(path)
         log.warning(message, extra={"path": path, **extra})
+
+
+class Watcher:
+    """Wakes the reader when watchdog sees a change under the log directories.
+
+    inotify where the system has it; where it cannot be had (no support, or the
+    watch limit reached) the reader's periodic scan is the polling fallback."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        self.wake = wake
+        self._observer: Any = None
+        self._watched: set[tuple[str, bool]] = set()
+
+    def watch(self, dirs: Iterable[tuple[Path, bool]]) -> None:
+        """Watch these directories (again, if they appeared since the last call)."""
+        wake = self.wake
+
+        class _Handler(FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:
+                wake.set()
+
+        for directory, recursive in dirs:
+            key = (str(directory), recursive)
+            if key in self._watched or not directory.is_dir():
+                continue
+            try:
+                if self._observer is None:
+                    self._observer = Observer()
+                    self._observer.daemon = True
+                    self._observer.start()
+                self._observer.schedule(_Handler(), str(directory), recursive=recursive)
+            except OSError as e:
+                log.warning(
+                    "file events unavailable, polling instead",
+                    extra={"path": str(directory), "err": str(e)},
+                )
+                continue
+            self._watched.add(key)
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None

@@ -43,9 +43,9 @@ import msgspec
 from kling_exporter.budgets import Budgets, DayUsage
 from kling_exporter.config import Config
 from kling_exporter.daemon import Daemon
+from kling_exporter.logfile import raise_open_file_limit
 from kling_exporter.logsetup import setup_logging
 from kling_exporter.model import Consumed, ReaderUnavailable, View
-from kling_exporter.tailer import raise_open_file_limit
 
 log = logging.getLogger(__name__)
 

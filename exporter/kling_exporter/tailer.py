@@ -1,4 +1,4 @@
-"""Finding log files and reading their complete lines exactly once.
+"""Reading the log files' complete lines exactly once.
 
 The tailer knows files, offsets and rotation, nothing of Kling. A file is
 known by its device and inode plus a fingerprint of its first bytes, so a
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import stat
@@ -27,9 +26,6 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-
-from watchdog.events import FileSystemEventHandler
-from watchdog.observers import Observer
 
 from kling_exporter.config import LogsConfig
 from kling_exporter.listing import (
@@ -41,6 +37,7 @@ from kling_exporter.listing import (
     warn_once,
     warned,
 )
+from kling_exporter.logfile import FileState, digest, last_line_end, max_open_files, open_fd
 from kling_exporter.state import FilePosition, as_positions
 
 log = logging.getLogger(__name__)
@@ -55,137 +52,6 @@ KEEP_GONE_SECONDS = 7 * 86400
 
 # sink(path, lines, first_line_number, bytes): None in lines marks a line too long to keep.
 Sink = Callable[[str, list[bytes | None], int, int], None]
-
-
-class FileState:
-    """One known file. ``offset`` is just past the last complete line handed on;
-    ``read_pos`` is how far the bytes have been read (pending or skipped beyond it).
-    ``fd`` is None while the file is closed (idle, gone, or not yet opened)."""
-
-    __slots__ = (
-        "changed_at",
-        "dev",
-        "fd",
-        "fingerprint",
-        "gone_since",
-        "ino",
-        "lineno",
-        "mtime_ns",
-        "offset",
-        "path",
-        "pending",
-        "read_pos",
-        "saved_digest",
-        "shadow_of",
-        "skipping",
-        "verified",
-    )
-
-    def __init__(self, path: str, dev: int, ino: int) -> None:
-        self.path = path
-        self.dev = dev
-        self.ino = ino
-        self.fd: int | None = None
-        self.fingerprint = b""
-        # From the saved state, which keeps only a digest of the first bytes (a prompt
-        # in a first line must not sit in another file): (length, SHA-256).
-        self.saved_digest: tuple[int, bytes] | None = None
-        self.offset = 0
-        self.read_pos = 0
-        self.lineno = 0
-        self.pending = b""
-        self.skipping = False
-        self.gone_since: float | None = None
-        # Monotonic time the file last grew, and its mtime when it was closed.
-        self.changed_at = 0.0
-        self.mtime_ns = 0
-        # False while the file is to be opened by its path even if no listing shows it
-        # (new, restored from the state, or found renamed beside the globs); its
-        # position is checked against the file whenever it is opened.
-        self.verified = False
-        # The file whose copy this is, while that file still holds the same stream.
-        self.shadow_of: tuple[int, int] | None = None
-
-    @property
-    def ident(self) -> tuple[int, int]:
-        return (self.dev, self.ino)
-
-    def begins(self, fd: int) -> bytes | None:
-        """The file's first bytes if they are the ones this state knows, else None."""
-        if self.saved_digest is not None:
-            length, digest = self.saved_digest
-            head = os.pread(fd, length, 0)
-            return head if hashlib.sha256(head).digest() == digest else None
-        head = os.pread(fd, len(self.fingerprint), 0)
-        return head if head == self.fingerprint else None
-
-    def rewind(self) -> None:
-        self.saved_digest = None
-        self.fingerprint = b""
-        self.offset = self.read_pos = self.lineno = 0
-        self.pending = b""
-        self.skipping = False
-
-    def continue_stream(self, fingerprint: bytes, offset: int, lineno: int, size: int) -> None:
-        """Go on from where another file holding the same stream was left."""
-        self.fingerprint, self.saved_digest = fingerprint, None
-        self.offset = self.read_pos = min(offset, size)
-        self.lineno = lineno
-        self.pending = b""
-        self.skipping = False
-        self.shadow_of = None
-
-
-def _last_line_end(fd: int, size: int) -> int:
-    """Position just past the last newline before ``size`` (0 if there is none)."""
-    pos = size
-    while pos > 0:
-        start = max(0, pos - 65536)
-        block = os.pread(fd, pos - start, start)
-        nl = block.rfind(b"\n")
-        if nl >= 0:
-            return start + nl + 1
-        pos = start
-    return 0
-
-
-def _open_fd(path: str) -> int:
-    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-
-
-def _digest(fs: FileState) -> tuple[int, bytes]:
-    """How a file begins, for the saved state: its length and SHA-256, not the bytes."""
-    if fs.saved_digest is not None:
-        return fs.saved_digest
-    return len(fs.fingerprint), hashlib.sha256(fs.fingerprint).digest()
-
-
-def raise_open_file_limit() -> tuple[int, int]:
-    """Raise the soft limit of open descriptors to the hard one (systemd's default soft
-    limit is 1024); returns the limits now in force."""
-    try:
-        import resource  # noqa: PLC0415 - not on every platform
-    except ImportError:  # pragma: no cover
-        return (1024, 1024)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def max_open_files() -> int:
-    """How many log files to hold open at once: a small share of the descriptor limit,
-    so clients and the state writer always have room."""
-    try:
-        import resource  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
-        return 64
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY:
-        return 4096
-    return max(4, min(4096, soft // 8))
 
 
 class Tailer:
@@ -339,7 +205,7 @@ class Tailer:
         """Open a file by its path, checking that the path still leads to it and that
         its known position still fits; False (and try again later) when it cannot."""
         try:
-            fd = _open_fd(fs.path)
+            fd = open_fd(fs.path)
         except OSError as e:
             if e.errno in ABSENT:
                 fs.verified = True  # not there: only a listing brings it back
@@ -375,7 +241,7 @@ class Tailer:
         if self._as_copy(fs, st):
             return True
         if self._first_poll and self.config.start_at == "end":
-            fs.offset = fs.read_pos = _last_line_end(fd, st.st_size)
+            fs.offset = fs.read_pos = last_line_end(fd, st.st_size)
             fs.lineno = -1  # line numbers unknown when starting at the end
             fs.fingerprint = os.pread(fd, FINGERPRINT_LEN, 0)
         log.info("following file", extra={"path": fs.path})
@@ -511,7 +377,7 @@ class Tailer:
             if known is not None and (known.verified or known.fd is not None):
                 continue
             try:
-                fd = _open_fd(entry.path)
+                fd = open_fd(entry.path)
             except OSError:
                 continue
             fp = fs.begins(fd)
@@ -557,7 +423,7 @@ class Tailer:
             if fs.shadow_of in self.files:
                 return  # its stream is read from the original, then handed over
             # The original was forgotten without handing over: its stream was read.
-            end = _last_line_end(fd, os.fstat(fd).st_size)
+            end = last_line_end(fd, os.fstat(fd).st_size)
             fs.continue_stream(fs.fingerprint, end, -1, end)
         if self._changed_under_us(fs):
             log.warning("file truncated or replaced, reading from start", extra={"path": fs.path})
@@ -615,54 +481,10 @@ class Tailer:
                 fs.ino,
                 fs.offset,
                 fs.lineno,
-                *_digest(fs),
+                *digest(fs),
                 # Seconds gone, as a monotonic time means nothing to another process.
                 gone_for=None if fs.gone_since is None else now - fs.gone_since,
             )
             for fs in self.files.values()
             if fs.shadow_of is None
         ]
-
-
-class Watcher:
-    """Wakes the reader when watchdog sees a change under the log directories.
-
-    inotify where the system has it; where it cannot be had (no support, or the
-    watch limit reached) the reader's periodic scan is the polling fallback."""
-
-    def __init__(self, wake: threading.Event) -> None:
-        self.wake = wake
-        self._observer: Any = None
-        self._watched: set[tuple[str, bool]] = set()
-
-    def watch(self, dirs: Iterable[tuple[Path, bool]]) -> None:
-        """Watch these directories (again, if they appeared since the last call)."""
-        wake = self.wake
-
-        class _Handler(FileSystemEventHandler):
-            def on_any_event(self, event: Any) -> None:
-                wake.set()
-
-        for directory, recursive in dirs:
-            key = (str(directory), recursive)
-            if key in self._watched or not directory.is_dir():
-                continue
-            try:
-                if self._observer is None:
-                    self._observer = Observer()
-                    self._observer.daemon = True
-                    self._observer.start()
-                self._observer.schedule(_Handler(), str(directory), recursive=recursive)
-            except OSError as e:
-                log.warning(
-                    "file events unavailable, polling instead",
-                    extra={"path": str(directory), "err": str(e)},
-                )
-                continue
-            self._watched.add(key)
-
-    def stop(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None

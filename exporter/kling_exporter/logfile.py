@@ -1,0 +1,139 @@
+"""One log file as the tailer knows it (identity, first bytes, position), reading
+helpers, and how many files the process may hold open."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+
+
+class FileState:
+    """One known file. ``offset`` is just past the last complete line handed on;
+    ``read_pos`` is how far the bytes have been read (pending or skipped beyond it).
+    ``fd`` is None while the file is closed (idle, gone, or not yet opened)."""
+
+    __slots__ = (
+        "changed_at",
+        "dev",
+        "fd",
+        "fingerprint",
+        "gone_since",
+        "ino",
+        "lineno",
+        "mtime_ns",
+        "offset",
+        "path",
+        "pending",
+        "read_pos",
+        "saved_digest",
+        "shadow_of",
+        "skipping",
+        "verified",
+    )
+
+    def __init__(self, path: str, dev: int, ino: int) -> None:
+        self.path = path
+        self.dev = dev
+        self.ino = ino
+        self.fd: int | None = None
+        self.fingerprint = b""
+        # From the saved state, which keeps only a digest of the first bytes (a prompt
+        # in a first line must not sit in another file): (length, SHA-256).
+        self.saved_digest: tuple[int, bytes] | None = None
+        self.offset = 0
+        self.read_pos = 0
+        self.lineno = 0
+        self.pending = b""
+        self.skipping = False
+        self.gone_since: float | None = None
+        # Monotonic time the file last grew, and its mtime when it was closed.
+        self.changed_at = 0.0
+        self.mtime_ns = 0
+        # False while the file is to be opened by its path even if no listing shows it
+        # (new, restored from the state, or found renamed beside the globs); its
+        # position is checked against the file whenever it is opened.
+        self.verified = False
+        # The file whose copy this is, while that file still holds the same stream.
+        self.shadow_of: tuple[int, int] | None = None
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        return (self.dev, self.ino)
+
+    def begins(self, fd: int) -> bytes | None:
+        """The file's first bytes if they are the ones this state knows, else None."""
+        if self.saved_digest is not None:
+            length, digest = self.saved_digest
+            head = os.pread(fd, length, 0)
+            return head if hashlib.sha256(head).digest() == digest else None
+        head = os.pread(fd, len(self.fingerprint), 0)
+        return head if head == self.fingerprint else None
+
+    def rewind(self) -> None:
+        self.saved_digest = None
+        self.fingerprint = b""
+        self.offset = self.read_pos = self.lineno = 0
+        self.pending = b""
+        self.skipping = False
+
+    def continue_stream(self, fingerprint: bytes, offset: int, lineno: int, size: int) -> None:
+        """Go on from where another file holding the same stream was left."""
+        self.fingerprint, self.saved_digest = fingerprint, None
+        self.offset = self.read_pos = min(offset, size)
+        self.lineno = lineno
+        self.pending = b""
+        self.skipping = False
+        self.shadow_of = None
+
+
+def last_line_end(fd: int, size: int) -> int:
+    """Position just past the last newline before ``size`` (0 if there is none)."""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - 65536)
+        block = os.pread(fd, pos - start, start)
+        nl = block.rfind(b"\n")
+        if nl >= 0:
+            return start + nl + 1
+        pos = start
+    return 0
+
+
+def open_fd(path: str) -> int:
+    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+
+def digest(fs: FileState) -> tuple[int, bytes]:
+    """How a file begins, for the saved state: its length and SHA-256, not the bytes."""
+    if fs.saved_digest is not None:
+        return fs.saved_digest
+    return len(fs.fingerprint), hashlib.sha256(fs.fingerprint).digest()
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft limit of open descriptors to the hard one (systemd's default soft
+    limit is 1024); returns the limits now in force."""
+    try:
+        import resource  # noqa: PLC0415 - not on every platform
+    except ImportError:  # pragma: no cover
+        return (1024, 1024)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def max_open_files() -> int:
+    """How many log files to hold open at once: a small share of the descriptor limit,
+    so clients and the state writer always have room."""
+    try:
+        import resource  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        return 64
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(4, min(4096, soft // 8))
