@@ -40,11 +40,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 
 import msgspec  # noqa: E402
-from kling_exporter.collector import KlingCollector, TextRenderer  # noqa: E402
+from kling_exporter.collector import TextRenderer  # noqa: E402
 from kling_exporter.config import parse_config  # noqa: E402
 from kling_exporter.events import Event, decode_line  # noqa: E402
 from kling_exporter.ingest import ingest  # noqa: E402
 from kling_exporter.ledger import Ledger  # noqa: E402
+from kling_exporter.metrics import KlingCollector  # noqa: E402
 from kling_exporter.model import Status  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 

@@ -36,11 +36,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 
 from kling_exporter.account import Account, Pack  # noqa: E402
-from kling_exporter.collector import TextRenderer, families  # noqa: E402
+from kling_exporter.collector import TextRenderer  # noqa: E402
 from kling_exporter.demo import DemoTraffic, demo_config  # noqa: E402
 from kling_exporter.events import Event, decode_line  # noqa: E402
 from kling_exporter.ingest import ingest  # noqa: E402
 from kling_exporter.ledger import Ledger  # noqa: E402
+from kling_exporter.metrics import families  # noqa: E402
 from kling_exporter.model import Status  # noqa: E402
 from kling_exporter.standin import demo_packs  # noqa: E402
 

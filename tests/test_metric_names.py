@@ -11,9 +11,10 @@ import pytest
 from kling_exporter.account import Account
 from kling_exporter.budgets import Budgets, DayUsage
 from kling_exporter.callbacks import Callbacks, callback_families
-from kling_exporter.collector import METRICS, Family, KlingCollector, reservation_families
+from kling_exporter.collector import Family
 from kling_exporter.config import Config, FleetConfig
 from kling_exporter.fleet import Fleet
+from kling_exporter.metrics import METRICS, KlingCollector, reservation_families
 from kling_exporter.model import View
 from kling_exporter.reservations import Reservations
 

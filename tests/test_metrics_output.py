@@ -8,10 +8,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from kling_exporter.collector import KlingCollector, TextRenderer
+from kling_exporter.collector import TextRenderer
 from kling_exporter.config import parse_config
 from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
+from kling_exporter.metrics import KlingCollector
 from kling_exporter.model import Status
 from prometheus_client import CollectorRegistry, generate_latest
 

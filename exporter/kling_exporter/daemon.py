@@ -20,13 +20,14 @@ from pathlib import Path
 
 import msgspec
 
-from kling_exporter.collector import Exposition, declared, families
+from kling_exporter.collector import Exposition
 from kling_exporter.config import Config, ConfigError, load_config
 from kling_exporter.events import explain_invalid
 from kling_exporter.ingest import RateLimit, ingest
 from kling_exporter.ledger import Ledger
 from kling_exporter.listing import Watcher
 from kling_exporter.logfile import max_open_files, raise_open_file_limit
+from kling_exporter.metrics import declared, families
 from kling_exporter.model import Consumed, Snapshot, Status, View
 from kling_exporter.state import FORMAT, State, read_state, write_state
 from kling_exporter.tailer import Tailer

@@ -32,10 +32,11 @@ from kling_exporter.api import (
 )
 from kling_exporter.callbacks import PATH as CALLBACK_PATH
 from kling_exporter.callbacks import Callbacks, callback_families
-from kling_exporter.collector import Exposition, reservation_families
+from kling_exporter.collector import Exposition
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.demo import STANDIN_PATH
 from kling_exporter.fleet import Fleet, publishing
+from kling_exporter.metrics import reservation_families
 from kling_exporter.model import ReaderUnavailable
 from kling_exporter.reader import ReaderProcess
 from kling_exporter.reservations import (

@@ -1,0 +1,365 @@
+"""The metrics the exporter serves, declared once: a table of specs (name, type, help,
+labels, how to read the value from a snapshot), from which come the reader's scrape,
+``describe()``, and the README's metric table (a test checks it); and the families the
+HTTP process keeps for reservations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from kling_exporter import __version__
+from kling_exporter.budgets import BudgetStatus
+from kling_exporter.collector import Family, FamilyCollector, Key
+from kling_exporter.model import Snapshot, Status
+
+if TYPE_CHECKING:
+    from kling_exporter.reservations import Reservations
+
+
+def _opt(value: str | None) -> str:
+    return "" if value is None else value
+
+
+def _keyed(table: Mapping[Any, float]) -> dict[Key, float]:
+    return {k if isinstance(k, tuple) else (k,): v for k, v in table.items()}
+
+
+Read = Callable[[Snapshot, Status], Mapping[Any, Any]]
+
+
+class Spec(NamedTuple):
+    """One metric as the exporter declares it: from these rows come the exposition, the
+    collector's ``describe`` and the README's metric table (checked by a test)."""
+
+    name: str  # counters without the _total suffix
+    type: str  # counter | gauge | histogram
+    doc: str
+    labels: tuple[str, ...]
+    read: Read  # the samples, keyed by tuples of label values
+    unit: str = ""
+
+
+def _one(read: Callable[[Snapshot, Status], float]) -> Read:
+    return lambda s, st: {(): read(s, st)}
+
+
+def _budget(field: str) -> Read:
+    """One BudgetStatus field of every budget that has it (a limit may be absent)."""
+
+    def read(s: Snapshot, st: Status) -> dict[Key, float]:
+        out: dict[Key, float] = {}
+        for b in s.budgets:
+            value = getattr(b, field)
+            if value is not None:
+                out[(b.name, b.period)] = value
+        return out
+
+    return read
+
+
+def _budget_info(s: Snapshot, st: Status) -> dict[Key, float]:
+    return {(b.name, b.period, _opt(b.project), _opt(b.user)): 1 for b in s.budgets}
+
+
+BUDGET = ("budget", "period")
+BUDGET_FIELDS = (  # metric name after kling_budget_, BudgetStatus field, help
+    ("limit_credits", "limit_credits", "Configured budget limit in credits."),
+    ("limit_usd", "limit_usd", "Configured budget limit in US dollars."),
+    ("used_credits", "used_credits", "Credits used in the budget's current period."),
+    ("used_usd", "used_usd", "US dollars used in the budget's current period."),
+    (
+        "remaining_credits",
+        "remaining_credits",
+        "Credits left in the current period (never below 0).",
+    ),
+    ("remaining_usd", "remaining_usd", "US dollars left in the current period (never below 0)."),
+    (
+        "utilization_ratio",
+        "utilization",
+        "Share of the budget used: the larger of credits and dollars (1 = 100%).",
+    ),
+    ("alert_threshold_ratio", "alert_threshold", "Utilization at which the budget warns."),
+    ("period_start_timestamp_seconds", "period_start", "Start of the budget's current period."),
+    ("period_end_timestamp_seconds", "period_end", "End of the budget's current period."),
+    (
+        "in_flight_credits",
+        "in_flight_credits",
+        "Estimated credits of tasks submitted and not yet finished that the budget "
+        "matches; pre-flight answers count them beside what is used.",
+    ),
+    ("in_flight_usd", "in_flight_usd", "US dollars of the same tasks in flight."),
+)
+
+METRICS: tuple[Spec, ...] = (
+    Spec(
+        "kling_tasks_submitted",
+        "counter",
+        "Tasks submitted to Kling.",
+        ("project", "model", "mode"),
+        lambda s, st: s.submitted,
+    ),
+    Spec(
+        "kling_tasks_completed",
+        "counter",
+        "Tasks that reached a final Kling status (succeed or failed).",
+        ("project", "model", "status"),
+        lambda s, st: s.completed,
+    ),
+    Spec(
+        "kling_task_errors",
+        "counter",
+        "Tasks that ended in an error before Kling returned a status.",
+        ("project", "error_type"),
+        lambda s, st: s.errors,
+    ),
+    Spec(
+        "kling_credits_used",
+        "counter",
+        "Kling credits charged: credits_used where logged, else priced.",
+        ("project", "model"),
+        lambda s, st: s.credits,
+    ),
+    Spec(
+        "kling_cost_usd",
+        "counter",
+        "Cost of the credits charged, in US dollars.",
+        ("project", "model"),
+        lambda s, st: s.usd,
+    ),
+    Spec(
+        "kling_video_seconds",
+        "counter",
+        "Seconds of video generated: succeeded video tasks' clip length.",
+        ("project", "model"),
+        lambda s, st: s.video_seconds,
+    ),
+    Spec(
+        "kling_task_generation_seconds",
+        "histogram",
+        "Time Kling took to generate a succeeded task.",
+        ("model",),
+        lambda s, st: {(m,): v for m, v in s.generation.items()},
+        unit="seconds",
+    ),
+    Spec(
+        "kling_tasks_in_flight",
+        "gauge",
+        "Tasks submitted and not yet completed or failed.",
+        ("project",),
+        lambda s, st: _keyed(s.in_flight),
+    ),
+    Spec(
+        "kling_tasks_expired",
+        "counter",
+        "Unfinished tasks forgotten after tasks.ttl without a completion.",
+        ("project",),
+        lambda s, st: _keyed(s.expired),
+    ),
+    *(
+        Spec(f"kling_budget_{name}", "gauge", doc, BUDGET, _budget(field))
+        for name, field, doc in BUDGET_FIELDS
+    ),
+    Spec(
+        "kling_budget_info",
+        "gauge",
+        "What each budget matches.",
+        ("budget", "period", "project", "user"),
+        _budget_info,
+    ),
+    Spec(
+        "kling_exporter_build_info",
+        "gauge",
+        "The exporter's version; always 1.",
+        ("version",),
+        lambda s, st: {(__version__,): 1},
+    ),
+    Spec(
+        "kling_log_lines_read", "counter", "Log lines read.", (), _one(lambda s, st: s.lines_read)
+    ),
+    Spec(
+        "kling_log_lines_invalid",
+        "counter",
+        "Log lines skipped as invalid, by reason.",
+        ("reason",),
+        lambda s, st: _keyed(s.invalid),
+    ),
+    Spec(
+        "kling_log_read_bytes",
+        "counter",
+        "Bytes of complete log lines read.",
+        (),
+        _one(lambda s, st: s.bytes_read),
+    ),
+    Spec(
+        "kling_log_files_watched",
+        "gauge",
+        "Log files matching the configured globs.",
+        (),
+        _one(lambda s, st: st.files_watched),
+    ),
+    Spec(
+        "kling_events_duplicate",
+        "counter",
+        "Events seen again for a task and counted once.",
+        (),
+        _one(lambda s, st: s.duplicates),
+    ),
+    Spec(
+        "kling_events_orphaned",
+        "counter",
+        "Completions and errors counted without their submission, after waiting for it.",
+        (),
+        _one(lambda s, st: s.orphaned),
+    ),
+    Spec(
+        "kling_events_awaiting_submission",
+        "gauge",
+        "Completions and errors read before their submission, waiting for it.",
+        (),
+        _one(lambda s, st: s.awaiting_submission),
+    ),
+    Spec(
+        "kling_log_timestamps_clamped",
+        "counter",
+        "Event times replaced by the time of reading: too far ahead, or before 2000.",
+        ("reason",),
+        lambda s, st: _keyed(s.timestamps_clamped),
+    ),
+    Spec(
+        "kling_last_event_timestamp_seconds",
+        "gauge",
+        "Time of the newest event read (0 before any).",
+        (),
+        _one(lambda s, st: s.last_event_ts),
+    ),
+    Spec(
+        "kling_label_overflow",
+        "counter",
+        "Events whose label value was folded into __other__ past the limit.",
+        ("label",),
+        lambda s, st: _keyed(s.label_overflow),
+    ),
+    Spec(
+        "kling_tasks_tracked",
+        "gauge",
+        "Tasks held in the index for joins and dedup.",
+        (),
+        _one(lambda s, st: s.tasks_tracked),
+    ),
+    Spec(
+        "kling_exporter_ready",
+        "gauge",
+        "1 once the initial read of the logs is done.",
+        (),
+        _one(lambda s, st: 1 if st.ready else 0),
+    ),
+    Spec(
+        "kling_config_last_reload_successful",
+        "gauge",
+        "1 if the last config (re)load succeeded.",
+        (),
+        _one(lambda s, st: 1 if st.reload_successful else 0),
+    ),
+    Spec(
+        "kling_config_last_reload_success_timestamp_seconds",
+        "gauge",
+        "Time of the last successful config (re)load.",
+        (),
+        _one(lambda s, st: st.reload_success_ts),
+    ),
+    Spec(
+        "kling_state_last_save_timestamp_seconds",
+        "gauge",
+        "Time the state was last saved (0 before any).",
+        (),
+        _one(lambda s, st: st.state_save_ts),
+    ),
+    Spec(
+        "kling_state_save_interval_seconds",
+        "gauge",
+        "How often the state is saved (0 when no state is kept).",
+        (),
+        _one(lambda s, st: st.state_save_interval),
+    ),
+    Spec(
+        "kling_log_reader_up",
+        "gauge",
+        "1 while the log reader runs; 0 once it has failed (the process needs a restart).",
+        (),
+        _one(lambda s, st: 1 if st.reader_up else 0),
+    ),
+    Spec(
+        "kling_log_last_poll_timestamp_seconds",
+        "gauge",
+        "Time the reader last finished looking at every log file.",
+        (),
+        _one(lambda s, st: st.last_poll_ts),
+    ),
+    Spec(
+        "kling_log_unread_bytes",
+        "gauge",
+        "Bytes in the followed log files beyond what has been read.",
+        (),
+        _one(lambda s, st: st.unread_bytes),
+    ),
+    Spec(
+        "kling_log_open_files",
+        "gauge",
+        "Log files held open; idle ones are closed and opened again when they grow.",
+        (),
+        _one(lambda s, st: st.open_files),
+    ),
+)
+
+
+def declared() -> list[Family]:
+    """The table's families, without samples."""
+    return [Family(spec.name, spec.type, spec.doc, spec.labels, {}, spec.unit) for spec in METRICS]
+
+
+def families(s: Snapshot, st: Status) -> list[Family]:
+    """Every metric of a scrape, in exposition order: the table above, read."""
+    return [
+        Family(spec.name, spec.type, spec.doc, spec.labels, spec.read(s, st), spec.unit)
+        for spec in METRICS
+    ]
+
+
+def reservation_families(reservations: Reservations, budgets: list[BudgetStatus]) -> list[Family]:
+    """The reservations' metrics, kept by the HTTP process."""
+    credits = {(b.name, b.period): b.reserved_credits for b in budgets}
+    usd = {(b.name, b.period): b.reserved_usd for b in budgets}
+    labels = ("budget", "period")
+    return [
+        Family(
+            "kling_budget_reserved_credits",
+            "gauge",
+            "Credits held by live reservations that the budget matches.",
+            labels,
+            credits,
+        ),
+        Family(
+            "kling_budget_reserved_usd",
+            "gauge",
+            "US dollars held by live reservations that the budget matches.",
+            labels,
+            usd,
+        ),
+        Family(
+            "kling_reservations",
+            "counter",
+            "Reservations granted, refused, released and expired; tasks that consumed a "
+            "reservation, and tasks that named none live (unknown).",
+            ("outcome",),
+            {(k,): float(v) for k, v in reservations.outcomes.items()},
+        ),
+    ]
+
+
+class KlingCollector(FamilyCollector):
+    """The ledger's and the daemon's metrics."""
+
+    def __init__(self, source: Callable[[], tuple[Snapshot, Status]]) -> None:
+        super().__init__(lambda: families(*source()), declared)
