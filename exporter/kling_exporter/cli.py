@@ -39,7 +39,7 @@ from kling_exporter.listing import ListingError
 from kling_exporter.logsetup import LEVELS, setup_logging
 from kling_exporter.pricing import Pricing, Request
 from kling_exporter.reader import ReaderProcess
-from kling_exporter.server import run
+from kling_exporter.server import Serving, run
 from kling_exporter.standin import KlingStandIn, demo_packs
 from kling_exporter.webconfig import load_web_config
 
@@ -365,7 +365,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     standin = KlingStandIn(*DEMO_KEYS, demo_packs(time.time()))
     config = demo_config(log_dir, account)
     reader = ReaderProcess(config, None, args.log_level, args.log_format)
-    return run(reader, host, port, "/metrics", standin=standin)
+    return run(reader, Serving(host, port, standin=standin))
 
 
 def _load(path: str | None) -> Config:
@@ -428,7 +428,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
     limits = Limits(args.max_connections, args.header_timeout, args.idle_timeout)
     reader = ReaderProcess(config, args.config_file, args.log_level, args.log_format)
-    return run(reader, host, port, args.telemetry_path, web_config, tls, limits)
+    return run(reader, Serving(host, port, args.telemetry_path, web_config, tls, limits))
 
 
 def _with_command_first(argv: list[str]) -> list[str]:

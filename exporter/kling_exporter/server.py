@@ -11,7 +11,7 @@ import signal
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -282,17 +282,22 @@ def build_app(
 # -- the server's life ---------------------------------------------------------------
 
 
-async def _serve(
-    reader: ReaderProcess,
-    host: str | None,
-    port: int,
-    telemetry_path: str,
-    web_config: WebConfig | None = None,
-    tls: ssl.SSLContext | None = None,
-    limits: Limits = Limits(),  # noqa: B008 - immutable
-    standin: KlingStandIn | None = None,
-) -> int:
+class Serving(NamedTuple):
+    """How the server serves: its address, metrics path, TLS and users, connection
+    limits, and (for the demo) a stand-in of Kling's account API."""
+
+    host: str | None
+    port: int
+    telemetry_path: str = "/metrics"
+    web_config: WebConfig | None = None
+    tls: ssl.SSLContext | None = None
+    limits: Limits = Limits()
+    standin: KlingStandIn | None = None
+
+
+async def _serve(reader: ReaderProcess, serving: Serving) -> int:
     """Serve until told to stop (0), or until the reader process ends unasked (1)."""
+    host, port, telemetry_path, web_config, tls, limits, standin = serving
     reservations = Reservations(journal_beside(reader.config.state.path))
     app = build_app(reader, telemetry_path, web_config, reservations, standin)
     runner = web.AppRunner(
@@ -332,21 +337,11 @@ async def _serve(
     return 0 if reader.stopping or not reader.ended.is_set() else 1
 
 
-def run(
-    reader: ReaderProcess,
-    host: str | None,
-    port: int,
-    telemetry_path: str,
-    web_config: WebConfig | None = None,
-    tls: ssl.SSLContext | None = None,
-    limits: Limits = Limits(),  # noqa: B008 - immutable
-    standin: KlingStandIn | None = None,
-) -> int:
+def run(reader: ReaderProcess, serving: Serving) -> int:
     """Serve ``reader`` until SIGTERM or SIGINT (0), or until the reader ends unasked or
     the address cannot be served (1); then stop the reader, which saves its state."""
     try:
-        serving = _serve(reader, host, port, telemetry_path, web_config, tls, limits, standin)
-        code = asyncio.run(serving)
+        code = asyncio.run(_serve(reader, serving))
     except OSError as e:
         log.error("cannot serve", extra={"err": str(e)})
         return 1
