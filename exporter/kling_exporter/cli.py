@@ -16,6 +16,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import msgspec
+
 from kling_exporter import __version__, reports
 from kling_exporter.config import (
     KINDS,
@@ -273,7 +275,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     day = args.date or _today(config)
     result = reports.daily_report(reports.read_records(config, sys.stderr), day, config)
     if args.format == "json":
-        print(json.dumps(result, indent=2))
+        print(json.dumps(msgspec.to_builtins(result), indent=2))
     else:
         print(reports.daily_text(result, config), end="")
     return 0
@@ -285,9 +287,9 @@ def cmd_costs(args: argparse.Namespace) -> int:
         reports.read_records(config, sys.stderr), args.days, _today(config), config
     )
     if args.format == "json":
-        print(json.dumps(result, indent=2))
+        print(json.dumps(msgspec.to_builtins(result), indent=2))
     else:
-        print(reports.costs_text(result, args.days, config), end="")
+        print(reports.costs_text(result, config), end="")
     return 0
 
 

@@ -14,6 +14,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
+import msgspec
+
 from kling_exporter.budgets import over_by
 from kling_exporter.config import Config
 from kling_exporter.ingest import ingest
@@ -66,55 +68,102 @@ def local_date(ts: float, config: Config) -> dt.date:
     return dt.datetime.fromtimestamp(ts, config.tz).date()
 
 
-def _tally() -> dict[str, float]:
-    return {"submitted": 0, "succeeded": 0, "failed": 0, "errors": 0, "credits": 0.0, "usd": 0.0}
+class Tally(msgspec.Struct):
+    """Counts and costs of some tasks: submitted, succeeded, failed, with errors."""
+
+    submitted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    errors: int = 0
+    credits: float = 0.0
+    usd: float = 0.0
+
+    def count(self, r: Record) -> None:
+        if r.event == "submitted":
+            self.submitted += 1
+        elif r.event == "completed":
+            if r.status == "succeed":
+                self.succeeded += 1
+            else:
+                self.failed += 1
+        else:
+            self.errors += 1
+        self.credits += r.credits
+        self.usd += r.usd
+
+    def for_people(self) -> Tally:
+        return msgspec.structs.replace(
+            self,
+            credits=amount_for_people("credits", self.credits),
+            usd=amount_for_people("usd", self.usd),
+        )
 
 
-def _count(t: dict[str, float], r: Record) -> None:
-    if r.event == "submitted":
-        t["submitted"] += 1
-    elif r.event == "completed":
-        t["succeeded" if r.status == "succeed" else "failed"] += 1
-    else:
-        t["errors"] += 1
-    t["credits"] += r.credits
-    t["usd"] += r.usd
+class BudgetUse(msgspec.Struct):
+    """A budget in its period as of the end of a day."""
+
+    name: str
+    period: str
+    used_credits: float
+    used_usd: float
+    limit_credits: float | None
+    limit_usd: float | None
+    over_by_credits: float | None  # 0 within the limit, None for no limit
+    over_by_usd: float | None
 
 
-def daily_report(records: Sequence[Record], day: dt.date, config: Config) -> dict[str, Any]:
-    total = _tally()
-    by_model: dict[str, dict[str, float]] = defaultdict(_tally)
-    by_project: dict[str, dict[str, float]] = defaultdict(_tally)
+class DailyReport(msgspec.Struct):
+    """``report``: one local day's tasks and costs, by model and project, and budgets."""
+
+    date: str
+    total_submitted: int
+    succeeded: int
+    failed: int
+    errors: int
+    # Of every finished task, errors included (the rate users feel); and of the
+    # completions alone, as hand-rolled trackers compute it.
+    success_rate: float
+    success_rate_completions: float
+    total_credits: float
+    total_usd: float
+    avg_generation_sec: float
+    by_model: dict[str, Tally]
+    by_project: dict[str, Tally]
+    budgets: list[BudgetUse]
+
+
+def daily_report(records: Sequence[Record], day: dt.date, config: Config) -> DailyReport:
+    total = Tally()
+    by_model: dict[str, Tally] = defaultdict(Tally)
+    by_project: dict[str, Tally] = defaultdict(Tally)
     elapsed: list[float] = []
     for r in records:
         if local_date(r.ts, config) != day:
             continue
         for t in (total, by_model[r.model], by_project[r.project]):
-            _count(t, r)
+            t.count(r)
         if r.event == "completed" and r.status == "succeed" and r.elapsed is not None:
             elapsed.append(r.elapsed)
-    completed = total["succeeded"] + total["failed"]
-    finished = completed + total["errors"]
-    return {
-        "date": day.isoformat(),
-        "total_submitted": int(total["submitted"]),
-        "succeeded": int(total["succeeded"]),
-        "failed": int(total["failed"]),
-        "errors": int(total["errors"]),
-        # Of every finished task, errors included (the rate users feel); and of the
-        # completions alone, as hand-rolled trackers compute it.
-        "success_rate": round(total["succeeded"] / finished, 4) if finished else 0.0,
-        "success_rate_completions": round(total["succeeded"] / completed, 4) if completed else 0.0,
-        "total_credits": amount_for_people("credits", total["credits"]),
-        "total_usd": amount_for_people("usd", total["usd"]),
-        "avg_generation_sec": round(sum(elapsed) / len(elapsed), 2) if elapsed else 0.0,
-        "by_model": {k: _rounded(v) for k, v in sorted(by_model.items())},
-        "by_project": {k: _rounded(v) for k, v in sorted(by_project.items())},
-        "budgets": budget_report(records, day, config),
-    }
+    completed = total.succeeded + total.failed
+    finished = completed + total.errors
+    return DailyReport(
+        date=day.isoformat(),
+        total_submitted=total.submitted,
+        succeeded=total.succeeded,
+        failed=total.failed,
+        errors=total.errors,
+        success_rate=round(total.succeeded / finished, 4) if finished else 0.0,
+        success_rate_completions=round(total.succeeded / completed, 4) if completed else 0.0,
+        total_credits=amount_for_people("credits", total.credits),
+        total_usd=amount_for_people("usd", total.usd),
+        avg_generation_sec=round(sum(elapsed) / len(elapsed), 2) if elapsed else 0.0,
+        by_model={k: v.for_people() for k, v in sorted(by_model.items())},
+        by_project={k: v.for_people() for k, v in sorted(by_project.items())},
+        budgets=budget_report(records, day, config),
+    )
 
 
-def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> list[dict[str, Any]]:
+def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> list[BudgetUse]:
     """Each budget in its period as of the end of ``day``: used, remaining (never below
     0) and by how much it is over (``over_by_*``, 0 within the limit)."""
     end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), config.tz).timestamp()
@@ -130,22 +179,20 @@ def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> li
             ):
                 credits += r.credits
                 usd += r.usd
+        over_c, over_u = overspend(b.limit_credits, b.limit_usd, credits, usd)
         out.append(
-            {
-                "name": b.name,
-                "period": b.period,
-                "used_credits": amount_for_people("credits", credits),
-                "used_usd": amount_for_people("usd", usd),
-                "limit_credits": b.limit_credits,
-                "limit_usd": b.limit_usd,
-                **overspend(b.limit_credits, b.limit_usd, credits, usd),
-            }
+            BudgetUse(
+                name=b.name,
+                period=b.period,
+                used_credits=amount_for_people("credits", credits),
+                used_usd=amount_for_people("usd", usd),
+                limit_credits=b.limit_credits,
+                limit_usd=b.limit_usd,
+                over_by_credits=over_c,
+                over_by_usd=over_u,
+            )
         )
     return out
-
-
-def _rounded(t: dict[str, float]) -> dict[str, float]:
-    return {k: amount_for_people(k, v) if k in ("credits", "usd") else int(v) for k, v in t.items()}
 
 
 def amount_for_people(key: str, value: float) -> float:
@@ -158,52 +205,77 @@ def amount_for_people(key: str, value: float) -> float:
     return value
 
 
+class DayCost(msgspec.Struct):
+    """One day of ``costs``: "videos" are tasks submitted that day, as the usage scripts
+    teams ran before count them; "succeeded" are the ones that succeeded."""
+
+    date: str
+    credits: float = 0.0
+    videos: int = 0
+    succeeded: int = 0
+    usd: float = 0.0
+    usd_per_succeeded: float | None = None
+
+
+class CostAnalysis(msgspec.Struct):
+    """``costs``: the last ``days`` local days, each, in total and on average."""
+
+    days: int
+    first: str = msgspec.field(name="from")
+    to: str = ""
+    per_day: list[DayCost] = []
+    total_credits: float = 0.0
+    total_videos: int = 0
+    total_succeeded: int = 0
+    total_usd: float = 0.0
+    usd_per_succeeded: float | None = None
+    avg_credits_per_day: float = 0.0
+    avg_usd_per_day: float = 0.0
+
+
 def cost_analysis(
     records: Iterable[Record], days: int, today: dt.date, config: Config
-) -> dict[str, Any]:
+) -> CostAnalysis:
     first = today - dt.timedelta(days=days - 1)
-    # "videos" are tasks submitted that day, as the usage scripts teams ran before
-    # count them; "succeeded" are the ones that succeeded.
     per_day = {
-        first + dt.timedelta(days=i): {"credits": 0.0, "videos": 0, "succeeded": 0, "usd": 0.0}
+        first + dt.timedelta(days=i): DayCost((first + dt.timedelta(days=i)).isoformat())
         for i in range(days)
     }
     for r in records:
         row = per_day.get(local_date(r.ts, config))
         if row is None:
             continue
-        row["credits"] += r.credits
-        row["usd"] += r.usd
+        row.credits += r.credits
+        row.usd += r.usd
         if r.event == "submitted":
-            row["videos"] += 1
+            row.videos += 1
         elif r.event == "completed" and r.status == "succeed":
-            row["succeeded"] += 1
-    total_credits = sum(r["credits"] for r in per_day.values())
-    total_usd = sum(r["usd"] for r in per_day.values())
-    total_succeeded = int(sum(r["succeeded"] for r in per_day.values()))
-    return {
-        "days": days,
-        "from": first.isoformat(),
-        "to": today.isoformat(),
-        "per_day": [
-            {
-                "date": d.isoformat(),
-                "credits": amount_for_people("credits", r["credits"]),
-                "videos": int(r["videos"]),
-                "succeeded": int(r["succeeded"]),
-                "usd": amount_for_people("usd", r["usd"]),
-                "usd_per_succeeded": _per(r["usd"], r["succeeded"]),
-            }
-            for d, r in per_day.items()
+            row.succeeded += 1
+    rows = list(per_day.values())
+    total_credits = sum(r.credits for r in rows)
+    total_usd = sum(r.usd for r in rows)
+    total_succeeded = sum(r.succeeded for r in rows)
+    return CostAnalysis(
+        days=days,
+        first=first.isoformat(),
+        to=today.isoformat(),
+        per_day=[
+            msgspec.structs.replace(
+                r,
+                credits=amount_for_people("credits", r.credits),
+                usd=amount_for_people("usd", r.usd),
+                usd_per_succeeded=_per(r.usd, r.succeeded),
+            )
+            for r in rows
         ],
-        "total_credits": amount_for_people("credits", total_credits),
-        "total_videos": int(sum(r["videos"] for r in per_day.values())),
-        "total_succeeded": total_succeeded,
-        "total_usd": amount_for_people("usd", total_usd),
-        "usd_per_succeeded": _per(total_usd, total_succeeded),
-        "avg_credits_per_day": amount_for_people("credits", total_credits / days),
-        "avg_usd_per_day": amount_for_people("usd", total_usd / days),
-    }
+        total_credits=amount_for_people("credits", total_credits),
+        total_videos=sum(r.videos for r in rows),
+        total_succeeded=total_succeeded,
+        total_usd=amount_for_people("usd", total_usd),
+        usd_per_succeeded=_per(total_usd, total_succeeded),
+        avg_credits_per_day=amount_for_people("credits", total_credits / days),
+        avg_usd_per_day=amount_for_people("usd", total_usd / days),
+    )
 
 
 def _per(amount: float, count: float) -> float | None:
@@ -212,13 +284,14 @@ def _per(amount: float, count: float) -> float | None:
 
 def overspend(
     limit_credits: float | None, limit_usd: float | None, credits: float, usd: float
-) -> dict[str, float | None]:
-    """How far past its limits a budget is: 0 within them, None for a limit not set."""
-    over = {
-        "over_by_credits": over_by(credits, limit_credits),
-        "over_by_usd": over_by(usd, limit_usd),
-    }
-    return {k: None if v is None else amount_for_people(k, v) for k, v in over.items()}
+) -> tuple[float | None, float | None]:
+    """How far past its limits a budget is, in credits and dollars: 0 within them, None
+    for a limit not set."""
+    over_c, over_u = over_by(credits, limit_credits), over_by(usd, limit_usd)
+    return (
+        None if over_c is None else amount_for_people("credits", over_c),
+        None if over_u is None else amount_for_people("usd", over_u),
+    )
 
 
 # The first seven columns are those of the usage scripts teams already run
@@ -300,6 +373,10 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
+def _or_dash(value: float | None) -> float | str:
+    return "-" if value is None else float(value)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.2f}"
@@ -308,10 +385,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def daily_text(result: dict[str, Any], config: Config) -> str:
+def daily_text(result: DailyReport, config: Config) -> str:
     """``report`` as people read it: totals, by model, by project, and the budgets."""
     out: list[str] = []
-    out.append(f"Kling usage on {result['date']} ({config.timezone})\n")
+    out.append(f"Kling usage on {result.date} ({config.timezone})\n")
     out.append(
         table(
             [
@@ -326,34 +403,26 @@ def daily_text(result: dict[str, Any], config: Config) -> str:
             ],
             [
                 [
-                    result["total_submitted"],
-                    result["succeeded"],
-                    result["failed"],
-                    result["errors"],
-                    f"{result['success_rate']:.1%}",
-                    float(result["total_credits"]),
-                    float(result["total_usd"]),
-                    float(result["avg_generation_sec"]),
+                    result.total_submitted,
+                    result.succeeded,
+                    result.failed,
+                    result.errors,
+                    f"{result.success_rate:.1%}",
+                    float(result.total_credits),
+                    float(result.total_usd),
+                    float(result.avg_generation_sec),
                 ]
             ],
         )
     )
     out.append(
-        f"\nsuccess: {result['success_rate']:.1%} of finished tasks (errors included), "
-        f"{result['success_rate_completions']:.1%} of completions alone"
+        f"\nsuccess: {result.success_rate:.1%} of finished tasks (errors included), "
+        f"{result.success_rate_completions:.1%} of completions alone"
     )
-    for title, key in (("model", "by_model"), ("project", "by_project")):
+    for title, tallies in (("model", result.by_model), ("project", result.by_project)):
         rows = [
-            [
-                name,
-                int(t["submitted"]),
-                int(t["succeeded"]),
-                int(t["failed"]),
-                int(t["errors"]),
-                float(t["credits"]),
-                float(t["usd"]),
-            ]
-            for name, t in result[key].items()
+            [name, t.submitted, t.succeeded, t.failed, t.errors, float(t.credits), float(t.usd)]
+            for name, t in tallies.items()
         ]
         if rows:
             out.append(f"\nBy {title}:")
@@ -362,60 +431,56 @@ def daily_text(result: dict[str, Any], config: Config) -> str:
             )
     budgets = [
         [
-            b["name"],
-            b["period"],
-            float(b["used_credits"]),
-            "-" if b["limit_credits"] is None else float(b["limit_credits"]),
-            "-" if b["over_by_credits"] is None else float(b["over_by_credits"]),
-            float(b["used_usd"]),
-            "-" if b["limit_usd"] is None else float(b["limit_usd"]),
-            "-" if b["over_by_usd"] is None else float(b["over_by_usd"]),
+            b.name,
+            b.period,
+            float(b.used_credits),
+            _or_dash(b.limit_credits),
+            _or_dash(b.over_by_credits),
+            float(b.used_usd),
+            _or_dash(b.limit_usd),
+            _or_dash(b.over_by_usd),
         ]
-        for b in result["budgets"]
+        for b in result.budgets
     ]
     if budgets:
-        out.append(f"\nBudgets at the end of {result['date']}:")
+        out.append(f"\nBudgets at the end of {result.date}:")
         headers = ["budget", "period", "credits", "limit", "over by", "USD", "limit", "over by"]
         out.append(table(headers, budgets))
     return "\n".join(out) + "\n"
 
 
-def costs_text(result: dict[str, Any], days: int, config: Config) -> str:
+def costs_text(result: CostAnalysis, config: Config) -> str:
     """``costs`` as people read it: one row a day, the total and the daily average."""
     out: list[str] = []
-    out.append(f"Kling costs, {result['from']} to {result['to']} ({config.timezone})\n")
-
-    def per(value: float | None) -> float | str:
-        return "-" if value is None else float(value)
-
+    out.append(f"Kling costs, {result.first} to {result.to} ({config.timezone})\n")
     rows: list[list[Any]] = [
         [
-            d["date"],
-            float(d["credits"]),
-            int(d["videos"]),
-            int(d["succeeded"]),
-            float(d["usd"]),
-            per(d["usd_per_succeeded"]),
+            d.date,
+            float(d.credits),
+            d.videos,
+            d.succeeded,
+            float(d.usd),
+            _or_dash(d.usd_per_succeeded),
         ]
-        for d in result["per_day"]
+        for d in result.per_day
     ]
     rows.append(
         [
             "total",
-            float(result["total_credits"]),
-            int(result["total_videos"]),
-            int(result["total_succeeded"]),
-            float(result["total_usd"]),
-            per(result["usd_per_succeeded"]),
+            float(result.total_credits),
+            result.total_videos,
+            result.total_succeeded,
+            float(result.total_usd),
+            _or_dash(result.usd_per_succeeded),
         ]
     )
     rows.append(
         [
             "average/day",
-            float(result["avg_credits_per_day"]),
-            round(result["total_videos"] / days, 2),
-            round(result["total_succeeded"] / days, 2),
-            float(result["avg_usd_per_day"]),
+            float(result.avg_credits_per_day),
+            round(result.total_videos / result.days, 2),
+            round(result.total_succeeded / result.days, 2),
+            float(result.avg_usd_per_day),
             "",
         ]
     )
