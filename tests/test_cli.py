@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from kling_exporter.cli import COMMANDS, main
+from kling_exporter.cli import main
 from kling_exporter.demo import DemoTraffic
+from kling_exporter.flags import COMMANDS
 
 from tests.helpers import ROOT, line, write_lines
 from tests.test_parity import THEIR_CSV_COLUMNS

@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path, PurePosixPath
 
 import yaml
-from kling_exporter.cli import DEFAULT_LISTEN, HEALTH_URL_ENV, build_parser
 from kling_exporter.config import Config
+from kling_exporter.flags import DEFAULT_LISTEN, HEALTH_URL_ENV, build_parser
 
 from tests.helpers import ROOT, require_binary
 

@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from kling_exporter.cli import DEFAULT_LISTEN
+from kling_exporter.flags import DEFAULT_LISTEN
 
 from tests.helpers import ROOT, require_binary
 

@@ -6,7 +6,6 @@ name the key path (``budgets[2].period``) and say what is wrong.
 
 from __future__ import annotations
 
-import difflib
 import re
 import socket
 import zoneinfo
@@ -15,6 +14,8 @@ from typing import Any, Literal
 
 import msgspec
 import yaml
+
+from kling_exporter.wording import describe
 
 PERIODS = ("daily", "weekly", "monthly")
 MODES = ("standard", "professional")
@@ -357,29 +358,6 @@ def normalize_mode(mode: str) -> str | None:
     return MODE_ALIASES.get(mode.lower())
 
 
-_AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
-
-
-_TYPE_WORDS = {
-    "float": "a number",
-    "int": "a whole number",
-    "str": "text",
-    "bool": "true or false",
-    "array": "a list",
-    "object": "a mapping",
-    "null": "nothing",
-}
-_EXPECTED_RE = re.compile(r"Expected `(?P<want>[^`]*)`, got `(?P<got>[^`]*)`")
-
-
-def _in_words(types: str) -> str:
-    """``float | null`` -> ``a number``: what a person would call the types."""
-    words = [_TYPE_WORDS.get(t.strip(), t.strip()) for t in types.split("|")]
-    words = [w for w in words if w != "nothing"] or ["nothing"]
-    return " or ".join(dict.fromkeys(words))
-
-
 def _known_keys() -> set[str]:
     structs: tuple[type[msgspec.Struct], ...] = (Config, LogsConfig, StateConfig, PriceRule)
     structs += (PricingConfig, ModelMultiplier, BudgetConfig, LabelsConfig, TasksConfig)
@@ -388,30 +366,9 @@ def _known_keys() -> set[str]:
 
 
 def describe_validation_error(error: msgspec.ValidationError) -> str:
-    """Turn msgspec's ``message - at `$.a[0]` `` into ``a[0].key: message``, with types
-    in words and a suggestion for a misspelt key."""
-    match = _AT_RE.match(str(error))
-    assert match is not None
-    msg, path = match.group("msg"), (match.group("path") or "").lstrip(".")
-    unknown = _UNKNOWN_RE.match(msg)
-    if unknown:
-        key = unknown.group("field")
-        close = difflib.get_close_matches(key, sorted(_known_keys()), n=1, cutoff=0.75)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{_join(path, key)}: unknown key{hint}"
-    expected = _EXPECTED_RE.search(msg)
-    if expected:
-        want, got = _in_words(expected.group("want")), _in_words(expected.group("got"))
-        msg = f"{msg[: expected.start()]}expected {want}, got {got}{msg[expected.end() :]}"
-    field, sep, rest = msg.partition(": ")
-    if sep and re.fullmatch(r"[A-Za-z_][\w\[\].-]*", field):
-        return f"{_join(path, field)}: {rest}"
-    msg = msg.replace("Expected", "expected")
-    return f"{path or '(top level)'}: {msg}"
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+    """msgspec's error in words, naming the key (``budgets[2].period: ...``), with a
+    suggestion among the config's keys for a misspelt one."""
+    return describe(error, _known_keys())
 
 
 def parse_config(data: Any) -> Config:

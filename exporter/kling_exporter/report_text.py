@@ -1,0 +1,142 @@
+"""The reports as people read them: aligned tables of ``report`` and ``costs``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kling_exporter.config import Config
+from kling_exporter.reports import CostAnalysis, DailyReport
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """An aligned text table: numbers right, text left."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [
+        all(isinstance(row[i], int | float) for row in rows) and rows for i in range(len(headers))
+    ]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _or_dash(value: float | None) -> float | str:
+    return "-" if value is None else float(value)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def daily_text(result: DailyReport, config: Config) -> str:
+    """``report`` as people read it: totals, by model, by project, and the budgets."""
+    out: list[str] = []
+    out.append(f"Kling usage on {result.date} ({config.timezone})\n")
+    out.append(
+        table(
+            [
+                "submitted",
+                "succeeded",
+                "failed",
+                "errors",
+                "success",
+                "credits",
+                "USD",
+                "avg gen s",
+            ],
+            [
+                [
+                    result.total_submitted,
+                    result.succeeded,
+                    result.failed,
+                    result.errors,
+                    f"{result.success_rate:.1%}",
+                    float(result.total_credits),
+                    float(result.total_usd),
+                    float(result.avg_generation_sec),
+                ]
+            ],
+        )
+    )
+    out.append(
+        f"\nsuccess: {result.success_rate:.1%} of finished tasks (errors included), "
+        f"{result.success_rate_completions:.1%} of completions alone"
+    )
+    for title, tallies in (("model", result.by_model), ("project", result.by_project)):
+        rows = [
+            [name, t.submitted, t.succeeded, t.failed, t.errors, float(t.credits), float(t.usd)]
+            for name, t in tallies.items()
+        ]
+        if rows:
+            out.append(f"\nBy {title}:")
+            out.append(
+                table([title, "submitted", "succeeded", "failed", "errors", "credits", "USD"], rows)
+            )
+    budgets = [
+        [
+            b.name,
+            b.period,
+            float(b.used_credits),
+            _or_dash(b.limit_credits),
+            _or_dash(b.over_by_credits),
+            float(b.used_usd),
+            _or_dash(b.limit_usd),
+            _or_dash(b.over_by_usd),
+        ]
+        for b in result.budgets
+    ]
+    if budgets:
+        out.append(f"\nBudgets at the end of {result.date}:")
+        headers = ["budget", "period", "credits", "limit", "over by", "USD", "limit", "over by"]
+        out.append(table(headers, budgets))
+    return "\n".join(out) + "\n"
+
+
+def costs_text(result: CostAnalysis, config: Config) -> str:
+    """``costs`` as people read it: one row a day, the total and the daily average."""
+    out: list[str] = []
+    out.append(f"Kling costs, {result.first} to {result.to} ({config.timezone})\n")
+    rows: list[list[Any]] = [
+        [
+            d.date,
+            float(d.credits),
+            d.videos,
+            d.succeeded,
+            float(d.usd),
+            _or_dash(d.usd_per_succeeded),
+        ]
+        for d in result.per_day
+    ]
+    rows.append(
+        [
+            "total",
+            float(result.total_credits),
+            result.total_videos,
+            result.total_succeeded,
+            float(result.total_usd),
+            _or_dash(result.usd_per_succeeded),
+        ]
+    )
+    rows.append(
+        [
+            "average/day",
+            float(result.avg_credits_per_day),
+            round(result.total_videos / result.days, 2),
+            round(result.total_succeeded / result.days, 2),
+            float(result.avg_usd_per_day),
+            "",
+        ]
+    )
+    # videos: tasks submitted that day, as usage scripts count them.
+    headers = ["date", "credits", "videos", "succeeded", "USD", "USD/succeeded"]
+    out.append(table(headers, rows))
+    return "\n".join(out) + "\n"

@@ -1,0 +1,60 @@
+"""msgspec's validation errors in a person's words: the key path first
+(``budgets[2].period: ...``), types as people call them, a suggestion for a misspelt
+key. The config, the web config, the log decoder and the API all say it this way."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+
+import msgspec
+
+_AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
+
+
+_TYPE_WORDS = {
+    "float": "a number",
+    "int": "a whole number",
+    "str": "text",
+    "bool": "true or false",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "nothing",
+}
+_EXPECTED_RE = re.compile(r"Expected `(?P<want>[^`]*)`, got `(?P<got>[^`]*)`")
+
+
+def _in_words(types: str) -> str:
+    """``float | null`` -> ``a number``: what a person would call the types."""
+    words = [_TYPE_WORDS.get(t.strip(), t.strip()) for t in types.split("|")]
+    words = [w for w in words if w != "nothing"] or ["nothing"]
+    return " or ".join(dict.fromkeys(words))
+
+
+def describe(error: msgspec.ValidationError, known: Iterable[str] = ()) -> str:
+    """Turn msgspec's ``message - at `$.a[0]` `` into ``a[0].key: message``, with types
+    in words and a suggestion among ``known`` for a misspelt key."""
+    match = _AT_RE.match(str(error))
+    assert match is not None
+    msg, path = match.group("msg"), (match.group("path") or "").lstrip(".")
+    unknown = _UNKNOWN_RE.match(msg)
+    if unknown:
+        key = unknown.group("field")
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{_join(path, key)}: unknown key{hint}"
+    expected = _EXPECTED_RE.search(msg)
+    if expected:
+        want, got = _in_words(expected.group("want")), _in_words(expected.group("got"))
+        msg = f"{msg[: expected.start()]}expected {want}, got {got}{msg[expected.end() :]}"
+    field, sep, rest = msg.partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z_][\w\[\].-]*", field):
+        return f"{_join(path, field)}: {rest}"
+    msg = msg.replace("Expected", "expected")
+    return f"{path or '(top level)'}: {msg}"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
