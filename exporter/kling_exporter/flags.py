@@ -58,8 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kling-exporter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve(sub.add_parser("serve", help="tail the logs and serve metrics and the budget API"))
+    _reports(sub)
+    _demo(sub.add_parser("demo", help="write realistic synthetic events and serve them"))
+    return parser
 
-    serve = sub.add_parser("serve", help="tail the logs and serve metrics and the budget API")
+
+Subparsers = argparse._SubParsersAction
+
+
+def _serve(serve: argparse.ArgumentParser) -> None:
     _common(serve)
     serve.add_argument(
         "--web.listen-address",
@@ -106,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a keep-alive connection idle this long (default: 60s)",
     )
 
+
+def _reports(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """The subcommands that read the logs once, and the two that check."""
     report = sub.add_parser("report", help="daily summary of the logs")
     _common(report)
     report.add_argument("--date", type=_date, help="YYYY-MM-DD (default: today)")
@@ -146,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         " an https URL is not checked against a CA: this asks the local process",
     )
 
-    demo = sub.add_parser("demo", help="write realistic synthetic events and serve them")
+
+def _demo(demo: argparse.ArgumentParser) -> None:
     demo.add_argument(
         "--web.listen-address",
         dest="listen",
@@ -177,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt"
     )
-    return parser
 
 
 def _date(value: str) -> dt.date:
