@@ -42,7 +42,7 @@ from kling_exporter.events import Event, decode_line  # noqa: E402
 from kling_exporter.ingest import ingest  # noqa: E402
 from kling_exporter.ledger import Ledger  # noqa: E402
 from kling_exporter.metrics import families  # noqa: E402
-from kling_exporter.model import Status  # noqa: E402
+from kling_exporter.model import ReadStats, Status  # noqa: E402
 from kling_exporter.standin import demo_packs  # noqa: E402
 
 from tests.helpers import free_port, require_binary  # noqa: E402
@@ -250,7 +250,7 @@ def history_as_openmetrics(logs: Path, start: float, end: float, step: float) ->
     """The exporter's /metrics every ``step`` seconds of simulated time over the demo's
     history, as OpenMetrics with timestamps, for promtool to turn into TSDB blocks."""
     config = demo_config(logs)
-    ledger = Ledger(config)
+    ledger, reading = Ledger(config), ReadStats()
     events: list[tuple[float, bytes]] = []
     for path in sorted(logs.glob("kling-*.jsonl")):
         for raw in path.read_bytes().splitlines():
@@ -272,8 +272,7 @@ def history_as_openmetrics(logs: Path, start: float, end: float, step: float) ->
         while i < len(events) and events[i][0] <= t:
             batch.append(events[i][1])
             i += 1
-        ingest(ledger, batch, t)
-        ledger.lines_read += len(batch)
+        ingest(ledger, batch, t, stats=reading)
         ledger.expire(t)
         status = Status(
             files_watched=1,
@@ -290,7 +289,7 @@ def history_as_openmetrics(logs: Path, start: float, end: float, step: float) ->
             for p in packs
         ]
         account.last_success = t
-        text = renderer.render(families(ledger.snapshot(t), status) + account.families())
+        text = renderer.render(families(ledger.snapshot(t, reading), status) + account.families())
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name = line.split("{", 1)[0].split(" ", 1)[0]

@@ -385,16 +385,16 @@ def test_a_block_is_applied_in_chunks_that_readers_can_come_between(
     seen: list[int] = []
     real_ingest = ingest
 
-    def counting_ingest(ledger, lines, now, report):
+    def counting_ingest(ledger, lines, now, report, stats):
         assert daemon.lock.locked()
         seen.append(len(lines))
-        real_ingest(ledger, lines, now, report)
+        real_ingest(ledger, lines, now, report, stats)
 
     monkeypatch.setattr(daemon_module, "ingest", counting_ingest)
     lines: list[bytes | None] = [submitted(f"t{i}").encode() for i in range(5000)]
     daemon._sink("x.jsonl", lines, 1, sum(len(x or b"") + 1 for x in lines))
     assert seen == [1000] * 5
-    assert daemon.ledger.lines_read == 5000
+    assert daemon.reading.lines == 5000
     assert sum(daemon.ledger.submitted.values()) == 5000
 
 
@@ -456,5 +456,48 @@ def test_a_state_of_the_wrong_shape_names_the_field_and_is_rebuilt_from_the_logs
         again = Daemon(local_config(tmp_path, state))
     assert any(field in str(getattr(r, "err", "")) for r in caplog.records), caplog.records
     again.poll_once()
-    assert again.ledger.lines_read == 2  # read again from the start, once
+    assert again.reading.lines == 2  # read again from the start, once
     assert (tmp_path / "k.state.corrupt").exists()
+
+
+def test_a_state_of_the_previous_format_is_read_and_saved_in_the_one_format(
+    tmp_path: Path,
+) -> None:
+    """Format 1 kept a version of its own for the ledger, and the reader's counts in
+    it; such a state continues where it was, and is saved again with one version."""
+    logs = tmp_path / "logs" / "kling-a.jsonl"
+    write_lines(logs, [submitted("a"), completed("a"), "not json", submitted("b")])
+    state = tmp_path / "k.state"
+    first = Daemon(local_config(tmp_path, state))
+    first.poll_once()
+    first.save_state()
+    saved = msgspec.msgpack.decode(state.read_bytes())
+    assert saved["format"] == 2 and "version" not in saved["ledger"]
+    reading = saved.pop("reading")
+    assert (reading["lines"], reading["invalid"]["invalid_json"]) == (4, 1)
+    old = {**saved, "format": 1}  # as the previous version wrote it
+    old["ledger"] = {
+        **saved["ledger"],
+        "version": 4,
+        "lines_read": reading["lines"],
+        "bytes_read": reading["bytes"],
+        "invalid": list(reading["invalid"].items()),
+    }
+    state.write_bytes(msgspec.msgpack.encode(old))
+
+    again = Daemon(local_config(tmp_path, state))
+    assert again.reading == msgspec.convert(reading, type(again.reading))
+    write_lines(logs, [completed("b")])
+    again.poll_once()  # only the new line is read
+    snap, _ = again.snapshot()
+    assert (snap.lines_read, snap.invalid["invalid_json"]) == (5, 1)
+    assert sum(snap.completed.values()) == 2
+    again.save_state()
+    resaved = msgspec.msgpack.decode(state.read_bytes())
+    assert resaved["format"] == 2 and "version" not in resaved["ledger"]
+    assert resaved["reading"]["lines"] == 5 and "lines_read" not in resaved["ledger"]
+
+    # A format the state claims but does not keep is refused, naming the version.
+    old["ledger"]["version"] = 7
+    state.write_bytes(msgspec.msgpack.encode(old))
+    assert Daemon(local_config(tmp_path, state)).reading.lines == 0  # rebuilt from logs

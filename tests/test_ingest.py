@@ -13,6 +13,7 @@ from kling_exporter.config import Config, TasksConfig, parse_config
 from kling_exporter.events import INVALID_REASONS
 from kling_exporter.ingest import ingest
 from kling_exporter.ledger import Ledger
+from kling_exporter.model import ReadStats
 
 from tests.helpers import line
 from tests.test_ledger import NOW, feed, iso, random_tasks, task_lines
@@ -20,11 +21,13 @@ from tests.test_ledger import NOW, feed, iso, random_tasks, task_lines
 BUDGET = {"budgets": [{"name": "all", "period": "monthly", "limit_credits": 100000}]}
 
 
-def ingest_lines(ledger: Ledger, *lines: str | bytes, now: float = NOW) -> list[str]:
+def ingest_lines(
+    ledger: Ledger, *lines: str | bytes, now: float = NOW, stats: ReadStats | None = None
+) -> list[str]:
     """Ingest raw lines; the reasons of those skipped."""
     skipped: list[str] = []
     raw = [x.encode() if isinstance(x, str) else x for x in lines]
-    ingest(ledger, raw, now, lambda i, reason: skipped.append(reason))
+    ingest(ledger, raw, now, lambda i, reason: skipped.append(reason), stats)
     return skipped
 
 
@@ -67,14 +70,16 @@ def test_an_error_inside_the_ledger_skips_that_line_only(monkeypatch: pytest.Mon
         real_apply(event, now)
 
     monkeypatch.setattr(ledger, "apply", apply)
+    stats = ReadStats()
     skipped = ingest_lines(
         ledger,
         line(event="task_submitted", task_id="a", project="p"),
         line(event="task_submitted", task_id="boom", project="p"),
         line(event="task_submitted", task_id="c", project="p"),
+        stats=stats,
     )
     assert skipped == ["internal_error"]
-    assert ledger.invalid["internal_error"] == 1
+    assert stats.invalid["internal_error"] == 1 and stats.lines == 3
     assert sum(ledger.submitted.values()) == 2
 
 
@@ -247,12 +252,12 @@ VALUE = (
     )
 )
 def test_arbitrary_lines_never_raise_and_totals_stay_consistent(lines: list[bytes]) -> None:
-    ledger = Ledger(parse_config(BUDGET))
-    skipped = ingest_lines(ledger, *lines)
+    ledger, stats = Ledger(parse_config(BUDGET)), ReadStats()
+    skipped = ingest_lines(ledger, *lines, stats=stats)
     ledger.expire(NOW + 3600)
     ledger.settle_waiting()
     assert set(skipped) <= set(INVALID_REASONS) - {"internal_error"}
-    assert sum(ledger.invalid.values()) == len(skipped)
+    assert sum(stats.invalid.values()) == len(skipped)
     snap = ledger.snapshot(NOW)
     finished = sum(snap.completed.values()) + sum(snap.errors.values())
     assert finished + ledger.duplicates <= len(lines)

@@ -13,7 +13,7 @@ from kling_exporter.config import parse_config
 from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
 from kling_exporter.metrics import KlingCollector
-from kling_exporter.model import Status
+from kling_exporter.model import ReadStats, Status
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.helpers import require_binary
@@ -46,15 +46,15 @@ CONFIG = parse_config(
 
 
 def render_fixed_log() -> bytes:
-    ledger = Ledger(CONFIG)
+    ledger, reading = Ledger(CONFIG), ReadStats()
     for raw in (HERE / "data" / "fixed.jsonl").read_bytes().splitlines():
-        ledger.lines_read += 1
-        ledger.bytes_read += len(raw) + 1
+        reading.lines += 1
+        reading.bytes += len(raw) + 1
         result = decode_line(raw)
         if isinstance(result, Event):
             ledger.apply(result, NOW)
         else:
-            ledger.count_invalid(result)
+            reading.invalid[result] += 1
     status = Status(
         files_watched=1,
         ready=True,
@@ -63,7 +63,7 @@ def render_fixed_log() -> bytes:
         state_save_ts=NOW - 5,
     )
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KlingCollector(lambda: (ledger.snapshot(NOW), status)))
+    registry.register(KlingCollector(lambda: (ledger.snapshot(NOW, reading), status)))
     return generate_latest(registry)
 
 

@@ -28,7 +28,7 @@ from kling_exporter.ledger import Ledger
 from kling_exporter.listing import Watcher
 from kling_exporter.logfile import max_open_files, raise_open_file_limit
 from kling_exporter.metrics import declared, families
-from kling_exporter.model import Consumed, Snapshot, Status, View
+from kling_exporter.model import Consumed, ReadStats, Snapshot, Status, View
 from kling_exporter.state import FORMAT, State, read_state, write_state
 from kling_exporter.tailer import Tailer
 
@@ -65,7 +65,7 @@ class Daemon:
         self._writer: threading.Thread | None = None
         self._invalid_log = RateLimit()
         self._save_error_log = RateLimit(burst=1)
-        self.ledger, self.tailer = self._restore(config)
+        self.ledger, self.tailer, self.reading = self._restore(config)
         self.watcher = Watcher(self.wake)
         self._thread: threading.Thread | None = None
         self.exposition = Exposition(lambda: families(*self._snapshot()), declared)
@@ -79,28 +79,29 @@ class Daemon:
     def _state_path(self) -> Path | None:
         return Path(self.config.state.path) if self.config.state.path else None
 
-    def _restore(self, config: Config) -> tuple[Ledger, Tailer]:
+    def _restore(self, config: Config) -> tuple[Ledger, Tailer, ReadStats]:
         path = self._state_path()
         state = read_state(path) if path else None
         if state is not None:
             try:
                 ledger = Ledger.from_state(config, state.ledger)
                 tailer = Tailer(config.logs, state.files)
+                reading = state.read_stats()
                 log.info(
                     "state restored",
                     extra={
                         "path": str(path),
                         "files": len(state.files),
-                        "lines_read": ledger.lines_read,
+                        "lines_read": reading.lines,
                     },
                 )
-                return ledger, tailer
+                return ledger, tailer, reading
             except ValueError as e:
                 log.warning(
                     "saved state does not fit, rebuilding from logs",
                     extra={"path": str(path), "err": str(e)},
                 )
-        return Ledger(config), Tailer(config.logs)
+        return Ledger(config), Tailer(config.logs), ReadStats()
 
     def save_state(self, wait: bool = True) -> None:
         """Save offsets and ledger together. Called only from the reader thread (or
@@ -118,9 +119,8 @@ class Daemon:
                 return  # the previous save is still being written; the next will do
             self._writer.join()
         with self.lock:
-            data = msgspec.msgpack.encode(
-                State(FORMAT, time.time(), self.tailer.to_state(), self.ledger.to_state())
-            )
+            files, ledger = self.tailer.to_state(), self.ledger.to_state()
+            data = msgspec.msgpack.encode(State(FORMAT, time.time(), files, ledger, self.reading))
         self._writer = threading.Thread(
             target=self._write_state, args=(path, data), name="state-writer", daemon=True
         )
@@ -156,11 +156,10 @@ class Daemon:
                 time.sleep(0)  # let the waiting reader take the lock first
             chunk = lines[start : start + INGEST_CHUNK]
             with self.lock:
-                ledger.lines_read += len(chunk)
-                ingest(ledger, chunk, now, report)
+                ingest(ledger, chunk, now, report, self.reading)
                 self._published(False)
         with self.lock:
-            ledger.bytes_read += nbytes
+            self.reading.bytes += nbytes
             # Within a long first read too, so the task index never outgrows its TTL.
             ledger.expire_tasks(now)
 
@@ -209,7 +208,7 @@ class Daemon:
                 self._published(True)
             log.info(
                 "initial read done",
-                extra={"lines_read": self.ledger.lines_read, "files": self.tailer.watched},
+                extra={"lines_read": self.reading.lines, "files": self.tailer.watched},
             )
             next_save = time.monotonic() + self.config.state.interval_seconds
             while not self.stopping.is_set():
@@ -283,7 +282,7 @@ class Daemon:
 
     def _snapshot(self) -> tuple[Snapshot, Status]:
         """The ledger and the daemon's health at this instant; the caller holds the lock."""
-        snap = self.ledger.snapshot(self.clock())
+        snap = self.ledger.snapshot(self.clock(), self.reading)
         state_interval = self.config.state.interval_seconds if self._state_path() else 0.0
         return snap, Status(
             files_watched=self.tailer.watched,

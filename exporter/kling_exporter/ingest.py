@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
+from kling_exporter.model import ReadStats
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,15 @@ def ingest(
     lines: Sequence[bytes | None],
     now: float,
     on_invalid: OnInvalid | None = None,
+    stats: ReadStats | None = None,
 ) -> None:
     """Decode and apply every line (None stands for a line too long to keep); ``now`` is
-    the time of reading. Blank lines are neither events nor errors."""
-    apply, invalid, decode = ledger.apply, ledger.count_invalid, decode_line
+    the time of reading. Blank lines are neither events nor errors. Each line is counted
+    in ``stats``, and each invalid one by its reason there; ``on_invalid`` is told which
+    and why."""
+    stats = stats if stats is not None else ReadStats()
+    stats.lines += len(lines)
+    apply, counts, decode = ledger.apply, stats.invalid, decode_line
     for i, line in enumerate(lines):
         try:
             if line is None:
@@ -69,6 +75,6 @@ def ingest(
             reason = "internal_error"
             if _internal_log.allow(now)[0]:
                 log.exception("error while applying a log line; line skipped")
-        invalid(reason)
+        counts[reason] += 1
         if on_invalid is not None:
             on_invalid(i, reason)

@@ -33,13 +33,12 @@ from kling_exporter.counters import (
 from kling_exporter.events import (
     COMPLETED,
     ERROR,
-    INVALID_REASONS,
     SUBMITTED,
     UNKNOWN_ERROR,
     UNKNOWN_MODEL,
     Event,
 )
-from kling_exporter.model import Record, Snapshot, Task
+from kling_exporter.model import ReadStats, Record, Snapshot, Task
 from kling_exporter.periods import PeriodClock, period_bounds
 from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request
 from kling_exporter.state import LedgerState, ledger_state, restore
@@ -80,9 +79,6 @@ class Ledger(Counters):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self._routes: dict[tuple[str, str], Route] = {}
-        self.invalid: dict[str, int] = dict.fromkeys(INVALID_REASONS, 0)
-        self.lines_read = 0
-        self.bytes_read = 0
         self.duplicates = 0
         self.last_event_ts = 0.0
         self.clamped: dict[str, int] = dict.fromkeys(CLAMP_REASONS, 0)
@@ -140,9 +136,6 @@ class Ledger(Counters):
             self.error_labels.limit = config.labels.max_error_types
 
     # -- events ----------------------------------------------------------------------
-
-    def count_invalid(self, reason: str) -> None:
-        self.invalid[reason] += 1
 
     def apply(self, event: Event, now: float) -> None:
         """Account one valid event; ``now`` is the time of reading. It stands in for a
@@ -594,8 +587,13 @@ class Ledger(Counters):
         ``kling_exporter.reservations``)."""
         return self.budgets.check(self.usage, req, count, project, user, now, self.flight)
 
-    def snapshot(self, now: float) -> Snapshot:
+    def snapshot(self, now: float, reading: ReadStats | None = None) -> Snapshot:
+        """Everything a scrape shows of the ledger, with the reader's counts."""
+        reading = reading or ReadStats()
         return Snapshot(
+            lines_read=reading.lines,
+            bytes_read=reading.bytes,
+            invalid=reading.invalid.copy(),
             submitted=self.submitted,
             completed=self.completed,
             errors=self.errors.copy(),
@@ -606,9 +604,6 @@ class Ledger(Counters):
             in_flight=self.in_flight,
             expired=self.expired,
             budgets=self.budget_statuses(now),
-            lines_read=self.lines_read,
-            bytes_read=self.bytes_read,
-            invalid=self.invalid.copy(),
             duplicates=self.duplicates,
             last_event_ts=self.last_event_ts,
             label_overflow={

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import msgspec
 
 from kling_exporter.budgets import Budgets, BudgetStatus, DayUsage, Usage
+from kling_exporter.events import INVALID_REASONS
 
 
 class Task(msgspec.Struct, gc=False, array_like=True):
@@ -58,6 +59,19 @@ class View(NamedTuple):
 Consumed = Callable[[Mapping[str, int], bool], None]
 
 
+def _no_invalid() -> dict[str, int]:
+    return dict.fromkeys(INVALID_REASONS, 0)
+
+
+class ReadStats(msgspec.Struct):
+    """The reader's own counts, not the ledger's: lines and bytes read, and lines
+    skipped as invalid by reason. Saved with the state beside the ledger."""
+
+    lines: int = 0
+    bytes: int = 0
+    invalid: dict[str, int] = msgspec.field(default_factory=_no_invalid)
+
+
 class Record(msgspec.Struct, frozen=True):
     """One counted event with what the join knows of its task, for reports and exports."""
 
@@ -91,9 +105,6 @@ class Snapshot(msgspec.Struct):
     in_flight: dict[str, int]
     expired: dict[str, int]
     budgets: list[BudgetStatus]
-    lines_read: int
-    bytes_read: int
-    invalid: dict[str, int]
     duplicates: int
     last_event_ts: float
     label_overflow: dict[str, int]
@@ -101,3 +112,7 @@ class Snapshot(msgspec.Struct):
     timestamps_clamped: dict[str, int]
     awaiting_submission: int
     orphaned: int
+    # The reader's counts (``ReadStats``), for the same scrape.
+    lines_read: int = 0
+    bytes_read: int = 0
+    invalid: dict[str, int] = msgspec.field(default_factory=_no_invalid)

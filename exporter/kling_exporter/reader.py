@@ -209,7 +209,7 @@ class _Link:
                 os._exit(0)
             if isinstance(message, Stop):
                 self.daemon.stop()
-                self.send(Stopped(self.daemon.ledger.lines_read))
+                self.send(Stopped(self.daemon.reading.lines))
                 return
             try:
                 self.answer(message)

@@ -22,14 +22,14 @@ from kling_exporter.config import Config
 from kling_exporter.ingest import ingest
 from kling_exporter.ledger import Ledger
 from kling_exporter.listing import matching_files
-from kling_exporter.model import Record
+from kling_exporter.model import ReadStats, Record
 from kling_exporter.periods import period_bounds
 
 
 def read_records(config: Config, progress: TextIO | None = None) -> list[Record]:
     """Every counted event in the configured logs, joined and deduplicated."""
     records: list[Record] = []
-    ledger = Ledger(config)
+    ledger, reading = Ledger(config), ReadStats()
     ledger.observer = records.append
     files = matching_files(config.logs.paths)
     for pattern in config.logs.paths:
@@ -45,21 +45,21 @@ def read_records(config: Config, progress: TextIO | None = None) -> list[Record]
         try:
             with open(path, "rb") as f:
                 for block in iter(lambda: f.readlines(1 << 20), []):
-                    ledger.lines_read += len(block)
-                    ingest(ledger, [line.rstrip(b"\n") for line in block], now)
+                    lines = [line.rstrip(b"\n") for line in block]
+                    ingest(ledger, lines, now, stats=reading)
         except OSError as e:
             print(f"kling-exporter: cannot read {path}: {e.strerror}", file=sys.stderr)
     # The whole log has been read: what still waits for its submission never gets it.
     ledger.settle_waiting()
     if show and progress is not None:
         progress.write("\r" + " " * 70 + "\r")
-    skipped = {reason: n for reason, n in ledger.invalid.items() if n}
+    skipped = {reason: n for reason, n in reading.invalid.items() if n}
     if skipped:
         why = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
         total = sum(skipped.values())
         print(
             f"kling-exporter: skipped {total} invalid log line{'s' * (total != 1)} "
-            f"of {ledger.lines_read} ({why}); the totals leave them out",
+            f"of {reading.lines} ({why}); the totals leave them out",
             file=sys.stderr,
         )
     return records

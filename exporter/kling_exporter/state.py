@@ -30,24 +30,26 @@ from kling_exporter.counters import (
     Histogram,
 )
 from kling_exporter.events import Event
-from kling_exporter.model import Task
+from kling_exporter.model import ReadStats, Task
 
 if TYPE_CHECKING:
     from kling_exporter.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-LEDGER_VERSIONS = (3, 4)  # 3 lacks only what 4 added (clamped times, waiting events)
-LEDGER_VERSION = 4
+# The one version of the saved state. Format 1 carried a version of its own for the
+# ledger (3 or 4: 3 lacks only what 4 added, clamped times and waiting events) and the
+# reader's counts inside it; both are still read.
+FORMAT = 2
+FORMATS = (1, 2)
+OLD_LEDGER_VERSIONS = (3, 4)
 
 Keyed3 = tuple[str, str, str, int]  # project, model, mode or status, count
 
 
-class LedgerState(msgspec.Struct):
+class LedgerState(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The ledger's totals, its task index and daily usage (see ``Ledger.to_state``)."""
 
-    version: int
     timezone: str
     submitted: list[Keyed3]
     completed: list[Keyed3]
@@ -58,9 +60,6 @@ class LedgerState(msgspec.Struct):
     generation: list[tuple[str, list[int], float]]
     in_flight: list[tuple[str, int]]
     expired: list[tuple[str, int]]
-    invalid: list[tuple[str, int]]
-    lines_read: int
-    bytes_read: int
     duplicates: int
     last_event_ts: float
     labels: list[tuple[list[str], int]]
@@ -72,10 +71,11 @@ class LedgerState(msgspec.Struct):
     # task id, event time, time of reading, the event's fields in order
     waiting: list[tuple[str, float, float, list[Any]]] = []
     consumed: list[tuple[str, int, float]] = []  # reservation id, tasks, newest time
-
-    def __post_init__(self) -> None:
-        if self.version not in LEDGER_VERSIONS:
-            raise ValueError(f"version {self.version} is not one of {LEDGER_VERSIONS}")
+    # Format 1 only: the ledger's own version, and the reader's counts (now ReadStats).
+    version: int | None = None
+    invalid: list[tuple[str, int]] = []
+    lines_read: int = 0
+    bytes_read: int = 0
 
 
 class FilePosition(msgspec.Struct):
@@ -97,10 +97,25 @@ class State(msgspec.Struct):
     saved_at: float
     files: list[FilePosition]
     ledger: LedgerState
+    reading: ReadStats | None = None  # format 2; format 1 kept it in the ledger
 
     def __post_init__(self) -> None:
-        if self.format != FORMAT:
-            raise ValueError(f"format {self.format} is not {FORMAT}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format {self.format} is not one of {FORMATS}")
+        version = self.ledger.version
+        if self.format == 1 and version not in OLD_LEDGER_VERSIONS:
+            raise ValueError(f"version {version} is not one of {OLD_LEDGER_VERSIONS}")
+        if self.format > 1 and version is not None:
+            raise ValueError(f"version: format {self.format} has none, got {version}")
+
+    def read_stats(self) -> ReadStats:
+        """The reader's counts, where this format keeps them."""
+        if self.reading is not None:
+            return self.reading
+        old = self.ledger
+        stats = ReadStats(old.lines_read, old.bytes_read)
+        stats.invalid.update(dict(old.invalid))
+        return stats
 
 
 def as_ledger_state(data: LedgerState | Any) -> LedgerState:
@@ -187,7 +202,6 @@ def ledger_state(led: Ledger) -> LedgerState:
     """The whole ledger as data msgspec encodes (open tasks as arrays, in C). Encode it
     before the ledger changes again: the task index is handed over, not copied."""
     return LedgerState(
-        version=LEDGER_VERSION,
         timezone=led.config.timezone,
         submitted=[(*k, v) for k, v in led.submitted.items()],
         completed=[(*k, v) for k, v in led.completed.items()],
@@ -198,9 +212,6 @@ def ledger_state(led: Ledger) -> LedgerState:
         generation=[(m, h.counts, h.sum) for m, h in led.generation.items()],
         in_flight=list(led.in_flight.items()),
         expired=list(led.expired.items()),
-        invalid=list(led.invalid.items()),
-        lines_read=led.lines_read,
-        bytes_read=led.bytes_read,
         duplicates=led.duplicates,
         last_event_ts=led.last_event_ts,
         clamped=list(led.clamped.items()),
@@ -249,9 +260,6 @@ def restore(led: Ledger, saved: LedgerState | Any) -> None:
         project_counts[IN_FLIGHT], project_counts[TOUCHED] = n, 1
     for p, n in state.expired:
         led.projects.setdefault(p, [0, 0, 0])[EXPIRED] = n
-    led.invalid.update(dict(state.invalid))
-    led.lines_read = state.lines_read
-    led.bytes_read = state.bytes_read
     led.duplicates = state.duplicates
     led.last_event_ts = state.last_event_ts
     led.clamped.update(dict(state.clamped))
