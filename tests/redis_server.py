@@ -4,6 +4,7 @@ persistence (a restart starts empty), stopped afterwards."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,22 @@ from pathlib import Path
 import redis
 
 from tests.helpers import free_port, require_binary, wait_until
+
+
+def cluster_port() -> int:
+    """A free port for a Cluster node: its bus listens 10,000 above, so both must be
+    free and the port at most 55535."""
+    for _ in range(1000):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a Cluster node")
 
 
 class RedisServer:
@@ -27,7 +44,17 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5, decode_responses=True)
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=5, decode_responses=True
+        )
+
+    def answers(self) -> bool:
+        """Whether it answers a PING (it refuses connections until it listens)."""
+        with self.client() as c:
+            try:
+                return bool(c.ping())
+            except redis.ConnectionError:
+                return False
 
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -38,8 +65,7 @@ class RedisServer:
             [*cmd, *self.extra], cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
-        with self.client() as c:
-            wait_until(c.ping, timeout=15)
+        wait_until(self.answers, timeout=15)
         return self
 
     def kill(self) -> None:

@@ -30,7 +30,7 @@ from tests.helpers import (
     value,
     wait_until,
 )
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, cluster_port
 
 CONFIG = """
 state: {{path: {dir}/k.state}}
@@ -363,6 +363,7 @@ def test_sentinel_and_cluster_urls_share_budgets_too(fleet: Any, tmp_path: Path)
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
+        wait_until(sentinel.answers, timeout=15)
         with sentinel.client() as c:
             wait_until(lambda: c.execute_command("SENTINEL", "MASTERS"), timeout=15)
         a = f.start("a", f"redis+sentinel://127.0.0.1:{port}/kling/0")
@@ -373,7 +374,7 @@ def test_sentinel_and_cluster_urls_share_budgets_too(fleet: Any, tmp_path: Path)
         # A three-node Cluster: every key of the fleet in one slot.
         cli = require_binary("redis-cli")
         for i in range(3):
-            node = RedisServer(tmp_path / f"node{i}")
+            node = RedisServer(tmp_path / f"node{i}", cluster_port())
             node.extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             nodes.append(node.start())
         subprocess.run(
