@@ -14,20 +14,18 @@ jittered, capped backoff; the last good answer stays exported, with the time it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import aiohttp
 import jwt
 import msgspec
-from aiohttp import web
 
 from kling_exporter.collector import Family
 from kling_exporter.config import Config, KlingConfig
@@ -262,16 +260,3 @@ class Account:
                 {(): self.last_success},
             ),
         ]
-
-
-def polling(account: Account) -> Callable[[web.Application], AsyncIterator[None]]:
-    """An aiohttp cleanup context that polls for as long as the application runs."""
-
-    async def run(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.ensure_future(account.run())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    return run

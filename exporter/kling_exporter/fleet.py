@@ -28,12 +28,11 @@ import contextlib
 import logging
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any
 
 import msgspec
-from aiohttp import web
 from redis import asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
@@ -398,17 +397,3 @@ class Fleet:
 def refused(result: CheckResult, why: str = FLEET_UNAVAILABLE) -> CheckResult:
     """``result`` turned into a refusal for a reason of the fleet's."""
     return msgspec.structs.replace(result, allowed=False, reason=why, refused_by=None)
-
-
-def publishing(fleet: Fleet) -> Callable[[web.Application], AsyncIterator[None]]:
-    """An aiohttp cleanup context that publishes for as long as the application runs."""
-
-    async def run(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.ensure_future(fleet.run())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await fleet.close()
-
-    return run

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import html
 import logging
 import signal
 import ssl
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from aiohttp import web
 
 from kling_exporter import __version__
-from kling_exporter.account import Account, polling
+from kling_exporter.account import Account
 from kling_exporter.api import (
     DAEMON,
     FLEET,
@@ -35,7 +37,7 @@ from kling_exporter.callbacks import Callbacks, callback_families
 from kling_exporter.collector import Exposition
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.demo import STANDIN_PATH
-from kling_exporter.fleet import Fleet, publishing
+from kling_exporter.fleet import Fleet
 from kling_exporter.metrics import reservation_families
 from kling_exporter.model import ReaderUnavailable
 from kling_exporter.reader import ReaderProcess
@@ -233,6 +235,24 @@ def _credentials(request: web.Request) -> tuple[str | None, str | None]:
     return (user, password) if sep else (None, None)
 
 
+def in_background(
+    run: Callable[[], Awaitable[None]], then: Callable[[], Awaitable[None]] | None = None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """An aiohttp cleanup context that runs ``run`` for as long as the application
+    runs, cancels it at the end and then awaits ``then``."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if then is not None:
+            await then()
+
+    return context
+
+
 def build_app(
     daemon: Source,
     telemetry_path: str = "/metrics",
@@ -257,9 +277,9 @@ def build_app(
 
     callbacks = Callbacks(lambda: daemon.config)
     account = Account(lambda: daemon.config)
-    app.cleanup_ctx.append(polling(account))
+    app.cleanup_ctx.append(in_background(account.run))
     fleet = app[FLEET] = Fleet(lambda: daemon.config, held, daemon.view, daemon.is_ready)
-    app.cleanup_ctx.append(publishing(fleet))
+    app.cleanup_ctx.append(in_background(fleet.run, fleet.close))
     handler = metrics_handler(daemon, held, callbacks, account, fleet)
     app.router.add_get(telemetry_path, handler)
     app.router.add_post(CALLBACK_PATH, callbacks.handle)
