@@ -1,0 +1,254 @@
+"""The ledger's books: what it keeps between events (the task index and its expiry,
+terminal events waiting for their submission, daily usage, tasks in flight, what
+reservations used, label limits) and the small steps its event handlers are made of.
+``Ledger`` extends it with the handlers themselves.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from sys import intern
+
+from kling_exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage
+from kling_exporter.config import Config
+from kling_exporter.counters import (
+    CREDITS,
+    MODE_SLOT,
+    OTHER,
+    USD,
+    Counters,
+    LabelLimiter,
+    Route,
+)
+from kling_exporter.events import UNKNOWN_MODEL, Event
+from kling_exporter.model import Record, Task
+from kling_exporter.periods import PeriodClock, period_bounds
+from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request
+
+# Task flags: what of a task has been counted.
+SUB = 1
+DONE = 2
+ERR = 4
+FINISHED = DONE | ERR
+
+# What reservations used is kept this long after their last task (a reservation lives a
+# day at most).
+CONSUMED_KEPT = 2 * 86400.0
+# How an implausible event time was replaced by the time of reading.
+CLAMP_REASONS = ("ahead", "too_old")
+
+Observer = Callable[[Record], None]
+
+
+class Book(Counters):
+    """Counters live in small lists per label pair (``series``) and per project
+    (``projects``), reached through ``_route`` in one lookup per event; the dict views
+    (``submitted``, ``completed``, ...) are built from them when asked."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self._routes: dict[tuple[str, str], Route] = {}
+        self.duplicates = 0
+        self.last_event_ts = 0.0
+        self.clamped: dict[str, int] = dict.fromkeys(CLAMP_REASONS, 0)
+        # Terminal events read before their submission: task_id -> (event, event time,
+        # time of reading), in the order read. They wait ``orphan_wait`` of reading time.
+        self.waiting: dict[str, tuple[Event, float, float]] = {}
+        self.orphaned = 0
+        # task_id -> Task while open, or its flags (a small int) once finished,
+        # kept only to join late events and to drop repeats.
+        self.tasks: dict[str, Task | int] = {}
+        self._expiry: deque[tuple[float, str]] = deque()
+        # Usage per local day (weeks and months are whole days, so they are sums of
+        # these): day start -> (project, user) -> [credits, usd]
+        self.usage: dict[float, DayUsage] = {}
+        self._day: tuple[float, float, DayUsage] = (1.0, 0.0, DayUsage())
+        # Tasks in flight (submitted, not finished) by (project, user): their estimated
+        # credits and dollars, and how many (so a pair back at none is exactly 0).
+        # (project, user) -> [tasks, credits]; ``flight`` shows it as budgets read usage.
+        self.flight_tasks: dict[tuple[str, str | None], list[float]] = {}
+        # Tasks submitted under each reservation id: id -> [tasks, newest event time].
+        # Absolute counts, so whoever holds the reservations may read them any number
+        # of times; ``consumed_changed`` names the ids changed since it last looked.
+        self.consumed: dict[str, list[float]] = {}
+        self.consumed_changed: set[str] = set()
+        # Told of every counted event (reports); None in the daemon.
+        self.observer: Observer | None = None
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Apply a (new) config. Totals are kept; usage is per project and user, so a
+        budget added or changed here is exact at once for the current period."""
+        old = getattr(self, "config", None)
+        if old is not None and old.timezone != config.timezone:
+            raise ValueError("timezone: changing the time zone needs a restart")
+        self.config = config
+        self.budgets = Budgets(config)
+        self.pricing = self.budgets.pricing
+        if old is not None and old.pricing != config.pricing:
+            self._estimate_flight()  # estimates of tasks in flight follow the new prices
+        self.clock = PeriodClock(config.tz)
+        self._forget_day()
+        self.ttl = config.tasks.ttl_seconds
+        self.max_tasks = config.tasks.max_tasks
+        self.orphan_wait = config.tasks.orphan_wait_seconds
+        self.max_ahead = config.logs.max_clock_ahead_seconds
+        if old is None:
+            self.project_labels = LabelLimiter(config.labels.max_projects)
+            self.model_labels = LabelLimiter(config.labels.max_models)
+            self.error_labels = LabelLimiter(config.labels.max_error_types)
+        else:
+            self.project_labels.limit = config.labels.max_projects
+            self.model_labels.limit = config.labels.max_models
+            self.error_labels.limit = config.labels.max_error_types
+
+    def _new_task(self, e: Event, ts: float, flags: int) -> Task:
+        # Interned: each decoded line brings its own copies of the same few names, and
+        # the index holds a task for a day.
+        user = e.user
+        return Task(
+            intern(e.project),  # type: ignore[arg-type]  # decode_line set it
+            None if user is None else intern(user),  # type: ignore[arg-type]
+            intern(e.model or UNKNOWN_MODEL),
+            e.mode or DEFAULT_MODE,
+            e.duration if e.duration is not None else DEFAULT_DURATION,
+            bool(e.audio),
+            intern(e.kind or DEFAULT_KIND),
+            ts,
+            flags,
+        )
+
+    def _remember(self, task_id: str, value: Task | int, ts: float) -> None:
+        self.tasks[task_id] = value
+        self._expiry.append((ts, task_id))
+
+    def _route(self, project: str, model: str, count: bool = True) -> Route:
+        """The accumulators and labels of a task's real project and model."""
+        route = self._routes.get((project, model))
+        if route is not None:
+            return route
+        plabel = self.project_labels.get(project, count)
+        mlabel = self.model_labels.get(model, count)
+        counts = self.series_of(plabel, mlabel)
+        project_counts = self.projects.get(plabel)
+        if project_counts is None:
+            project_counts = self.projects[plabel] = [0, 0, 0]
+        route = (counts, project_counts, plabel, mlabel)
+        # A folded pair is looked up every time, so each event counts its fold.
+        if OTHER not in (plabel, mlabel) and len(self._routes) < 100_000:
+            self._routes[(project, model)] = route
+        return route
+
+    def _count_submission(self, t: Task) -> Route:
+        route = self._route(t.project, t.model)
+        route[0][MODE_SLOT[t.mode]] += 1
+        return route
+
+    def _charge(
+        self, counts: list[float], real_project: str, user: str | None, ts: float, credits: float
+    ) -> None:
+        usd = credits * self.pricing.usd_per_credit
+        counts[CREDITS] += credits
+        counts[USD] += usd
+        lo, hi, bucket = self._day
+        if not lo <= ts < hi:
+            bucket = self._day_bucket(ts)
+        pair = (real_project, user)  # DayUsage.add, inlined: it runs for every charge
+        used = bucket.by_pair.get(pair)
+        if used is None:
+            bucket.by_pair[pair] = [credits, usd]
+        else:
+            used[0] += credits
+            used[1] += usd
+        bucket.version += 1
+
+    def _day_bucket(self, ts: float) -> DayUsage:
+        """The usage of the local day holding ``ts``, remembered for the next event."""
+        lo, hi = self.clock.bounds("daily", ts)
+        bucket = self.usage.get(lo)
+        if bucket is None:
+            bucket = self.usage[lo] = DayUsage()
+        self._day = (lo, hi, bucket)
+        return bucket
+
+    def _fly(self, t: Task, sign: int) -> None:
+        """A task enters (1) or leaves (-1) flight: its estimated price, by its pair.
+        (Inlined where a submission is counted and where it finishes.)"""
+        credits = self.pricing.cache.get((t.model, t.mode, t.duration, t.audio, t.kind))
+        if credits is None:
+            credits = self._estimate(t)
+        pair = (t.project, t.user)
+        counts = self.flight_tasks.get(pair)
+        if counts is None:
+            self.flight_tasks[pair] = [sign, sign * credits]
+        elif counts[0] == -sign:  # none left: exactly 0, whatever rounding gathered
+            del self.flight_tasks[pair]
+        else:
+            counts[0] += sign
+            counts[1] += sign * credits
+
+    def _estimate(self, t: Task) -> float:
+        return self.pricing.credits(Request(t.model, t.mode, t.duration, t.audio, t.kind))
+
+    @property
+    def flight(self) -> DayUsage:
+        """Credits and dollars of tasks in flight by (project, user), as budgets read."""
+        rate = self.pricing.usd_per_credit
+        return DayUsage({pair: [c, c * rate] for pair, (_, c) in self.flight_tasks.items()})
+
+    def _estimate_flight(self) -> None:
+        """Price every task in flight again (at start from a saved state, on new prices)."""
+        self.flight_tasks.clear()
+        for value in self.tasks.values():
+            if type(value) is Task and value.flags == SUB:
+                self._fly(value, 1)
+
+    def _consume(self, reservation_id: str, ts: float) -> None:
+        used = self.consumed.get(reservation_id)
+        if used is None:
+            self.consumed[reservation_id] = [1, ts]
+        else:
+            used[0] += 1
+            used[1] = max(used[1], ts)
+        self.consumed_changed.add(reservation_id)
+
+    def take_consumed(self, every: bool = False) -> dict[str, int]:
+        """Tasks counted per reservation id: those changed since the last call, or
+        ``every`` one (a first word after a start); either way, nothing is then changed."""
+        used = self.consumed
+        ids = used if every else self.consumed_changed
+        counts = {rid: int(used[rid][0]) for rid in ids if rid in used}
+        self.consumed_changed.clear()
+        return counts
+
+    def _prune_consumed(self, now: float) -> None:
+        """Forget what reservations used once none can be live (they last a day at most)."""
+        cutoff = min(now, self.last_event_ts) - CONSUMED_KEPT
+        stale = [rid for rid, (_, ts) in self.consumed.items() if ts < cutoff]
+        for rid in stale:
+            del self.consumed[rid]
+
+    def _prune_usage(self, now: float) -> None:
+        """Keep the days of the current week and month; earlier ones no budget reads."""
+        tz = self.clock.tz
+        keep_from = min(period_bounds(k, now, tz)[0] for k in ("weekly", "monthly"))
+        stale = [day for day in self.usage if day < keep_from]
+        for day in stale:
+            del self.usage[day]
+        if stale:
+            self._forget_day()
+
+    def _forget_day(self) -> None:
+        self._day = (1.0, 0.0, DayUsage())
+
+    def budget_statuses(self, now: float) -> list[BudgetStatus]:
+        return self.budgets.statuses(self.usage, now, self.flight)
+
+    def check(
+        self, req: Request, count: int, project: str, user: str | None, now: float
+    ) -> CheckResult:
+        """May ``count`` tasks like ``req`` be generated for this project and user now?
+        Counts tasks in flight too (reservations are the HTTP side's: see
+        ``kling_exporter.reservations``)."""
+        return self.budgets.check(self.usage, req, count, project, user, now, self.flight)
