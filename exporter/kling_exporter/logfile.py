@@ -1,11 +1,24 @@
-"""One log file as the tailer knows it (identity, first bytes, position), reading
-helpers, and how many files the process may hold open."""
+"""The log files as the tailer knows them: one file's identity, first bytes and
+position; every known file, restored from and saved as positions; reading helpers; and
+how many files the process may hold open."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kling_exporter.config import LogsConfig
+from kling_exporter.listing import glob_base
+from kling_exporter.state import FilePosition, as_positions
+
+# Positions of files that left the globs, kept in case they come back.
+KEEP_GONE = 10_000
+KEEP_GONE_SECONDS = 7 * 86400
 
 
 class FileState:
@@ -137,3 +150,99 @@ def max_open_files() -> int:
     if soft == resource.RLIM_INFINITY:
         return 4096
     return max(4, min(4096, soft // 8))
+
+
+class KnownFiles:
+    """Every file the tailer knows, open, closed or gone, by identity: restored from
+    saved positions and saved as positions again, with the descriptors held open."""
+
+    def __init__(
+        self, config: LogsConfig, saved: Iterable[FilePosition | dict[str, Any]] = ()
+    ) -> None:
+        self.configure(config)
+        self.files: dict[tuple[int, int], FileState] = {}
+        now = time.monotonic()
+        for s in as_positions(saved):
+            fs = FileState(s.path, s.dev, s.ino)
+            fs.offset, fs.lineno = s.offset, s.lineno
+            if s.fingerprint is not None:  # saved by an earlier version: the bytes
+                fs.fingerprint = s.fingerprint
+            elif s.fingerprint_len is not None and s.fingerprint_sha256 is not None:
+                fs.saved_digest = (s.fingerprint_len, s.fingerprint_sha256)
+            else:
+                raise ValueError(f"file positions do not fit: {s.path} has no fingerprint")
+            fs.read_pos = fs.offset
+            if s.gone_for is not None:  # gone before the restart: back only through a listing
+                fs.gone_since, fs.verified = now - s.gone_for, True
+            self.files[fs.ident] = fs
+        # Read by other threads, so plain values replaced whole.
+        self.watched = 0
+        self.open_files = 0
+        self.positions: list[tuple[str, int]] = []
+        self.max_open = max_open_files()
+
+    def configure(self, config: LogsConfig) -> None:
+        self.config = config
+        self.patterns = list(config.paths)
+        self.max_line = config.max_line_bytes
+
+    def base_dirs(self) -> list[tuple[Path, bool]]:
+        """Directories to watch for changes, and whether recursively."""
+        out = []
+        for pattern in self.patterns:
+            base = glob_base(pattern)
+            recursive = len(Path(pattern).parts) - len(base.parts) > 1 or "**" in pattern
+            out.append((base, recursive))
+        return out
+
+    def _close_fd(self, fs: FileState) -> None:
+        if fs.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            fs.mtime_ns = os.fstat(fs.fd).st_mtime_ns
+        os.close(fs.fd)
+        fs.fd = None
+        self.open_files -= 1
+
+    def _forget_old(self, now: float) -> None:
+        gone = [fs for fs in self.files.values() if fs.gone_since is not None and fs.fd is None]
+        gone.sort(key=lambda f: f.gone_since or 0.0)
+        excess = len(gone) - KEEP_GONE
+        for i, fs in enumerate(gone):
+            if i < excess or now - (fs.gone_since or now) > KEEP_GONE_SECONDS:
+                del self.files[fs.ident]
+
+    def close(self) -> None:
+        for fs in self.files.values():
+            if fs.fd is not None:
+                os.close(fs.fd)
+                fs.fd = None
+        self.open_files = 0
+
+    def unread_bytes(self) -> int:
+        """Bytes in the followed files beyond what was read at the last poll (called from
+        other threads: it reads only ``positions``)."""
+        total = 0
+        for path, pos in self.positions:
+            with contextlib.suppress(OSError):
+                total += max(0, os.stat(path).st_size - pos)
+        return total
+
+    def to_state(self) -> list[FilePosition]:
+        """Positions of every known file, open, closed or gone. A partial last line is not
+        part of a position: after a restart it is read again, whole."""
+        now = time.monotonic()
+        return [
+            FilePosition(
+                fs.path,
+                fs.dev,
+                fs.ino,
+                fs.offset,
+                fs.lineno,
+                *digest(fs),
+                # Seconds gone, as a monotonic time means nothing to another process.
+                gone_for=None if fs.gone_since is None else now - fs.gone_since,
+            )
+            for fs in self.files.values()
+            if fs.shadow_of is None
+        ]

@@ -24,21 +24,19 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from kling_exporter.config import LogsConfig
 from kling_exporter.listing import (
     ABSENT,
     ListingError,
-    glob_base,
     matching_files,
     scandir,
     warn_once,
     warned,
 )
-from kling_exporter.logfile import FileState, digest, last_line_end, max_open_files, open_fd
-from kling_exporter.state import FilePosition, as_positions
+from kling_exporter.logfile import FileState, KnownFiles, last_line_end, open_fd
+from kling_exporter.state import FilePosition
 
 log = logging.getLogger(__name__)
 
@@ -46,61 +44,27 @@ BLOCK = 1 << 20
 FINGERPRINT_LEN = 256
 # A copy is told by its first bytes only when there are enough of them to be unique.
 MIN_TWIN_FINGERPRINT = 64
-# Positions of files that left the globs, kept in case they come back.
-KEEP_GONE = 10_000
-KEEP_GONE_SECONDS = 7 * 86400
 
 # sink(path, lines, first_line_number, bytes): None in lines marks a line too long to keep.
 Sink = Callable[[str, list[bytes | None], int, int], None]
 
 
-class Tailer:
+class Tailer(KnownFiles):
+    """Follows the files under the globs: lists them, reads their new complete lines
+    into a sink, and keeps each one's stream across renames, truncations and copies."""
+
     def __init__(
         self, config: LogsConfig, saved: Iterable[FilePosition | dict[str, Any]] = ()
     ) -> None:
-        self.configure(config)
-        self.files: dict[tuple[int, int], FileState] = {}
-        now = time.monotonic()
-        for s in as_positions(saved):
-            fs = FileState(s.path, s.dev, s.ino)
-            fs.offset, fs.lineno = s.offset, s.lineno
-            if s.fingerprint is not None:  # saved by an earlier version: the bytes
-                fs.fingerprint = s.fingerprint
-            elif s.fingerprint_len is not None and s.fingerprint_sha256 is not None:
-                fs.saved_digest = (s.fingerprint_len, s.fingerprint_sha256)
-            else:
-                raise ValueError(f"file positions do not fit: {s.path} has no fingerprint")
-            fs.read_pos = fs.offset
-            if s.gone_for is not None:  # gone before the restart: back only through a listing
-                fs.gone_since, fs.verified = now - s.gone_for, True
-            self.files[fs.ident] = fs
+        super().__init__(config, saved)
         # Streams left behind by a truncation whose copy has not been seen (yet):
         # fingerprint, offset, line number.
         self.retired: list[tuple[bytes, int, int]] = []
         self._first_poll = True
         self._unreadable: set[str] = set()
-        # Read by other threads, so plain values replaced whole.
-        self.watched = 0
-        self.open_files = 0
-        self.positions: list[tuple[str, int]] = []
-        self.max_open = max_open_files()
         self._stop: threading.Event | None = None
         # Followed files by their first bytes, built once a poll when a new file needs it.
         self._heads: dict[bytes, FileState] | None = None
-
-    def configure(self, config: LogsConfig) -> None:
-        self.config = config
-        self.patterns = list(config.paths)
-        self.max_line = config.max_line_bytes
-
-    def base_dirs(self) -> list[tuple[Path, bool]]:
-        """Directories to watch for changes, and whether recursively."""
-        out = []
-        for pattern in self.patterns:
-            base = glob_base(pattern)
-            recursive = len(Path(pattern).parts) - len(base.parts) > 1 or "**" in pattern
-            out.append((base, recursive))
-        return out
 
     # -- finding files ---------------------------------------------------------------
 
@@ -289,15 +253,6 @@ class Tailer:
         if (idle or crowded) and not fs.pending and not fs.skipping:
             self._close_fd(fs)
 
-    def _close_fd(self, fs: FileState) -> None:
-        if fs.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            fs.mtime_ns = os.fstat(fs.fd).st_mtime_ns
-        os.close(fs.fd)
-        fs.fd = None
-        self.open_files -= 1
-
     def _let_go(self, fs: FileState, sink: Sink) -> None:
         """A file gone from the globs for ``rotate_wait``: drained, closed, its position
         kept in case it comes back."""
@@ -308,21 +263,6 @@ class Tailer:
         self._close_fd(fs)
         self._adopt_shadows(fs, sink)
         log.info("stopped following file", extra={"path": fs.path})
-
-    def _forget_old(self, now: float) -> None:
-        gone = [fs for fs in self.files.values() if fs.gone_since is not None and fs.fd is None]
-        gone.sort(key=lambda f: f.gone_since or 0.0)
-        excess = len(gone) - KEEP_GONE
-        for i, fs in enumerate(gone):
-            if i < excess or now - (fs.gone_since or now) > KEEP_GONE_SECONDS:
-                del self.files[fs.ident]
-
-    def close(self) -> None:
-        for fs in self.files.values():
-            if fs.fd is not None:
-                os.close(fs.fd)
-                fs.fd = None
-        self.open_files = 0
 
     # -- truncation and copies -------------------------------------------------------
 
@@ -460,31 +400,3 @@ class Tailer:
             if len(fs.pending) > max_line:
                 fs.pending = b""
                 fs.skipping = True
-
-    def unread_bytes(self) -> int:
-        """Bytes in the followed files beyond what was read at the last poll (called from
-        other threads: it reads only ``positions``)."""
-        total = 0
-        for path, pos in self.positions:
-            with contextlib.suppress(OSError):
-                total += max(0, os.stat(path).st_size - pos)
-        return total
-
-    def to_state(self) -> list[FilePosition]:
-        """Positions of every known file, open, closed or gone. A partial last line is not
-        part of a position: after a restart it is read again, whole."""
-        now = time.monotonic()
-        return [
-            FilePosition(
-                fs.path,
-                fs.dev,
-                fs.ino,
-                fs.offset,
-                fs.lineno,
-                *digest(fs),
-                # Seconds gone, as a monotonic time means nothing to another process.
-                gone_for=None if fs.gone_since is None else now - fs.gone_since,
-            )
-            for fs in self.files.values()
-            if fs.shadow_of is None
-        ]
