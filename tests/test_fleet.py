@@ -4,6 +4,7 @@ and the Sentinel and Cluster URLs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -19,8 +20,13 @@ from typing import Any
 
 import pytest
 import yaml
+from kling_exporter import fleet as fleet_module
+from kling_exporter.budgets import Ask, Budgets, DayUsage
 from kling_exporter.client import EventLogger
-from kling_exporter.config import load_config
+from kling_exporter.config import load_config, parse_config
+from kling_exporter.model import View
+from kling_exporter.pricing import Request
+from kling_exporter.reservations import Reservations
 
 from tests.helpers import (
     ROOT,
@@ -472,3 +478,47 @@ def test_the_compose_fleets_workers_share_its_budget(fleet: Any, tmp_path: Path)
     assert 600 - 20 < used <= 600
     for d in f.exporters.values():
         wait_until(partial(lambda d: team(d)["used_credits"] == used, d), timeout=20)
+
+
+def test_a_decision_after_a_slow_redis_counts_what_tasks_used_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """Redis stopped (SIGSTOP): the script call times out and ``allow`` decides alone.
+    A task that used a hold while the call was waiting moved from held to in flight;
+    the decision must count it there, not miss it in both."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        config = parse_config(
+            {
+                "fleet": {"redis_url": server.url, "timeout": "100ms", "on_unavailable": "allow"},
+                "budgets": [{"name": "team", "project": "p", "limit_credits": 10}],
+            }
+        )
+        budgets = Budgets(config)
+        flight = DayUsage()
+        views = [View(budgets, {}, flight)]
+        held = Reservations()
+        fleet = fleet_module.Fleet(lambda: config, held, lambda: views[-1], lambda: True)
+        ask = Ask(Request("kling-v2-6", "standard", 5), 1, "p", None)  # 10 credits
+
+        async def run() -> Any:
+            status, _ = await held.reserve(views[-1], ask, "h1", 600.0, "fp")
+            assert status == 201  # 10 of 10 held
+            fleet.up = True  # it answered before; now it does not
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)
+
+            def task_submitted_under_the_hold() -> None:
+                views.append(View(budgets, {}, DayUsage({("p", None): [10.0, 1.4]})))
+                held.consumed({"h1": 1})
+
+            asyncio.get_running_loop().call_later(0.05, task_submitted_under_the_hold)
+            return await fleet.decide(ask, None, 60.0)
+
+        result = asyncio.run(run())
+        assert not fleet.up
+        assert not result.allowed and result.refused_by == "team", result
+    finally:
+        if server.proc is not None:
+            server.proc.send_signal(signal.SIGCONT)
+        server.stop()

@@ -105,7 +105,7 @@ async def budgets(request: web.Request) -> web.Response:
         return web.json_response({"budgets": for_people(msgspec.to_builtins(found))})
     for _ in range(3):
         try:
-            rows = await fleet.statuses(source.view())
+            rows = await fleet.statuses()
             break
         except RuntimeError:  # an in-process reader resized what was read: read again
             continue
@@ -233,7 +233,7 @@ async def check(request: web.Request) -> web.Response:
     for _ in range(3):
         try:
             if fleet.enabled:
-                result = await fleet.check(source.view(), _asked(req))
+                result = await fleet.check(_asked(req))
             else:
                 result = reservations.check(source.view(), _asked(req))
             break

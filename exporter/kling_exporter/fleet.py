@@ -121,8 +121,9 @@ class Fleet:
     ) -> None:
         self.config = config
         self.reservations = reservations
-        # Read under the reservations' lock, never before it: a view taken before a
-        # wait may predate tasks that have since used holds.
+        # Read again after every wait for Redis (and a decision's, under the
+        # reservations' lock): a view taken before a wait may predate tasks that have
+        # since used holds, which the holds read after it no longer count.
         self.view = view
         self.ready = ready
         self.clock = clock
@@ -133,7 +134,6 @@ class Fleet:
         self.epoch = ""
         # The other instances' share of each budget's current period, as last seen.
         self.seen: dict[str, Share] = {}
-        self.errors = 0
         self.wake = asyncio.Event()
         self._client: Any = None
         self._script: Any = None
@@ -170,7 +170,7 @@ class Fleet:
         needed: tuple[float, float] = (0.0, 0.0),
         rid: str | None = None,
         ttl: float = 0.0,
-    ) -> tuple[Answer, list[str]]:
+    ) -> Answer:
         """Run the script for ``budgets``; raise Unavailable when Redis does not answer."""
         settings = self.settings
         now = self.clock()
@@ -216,17 +216,16 @@ class Fleet:
             others = answer.others if isinstance(answer.others, list) else []
             for key, o in zip(keys[3:], others, strict=True):
                 self.seen[key] = Share(*o)
-        return answer, keys[3:]
+        return answer
 
     def _down(self, error: BaseException) -> None:
-        self.errors += 1
         if self.up or self.clock() - self._warned > 60:
             self._warned = self.clock()
             log.warning(
                 "the fleet's Redis does not answer",
                 extra={
                     "err": str(error) or type(error).__name__,
-                    "on_unavailable": (self.settings.on_unavailable),
+                    "on_unavailable": self.settings.on_unavailable,
                 },
             )
         self.up = False
@@ -247,7 +246,7 @@ class Fleet:
         Redis does not answer (Unavailable raised then only for ``refuse``)."""
         if self.up and budgets:
             try:
-                answer, _ = await self._run("read", view, budgets)
+                answer = await self._run("read", view, budgets)
                 if answer.settled:
                     return self._last_seen(view, budgets)
             except Unavailable:
@@ -258,23 +257,26 @@ class Fleet:
 
     # -- the answers -----------------------------------------------------------------
 
-    async def check(self, view: View, ask: Ask) -> CheckResult:
+    async def check(self, ask: Ask) -> CheckResult:
         """A pre-flight answer over the whole fleet."""
+        view = self.view()
         budgets = view.budgets.matching(ask.project, ask.user)
         try:
             elsewhere = await self._elsewhere(view, budgets)
         except Unavailable:
-            return refused(self.reservations.check(view, ask))
-        return self.reservations.check(view, ask, elsewhere)
+            return refused(self.reservations.check(self.view(), ask))
+        return self.reservations.check(self.view(), ask, elsewhere)
 
-    async def statuses(self, view: View) -> list[dict[str, Any]]:
+    async def statuses(self) -> list[dict[str, Any]]:
         """Every budget with the fleet's totals, and this exporter's share as ``local``."""
+        view = self.view()
         budgets = view.budgets.config.budgets
-        local = self.reservations.statuses(view)
         try:
             elsewhere = await self._elsewhere(view, budgets)
         except Unavailable:
             elsewhere = self._last_seen(view, budgets)
+        view = self.view()
+        local = self.reservations.statuses(view)
         fleet = self.reservations.statuses(view, elsewhere)
         out = []
         for total, mine in zip(fleet, local, strict=True):
@@ -294,34 +296,34 @@ class Fleet:
             return mine
         if not self.ready():
             return refused(mine, "this exporter is still reading its logs")
+        answer = None
         if self.up:
             try:
                 needed = (mine.credits_needed, mine.usd_needed)
-                answer, _ = await self._run("claim", view, budgets, needed, rid, ttl)
+                answer = await self._run("claim", view, budgets, needed, rid, ttl)
             except Unavailable:
-                answer = None
-            if answer is not None and answer.verdict == "taken":
-                return f"is held through the fleet's instance {answer.owner!r}"
-            if answer is not None and answer.verdict in ("ok", "refused"):
-                # The script's verdict, with the rows and words of a check made on what
-                # is here now (tasks may have used holds meanwhile: the sum is the same).
-                elsewhere = self._last_seen(view, budgets)
-                result = self.reservations.check(self.view(), ask, elsewhere)
-                if answer.verdict == "ok" and not result.allowed:
-                    reason = "within every matching budget"
-                    return msgspec.structs.replace(
-                        result, allowed=True, reason=reason, refused_by=None
-                    )
-                if answer.verdict == "refused" and result.allowed:
-                    name = budgets[answer.refused_by - 1].name
-                    reason = f"budget {name!r} has no room left in the fleet"
-                    return msgspec.structs.replace(
-                        result, allowed=False, reason=reason, refused_by=name
-                    )
-                return result
+                pass
+        view = self.view()  # tasks may have used holds while Redis was asked
+        elsewhere = self._last_seen(view, budgets)
+        if answer is not None and answer.verdict == "taken":
+            return f"is held through the fleet's instance {answer.owner!r}"
+        if answer is not None and answer.verdict in ("ok", "refused"):
+            # The script's verdict, with the rows and words of a check made on what is
+            # here now (tasks that used holds meanwhile: the sum is the same).
+            result = self.reservations.check(view, ask, elsewhere)
+            if answer.verdict == "ok" and not result.allowed:
+                reason = "within every matching budget"
+                return msgspec.structs.replace(result, allowed=True, reason=reason, refused_by=None)
+            if answer.verdict == "refused" and result.allowed:
+                name = budgets[answer.refused_by - 1].name
+                reason = f"budget {name!r} has no room left in the fleet"
+                return msgspec.structs.replace(
+                    result, allowed=False, reason=reason, refused_by=name
+                )
+            return result
         if self.settings.on_unavailable == "refuse":
-            return refused(mine)
-        return self.reservations.check(view, ask, self._last_seen(view, budgets))
+            return refused(self.reservations.check(view, ask))
+        return self.reservations.check(view, ask, elsewhere)
 
     # -- publishing ------------------------------------------------------------------
 
