@@ -120,15 +120,13 @@ def _others() -> list[Any]:
 
 def main(argv: list[str]) -> int:
     check = "--check" in argv
-    stale = [
-        path for path, text in rules().items() if not path.exists() or path.read_text() != text
-    ]
-    if check:
-        for path in stale:
+    rendered = rules()
+    stale = [p for p, text in rendered.items() if not p.exists() or p.read_text() != text]
+    for path in stale:
+        if check:
             print(f"{path.relative_to(ROOT)} differs from mixin/; run `make mixin`")
-    else:
-        for path in stale:
-            path.write_text(rules()[path])
+        else:
+            path.write_text(rendered[path])
             print(f"wrote {path.relative_to(ROOT)}")
     codes = [module.main(argv) for module in _others()]
     return 1 if (check and stale) or any(codes) else 0
