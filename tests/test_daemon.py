@@ -497,6 +497,12 @@ def test_a_state_of_the_previous_format_is_read_and_saved_in_the_one_format(
     assert resaved["format"] == 2 and "version" not in resaved["ledger"]
     assert resaved["reading"]["lines"] == 5 and "lines_read" not in resaved["ledger"]
 
+    # A reason the saving version did not know is there, at 0, as the ledger's were.
+    del resaved["reading"]["invalid"]["too_long"]
+    state.write_bytes(msgspec.msgpack.encode(resaved))
+    snap, _ = Daemon(local_config(tmp_path, state)).snapshot()
+    assert snap.lines_read == 5 and snap.invalid["too_long"] == 0
+
     # A format the state claims but does not keep is refused, naming the version.
     old["ledger"]["version"] = 7
     state.write_bytes(msgspec.msgpack.encode(old))

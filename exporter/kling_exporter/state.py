@@ -109,12 +109,16 @@ class State(msgspec.Struct):
             raise ValueError(f"version: format {self.format} has none, got {version}")
 
     def read_stats(self) -> ReadStats:
-        """The reader's counts, where this format keeps them."""
-        if self.reading is not None:
-            return self.reading
-        old = self.ledger
-        stats = ReadStats(old.lines_read, old.bytes_read)
-        stats.invalid.update(dict(old.invalid))
+        """The reader's counts, where this format keeps them; every reason known now is
+        there, counted 0 when the state names it not (as the ledger's were)."""
+        saved = self.reading
+        if saved is None:
+            saved = ReadStats(self.ledger.lines_read, self.ledger.bytes_read)
+            invalid = dict(self.ledger.invalid)
+        else:
+            invalid = saved.invalid
+        stats = ReadStats(saved.lines, saved.bytes)
+        stats.invalid.update(invalid)
         return stats
 
 
