@@ -39,6 +39,7 @@ from kling_exporter.budgets import (
     sum_into,
 )
 from kling_exporter.durable import GroupCommit, write_all_and_sync
+from kling_exporter.events import MAX_ID
 from kling_exporter.model import View
 from kling_exporter.state import write_state
 
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 900.0
 MAX_TTL = 86400.0
-MAX_ID = 128
 OUTCOMES = ("granted", "refused", "released", "expired", "consumed", "unknown")
 # The journal is rewritten with the live holds alone once it has this many records more.
 COMPACT_AFTER = 10_000
