@@ -26,7 +26,12 @@ _DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key."""
+    """A configuration that cannot be used; the message names the key (and the file,
+    when read from one); ``detail`` is the message without the file's path."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = message if detail is None else detail
 
 
 def parse_duration(value: str | int | float, key: str) -> float:
@@ -415,4 +420,4 @@ def load_config(path: str | Path | None, allow_empty: bool = True) -> Config:
             raise ConfigError("empty; refusing to replace the running config with none")
         return parse_config(data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}", e.detail) from None
