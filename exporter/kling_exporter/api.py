@@ -40,6 +40,7 @@ from kling_exporter.reservations import (
     fingerprint,
     valid_id,
 )
+from kling_exporter.streams import TooLarge, read_bounded
 
 # A body not received within this long is refused.
 BODY_TIMEOUT = 10.0
@@ -189,28 +190,22 @@ class BodyError(Exception):
 
 async def read_body(request: web.Request) -> bytes:
     """The request's whole body, however the network splits it: at most MAX_BODY bytes,
-    within BODY_TIMEOUT; BodyError else. ``content.read(n)`` returns what has arrived so
-    far, so it is called until the end of the body."""
+    within BODY_TIMEOUT; BodyError else."""
     too_large = BodyError(f"body: larger than {MAX_BODY} bytes", 413)
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise too_large
-    body = bytearray()
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
-            while not request.content.at_eof():
-                chunk = await request.content.read(MAX_BODY + 1 - len(body))
-                if not chunk:
-                    break
-                body += chunk
-                if len(body) > MAX_BODY:
-                    raise too_large
+            body = await read_bounded(request.content, MAX_BODY)
+    except TooLarge:
+        raise too_large from None
     except TimeoutError:
         raise BodyError(f"body: not received within {BODY_TIMEOUT:g} s", 408) from None
     except (OSError, web.HTTPException, aiohttp.ClientPayloadError):
         raise BodyError("body: could not be read") from None
     if request.content_length is not None and len(body) != request.content_length:
         raise BodyError("body: shorter than its Content-Length")
-    return bytes(body)
+    return body
 
 
 def _unicode_fault(value: Any, path: str = "") -> str | None:
