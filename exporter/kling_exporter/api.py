@@ -32,7 +32,6 @@ from kling_exporter.events import (
 from kling_exporter.fleet import Fleet
 from kling_exporter.model import Consumed, ReaderUnavailable, View
 from kling_exporter.pricing import Request
-from kling_exporter.reports import amount_for_people
 from kling_exporter.reservations import (
     DEFAULT_TTL,
     MAX_TTL,
@@ -41,6 +40,7 @@ from kling_exporter.reservations import (
     valid_id,
 )
 from kling_exporter.streams import TooLarge, read_bounded
+from kling_exporter.wording import amount_for_people
 
 # A body not received within this long is refused.
 BODY_TIMEOUT = 10.0
@@ -339,7 +339,13 @@ async def reserve(request: web.Request) -> web.Response:
     for _ in range(3):
         try:
             status, answer = await reservations.reserve(
-                source.view(), _asked(req), req.id, req.ttl, fingerprint(asked), decide
+                source.view(),
+                _asked(req),
+                req.id,
+                req.ttl,
+                fingerprint(asked),
+                decide,
+                source.config.reservations.max_live,
             )
             break
         except RuntimeError:
@@ -351,8 +357,24 @@ async def reserve(request: web.Request) -> web.Response:
     return _json(answer, status)
 
 
+# Holds listed on one page: by default, and at most.
+PAGE_DEFAULT = 1_000
+PAGE_MAX = 10_000
+
+
 async def reservations_list(request: web.Request) -> web.Response:
-    return _json({"reservations": request.app[RESERVATIONS].live()})
+    """Live holds a page at a time (``?limit=``, ``?after=<id>``); ``next`` is the
+    ``after`` of the following page while more remain."""
+    raw_limit = request.query.get("limit", str(PAGE_DEFAULT))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= PAGE_MAX:
+        return _bad_request(f"limit: expected a whole number from 1 to {PAGE_MAX}")
+    after = request.query.get("after")
+    if after is not None and not valid_id(after):
+        return _bad_request(f"after: expected 1 to {MAX_ID} printable ASCII characters")
+    rows, following = await request.app[RESERVATIONS].page(after, int(raw_limit))
+    more = b"" if following is None else b',"next":' + msgspec.json.encode(following)
+    body = b'{"reservations":' + rows + more + b"}"
+    return web.Response(body=body, content_type="application/json")
 
 
 async def release(request: web.Request) -> web.Response:

@@ -234,6 +234,16 @@ class TasksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return parse_duration(self.orphan_wait, "orphan_wait")
 
 
+class ReservationsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Bounds on holds (POST /api/v1/reservations), which any client can make."""
+
+    max_live: int = 20_000
+
+    def __post_init__(self) -> None:
+        if self.max_live < 1:
+            raise ValueError(f"max_live: must be at least 1, got {self.max_live}")
+
+
 class KlingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Kling's own numbers. With API keys (files, or KLING_ACCESS_KEY and
     KLING_SECRET_KEY in the environment) the account's resource packs are polled;
@@ -311,6 +321,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     budgets: list[BudgetConfig] = msgspec.field(default_factory=list)
     labels: LabelsConfig = msgspec.field(default_factory=LabelsConfig)
     tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
+    reservations: ReservationsConfig = msgspec.field(default_factory=ReservationsConfig)
     kling: KlingConfig = msgspec.field(default_factory=KlingConfig)
     fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
 
