@@ -17,7 +17,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from kling_exporter.ledger import Ledger
+from kling_exporter.state import ledger_state, restore
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +37,14 @@ def write_lines(path: Path, lines: Iterable[str | Mapping[str, Any]], mode: str 
     with open(path, mode, encoding="utf-8") as f:
         for item in lines:
             f.write((item if isinstance(item, str) else json.dumps(item)) + "\n")
+
+
+def saved_and_restored(ledger: Ledger) -> Ledger:
+    """A new ledger restored from ``ledger``'s saved form, through msgpack as on disk."""
+    saved = msgspec.msgpack.decode(msgspec.msgpack.encode(ledger_state(ledger)))
+    restored = Ledger(ledger.config)
+    restore(restored, saved)
+    return restored
 
 
 def free_port() -> int:

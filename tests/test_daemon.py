@@ -132,6 +132,7 @@ def test_bad_lines_are_counted_and_good_ones_around_them_kept(
         "not_object": 1,
         "bad_value": 0,
         "too_deep": 0,
+        "id_too_long": 0,
         "internal_error": 0,
     }
     assert value(series, "kling_log_lines_read_total") == 13
@@ -336,6 +337,26 @@ def test_state_file_is_private_and_holds_no_log_text(tmp_path: Path) -> None:
     restored.poll_once()
     assert sum(restored.ledger.submitted.values()) == 2
     restored.tailer.close()
+
+
+def test_an_unbounded_reservation_id_never_reaches_the_saved_state(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "kling-a.jsonl"
+    huge = "r" * 1_000_000
+    write_lines(
+        log,
+        [
+            line(event="task_submitted", task_id="a", reservation_id=huge),
+            line(event="task_submitted", task_id="b", reservation_id="r-1"),
+        ],
+    )
+    state = tmp_path / "k.state"
+    daemon = Daemon(local_config(tmp_path, state))
+    daemon.poll_once()
+    daemon.save_state()
+    daemon.tailer.close()
+    assert state.stat().st_size < 10_000
+    assert daemon.reading.invalid["id_too_long"] == 1
+    assert sum(daemon.ledger.submitted.values()) == 1
 
 
 def test_a_failed_save_leaves_no_temporary_file(

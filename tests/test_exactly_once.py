@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from kling_exporter.config import parse_config
 from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
+from kling_exporter.state import ledger_state, restore
 from kling_exporter.tailer import Tailer
 
 
@@ -30,7 +31,8 @@ class Reader:
             self.ledger, self.tailer = Ledger(self.config), Tailer(self.config.logs)
         else:
             state = msgspec.msgpack.decode(saved)
-            self.ledger = Ledger.from_state(self.config, state["ledger"])
+            self.ledger = Ledger(self.config)
+            restore(self.ledger, state["ledger"])
             self.tailer = Tailer(self.config.logs, state["files"])
 
     def sink(self, path: str, lines: list[bytes | None], first: int, nbytes: int) -> None:
@@ -45,7 +47,7 @@ class Reader:
 
     def save(self) -> bytes:
         return msgspec.msgpack.encode(
-            {"files": self.tailer.to_state(), "ledger": self.ledger.to_state()}
+            {"files": self.tailer.to_state(), "ledger": ledger_state(self.ledger)}
         )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 
-import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +14,7 @@ from kling_exporter.ingest import ingest
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import ReadStats
 
-from tests.helpers import line
+from tests.helpers import line, saved_and_restored
 from tests.test_ledger import NOW, feed, iso, random_tasks, task_lines
 
 BUDGET = {"budgets": [{"name": "all", "period": "monthly", "limit_credits": 100000}]}
@@ -180,9 +179,7 @@ def test_waiting_events_survive_a_restart() -> None:
     config = Config(tasks=TasksConfig(orphan_wait="5m"))
     ledger = Ledger(config)
     feed(ledger, line(event="task_error", task_id="t", error_type="quota"), settle=False)
-    restored = Ledger.from_state(
-        config, msgspec.msgpack.decode(msgspec.msgpack.encode(ledger.to_state()))
-    )
+    restored = saved_and_restored(ledger)
     feed(restored, line(event="task_submitted", task_id="t", project="p"), settle=False)
     assert restored.errors == {("p", "quota"): 1}
 

@@ -8,7 +8,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-import msgspec
 import pytest
 from kling_exporter.budgets import DayUsage
 from kling_exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig, parse_config
@@ -17,7 +16,7 @@ from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
 from kling_exporter.pricing import Request
 
-from tests.helpers import line
+from tests.helpers import line, saved_and_restored
 
 UTC = dt.UTC
 PRICE = {  # the default rules, by hand: (mode, duration, audio) -> credits
@@ -440,9 +439,7 @@ def test_state_round_trip_is_exact() -> None:
 
     first = Ledger(config)
     feed(first, *lines[:150], settle=False)
-    restored = Ledger.from_state(
-        config, msgspec.msgpack.decode(msgspec.msgpack.encode(first.to_state()))
-    )
+    restored = saved_and_restored(first)
     feed(restored, *lines[150:])
     assert restored.snapshot(NOW) == whole.snapshot(NOW)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
-import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from kling_exporter.budgets import Ask
@@ -20,6 +19,7 @@ from kling_exporter.model import View
 from kling_exporter.pricing import Request
 from kling_exporter.reservations import Journal, Reservations, fingerprint
 
+from tests.helpers import saved_and_restored
 from tests.test_ledger import NOW, feed
 
 CONFIG = parse_config(
@@ -268,8 +268,7 @@ class ReservationMachine(RuleBasedStateMachine):
         journal; the reader's first word is every count it has."""
         assert self.held.journal is not None
         self.held.journal.close()
-        saved = msgspec.msgpack.decode(msgspec.msgpack.encode(self.ledger.to_state()))
-        self.ledger = Ledger.from_state(CONFIG, saved)
+        self.ledger = saved_and_restored(self.ledger)
         self.held = Reservations(Journal(self.dir / "r"), self.clock)
         self.held.consumed(self.ledger.take_consumed(every=True), baseline=True)
 

@@ -23,7 +23,7 @@ from kling_exporter.counters import (
 )
 from kling_exporter.events import UNKNOWN_MODEL, Event
 from kling_exporter.model import Record, Task
-from kling_exporter.periods import PeriodClock, period_bounds
+from kling_exporter.periods import PERIOD_KINDS, PeriodClock, period_bounds
 from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request
 
 # Task flags: what of a task has been counted.
@@ -59,7 +59,7 @@ class Book(Counters):
         # task_id -> Task while open, or its flags (a small int) once finished,
         # kept only to join late events and to drop repeats.
         self.tasks: dict[str, Task | int] = {}
-        self._expiry: deque[tuple[float, str]] = deque()
+        self.expiry: deque[tuple[float, str]] = deque()
         # Usage per local day (weeks and months are whole days, so they are sums of
         # these): day start -> (project, user) -> [credits, usd]
         self.usage: dict[float, DayUsage] = {}
@@ -87,7 +87,7 @@ class Book(Counters):
         self.budgets = Budgets(config)
         self.pricing = self.budgets.pricing
         if old is not None and old.pricing != config.pricing:
-            self._estimate_flight()  # estimates of tasks in flight follow the new prices
+            self.estimate_flight()  # estimates of tasks in flight follow the new prices
         self.clock = PeriodClock(config.tz)
         self._forget_day()
         self.ttl = config.tasks.ttl_seconds
@@ -121,7 +121,7 @@ class Book(Counters):
 
     def _remember(self, task_id: str, value: Task | int, ts: float) -> None:
         self.tasks[task_id] = value
-        self._expiry.append((ts, task_id))
+        self.expiry.append((ts, task_id))
 
     def _route(self, project: str, model: str, count: bool = True) -> Route:
         """The accumulators and labels of a task's real project and model."""
@@ -197,7 +197,7 @@ class Book(Counters):
         rate = self.pricing.usd_per_credit
         return DayUsage({pair: [c, c * rate] for pair, (_, c) in self.flight_tasks.items()})
 
-    def _estimate_flight(self) -> None:
+    def estimate_flight(self) -> None:
         """Price every task in flight again (at start from a saved state, on new prices)."""
         self.flight_tasks.clear()
         for value in self.tasks.values():
@@ -230,9 +230,10 @@ class Book(Counters):
             del self.consumed[rid]
 
     def _prune_usage(self, now: float) -> None:
-        """Keep the days of the current week and month; earlier ones no budget reads."""
+        """Keep the days of every current period (week, month...); earlier ones no budget
+        reads."""
         tz = self.clock.tz
-        keep_from = min(period_bounds(k, now, tz)[0] for k in ("weekly", "monthly"))
+        keep_from = min(period_bounds(kind, now, tz)[0] for kind in PERIOD_KINDS)
         stale = [day for day in self.usage if day < keep_from]
         for day in stale:
             del self.usage[day]

@@ -15,9 +15,9 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from kling_exporter.periods import PERIOD_KINDS
 from kling_exporter.wording import describe
 
-PERIODS = ("daily", "weekly", "monthly")
 MODES = ("standard", "professional")
 KINDS = ("video", "image", "try_on")
 START_AT = ("beginning", "end")
@@ -185,7 +185,7 @@ class BudgetConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("name: must not be empty")
-        _one_of("period", self.period, PERIODS)
+        _one_of("period", self.period, PERIOD_KINDS)
         if self.limit_credits is None and self.limit_usd is None:
             raise ValueError("limit_credits: a budget needs limit_credits, limit_usd or both")
         for key in ("limit_credits", "limit_usd"):

@@ -29,7 +29,7 @@ from kling_exporter.listing import Watcher
 from kling_exporter.logfile import max_open_files, raise_open_file_limit
 from kling_exporter.metrics import declared, families
 from kling_exporter.model import Consumed, ReadStats, Snapshot, Status, View
-from kling_exporter.state import FORMAT, State, read_state, write_state
+from kling_exporter.state import FORMAT, State, ledger_state, read_state, restore, write_state
 from kling_exporter.tailer import Tailer
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ class Daemon:
         state = read_state(path) if path else None
         if state is not None:
             try:
-                ledger = Ledger.from_state(config, state.ledger)
+                ledger = Ledger(config)
+                restore(ledger, state.ledger)
                 tailer = Tailer(config.logs, state.files)
                 reading = state.read_stats()
                 log.info(
@@ -119,7 +120,7 @@ class Daemon:
                 return  # the previous save is still being written; the next will do
             self._writer.join()
         with self.lock:
-            files, ledger = self.tailer.to_state(), self.ledger.to_state()
+            files, ledger = self.tailer.to_state(), ledger_state(self.ledger)
             data = msgspec.msgpack.encode(State(FORMAT, time.time(), files, ledger, self.reading))
         self._writer = threading.Thread(
             target=self._write_state, args=(path, data), name="state-writer", daemon=True

@@ -1,8 +1,8 @@
 """The accounting core: events in, counters and budget usage out.
 
 Plain Python with no I/O and no clock of its own: every call that needs the
-time is given it. The whole state can be exported with ``to_state`` and
-rebuilt with ``from_state``, so the daemon can save it beside file offsets.
+time is given it. Its saved form is ``state``'s business (``state.ledger_state`` and
+``state.restore``), so the daemon can save it beside file offsets.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from kling_exporter.book import DONE, ERR, FINISHED, SUB, Book
-from kling_exporter.config import Config
 from kling_exporter.counters import (
     EXPIRED,
     IN_FLIGHT,
@@ -30,7 +29,6 @@ from kling_exporter.events import (
 )
 from kling_exporter.model import ReadStats, Record, Snapshot, Task
 from kling_exporter.pricing import Request
-from kling_exporter.state import LedgerState, ledger_state, restore
 
 # 2000-01-01T00:00:00Z: an earlier event time is a broken clock (Kling did not exist).
 OLDEST_TS = 946684800.0
@@ -118,7 +116,7 @@ class Ledger(Book):
             project_counts[IN_FLIGHT] += 1
             project_counts[TOUCHED] = 1
             tasks[task_id] = task
-            self._expiry.append((ts, task_id))
+            self.expiry.append((ts, task_id))
             # In flight: _fly(task, 1), inlined.
             price = self.pricing.cache.get(
                 (task.model, task.mode, task.duration, task.audio, task.kind)
@@ -330,7 +328,7 @@ class Ledger(Book):
         if len(self.waiting) > self.max_tasks:
             self.settle_waiting(float("-inf"))
         cutoff = max(self.last_event_ts, 0.0) - self.ttl
-        expiry, tasks = self._expiry, self.tasks
+        expiry, tasks = self.expiry, self.tasks
         dropped = 0
         while expiry and (expiry[0][0] < cutoff or len(tasks) > self.max_tasks):
             ts, task_id = expiry.popleft()
@@ -381,17 +379,3 @@ class Ledger(Book):
             awaiting_submission=len(self.waiting),
             orphaned=self.orphaned,
         )
-
-    # -- persistence -----------------------------------------------------------------
-
-    def to_state(self) -> LedgerState:
-        """The whole ledger as data msgspec encodes (``state.ledger_state``)."""
-        return ledger_state(self)
-
-    @classmethod
-    def from_state(cls, config: Config, saved: LedgerState | Any) -> Ledger:
-        """Rebuild a ledger saved by ``to_state`` (or its decoded data); raises ValueError,
-        naming what does not fit, if it does not."""
-        led = cls(config)
-        restore(led, saved)
-        return led

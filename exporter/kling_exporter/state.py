@@ -33,7 +33,7 @@ from kling_exporter.events import Event
 from kling_exporter.model import ReadStats, Task
 
 if TYPE_CHECKING:
-    from kling_exporter.ledger import Ledger
+    from kling_exporter.book import Book
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ Keyed3 = tuple[str, str, str, int]  # project, model, mode or status, count
 
 
 class LedgerState(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """The ledger's totals, its task index and daily usage (see ``Ledger.to_state``)."""
+    """The ledger's totals, its task index and daily usage (see ``ledger_state``)."""
 
     timezone: str
     submitted: list[Keyed3]
@@ -202,7 +202,7 @@ def event_fields(e: Event) -> list[Any]:
     return fields
 
 
-def ledger_state(led: Ledger) -> LedgerState:
+def ledger_state(led: Book) -> LedgerState:
     """The whole ledger as data msgspec encodes (open tasks as arrays, in C). Encode it
     before the ledger changes again: the task index is handed over, not copied."""
     return LedgerState(
@@ -229,7 +229,7 @@ def ledger_state(led: Ledger) -> LedgerState:
             for lim in (led.project_labels, led.model_labels, led.error_labels)
         ],
         tasks=led.tasks,
-        expiry=list(led._expiry),
+        expiry=list(led.expiry),
         usage=[
             (day, [(p, u, c, d) for (p, u), (c, d) in bucket.by_pair.items()])
             for day, bucket in led.usage.items()
@@ -238,7 +238,7 @@ def ledger_state(led: Ledger) -> LedgerState:
     )
 
 
-def restore(led: Ledger, saved: LedgerState | Any) -> None:
+def restore(led: Book, saved: LedgerState | Any) -> None:
     """Fill a new ledger with what ``ledger_state`` saved (or its decoded data); raises
     ValueError, naming what does not fit, if it does not."""
     state = as_ledger_state(saved)
@@ -283,10 +283,10 @@ def restore(led: Ledger, saved: LedgerState | Any) -> None:
         lim.known.update((k, k) for k in known)
         lim.overflow = overflow
     led.tasks = dict(state.tasks)
-    led._expiry = deque(state.expiry)
+    led.expiry = deque(state.expiry)
     for day, pairs in state.usage:
         bucket = led.usage[day] = DayUsage()
         for p, u, c, d in pairs:
             bucket.add(p, u, c, d)
     led.consumed = {rid: [n, ts] for rid, n, ts in state.consumed}
-    led._estimate_flight()
+    led.estimate_flight()
