@@ -1,1 +1,0 @@
-SK-standin-secret-key-91c2e-0123456789

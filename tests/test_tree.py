@@ -1,0 +1,49 @@
+"""The repository's top level is what the README's layout lists: no scratch files."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from tests.helpers import ROOT
+
+
+def _listed_in_readme() -> set[str]:
+    layout = (ROOT / "README.md").read_text().split("### Layout", 1)[1]
+    table = layout.split("| entry | what it is |", 1)[1].split("\n\n", 1)[0]
+    names: set[str] = set()
+    for row in table.splitlines()[2:]:
+        first_cell = row.split("|")[1]
+        names.update(name.rstrip("/") for name in re.findall(r"`([^`]+)`", first_cell))
+    return names
+
+
+def _tracked_top_level() -> set[str]:
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    return {path.split("/", 1)[0] for path in files}
+
+
+def test_the_top_level_is_what_the_readme_lists() -> None:
+    tracked, listed = _tracked_top_level(), _listed_in_readme()
+    assert tracked - listed == set(), "tracked but not in the README's layout"
+    assert listed - tracked == set(), "in the README's layout but not tracked"
+
+
+def test_build_output_is_ignored() -> None:
+    for path in ("build/lib/x.py", "dist/kling_exporter-1.0.tar.gz"):
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", path], cwd=ROOT, check=False, timeout=30
+        )
+        assert ignored.returncode == 0, f"{path} is not ignored"
+
+
+def test_the_license_is_apache_2_and_named_in_the_package() -> None:
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("Copyright 2026 kling-exporter authors\n")
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in pyproject
+    assert 'license-files = ["LICENSE"]' in pyproject
