@@ -11,34 +11,40 @@ ARGS    ?=
 help:
 	@grep -E '^## [a-z]+:' $(MAKEFILE_LIST) | sed 's/^## /  make /'
 
-$(BIN)/.installed: pyproject.toml
+# Running needs the runtime alone (17 packages); the tests, linters and previews add the
+# development extras (matplotlib, mypy, Kubernetes schemas...), ten times the size.
+$(BIN)/.installed-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed-dev: $(BIN)/.installed-run
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
 ## run: start the daemon on its defaults (logs/kling-*.jsonl, :10177); ARGS="..." adds flags
-run: $(BIN)/.installed
+run: $(BIN)/.installed-run
 	$(BIN)/kling-exporter $(ARGS)
 
 ## demo: synthetic Kling traffic into a temporary log folder, served on :10177
-demo: $(BIN)/.installed
+demo: $(BIN)/.installed-run
 	$(BIN)/kling-exporter demo $(ARGS)
 
 ## screenshots: PNG previews of the dashboards from two simulated hours of demo data, into docs/
-screenshots: $(BIN)/.installed tools
+screenshots: $(BIN)/.installed-dev tools
 	$(BIN)/python grafana/preview.py
 
 ## mixin: rewrite alerts/kling.*.yml, the dashboards and the Kubernetes resources from mixin/config.yml
-mixin: $(BIN)/.installed
+mixin: $(BIN)/.installed-run
 	$(BIN)/python mixin/build.py
 
 ## dashboards: rewrite grafana/dashboards/*.json from grafana/build_dashboards.py
-dashboards: $(BIN)/.installed
+dashboards: $(BIN)/.installed-run
 	$(BIN)/python grafana/build_dashboards.py
 
 ## kubernetes: rewrite examples/kubernetes' PrometheusRule and dashboards ConfigMap
-kubernetes: $(BIN)/.installed
+kubernetes: $(BIN)/.installed-run
 	$(BIN)/python examples/kubernetes/build.py
 
 ## certs: a self-signed certificate and key for trying examples/web-config.yml (examples/tls/)
@@ -56,16 +62,16 @@ tools:
 	@scripts/ensure-tools
 
 ## lint: ruff, the linter and the formatter's check
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 ## typecheck: mypy --strict
-typecheck: $(BIN)/.installed
+typecheck: $(BIN)/.installed-dev
 	$(BIN)/mypy
 
 ## unit: the test suite alone
-unit: $(BIN)/.installed tools
+unit: $(BIN)/.installed-dev tools
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 ## test: lint, type-check and the whole test suite

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 from tests.helpers import ROOT
 
@@ -47,3 +48,30 @@ def test_the_license_is_apache_2_and_named_in_the_package() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'license = "Apache-2.0"' in pyproject
     assert 'license-files = ["LICENSE"]' in pyproject
+
+
+def _make_dry_run(target: str, tmp_path: Path) -> str:
+    """What ``make TARGET`` would run from a clean clone (a virtual environment not made)."""
+    venv = tmp_path / "venv"
+    return subprocess.run(
+        ["make", "-n", f"VENV={venv}", target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+
+
+def test_running_installs_the_runtime_only(tmp_path: Path) -> None:
+    for target in ("run", "demo"):
+        commands = _make_dry_run(target, tmp_path)
+        assert "pip install --quiet -e .\n" in commands, target
+        assert "[dev]" not in commands, target
+
+
+def test_testing_from_a_clean_clone_installs_everything(tmp_path: Path) -> None:
+    commands = _make_dry_run("test", tmp_path)
+    install = commands.index("pip install --quiet -e '.[dev]'")
+    assert commands.index("-m venv") < install < commands.index("ruff check")
+    assert "pytest" in commands
