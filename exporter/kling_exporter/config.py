@@ -381,10 +381,49 @@ def _known_keys() -> set[str]:
     return {f for struct in structs for f in struct.__struct_fields__}
 
 
+# What each key of the vocabulary accepts, for errors that list it: msgspec names only
+# the value it got. Kling's spellings (std, pro) are accepted too but not offered.
+ACCEPTED: dict[str, tuple[str, ...]] = {
+    "mode": MODES,
+    "period": PERIODS,
+    "kind": KINDS,
+    "start_at": START_AT,
+    "on_unavailable": ("allow", "refuse"),
+}
+_ENUM_RE = re.compile(r"^(?P<key>.*?): Invalid enum value (?P<got>.+)$", re.S)
+_BOUND_RE = re.compile(
+    r"^(?P<key>.*?): expected `(?:int|float|str)`(?P<length> of length)? "
+    r"(?P<op>[<>]=?) (?P<n>\S+)$"
+)
+_BOUND_WORDS = {
+    ">=": "must be at least",
+    "<=": "must be at most",
+    ">": "must be greater than",
+    "<": "must be less than",
+}
+
+
 def describe_validation_error(error: msgspec.ValidationError) -> str:
     """msgspec's error in words, naming the key (``budgets[2].period: ...``), with a
-    suggestion among the config's keys for a misspelt one."""
-    return describe(error, _known_keys())
+    suggestion among the config's keys for a misspelt one, the accepted values of an
+    enum and a bound as a person says it (``count: must be at least 1``)."""
+    text = describe(error, _known_keys())
+    enum = _ENUM_RE.match(text)
+    if enum:
+        key, got = enum.group("key"), enum.group("got")
+        accepted = ACCEPTED.get(key.rsplit(".", 1)[-1].split("[", 1)[0])
+        if accepted:
+            return f"{key}: expected one of {', '.join(accepted)}, got {got}"
+        return f"{key}: not an accepted value: {got}"
+    bound = _BOUND_RE.match(text)
+    if bound:
+        key, words, n = bound.group("key"), _BOUND_WORDS[bound.group("op")], bound.group("n")
+        if not bound.group("length"):
+            return f"{key}: {words} {n}"
+        if (words, n) == ("must be at least", "1"):
+            return f"{key}: must not be empty"
+        return f"{key}: {words} {n} characters long"
+    return text
 
 
 def parse_config(data: Any) -> Config:
