@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import difflib
 import json
@@ -29,6 +30,7 @@ from kling_exporter.connections import Limits, parse_listen_address
 from kling_exporter.demo import (
     DEMO_KEYS,
     DemoTraffic,
+    StandInServer,
     demo_account,
     demo_config,
 )
@@ -46,6 +48,53 @@ log = logging.getLogger("kling_exporter")
 
 def _today(config: Config) -> dt.date:
     return dt.datetime.now(config.tz).date()
+
+
+def _path_error(flag: str, path: str, problem: str) -> int:
+    """One line that names the flag, the path and what is wrong; exit status 2."""
+    print(f"kling-exporter: {flag} {path}: {problem}", file=sys.stderr)
+    return 2
+
+
+def _unreadable(path: str) -> str | None:
+    """What keeps ``path`` from being read as a file, or None."""
+    p = Path(path)
+    if not p.exists():
+        return "no such file"
+    if p.is_dir():
+        return "is a directory, not a file"
+    if not os.access(p, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None
+
+
+def _unwritable(path: str) -> str | None:
+    """What keeps a file from being written at ``path``, or None."""
+    p = Path(path)
+    if p.is_dir():
+        return "is a directory, not a file"
+    parent = p.parent
+    if not parent.exists():
+        return f"no such directory: {parent}"
+    if not parent.is_dir():
+        return f"not a directory: {parent}"
+    if not os.access(p if p.exists() else parent, os.W_OK):
+        return "cannot be written (permission denied)"
+    return None
+
+
+def _log_folder(path: str) -> str | None:
+    """Make the demo's log folder; what went wrong, or None."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return "is not a directory"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder: {e.strerror or e}"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return "cannot be written (permission denied)"
+    return None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -76,6 +125,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.since and args.until and args.since > args.until:
         print("kling-exporter: --since is after --until", file=sys.stderr)
         return 2
+    # Said before months of logs are read, not after.
+    problem = None if args.output == "-" else _unwritable(args.output)
+    if problem:
+        return _path_error("--output", args.output, problem)
     records = reports.read_records(config, sys.stderr)
     if args.output == "-":
         count = reports.export_csv(records, sys.stdout, config, args.since, args.until)
@@ -84,8 +137,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             with open(args.output, "w", encoding="utf-8", newline="") as out:
                 count = reports.export_csv(records, out, config, args.since, args.until)
         except OSError as e:
-            print(f"kling-exporter: cannot write {args.output}: {e.strerror}", file=sys.stderr)
-            return 1
+            return _path_error("--output", args.output, f"cannot be written: {e.strerror or e}")
     print(f"wrote {count} events to {args.output}", file=sys.stderr)
     return 0
 
@@ -131,24 +183,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"kling-exporter: {e}", file=sys.stderr)
         return 2
-    log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="kling-demo-"))
-    traffic = DemoTraffic(log_dir, rate=args.rate, seed=args.seed)
-    # A restarted demo (compose restarts it) goes on from the history it wrote before.
-    written = 0 if traffic.has_history() else traffic.backfill(args.backfill * 3600)
-    log.info(
-        "demo traffic",
-        extra={"logs": str(log_dir), "backfilled_events": written, "rate_per_s": args.rate},
-    )
-    traffic.start()
-    # Packs from the demo's own Kling stand-in, served by the exporter itself.
-    account = demo_account(port, Path(tempfile.mkdtemp(prefix="kling-demo-keys-")))
-    standin = KlingStandIn(*DEMO_KEYS, demo_packs(time.time()))
-    config = demo_config(log_dir, account)
-    reader = ReaderProcess(config, None, args.log_level, args.log_format)
-    return run(reader, Serving(host, port, standin=standin))
+    if args.logs:
+        problem = _log_folder(args.logs)
+        if problem:
+            return _path_error("--logs", args.logs, problem)
+    # Everything made here is removed on the way out (callbacks run last-in, first-out:
+    # the traffic stops writing before its temporary folder goes).
+    with contextlib.ExitStack() as made:
+        temporary = made.enter_context(tempfile.TemporaryDirectory(prefix="kling-demo-"))
+        log_dir = Path(args.logs) if args.logs else Path(temporary) / "logs"
+        traffic = DemoTraffic(log_dir, rate=args.rate, seed=args.seed)
+        # A restarted demo (compose restarts it) goes on from the history it wrote before.
+        written = 0 if traffic.has_history() else traffic.backfill(args.backfill * 3600)
+        log.info(
+            "demo traffic",
+            extra={"logs": str(log_dir), "backfilled_events": written, "rate_per_s": args.rate},
+        )
+        # Kling's account: the demo's own stand-in, listening before the exporter polls it.
+        kling = made.enter_context(StandInServer(KlingStandIn(*DEMO_KEYS, demo_packs(time.time()))))
+        account = demo_account(kling.port, Path(temporary) / "keys")
+        traffic.start()
+        made.callback(traffic.close)
+        reader = ReaderProcess(demo_config(log_dir, account), None, args.log_level, args.log_format)
+        return run(reader, Serving(host, port))
 
 
 def _load(path: str | None) -> Config:
+    problem = None if path is None else _unreadable(path)
+    if path is not None and problem:
+        raise SystemExit(_path_error("--config.file", path, problem))
     try:
         return load_config(path)
     except ConfigError as e:
@@ -177,6 +240,9 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    problem = _unreadable(args.file)
+    if problem:
+        return _path_error("check-config", args.file, problem)
     try:
         config = load_config(args.file)
     except ConfigError as e:
@@ -209,6 +275,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     web_config, tls = None, None
     if args.web_config_file:
+        problem = _unreadable(args.web_config_file)
+        if problem:
+            return _path_error("--web.config.file", args.web_config_file, problem)
         try:
             web_config, tls = load_web_config(args.web_config_file)
         except ConfigError as e:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import heapq
 import json
 import random
+import socket
 import threading
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
+from aiohttp import web
+
 from kling_exporter.config import Config, parse_config
+from kling_exporter.standin import KlingStandIn
 
 PROJECTS = [("marketing", 8), ("product", 5), ("sales", 3), ("support", 2), ("research", 1)]
 USERS = ["ann", "bob", "chen", "dana", "eli"]
@@ -32,13 +38,13 @@ STANDIN_PATH = "/demo/kling"
 DEMO_KEYS = ("demo-access-key", "demo-secret-key-for-the-stand-in-only")
 
 
-def demo_account(port: int, keys_dir: Path) -> dict[str, object]:
+def demo_account(port: int, keys_dir: Path, path: str = STANDIN_PATH) -> dict[str, object]:
     """The ``kling`` section that points the demo at its stand-in on ``port``."""
     keys_dir.mkdir(parents=True, exist_ok=True)
     (keys_dir / "access").write_text(DEMO_KEYS[0])
     (keys_dir / "secret").write_text(DEMO_KEYS[1])
     return {
-        "api_base": f"http://127.0.0.1:{port}{STANDIN_PATH}",
+        "api_base": f"http://127.0.0.1:{port}{path}",
         "access_key_file": str(keys_dir / "access"),
         "secret_key_file": str(keys_dir / "secret"),
         "account_poll_interval": "1m",
@@ -213,3 +219,43 @@ class DemoTraffic:
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="demo-traffic", daemon=True)
         self._thread.start()
+
+    def close(self) -> None:
+        """Stop writing (the thread finishes the write it is in)."""
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+class StandInServer:
+    """The demo's Kling account stand-in on a loopback port of its own, served from a
+    thread, and listening before ``__enter__`` returns: the exporter polls it as it
+    starts, before its own port is served."""
+
+    def __init__(self, standin: KlingStandIn) -> None:
+        self.app = web.Application()
+        standin.routes(self.app, STANDIN_PATH)
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(self.app, handle_signals=False)
+        self.port = 0
+        self._thread = threading.Thread(target=self.loop.run_forever, name="demo-kling")
+
+    def __enter__(self) -> StandInServer:
+        self.loop.run_until_complete(self.runner.setup())
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))  # a free port, chosen by the kernel
+        self.port = listening.getsockname()[1]
+        self.loop.run_until_complete(web.SockSite(self.runner, listening).start())
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.run_until_complete(self.runner.cleanup())
+        self.loop.close()

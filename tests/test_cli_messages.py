@@ -1,0 +1,93 @@
+"""What the command line says when something is wrong or done, as a newcomer meets it:
+one line naming the path for a path it cannot use, a demo that neither warns falsely
+nor leaves folders behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, DaemonProcess, by_name, wait_until
+
+
+def kling_exporter(
+    *args: str, cwd: Path, stdin: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kling_exporter", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "exporter")},
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["demo", "--logs", "/proc/nope"], "--logs /proc/nope: cannot create the folder"),
+        (["demo", "--logs", "{file}"], "--logs {file}: is not a directory"),
+        (
+            ["export", "--output", "/nonexistent/x.csv"],
+            "--output /nonexistent/x.csv: no such directory",
+        ),
+        (["export", "--output", "{dir}"], "--output {dir}: is a directory"),
+        (
+            ["report", "--config.file", "/nonexistent.yml"],
+            "--config.file /nonexistent.yml: no such file",
+        ),
+        (["costs", "--config.file", "{dir}"], "--config.file {dir}: is a directory"),
+        (["serve", "--config.file", "{dir}"], "--config.file {dir}: is a directory"),
+        (["check-config", "/nonexistent.yml"], "check-config /nonexistent.yml: no such file"),
+        (["check-config", "{dir}"], "check-config {dir}: is a directory"),
+        (
+            ["serve", "--web.config.file", "/nonexistent.yml"],
+            "--web.config.file /nonexistent.yml: no such file",
+        ),
+    ],
+)
+def test_a_path_it_cannot_use_is_one_line_naming_it_and_exit_2(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    a_file, a_dir = tmp_path / "a-file", tmp_path / "a-dir"
+    a_file.write_text("")
+    a_dir.mkdir()
+    places = {"file": str(a_file), "dir": str(a_dir)}
+    result = kling_exporter(*(a.format(**places) for a in args), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"kling-exporter: {says.format(**places)}")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_export_says_its_output_is_unusable_before_reading_the_logs(tmp_path: Path) -> None:
+    """Not after reading months of logs: no log folder here, yet only the output is named."""
+    result = kling_exporter("export", "--output", str(tmp_path / "no" / "x.csv"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no log file matches" not in result.stderr
+
+
+def test_the_demo_starts_without_warnings_and_leaves_no_folder_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    demo = DaemonProcess(workdir, command="demo", extra=["--backfill", "0.05", "--rate", "5"])
+    demo.start()
+    try:
+        # Kling's account, from the demo's stand-in, at the first poll.
+        wait_until(lambda: by_name(demo.metrics(), "kling_account_resource_pack_status"))
+        assert any(temporary.iterdir())  # its logs and keys, while it runs
+    finally:
+        assert demo.stop() == 0
+    assert "level=warn" not in demo.output(), demo.output()
+    assert list(temporary.iterdir()) == []
