@@ -298,7 +298,7 @@ def test_globs_that_match_nothing_are_named(
 
 def test_estimate_an_image_needs_no_mode_or_duration(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "estimate", "--kind", "image", "--count", "3")
-    assert (code, out) == (0, "3 x image: 1 credits each, 3 credits, $0.42\n")
+    assert (code, out) == (0, "3 x image: 1 credit each, 3 credits, $0.42\n")
     code, _, err = run(capsys, "estimate", "--model", "kling-v2-6")
     assert code == 2 and "a video needs --mode, --duration" in err
 

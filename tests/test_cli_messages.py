@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from kling_exporter.report_text import credits
+from kling_exporter.reports import MAX_COST_DAYS
 
-from tests.helpers import ROOT, DaemonProcess, by_name, wait_until
+from tests.helpers import ROOT, DaemonProcess, by_name, line, wait_until, write_lines
 
 
 def kling_exporter(
@@ -91,3 +93,51 @@ def test_the_demo_starts_without_warnings_and_leaves_no_folder_behind(
         assert demo.stop() == 0
     assert "level=warn" not in demo.output(), demo.output()
     assert list(temporary.iterdir()) == []
+
+
+def _one_submission(folder: Path) -> None:
+    write_lines(
+        folder / "logs" / "kling-2026-11-22.jsonl",
+        [
+            line(
+                event="task_submitted",
+                timestamp="2026-11-22T10:00:00Z",
+                task_id="t-1",
+                project="marketing",
+                kind="image",
+                model="kling-v2-6",
+            )
+        ],
+    )
+
+
+def test_a_day_with_no_finished_task_has_no_success_rate(tmp_path: Path) -> None:
+    _one_submission(tmp_path)
+    result = kling_exporter("report", "--date", "2026-11-22", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    header, _, totals = result.stdout.splitlines()[2:5]
+    success = header.split().index("success")
+    assert totals.split()[success] == "-"
+    assert "success: - (no task finished this day)" in result.stdout
+    assert "0.0%" not in result.stdout
+
+
+def test_one_credit_is_singular() -> None:
+    assert (credits(1), credits(2), credits(0), credits(2.5)) == (
+        "1 credit",
+        "2 credits",
+        "0 credits",
+        "2.5 credits",
+    )
+
+
+def test_costs_refuses_more_days_than_it_can_show(tmp_path: Path) -> None:
+    result = kling_exporter("costs", "--days", "100000", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"kling-exporter: --days 100000: at most {MAX_COST_DAYS} (ten years, a row a day)\n"
+    )
+    widest = kling_exporter("costs", "--days", str(MAX_COST_DAYS), cwd=tmp_path)
+    assert widest.returncode == 0, widest.stderr
+    # A title, a blank line, the header and its rule, a row a day, the total, the average.
+    assert widest.stdout.count("\n") == 4 + MAX_COST_DAYS + 2

@@ -109,6 +109,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
+    if args.days > reports.MAX_COST_DAYS:
+        print(
+            f"kling-exporter: --days {args.days}: at most {reports.MAX_COST_DAYS} "
+            "(ten years, a row a day)",
+            file=sys.stderr,
+        )
+        return 2
     config = _load(args.config_file)
     result = reports.cost_analysis(
         reports.read_records(config, sys.stderr), args.days, _today(config), config
@@ -172,7 +179,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         what = " ".join(x for x in (args.model, args.kind.replace("_", "-")) if x)
     print(
         f"{args.count} x {what}: "
-        f"{each:g} credits each, {each * args.count:g} credits, ${result['usd']:,.2f}"
+        f"{report_text.credits(each)} each, {report_text.credits(each * args.count)}, "
+        f"${result['usd']:,.2f}"
     )
     return 0
 

@@ -37,8 +37,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def credits(amount: float) -> str:
+    """``1 credit``, ``2.5 credits``: the amount and the word that fits it."""
+    return f"{amount:g} credit{'' if amount == 1 else 's'}"
+
+
+def _percent(rate: float, of: int) -> str:
+    """A rate as a percentage, or ``-`` when there was nothing to take it of."""
+    return f"{rate:.1%}" if of else "-"
+
+
 def daily_text(result: DailyReport, config: Config) -> str:
     """``report`` as people read it: totals, by model, by project, and the budgets."""
+    finished = result.succeeded + result.failed + result.errors
+    completed = result.succeeded + result.failed
     out: list[str] = []
     out.append(f"Kling usage on {result.date} ({config.timezone})\n")
     out.append(
@@ -59,7 +71,7 @@ def daily_text(result: DailyReport, config: Config) -> str:
                     result.succeeded,
                     result.failed,
                     result.errors,
-                    f"{result.success_rate:.1%}",
+                    _percent(result.success_rate, finished),
                     float(result.total_credits),
                     float(result.total_usd),
                     float(result.avg_generation_sec),
@@ -67,10 +79,13 @@ def daily_text(result: DailyReport, config: Config) -> str:
             ],
         )
     )
-    out.append(
-        f"\nsuccess: {result.success_rate:.1%} of finished tasks (errors included), "
-        f"{result.success_rate_completions:.1%} of completions alone"
-    )
+    if finished:
+        out.append(
+            f"\nsuccess: {result.success_rate:.1%} of finished tasks (errors included), "
+            f"{_percent(result.success_rate_completions, completed)} of completions alone"
+        )
+    else:
+        out.append("\nsuccess: - (no task finished this day)")
     for title, tallies in (("model", result.by_model), ("project", result.by_project)):
         rows = [
             [name, t.submitted, t.succeeded, t.failed, t.errors, float(t.credits), float(t.usd)]

@@ -225,9 +225,15 @@ class CostAnalysis(msgspec.Struct):
     avg_usd_per_day: float = 0.0
 
 
+# A row a day: ten years is more than any log kept, and still a table one can page.
+MAX_COST_DAYS = 3660
+
+
 def cost_analysis(
     records: Iterable[Record], days: int, today: dt.date, config: Config
 ) -> CostAnalysis:
+    if not 1 <= days <= MAX_COST_DAYS:
+        raise ValueError(f"days: expected 1 to {MAX_COST_DAYS}, got {days}")
     first = today - dt.timedelta(days=days - 1)
     per_day = {
         first + dt.timedelta(days=i): DayCost((first + dt.timedelta(days=i)).isoformat())
