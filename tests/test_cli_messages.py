@@ -4,9 +4,13 @@ nor leaves folders behind."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -141,3 +145,64 @@ def test_costs_refuses_more_days_than_it_can_show(tmp_path: Path) -> None:
     assert widest.returncode == 0, widest.stderr
     # A title, a blank line, the header and its rule, a row a day, the total, the average.
     assert widest.stdout.count("\n") == 4 + MAX_COST_DAYS + 2
+
+
+def _a_day_of_logs(folder: Path) -> None:
+    write_lines(
+        folder / "logs" / "kling-2026-11-22.jsonl",
+        [
+            line(
+                event="task_submitted",
+                timestamp=f"2026-11-22T10:{i // 60:02d}:{i % 60:02d}Z",
+                task_id=f"t-{i}",
+                project="marketing",
+                kind="image",
+                model="kling-v2-6",
+            )
+            for i in range(2000)
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "args", [["report", "--date", "2026-11-22"], ["costs"], ["export", "--output", "-"]]
+)
+def test_reading_the_logs_writes_nothing_to_stderr_that_is_not_a_terminal(
+    tmp_path: Path, args: list[str]
+) -> None:
+    _a_day_of_logs(tmp_path)
+    result = kling_exporter(*args, cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stderr == ("wrote 2000 events to -\n" if args[0] == "export" else "")
+
+
+def test_reading_the_logs_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    _a_day_of_logs(tmp_path)
+    terminal, tty = pty.openpty()
+    # 24 rows of 80 columns: a new pseudo-terminal has none, and no room shows no bar.
+    fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kling_exporter", "report", "--date", "2026-11-22"],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "exporter")},
+            stdout=subprocess.PIPE,
+            stderr=tty,
+        )
+        os.close(tty)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert process.wait(timeout=60) == 0
+        assert process.stdout is not None
+        assert b"Kling usage on 2026-11-22" in process.stdout.read()
+        process.stdout.close()
+    finally:
+        os.close(terminal)
+    assert b"reading logs:" in shown and b"B/s" in shown

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 import msgspec
+from tqdm import tqdm
 
 from kling_exporter.budgets import over_by
 from kling_exporter.config import Config
@@ -38,22 +39,31 @@ def read_records(config: Config, progress: TextIO | None = None) -> list[Record]
             where = "" if os.path.isabs(pattern) else f" (relative to {os.getcwd()})"
             print(f"kling-exporter: no log file matches {pattern}{where}", file=sys.stderr)
     now = dt.datetime.now(dt.UTC).timestamp()
-    show = progress is not None and progress.isatty() and len(files) > 1
-    for i, path in enumerate(files, 1):
-        if show and progress is not None:
-            progress.write(f"\rreading {i}/{len(files)}: {path[-50:]:<50}")
-            progress.flush()
-        try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.readlines(1 << 20), []):
-                    lines = [line.rstrip(b"\n") for line in block]
-                    ingest(ledger, lines, now, stats=reading)
-        except OSError as e:
-            print(f"kling-exporter: cannot read {path}: {e.strerror}", file=sys.stderr)
+    # Months of logs take a while: a bar (bytes read, rate, time left) on a terminal only,
+    # so that a script reading stderr gets nothing but messages.
+    with tqdm(
+        total=sum(_size(path) for path in files),
+        desc="reading logs",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=progress,
+        disable=progress is None or not progress.isatty(),
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
+        for path in files:
+            try:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.readlines(1 << 20), []):
+                        lines = [line.rstrip(b"\n") for line in block]
+                        ingest(ledger, lines, now, stats=reading)
+                        bar.update(sum(map(len, block)))
+            except OSError as e:
+                bar.clear()
+                print(f"kling-exporter: cannot read {path}: {e.strerror}", file=sys.stderr)
     # The whole log has been read: what still waits for its submission never gets it.
     ledger.settle_waiting()
-    if show and progress is not None:
-        progress.write("\r" + " " * 70 + "\r")
     skipped = {reason: n for reason, n in reading.invalid.items() if n}
     if skipped:
         why = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
@@ -64,6 +74,13 @@ def read_records(config: Config, progress: TextIO | None = None) -> list[Record]
             file=sys.stderr,
         )
     return records
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0  # said when it is opened
 
 
 def local_date(ts: float, config: Config) -> dt.date:
