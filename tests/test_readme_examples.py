@@ -152,10 +152,12 @@ def _environment(daemon: DaemonProcess) -> dict[str, str]:
     return {**os.environ, "PATH": path, "PYTHONPATH": pythonpath, "EXPORTER_URL": daemon.url}
 
 
-def _run_python(example: Example, daemon: DaemonProcess) -> str:
-    code = PRELUDE + DEFAULT_ADDRESS.sub(daemon.url.removeprefix("http://"), example.code)
+def _run(example: Example, daemon: DaemonProcess, program: list[str], code: str) -> str:
+    """Run ``code`` with ``program`` in the exporter's folder, aimed at the exporter; its
+    standard output, after it succeeded."""
+    local = DEFAULT_ADDRESS.sub(daemon.url.removeprefix("http://"), code)
     result = subprocess.run(
-        [sys.executable, "-c", code],
+        [*program, local],
         cwd=daemon.workdir,
         env=_environment(daemon),
         capture_output=True,
@@ -163,8 +165,12 @@ def _run_python(example: Example, daemon: DaemonProcess) -> str:
         timeout=60,
         check=False,
     )
-    assert result.returncode == 0, f"{example}:\n{result.stderr}"
+    assert result.returncode == 0, f"{example}\n{result.stderr}"
     return result.stdout
+
+
+def _run_python(example: Example, daemon: DaemonProcess) -> str:
+    return _run(example, daemon, [sys.executable, "-c"], PRELUDE + example.code)
 
 
 def _commands(example: Example) -> list[tuple[str, str]]:
@@ -205,21 +211,11 @@ def _run_shell(example: Example, daemon: DaemonProcess) -> None:
     for command, quoted in _commands(example):
         words = shlex.split(command)
         assert words[0] in ("curl", "kling-exporter"), f"{example}: runs only curl and ours"
-        local = DEFAULT_ADDRESS.sub(daemon.url.removeprefix("http://"), command)
-        result = subprocess.run(
-            ["bash", "-c", local],
-            cwd=daemon.workdir,
-            env=_environment(daemon),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert result.returncode == 0, f"{example}: {command}\n{result.stderr}"
+        out = _run(example, daemon, ["bash", "-c"], command)
         if quoted.lstrip().startswith("{"):
-            _same(json.loads(quoted), json.loads(result.stdout), str(example))
+            _same(json.loads(quoted), json.loads(out), str(example))
         elif quoted:
-            assert result.stdout == quoted, f"{example}: {command}"
+            assert out == quoted, f"{example}: {command}"
 
 
 def test_every_example_runs_and_says_what_the_readme_quotes(
