@@ -377,7 +377,7 @@ def normalize_mode(mode: str) -> str | None:
 def _known_keys() -> set[str]:
     structs: tuple[type[msgspec.Struct], ...] = (Config, LogsConfig, StateConfig, PriceRule)
     structs += (PricingConfig, ModelMultiplier, BudgetConfig, LabelsConfig, TasksConfig)
-    structs += (KlingConfig, FleetConfig)
+    structs += (ReservationsConfig, KlingConfig, FleetConfig)
     return {f for struct in structs for f in struct.__struct_fields__}
 
 
@@ -385,7 +385,7 @@ def _known_keys() -> set[str]:
 # the value it got. Kling's spellings (std, pro) are accepted too but not offered.
 ACCEPTED: dict[str, tuple[str, ...]] = {
     "mode": MODES,
-    "period": PERIODS,
+    "period": PERIOD_KINDS,
     "kind": KINDS,
     "start_at": START_AT,
     "on_unavailable": ("allow", "refuse"),
