@@ -257,8 +257,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 1
     errors, warnings = key_file_problems(config.kling)
-    for problem in errors + warnings:
-        print(f"{args.file}: {problem}", file=sys.stderr)
+    for said in errors + warnings:
+        print(f"{args.file}: {said}", file=sys.stderr)
     if errors:
         return 1
     print(
@@ -271,8 +271,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config_file)
     errors, warnings = key_file_problems(config.kling)
-    for problem in [*errors, *warnings]:  # a key file that cannot be read fails polls
-        log.warning("Kling key file", extra={"problem": problem})
+    for said in [*errors, *warnings]:  # a key file that cannot be read fails polls
+        log.warning("Kling key file", extra={"problem": said})
     try:
         host, port = parse_listen_address(args.listen)
     except ValueError as e:
