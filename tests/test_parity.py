@@ -12,10 +12,14 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from kling_exporter.cli import main
 from kling_exporter.config import parse_config
 from kling_exporter.ledger import Ledger
+from kling_exporter.metrics import KlingCollector
+from kling_exporter.model import ReadStats, Status
 from kling_exporter.pricing import Request
+from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.test_ledger import feed
 
@@ -34,6 +38,9 @@ CONFIG = """
 budgets:
   - {name: team, period: daily, limit_credits: 100, limit_usd: 12}
 """
+
+
+NOW = (DAY + dt.timedelta(hours=1)).replace(tzinfo=dt.UTC).timestamp()
 
 
 def at(minutes: int) -> str:
@@ -108,6 +115,25 @@ def logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def team_ledger() -> Ledger:
+    """Their day read into a ledger with the daily budget of 100 credits and $12."""
+    ledger = Ledger(parse_config(yaml.safe_load(CONFIG)))
+    feed(ledger, *their_log())
+    return ledger
+
+
+STATUS = Status(
+    files_watched=1, ready=True, reload_successful=True, reload_success_ts=0, state_save_ts=0
+)
+
+
+def render(ledger: Ledger) -> str:
+    """``/metrics`` as the exporter renders it for this ledger."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KlingCollector(lambda: (ledger.snapshot(NOW, ReadStats()), STATUS)))
+    return generate_latest(registry).decode()
+
+
 def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
     assert main([*args, "--config.file", "config.yml", "--format", "json"]) == 0
     result: dict[str, object] = json.loads(capsys.readouterr().out)
@@ -172,20 +198,31 @@ def test_overspend_is_shown_not_hidden(logs: Path, capsys: pytest.CaptureFixture
     (team,) = budgets
     assert team["used_credits"] == 105 and team["over_by_credits"] == 5
     assert team["over_by_usd"] == pytest.approx(105 * 0.14 - 12)
-    ledger = Ledger(
-        parse_config(
-            {
-                "budgets": [
-                    {"name": "team", "period": "daily", "limit_credits": 100, "limit_usd": 12}
-                ]
-            }
-        )
-    )
-    feed(ledger, *their_log())
-    now = (DAY + dt.timedelta(hours=1)).replace(tzinfo=dt.UTC).timestamp()
-    status = ledger.budget_statuses(now)[0]
-    assert (status.remaining_credits, status.over_by_credits) == (0, 5)
-    answer = ledger.check(Request("kling-v2-6", "standard", 5), 1, "default", None, now)
+    # Their cost tracker's remaining: limit minus used, negative once over.
+    assert team["remaining_credits"] == -5
+    assert team["remaining_usd"] == pytest.approx(round(12 - 105 * 0.14, 2))
+    ledger = team_ledger()
+    status = ledger.budget_statuses(NOW)[0]
+    assert (status.remaining_credits, status.over_by_credits) == (-5, 5)
+    assert status.remaining_usd == pytest.approx(12 - 105 * 0.14)
+    answer = ledger.check(Request("kling-v2-6", "standard", 5), 1, "default", None, NOW)
     assert not answer.allowed
     assert answer.budgets[0].over_by_credits == 5
     assert answer.budgets[0].over_by_usd == pytest.approx(105 * 0.14 - 12)
+    assert answer.budgets[0].credits_remaining == -5
+
+
+def test_remaining_gauges_go_negative_once_over() -> None:
+    text = render(team_ledger())
+    assert 'kling_budget_remaining_credits{budget="team",period="daily"} -5.0' in text
+    usd = float(
+        text.split('kling_budget_remaining_usd{budget="team",period="daily"} ')[1].split()[0]
+    )
+    assert usd == pytest.approx(12 - 105 * 0.14)
+
+
+def test_a_refusal_says_the_real_figure_and_how_far_over() -> None:
+    answer = team_ledger().check(Request("kling-v2-6", "standard", 7), 1, "default", None, NOW)
+    # 105 credits ($14.70) used of 100 ($12), and 14 more: the larger is $16.66 of $12.
+    assert "would reach 139%" in answer.reason
+    assert "already 5 credits over" in answer.reason

@@ -111,6 +111,9 @@ class BudgetUse(msgspec.Struct):
     limit_usd: float | None
     over_by_credits: float | None  # 0 within the limit, None for no limit
     over_by_usd: float | None
+    # Limit minus used, negative once over (None for no limit).
+    remaining_credits: float | None = None
+    remaining_usd: float | None = None
 
 
 class DailyReport(msgspec.Struct):
@@ -165,8 +168,8 @@ def daily_report(records: Sequence[Record], day: dt.date, config: Config) -> Dai
 
 
 def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> list[BudgetUse]:
-    """Each budget in its period as of the end of ``day``: used, remaining (never below
-    0) and by how much it is over (``over_by_*``, 0 within the limit)."""
+    """Each budget in its period as of the end of ``day``: used, remaining (limit minus
+    used, negative once over) and by how much it is over (``over_by_*``, 0 within)."""
     end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), config.tz).timestamp()
     out = []
     for b in config.budgets:
@@ -191,9 +194,15 @@ def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> li
                 limit_usd=b.limit_usd,
                 over_by_credits=over_c,
                 over_by_usd=over_u,
+                remaining_credits=_left("credits", b.limit_credits, credits),
+                remaining_usd=_left("usd", b.limit_usd, usd),
             )
         )
     return out
+
+
+def _left(key: str, limit: float | None, used: float) -> float | None:
+    return None if limit is None else amount_for_people(key, limit - used)
 
 
 def amount_for_people(key: str, value: float) -> float:
