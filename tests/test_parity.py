@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import json
 from pathlib import Path
 
@@ -51,13 +52,13 @@ def their_log() -> list[str]:
     """What their KlingEventLogger writes for a day: three tasks, one that fails, one
     error with a task, and one submission that failed before Kling gave it an id."""
     lines: list[dict[str, object]] = []
-    for i, (credits, model) in enumerate(((35, "kling-v2-6"), (70, "kling-v2-6"))):
+    for i, (credits, elapsed) in enumerate(((35, 180.5), (70, 95))):
         lines.append(
             {
                 "timestamp": at(i * 10),
                 "event": "task_submitted",
                 "task_id": f"t{i}",
-                "model": model,
+                "model": "kling-v2-6",
                 "duration": 5,
                 "mode": "pro",
                 "prompt_len": 120,
@@ -69,7 +70,7 @@ def their_log() -> list[str]:
                 "event": "task_completed",
                 "task_id": f"t{i}",
                 "status": "succeed",
-                "elapsed_sec": 180.5,
+                "elapsed_sec": elapsed,
                 "credits_used": credits,
             }
         )
@@ -171,25 +172,35 @@ def test_videos_are_tasks_submitted_and_succeeded_has_its_own_key(
     assert costs["total_videos"] == 3 and costs["total_succeeded"] == 2
 
 
-def test_csv_export_keeps_their_seven_columns_first(
+def their_export(lines: list[str]) -> list[str]:
+    """What their export_usage_csv writes for these lines: each line's own seven values
+    as ``json.loads`` gives them, blank where the line has none."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(THEIR_CSV_COLUMNS)
+    for raw in lines:
+        event = json.loads(raw)
+        writer.writerow([event.get(column) for column in THEIR_CSV_COLUMNS])
+    return out.getvalue().splitlines()
+
+
+def test_csv_export_is_theirs_byte_for_byte_in_the_first_seven_columns(
     logs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["export", "--config.file", "config.yml", "--output", "usage.csv"]) == 0
-    with open("usage.csv", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    assert rows[0][:7] == THEIR_CSV_COLUMNS
-    theirs = [row[:7] for row in rows[1:]]
-    assert [r[1] for r in theirs] == [
-        "task_submitted",
-        "task_completed",
-        "task_submitted",
-        "task_completed",
-        "task_submitted",
-        "task_completed",
-        "task_error",
-    ]
-    assert theirs[1][2:] == ["t0", "kling-v2-6", "succeed", "35", "180.5"]
-    assert theirs[-1][2:5] == ["", "unknown", ""]
+    ours = Path("usage.csv").read_text(encoding="utf-8").splitlines()
+    theirs = their_export(their_log())
+    assert len(ours) == len(theirs)
+    for mine, their in zip(ours, theirs, strict=True):
+        assert mine.startswith(their + ","), (mine, their)
+    # As they write them: the logged timestamp, no model on completions, 95 not 95.0,
+    # nothing for an error's credits or a null task id.
+    assert theirs[4] == f"{at(13)},task_completed,t1,,succeed,70,95"
+    assert theirs[-1] == f"{at(40)},task_error,,,,,"
+    # Ours follow: the task's model from the join, and what was counted.
+    rows = list(csv.DictReader(io.StringIO("\n".join(ours))))
+    assert [r["task_model"] for r in rows[1:4:2]] == ["kling-v2-6", "kling-v2-6"]
+    assert [r["credits"] for r in rows[-4:]] == ["70", "", "0", "0"]
 
 
 def test_overspend_is_shown_not_hidden(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
