@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 from kling_exporter.cli import main
+from kling_exporter.client import KlingEventLogger
 from kling_exporter.config import parse_config
+from kling_exporter.ingest import ingest
 from kling_exporter.ledger import Ledger
 from kling_exporter.metrics import KlingCollector
 from kling_exporter.model import ReadStats, Status
@@ -237,3 +239,51 @@ def test_a_refusal_says_the_real_figure_and_how_far_over() -> None:
     # 105 credits ($14.70) used of 100 ($12), and 14 more: the larger is $16.66 of $12.
     assert "would reach 139%" in answer.reason
     assert "already 5 credits over" in answer.reason
+
+
+PROMPT = "A red fox running through fresh snow at dawn, cinematic, slow motion"
+
+
+def their_call_sites(logger: KlingEventLogger) -> None:
+    """Their scripts' calls, as they are written there: positional in their order,
+    credits before elapsed seconds, and ``None`` for an error before a task id."""
+    logger.log_task_submitted("t1", PROMPT, "kling-v2-6", 5, "pro")
+    logger.log_task_completed("t1", "succeed", 35, 180.5)
+    logger.log_task_submitted("t2", PROMPT, "kling-pro", 7, "std")
+    logger.log_task_completed("t2", "failed")
+    logger.log_task_submitted("t3", PROMPT[:20], "kling-v1", 15, "std")
+    logger.log_task_completed("t3", "succeed", credits_used=30, elapsed_sec=95)
+    logger.log_task_submitted("t4", PROMPT, "kling-v2-6", 10, "std")
+    logger.log_error("t4", "timeout", "no answer from Kling in 600 s")
+    for _ in range(5):  # a burst of refused submissions: there is no task id yet
+        logger.log_error(None, "rate_limit", "429 Too Many Requests: " + "x" * 400)
+
+
+def test_their_logger_calls_write_lines_that_are_all_counted(tmp_path: Path) -> None:
+    their_call_sites(KlingEventLogger(tmp_path))
+    (path,) = tmp_path.glob("kling-*.jsonl")
+    lines = path.read_bytes().splitlines()
+    ledger, reading = Ledger(parse_config({})), ReadStats()
+    ingest(ledger, lines, NOW, stats=reading)
+    ledger.settle_waiting()
+    assert reading.lines == 13 and not any(reading.invalid.values()), reading.invalid
+    snapshot = ledger.snapshot(NOW, reading)
+    assert snapshot.submitted == {
+        ("default", "kling-v2-6", "professional"): 1,
+        ("default", "kling-pro", "standard"): 1,
+        ("default", "kling-v1", "standard"): 1,
+        ("default", "kling-v2-6", "standard"): 1,
+    }
+    assert sum(snapshot.completed.values()) == 3
+    assert snapshot.errors == {("default", "rate_limit"): 5, ("default", "timeout"): 1}
+    assert snapshot.credits == {("default", "kling-v2-6"): 35, ("default", "kling-v1"): 30}
+    first = json.loads(lines[0])
+    # The model is the model, the prompt is never written: its length is, as theirs.
+    assert (first["model"], first["prompt_len"], first["mode"]) == (
+        "kling-v2-6",
+        len(PROMPT),
+        "pro",
+    )
+    assert "A red fox" not in path.read_text()
+    error = json.loads(lines[-1])
+    assert error["task_id"] is None and len(error["message"]) == 200
