@@ -24,6 +24,8 @@ from kling_exporter.model import ReadStats, Status
 from kling_exporter.pricing import Request
 from prometheus_client import CollectorRegistry, generate_latest
 
+from bench.migration import figures
+from tests.helpers import ROOT
 from tests.test_ledger import feed
 
 DAY = dt.datetime(2026, 11, 22, 9, 0, 0, 123456)
@@ -287,3 +289,14 @@ def test_their_logger_calls_write_lines_that_are_all_counted(tmp_path: Path) -> 
     assert "A red fox" not in path.read_text()
     error = json.loads(lines[-1])
     assert error["task_id"] is None and len(error["message"]) == 200
+
+
+def test_a_held_out_week_in_their_format_comes_out_as_theirs(tmp_path: Path) -> None:
+    """Across the end of daylight saving time, with 7 and 15 s clips: every figure the
+    scripts define is ours too (the before/after is ``bench/migration.py``)."""
+    tracker = ROOT / "examples" / "pricing" / "cost-tracker.yml"
+    found = figures(seed=11, tasks=120, pricing_file=tracker, tmp=tmp_path)
+    assert found.pop("lines")[0] > 200
+    assert {name: equal for name, (equal, _) in found.items()} == {
+        name: total for name, (_, total) in found.items()
+    }
