@@ -300,3 +300,18 @@ def test_a_held_out_week_in_their_format_comes_out_as_theirs(tmp_path: Path) -> 
     assert {name: equal for name, (equal, _) in found.items()} == {
         name: total for name, (_, total) in found.items()
     }
+
+
+def test_a_refusal_just_past_the_limit_is_not_rounded_to_100_percent() -> None:
+    ledger = Ledger(
+        parse_config({"budgets": [{"name": "d", "period": "daily", "limit_credits": 1000}]})
+    )
+    feed(
+        ledger,
+        json.dumps(
+            {"timestamp": at(0), "event": "task_completed", "task_id": "a", "credits_used": 995}
+        ),
+    )
+    answer = ledger.check(Request("kling-v2-6", "standard", 5), 1, "default", None, NOW)
+    assert not answer.allowed
+    assert "would reach 100.5%" in answer.reason and "5 credits left" in answer.reason

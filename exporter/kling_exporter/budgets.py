@@ -180,6 +180,15 @@ def _remaining(used: float, limit: float | None) -> float | None:
     return None if limit is None else limit - used
 
 
+def _percent(ratio: float) -> str:
+    """``112%``; a ratio past the limit is never rounded down to ``100%`` (``100.5%``)."""
+    for digits in (0, 1, 2):
+        shown = f"{ratio:.{digits}%}"
+        if ratio <= 1 or float(shown[:-1]) > 100:
+            break
+    return shown
+
+
 def _left(credits: float | None, usd: float | None) -> str:
     """What a refusal says is left: ``5 credits left``, or ``already 40 credits over``."""
     if credits is not None:
@@ -355,7 +364,7 @@ class Budgets:
             if over:
                 left = _left(remaining_c, remaining_u)
                 reasons.append(
-                    f"budget {b.name!r} ({b.period}) would reach {after:.0%}: "
+                    f"budget {b.name!r} ({b.period}) would reach {_percent(after)}: "
                     f"needs {credits:g} credits (${usd:.2f}), {left}"
                 )
                 refused_by = refused_by or b.name
