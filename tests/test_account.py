@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from kling_exporter import account as account_module
-from kling_exporter.account import Account, PollError
+from kling_exporter.account import MAX_ANSWER, Account, PollError
 from kling_exporter.config import parse_config
 from kling_exporter.standin import KlingStandIn, demo_packs
 
@@ -176,3 +178,67 @@ def test_backoff_doubles_with_jitter_and_stops_at_the_interval() -> None:
     for n, got in enumerate(delays, 1):
         expected = min(30.0, 2.0 ** (n - 1))
         assert max(1.0, 0.8 * expected) <= got <= 1.2 * expected, (n, got)
+
+
+def test_an_answer_over_the_cap_is_a_bad_response_read_no_further(tmp_path: Path) -> None:
+    (tmp_path / "access").write_text(ACCESS)
+    (tmp_path / "secret").write_text(SECRET)
+
+    async def scenario() -> list[str]:
+        kling = KlingStandIn(ACCESS, SECRET, [])
+        kling.mode = "huge"
+        app = web.Application()
+        kling.routes(app)
+        async with TestServer(app) as server, aiohttp.ClientSession() as session:
+            config = parse_config(
+                {
+                    "kling": {
+                        "api_base": str(server.make_url("")),
+                        "access_key_file": str(tmp_path / "access"),
+                        "secret_key_file": str(tmp_path / "secret"),
+                    }
+                }
+            )
+            reasons = []
+            try:
+                await Account(lambda: config).poll(session)
+            except PollError as e:
+                reasons.append(f"{e.reason}: {e}")
+            return reasons
+
+    assert asyncio.run(scenario()) == [f"bad_response: larger than {MAX_ANSWER} bytes"]
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kling_exporter", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o640, True), (0o644, True)])
+def test_key_files_readable_by_others_are_warned_of(
+    tmp_path: Path, mode: int, warned: bool
+) -> None:
+    for name in ("access", "secret"):
+        (tmp_path / name).write_text(ACCESS)
+        (tmp_path / name).chmod(mode)
+    config = f"kling: {{access_key_file: {tmp_path}/access, secret_key_file: {tmp_path}/secret}}\n"
+    (tmp_path / "kling.yml").write_text(config)
+    result = check_config(tmp_path / "kling.yml")
+    assert result.returncode == 0, result.stderr
+    assert ("kling.secret_key_file" in result.stderr) is warned
+    assert ("readable by group or others" in result.stderr) is warned
+    assert ACCESS not in result.stdout + result.stderr
+
+
+def test_a_missing_key_file_fails_check_config_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "access").write_text(ACCESS)
+    (tmp_path / "access").chmod(0o600)
+    config = f"kling: {{access_key_file: {tmp_path}/access, secret_key_file: {tmp_path}/nope}}\n"
+    (tmp_path / "kling.yml").write_text(config)
+    result = check_config(tmp_path / "kling.yml")
+    assert result.returncode == 1
+    assert f"kling.secret_key_file: cannot read {tmp_path}/nope" in result.stderr

@@ -4,6 +4,7 @@ fsynced before the 200, counted once however often they come, across kill -9."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kling_exporter.callbacks import CallbackError, completion, journal_for
+from kling_exporter.callbacks import CallbackError, completion, journal_for, open_journal
 from kling_exporter.config import LogsConfig
 from kling_exporter.events import Event, decode_line
 
@@ -174,3 +175,38 @@ def test_no_200_for_a_callback_that_is_not_on_disk(tmp_path: Path, daemon_factor
 def test_without_a_token_there_is_no_endpoint(tmp_path: Path, daemon_factory: Factory) -> None:
     d = daemon_factory("state: {path: ''}\n")
     assert post(d, done(1))[0] == 404
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_the_journal_is_never_written_through_a_planted_file(
+    tmp_path: Path, daemon_factory: Factory, planted: str
+) -> None:
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("")
+    journal = tmp_path / "logs" / "kling-callbacks.jsonl"
+    journal.parent.mkdir(parents=True)
+    if planted == "symlink":
+        journal.symlink_to(outside)
+    else:
+        os.mkfifo(journal)
+    d = start(tmp_path, daemon_factory)
+    status, answer = post(d, done(1))
+    assert status == 503, answer
+    assert answer == {
+        "error": "journal: cannot be written (see the exporter's log)",
+        "field": "journal",
+    }
+    assert outside.read_text() == ""
+    assert "cannot write the callback journal" in d.output()
+
+
+def test_the_journal_refuses_a_file_owned_by_another_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "kling-callbacks.jsonl"
+    path.write_text("")
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(path).st_uid + 1)
+    with pytest.raises(OSError, match="owned by another user"):
+        open_journal(path)
+    monkeypatch.undo()
+    os.close(open_journal(path))

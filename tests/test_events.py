@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kling_exporter import events
-from kling_exporter.events import Event, decode_line
+from kling_exporter.events import Event, decode_line, explain_invalid
 
 
 def decode(**fields: object) -> Event | str:
@@ -164,8 +164,10 @@ def test_free_text_never_becomes_a_label(fields: dict[str, object]) -> None:
     if not isinstance(result, Event):
         return
     labels = {result.project, result.model, result.error_type, result.user}
-    allowed = {fields.get(k) for k in LABEL_FIELDS} | {"default", None}
-    assert labels <= allowed
+    given = [fields.get(k) for k in LABEL_FIELDS]
+    # Numeric names are their decimal strings (SPEC section 2).
+    numbers = {str(v) for v in given if isinstance(v, int) and not isinstance(v, bool)}
+    assert labels <= {*given, *numbers, "default", None}
 
 
 def test_json_nested_too_deep_is_its_own_reason() -> None:
@@ -221,3 +223,13 @@ def test_byte_order_mark_is_ignored() -> None:
 def test_kind_spellings(kind: str, expected: str) -> None:
     e = decode(event="task_submitted", task_id="t", kind=kind)
     assert isinstance(e, Event) and e.kind == expected
+
+
+@pytest.mark.parametrize("field", ["task_id", "reservation_id"])
+def test_an_identifier_over_128_characters_makes_the_line_invalid(field: str) -> None:
+    fields = {"event": "task_submitted", "task_id": "t", field: "r" * 128}
+    assert isinstance(decode_line(json.dumps(fields).encode()), Event)
+    fields[field] = "r" * 129
+    assert decode_line(json.dumps(fields).encode()) == "id_too_long"
+    field_named, detail = explain_invalid(json.dumps(fields).encode())
+    assert field_named == field and "128" in detail

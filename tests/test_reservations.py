@@ -142,7 +142,7 @@ def test_release_and_expiry_give_back_what_is_left(tmp_path: Path) -> None:
     assert remaining(held, ledger) == 60
     clock.now += 31
     assert remaining(held, ledger) == 90  # a's three left expired; its task is in flight
-    assert held.live() == []
+    assert asyncio.run(held.page(None, 10)) == (b"[]", None)
     assert held.outcomes == {
         "granted": 2,
         "refused": 0,
@@ -179,7 +179,7 @@ def test_holds_outlive_a_restart_and_a_torn_last_record(tmp_path: Path) -> None:
         f.write(b"\x00\x00\x01\x00half a record")  # a crash in the middle of a write
     clock.now += 6  # "late" expired meanwhile
     again = Reservations(Journal(tmp_path / "r"), clock)
-    assert [h["id"] for h in again.live()] == ["kept"]
+    assert [h["id"] for h in json.loads(asyncio.run(again.page(None, 10))[0])] == ["kept"]
     assert remaining(again, ledger) == 80
     assert reserve(again, ledger, 1, rid="gone")[0] == 409
     assert reserve(again, ledger, 2, rid="kept")[0] == 200
@@ -293,6 +293,17 @@ class ReservationMachine(RuleBasedStateMachine):
         assert all(abs(got[k] - expected[k]) < 1e-6 for k in got), (got, expected)
 
     @invariant()
+    def the_listing_pages_through_every_live_hold_once_in_order(self) -> None:
+        self.held.sweep()
+        listed, after = [], None
+        while True:
+            rows, after = asyncio.run(self.held.page(after, 2))
+            listed += [r["id"] for r in json.loads(rows)]
+            if after is None:
+                break
+        assert listed == sorted(self.held.holds)
+
+    @invariant()
     def holds_are_granted_less_consumed_released_and_expired(self) -> None:
         self.held.sweep()
         live = self._live()
@@ -305,3 +316,19 @@ class ReservationMachine(RuleBasedStateMachine):
 
 
 TestReservationMachine = ReservationMachine.TestCase
+
+
+def test_past_max_live_a_new_hold_is_429_naming_the_setting(tmp_path: Path) -> None:
+    ledger, held = Ledger(CONFIG), Reservations(Journal(tmp_path / "r"), Clock())
+
+    def hold(rid: str) -> tuple[int, dict[str, Any]]:
+        body = {"project": "p", "user": None, "count": 1, "ttl": 60}
+        ask = Ask(REQ, 1, "p", None)
+        return asyncio.run(held.reserve(view(ledger), ask, rid, 60, fingerprint(body), None, 2))
+
+    assert hold("a")[0] == 201 and hold("b")[0] == 201
+    status, answer = hold("c")
+    assert status == 429 and answer["field"] == "reservations.max_live"
+    assert hold("a")[0] == 200  # the same reservation asked again is no new hold
+    assert asyncio.run(held.release("a"))
+    assert hold("c")[0] == 201

@@ -20,6 +20,7 @@ from kling_exporter.client import (
     BudgetUnavailableError,
     EventLogger,
 )
+from kling_exporter.reservations import Granted, Hold, Journal
 
 from tests.helpers import DaemonProcess, free_port, request, value, wait_until, write_lines
 
@@ -212,3 +213,69 @@ def test_client_reserve_holds_releases_on_error_and_fails_as_asked(
     start_ts = time.monotonic()
     assert not allowed.release()
     assert time.monotonic() - start_ts < 1
+
+
+def test_20000_holds_are_listed_a_page_at_a_time_while_health_answers_at_once(
+    tmp_path: Path, daemon_factory: Factory
+) -> None:
+    state = tmp_path / "k.state"
+    holds = [
+        Hold(f"hold-{i:05d}", "f", "p", None, 1, 0.01, 0.0014, ("team",), time.time() + 3600)
+        for i in range(20_000)
+    ]
+    journal = Journal(state.with_name(state.name + ".reservations"))
+    journal.rewrite([Granted(h) for h in holds])
+    journal.close()
+    d = start(tmp_path, daemon_factory, state=str(state))
+    latencies: list[float] = []
+    listing = threading.Event()
+
+    def health() -> None:
+        while not listing.is_set():
+            time.sleep(0.005)
+        while listing.is_set():
+            began = time.monotonic()
+            assert request(f"{d.url}/-/healthy")[0] == 200
+            latencies.append(time.monotonic() - began)
+
+    watcher = threading.Thread(target=health)
+    watcher.start()
+    # Pages are asked by the cursor the first answer gave, and decoded afterwards, so
+    # that this process's decoding does not delay its own health probes.
+    cursor = json.loads(d.get("/api/v1/reservations?limit=10000")[1])["next"]
+    bodies, began = [], time.monotonic()
+    listing.set()
+    try:
+        for _ in range(3):  # the whole listing, three times over
+            for query in ("?limit=10000", f"?limit=10000&after={cursor}"):
+                status, raw = d.get(f"/api/v1/reservations{query}")
+                assert status == 200
+                bodies.append(raw)
+    finally:
+        listing.clear()
+        watcher.join()
+    took = time.monotonic() - began
+    answers = [json.loads(raw) for raw in bodies]
+    assert [a.get("next") for a in answers] == [cursor, None] * 3
+    ids = [r["id"] for a in answers[:2] for r in a["reservations"]]
+    assert ids == [h.id for h in holds]
+    print(f"3 listings of 20000 holds in {took:.2f}s; health max {max(latencies) * 1000:.1f} ms")
+    assert latencies and max(latencies) < 0.05, sorted(latencies)[-5:]
+    status, raw = d.get("/api/v1/reservations")
+    assert len(json.loads(raw)["reservations"]) == 1000  # the default page
+    for query in ("?limit=0", "?limit=10001", "?limit=x", "?after=" + "a" * 129):
+        status, raw = d.get(f"/api/v1/reservations{query}")
+        assert status == 400, query
+        assert json.loads(raw)["field"] == query[1:].split("=")[0]
+
+
+def test_past_max_live_a_hold_is_429_over_http(tmp_path: Path, daemon_factory: Factory) -> None:
+    d = daemon_factory(CONFIG.format(state="''") + "reservations: {max_live: 2}\n")
+    image = {"project": "p", "kind": "image"}
+    assert post(d, {**image, "id": "a"})[0] == 201
+    assert post(d, {**image, "id": "b"})[0] == 201
+    status, answer = post(d, {**image, "id": "c"})
+    assert status == 429
+    assert answer["field"] == "reservations.max_live" and "2" in answer["error"]
+    assert delete(d, "a") == 204
+    assert post(d, {**image, "id": "c"})[0] == 201

@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
+import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -373,3 +375,30 @@ def test_make_certs_lets_the_example_web_config_run_as_shipped(tmp_path: Path) -
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "tls" / "exporter.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_body_in_separate_tls_records_is_read_whole(
+    tmp_path: Path, certs: dict[str, Path], daemon_factory: Factory
+) -> None:
+    d = start(daemon_factory, tmp_path, web_config(tmp_path, certs, users=False))
+    body = json.dumps({"project": "p", "mode": "std", "duration": 5, "count": 2}).encode()
+    head = (
+        f"POST /api/v1/check HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n"
+        "Content-Type: application/json\r\nConnection: close\r\n\r\n"
+    ).encode()
+    ctx = client_ctx(certs["ca"])
+    wait_until(lambda: get(f"https://127.0.0.1:{d.port}/-/healthy", ctx)[0] == 200)
+    with (
+        socket.create_connection(("127.0.0.1", d.port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(head)
+        for piece in (body[:7], body[7:30], body[30:]):  # each its own TLS record
+            time.sleep(0.05)
+            tls.sendall(piece)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"200", answer
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["allowed"] is True

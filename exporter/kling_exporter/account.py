@@ -29,12 +29,15 @@ import msgspec
 
 from kling_exporter.collector import Family
 from kling_exporter.config import Config, KlingConfig
+from kling_exporter.streams import TooLarge, read_bounded
 
 log = logging.getLogger(__name__)
 
 STATES = ("toBeOnline", "online", "expired", "runOut")
 REASONS = ("auth", "rate_limited", "server", "timeout", "bad_response")
 TIMEOUT = 10.0  # seconds for one answer
+# An account answer lists a few packs in a few KiB; a larger one is not Kling's.
+MAX_ANSWER = 4 * 1024 * 1024
 FIRST_RETRY = 1.0  # seconds after a first failure; doubles with each one after
 TOKEN_LIFE = 1800  # exp = now + 30 min, as Kling documents
 WINDOW_DAYS = 400  # packs bought this far back are asked for (they last 30 or 90 days)
@@ -80,6 +83,31 @@ def read_keys(config: KlingConfig) -> tuple[str, str] | None:
     access = one(config.access_key_file, "KLING_ACCESS_KEY")
     secret = one(config.secret_key_file, "KLING_SECRET_KEY")
     return (access, secret) if access and secret else None
+
+
+def key_file_problems(config: KlingConfig) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about the configured key files: a file that cannot be read is
+    an error; one that group or others may read is a warning, as ssh gives for its keys.
+    Each names the key and the file; none holds a key."""
+    errors: list[str] = []
+    warnings_: list[str] = []
+    for key in ("access_key_file", "secret_key_file"):
+        path = getattr(config, key)
+        if not path:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            errors.append(f"kling.{key}: cannot read {path}: {e.strerror or e}")
+            continue
+        if mode & 0o077:
+            warnings_.append(
+                f"kling.{key}: {path} is readable by group or others "
+                f"(mode {mode & 0o777:o}); chmod 600 it"
+            )
+    return errors, warnings_
 
 
 class PollError(Exception):
@@ -141,8 +169,12 @@ class Account:
             async with session.get(
                 url, params=params, headers=headers, timeout=aiohttp.ClientTimeout(total=TIMEOUT)
             ) as r:
-                raw = await r.read()
                 status = r.status
+                if r.content_length is not None and r.content_length > MAX_ANSWER:
+                    raise TooLarge
+                raw = await read_bounded(r.content, MAX_ANSWER)
+        except TooLarge:
+            raise PollError("bad_response", f"larger than {MAX_ANSWER} bytes") from None
         except TimeoutError:
             raise PollError("timeout", f"no answer within {TIMEOUT:g} s") from None
         except aiohttp.ClientError as e:

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 from typing import Annotated, Any, Protocol
 
+import aiohttp
 import msgspec
 from aiohttp import web
 
@@ -20,6 +21,7 @@ from kling_exporter.config import (
 )
 from kling_exporter.events import (
     DEFAULT_PROJECT,
+    MAX_ID,
     Duration,
     Label,
     LabelOrNumber,
@@ -30,15 +32,15 @@ from kling_exporter.events import (
 from kling_exporter.fleet import Fleet
 from kling_exporter.model import Consumed, ReaderUnavailable, View
 from kling_exporter.pricing import Request
-from kling_exporter.reports import amount_for_people
 from kling_exporter.reservations import (
     DEFAULT_TTL,
-    MAX_ID,
     MAX_TTL,
     Reservations,
     fingerprint,
     valid_id,
 )
+from kling_exporter.streams import TooLarge, read_bounded
+from kling_exporter.wording import amount_for_people
 
 # A body not received within this long is refused.
 BODY_TIMEOUT = 10.0
@@ -158,43 +160,102 @@ def _duplicate_key(body: bytes) -> str | None:
     return found[0] if found else None
 
 
-def _bad_request(message: str) -> web.Response:
+def error_answer(
+    status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The one shape of every error answer: ``{"error", "field"}``. The field is the
+    part of ``message`` before its first colon unless given (``""`` when none fits)."""
     message = message.replace("(top level)", "body", 1)
-    field = message.split(":", 1)[0] if ":" in message else "body"
-    return web.json_response({"error": message, "field": field}, status=400)
+    if field is None:
+        field = message.split(":", 1)[0] if ":" in message else ""
+    body = json.dumps({"error": message, "field": field}, ensure_ascii=True)
+    return web.Response(text=body, status=status, content_type="application/json", headers=headers)
+
+
+def _bad_request(message: str) -> web.Response:
+    return error_answer(400, message, None if ":" in message else "body")
 
 
 class BodyError(Exception):
-    """A request body too large (``too_large``), or not received whole in time."""
+    """A request body too large (413), not received whole in time (408), or broken off
+    (400); ``status`` says which."""
 
-    def __init__(self, message: str, too_large: bool = False) -> None:
+    def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
-        self.too_large = too_large
+        self.status = status
+
+    def answer(self) -> web.Response:
+        return error_answer(self.status, str(self), "body")
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The request's body, at most MAX_BODY bytes, within BODY_TIMEOUT; BodyError else."""
-    too_large = BodyError(f"body: larger than {MAX_BODY} bytes", too_large=True)
+    """The request's whole body, however the network splits it: at most MAX_BODY bytes,
+    within BODY_TIMEOUT; BodyError else."""
+    too_large = BodyError(f"body: larger than {MAX_BODY} bytes", 413)
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise too_large
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
-            body = await request.content.read(MAX_BODY + 1)
+            body = await read_bounded(request.content, MAX_BODY)
+    except TooLarge:
+        raise too_large from None
     except TimeoutError:
-        raise BodyError(f"body: not received within {BODY_TIMEOUT:g} s") from None
-    except (OSError, web.HTTPException):
+        raise BodyError(f"body: not received within {BODY_TIMEOUT:g} s", 408) from None
+    except (OSError, web.HTTPException, aiohttp.ClientPayloadError):
         raise BodyError("body: could not be read") from None
-    if len(body) > MAX_BODY:
-        raise too_large
+    if request.content_length is not None and len(body) != request.content_length:
+        raise BodyError("body: shorter than its Content-Length")
     return body
 
 
+def _unicode_fault(value: Any, path: str = "") -> str | None:
+    """The field (``task_info.external_task_id``) of the first key or string in a
+    decoded JSON value that is not Unicode text (a lone surrogate), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if not isinstance(value, dict | list):
+        return None
+    items: Any = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        if isinstance(key, str) and _unicode_fault(key) is not None:
+            return path or "body"
+        found = _unicode_fault(item, where)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_json(body: bytes) -> Any:
+    """A body's JSON value; ValueError naming the field when it is not JSON, nests too
+    deep, or holds a string that is not Unicode text (a lone surrogate, ``"\\ud800"``)."""
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise ValueError("body: nested too deeply") from None
+    except UnicodeDecodeError:
+        raise ValueError("body: not UTF-8 text") from None
+    except ValueError as e:
+        raise ValueError(f"body: not JSON ({e})") from None
+    try:
+        field = _unicode_fault(value)
+    except RecursionError:
+        raise ValueError("body: nested too deeply") from None
+    if field is not None:
+        raise ValueError(f"{field}: not Unicode text (a lone surrogate)")
+    return value
+
+
 async def _body(request: web.Request, kind: type[CheckRequest]) -> Any:
-    """The request's JSON body decoded as ``kind``, or the 400 that says what is wrong."""
+    """The request's JSON body decoded as ``kind``, or the 4xx that says what is wrong."""
     try:
         body = await read_body(request)
     except BodyError as e:
-        return _bad_request(str(e))
+        return e.answer()
     if not body.strip():
         return _bad_request("body: empty; send a JSON object ({} asks with the defaults)")
     duplicate = _duplicate_key(body)
@@ -204,8 +265,14 @@ async def _body(request: web.Request, kind: type[CheckRequest]) -> Any:
         return msgspec.json.decode(body, type=kind, strict=False)  # as the log is read
     except msgspec.ValidationError as e:
         return _bad_request(describe_validation_error(e))
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return _bad_request("body: not a JSON object")
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        pass
+    # Not JSON msgspec reads: the slower decoder finds the field at fault.
+    try:
+        parse_json(body)
+    except ValueError as e:
+        return _bad_request(str(e))
+    return _bad_request("body: not a JSON object")
 
 
 def _json(answer: Any, status: int = 200) -> web.Response:
@@ -240,7 +307,7 @@ async def check(request: web.Request) -> web.Response:
         except RuntimeError:  # an in-process reader resized what was read: read again
             continue
     else:
-        return web.Response(status=503, text="Budget usage kept changing; try again.\n")
+        return error_answer(503, "budgets: usage kept changing; try again")
     return _json(msgspec.to_builtins(result))
 
 
@@ -272,26 +339,50 @@ async def reserve(request: web.Request) -> web.Response:
     for _ in range(3):
         try:
             status, answer = await reservations.reserve(
-                source.view(), _asked(req), req.id, req.ttl, fingerprint(asked), decide
+                source.view(),
+                _asked(req),
+                req.id,
+                req.ttl,
+                fingerprint(asked),
+                decide,
+                source.config.reservations.max_live,
             )
             break
         except RuntimeError:
             continue
         except OSError:
-            return web.Response(status=503, text="Reservations cannot be saved; try again.\n")
+            return error_answer(503, "reservations: cannot be saved; try again")
     else:
-        return web.Response(status=503, text="Budget usage kept changing; try again.\n")
+        return error_answer(503, "budgets: usage kept changing; try again")
     return _json(answer, status)
 
 
+# Holds listed on one page: by default, and at most.
+PAGE_DEFAULT = 1_000
+PAGE_MAX = 10_000
+
+
 async def reservations_list(request: web.Request) -> web.Response:
-    return _json({"reservations": request.app[RESERVATIONS].live()})
+    """Live holds a page at a time (``?limit=``, ``?after=<id>``); ``next`` is the
+    ``after`` of the following page while more remain."""
+    raw_limit = request.query.get("limit", str(PAGE_DEFAULT))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= PAGE_MAX:
+        return _bad_request(f"limit: expected a whole number from 1 to {PAGE_MAX}")
+    after = request.query.get("after")
+    if after is not None and not valid_id(after):
+        return _bad_request(f"after: expected 1 to {MAX_ID} printable ASCII characters")
+    rows, following = await request.app[RESERVATIONS].page(after, int(raw_limit))
+    more = b"" if following is None else b',"next":' + msgspec.json.encode(following)
+    body = b'{"reservations":' + rows + more + b"}"
+    return web.Response(body=body, content_type="application/json")
 
 
 async def release(request: web.Request) -> web.Response:
     rid = request.match_info["id"]
+    if not valid_id(rid):
+        return _bad_request(f"id: expected 1 to {MAX_ID} printable ASCII characters")
     if await request.app[RESERVATIONS].release(rid):
         request.app[FLEET].wake.set()  # the fleet sees the room at once
         return web.Response(status=204)
     error = f"id: no live reservation {rid!r} (unknown, used up, expired or released)"
-    return web.json_response({"error": error, "field": "id"}, status=404)
+    return error_answer(404, error, "id")

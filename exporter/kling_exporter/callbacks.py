@@ -11,12 +11,14 @@ are acknowledged and written nowhere.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hmac
 import json
 import logging
 import math
 import os
+import stat
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -24,10 +26,11 @@ from typing import Any
 
 from aiohttp import web
 
-from kling_exporter.api import BodyError, read_body
+from kling_exporter.api import BodyError, error_answer, parse_json, read_body
 from kling_exporter.collector import Family
 from kling_exporter.config import Config, LogsConfig
 from kling_exporter.durable import GroupCommit, write_all_and_sync
+from kling_exporter.events import MAX_ID
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,8 @@ def completion(body: Any) -> dict[str, Any] | None:
     if not isinstance(body, dict):
         raise CallbackError("body: expected a JSON object")
     task_id = body.get("task_id")
-    if not isinstance(task_id, str) or not 0 < len(task_id) <= 256:
-        raise CallbackError("task_id: expected 1 to 256 characters")
+    if not isinstance(task_id, str) or not 0 < len(task_id) <= MAX_ID:
+        raise CallbackError(f"task_id: expected 1 to {MAX_ID} characters")
     status = body.get("task_status")
     if status not in STATUSES:
         raise CallbackError(f"task_status: expected one of {', '.join(STATUSES)}")
@@ -68,8 +71,8 @@ def completion(body: Any) -> dict[str, Any] | None:
     if info is not None and not isinstance(info, dict):
         raise CallbackError("task_info: expected an object")
     external = (info or {}).get("external_task_id")
-    if external is not None and (not isinstance(external, str) or not 0 < len(external) <= 256):
-        raise CallbackError("task_info.external_task_id: expected 1 to 256 characters")
+    if external is not None and (not isinstance(external, str) or not 0 < len(external) <= MAX_ID):
+        raise CallbackError(f"task_info.external_task_id: expected 1 to {MAX_ID} characters")
     credits = _number(body.get("final_unit_deduction"), "final_unit_deduction", 1e12)
     updated = _number(body.get("updated_at"), "updated_at", 1e15)
     if status in ("submitted", "processing"):
@@ -118,11 +121,30 @@ class Journal:
 
     def _write(self, data: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_journal(self.path)
         try:
             write_all_and_sync(fd, data)
         finally:
             os.close(fd)
+
+
+def open_journal(path: Path) -> int:
+    """A descriptor to append to ``path``, created if missing. A symlink planted at the
+    path is not followed (``O_NOFOLLOW``), and anything but a regular file this process
+    owns is refused with OSError, so no callback is written outside the log folder."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(e.errno, "a symbolic link; refusing to follow it") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else "owned by another user"
+        raise OSError(errno.EPERM, f"{what}; refusing to write to it")
+    return fd
 
 
 PATH = "/api/v1/kling/callback"
@@ -147,26 +169,26 @@ class Callbacks:
 
     def _refuse(self, outcome: str, status: int, error: str, field: str) -> web.Response:
         self.outcomes[outcome] += 1
-        return web.json_response({"error": error, "field": field}, status=status)
+        return error_answer(status, error, field)
 
     async def handle(self, request: web.Request) -> web.Response:
         token = self.config().kling.callback_token
         journal = self.journal()
         if not token or journal is None:
-            raise web.HTTPNotFound(text="Kling callbacks are not enabled (kling.callback_token)\n")
+            return error_answer(
+                404, "path: Kling callbacks are not enabled (kling.callback_token)", "path"
+            )
         given = request.query.get("token", "")
         if not hmac.compare_digest(given.encode(), token.encode()):
             return self._refuse("unauthorized", 401, "token: missing or wrong", "token")
         try:
             raw = await read_body(request)
         except BodyError as e:
-            if e.too_large:
-                return self._refuse("invalid", 413, str(e), "body")
-            return self._refuse("invalid", 400, "body: could not be read", "body")
+            return self._refuse("invalid", e.status, str(e), "body")
         try:
-            event = completion(json.loads(raw))
-        except (ValueError, RecursionError) as e:  # CallbackError is a ValueError
-            message = str(e) if isinstance(e, CallbackError) else "body: not JSON"
+            event = completion(parse_json(raw))
+        except ValueError as e:  # CallbackError is a ValueError
+            message = str(e)
             return self._refuse("invalid", 400, message, message.split(":", 1)[0])
         if event is None:
             self.outcomes["acknowledged"] += 1
@@ -180,7 +202,7 @@ class Callbacks:
                 extra={"path": str(journal.path), "err": e.strerror},
             )
             self.outcomes["unavailable"] += 1
-            return web.json_response({"error": "journal: cannot be written"}, status=503)
+            return error_answer(503, "journal: cannot be written (see the exporter's log)")
         self.outcomes["recorded"] += 1
         return web.json_response({"recorded": True})
 

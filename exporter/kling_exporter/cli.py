@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 
 from kling_exporter import report_text, reports
+from kling_exporter.account import key_file_problems
 from kling_exporter.config import (
     Config,
     ConfigError,
@@ -181,6 +182,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
+    errors, warnings = key_file_problems(config.kling)
+    for problem in errors + warnings:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+    if errors:
+        return 1
     print(
         f"{args.file}: OK ({len(config.budgets)} budgets, "
         f"{len(config.pricing.rules)} pricing rules, logs {', '.join(config.logs.paths)})"
@@ -190,6 +196,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config_file)
+    errors, warnings = key_file_problems(config.kling)
+    for problem in [*errors, *warnings]:  # a key file that cannot be read fails polls
+        log.warning("Kling key file", extra={"problem": problem})
     try:
         host, port = parse_listen_address(args.listen)
     except ValueError as e:

@@ -26,7 +26,12 @@ _DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key."""
+    """A configuration that cannot be used; the message names the key (and the file,
+    when read from one); ``detail`` is the message without the file's path."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = message if detail is None else detail
 
 
 def parse_duration(value: str | int | float, key: str) -> float:
@@ -252,6 +257,16 @@ class TasksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return parse_duration(self.orphan_wait, "orphan_wait")
 
 
+class ReservationsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Bounds on holds (POST /api/v1/reservations), which any client can make."""
+
+    max_live: int = 20_000
+
+    def __post_init__(self) -> None:
+        if self.max_live < 1:
+            raise ValueError(f"max_live: must be at least 1, got {self.max_live}")
+
+
 class KlingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Kling's own numbers. With API keys (files, or KLING_ACCESS_KEY and
     KLING_SECRET_KEY in the environment) the account's resource packs are polled;
@@ -329,6 +344,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     budgets: list[BudgetConfig] = msgspec.field(default_factory=list)
     labels: LabelsConfig = msgspec.field(default_factory=LabelsConfig)
     tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
+    reservations: ReservationsConfig = msgspec.field(default_factory=ReservationsConfig)
     kling: KlingConfig = msgspec.field(default_factory=KlingConfig)
     fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
 
@@ -438,4 +454,4 @@ def load_config(path: str | Path | None, allow_empty: bool = True) -> Config:
             raise ConfigError("empty; refusing to replace the running config with none")
         return parse_config(data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}", e.detail) from None

@@ -31,10 +31,11 @@ class Limits(NamedTuple):
     idle_timeout: float = 60.0
 
 
+_BUSY_BODY = b'{"error": "too many connections at once, try again", "field": ""}'
 _BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: 29\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-    b"Too many connections at once\n"
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+    % (len(_BUSY_BODY), _BUSY_BODY)
 )
 
 

@@ -267,7 +267,8 @@ class Daemon:
         except (ConfigError, ValueError) as e:
             self.reload_successful = False
             log.error("config reload failed, keeping the running config", extra={"err": str(e)})
-            return str(e)
+            # What a remote client is told: the key at fault, not where the file is.
+            return e.detail if isinstance(e, ConfigError) else str(e)
         self.reload_successful = True
         self.reload_success_ts = time.time()
         self.wake.set()

@@ -46,10 +46,14 @@ INVALID_REASONS: Final = (
     "bad_value",
     "too_long",
     "too_deep",
+    "id_too_long",
     "internal_error",
 )
 
 MAX_LABEL_LEN: Final = 128
+# Identifiers (task_id, reservation_id, a reservation's id) are bounded wherever they
+# arrive, so no outsider can make the saved state or a journal grow without bound.
+MAX_ID: Final = 128
 DEFAULT_PROJECT: Final = "default"
 UNKNOWN_MODEL: Final = "unknown"
 UNKNOWN_ERROR: Final = "unknown"
@@ -63,6 +67,7 @@ _BOM = b"\xef\xbb\xbf"
 # (``strict=False``: ``"duration": "10"`` is 10).
 # An empty or very long label value is garbage, not a name.
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_LEN)]
+Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)]
 # Numeric names and ids are their decimal strings (``"user_id": 42`` is user "42").
 LabelOrNumber = Label | int
 Duration = Annotated[int, msgspec.Meta(ge=0, le=3600)]  # seconds of video
@@ -85,9 +90,7 @@ class Event(msgspec.Struct, gc=False):
     timestamp: dt.datetime | float | None = None
     # UNSET when the line has no task_id at all; None when it says null (a task_error
     # logged when the submission itself failed, before Kling gave the task an id).
-    task_id: (
-        Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | int | msgspec.UnsetType | None
-    ) = msgspec.UNSET
+    task_id: Identifier | int | msgspec.UnsetType | None = msgspec.UNSET
     project: LabelOrNumber | None = None
     project_id: LabelOrNumber | None = None
     user: LabelOrNumber | None = None
@@ -108,12 +111,13 @@ class Event(msgspec.Struct, gc=False):
     own_project: bool = msgspec.field(default=False, name=_DERIVED + "own_project")
     # The reservation a submission uses (POST /api/v1/reservations). Any string or number
     # is read: one that names no live reservation is counted as unknown, never refused.
-    reservation_id: str | int | None = None
+    reservation_id: Identifier | int | None = None
 
 
 # strict=False accepts Kling's habits: durations as "5", times as Unix numbers.
 _decoder = msgspec.json.Decoder(Event, strict=False)
 _BOUND = re.compile(r"Expected `\w+` (?:of length )?[<>]=?")
+_ID_TOO_LONG = re.compile(r"Expected `str` of length <= \d+ - at `\$\.(task_id|reservation_id)`")
 
 
 def _classify(error: msgspec.ValidationError) -> str:
@@ -122,6 +126,8 @@ def _classify(error: msgspec.ValidationError) -> str:
         return "not_object"
     if msg.endswith("`$.event`"):
         return "unknown_event"
+    if _ID_TOO_LONG.match(msg):
+        return "id_too_long"
     if "Invalid enum value" in msg or _BOUND.match(msg):
         return "bad_value"
     return "wrong_type"

@@ -25,6 +25,7 @@ from kling_exporter.ledger import Ledger
 from kling_exporter.listing import matching_files
 from kling_exporter.model import ReadStats, Record
 from kling_exporter.periods import period_bounds
+from kling_exporter.wording import amount_for_people
 
 
 def read_records(config: Config, progress: TextIO | None = None) -> list[Record]:
@@ -204,16 +205,6 @@ def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> li
 
 def _left(key: str, limit: float | None, used: float) -> float | None:
     return None if limit is None else amount_for_people(key, limit - used)
-
-
-def amount_for_people(key: str, value: float) -> float:
-    """Dollars (a key naming usd) to the cent, whole credits as integers, other
-    numbers as they are: as a person reads them. Metrics keep full precision."""
-    if "usd" in key:
-        return round(value, 2)
-    if "credits" in key:
-        return int(value) if float(value).is_integer() else round(value, 4)
-    return value
 
 
 class DayCost(msgspec.Struct):

@@ -16,6 +16,7 @@ task. What is left of a hold is released by DELETE or at its expiry.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
 import hashlib
 import heapq
@@ -39,20 +40,27 @@ from kling_exporter.budgets import (
     sum_into,
 )
 from kling_exporter.durable import GroupCommit, write_all_and_sync
+from kling_exporter.events import MAX_ID
 from kling_exporter.model import View
 from kling_exporter.state import write_state
+from kling_exporter.wording import amount_for_people
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 900.0
 MAX_TTL = 86400.0
-MAX_ID = 128
 OUTCOMES = ("granted", "refused", "released", "expired", "consumed", "unknown")
 # The journal is rewritten with the live holds alone once it has this many records more.
 COMPACT_AFTER = 10_000
+# Rows of a listing made between two turns of the event loop (about a millisecond).
+PAGE_SLICE = 250
 
 
-class Hold(msgspec.Struct):
+class Hold(msgspec.Struct, gc=False):
+    """A live hold. Not tracked by the garbage collector (it holds no containers but a
+    tuple of strings): tens of thousands of them would lengthen every full collection,
+    which stops the event loop."""
+
     id: str
     fingerprint: str  # of the request, so that a repeat with another body is refused
     project: str
@@ -60,7 +68,7 @@ class Hold(msgspec.Struct):
     count: int
     credits: float  # per task
     usd: float  # per task
-    budgets: list[str]
+    budgets: tuple[str, ...]
     expires_at: float
     used: int = 0  # tasks submitted under it so far
 
@@ -166,6 +174,7 @@ class Reservations:
         self.journal = journal
         self.clock = clock
         self.holds: dict[str, Hold] = {}
+        self._ids: list[str] = []  # the ids of self.holds in order, for paged listing
         self._expiry: list[tuple[float, str]] = []  # a heap of (expires_at, id)
         self.ended: dict[str, float] = {}  # id -> until when it may not be used again
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
@@ -196,6 +205,7 @@ class Reservations:
         journal.rewrite(self._live_records())
         self._expiry = [(h.expires_at, h.id) for h in self.holds.values()]
         heapq.heapify(self._expiry)
+        self._ids = sorted(self.holds)
         self._rebuild()
         if self.holds:
             log.info("reservations restored", extra={"live": len(self.holds)})
@@ -245,7 +255,7 @@ class Reservations:
             if hold is not None and hold.expires_at <= now:
                 expired.append(hold)
         for h in expired:
-            del self.holds[h.id]
+            self._drop(h.id)
             self._change(h, -h.left, -1)
             self.ended[h.id] = h.expires_at
             self.outcomes["expired"] += 1
@@ -275,7 +285,7 @@ class Reservations:
             self.outcomes["consumed"] += take
             self.outcomes["unknown"] += new - take
             if hold.left == 0:
-                del self.holds[rid]
+                self._drop(rid)
                 self._change(hold, 0, -1)
                 self.ended[rid] = hold.expires_at
         if len(self.told) > 100_000:
@@ -306,15 +316,23 @@ class Reservations:
         ttl: float,
         fingerprint: str,
         decide: Decide | None = None,
+        max_live: int = 20_000,
     ) -> tuple[int, dict[str, Any]]:
         """Grant (201) or refuse (200) atomically; the same id and body again is the
         same reservation (200), another body under a used id is 409. ``decide`` (a
         fleet's) answers in place of this exporter's own check; it is called under
-        ``self.deciding``, which is held until the hold is counted here."""
+        ``self.deciding``, which is held until the hold is counted here. Past
+        ``max_live`` live holds a new one is 429."""
         self.sweep()
         known = self._known(rid, fingerprint)
         if known is not None:
             return known
+        if len(self.holds) >= max_live:
+            return 429, {
+                "error": f"reservations.max_live: {max_live} holds are live already; "
+                "release some, let them expire, or raise the setting",
+                "field": "reservations.max_live",
+            }
         if decide is None:
             result = self.check(view, ask)
             hold = self._hold(ask, rid, ttl, fingerprint, result)
@@ -323,6 +341,11 @@ class Reservations:
                 known = self._known(rid, fingerprint)  # asked twice at once
                 if known is not None:
                     return known
+                if len(self.holds) >= max_live:
+                    return 429, {
+                        "error": f"reservations.max_live: {max_live} holds are live already",
+                        "field": "reservations.max_live",
+                    }
                 decided = await decide(ask, rid, ttl)
                 if isinstance(decided, str):
                     return 409, _conflict(rid or "", decided)
@@ -334,7 +357,7 @@ class Reservations:
             await self._record(Granted(hold))
         except OSError as e:
             if self.holds.get(hold.id) is hold:
-                del self.holds[hold.id]
+                self._drop(hold.id)
                 self._change(hold, -hold.left, -1)
             log.error("cannot write the reservation journal", extra={"err": e.strerror})
             raise
@@ -372,10 +395,11 @@ class Reservations:
             count=ask.tasks,
             credits=result.credits_needed / ask.tasks,
             usd=result.usd_needed / ask.tasks,
-            budgets=[b.name for b in result.budgets],
+            budgets=tuple(b.name for b in result.budgets),
             expires_at=now + ttl,
         )
         self.holds[hold.id] = hold
+        bisect.insort(self._ids, hold.id)
         heapq.heappush(self._expiry, (hold.expires_at, hold.id))
         self._change(hold, hold.left, 1)
         return hold
@@ -389,15 +413,16 @@ class Reservations:
             "usd": hold.usd * hold.count,
             "count": hold.count,
             "count_left": hold.left,
-            "budgets": hold.budgets,
+            "budgets": list(hold.budgets),
         }
 
     async def release(self, rid: str) -> bool:
         """Release what is left; False when no such hold is live."""
         self.sweep()
-        hold = self.holds.pop(rid, None)
+        hold = self.holds.get(rid)
         if hold is None:
             return False
+        self._drop(rid)
         self._change(hold, -hold.left, -1)
         self.ended[rid] = hold.expires_at
         try:
@@ -407,20 +432,57 @@ class Reservations:
         self.outcomes["released"] += 1
         return True
 
-    def live(self) -> list[dict[str, Any]]:
+    def _drop(self, rid: str) -> None:
+        del self.holds[rid]
+        i = bisect.bisect_left(self._ids, rid)
+        if i < len(self._ids) and self._ids[i] == rid:
+            del self._ids[i]
+
+    async def page(self, after: str | None, limit: int) -> tuple[bytes, str | None]:
+        """Live holds in order of id, the first ``limit`` after ``after``, as a JSON
+        array, and the id to ask after for the next page (None on the last). Rows are
+        encoded a slice at a time with the loop free between slices, so a long page
+        delays no other request by more than a slice's worth (about a millisecond)."""
         self.sweep()
-        return [
-            {
-                "id": h.id,
-                "count": h.count,
-                "count_left": h.left,
-                "credits_left": h.left * h.credits,
-                "usd_left": h.left * h.usd,
-                "budgets": h.budgets,
-                "expires_at": rfc3339(h.expires_at),
-            }
-            for h in self.holds.values()
-        ]
+        start = 0 if after is None else bisect.bisect_right(self._ids, after)
+        ids = self._ids[start : start + limit]
+        more = start + limit < len(self._ids)
+        parts: list[bytes] = []
+        for i in range(0, len(ids), PAGE_SLICE):
+            if i:
+                await asyncio.sleep(0)
+            rows = [_listed(h) for rid in ids[i : i + PAGE_SLICE] if (h := self.holds.get(rid))]
+            if rows:  # (a hold may be released meanwhile)
+                parts.append(_encode_rows(rows)[1:-1])
+        return b"[" + b",".join(parts) + b"]", (ids[-1] if more and ids else None)
+
+
+class Listed(msgspec.Struct, gc=False):
+    """A live hold as ``GET /api/v1/reservations`` lists it."""
+
+    id: str
+    count: int
+    count_left: int
+    credits_left: float
+    usd_left: float
+    budgets: tuple[str, ...]
+    expires_at: str
+
+
+_encode_rows = msgspec.json.Encoder().encode
+
+
+def _listed(h: Hold) -> Listed:
+    left = h.left
+    return Listed(
+        h.id,
+        h.count,
+        left,
+        amount_for_people("credits_left", left * h.credits),
+        amount_for_people("usd_left", left * h.usd),
+        h.budgets,
+        rfc3339(h.expires_at),
+    )
 
 
 def _conflict(rid: str, what: str) -> dict[str, Any]:

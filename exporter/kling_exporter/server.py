@@ -27,6 +27,7 @@ from kling_exporter.api import (
     Source,
     budgets,
     check,
+    error_answer,
     release,
     reservations_list,
     reserve,
@@ -98,7 +99,7 @@ def metrics_handler(
                     under_way.add_done_callback(finished)
                 body, content_type = await asyncio.shield(under_way)
         except ReaderUnavailable as e:
-            return web.Response(status=503, text=f"Metrics unavailable: {e}.\n")
+            return error_answer(503, f"metrics: unavailable: {e}", "")
         body = ours.splice(body, accept, names)
         response = web.Response(body=body, headers={"Content-Type": content_type})
         response.enable_compression()
@@ -127,25 +128,29 @@ generation.</p>
 
 async def healthy(request: web.Request) -> web.Response:
     if not request.app[DAEMON].reader_up:
-        return web.Response(status=503, text="Unhealthy: the log reader has failed.\n")
+        return error_answer(503, "reader: the log reader has failed")
     return web.Response(text="Healthy.\n")
 
 
 async def ready(request: web.Request) -> web.Response:
     if request.app[DAEMON].is_ready():
         return web.Response(text="Ready.\n")
-    return web.Response(status=503, text="Not ready: still reading the existing logs.\n")
+    return error_answer(503, "reader: still reading the existing logs")
 
 
 async def reload(request: web.Request) -> web.Response:
     try:
         error = await request.app[DAEMON].reload_config()
     except ReaderUnavailable as e:
-        return web.Response(status=503, text=f"failed to reload config: {e}\n")
+        return error_answer(503, f"reader: unavailable: {e}")
     if error is not None:
-        return web.Response(status=500, text=f"failed to reload config: {error}\n")
+        # The error names the key, never the file (a remote client learns no path).
+        return error_answer(500, f"config: reload failed, the running config is kept: {error}")
     return web.Response(text="Config reloaded.\n")
 
+
+# Headers of aiohttp's own error bodies, which the JSON answer replaces.
+_BODY_HEADERS = ("content-type", "content-length", "content-encoding")
 
 # At most this many API requests at once; more get 503 rather than queueing behind
 # a slow client and stalling scrapes.
@@ -172,21 +177,21 @@ def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
             extra = {"WWW-Authenticate": 'Basic realm="kling-exporter"'}
         else:
             extra = {"Retry-After": "60"}
-        return web.Response(status=status, text=text, headers={**extra, **headers})
+        return error_answer(status, text, "authorization", {**extra, **headers})
 
     async def verified(request: web.Request) -> web.Response | None:
         """None when the credentials are good, else the answer that refuses them."""
         nonlocal pending
         user, password = _credentials(request)
         if user is None:
-            return refuse(401, "Unauthorized\n")
+            return refuse(401, "authorization: basic credentials needed")
         if auth.known(user, password or ""):
             return None
         client, now = request.remote or "", time.monotonic()
         if failures.blocked(client, now):
-            return refuse(429, "Too many failed logins; try again later\n")
+            return refuse(429, "authorization: too many failed logins; try again later")
         if pending >= MAX_PENDING_LOGINS:
-            return refuse(503, "Too many logins being checked; try again\n")
+            return refuse(503, "authorization: too many logins being checked; try again")
         pending += 1
         try:
             loop = asyncio.get_running_loop()
@@ -196,12 +201,34 @@ def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
         if ok:
             return None
         failures.failed(client, now)
-        return refuse(401, "Unauthorized\n")
+        return refuse(401, "authorization: wrong user or password")
+
+    @web.middleware
+    async def errors_in_one_shape(request: web.Request, handler: Any) -> web.StreamResponse:
+        """aiohttp's own errors (404, 405, 413...) and anything a handler failed to
+        catch answer in the API's one JSON shape; the server goes on serving."""
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            field = {404: "path", 405: "method", 413: "body"}.get(e.status, "")
+            message = f"{field or 'request'}: {e.reason.lower()}"
+            if e.status == 405:
+                message += f"; allowed: {', '.join(sorted(e.headers.get('Allow', '').split(',')))}"
+            kept = {k: v for k, v in e.headers.items() if k.lower() not in _BODY_HEADERS}
+            return error_answer(e.status, message, field, {**kept, **headers})
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception:
+            log.exception("request failed", extra={"path": request.path[:200]})
+            return error_answer(500, "server: internal error (logged)", "", headers)
 
     @web.middleware
     async def protect(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.version < (1, 0):
-            return web.Response(status=505, text="HTTP/1.0 or later is needed\n")
+            return error_answer(505, "version: HTTP/1.0 or later is needed")
         # Kling cannot log in: its callbacks carry their own token instead.
         if auth.enabled and request.path not in ("/-/healthy", CALLBACK_PATH):
             refused = await verified(request)
@@ -209,8 +236,8 @@ def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
                 return refused
         if request.path.startswith("/api/"):
             if api_slots.locked():
-                response: web.StreamResponse = web.json_response(
-                    {"error": "too many requests at once, try again"}, status=503
+                response: web.StreamResponse = error_answer(
+                    503, "too many requests at once, try again", ""
                 )
             else:
                 async with api_slots:
@@ -220,7 +247,7 @@ def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
         response.headers.update(headers)
         return response
 
-    return [protect]
+    return [errors_in_one_shape, protect]
 
 
 def _credentials(request: web.Request) -> tuple[str | None, str | None]:

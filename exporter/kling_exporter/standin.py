@@ -93,6 +93,15 @@ class KlingStandIn:
             return web.Response(
                 text='{"code": 0, "data": {"resource_pack', content_type="application/json"
             )
+        if self.mode == "huge":  # a valid answer, streamed without a length, of 6 MiB
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            await response.write(b'{"code": 0, "message": "')
+            for _ in range(96):
+                await response.write(b"x" * 65536)
+            await response.write(b'", "data": {"resource_pack_subscribe_infos": []}}')
+            await response.write_eof()
+            return response
         packs = [] if self.mode == "empty" else self.packs
         return web.json_response(
             {

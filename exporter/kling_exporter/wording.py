@@ -1,6 +1,7 @@
 """msgspec's validation errors in a person's words: the key path first
 (``budgets[2].period: ...``), types as people call them, a suggestion for a misspelt
-key. The config, the web config, the log decoder and the API all say it this way."""
+key. The config, the web config, the log decoder and the API all say it this way. And
+amounts as people read them."""
 
 from __future__ import annotations
 
@@ -58,3 +59,13 @@ def describe(error: msgspec.ValidationError, known: Iterable[str] = ()) -> str:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def amount_for_people(key: str, value: float) -> float:
+    """Dollars (a key naming usd) to the cent, whole credits as integers, other
+    numbers as they are: as a person reads them. Metrics keep full precision."""
+    if "usd" in key:
+        return round(value, 2)
+    if "credits" in key:
+        return int(value) if float(value).is_integer() else round(value, 4)
+    return value
