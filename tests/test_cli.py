@@ -175,15 +175,17 @@ def test_export_csv_with_a_date_range(logs: Path, capsys: pytest.CaptureFixture[
         "kind",
         "error_type",
         "usd",
+        "credits",
+        "task_model",
     ]
     assert rows[3] == {
         "timestamp": "2026-11-22T09:06:00Z",
         "event": "task_completed",
         "task_id": "m2",
-        "model": "kling-v2-6",
+        "model": "",
         "status": "succeed",
         "credits_used": "200",
-        "elapsed_sec": "355.0",
+        "elapsed_sec": "355",
         "project": "marketing",
         "user": "ann",
         "mode": "professional",
@@ -192,10 +194,12 @@ def test_export_csv_with_a_date_range(logs: Path, capsys: pytest.CaptureFixture[
         "kind": "video",
         "error_type": "",
         "usd": "28.0000",
+        "credits": "200",
+        "task_model": "kling-v2-6",
     }
     assert {r["event"] for r in rows} == {"task_submitted", "task_completed", "task_error"}
     assert all(r["credits_used"] == "" for r in rows if r["event"] == "task_submitted")
-    assert sum(float(r["credits_used"] or 0) for r in rows) == 250
+    assert sum(float(r["credits"] or 0) for r in rows) == 250
     code, _, err = run(
         capsys, "export", "--output", "day.csv", "--since", "2026-11-23", "--until", "2026-11-23"
     )

@@ -16,6 +16,7 @@ from kling_exporter.client import (
     EventLogger,
     generate_within_budget,
 )
+from kling_exporter.config import parse_config
 from kling_exporter.demo import (
     DEFAULT_BACKFILL_HOURS,
     DEFAULT_RATE,
@@ -68,6 +69,34 @@ def test_event_logger_writes_the_spec_format(tmp_path: Path) -> None:
     assert first["user"] == "ann" and first["timestamp"].endswith("Z")
     assert second == {**second, "event": "task_completed", "credits_used": 200}
     assert path.name == f"kling-{time.strftime('%Y-%m-%d', time.gmtime())}.jsonl"
+
+
+def test_an_error_before_a_task_id_is_written_as_null_and_counted(tmp_path: Path) -> None:
+    log = EventLogger(tmp_path, project="marketing")
+    log.error(None, "rate_limit", "429 Too Many Requests")
+    (path,) = tmp_path.glob("kling-*.jsonl")
+    (raw,) = path.read_bytes().splitlines()
+    assert json.loads(raw)["task_id"] is None
+    event = decode_line(raw)
+    assert isinstance(event, Event), event
+    ledger = Ledger(parse_config({}))
+    ledger.apply(event, time.time())
+    assert ledger.errors == {("marketing", "rate_limit"): 1}
+
+
+def test_our_keyword_calls_and_their_positional_ones_write_the_same_task(tmp_path: Path) -> None:
+    ours, theirs = EventLogger(tmp_path / "ours"), EventLogger(tmp_path / "theirs")
+    ours.submitted("t1", model="kling-v2-6", mode="pro", duration=10, prompt_len=5)
+    ours.completed("t1", status="succeed", elapsed_sec=80.5, credits_used=70)
+    theirs.log_task_submitted("t1", "a cat", "kling-v2-6", 10, "pro")
+    theirs.log_task_completed("t1", "succeed", 70, 80.5)
+
+    def written(directory: Path) -> list[dict[str, object]]:
+        (path,) = directory.glob("kling-*.jsonl")
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+        return [{k: v for k, v in x.items() if k != "timestamp"} for x in lines]
+
+    assert written(tmp_path / "ours") == written(tmp_path / "theirs")
 
 
 def test_budget_client_and_the_guarded_submit(tmp_path: Path, daemon_factory: Factory) -> None:

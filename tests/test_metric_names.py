@@ -68,6 +68,7 @@ USERS = sorted(
         *(ROOT / "examples" / "kubernetes").glob("*.yaml"),
         ROOT / "docs" / "runbook.md",
         ROOT / "README.md",
+        ROOT / "MIGRATING.md",
     ]
 )
 

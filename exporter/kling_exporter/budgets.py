@@ -92,7 +92,7 @@ class Ask(NamedTuple):
 class CheckBudget(msgspec.Struct, frozen=True):
     name: str
     period: str
-    # What is left after what is used, in flight and reserved.
+    # What is left after what is used, in flight and reserved; negative once over.
     credits_remaining: float | None
     usd_remaining: float | None
     utilization_after: float
@@ -131,7 +131,8 @@ class BudgetStatus(msgspec.Struct, frozen=True):
     utilization: float
     period_start: float
     period_end: float
-    # Remaining never goes below 0; these say by how much a budget is over instead.
+    # Remaining is limit minus used, negative once over (as cost trackers report it);
+    # these say the same overage as a positive amount, 0 within the limits.
     over_by_credits: float | None = None
     over_by_usd: float | None = None
     # Estimated cost of tasks submitted and not finished, and of live reservations:
@@ -175,7 +176,28 @@ def over_by(used: float, limit: float | None) -> float | None:
 
 
 def _remaining(used: float, limit: float | None) -> float | None:
-    return None if limit is None else max(limit - used, 0.0)
+    """Limit minus used: negative once over, so an overage shows where people look."""
+    return None if limit is None else limit - used
+
+
+def _percent(ratio: float) -> str:
+    """``112%``; a ratio past the limit is never rounded down to ``100%`` (``100.5%``)."""
+    for digits in (0, 1, 2):
+        shown = f"{ratio:.{digits}%}"
+        if ratio <= 1 or float(shown[:-1]) > 100:
+            break
+    return shown
+
+
+def _left(credits: float | None, usd: float | None) -> str:
+    """What a refusal says is left: ``5 credits left``, or ``already 40 credits over``."""
+    if credits is not None:
+        amount, unit = credits, "{:g} credits"
+    else:
+        amount, unit = usd or 0.0, "${:.2f}"
+    if amount < 0:
+        return "already " + unit.format(-amount) + " over"
+    return unit.format(amount) + " left"
 
 
 Amount = tuple[float, float]  # (credits, usd)
@@ -340,13 +362,9 @@ class Budgets:
                 b.limit_usd is not None and used_u + usd > b.limit_usd + 1e-9
             )
             if over:
-                left = (
-                    f"{remaining_c:g} credits left"
-                    if remaining_c is not None
-                    else f"${remaining_u:.2f} left"
-                )
+                left = _left(remaining_c, remaining_u)
                 reasons.append(
-                    f"budget {b.name!r} ({b.period}) would reach {after:.0%}: "
+                    f"budget {b.name!r} ({b.period}) would reach {_percent(after)}: "
                     f"needs {credits:g} credits (${usd:.2f}), {left}"
                 )
                 refused_by = refused_by or b.name

@@ -11,6 +11,12 @@ task_id = generate_within_budget(
 ...
 log.completed(task_id, status="succeed", elapsed_sec=95.2, credits_used=70)
 
+A program written against a hand-rolled ``KlingEventLogger`` keeps its calls as they are
+(``log_task_submitted(task_id, prompt, model, duration, mode)``, ``log_task_completed``,
+``log_error``, with ``None`` for an error before Kling gave the task an id):
+
+from kling_exporter.client import KlingEventLogger
+
 or, holding credits for several tasks before any is submitted:
 
 with budget.reserve(model="kling-v2-6", mode="pro", duration=10, count=3) as held:
@@ -33,6 +39,8 @@ from types import TracebackType
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+MESSAGE_CHARS = 200  # of an error message, as the hand-rolled logger keeps
 
 
 class BudgetUnavailableError(RuntimeError):
@@ -62,11 +70,13 @@ class EventLogger:
         self.user = user
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def _write(self, fields: dict[str, Any]) -> None:
+    def _write(self, fields: dict[str, Any], keep_null: str | None = None) -> None:
+        """One line of ``fields``, leaving out those that are None (but ``keep_null``,
+        written as null: a field whose null means something)."""
         now = dt.datetime.now(dt.UTC)
         fields = {
             "timestamp": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            **{k: v for k, v in fields.items() if v is not None},
+            **{k: v for k, v in fields.items() if v is not None or k == keep_null},
         }
         if self.project is not None:
             fields.setdefault("project", self.project)
@@ -132,12 +142,14 @@ class EventLogger:
 
     def error(
         self,
-        task_id: str,
+        task_id: str | None,
         error_type: str,
         message: str | None = None,
         project: str | None = None,
         user: str | None = None,
     ) -> None:
+        """An error; ``task_id`` None (written as null) when the submission failed before
+        Kling gave the task an id (a rate limit, a refused key): still counted."""
         self._write(
             {
                 "event": "task_error",
@@ -146,8 +158,44 @@ class EventLogger:
                 "message": message,
                 "project": project,
                 "user": user,
-            }
+            },
+            keep_null="task_id",
         )
+
+    # The hand-rolled KlingEventLogger's methods, in its argument order, so that its
+    # callers switch by changing the import alone. The prompt is never written: its
+    # length is, as theirs writes it.
+
+    def log_task_submitted(
+        self,
+        task_id: str,
+        prompt: str,
+        model: str,
+        duration: int = 5,
+        mode: str = "standard",
+        **more: Any,
+    ) -> None:
+        """``submitted`` in their order; ``more`` takes ours (``audio``, ``project``...)."""
+        more.setdefault("prompt_len", len(prompt))
+        self.submitted(task_id, model, mode, duration, **more)
+
+    def log_task_completed(
+        self,
+        task_id: str,
+        status: str,
+        credits_used: float | None = None,
+        elapsed_sec: float | None = None,
+    ) -> None:
+        """``completed`` in their order: credits before elapsed seconds."""
+        self.completed(task_id, status, elapsed_sec=elapsed_sec, credits_used=credits_used)
+
+    def log_error(self, task_id: str | None, error_type: str, message: str = "") -> None:
+        """``error`` as theirs: the message cut to 200 characters."""
+        self.error(task_id, error_type, message[:MESSAGE_CHARS])
+
+
+# Their class name, for ``from kling_exporter.client import KlingEventLogger``.
+KlingEventLogger = EventLogger
 
 
 class Reservation:
@@ -295,7 +343,7 @@ def generate_within_budget(
             task_id = submit()
         except Exception as e:
             log.error(
-                f"failed-{os.getpid()}-{id(e)}",
+                None,  # Kling gave no task id: counted at once, with nothing to join
                 error_type=type(e).__name__,
                 message=str(e),
                 project=project,

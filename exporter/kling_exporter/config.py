@@ -166,11 +166,34 @@ class PricingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     audio_multiplier: float = 5
     # Applied to whatever a rule or the fallback gives; the first matching pattern wins.
     model_multipliers: list[ModelMultiplier] = msgspec.field(default_factory=list)
+    # By mode (standard, professional, or Kling's std, pro): applied to the fallback and
+    # to rules that name no mode, since a rule that names one has priced it already.
+    mode_multipliers: dict[str, float] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("usd_per_credit", "credits_per_second", "audio_multiplier"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must not be negative, got {getattr(self, key)}")
+        for mode, factor in self.mode_multipliers.items():
+            key = f"mode_multipliers.{mode}"
+            _one_of(key, normalize_mode(mode) or mode, MODES)
+            if factor < 0:
+                raise ValueError(f"{key}: must not be negative, got {factor}")
+        long_names = [normalize_mode(mode) for mode in self.mode_multipliers]
+        if len(set(long_names)) != len(long_names):
+            raise ValueError(
+                "mode_multipliers: a mode is named twice (std is standard, pro is professional)"
+            )
+
+    def mode_multiplier(self, mode: str | None) -> float:
+        """The factor for ``mode`` (any spelling; None is Kling's default, standard)."""
+        if not self.mode_multipliers:
+            return 1.0
+        wanted = normalize_mode(mode or "standard")
+        for name, factor in self.mode_multipliers.items():
+            if normalize_mode(name) == wanted:
+                return factor
+        return 1.0
 
 
 class BudgetConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

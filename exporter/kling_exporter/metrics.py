@@ -72,9 +72,13 @@ BUDGET_FIELDS = (  # metric name after kling_budget_, BudgetStatus field, help
     (
         "remaining_credits",
         "remaining_credits",
-        "Credits left in the current period (never below 0).",
+        "Credits left in the current period: limit minus used, negative once over.",
     ),
-    ("remaining_usd", "remaining_usd", "US dollars left in the current period (never below 0)."),
+    (
+        "remaining_usd",
+        "remaining_usd",
+        "US dollars left in the current period: limit minus used, negative once over.",
+    ),
     (
         "utilization_ratio",
         "utilization",

@@ -58,24 +58,29 @@ class Pricing:
         return credits * self.usd_per_credit
 
     def _price(self, req: Request) -> float:
-        base = self._base_price(req)
+        base, rule = self._base_price(req)
+        # A rule that names the mode has priced it; the fallback and other rules have not.
+        if rule is None or rule.mode is None:
+            base *= self.config.mode_multiplier(req.mode)
         if req.model is not None:
             for m in self.config.model_multipliers:
                 if fnmatchcase(req.model, m.model):
                     return base * m.multiplier
         return base
 
-    def _base_price(self, req: Request) -> float:
+    def _base_price(self, req: Request) -> tuple[float, PriceRule | None]:
+        """The credits before the model and mode multipliers, and the rule that gave
+        them (None: the per-second fallback)."""
         cfg = self.config
         # A kind the rules cannot name (an unknown spelling) is priced by the fallback.
         rules = cfg.rules if req.kind is None or req.kind in KINDS else ()
         for rule in rules:
             if _matches(rule, req, req.audio):
-                return rule.credits
+                return rule.credits, rule
         multiplier = cfg.audio_multiplier if req.audio else 1.0
         if req.audio:
             for rule in rules:
                 if _matches(rule, req, False):
-                    return rule.credits * multiplier
+                    return rule.credits * multiplier, rule
         duration = req.duration if req.duration is not None else DEFAULT_DURATION
-        return cfg.credits_per_second * duration * multiplier
+        return cfg.credits_per_second * duration * multiplier, None

@@ -11,15 +11,16 @@ import csv
 import datetime as dt
 import os
 import sys
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 import msgspec
 from tqdm import tqdm
 
 from kling_exporter.budgets import over_by
 from kling_exporter.config import Config
+from kling_exporter.events import Event, decode_line
 from kling_exporter.ingest import ingest
 from kling_exporter.ledger import Ledger
 from kling_exporter.listing import matching_files
@@ -129,6 +130,9 @@ class BudgetUse(msgspec.Struct):
     limit_usd: float | None
     over_by_credits: float | None  # 0 within the limit, None for no limit
     over_by_usd: float | None
+    # Limit minus used, negative once over (None for no limit).
+    remaining_credits: float | None = None
+    remaining_usd: float | None = None
 
 
 class DailyReport(msgspec.Struct):
@@ -183,8 +187,8 @@ def daily_report(records: Sequence[Record], day: dt.date, config: Config) -> Dai
 
 
 def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> list[BudgetUse]:
-    """Each budget in its period as of the end of ``day``: used, remaining (never below
-    0) and by how much it is over (``over_by_*``, 0 within the limit)."""
+    """Each budget in its period as of the end of ``day``: used, remaining (limit minus
+    used, negative once over) and by how much it is over (``over_by_*``, 0 within)."""
     end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), config.tz).timestamp()
     out = []
     for b in config.budgets:
@@ -209,9 +213,15 @@ def budget_report(records: Iterable[Record], day: dt.date, config: Config) -> li
                 limit_usd=b.limit_usd,
                 over_by_credits=over_c,
                 over_by_usd=over_u,
+                remaining_credits=_left("credits", b.limit_credits, credits),
+                remaining_usd=_left("usd", b.limit_usd, usd),
             )
         )
     return out
+
+
+def _left(key: str, limit: float | None, used: float) -> float | None:
+    return None if limit is None else amount_for_people(key, limit - used)
 
 
 class DayCost(msgspec.Struct):
@@ -310,7 +320,7 @@ def overspend(
 
 
 # The first seven columns are those of the usage scripts teams already run
-# (export_usage_csv), with the log's own event names; ours follow. A stable contract.
+# (export_usage_csv), cell for cell as they write them; ours follow. A stable contract.
 CSV_COLUMNS = (
     "timestamp",
     "event",
@@ -327,8 +337,61 @@ CSV_COLUMNS = (
     "kind",
     "error_type",
     "usd",
+    # What we counted: the charge (estimated from pricing when the line has none), and
+    # the task's model from the join (their model column is the line's own).
+    "credits",
+    "task_model",
 )
 EVENT_NAMES = {"submitted": "task_submitted", "completed": "task_completed", "error": "task_error"}
+
+
+class _Logged(msgspec.Struct):
+    """The fields of a line their export writes, decoded as ``json.loads`` would."""
+
+    timestamp: Any = None
+    event: Any = None
+    task_id: Any = None
+    model: Any = None
+    status: Any = None
+    credits_used: Any = None
+    elapsed_sec: Any = None
+
+
+_logged_decoder = msgspec.json.Decoder(_Logged)
+Cells = list[Any]
+
+
+def logged_cells(config: Config) -> dict[tuple[str, str], deque[Cells]]:
+    """Their seven cells of every event line in the configured logs, by (event, task
+    id) in file order: a counted record takes the first line of its key, so a repeated
+    line never takes the place of the one that was counted."""
+    found: dict[tuple[str, str], deque[Cells]] = defaultdict(deque)
+    for path in matching_files(config.logs.paths):
+        try:
+            with open(path, "rb") as f:
+                for raw in f:
+                    try:
+                        x = _logged_decoder.decode(raw.removeprefix(b"\xef\xbb\xbf"))
+                    except (msgspec.DecodeError, UnicodeDecodeError):
+                        continue
+                    if x.event not in EVENT_NAMES.values():
+                        continue  # a usage line: theirs has no event to write
+                    if not isinstance(decode_line(raw), Event):
+                        continue  # not counted: no record will ask for it
+                    task = "" if x.task_id is None else str(x.task_id)
+                    cells = [x.timestamp, x.event, x.task_id, x.model, x.status]
+                    found[(x.event, task)].append([*cells, x.credits_used, x.elapsed_sec])
+        except OSError:
+            continue  # read_records has said so already
+    return found
+
+
+def _our_cells(r: Record) -> Cells:
+    """Their seven cells for a record no logged line stands for (a usage line)."""
+    stamp = dt.datetime.fromtimestamp(r.ts, dt.UTC).isoformat().replace("+00:00", "Z")
+    credits = f"{r.credits:g}" if r.event == "completed" else ""
+    model = r.model if r.event == "submitted" else ""
+    return [stamp, EVENT_NAMES[r.event], r.task_id, model, r.status, credits, r.elapsed]
 
 
 def export_csv(
@@ -337,26 +400,30 @@ def export_csv(
     config: Config,
     since: dt.date | None = None,
     until: dt.date | None = None,
+    logged: dict[tuple[str, str], deque[Cells]] | None = None,
 ) -> int:
-    """Write the records between two local dates (both included); returns the row count."""
+    """Write the records between two local dates (both included); returns the row count.
+
+    The first seven cells are those of the line that was counted, as their script
+    writes them: the timestamp as logged, the model only where the line has it, numbers
+    as logged (``95``, ``180.5``), nothing where the line has nothing. ``logged`` are
+    those lines (``logged_cells``); by default the configured logs are read again."""
+    if logged is None:
+        logged = logged_cells(config)
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     rows = 0
     for r in records:
+        name = EVENT_NAMES[r.event]
+        lines = logged.get((name, r.task_id))
+        theirs = lines.popleft() if lines else _our_cells(r)
         day = local_date(r.ts, config)
         if (since and day < since) or (until and day > until):
             continue
-        stamp = dt.datetime.fromtimestamp(r.ts, dt.UTC).isoformat().replace("+00:00", "Z")
         charged = r.event != "submitted"
         writer.writerow(
             [
-                stamp,
-                EVENT_NAMES[r.event],
-                r.task_id,
-                r.model,
-                r.status or "",
-                f"{r.credits:g}" if charged else "",
-                "" if r.elapsed is None else r.elapsed,
+                *theirs,
                 r.project,
                 r.user or "",
                 r.mode if r.kind == "video" else "",
@@ -365,6 +432,8 @@ def export_csv(
                 r.kind,
                 r.error_type or "",
                 f"{r.usd:.4f}" if charged else "",
+                f"{r.credits:g}" if charged else "",
+                r.model,
             ]
         )
         rows += 1
