@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kling_exporter import api
 from kling_exporter.config import parse_config
+from kling_exporter.model import ReaderUnavailable
 
 from tests.stack import InProcessExporter
 
@@ -336,3 +337,27 @@ def test_any_reservation_id_in_a_path_answers_below_500(
     status, headers, answer = exchange(exporter.port, "DELETE", path, b"")
     assert status in (400, 404), (status, answer)
     error_of(status, headers, answer)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/api/v1/check", CHECK),
+        ("POST", "/api/v1/reservations", RESERVE),
+        ("GET", "/api/v1/budgets", b""),
+    ],
+)
+def test_a_reader_that_cannot_answer_is_a_503_that_says_so(
+    exporter: InProcessExporter,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    path: str,
+    body: bytes,
+) -> None:
+    def gone() -> Any:
+        raise ReaderUnavailable("the reader process has ended")
+
+    monkeypatch.setattr(exporter.daemon, "view", gone)
+    status, headers, answer = exchange(exporter.port, method, path, body)
+    assert status == 503
+    assert error_of(status, headers, answer)["error"] == "reader: the reader process has ended"

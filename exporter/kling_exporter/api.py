@@ -30,7 +30,7 @@ from kling_exporter.events import (
     name_of,
 )
 from kling_exporter.fleet import Fleet
-from kling_exporter.model import Consumed, ReaderUnavailable, View
+from kling_exporter.model import Consumed, View
 from kling_exporter.pricing import Request
 from kling_exporter.reservations import (
     DEFAULT_TTL,
@@ -92,12 +92,7 @@ def for_people(value: Any, key: str = "") -> Any:
 
 
 def statuses(source: Source, reservations: Reservations) -> list[BudgetStatus]:
-    for _ in range(3):
-        try:
-            return reservations.statuses(source.view())
-        except RuntimeError:  # an in-process reader resized what was read: read again
-            continue
-    raise ReaderUnavailable("budget usage kept changing while it was read")
+    return reservations.statuses(source.view())
 
 
 async def budgets(request: web.Request) -> web.Response:
@@ -105,14 +100,7 @@ async def budgets(request: web.Request) -> web.Response:
     if not fleet.enabled:
         found = statuses(source, request.app[RESERVATIONS])
         return web.json_response({"budgets": for_people(msgspec.to_builtins(found))})
-    for _ in range(3):
-        try:
-            rows = await fleet.statuses()
-            break
-        except RuntimeError:  # an in-process reader resized what was read: read again
-            continue
-    else:
-        raise ReaderUnavailable("budget usage kept changing while it was read")
+    rows = await fleet.statuses()
     return _json({"budgets": rows, "fleet": fleet.describe()})
 
 
@@ -297,17 +285,10 @@ async def check(request: web.Request) -> web.Response:
         return req
     source, reservations = request.app[DAEMON], request.app[RESERVATIONS]
     fleet = request.app[FLEET]
-    for _ in range(3):
-        try:
-            if fleet.enabled:
-                result = await fleet.check(_asked(req))
-            else:
-                result = reservations.check(source.view(), _asked(req))
-            break
-        except RuntimeError:  # an in-process reader resized what was read: read again
-            continue
+    if fleet.enabled:
+        result = await fleet.check(_asked(req))
     else:
-        return error_answer(503, "budgets: usage kept changing; try again")
+        result = reservations.check(source.view(), _asked(req))
     return _json(msgspec.to_builtins(result))
 
 
@@ -336,24 +317,18 @@ async def reserve(request: web.Request) -> web.Response:
     decide = fleet.decide if fleet.enabled else None
     assert isinstance(req.ttl, float)
     asked = msgspec.to_builtins(req)
-    for _ in range(3):
-        try:
-            status, answer = await reservations.reserve(
-                source.view(),
-                _asked(req),
-                req.id,
-                req.ttl,
-                fingerprint(asked),
-                decide,
-                source.config.reservations.max_live,
-            )
-            break
-        except RuntimeError:
-            continue
-        except OSError:
-            return error_answer(503, "reservations: cannot be saved; try again")
-    else:
-        return error_answer(503, "budgets: usage kept changing; try again")
+    try:
+        status, answer = await reservations.reserve(
+            source.view(),
+            _asked(req),
+            req.id,
+            req.ttl,
+            fingerprint(asked),
+            decide,
+            source.config.reservations.max_live,
+        )
+    except OSError:
+        return error_answer(503, "reservations: cannot be saved; try again")
     return _json(answer, status)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import msgspec
 
+from kling_exporter.budgets import DayUsage
 from kling_exporter.collector import Exposition
 from kling_exporter.config import Config, ConfigError, load_config
 from kling_exporter.events import explain_invalid
@@ -314,9 +315,16 @@ class Daemon:
         return self.ready.is_set()
 
     def view(self) -> View:
-        """Budget usage as it stands, read without the lock (see ``check``)."""
-        ledger = self.ledger
-        return View(ledger.budgets, ledger.usage, ledger.flight)
+        """Budget usage as it stands: a copy taken under the lock, since the reader's
+        thread goes on changing the ledger while an answer reads it. (The exporter's
+        reader process hands its HTTP side copies the same way.)"""
+        with self._reading():
+            ledger = self.ledger
+            usage = {
+                day: DayUsage({pair: list(v) for pair, v in bucket.by_pair.items()})
+                for day, bucket in ledger.usage.items()
+            }
+            return View(ledger.budgets, usage, ledger.flight)
 
     def listen(self, consumed: Consumed) -> None:
         """Tell ``consumed``, on the running event loop, what the reader counted per

@@ -42,7 +42,7 @@ class Status(msgspec.Struct):
     open_files: int = 0
 
 
-class ReaderUnavailable(RuntimeError):
+class ReaderUnavailable(Exception):
     """The reader did not answer: it has ended, or did not answer in time."""
 
 

@@ -219,6 +219,8 @@ def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
                 message += f"; allowed: {', '.join(sorted(e.headers.get('Allow', '').split(',')))}"
             kept = {k: v for k, v in e.headers.items() if k.lower() not in _BODY_HEADERS}
             return error_answer(e.status, message, field, {**kept, **headers})
+        except ReaderUnavailable as e:
+            return error_answer(503, f"reader: {e}", "", headers)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception:
