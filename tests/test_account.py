@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from kling_exporter import account as account_module
 from kling_exporter.account import MAX_ANSWER, Account, PollError
-from kling_exporter.config import parse_config
+from kling_exporter.config import Config, parse_config
 from kling_exporter.standin import KlingStandIn, demo_packs
 
 from tests.helpers import DaemonProcess, free_port, value, wait_until
@@ -132,27 +132,32 @@ def test_failing_polls_back_off(
     assert 0.75 < gaps[0] < 1.3 and 1.55 < gaps[1] < 2.5, gaps
 
 
+def keyed_config(tmp_path: Path, api_base: str) -> Config:
+    """A config whose key files (written here) reach the stand-in at ``api_base``."""
+    (tmp_path / "access").write_text(ACCESS)
+    (tmp_path / "secret").write_text(SECRET)
+    return parse_config(
+        {
+            "kling": {
+                "api_base": api_base,
+                "access_key_file": str(tmp_path / "access"),
+                "secret_key_file": str(tmp_path / "secret"),
+            }
+        }
+    )
+
+
 def test_a_slow_answer_is_a_timeout_and_the_token_is_reused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(account_module, "TIMEOUT", 0.5)
-    (tmp_path / "access").write_text(ACCESS)
-    (tmp_path / "secret").write_text(SECRET)
 
     async def scenario() -> tuple[list[str], int, str, str]:
         kling = KlingStandIn(ACCESS, SECRET, [])
         app = web.Application()
         kling.routes(app)
         async with TestServer(app) as server, aiohttp.ClientSession() as session:
-            config = parse_config(
-                {
-                    "kling": {
-                        "api_base": str(server.make_url("")),
-                        "access_key_file": str(tmp_path / "access"),
-                        "secret_key_file": str(tmp_path / "secret"),
-                    }
-                }
-            )
+            config = keyed_config(tmp_path, str(server.make_url("")))
             acct = Account(lambda: config)
             await acct.poll(session)
             first = acct.token(ACCESS, SECRET)
@@ -181,24 +186,13 @@ def test_backoff_doubles_with_jitter_and_stops_at_the_interval() -> None:
 
 
 def test_an_answer_over_the_cap_is_a_bad_response_read_no_further(tmp_path: Path) -> None:
-    (tmp_path / "access").write_text(ACCESS)
-    (tmp_path / "secret").write_text(SECRET)
-
     async def scenario() -> list[str]:
         kling = KlingStandIn(ACCESS, SECRET, [])
         kling.mode = "huge"
         app = web.Application()
         kling.routes(app)
         async with TestServer(app) as server, aiohttp.ClientSession() as session:
-            config = parse_config(
-                {
-                    "kling": {
-                        "api_base": str(server.make_url("")),
-                        "access_key_file": str(tmp_path / "access"),
-                        "secret_key_file": str(tmp_path / "secret"),
-                    }
-                }
-            )
+            config = keyed_config(tmp_path, str(server.make_url("")))
             reasons = []
             try:
                 await Account(lambda: config).poll(session)
