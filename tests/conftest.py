@@ -12,6 +12,19 @@ from tests.helpers import DaemonProcess
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Start real exporter processes in tmp_path; all are stopped after the test."""
+    yield from _factory(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_daemon_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., DaemonProcess]]:
+    """The same, shared by a module's tests that only read what the exporter answers:
+    one process start for the module instead of one a test."""
+    yield from _factory(tmp_path_factory.mktemp("module"))
+
+
+def _factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
     def make(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,10 +24,12 @@ budgets:
 """
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, daemon_factory: Factory) -> DaemonProcess:
+@pytest.fixture(scope="module")
+def daemon(module_daemon_factory: Factory) -> DaemonProcess:
+    """One exporter for the module: these tests only ask it."""
+    d = module_daemon_factory(CONFIG, wait_ready=False)
     write_lines(
-        tmp_path / "logs" / "kling-today.jsonl",
+        d.workdir / "logs" / "kling-today.jsonl",
         [
             line(
                 event="task_completed",
@@ -39,7 +40,6 @@ def daemon(tmp_path: Path, daemon_factory: Factory) -> DaemonProcess:
             ),
         ],
     )
-    d = daemon_factory(CONFIG)
     d.wait_metric("kling_budget_used_credits", 60, budget="mk-month", period="monthly")
     return d
 
