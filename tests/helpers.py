@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -14,13 +16,19 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from kling_exporter.config import parse_config
+from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
+from kling_exporter.metrics import KlingCollector
+from kling_exporter.model import ReadStats, Status
 from kling_exporter.state import ledger_state, restore
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,3 +224,210 @@ def request(
             return resp.status, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+# -- logs, ledgers and exporters that several test modules share ------------------------
+
+NOW = dt.datetime(2026, 11, 22, 12, tzinfo=dt.UTC).timestamp()
+
+
+def feed(ledger: Ledger, *lines: str, now: float = NOW, settle: bool = True) -> None:
+    """Apply the lines; ``settle`` ends like a whole read of the logs, counting what
+    still waits for its submission."""
+    for raw in lines:
+        event = decode_line(raw.encode())
+        assert isinstance(event, Event), (raw, event)
+        ledger.apply(event, now)
+    if settle:
+        ledger.settle_waiting()
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+
+
+@dataclass
+class Task:
+    id: str
+    project: str
+    user: str
+    model: str
+    mode: str
+    duration: int
+    audio: bool
+    ts: float
+    outcome: str  # succeed, failed, error, open
+    credits_used: float | None
+    elapsed: float
+
+
+def random_tasks(rng: random.Random, n: int, start: float, span: float) -> list[Task]:
+    tasks = []
+    for i in range(n):
+        outcome = rng.choice(["succeed"] * 6 + ["failed", "error", "open"])
+        tasks.append(
+            Task(
+                id=f"task-{i}",
+                project=rng.choice(["marketing", "sales", "rnd"]),
+                user=rng.choice(["ann", "bob"]),
+                model=rng.choice(["kling-v1", "kling-v2-6"]),
+                mode=rng.choice(["standard", "professional"]),
+                duration=rng.choice([5, 10]),
+                audio=rng.random() < 0.2,
+                ts=start + rng.random() * span,
+                outcome=outcome,
+                credits_used=rng.choice([None, None, 7.0, 12.5]) if outcome == "succeed" else None,
+                elapsed=rng.uniform(10, 400),
+            )
+        )
+    return tasks
+
+
+def task_lines(tasks: list[Task], rng: random.Random, duplicates: int = 0) -> list[str]:
+    """Events in time order: submission, then completion a little later; some repeated."""
+    events: list[tuple[float, str]] = []
+    for t in tasks:
+        events.append(
+            (
+                t.ts,
+                line(
+                    event="task_submitted",
+                    timestamp=iso(t.ts),
+                    task_id=t.id,
+                    project=t.project,
+                    user=t.user,
+                    model=t.model,
+                    mode=rng.choice(
+                        {"standard": ["standard", "std"], "professional": ["pro"]}[t.mode]
+                    ),
+                    duration=t.duration,
+                    audio=t.audio,
+                    prompt_len=42,
+                ),
+            )
+        )
+        done = t.ts + t.elapsed
+        if t.outcome in ("succeed", "failed"):
+            fields: dict[str, object] = {
+                "event": "task_completed",
+                "timestamp": iso(done),
+                "task_id": t.id,
+                "status": t.outcome,
+                "elapsed_sec": t.elapsed,
+            }
+            if t.credits_used is not None:
+                fields["credits_used"] = t.credits_used
+            events.append((done, line(**fields)))
+        elif t.outcome == "error":
+            events.append(
+                (
+                    done,
+                    line(
+                        event="task_error",
+                        timestamp=iso(done),
+                        task_id=t.id,
+                        error_type="quota",
+                        message="prompt was: a cat",
+                    ),
+                )
+            )
+    events.sort(key=lambda e: e[0])
+    out = [raw for _, raw in events]
+    for _ in range(duplicates):  # a repeat comes after the line it repeats
+        i = rng.randrange(len(out))
+        out.insert(rng.randrange(i + 1, len(out) + 1), out[i])
+    return out
+
+
+MK_CONFIG = """
+state: {path: ""}
+logs: {poll_interval: 200ms}
+budgets:
+  - {name: mk, project: marketing, period: monthly, limit_credits: 100}
+"""
+
+
+def submitted(task_id: str, project: str = "marketing", **kw: object) -> str:
+    return line(
+        event="task_submitted",
+        task_id=task_id,
+        project=project,
+        model="kling-v2-6",
+        mode="std",
+        duration=5,
+        **kw,
+    )
+
+
+def completed(task_id: str, **kw: object) -> str:
+    return line(event="task_completed", task_id=task_id, status="succeed", elapsed_sec=60, **kw)
+
+
+def half_used(tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
+    """A daemon whose budget mk has used 50 of its 100 credits."""
+    write_lines(
+        tmp_path / "logs" / "kling-2026-11-22.jsonl",
+        [submitted("a"), completed("a", credits_used=50)],
+    )
+    d = daemon_factory(MK_CONFIG)
+    d.wait_metric("kling_budget_utilization_ratio", 0.5, budget="mk", period="monthly")
+    return d
+
+
+FIXED_LOG_CONFIG = parse_config(
+    {
+        "timezone": "Europe/Berlin",
+        "budgets": [
+            {
+                "name": "marketing",
+                "project": "marketing",
+                "period": "monthly",
+                "limit_credits": 10000,
+                "limit_usd": 600,
+            },
+            {
+                "name": "bob-daily",
+                "user": "bob",
+                "period": "daily",
+                "limit_credits": 100,
+                "alert_threshold": 0.9,
+            },
+            {"name": "everything", "period": "weekly", "limit_usd": 50},
+        ],
+    }
+)
+
+
+def render_fixed_log() -> bytes:
+    ledger, reading = Ledger(FIXED_LOG_CONFIG), ReadStats()
+    for raw in (ROOT / "tests" / "data" / "fixed.jsonl").read_bytes().splitlines():
+        reading.lines += 1
+        reading.bytes += len(raw) + 1
+        result = decode_line(raw)
+        if isinstance(result, Event):
+            ledger.apply(result, NOW)
+        else:
+            reading.invalid[result] += 1
+    status = Status(
+        files_watched=1,
+        ready=True,
+        reload_successful=True,
+        reload_success_ts=NOW - 60,
+        state_save_ts=NOW - 5,
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KlingCollector(lambda: (ledger.snapshot(NOW, reading), status)))
+    body: bytes = generate_latest(registry)
+    return body
+
+
+# The header their export_usage_csv writes, which readers of it depend on.
+THEIR_CSV_COLUMNS = [
+    "timestamp",
+    "event",
+    "task_id",
+    "model",
+    "status",
+    "credits_used",
+    "elapsed_sec",
+]

@@ -16,8 +16,7 @@ from kling_exporter.cli import main
 from kling_exporter.demo import DemoTraffic
 from kling_exporter.flags import COMMANDS
 
-from tests.helpers import ROOT, line, write_lines
-from tests.test_parity import THEIR_CSV_COLUMNS
+from tests.helpers import ROOT, THEIR_CSV_COLUMNS, line, write_lines
 
 DATA = Path(__file__).parent / "data" / "fixed.jsonl"
 

@@ -24,32 +24,19 @@ from kling_exporter.ingest import ingest
 from kling_exporter.server import build_app
 from kling_exporter.state import write_state
 
-from tests.helpers import DaemonProcess, by_name, line, value, write_lines
+from tests.helpers import (
+    MK_CONFIG,
+    DaemonProcess,
+    by_name,
+    completed,
+    half_used,
+    line,
+    submitted,
+    value,
+    write_lines,
+)
 
 Factory = Callable[..., DaemonProcess]
-
-CONFIG = """
-state: {path: ""}
-logs: {poll_interval: 200ms}
-budgets:
-  - {name: mk, project: marketing, period: monthly, limit_credits: 100}
-"""
-
-
-def submitted(task_id: str, project: str = "marketing", **kw: object) -> str:
-    return line(
-        event="task_submitted",
-        task_id=task_id,
-        project=project,
-        model="kling-v2-6",
-        mode="std",
-        duration=5,
-        **kw,
-    )
-
-
-def completed(task_id: str, **kw: object) -> str:
-    return line(event="task_completed", task_id=task_id, status="succeed", elapsed_sec=60, **kw)
 
 
 def test_counts_appends_partial_lines_and_new_files(
@@ -57,7 +44,7 @@ def test_counts_appends_partial_lines_and_new_files(
 ) -> None:
     log1 = tmp_path / "logs" / "kling-2026-11-22.jsonl"
     write_lines(log1, [submitted("a"), completed("a")])
-    d = daemon_factory(CONFIG)
+    d = daemon_factory(MK_CONFIG)
     series = d.metrics()
     assert (
         value(
@@ -97,7 +84,7 @@ def test_bad_lines_are_counted_and_good_ones_around_them_kept(
     tmp_path: Path, daemon_factory: Factory
 ) -> None:
     log = tmp_path / "logs" / "kling-2026-11-22.jsonl"
-    d = daemon_factory(CONFIG)
+    d = daemon_factory(MK_CONFIG)
     good = [submitted(f"t{i}") for i in range(6)]
     log.parent.mkdir()  # the log folder appears after the daemon started
     with open(log, "wb") as f:
@@ -145,7 +132,7 @@ def test_bad_lines_are_counted_and_good_ones_around_them_kept(
 
 def test_http_endpoints(tmp_path: Path, daemon_factory: Factory) -> None:
     write_lines(tmp_path / "logs" / "kling-2026-11-22.jsonl", [submitted("a")])
-    d = daemon_factory(CONFIG)
+    d = daemon_factory(MK_CONFIG)
     status, body = d.get("/")
     assert status == 200 and b'href="/metrics"' in body
     assert d.get("/-/healthy") == (200, b"Healthy.\n")
@@ -168,33 +155,22 @@ def test_http_endpoints(tmp_path: Path, daemon_factory: Factory) -> None:
     assert d.get("/nope")[0] == 404
 
 
-def half_used(tmp_path: Path, daemon_factory: Factory) -> DaemonProcess:
-    """A daemon whose budget mk has used 50 of its 100 credits."""
-    write_lines(
-        tmp_path / "logs" / "kling-2026-11-22.jsonl",
-        [submitted("a"), completed("a", credits_used=50)],
-    )
-    d = daemon_factory(CONFIG)
-    d.wait_metric("kling_budget_utilization_ratio", 0.5, budget="mk", period="monthly")
-    return d
-
-
 def test_reload_applies_a_good_config_and_refuses_a_bad_one(
     tmp_path: Path, daemon_factory: Factory
 ) -> None:
     d = half_used(tmp_path, daemon_factory)
 
-    d.config_path.write_text(CONFIG.replace("limit_credits: 100", "limit_credits: 200"))
+    d.config_path.write_text(MK_CONFIG.replace("limit_credits: 100", "limit_credits: 200"))
     assert d.post("/-/reload")[0] == 200
     d.wait_metric("kling_budget_utilization_ratio", 0.25, budget="mk", period="monthly")
 
-    d.config_path.write_text(CONFIG.replace("period: monthly", "period: montly"))
+    d.config_path.write_text(MK_CONFIG.replace("period: monthly", "period: montly"))
     status, body = d.post("/-/reload")
     assert status == 500 and b"budgets[0].period" in body
     series = d.wait_metric("kling_config_last_reload_successful", 0)
     assert value(series, "kling_budget_utilization_ratio", budget="mk", period="monthly") == 0.25
 
-    d.config_path.write_text(CONFIG.replace("limit_credits: 100", "limit_credits: 500"))
+    d.config_path.write_text(MK_CONFIG.replace("limit_credits: 100", "limit_credits: 500"))
     d.send(signal.SIGHUP)
     series = d.wait_metric("kling_budget_utilization_ratio", 0.1, budget="mk", period="monthly")
     assert value(series, "kling_config_last_reload_successful") == 1
@@ -214,7 +190,7 @@ def test_reload_refuses_an_empty_file_and_keeps_the_budgets(
 
 
 def test_http_0_9_is_refused(tmp_path: Path, daemon_factory: Factory) -> None:
-    d = daemon_factory(CONFIG)
+    d = daemon_factory(MK_CONFIG)
     with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
         s.sendall(b"GET /metrics\r\n\r\n")
         answer = s.recv(200)
@@ -251,7 +227,7 @@ POISON = [
 def test_poison_lines_neither_stop_the_reader_nor_double_after_a_restart(
     tmp_path: Path, daemon_factory: Factory
 ) -> None:
-    config = CONFIG.replace(
+    config = MK_CONFIG.replace(
         'state: {path: ""}', "state: {path: k.state, interval: 100ms}\ntasks: {orphan_wait: 0s}"
     )
     log = tmp_path / "logs" / "kling-2026-11-22.jsonl"
@@ -421,7 +397,7 @@ def test_a_block_is_applied_in_chunks_that_readers_can_come_between(
 
 def test_slow_and_surplus_connections_are_bounded(tmp_path: Path, daemon_factory: Factory) -> None:
     d = daemon_factory(
-        CONFIG,
+        MK_CONFIG,
         extra=["--web.max-connections", "20", "--web.read-header-timeout", "1s"],
     )
     trickling = []

@@ -14,8 +14,7 @@ from kling_exporter.ingest import ingest
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import ReadStats
 
-from tests.helpers import line, saved_and_restored
-from tests.test_ledger import NOW, feed, iso, random_tasks, task_lines
+from tests.helpers import NOW, feed, iso, line, random_tasks, saved_and_restored, task_lines
 
 BUDGET = {"budgets": [{"name": "all", "period": "monthly", "limit_credits": 100000}]}
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 import datetime as dt
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 import pytest
 from kling_exporter.budgets import DayUsage
 from kling_exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig, parse_config
 from kling_exporter.counters import OTHER
-from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
 from kling_exporter.pricing import Request
 
-from tests.helpers import line, saved_and_restored
+from tests.helpers import NOW, Task, feed, iso, line, random_tasks, saved_and_restored, task_lines
 
 UTC = dt.UTC
 PRICE = {  # the default rules, by hand: (mode, duration, audio) -> credits
@@ -29,115 +27,6 @@ PRICE = {  # the default rules, by hand: (mode, duration, audio) -> credits
     ("standard", 10, True): 100,
     ("professional", 5, True): 175,
 }
-NOW = dt.datetime(2026, 11, 22, 12, tzinfo=UTC).timestamp()
-
-
-def feed(ledger: Ledger, *lines: str, now: float = NOW, settle: bool = True) -> None:
-    """Apply the lines; ``settle`` ends like a whole read of the logs, counting what
-    still waits for its submission."""
-    for raw in lines:
-        event = decode_line(raw.encode())
-        assert isinstance(event, Event), (raw, event)
-        ledger.apply(event, now)
-    if settle:
-        ledger.settle_waiting()
-
-
-def iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, UTC).isoformat()
-
-
-@dataclass
-class Task:
-    id: str
-    project: str
-    user: str
-    model: str
-    mode: str
-    duration: int
-    audio: bool
-    ts: float
-    outcome: str  # succeed, failed, error, open
-    credits_used: float | None
-    elapsed: float
-
-
-def random_tasks(rng: random.Random, n: int, start: float, span: float) -> list[Task]:
-    tasks = []
-    for i in range(n):
-        outcome = rng.choice(["succeed"] * 6 + ["failed", "error", "open"])
-        tasks.append(
-            Task(
-                id=f"task-{i}",
-                project=rng.choice(["marketing", "sales", "rnd"]),
-                user=rng.choice(["ann", "bob"]),
-                model=rng.choice(["kling-v1", "kling-v2-6"]),
-                mode=rng.choice(["standard", "professional"]),
-                duration=rng.choice([5, 10]),
-                audio=rng.random() < 0.2,
-                ts=start + rng.random() * span,
-                outcome=outcome,
-                credits_used=rng.choice([None, None, 7.0, 12.5]) if outcome == "succeed" else None,
-                elapsed=rng.uniform(10, 400),
-            )
-        )
-    return tasks
-
-
-def task_lines(tasks: list[Task], rng: random.Random, duplicates: int = 0) -> list[str]:
-    """Events in time order: submission, then completion a little later; some repeated."""
-    events: list[tuple[float, str]] = []
-    for t in tasks:
-        events.append(
-            (
-                t.ts,
-                line(
-                    event="task_submitted",
-                    timestamp=iso(t.ts),
-                    task_id=t.id,
-                    project=t.project,
-                    user=t.user,
-                    model=t.model,
-                    mode=rng.choice(
-                        {"standard": ["standard", "std"], "professional": ["pro"]}[t.mode]
-                    ),
-                    duration=t.duration,
-                    audio=t.audio,
-                    prompt_len=42,
-                ),
-            )
-        )
-        done = t.ts + t.elapsed
-        if t.outcome in ("succeed", "failed"):
-            fields: dict[str, object] = {
-                "event": "task_completed",
-                "timestamp": iso(done),
-                "task_id": t.id,
-                "status": t.outcome,
-                "elapsed_sec": t.elapsed,
-            }
-            if t.credits_used is not None:
-                fields["credits_used"] = t.credits_used
-            events.append((done, line(**fields)))
-        elif t.outcome == "error":
-            events.append(
-                (
-                    done,
-                    line(
-                        event="task_error",
-                        timestamp=iso(done),
-                        task_id=t.id,
-                        error_type="quota",
-                        message="prompt was: a cat",
-                    ),
-                )
-            )
-    events.sort(key=lambda e: e[0])
-    out = [raw for _, raw in events]
-    for _ in range(duplicates):  # a repeat comes after the line it repeats
-        i = rng.randrange(len(out))
-        out.insert(rng.randrange(i + 1, len(out) + 1), out[i])
-    return out
 
 
 def charged(t: Task) -> float:

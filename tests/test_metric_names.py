@@ -18,7 +18,7 @@ from kling_exporter.metrics import METRICS, KlingCollector, reservation_families
 from kling_exporter.model import View
 from kling_exporter.reservations import Reservations
 
-from tests.test_metrics_output import render_fixed_log
+from tests.helpers import render_fixed_log
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"\bkling_[a-z0-9_]+")

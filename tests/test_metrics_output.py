@@ -2,69 +2,22 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import subprocess
 from pathlib import Path
 
 from kling_exporter.collector import TextRenderer
-from kling_exporter.config import parse_config
 from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
 from kling_exporter.metrics import KlingCollector
-from kling_exporter.model import ReadStats, Status
+from kling_exporter.model import Status
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.helpers import require_binary
+from tests.helpers import FIXED_LOG_CONFIG, NOW, render_fixed_log, require_binary
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden" / "metrics.prom"
-NOW = dt.datetime(2026, 11, 22, 12, tzinfo=dt.UTC).timestamp()
-CONFIG = parse_config(
-    {
-        "timezone": "Europe/Berlin",
-        "budgets": [
-            {
-                "name": "marketing",
-                "project": "marketing",
-                "period": "monthly",
-                "limit_credits": 10000,
-                "limit_usd": 600,
-            },
-            {
-                "name": "bob-daily",
-                "user": "bob",
-                "period": "daily",
-                "limit_credits": 100,
-                "alert_threshold": 0.9,
-            },
-            {"name": "everything", "period": "weekly", "limit_usd": 50},
-        ],
-    }
-)
-
-
-def render_fixed_log() -> bytes:
-    ledger, reading = Ledger(CONFIG), ReadStats()
-    for raw in (HERE / "data" / "fixed.jsonl").read_bytes().splitlines():
-        reading.lines += 1
-        reading.bytes += len(raw) + 1
-        result = decode_line(raw)
-        if isinstance(result, Event):
-            ledger.apply(result, NOW)
-        else:
-            reading.invalid[result] += 1
-    status = Status(
-        files_watched=1,
-        ready=True,
-        reload_successful=True,
-        reload_success_ts=NOW - 60,
-        state_save_ts=NOW - 5,
-    )
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(KlingCollector(lambda: (ledger.snapshot(NOW, reading), status)))
-    return generate_latest(registry)
 
 
 def test_metrics_output_matches_golden_file() -> None:
@@ -88,7 +41,7 @@ def test_promtool_check_metrics_is_clean() -> None:
 
 
 def test_fast_text_renderer_matches_prometheus_client_byte_for_byte() -> None:
-    ledger = Ledger(CONFIG)
+    ledger = Ledger(FIXED_LOG_CONFIG)
     for raw in (HERE / "data" / "fixed.jsonl").read_bytes().splitlines():
         result = decode_line(raw)
         if isinstance(result, Event):
@@ -132,7 +85,7 @@ def test_fast_text_renderer_matches_prometheus_client_byte_for_byte() -> None:
 
 
 def test_text_kept_from_the_last_scrape_is_used_only_while_nothing_changed() -> None:
-    ledger = Ledger(CONFIG)
+    ledger = Ledger(FIXED_LOG_CONFIG)
     status = Status(
         files_watched=1, ready=True, reload_successful=True, reload_success_ts=NOW, state_save_ts=0
     )

@@ -25,20 +25,9 @@ from kling_exporter.pricing import Request
 from prometheus_client import CollectorRegistry, generate_latest
 
 from bench.migration import figures
-from tests.helpers import ROOT
-from tests.test_ledger import feed
+from tests.helpers import ROOT, THEIR_CSV_COLUMNS, feed
 
 DAY = dt.datetime(2026, 11, 22, 9, 0, 0, 123456)
-# The header their export_usage_csv writes, which readers of it depend on.
-THEIR_CSV_COLUMNS = [
-    "timestamp",
-    "event",
-    "task_id",
-    "model",
-    "status",
-    "credits_used",
-    "elapsed_sec",
-]
 CONFIG = """
 budgets:
   - {name: team, period: daily, limit_credits: 100, limit_usd: 12}

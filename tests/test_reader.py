@@ -11,8 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import DaemonProcess, wait_until, write_lines
-from tests.test_daemon import CONFIG, completed, half_used, submitted
+from tests.helpers import (
+    MK_CONFIG,
+    DaemonProcess,
+    completed,
+    half_used,
+    submitted,
+    wait_until,
+    write_lines,
+)
 
 Factory = Callable[..., DaemonProcess]
 
@@ -72,11 +79,11 @@ def test_pre_flight_answers_while_the_reader_is_stalled_with_what_it_last_showed
 def test_a_reload_reaches_pre_flight_answers(tmp_path: Path, daemon_factory: Factory) -> None:
     d = half_used(tmp_path, daemon_factory)
     assert check(d, project="marketing", count=6)["allowed"] is False  # 60 of 50 left
-    d.config_path.write_text(CONFIG.replace("limit_credits: 100", "limit_credits: 200"))
+    d.config_path.write_text(MK_CONFIG.replace("limit_credits: 100", "limit_credits: 200"))
     d.send(signal.SIGHUP)
     d.wait_metric("kling_budget_limit_credits", 200, budget="mk", period="monthly")
     wait_until(lambda: check(d, project="marketing", count=6)["allowed"])
-    d.config_path.write_text(CONFIG.replace("period: monthly", "period: montly"))
+    d.config_path.write_text(MK_CONFIG.replace("period: monthly", "period: montly"))
     assert d.post("/-/reload")[0] == 500
     answer = check(d, project="marketing", count=15)
     assert answer["budgets"][0]["credits_remaining"] == 150 and answer["allowed"] is True

@@ -19,8 +19,7 @@ from kling_exporter.model import View
 from kling_exporter.pricing import Request
 from kling_exporter.reservations import Journal, Reservations, fingerprint
 
-from tests.helpers import saved_and_restored
-from tests.test_ledger import NOW, feed
+from tests.helpers import NOW, feed, saved_and_restored
 
 CONFIG = parse_config(
     {
