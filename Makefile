@@ -4,7 +4,7 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 ARGS    ?=
 
-.PHONY: help run demo test lint typecheck unit tools clean screenshots mixin dashboards kubernetes certs
+.PHONY: help run demo test test-fast lint typecheck unit tools clean screenshots mixin dashboards kubernetes certs
 .DEFAULT_GOAL := help
 
 ## help: list the targets (plain `make` does this)
@@ -73,6 +73,10 @@ typecheck: $(BIN)/.installed-dev
 ## unit: the test suite alone
 unit: $(BIN)/.installed-dev tools
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+## test-fast: the in-process tests alone (about 30 s; no Prometheus, Redis or exporter process)
+test-fast: $(BIN)/.installed-dev
+	$(BIN)/pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 ## test: lint, type-check and the whole test suite
 test: lint typecheck unit

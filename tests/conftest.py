@@ -8,6 +8,33 @@ import pytest
 
 from tests.helpers import DaemonProcess
 
+# Modules whose every test runs real processes (Prometheus, Alertmanager, promtool,
+# Redis, logrotate, the exporter's command line); elsewhere a test that asks for an
+# exporter process is end-to-end by its fixtures.
+END_TO_END_MODULES = {
+    "test_alerting",
+    "test_callbacks",
+    "test_cli_messages",
+    "test_dashboards",
+    "test_deploy",
+    "test_examples",
+    "test_faults",
+    "test_fleet",
+    "test_kubernetes",
+    "test_readme_examples",
+    "test_reader",
+    "test_web",
+}
+PROCESS_FIXTURES = {"daemon_factory", "module_daemon_factory"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark end-to-end tests, so that ``make test-fast`` can leave them out."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.path.stem in END_TO_END_MODULES or fixtures & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
