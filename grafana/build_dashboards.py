@@ -18,8 +18,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "exporter"))  # the package, when not installed
 
-from mixin.build import config, values  # noqa: E402
+from mixin.config import config, values  # noqa: E402
 
 MIXIN = values(config())
 WARNING = float(MIXIN["budget_warning_ratio"])  # the dashboards' warning line

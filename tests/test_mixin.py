@@ -4,16 +4,13 @@ committed is what it gives, every knob is used, and a changed knob changes them.
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 import yaml
 
-from tests.helpers import ROOT
-
-sys.path.insert(0, str(ROOT))
-
 from mixin import build
+from mixin.config import config, values
+from tests.helpers import ROOT
 
 
 def test_the_committed_rules_are_what_the_mixin_gives() -> None:
@@ -24,30 +21,26 @@ def test_the_committed_rules_are_what_the_mixin_gives() -> None:
 
 
 def test_every_knob_is_used() -> None:
-    texts = [t.read_text() for t in build.OUTPUTS] + [
-        (ROOT / "grafana" / "build_dashboards.py").read_text()
-    ]
-    used = set().union(*(re.findall(r"@([a-z0-9_]+)@", t) for t in texts[:-1]))
-    used |= set(re.findall(r"MIXIN\['([a-z0-9_]+)'\]", texts[-1]))
-    used |= set(re.findall(r'MIXIN\["([a-z0-9_]+)"\]', texts[-1]))
-    knobs = set(build.config())
+    templates = [t.read_text() for t in build.OUTPUTS]
+    dashboards = [(ROOT / "grafana" / "build_dashboards.py").read_text()]
+    used = set().union(*(re.findall(r"@([a-z0-9_]+)@", t) for t in templates))
+    for text in dashboards:
+        used |= set(re.findall(r"MIXIN\[[\'\"]([a-z0-9_]+)[\'\"]\]", text))
+    knobs = set(config())
     unused = {k for k in knobs if not any(u == k or u.startswith(k + "_") for u in used)}
     assert not unused, f"knobs in mixin/config.yml that nothing reads: {unused}"
 
 
-def test_a_changed_knob_changes_the_expressions_and_the_words(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_changed_knob_changes_the_expressions_and_the_words() -> None:
     changed = {
-        **build.config(),
+        **config(),
         "selector": 'job="kling"',
         "failure_ratio": 0.3,
         "failure_window": "30m",
         "errors_factor": 2,
         "exporter_down_for": "1h",
     }
-    monkeypatch.setattr(build, "config", lambda: changed)
-    alerts = yaml.safe_load(build.rules()[ROOT / "alerts" / "kling.alerts.yml"])
+    alerts = yaml.safe_load(build.rules(changed)[ROOT / "alerts" / "kling.alerts.yml"])
     rules = {r["alert"]: r for g in alerts["groups"] for r in g["rules"] if "alert" in r}
     down = rules["KlingExporterDown"]
     assert down["expr"].strip() == 'up{job="kling"} == 0' and down["for"] == "1h"
@@ -60,18 +53,18 @@ def test_a_changed_knob_changes_the_expressions_and_the_words(
     assert (
         "more than twice its usual rate" in rules["KlingErrorsSpike"]["annotations"]["description"]
     )
-    recorded = yaml.safe_load(build.rules()[ROOT / "alerts" / "kling.rules.yml"])
+    recorded = yaml.safe_load(build.rules(changed)[ROOT / "alerts" / "kling.rules.yml"])
     names = {r["record"] for g in recorded["groups"] for r in g["rules"]}
     assert "kling:task_failure:ratio30m" in names  # the alert reads what is recorded
 
 
 def test_an_unknown_placeholder_is_refused() -> None:
     with pytest.raises(SystemExit, match=r"@nope@ is not in config\.yml"):
-        build.render("x @nope@", build.values(build.config()), "alerts.yml")
+        build.render("x @nope@", values(config()), "alerts.yml")
 
 
 def test_the_example_scrape_jobs_are_the_selectors() -> None:
-    job = re.fullmatch(r'job="([^"]+)"', build.config()["selector"])
+    job = re.fullmatch(r'job="([^"]+)"', config()["selector"])
     assert job, "the selector names the job"
     for path in (
         ROOT / "examples" / "prometheus.yml",
