@@ -1,7 +1,7 @@
-"""Writes the recording rules and alerts in alerts/ from mixin/config.yml and the
-templates beside it, then the dashboards (grafana/build_dashboards.py) and the
-Kubernetes resources made of both (examples/kubernetes/build.py), which read the same
-config.
+"""Writes everything made from mixin/config.yml: the recording rules and alerts in
+alerts/ (from the templates beside the config), then the dashboards of grafana/dashboards/
+(from their source in mixin/dashboards/) and the Kubernetes resources that carry both
+(examples/kubernetes/build.py).
 
     python mixin/build.py          # rewrite them all
     python mixin/build.py --check  # exit 1 if any differs from what this gives
@@ -12,7 +12,6 @@ text (mixin/config.py lists them: ``@x_ratio_percent@``, ``@x_words@``...).
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -23,7 +22,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 
+from examples.kubernetes import build as kubernetes  # noqa: E402
 from mixin.config import CONFIG, config, values  # noqa: E402
+from mixin.dashboards import files as dashboards  # noqa: E402
 
 # template -> generated file
 OUTPUTS = {
@@ -57,20 +58,9 @@ def rules(data: dict[str, Any] | None = None) -> dict[Path, str]:
     }
 
 
-def _others() -> list[Any]:
-    """The other builders that read this config: dashboards, then Kubernetes."""
-    found = []
-    for path in (ROOT / "grafana" / "build_dashboards.py", ROOT / "examples/kubernetes/build.py"):
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        found.append(module)
-    return found
-
-
-def main(argv: list[str]) -> int:
-    check = "--check" in argv
+def sync_rules(check: bool) -> bool:
+    """Write the rule files that differ (or name them, with ``check``); True if all
+    were already as rendered."""
     rendered = rules()
     stale = [p for p, text in rendered.items() if not p.exists() or p.read_text() != text]
     for path in stale:
@@ -79,8 +69,15 @@ def main(argv: list[str]) -> int:
         else:
             path.write_text(rendered[path])
             print(f"wrote {path.relative_to(ROOT)}")
-    codes = [module.main(argv) for module in _others()]
-    return 1 if (check and stale) or any(codes) else 0
+    return not stale
+
+
+def main(argv: list[str]) -> int:
+    """The rules, then the dashboards, then what Kubernetes loads of both."""
+    check = "--check" in argv
+    rules_current = sync_rules(check)
+    codes = [dashboards.main(argv), kubernetes.main(argv)]
+    return 1 if (check and not rules_current) or any(codes) else 0
 
 
 if __name__ == "__main__":

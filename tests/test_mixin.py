@@ -3,7 +3,12 @@ committed is what it gives, every knob is used, and a changed knob changes them.
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +16,15 @@ import yaml
 from mixin import build
 from mixin.config import config, values
 from tests.helpers import ROOT
+
+# What writes the generated files: the mixin's own build, the dashboards' source and
+# entry point, and the Kubernetes resources.
+GENERATORS = [
+    *sorted((ROOT / "mixin").glob("*.py")),
+    ROOT / "grafana" / "build_dashboards.py",
+    *sorted((ROOT / "mixin" / "dashboards").glob("*.py")),
+    ROOT / "examples" / "kubernetes" / "build.py",
+]
 
 
 def test_the_committed_rules_are_what_the_mixin_gives() -> None:
@@ -73,3 +87,51 @@ def test_the_example_scrape_jobs_are_the_selectors() -> None:
     ):
         jobs = [c["job_name"] for c in yaml.safe_load(path.read_text())["scrape_configs"]]
         assert job.group(1) in jobs, path
+
+
+@pytest.mark.parametrize(
+    "script", ["mixin/build.py", "grafana/build_dashboards.py", "examples/kubernetes/build.py"]
+)
+def test_the_committed_files_are_what_each_command_writes(script: str) -> None:
+    """Run as the Makefile runs them, scripts from the checkout: mixin/build.py checks
+    all the generated files, the other two theirs."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _imports(path: Path) -> set[str]:
+    """The modules a file imports, by plain import statements."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_the_generators_import_one_way() -> None:
+    """The config is the source, the dashboards read it and the mixin's build calls the
+    builders: plain imports, no importlib (which hides a circle from every reader), and
+    no circle."""
+    modules = {_module(p): p for p in GENERATORS}
+    graph = {}
+    for name, path in modules.items():
+        imported = _imports(path)
+        assert not {i for i in imported if i.split(".")[0] == "importlib"}, path.name
+        graph[name] = {i for i in imported if i in modules and i != name}
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # raises on a circle
+    assert order.index("mixin.config") < order.index("mixin.dashboards.knobs")
+    assert order.index("mixin.dashboards.files") < order.index("mixin.build")
+    assert not graph["mixin.config"], "the config reads no builder"
