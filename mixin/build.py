@@ -1,36 +1,31 @@
-"""Writes the recording rules and alerts in alerts/ from mixin/config.yml and the
-templates beside it, then the dashboards (grafana/build_dashboards.py) and the
-Kubernetes resources made of both (examples/kubernetes/build.py), which read the same
-config.
+"""Writes everything made from mixin/config.yml: the recording rules and alerts in
+alerts/ (from the templates beside the config), then the dashboards of grafana/dashboards/
+(from their source in mixin/dashboards/) and the Kubernetes resources that carry both
+(examples/kubernetes/build.py).
 
     python mixin/build.py          # rewrite them all
     python mixin/build.py --check  # exit 1 if any differs from what this gives
 
-In a template, ``@name@`` is the value ``name`` of the config. Every value also comes in
-forms for text: a ratio ``x_ratio`` as ``@x_ratio_percent@`` (0.2: ``20%``); a duration
-``x`` as ``@x_seconds@`` (``900``), ``@x_words@`` (``15 minutes``) and ``@x_span@``
-(``hour`` for ``1h``, else as words); a whole number ``x`` as ``@x_times@`` (``three
-times``, ``twice``).
+In a template, ``@name@`` is the value ``name`` of the config, or one of its forms for
+text (mixin/config.py lists them: ``@x_ratio_percent@``, ``@x_words@``...).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 
-from kling_exporter.config import parse_duration  # noqa: E402
+from examples.kubernetes import build as kubernetes  # noqa: E402
+from mixin.config import CONFIG, config, values  # noqa: E402
+from mixin.dashboards import files as dashboards  # noqa: E402
 
-CONFIG = HERE / "config.yml"
 # template -> generated file
 OUTPUTS = {
     HERE / "rules.yml": ROOT / "alerts" / "kling.rules.yml",
@@ -41,49 +36,6 @@ HEADER = (
     "# then run `make mixin`.\n"
 )
 PLACEHOLDER = re.compile(r"@([a-z0-9_]+)@")
-DURATION = re.compile(r"^\d+(ms|s|m|h|d|w|y)$")
-UNITS = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
-TIMES = {1: "once", 2: "twice", 3: "three times", 4: "four times", 5: "five times"}
-
-
-def config() -> dict[str, Any]:
-    data = yaml.safe_load(CONFIG.read_text())
-    if not isinstance(data, dict):
-        raise SystemExit(f"{CONFIG}: expected a mapping")
-    return data
-
-
-def words(seconds: float) -> str:
-    """15 minutes, 1 hour, 6 hours: the largest unit that divides it."""
-    for unit, size in UNITS:
-        if seconds >= size and seconds % size == 0:
-            n = int(seconds // size)
-            return f"{n} {unit}" + ("s" if n != 1 else "")
-    return f"{seconds:g} seconds"
-
-
-def values(data: dict[str, Any]) -> dict[str, str]:
-    """Every value, with its forms for text."""
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        out[key] = str(value)
-        if key.endswith("_ratio"):
-            out[f"{key}_percent"] = f"{float(value):.0%}"
-        if isinstance(value, str) and DURATION.match(value):
-            seconds = _seconds(value, key)
-            out[f"{key}_seconds"] = f"{seconds:g}"
-            out[f"{key}_words"] = words(seconds)
-            out[f"{key}_span"] = words(seconds).removeprefix("1 ")
-        if isinstance(value, int) and not isinstance(value, bool):
-            out[f"{key}_times"] = TIMES.get(value, f"{value} times")
-    return out
-
-
-def _seconds(value: str, key: str) -> float:
-    if value.endswith(("d", "w", "y")):
-        n = int(value[:-1])
-        return n * {"d": 86400, "w": 7 * 86400, "y": 365 * 86400}[value[-1]]
-    return parse_duration(value, key)
 
 
 def render(template: str, known: dict[str, str], name: str) -> str:
@@ -96,9 +48,9 @@ def render(template: str, known: dict[str, str], name: str) -> str:
     return PLACEHOLDER.sub(one, template)
 
 
-def rules() -> dict[Path, str]:
-    """The generated rule files and their text."""
-    known = values(config())
+def rules(data: dict[str, Any] | None = None) -> dict[Path, str]:
+    """The generated rule files and their text, from ``data`` (the config if None)."""
+    known = values(config() if data is None else data)
     return {
         out: HEADER.format(template=template.name)
         + render(template.read_text(), known, template.name)
@@ -106,20 +58,9 @@ def rules() -> dict[Path, str]:
     }
 
 
-def _others() -> list[Any]:
-    """The other builders that read this config: dashboards, then Kubernetes."""
-    found = []
-    for path in (ROOT / "grafana" / "build_dashboards.py", ROOT / "examples/kubernetes/build.py"):
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        found.append(module)
-    return found
-
-
-def main(argv: list[str]) -> int:
-    check = "--check" in argv
+def sync_rules(check: bool) -> bool:
+    """Write the rule files that differ (or name them, with ``check``); True if all
+    were already as rendered."""
     rendered = rules()
     stale = [p for p, text in rendered.items() if not p.exists() or p.read_text() != text]
     for path in stale:
@@ -128,8 +69,15 @@ def main(argv: list[str]) -> int:
         else:
             path.write_text(rendered[path])
             print(f"wrote {path.relative_to(ROOT)}")
-    codes = [module.main(argv) for module in _others()]
-    return 1 if (check and stale) or any(codes) else 0
+    return not stale
+
+
+def main(argv: list[str]) -> int:
+    """The rules, then the dashboards, then what Kubernetes loads of both."""
+    check = "--check" in argv
+    rules_current = sync_rules(check)
+    codes = [dashboards.main(argv), kubernetes.main(argv)]
+    return 1 if (check and not rules_current) or any(codes) else 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ the README says. (No cluster here: the files are checked by the tools that read 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import yaml
 from kling_exporter.flags import DEFAULT_LISTEN
 
+from examples.kubernetes import build
 from tests.helpers import ROOT, require_binary
 
 K8S = ROOT / "examples" / "kubernetes"
@@ -37,14 +37,6 @@ def by_kind(kind: str) -> dict[str, Any]:
     return found
 
 
-def build_module() -> Any:
-    spec = importlib.util.spec_from_file_location("k8s_build", K8S / "build.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_kustomization_lists_every_manifest() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
@@ -62,7 +54,7 @@ def test_core_manifests_are_valid_kubernetes(name: str, doc: dict[str, Any]) -> 
 
 
 def test_generated_resources_are_in_step_with_alerts_and_dashboards() -> None:
-    assert build_module().main(["--check"]) == 0
+    assert build.main(["--check"]) == 0
     rule = by_kind("PrometheusRule")
     shipped = []
     for name in ("kling.rules.yml", "kling.alerts.yml"):
