@@ -22,11 +22,13 @@ from typing import Any
 
 import msgspec
 import pytest
+from kling_exporter.budgets import Ask, CheckResult
 from kling_exporter.config import parse_config
 from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
 from kling_exporter.metrics import KlingCollector
 from kling_exporter.model import ReadStats, Status
+from kling_exporter.pricing import Request
 from kling_exporter.state import ledger_state, restore
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,6 +47,11 @@ def write_lines(path: Path, lines: Iterable[str | Mapping[str, Any]], mode: str 
     with open(path, mode, encoding="utf-8") as f:
         for item in lines:
             f.write((item if isinstance(item, str) else json.dumps(item)) + "\n")
+
+
+def check(ledger: Ledger, req: Request, count: int, project: str) -> CheckResult:
+    """A pre-flight answer from the ledger's own usage and tasks in flight, at NOW."""
+    return ledger.budgets.check(ledger.usage, Ask(req, count, project, None), NOW, ledger.flight)
 
 
 def saved_and_restored(ledger: Ledger) -> Ledger:

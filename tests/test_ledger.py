@@ -14,7 +14,17 @@ from kling_exporter.counters import OTHER
 from kling_exporter.ledger import Ledger
 from kling_exporter.pricing import Request
 
-from tests.helpers import NOW, Task, feed, iso, line, random_tasks, saved_and_restored, task_lines
+from tests.helpers import (
+    NOW,
+    Task,
+    check,
+    feed,
+    iso,
+    line,
+    random_tasks,
+    saved_and_restored,
+    task_lines,
+)
 
 UTC = dt.UTC
 PRICE = {  # the default rules, by hand: (mode, duration, audio) -> credits
@@ -368,10 +378,10 @@ def test_a_check_reads_only_the_budgets_that_match_it(monkeypatch: pytest.Monkey
     monkeypatch.setattr(DayUsage, "used", used)
     monkeypatch.setattr(DayUsage, "_sum", summed)
     request = Request("kling-v2-6", "standard", 5)
-    result = ledger.check(request, 1, "p3", None, NOW)
+    result = check(ledger, request, 1, "p3")
     assert [b.name for b in result.budgets] == ["b3"]
     assert calls["used"] == 20  # one per day of the month so far, for the one budget
     first_sums = calls["sum"]
-    ledger.check(request, 1, "p4", None, NOW)
+    check(ledger, request, 1, "p4")
     assert calls["sum"] == first_sums  # the days' sums are kept until a day changes
     assert ledger.budget_statuses(NOW)[3].used_credits == 5

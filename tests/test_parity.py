@@ -25,7 +25,7 @@ from kling_exporter.pricing import Request
 from prometheus_client import CollectorRegistry, generate_latest
 
 from bench.migration import figures
-from tests.helpers import ROOT, THEIR_CSV_COLUMNS, feed
+from tests.helpers import ROOT, THEIR_CSV_COLUMNS, check, feed
 
 DAY = dt.datetime(2026, 11, 22, 9, 0, 0, 123456)
 CONFIG = """
@@ -209,7 +209,7 @@ def test_overspend_is_shown_not_hidden(logs: Path, capsys: pytest.CaptureFixture
     status = ledger.budget_statuses(NOW)[0]
     assert (status.remaining_credits, status.over_by_credits) == (-5, 5)
     assert status.remaining_usd == pytest.approx(12 - 105 * 0.14)
-    answer = ledger.check(Request("kling-v2-6", "standard", 5), 1, "default", None, NOW)
+    answer = check(ledger, Request("kling-v2-6", "standard", 5), 1, "default")
     assert not answer.allowed
     assert answer.budgets[0].over_by_credits == 5
     assert answer.budgets[0].over_by_usd == pytest.approx(105 * 0.14 - 12)
@@ -226,7 +226,7 @@ def test_remaining_gauges_go_negative_once_over() -> None:
 
 
 def test_a_refusal_says_the_real_figure_and_how_far_over() -> None:
-    answer = team_ledger().check(Request("kling-v2-6", "standard", 7), 1, "default", None, NOW)
+    answer = check(team_ledger(), Request("kling-v2-6", "standard", 7), 1, "default")
     # 105 credits ($14.70) used of 100 ($12), and 14 more: the larger is $16.66 of $12.
     assert "would reach 139%" in answer.reason
     assert "already 5 credits over" in answer.reason
@@ -301,6 +301,6 @@ def test_a_refusal_just_past_the_limit_is_not_rounded_to_100_percent() -> None:
             {"timestamp": at(0), "event": "task_completed", "task_id": "a", "credits_used": 995}
         ),
     )
-    answer = ledger.check(Request("kling-v2-6", "standard", 5), 1, "default", None, NOW)
+    answer = check(ledger, Request("kling-v2-6", "standard", 5), 1, "default")
     assert not answer.allowed
     assert "would reach 100.5%" in answer.reason and "5 credits left" in answer.reason

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from sys import intern
 
-from kling_exporter.budgets import Budgets, BudgetStatus, CheckResult, DayUsage
+from kling_exporter.budgets import Budgets, BudgetStatus, DayUsage
 from kling_exporter.config import Config
 from kling_exporter.counters import (
     CREDITS,
@@ -245,11 +245,3 @@ class Book(Counters):
 
     def budget_statuses(self, now: float) -> list[BudgetStatus]:
         return self.budgets.statuses(self.usage, now, self.flight)
-
-    def check(
-        self, req: Request, count: int, project: str, user: str | None, now: float
-    ) -> CheckResult:
-        """May ``count`` tasks like ``req`` be generated for this project and user now?
-        Counts tasks in flight too (reservations are the HTTP side's: see
-        ``kling_exporter.reservations``)."""
-        return self.budgets.check(self.usage, req, count, project, user, now, self.flight)

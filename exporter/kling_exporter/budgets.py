@@ -328,20 +328,18 @@ class Budgets:
     def check(
         self,
         usage: Usage,
-        req: Request,
-        count: int,
-        project: str,
-        user: str | None,
+        ask: Ask,
         now: float,
         flight: DayUsage = NOTHING,
         held: DayUsage = NOTHING,
         elsewhere: Mapping[str, Share] = ALONE,
     ) -> CheckResult:
-        """May ``count`` tasks like ``req`` be generated for this project and user now?
-        Each matching budget counts what is used, the estimated cost of tasks in flight
-        and live reservations (``held``), and what other exporters of a fleet say of
-        the three (``elsewhere``); refused when any would go over its limit, exactly at
-        it is allowed."""
+        """May the tasks ``ask`` names be generated for its project and user now? Each
+        matching budget counts what is used, the estimated cost of tasks in flight and
+        live reservations (``held``), and what other exporters of a fleet say of the
+        three (``elsewhere``); refused when any would go over its limit, exactly at it
+        is allowed."""
+        req, count, project, user = ask
         credits = self.pricing.credits(req) * count
         usd = credits * self.pricing.usd_per_credit
         matching = self.matching(project, user)

@@ -298,7 +298,7 @@ class Reservations:
         """A pre-flight answer that counts the live holds (and, in a fleet, what the
         other exporters say)."""
         self.sweep()
-        return view.budgets.check(view.usage, *ask, self.clock(), view.flight, self.held, elsewhere)
+        return view.budgets.check(view.usage, ask, self.clock(), view.flight, self.held, elsewhere)
 
     def statuses(self, view: View, elsewhere: Mapping[str, Share] = ALONE) -> list[BudgetStatus]:
         self.sweep()
