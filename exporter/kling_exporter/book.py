@@ -175,9 +175,7 @@ class Book(Counters):
     def _fly(self, t: Task, sign: int) -> None:
         """A task enters (1) or leaves (-1) flight: its estimated price, by its pair.
         (Inlined where a submission is counted and where it finishes.)"""
-        credits = self.pricing.cache.get((t.model, t.mode, t.duration, t.audio, t.kind))
-        if credits is None:
-            credits = self._estimate(t)
+        credits = self._price(t)
         pair = (t.project, t.user)
         counts = self.flight_tasks.get(pair)
         if counts is None:
@@ -188,8 +186,14 @@ class Book(Counters):
             counts[0] += sign
             counts[1] += sign * credits
 
-    def _estimate(self, t: Task) -> float:
-        return self.pricing.credits(Request(t.model, t.mode, t.duration, t.audio, t.kind))
+    def _price(self, t: Task) -> float:
+        """What a task costs by the pricing rules: its priced fields are the key of the
+        pricing's cache (a Request is a tuple of the same fields)."""
+        key = (t.model, t.mode, t.duration, t.audio, t.kind)
+        credits = self.pricing.cache.get(key)
+        if credits is None:
+            credits = self.pricing.credits(Request(*key))
+        return credits
 
     @property
     def flight(self) -> DayUsage:

@@ -28,7 +28,6 @@ from kling_exporter.events import (
     Event,
 )
 from kling_exporter.model import ReadStats, Record, Snapshot, Task
-from kling_exporter.pricing import Request
 
 # 2000-01-01T00:00:00Z: an earlier event time is a broken clock (Kling did not exist).
 OLDEST_TS = 946684800.0
@@ -117,12 +116,12 @@ class Ledger(Book):
             project_counts[TOUCHED] = 1
             tasks[task_id] = task
             self.expiry.append((ts, task_id))
-            # In flight: _fly(task, 1), inlined.
+            # In flight: _fly(task, 1), inlined (the price key as in _price).
             price = self.pricing.cache.get(
                 (task.model, task.mode, task.duration, task.audio, task.kind)
             )
             if price is None:
-                price = self._estimate(task)
+                price = self._price(task)
             pair = (task.project, task.user)
             flying = self.flight_tasks.get(pair)
             if flying is None:
@@ -151,8 +150,7 @@ class Ledger(Book):
         """A completion or an error. One read before its submission waits (``waiting``)
         until the submission comes or ``orphan_wait`` of reading time has passed; then
         (``orphan``) it is counted with what the line itself says."""
-        tasks = self.tasks
-        known = tasks.get(task_id)
+        known = self.tasks.get(task_id)
         if type(known) is Task:
             task, flags = known, known.flags
             key = (task.project, task.model)
@@ -160,95 +158,110 @@ class Ledger(Book):
             if not flags & FINISHED:
                 project_counts[IN_FLIGHT] -= 1
                 project_counts[TOUCHED] = 1
-                # Out of flight: _fly(task, -1), inlined.
-                price_key = (task.model, task.mode, task.duration, task.audio, task.kind)
-                price = self.pricing.cache.get(price_key)
-                if price is None:
-                    price = self._estimate(task)
+                # Out of flight: _fly(task, -1), inlined (it runs for every finish).
+                price = self.pricing.cache.get(
+                    (task.model, task.mode, task.duration, task.audio, task.kind)
+                )
                 pair = (task.project, task.user)
                 flying = self.flight_tasks.get(pair)
-                if flying is None:
-                    pass  # cannot be: every open task entered flight
-                elif flying[0] == 1:
+                if flying is not None and flying[0] == 1:
                     del self.flight_tasks[pair]
-                else:
+                elif flying is not None:
                     flying[0] -= 1
-                    flying[1] -= price
+                    flying[1] -= self._price(task) if price is None else price
         else:
             flags = known or 0  # type: ignore[assignment]
-            # The first terminal event wins; a later one, even of the other kind, repeats it.
-            if flags & FINISHED or (self.waiting and task_id in self.waiting):
-                self.duplicates += 1
+            if not self._counted_alone(e, task_id, ts, now, flags, orphan):
                 return
-            if not orphan and self.orphan_wait > 0 and not e.own_project:
-                # Its submission may still come (another file, another host) and say
-                # whose it is; a line that names its project is counted at once.
-                self.waiting[task_id] = (e, ts, now)
-                return
-            self.orphaned += 1
-            # No open submission: take what the line itself says.
             task = self._new_task(e, ts, 0)
             counts, _, project, model = self._route(task.project, task.model)
         if how == DONE:
-            status = e.status or "succeed"
-            counts[STATUS_SLOT[status]] += 1
-            credits = e.credits_used
-            if credits is None:
-                if status == "failed":
-                    credits = 0.0
-                else:
-                    price_key = (task.model, task.mode, task.duration, task.audio, task.kind)
-                    credits = self.pricing.cache.get(price_key)
-                    if credits is None:
-                        credits = self.pricing.credits(Request(*price_key))
-            # Seconds of video made: succeeded videos whose length is known (from the
-            # submission, or from the line itself), never a guessed default.
-            if (
-                status == "succeed"
-                and task.kind == "video"
-                and (type(known) is Task or e.duration is not None)
-            ):
-                counts[VIDEO_SECONDS] += task.duration
-            if status == "succeed" and e.elapsed_sec is not None:
-                hist = self.generation.get(model)
-                if hist is None:
-                    hist = self.generation[model] = Histogram()
-                hist.observe(e.elapsed_sec)
+            credits = self._completed(e, task, counts, model, type(known) is Task)
         else:
-            error = self.error_labels.get(e.error_type or UNKNOWN_ERROR)
-            errors, ekey = self.errors, (project, error)
-            errors[ekey] = errors.get(ekey, 0) + 1
-            credits = e.credits_used or 0.0
+            credits = self._errored(e, project)
         if credits:
             self._charge(counts, task.project, task.user, ts, credits)
         if known is None:
             self._remember(task_id, flags | how, ts)
         else:
-            tasks[task_id] = flags | how
+            self.tasks[task_id] = flags | how
         if self.observer is not None:
-            usd = credits * self.pricing.usd_per_credit
-            if how == DONE:
-                rec = _record(
-                    "completed",
-                    task_id,
-                    task,
-                    ts,
-                    status=status,
-                    elapsed=e.elapsed_sec,
-                    credits=credits,
-                    usd=usd,
-                )
-            else:
-                rec = _record(
-                    "error",
-                    task_id,
-                    task,
-                    ts,
-                    error_type=e.error_type or UNKNOWN_ERROR,
-                    credits=credits,
-                    usd=usd,
-                )
-            self.observer(rec)
+            self.observer(self._finish_record(e, task_id, task, ts, how, credits))
+
+    def _counted_alone(
+        self, e: Event, task_id: str, ts: float, now: float, flags: int, orphan: bool
+    ) -> bool:
+        """Whether a terminal event without an open submission is counted now, on what
+        the line itself says: not if it repeats a finish (the first terminal event wins;
+        a later one, even of the other kind, is a duplicate), nor while its submission
+        may still come (another file, another host) to say whose it is."""
+        if flags & FINISHED or (self.waiting and task_id in self.waiting):
+            self.duplicates += 1
+            return False
+        if not orphan and self.orphan_wait > 0 and not e.own_project:
+            self.waiting[task_id] = (e, ts, now)  # a line that names its project is not
+            return False
+        self.orphaned += 1
+        return True
+
+    def _completed(
+        self, e: Event, task: Task, counts: list[float], model: str, submitted: bool
+    ) -> float:
+        """Count a completion; its credits: what the line says, else the estimate (none
+        for a failed task)."""
+        status = e.status or "succeed"
+        counts[STATUS_SLOT[status]] += 1
+        credits = e.credits_used
+        if credits is None and status != "failed":
+            credits = self.pricing.cache.get(
+                (task.model, task.mode, task.duration, task.audio, task.kind)
+            )
+            if credits is None:
+                credits = self._price(task)
+        if status == "succeed":
+            # Seconds of video made: succeeded videos whose length is known (from the
+            # submission, or from the line itself), never a guessed default.
+            if task.kind == "video" and (submitted or e.duration is not None):
+                counts[VIDEO_SECONDS] += task.duration
+            if e.elapsed_sec is not None:
+                hist = self.generation.get(model)
+                if hist is None:
+                    hist = self.generation[model] = Histogram()
+                hist.observe(e.elapsed_sec)
+        return 0.0 if credits is None else credits  # a failed task costs what it says
+
+    def _errored(self, e: Event, project: str) -> float:
+        """Count an error; its credits (what the line says, else none)."""
+        error = self.error_labels.get(e.error_type or UNKNOWN_ERROR)
+        errors, ekey = self.errors, (project, error)
+        errors[ekey] = errors.get(ekey, 0) + 1
+        return e.credits_used or 0.0
+
+    def _finish_record(
+        self, e: Event, task_id: str, task: Task, ts: float, how: int, credits: float
+    ) -> Record:
+        """What the observer (the CSV export) is told of a completion or an error."""
+        usd = credits * self.pricing.usd_per_credit
+        if how == DONE:
+            return _record(
+                "completed",
+                task_id,
+                task,
+                ts,
+                status=e.status or "succeed",
+                elapsed=e.elapsed_sec,
+                credits=credits,
+                usd=usd,
+            )
+        return _record(
+            "error",
+            task_id,
+            task,
+            ts,
+            error_type=e.error_type or UNKNOWN_ERROR,
+            credits=credits,
+            usd=usd,
+        )
 
     def _usage_line(self, e: Event, task_id: str, ts: float) -> None:
         """A simple tracker's line: one submitted and succeeded task with its credits."""
