@@ -31,12 +31,11 @@ from kling_exporter.reservations import Reservations
 from tests.helpers import (
     ROOT,
     DaemonProcess,
-    free_port,
     require_binary,
     value,
     wait_until,
 )
-from tests.redis_server import RedisServer, cluster_port
+from tests.redis_server import RedisServer, SentinelServer, cluster_port
 
 CONFIG = """
 state: {{path: {dir}/k.state}}
@@ -354,25 +353,11 @@ def reserve_until_refused(d: DaemonProcess) -> int:
 
 def test_sentinel_and_cluster_urls_share_budgets_too(fleet: Any, tmp_path: Path) -> None:
     f: Fleet = fleet(limit=50)
-    # Sentinel watching the fleet's redis-server as master "kling".
-    port = free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(
-        f"port {port}\nbind 127.0.0.1\nsentinel monitor kling 127.0.0.1 {f.redis.port} 1\n"
-    )
-    sentinel = RedisServer(tmp_path / "sentinel", port)
+    sentinel = SentinelServer(tmp_path / "sentinel", f.redis)
     nodes: list[RedisServer] = []
     try:
-        sentinel.proc = subprocess.Popen(
-            [sentinel.binary, str(conf), "--sentinel"],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        wait_until(sentinel.answers, timeout=15)
-        with sentinel.client() as c:
-            wait_until(lambda: c.execute_command("SENTINEL", "MASTERS"), timeout=15)
-        a = f.start("a", f"redis+sentinel://127.0.0.1:{port}/kling/0")
+        sentinel.start()
+        a = f.start("a", sentinel.url)
         b = f.start("b")  # the same server, by its plain URL
         wait_until(lambda: settled(a, 2) and settled(b, 2), timeout=20)
         assert reserve_until_refused(a) + reserve_until_refused(b) == 5
