@@ -75,6 +75,13 @@ class Fleet:
     def log(self, name: str) -> EventLogger:
         return EventLogger(self.tmp_path / name / "logs", project="p")
 
+    def spend(self, name: str, tasks: int, first: int = 0) -> None:
+        """``tasks`` tasks of ``CREDITS`` each, completed in ``name``'s logs."""
+        log = self.log(name)
+        for i in range(first, first + tasks):
+            log.submitted(f"{name}-t{i}", "kling-v2-6", "std", 5)
+            log.completed(f"{name}-t{i}", credits_used=CREDITS)
+
     def logged_credits(self) -> float:
         """What every exporter's logs say was used: completions' credits."""
         total = 0.0
@@ -95,6 +102,10 @@ class Fleet:
             if d.proc is not None and d.proc.poll() is None:
                 d.stop()
         self.redis.stop()
+
+    def restart_redis_empty(self) -> None:
+        self.redis.kill()
+        self.redis.start()
 
 
 @pytest.fixture
@@ -336,6 +347,30 @@ def test_alone_without_redis_and_a_bad_url_is_refused_by_name(
     bad.start(wait_ready=False)
     assert bad.proc is not None and bad.proc.wait(30) != 0
     assert "fleet.redis_url" in bad.output()
+
+
+# -- faults: Redis that forgets, two exporters with one name, failover ----------------
+
+
+def test_a_stopped_instances_spending_survives_redis_restarting_empty(fleet: Any) -> None:
+    """Redis without persistence restarts empty while b is stopped: a remembers what b
+    had published and writes it back, so b's spending still counts."""
+    f: Fleet = fleet(limit=100)
+    a, b = f.start("a"), f.start("b")
+    f.spend("a", 3)
+    f.spend("b", 2)
+    wait_until(lambda: team(a)["used_credits"] == 50 and settled(a, 2), timeout=20)
+    b.stop()
+    f.restart_redis_empty()
+    wait_until(lambda: settled(a, 1), timeout=20)
+    wait_until(lambda: team(a)["used_credits"] == 50, timeout=10)
+    # Decided inside Redis with b's 20 counted: 50 left, not 70.
+    assert post(a, "/api/v1/reservations", {**TASK, "count": 6})[1]["allowed"] is False
+    assert post(a, "/api/v1/reservations", {**TASK, "count": 5})[0] == 201
+    b = f.start("b")  # its own entry again, the same totals: nothing added
+    wait_until(lambda: settled(b, 2), timeout=20)
+    wait_until(lambda: team(b)["reserved_credits"] == 50, timeout=20)
+    assert team(b)["used_credits"] == 50
 
 
 # -- Sentinel and Cluster: the same code, by URL -------------------------------------

@@ -1,31 +1,61 @@
 -- The fleet's one server-side script (kling_exporter/fleet.py runs it): publish this
--- exporter's entry of each budget, read the others', or decide a reservation, atomically.
+-- exporter's entry of each budget (writing back what Redis lost of the others'), read
+-- the others', or decide a reservation, atomically.
 --
 -- KEYS: 1 epoch, 2 instances, 3 the hold's id, then one hash per budget
 -- ARGV: 1 mode (publish | read | claim), 2 instance, 3 settle seconds, 4 stale seconds,
 --       5 credits needed, 6 usd needed, 7 the hold's ttl, 8 "1" when an id is given,
---       then four per budget: credit limit (-1 none), usd limit (-1 none), seconds the
---       entry is kept, this instance's entry [used c, u, in flight c, u, held c, u,
---       seconds the holds last]
+--       9 entries of other instances to write back ([[budget key, instance, entry]...],
+--       publish only), then four per budget: credit limit (-1 none), usd limit (-1 none),
+--       seconds the entry is kept, this instance's entry [used c, u, in flight c, u,
+--       held c, u, seconds the holds last]
 -- Entries are kept with the holds' end in Redis's own time, so that clocks of
 -- exporters that disagree do not matter.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local mode, me = ARGV[1], ARGV[2]
+local FIXED, K = 9, 3
 local epoch = tonumber(redis.call('GET', KEYS[1]))
 if not epoch then
   epoch = now
   redis.call('SET', KEYS[1], string.format('%.6f', now))
 end
 local settled = now >= epoch + tonumber(ARGV[3])
-local n = #KEYS - 3
-local others, mine = {}, {}
+local n = #KEYS - K
+
+-- What each instance used in a period only grows (a G-counter): an entry Redis lost is
+-- written back whole (its holds still end when they did), one it holds lower gets the
+-- higher used; in flight and held are the instance's own to lower.
+if mode == 'publish' then
+  local declared = {}
+  for i = 1, n do declared[KEYS[K + i]] = true end
+  for _, r in ipairs(cjson.decode(ARGV[9])) do
+    local key, who, e = r[1], r[2], r[3]
+    if declared[key] and who ~= me then
+      local found = redis.call('HGET', key, who)
+      if found then
+        local c = cjson.decode(found)
+        if e[1] > c[1] or e[2] > c[2] then
+          c[1], c[2] = math.max(c[1], e[1]), math.max(c[2], e[2])
+          redis.call('HSET', key, who, cjson.encode(c))
+        end
+      else
+        redis.call('HSET', key, who, cjson.encode(e))
+      end
+    end
+  end
+end
+
+local others, mine, seen = {}, {}, {}
 for i = 1, n do
-  local o = {0, 0, 0, 0, 0, 0}
-  local entries = redis.call('HGETALL', KEYS[3 + i])
+  local o, all, stored = {0, 0, 0, 0, 0, 0}, {}, nil
+  local entries = redis.call('HGETALL', KEYS[K + i])
   for j = 1, #entries, 2 do
-    if entries[j] ~= me then
-      local e = cjson.decode(entries[j + 1])
+    local e = cjson.decode(entries[j + 1])
+    if entries[j] == me then
+      stored = e
+    else
+      all[entries[j]] = e
       for k = 1, 4 do o[k] = o[k] + e[k] end
       if e[7] > now then
         o[5] = o[5] + e[5]
@@ -34,8 +64,14 @@ for i = 1, n do
     end
   end
   others[i] = o
-  mine[i] = cjson.decode(ARGV[8 + 4 * i])
+  seen[i] = all
+  local m = cjson.decode(ARGV[FIXED + 4 * i])
+  if stored then
+    m[1], m[2] = math.max(m[1], stored[1]), math.max(m[2], stored[2])
+  end
+  mine[i] = m
 end
+
 local verdict, owner, refused_by = 'ok', '', 0
 if mode == 'claim' then
   local holder = false
@@ -47,7 +83,7 @@ if mode == 'claim' then
   else
     local nc, nu = tonumber(ARGV[5]), tonumber(ARGV[6])
     for i = 1, n do
-      local lc, lu = tonumber(ARGV[5 + 4 * i]), tonumber(ARGV[6 + 4 * i])
+      local lc, lu = tonumber(ARGV[FIXED + 4 * i - 3]), tonumber(ARGV[FIXED + 4 * i - 2])
       local o, m = others[i], mine[i]
       local c = o[1] + m[1] + o[3] + m[3] + o[5] + m[5] + nc
       local u = o[2] + m[2] + o[4] + m[4] + o[6] + m[6] + nu
@@ -68,18 +104,19 @@ if mode == 'claim' then
     end
   end
 end
-if mode ~= 'read' then
+if mode == 'publish' or mode == 'claim' then
   for i = 1, n do
     local m = mine[i]
     m[7] = now + m[7]
-    redis.call('HSET', KEYS[3 + i], me, cjson.encode(m))
-    redis.call('EXPIRE', KEYS[3 + i], math.max(1, math.ceil(tonumber(ARGV[7 + 4 * i]))))
+    redis.call('HSET', KEYS[K + i], me, cjson.encode(m))
+    redis.call('EXPIRE', KEYS[K + i], math.max(1, math.ceil(tonumber(ARGV[FIXED + 4 * i - 1]))))
   end
   redis.call('ZADD', KEYS[2], now, me)
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 7 * 86400)
 end
 local instances = redis.call('ZCOUNT', KEYS[2], now - tonumber(ARGV[4]), '+inf')
-return cjson.encode({verdict = verdict, owner = owner, refused_by = refused_by,
-                     settled = settled,
-                     epoch = string.format('%.6f', epoch), instances = instances,
-                     others = others})
+local answer = {verdict = verdict, owner = owner, refused_by = refused_by,
+                settled = settled, epoch = string.format('%.6f', epoch),
+                instances = instances, others = others}
+if mode == 'publish' then answer.entries = seen end
+return cjson.encode(answer)

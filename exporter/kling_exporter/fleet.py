@@ -13,10 +13,14 @@ over (a stopped exporter's spending still counts); its holds count until they ex
 
 A Redis that restarted empty knows no instance's spending until each has published
 again: for two publish intervals after it first answers so (the ``epoch`` it keeps),
-the fleet counts as unavailable. Unavailable (unreachable, slow, or settling),
-pre-flight follows ``fleet.on_unavailable``: ``allow`` decides on this exporter's own
-usage plus the other instances' last seen, ``refuse`` refuses. Ingestion and scrapes
-never wait for Redis.
+the fleet counts as unavailable. What an instance used in a period only grows, so every
+exporter remembers the last entries it saw of the others and writes back, highest used
+winning, those Redis lost or holds lower: a stopped instance's spending survives Redis
+forgetting it as long as one peer runs.
+
+Unavailable (unreachable, slow, or settling), pre-flight follows
+``fleet.on_unavailable``: ``allow`` decides on this exporter's own usage plus the other
+instances' last seen, ``refuse`` refuses. Ingestion and scrapes never wait for Redis.
 
 All keys share one hash tag, so the script runs on a Redis Cluster too.
 """
@@ -61,12 +65,15 @@ class Answer(msgspec.Struct):
     """What the script answers."""
 
     verdict: str  # ok | refused | settling | taken
-    owner: str  # of the id, when taken
-    refused_by: int  # the first budget that refused, from 1
-    settled: bool
-    epoch: str
-    instances: int
-    others: list[list[float]] | dict[str, Any]  # Lua's cjson writes an empty list as {}
+    owner: str = ""  # of the id, when taken
+    refused_by: int = 0  # the first budget that refused, from 1
+    settled: bool = False
+    epoch: str = ""
+    instances: int = 0
+    # Lua's cjson writes an empty list as {}.
+    others: list[list[float]] | dict[str, Any] = []
+    # Publishing: every other instance's entry of each budget, by instance.
+    entries: list[dict[str, list[float]]] | dict[str, Any] = []
 
 
 _decode = msgspec.json.Decoder(Answer).decode
@@ -134,6 +141,10 @@ class Fleet:
         self.epoch = ""
         # The other instances' share of each budget's current period, as last seen.
         self.seen: dict[str, Share] = {}
+        # Every other instance's entry of each budget's current period, as last seen
+        # (with the highest used seen): what is written back when Redis lost it.
+        self.remembered: dict[str, dict[str, list[float]]] = {}
+        self.restores: list[list[Any]] = []  # [key, instance, entry] to write back
         self.wake = asyncio.Event()
         self._client: Any = None
         self._script: Any = None
@@ -170,6 +181,7 @@ class Fleet:
         needed: tuple[float, float] = (0.0, 0.0),
         rid: str | None = None,
         ttl: float = 0.0,
+        restores: list[list[Any]] = [],  # noqa: B006 - never changed
     ) -> Answer:
         """Run the script for ``budgets``; raise Unavailable when Redis does not answer."""
         settings = self.settings
@@ -186,6 +198,7 @@ class Fleet:
             needed[1],
             ttl,
             "1" if rid else "",
+            msgspec.json.encode(restores).decode(),
         ]
         shares = view.budgets.shares(budgets, view.usage, now, view.flight, self.reservations.held)
         for b, (share, (start, end)) in zip(budgets, shares, strict=True):
@@ -216,7 +229,35 @@ class Fleet:
             others = answer.others if isinstance(answer.others, list) else []
             for key, o in zip(keys[3:], others, strict=True):
                 self.seen[key] = Share(*o)
+        if mode == "publish":
+            self.restores = self._remember(keys[3:], answer.entries)
         return answer
+
+    def _remember(self, keys: list[str], entries: Any) -> list[list[Any]]:
+        """Keep the other instances' entries just read (the highest used seen of each,
+        for the current periods only); answer those Redis lost or holds lower, to be
+        written back."""
+        me = self.settings.instance_name
+        found: list[dict[str, list[float]]] = entries if isinstance(entries, list) else []
+        remembered: dict[str, dict[str, list[float]]] = {}
+        restores: list[list[Any]] = []
+        for key, there in zip(keys, found, strict=False):
+            before = self.remembered.get(key, {})
+            kept = {}
+            for who, entry in there.items():
+                old = before.get(who)
+                if old is not None and (old[0] > entry[0] or old[1] > entry[1]):
+                    restores.append([key, who, old])
+                    kept[who] = [max(old[0], entry[0]), max(old[1], entry[1]), *entry[2:]]
+                else:
+                    kept[who] = entry
+            for who, old in before.items():
+                if who not in there and who != me:
+                    restores.append([key, who, old])
+                    kept[who] = old
+            remembered[key] = kept
+        self.remembered = remembered
+        return restores
 
     def _down(self, error: BaseException) -> None:
         if self.up or self.clock() - self._warned > 60:
@@ -332,7 +373,12 @@ class Fleet:
         so that no decision is made between reading the holds and writing them)."""
         async with self.reservations.deciding:
             view = self.view()
-            await self._run("publish", view, view.budgets.config.budgets)
+            budgets = view.budgets.config.budgets
+            await self._run("publish", view, budgets)
+            if self.restores:  # what Redis lost of the others, at once
+                lost = {"entries": len(self.restores)}
+                log.info("writing back the other instances' entries Redis lost", extra=lost)
+                await self._run("publish", view, budgets, restores=self.restores)
         self.last_publish = self.clock()
 
     async def run(self) -> None:
