@@ -59,16 +59,28 @@ class Fleet:
         self.redis = RedisServer(tmp_path / "redis").start()
         self.exporters: dict[str, DaemonProcess] = {}
 
-    def config(self, name: str, url: str | None = None) -> str:
+    def config(self, name: str, url: str | None = None, instance: str | None = None) -> str:
         folder = self.tmp_path / name
         return CONFIG.format(
-            dir=folder, url=url or self.redis.url, name=name, mode=self.mode, limit=self.limit
+            dir=folder,
+            url=url or self.redis.url,
+            name=instance or name,
+            mode=self.mode,
+            limit=self.limit,
         )
 
-    def start(self, name: str, url: str | None = None) -> DaemonProcess:
+    def start(
+        self,
+        name: str,
+        url: str | None = None,
+        instance: str | None = None,
+        wait_ready: bool = True,
+    ) -> DaemonProcess:
+        """The exporter ``name`` (its folder), as fleet instance ``instance`` (``name``
+        unless given)."""
         folder = self.tmp_path / name
         folder.mkdir(exist_ok=True)
-        d = DaemonProcess(folder, self.config(name, url)).start()
+        d = DaemonProcess(folder, self.config(name, url, instance)).start(wait_ready)
         self.exporters[name] = d
         return d
 
@@ -371,6 +383,59 @@ def test_a_stopped_instances_spending_survives_redis_restarting_empty(fleet: Any
     wait_until(lambda: settled(b, 2), timeout=20)
     wait_until(lambda: team(b)["reserved_credits"] == 50, timeout=20)
     assert team(b)["used_credits"] == 50
+
+
+def test_a_second_exporter_with_the_same_instance_refuses_to_start(fleet: Any) -> None:
+    f: Fleet = fleet(limit=100)
+    a = f.start("a")
+    f.spend("a", 3)
+    wait_until(lambda: team(a)["used_credits"] == 30, timeout=20)
+    twin = f.start("twin", instance="a", wait_ready=False)
+    assert twin.proc is not None and twin.proc.wait(20) != 0
+    said = [line for line in twin.output().splitlines() if "fleet.instance" in line]
+    assert len(said) == 1 and "'a'" in said[0], twin.output()
+    # a goes on as before, alone in its name.
+    assert a.get("/-/ready")[0] == 200
+    assert value(a.metrics(), "kling_fleet_instance_conflict") == 0
+    assert post(a, "/api/v1/reservations", {**TASK, "id": "job-1"})[0] == 201
+    assert team(a)["reserved_credits"] == 10
+
+
+def conflicted(d: DaemonProcess) -> bool:
+    return value(d.metrics(), "kling_fleet_instance_conflict") == 1
+
+
+def test_an_exporter_that_finds_its_instance_taken_stops_publishing_and_is_not_ready(
+    fleet: Any,
+) -> None:
+    """Two exporters named "a" that could not see each other at start (Redis was down):
+    once Redis is back, one holds the name, the other stops publishing, fails /-/ready
+    and raises kling_fleet_instance_conflict; a reservation id is still one hold."""
+    f: Fleet = fleet(limit=100)
+    first = f.start("a")
+    f.spend("a", 3)
+    wait_until(lambda: team(first)["used_credits"] == 30 and settled(first, 1), timeout=20)
+    f.redis.kill()
+    first.wait_metric("kling_fleet_up", 0)
+    twin = f.start("twin", instance="a")  # nothing could tell it that "a" runs
+    f.spend("twin", 1)
+    f.redis.start()
+    wait_until(lambda: conflicted(first) or conflicted(twin), timeout=20)
+    loser, winner = (first, twin) if conflicted(first) else (twin, first)
+    status, body = loser.get("/-/ready")
+    assert status == 503 and b"fleet.instance" in body, body
+    assert "fleet.instance" in loser.output()
+    published = value(loser.metrics(), "kling_fleet_last_publish_timestamp_seconds")
+    time.sleep(1.0)  # five publish intervals
+    assert value(loser.metrics(), "kling_fleet_last_publish_timestamp_seconds") == published
+    assert not conflicted(winner) and winner.get("/-/ready")[0] == 200
+    wait_until(lambda: settled(winner, 1), timeout=20)
+    # The same id through both: one hold, from the exporter that holds the name.
+    status, answer = post(winner, "/api/v1/reservations", {**TASK, "id": "job-1"})
+    assert status == 201, answer
+    status, answer = post(loser, "/api/v1/reservations", {**TASK, "id": "job-1"})
+    assert answer.get("allowed") is not True and status != 201, answer
+    assert "fleet.instance" in json.dumps(answer)
 
 
 # -- Sentinel and Cluster: the same code, by URL -------------------------------------

@@ -1,26 +1,43 @@
--- The fleet's one server-side script (kling_exporter/fleet.py runs it): publish this
--- exporter's entry of each budget (writing back what Redis lost of the others'), read
--- the others', or decide a reservation, atomically.
+-- The fleet's one server-side script (kling_exporter/fleet.py runs it): hold this
+-- exporter's lease on its instance name, publish its entry of each budget (writing back
+-- what Redis lost of the others'), read the others', or decide a reservation, atomically.
 --
--- KEYS: 1 epoch, 2 instances, 3 the hold's id, then one hash per budget
--- ARGV: 1 mode (publish | read | claim), 2 instance, 3 settle seconds, 4 stale seconds,
---       5 credits needed, 6 usd needed, 7 the hold's ttl, 8 "1" when an id is given,
---       9 entries of other instances to write back ([[budget key, instance, entry]...],
---       publish only), then four per budget: credit limit (-1 none), usd limit (-1 none),
+-- KEYS: 1 epoch, 2 instances, 3 the hold's id, 4 the instance's lease, then one hash
+--       per budget
+-- ARGV: 1 mode (lease | release | publish | read | claim), 2 instance, 3 the lease's
+--       token, 4 the lease's milliseconds, 5 settle seconds, 6 stale seconds, 7 credits
+--       needed, 8 usd needed, 9 the hold's ttl, 10 "1" when an id is given, 11 entries
+--       of other instances to write back ([[budget key, instance, entry]...], publish
+--       only), then four per budget: credit limit (-1 none), usd limit (-1 none),
 --       seconds the entry is kept, this instance's entry [used c, u, in flight c, u,
 --       held c, u, seconds the holds last]
 -- Entries are kept with the holds' end in Redis's own time, so that clocks of
 -- exporters that disagree do not matter.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local mode, me = ARGV[1], ARGV[2]
-local FIXED, K = 9, 3
+local mode, me, token = ARGV[1], ARGV[2], ARGV[3]
+local FIXED, K = 11, 4
+
+-- The lease: one running exporter per instance name. Every write renews it; an
+-- exporter that finds another's token in it writes nothing.
+local lessee = redis.call('GET', KEYS[4])
+if mode == 'release' then
+  if lessee == token then redis.call('DEL', KEYS[4]) end
+  return cjson.encode({verdict = 'ok'})
+end
+if mode ~= 'read' then
+  if lessee and lessee ~= token then
+    return cjson.encode({verdict = 'conflict'})
+  end
+  redis.call('SET', KEYS[4], token, 'PX', tonumber(ARGV[4]))
+end
+
 local epoch = tonumber(redis.call('GET', KEYS[1]))
 if not epoch then
   epoch = now
   redis.call('SET', KEYS[1], string.format('%.6f', now))
 end
-local settled = now >= epoch + tonumber(ARGV[3])
+local settled = now >= epoch + tonumber(ARGV[5])
 local n = #KEYS - K
 
 -- What each instance used in a period only grows (a G-counter): an entry Redis lost is
@@ -29,7 +46,7 @@ local n = #KEYS - K
 if mode == 'publish' then
   local declared = {}
   for i = 1, n do declared[KEYS[K + i]] = true end
-  for _, r in ipairs(cjson.decode(ARGV[9])) do
+  for _, r in ipairs(cjson.decode(ARGV[11])) do
     local key, who, e = r[1], r[2], r[3]
     if declared[key] and who ~= me then
       local found = redis.call('HGET', key, who)
@@ -75,13 +92,13 @@ end
 local verdict, owner, refused_by = 'ok', '', 0
 if mode == 'claim' then
   local holder = false
-  if ARGV[8] == '1' then holder = redis.call('GET', KEYS[3]) end
+  if ARGV[10] == '1' then holder = redis.call('GET', KEYS[3]) end
   if not settled then
     verdict = 'settling'
   elseif holder and holder ~= me then
     verdict, owner = 'taken', holder
   else
-    local nc, nu = tonumber(ARGV[5]), tonumber(ARGV[6])
+    local nc, nu = tonumber(ARGV[7]), tonumber(ARGV[8])
     for i = 1, n do
       local lc, lu = tonumber(ARGV[FIXED + 4 * i - 3]), tonumber(ARGV[FIXED + 4 * i - 2])
       local o, m = others[i], mine[i]
@@ -92,13 +109,13 @@ if mode == 'claim' then
       end
     end
     if verdict == 'ok' then
-      local ttl = tonumber(ARGV[7])
+      local ttl = tonumber(ARGV[9])
       for i = 1, n do
         mine[i][5] = mine[i][5] + nc
         mine[i][6] = mine[i][6] + nu
         mine[i][7] = math.max(mine[i][7], ttl)
       end
-      if ARGV[8] == '1' then
+      if ARGV[10] == '1' then
         redis.call('SET', KEYS[3], me, 'EX', math.max(1, math.ceil(ttl)))
       end
     end
@@ -114,7 +131,7 @@ if mode == 'publish' or mode == 'claim' then
   redis.call('ZADD', KEYS[2], now, me)
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 7 * 86400)
 end
-local instances = redis.call('ZCOUNT', KEYS[2], now - tonumber(ARGV[4]), '+inf')
+local instances = redis.call('ZCOUNT', KEYS[2], now - tonumber(ARGV[6]), '+inf')
 local answer = {verdict = verdict, owner = owner, refused_by = refused_by,
                 settled = settled, epoch = string.format('%.6f', epoch),
                 instances = instances, others = others}

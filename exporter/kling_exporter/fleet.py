@@ -18,6 +18,12 @@ exporter remembers the last entries it saw of the others and writes back, highes
 winning, those Redis lost or holds lower: a stopped instance's spending survives Redis
 forgetting it as long as one peer runs.
 
+Each exporter holds a lease on its instance name (a random token, renewed by every
+write, lasting a few publish intervals). One that starts while another holds its name
+waits out one lease, then refuses to start; one that finds its lease taken later writes
+nothing more, is not ready and says so (``kling_fleet_instance_conflict``): two
+exporters under one name would overwrite each other's spending and share ids.
+
 Unavailable (unreachable, slow, or settling), pre-flight follows
 ``fleet.on_unavailable``: ``allow`` decides on this exporter's own usage plus the other
 instances' last seen, ``refuse`` refuses. Ingestion and scrapes never wait for Redis.
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -56,6 +63,8 @@ FLEET_UNAVAILABLE = "fleet unavailable"
 STALE_INTERVALS = 5
 # Entries are kept this long past their period's end, for clocks a little apart.
 KEEP_AFTER_PERIOD = 86400
+# An instance name's lease lasts this many publish intervals past its last renewal.
+LEASE_INTERVALS = 5
 
 # The script run inside Redis: what its keys and arguments are is said at its head.
 SCRIPT = (resources.files("kling_exporter") / "fleet.lua").read_text(encoding="utf-8")
@@ -64,7 +73,7 @@ SCRIPT = (resources.files("kling_exporter") / "fleet.lua").read_text(encoding="u
 class Answer(msgspec.Struct):
     """What the script answers."""
 
-    verdict: str  # ok | refused | settling | taken
+    verdict: str  # ok | refused | settling | taken | conflict (the lease is another's)
     owner: str = ""  # of the id, when taken
     refused_by: int = 0  # the first budget that refused, from 1
     settled: bool = False
@@ -81,6 +90,10 @@ _decode = msgspec.json.Decoder(Answer).decode
 
 class Unavailable(Exception):
     """Redis did not answer in time, or answered with an error, or is settling."""
+
+
+class InstanceTaken(Unavailable):
+    """Another running exporter holds this exporter's ``fleet.instance``."""
 
 
 def connect(url: str, timeout: float) -> Any:
@@ -145,6 +158,8 @@ class Fleet:
         # (with the highest used seen): what is written back when Redis lost it.
         self.remembered: dict[str, dict[str, list[float]]] = {}
         self.restores: list[list[Any]] = []  # [key, instance, entry] to write back
+        self.token = secrets.token_hex(16)
+        self.conflict = False
         self.wake = asyncio.Event()
         self._client: Any = None
         self._script: Any = None
@@ -162,6 +177,10 @@ class Fleet:
     def _key(self, b: BudgetConfig, start: float) -> str:
         return f"{self.settings.key_prefix}{{fleet}}:usage:{b.period}:{int(start)}:{b.name}"
 
+    @property
+    def conflict_reason(self) -> str:
+        return f"fleet.instance {self.settings.instance_name!r} is used by another exporter"
+
     # -- talking to Redis ------------------------------------------------------------
 
     async def _connected(self) -> Any:
@@ -176,22 +195,30 @@ class Fleet:
     async def _run(
         self,
         mode: str,
-        view: View,
-        budgets: list[BudgetConfig],
+        view: View | None = None,
+        budgets: list[BudgetConfig] = [],  # noqa: B006 - never changed
         needed: tuple[float, float] = (0.0, 0.0),
         rid: str | None = None,
         ttl: float = 0.0,
         restores: list[list[Any]] = [],  # noqa: B006 - never changed
     ) -> Answer:
-        """Run the script for ``budgets``; raise Unavailable when Redis does not answer."""
+        """Run the script for ``budgets``; raise Unavailable when Redis does not answer,
+        InstanceTaken when another exporter holds this one's lease."""
         settings = self.settings
         now = self.clock()
         prefix = f"{settings.key_prefix}{{fleet}}:"
-        keys = [prefix + "epoch", prefix + "instances", prefix + f"id:{rid or ''}"]
+        keys = [
+            prefix + "epoch",
+            prefix + "instances",
+            prefix + f"id:{rid or ''}",
+            prefix + f"lease:{settings.instance_name}",
+        ]
         held_for = max(self.reservations.max_expiry() - now, 0.0)
         args: list[Any] = [
             mode,
             settings.instance_name,
+            self.token,
+            int(LEASE_INTERVALS * settings.publish_seconds * 1000),
             2 * settings.publish_seconds + 1,
             STALE_INTERVALS * settings.publish_seconds,
             needed[0],
@@ -200,7 +227,11 @@ class Fleet:
             "1" if rid else "",
             msgspec.json.encode(restores).decode(),
         ]
-        shares = view.budgets.shares(budgets, view.usage, now, view.flight, self.reservations.held)
+        shares = (
+            []
+            if view is None
+            else view.budgets.shares(budgets, view.usage, now, view.flight, self.reservations.held)
+        )
         for b, (share, (start, end)) in zip(budgets, shares, strict=True):
             keys.append(self._key(b, start))
             limit_c = -1.0 if b.limit_credits is None else b.limit_credits
@@ -215,6 +246,10 @@ class Fleet:
         except (RedisError, OSError, TimeoutError, ValueError, msgspec.DecodeError) as e:
             self._down(e)
             raise Unavailable(str(e) or type(e).__name__) from None
+        if answer.verdict == "conflict":
+            if mode in ("publish", "claim"):
+                self._taken()
+            raise InstanceTaken(self.conflict_reason)
         if not self.up:
             log.info("the fleet's Redis answers", extra={"instances": answer.instances})
         self.up = True
@@ -227,11 +262,19 @@ class Fleet:
             self.epoch = answer.epoch
         if answer.settled:  # before, what others published may be missing
             others = answer.others if isinstance(answer.others, list) else []
-            for key, o in zip(keys[3:], others, strict=True):
+            for key, o in zip(keys[4:], others, strict=True):
                 self.seen[key] = Share(*o)
         if mode == "publish":
-            self.restores = self._remember(keys[3:], answer.entries)
+            self.restores = self._remember(keys[4:], answer.entries)
         return answer
+
+    def _taken(self) -> None:
+        if not self.conflict:
+            log.error(
+                "this exporter's name is another's: it stops publishing and is not ready",
+                extra={"err": self.conflict_reason},
+            )
+        self.conflict = True
 
     def _remember(self, keys: list[str], entries: Any) -> list[list[Any]]:
         """Keep the other instances' entries just read (the highest used seen of each,
@@ -302,6 +345,8 @@ class Fleet:
         """A pre-flight answer over the whole fleet."""
         view = self.view()
         budgets = view.budgets.matching(ask.project, ask.user)
+        if self.conflict and budgets:
+            return refused(self.reservations.check(view, ask), self.conflict_reason)
         try:
             elsewhere = await self._elsewhere(view, budgets)
         except Unavailable:
@@ -338,12 +383,14 @@ class Fleet:
         if not self.ready():
             return refused(mine, "this exporter is still reading its logs")
         answer = None
-        if self.up:
+        if self.up and not self.conflict:
             try:
                 needed = (mine.credits_needed, mine.usd_needed)
                 answer = await self._run("claim", view, budgets, needed, rid, ttl)
             except Unavailable:
                 pass
+        if self.conflict:  # it would hold what it cannot publish
+            return refused(self.reservations.check(self.view(), ask), self.conflict_reason)
         view = self.view()  # tasks may have used holds while Redis was asked
         elsewhere = self._last_seen(view, budgets)
         if answer is not None and answer.verdict == "taken":
@@ -381,6 +428,29 @@ class Fleet:
                 await self._run("publish", view, budgets, restores=self.restores)
         self.last_publish = self.clock()
 
+    async def start(self) -> None:
+        """Take the lease on this exporter's instance name. A lease found taken may be
+        this exporter's own before a crash: it is waited out once; still taken, another
+        exporter runs under the name and InstanceTaken is raised. With Redis not
+        answering, the lease is taken when it does."""
+        if not self.enabled:
+            return
+        settings = self.settings
+        deadline = time.monotonic() + (LEASE_INTERVALS + 1) * settings.publish_seconds
+        while True:
+            try:
+                await self._run("lease")
+                return
+            except InstanceTaken:
+                if time.monotonic() > deadline:
+                    raise InstanceTaken(
+                        f"{self.conflict_reason} (its lease in the fleet's Redis is held): "
+                        "give every exporter its own fleet.instance"
+                    ) from None
+            except Unavailable:
+                return
+            await asyncio.sleep(settings.publish_seconds / 4)
+
     async def run(self) -> None:
         """Publish every ``publish_interval`` once the logs are read, and at once when
         Redis comes back or started afresh; until cancelled."""
@@ -393,9 +463,18 @@ class Fleet:
                     pass
                 except RuntimeError:  # an in-process reader changed the usage read
                     continue
+            if self.conflict:
+                return  # another exporter publishes under this name
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.publish_seconds):
                     await self.wake.wait()
+
+    async def stop(self) -> None:
+        """Give the instance name back (a restart need not wait for it), and close."""
+        if self.enabled and not self.conflict and self._client is not None:
+            with contextlib.suppress(Unavailable):
+                await self._run("release")
+        await self.close()
 
     async def close(self) -> None:
         if self._client is not None:
@@ -429,6 +508,14 @@ class Fleet:
                 (),
                 {(): self.last_publish},
             ),
+            Family(
+                "kling_fleet_instance_conflict",
+                "gauge",
+                "Whether another exporter holds this one's fleet.instance (1): this one "
+                "then publishes nothing, grants nothing and is not ready.",
+                (),
+                {(): 1.0 if self.conflict else 0.0},
+            ),
         ]
 
     def describe(self) -> dict[str, Any]:
@@ -439,6 +526,7 @@ class Fleet:
             "settled": self.settled,
             "instances": self.instances,
             "on_unavailable": self.settings.on_unavailable,
+            "instance_conflict": self.conflict,
         }
 
 
