@@ -159,10 +159,11 @@ class Workers:
     """Workers that reserve one task at a time through their exporter, log it as their
     exporter's workers do, and stop once refused for want of room."""
 
-    def __init__(self, fleet: Fleet, names: list[str], count: int) -> None:
+    def __init__(self, fleet: Fleet, names: list[str], count: int, pause: float = 0.0) -> None:
         self.fleet = fleet
         self.names = names
         self.count = count
+        self.pause = pause  # after each task, as a worker busy with it
         self.granted: list[str] = []
         self.refusals: list[dict[str, Any]] = []
         self.unavailable = 0
@@ -190,6 +191,7 @@ class Workers:
                     with self.lock:
                         self.granted.append(rid)
                 n += 1
+                time.sleep(self.pause)
                 continue
             if status == 200 and answer["reason"] == "fleet unavailable":
                 with self.lock:
@@ -436,6 +438,51 @@ def test_an_exporter_that_finds_its_instance_taken_stops_publishing_and_is_not_r
     status, answer = post(loser, "/api/v1/reservations", {**TASK, "id": "job-1"})
     assert answer.get("allowed") is not True and status != 201, answer
     assert "fleet.instance" in json.dumps(answer)
+
+
+def test_decisions_go_on_after_a_sentinel_failover_losing_at_most_the_last_holds(
+    fleet: Any, tmp_path: Path
+) -> None:
+    """A master, its replica and redis-sentinel: the master is killed mid-run, the
+    replica takes over, and the workers go on reserving through it. Replication is
+    asynchronous: what a failover may lose is at most the holds granted just before
+    it, one per worker at most (each has one request under way)."""
+    f: Fleet = fleet(limit=600)
+    replica = f.redis.replica(tmp_path / "replica").start()
+    sentinel = SentinelServer(tmp_path / "sentinel", f.redis)
+    try:
+        wait_until(f.redis.replicated, timeout=15)
+        sentinel.start()
+        wait_until(lambda: sentinel.replicas() == 1, timeout=15)
+        for name in ("a", "b"):
+            f.start(name, sentinel.url)
+        f.wait_settled()
+        workers = Workers(f, ["a", "b"], 8, pause=0.05)
+        before: list[int] = []
+
+        def failover() -> None:
+            wait_until(lambda: len(workers.granted) >= 10, timeout=60)
+            f.redis.kill()
+            before.append(len(workers.granted))
+            wait_until(lambda: sentinel.master_port() == replica.port, timeout=20)
+
+        chaos = threading.Thread(target=failover)
+        chaos.start()
+        workers.run()
+        chaos.join()
+        assert sentinel.master_port() == replica.port
+        assert len(workers.granted) > before[0] + 5  # decided against the new master
+        assert len(workers.granted) == len(set(workers.granted))
+        assert f.logged_credits() <= f.limit + CREDITS * workers.count
+        for refusal in workers.refusals:
+            assert refusal["refused_by"] == "team", refusal
+        logged = f.logged_credits()
+        for d in f.exporters.values():
+            wait_until(partial(lambda d: team(d)["used_credits"] == logged, d), timeout=20)
+            assert budgets(d)["fleet"]["up"]
+    finally:
+        sentinel.stop()
+        replica.stop()
 
 
 # -- Sentinel and Cluster: the same code, by URL -------------------------------------

@@ -252,6 +252,9 @@ class Fleet:
             raise InstanceTaken(self.conflict_reason)
         if not self.up:
             log.info("the fleet's Redis answers", extra={"instances": answer.instances})
+            # It may be another server now (a failover) that lacks the last writes:
+            # this exporter's entries are mended by publishing them at once.
+            self.wake.set()
         self.up = True
         self.settled = answer.settled
         self.instances = answer.instances
