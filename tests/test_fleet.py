@@ -387,6 +387,23 @@ def test_a_stopped_instances_spending_survives_redis_restarting_empty(fleet: Any
     assert team(b)["used_credits"] == 50
 
 
+def test_an_entry_redis_holds_lower_gets_back_the_highest_used_seen(fleet: Any) -> None:
+    """A failover to a replica that lagged hands back an older entry of a stopped
+    exporter, with less used than it had published: a peer merges back the highest
+    used it saw."""
+    f: Fleet = fleet(limit=100)
+    a, b = f.start("a"), f.start("b")
+    f.spend("b", 2)
+    wait_until(lambda: team(a)["used_credits"] == 20, timeout=20)
+    b.stop()
+    with f.redis.client() as c:
+        key = next(iter(c.scan_iter(match="*usage:monthly:*")))
+        entry = json.loads(c.hget(key, "b"))
+        c.hset(key, "b", json.dumps([10.0, entry[1] / 2, *entry[2:]]))  # as it was before
+        wait_until(lambda: json.loads(c.hget(key, "b"))[:2] == entry[:2], timeout=10)
+    assert team(a)["used_credits"] == 20
+
+
 def test_a_second_exporter_with_the_same_instance_refuses_to_start(fleet: Any) -> None:
     f: Fleet = fleet(limit=100)
     a = f.start("a")
