@@ -134,7 +134,7 @@ async def healthy(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     if request.app[FLEET].conflict:
-        return web.Response(status=503, text=f"Not ready: {request.app[FLEET].conflict_reason}.\n")
+        return error_answer(503, request.app[FLEET].conflict_reason, "fleet.instance")
     if request.app[DAEMON].is_ready():
         return web.Response(text="Ready.\n")
     return error_answer(503, "reader: still reading the existing logs")
