@@ -498,6 +498,7 @@ def test_decisions_go_on_after_a_sentinel_failover_losing_at_most_the_last_holds
             wait_until(partial(lambda d: team(d)["used_credits"] == logged, d), timeout=20)
             assert budgets(d)["fleet"]["up"]
     finally:
+        f.stop()  # the exporters first: they give their names back through Sentinel
         sentinel.stop()
         replica.stop()
 
@@ -546,6 +547,7 @@ def test_sentinel_and_cluster_urls_share_budgets_too(fleet: Any, tmp_path: Path)
         assert reserve_until_refused(c1) + reserve_until_refused(c2) == 5
         assert team(c2)["reserved_credits"] == 50
     finally:
+        f.stop()  # the exporters first: they give their names back through Sentinel
         sentinel.stop()
         for node in nodes:
             node.stop()
