@@ -339,11 +339,15 @@ def test_a_stopped_instance_still_counts_and_a_restart_republishes_not_adds(
     assert team(a)["used_credits"] == 30
 
 
-def test_an_id_is_one_hold_across_the_fleet(fleet: Any) -> None:
+@pytest.mark.parametrize("redis_restarts_empty", [False, True])
+def test_an_id_is_one_hold_across_the_fleet(fleet: Any, redis_restarts_empty: bool) -> None:
     f: Fleet = fleet(limit=100)
     a, b = f.start("a"), f.start("b")
     wait_until(lambda: settled(a, 2) and settled(b, 2), timeout=20)
     assert post(a, "/api/v1/reservations", {**TASK, "id": "job-1"})[0] == 201
+    if redis_restarts_empty:  # the hold's id written back, as its usage is
+        f.restart_redis_empty()
+        wait_until(lambda: settled(a, 2) and settled(b, 2), timeout=20)
     status, answer = post(b, "/api/v1/reservations", {**TASK, "id": "job-1"})
     assert status == 409 and answer["field"] == "id", answer
     assert "'a'" in answer["error"]

@@ -1,16 +1,17 @@
 -- The fleet's one server-side script (kling_exporter/fleet.py runs it): hold this
 -- exporter's lease on its instance name, publish its entry of each budget (writing back
--- what Redis lost of the others'), read the others', or decide a reservation, atomically.
+-- what Redis lost of the others'), read the others', decide a reservation, or write
+-- back the ids of its live holds, atomically.
 --
 -- KEYS: 1 epoch, 2 instances, 3 the hold's id, 4 the instance's lease, then one hash
---       per budget
--- ARGV: 1 mode (lease | release | publish | read | claim), 2 instance, 3 the lease's
+--       per budget (ids: one key per hold's id)
+-- ARGV: 1 mode (lease | release | ids | publish | read | claim), 2 instance, 3 the lease's
 --       token, 4 the lease's milliseconds, 5 settle seconds, 6 stale seconds, 7 credits
 --       needed, 8 usd needed, 9 the hold's ttl, 10 "1" when an id is given, 11 entries
 --       of other instances to write back ([[budget key, instance, entry]...], publish
 --       only), then four per budget: credit limit (-1 none), usd limit (-1 none),
 --       seconds the entry is kept, this instance's entry [used c, u, in flight c, u,
---       held c, u, seconds the holds last]
+--       held c, u, seconds the holds last] (ids: one per hold, the seconds it lasts)
 -- Entries are kept with the holds' end in Redis's own time, so that clocks of
 -- exporters that disagree do not matter.
 local t = redis.call('TIME')
@@ -30,6 +31,16 @@ if mode ~= 'read' then
     return cjson.encode({verdict = 'conflict'})
   end
   redis.call('SET', KEYS[4], token, 'PX', tonumber(ARGV[4]))
+end
+
+-- A Redis that started afresh lost which instance holds which id: each gives back its
+-- own, unless another instance took one meanwhile.
+if mode == 'ids' then
+  for i = K + 1, #KEYS do
+    local ttl = math.max(1, math.ceil(tonumber(ARGV[FIXED + i - K])))
+    redis.call('SET', KEYS[i], me, 'EX', ttl, 'NX')
+  end
+  return cjson.encode({verdict = 'ok'})
 end
 
 local epoch = tonumber(redis.call('GET', KEYS[1]))

@@ -65,6 +65,8 @@ STALE_INTERVALS = 5
 KEEP_AFTER_PERIOD = 86400
 # An instance name's lease lasts this many publish intervals past its last renewal.
 LEASE_INTERVALS = 5
+# Ids of live holds written back per script call, after Redis started afresh.
+IDS_PER_CALL = 1000
 
 # The script run inside Redis: what its keys and arguments are is said at its head.
 SCRIPT = (resources.files("kling_exporter") / "fleet.lua").read_text(encoding="utf-8")
@@ -160,6 +162,9 @@ class Fleet:
         self.restores: list[list[Any]] = []  # [key, instance, entry] to write back
         self.token = secrets.token_hex(16)
         self.conflict = False
+        # Whether the ids of this exporter's live holds may be missing from Redis (it
+        # started afresh, or this exporter has not written them since it started).
+        self.ids_lost = True
         self.wake = asyncio.Event()
         self._client: Any = None
         self._script: Any = None
@@ -201,6 +206,7 @@ class Fleet:
         rid: str | None = None,
         ttl: float = 0.0,
         restores: list[list[Any]] = [],  # noqa: B006 - never changed
+        ids: list[tuple[str, float]] = [],  # noqa: B006 - never changed
     ) -> Answer:
         """Run the script for ``budgets``; raise Unavailable when Redis does not answer,
         InstanceTaken when another exporter holds this one's lease."""
@@ -238,6 +244,9 @@ class Fleet:
             limit_u = -1.0 if b.limit_usd is None else b.limit_usd
             entry = msgspec.json.encode([*share, held_for]).decode()
             args += [limit_c, limit_u, max(end - now, 0) + KEEP_AFTER_PERIOD, entry]
+        for held_id, lasts in ids:
+            keys.append(prefix + f"id:{held_id}")
+            args.append(lasts)
         try:
             script = await self._connected()
             async with asyncio.timeout(settings.timeout_seconds * 2):
@@ -250,6 +259,8 @@ class Fleet:
             if mode in ("publish", "claim"):
                 self._taken()
             raise InstanceTaken(self.conflict_reason)
+        if mode in ("ids", "release"):
+            return answer
         if not self.up:
             log.info("the fleet's Redis answers", extra={"instances": answer.instances})
             # It may be another server now (a failover) that lacks the last writes:
@@ -263,6 +274,7 @@ class Fleet:
                 log.warning("the fleet's Redis started afresh; publishing again")
                 self.wake.set()
             self.epoch = answer.epoch
+            self.ids_lost = True
         if answer.settled:  # before, what others published may be missing
             others = answer.others if isinstance(answer.others, list) else []
             for key, o in zip(keys[4:], others, strict=True):
@@ -422,6 +434,8 @@ class Fleet:
         """Publish this exporter's entry of every budget (under the reservations' lock,
         so that no decision is made between reading the holds and writing them)."""
         async with self.reservations.deciding:
+            if self.ids_lost:
+                await self._write_ids()
             view = self.view()
             budgets = view.budgets.config.budgets
             await self._run("publish", view, budgets)
@@ -430,6 +444,19 @@ class Fleet:
                 log.info("writing back the other instances' entries Redis lost", extra=lost)
                 await self._run("publish", view, budgets, restores=self.restores)
         self.last_publish = self.clock()
+
+    async def _write_ids(self) -> None:
+        """Give Redis back the ids of this exporter's live holds decided by the fleet
+        (those with a budget), so that each stays one hold fleet-wide."""
+        now = self.clock()
+        live = [
+            (h.id, h.expires_at - now)
+            for h in list(self.reservations.holds.values())
+            if h.budgets and h.expires_at > now
+        ]
+        for i in range(0, len(live), IDS_PER_CALL):
+            await self._run("ids", ids=live[i : i + IDS_PER_CALL])
+        self.ids_lost = False
 
     async def start(self) -> None:
         """Take the lease on this exporter's instance name. A lease found taken may be
