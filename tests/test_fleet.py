@@ -31,12 +31,11 @@ from kling_exporter.reservations import Reservations
 from tests.helpers import (
     ROOT,
     DaemonProcess,
-    free_port,
     require_binary,
     value,
     wait_until,
 )
-from tests.redis_server import RedisServer, cluster_port
+from tests.redis_server import RedisServer, SentinelServer, cluster_port
 
 CONFIG = """
 state: {{path: {dir}/k.state}}
@@ -60,21 +59,40 @@ class Fleet:
         self.redis = RedisServer(tmp_path / "redis").start()
         self.exporters: dict[str, DaemonProcess] = {}
 
-    def config(self, name: str, url: str | None = None) -> str:
+    def config(self, name: str, url: str | None = None, instance: str | None = None) -> str:
         folder = self.tmp_path / name
         return CONFIG.format(
-            dir=folder, url=url or self.redis.url, name=name, mode=self.mode, limit=self.limit
+            dir=folder,
+            url=url or self.redis.url,
+            name=instance or name,
+            mode=self.mode,
+            limit=self.limit,
         )
 
-    def start(self, name: str, url: str | None = None) -> DaemonProcess:
+    def start(
+        self,
+        name: str,
+        url: str | None = None,
+        instance: str | None = None,
+        wait_ready: bool = True,
+    ) -> DaemonProcess:
+        """The exporter ``name`` (its folder), as fleet instance ``instance`` (``name``
+        unless given)."""
         folder = self.tmp_path / name
         folder.mkdir(exist_ok=True)
-        d = DaemonProcess(folder, self.config(name, url)).start()
+        d = DaemonProcess(folder, self.config(name, url, instance)).start(wait_ready)
         self.exporters[name] = d
         return d
 
     def log(self, name: str) -> EventLogger:
         return EventLogger(self.tmp_path / name / "logs", project="p")
+
+    def spend(self, name: str, tasks: int, first: int = 0) -> None:
+        """``tasks`` tasks of ``CREDITS`` each, completed in ``name``'s logs."""
+        log = self.log(name)
+        for i in range(first, first + tasks):
+            log.submitted(f"{name}-t{i}", "kling-v2-6", "std", 5)
+            log.completed(f"{name}-t{i}", credits_used=CREDITS)
 
     def logged_credits(self) -> float:
         """What every exporter's logs say was used: completions' credits."""
@@ -96,6 +114,10 @@ class Fleet:
             if d.proc is not None and d.proc.poll() is None:
                 d.stop()
         self.redis.stop()
+
+    def restart_redis_empty(self) -> None:
+        self.redis.kill()
+        self.redis.start()
 
 
 @pytest.fixture
@@ -137,10 +159,11 @@ class Workers:
     """Workers that reserve one task at a time through their exporter, log it as their
     exporter's workers do, and stop once refused for want of room."""
 
-    def __init__(self, fleet: Fleet, names: list[str], count: int) -> None:
+    def __init__(self, fleet: Fleet, names: list[str], count: int, pause: float = 0.0) -> None:
         self.fleet = fleet
         self.names = names
         self.count = count
+        self.pause = pause  # after each task, as a worker busy with it
         self.granted: list[str] = []
         self.refusals: list[dict[str, Any]] = []
         self.unavailable = 0
@@ -168,6 +191,7 @@ class Workers:
                     with self.lock:
                         self.granted.append(rid)
                 n += 1
+                time.sleep(self.pause)
                 continue
             if status == 200 and answer["reason"] == "fleet unavailable":
                 with self.lock:
@@ -315,11 +339,15 @@ def test_a_stopped_instance_still_counts_and_a_restart_republishes_not_adds(
     assert team(a)["used_credits"] == 30
 
 
-def test_an_id_is_one_hold_across_the_fleet(fleet: Any) -> None:
+@pytest.mark.parametrize("redis_restarts_empty", [False, True])
+def test_an_id_is_one_hold_across_the_fleet(fleet: Any, redis_restarts_empty: bool) -> None:
     f: Fleet = fleet(limit=100)
     a, b = f.start("a"), f.start("b")
     wait_until(lambda: settled(a, 2) and settled(b, 2), timeout=20)
     assert post(a, "/api/v1/reservations", {**TASK, "id": "job-1"})[0] == 201
+    if redis_restarts_empty:  # the hold's id written back, as its usage is
+        f.restart_redis_empty()
+        wait_until(lambda: settled(a, 2) and settled(b, 2), timeout=20)
     status, answer = post(b, "/api/v1/reservations", {**TASK, "id": "job-1"})
     assert status == 409 and answer["field"] == "id", answer
     assert "'a'" in answer["error"]
@@ -339,6 +367,146 @@ def test_alone_without_redis_and_a_bad_url_is_refused_by_name(
     assert "fleet.redis_url" in bad.output()
 
 
+# -- faults: Redis that forgets, two exporters with one name, failover ----------------
+
+
+def test_a_stopped_instances_spending_survives_redis_restarting_empty(fleet: Any) -> None:
+    """Redis without persistence restarts empty while b is stopped: a remembers what b
+    had published and writes it back, so b's spending still counts."""
+    f: Fleet = fleet(limit=100)
+    a, b = f.start("a"), f.start("b")
+    f.spend("a", 3)
+    f.spend("b", 2)
+    wait_until(lambda: team(a)["used_credits"] == 50 and settled(a, 2), timeout=20)
+    b.stop()
+    f.restart_redis_empty()
+    wait_until(lambda: settled(a, 1), timeout=20)
+    wait_until(lambda: team(a)["used_credits"] == 50, timeout=10)
+    # Decided inside Redis with b's 20 counted: 50 left, not 70.
+    assert post(a, "/api/v1/reservations", {**TASK, "count": 6})[1]["allowed"] is False
+    assert post(a, "/api/v1/reservations", {**TASK, "count": 5})[0] == 201
+    b = f.start("b")  # its own entry again, the same totals: nothing added
+    wait_until(lambda: settled(b, 2), timeout=20)
+    wait_until(lambda: team(b)["reserved_credits"] == 50, timeout=20)
+    assert team(b)["used_credits"] == 50
+
+
+def test_an_entry_redis_holds_lower_gets_back_the_highest_used_seen(fleet: Any) -> None:
+    """A failover to a replica that lagged hands back an older entry of a stopped
+    exporter, with less used than it had published: a peer merges back the highest
+    used it saw."""
+    f: Fleet = fleet(limit=100)
+    a, b = f.start("a"), f.start("b")
+    f.spend("b", 2)
+    wait_until(lambda: team(a)["used_credits"] == 20, timeout=20)
+    b.stop()
+    with f.redis.client() as c:
+        key = next(iter(c.scan_iter(match="*usage:monthly:*")))
+        entry = json.loads(c.hget(key, "b"))
+        c.hset(key, "b", json.dumps([10.0, entry[1] / 2, *entry[2:]]))  # as it was before
+        wait_until(lambda: json.loads(c.hget(key, "b"))[:2] == entry[:2], timeout=10)
+    assert team(a)["used_credits"] == 20
+
+
+def test_a_second_exporter_with_the_same_instance_refuses_to_start(fleet: Any) -> None:
+    f: Fleet = fleet(limit=100)
+    a = f.start("a")
+    f.spend("a", 3)
+    wait_until(lambda: team(a)["used_credits"] == 30, timeout=20)
+    twin = f.start("twin", instance="a", wait_ready=False)
+    assert twin.proc is not None and twin.proc.wait(20) != 0
+    said = [line for line in twin.output().splitlines() if "fleet.instance" in line]
+    assert len(said) == 1 and "'a'" in said[0], twin.output()
+    # a goes on as before, alone in its name.
+    assert a.get("/-/ready")[0] == 200
+    assert value(a.metrics(), "kling_fleet_instance_conflict") == 0
+    assert post(a, "/api/v1/reservations", {**TASK, "id": "job-1"})[0] == 201
+    assert team(a)["reserved_credits"] == 10
+
+
+def conflicted(d: DaemonProcess) -> bool:
+    return value(d.metrics(), "kling_fleet_instance_conflict") == 1
+
+
+def test_an_exporter_that_finds_its_instance_taken_stops_publishing_and_is_not_ready(
+    fleet: Any,
+) -> None:
+    """Two exporters named "a" that could not see each other at start (Redis was down):
+    once Redis is back, one holds the name, the other stops publishing, fails /-/ready
+    and raises kling_fleet_instance_conflict; a reservation id is still one hold."""
+    f: Fleet = fleet(limit=100)
+    first = f.start("a")
+    f.spend("a", 3)
+    wait_until(lambda: team(first)["used_credits"] == 30 and settled(first, 1), timeout=20)
+    f.redis.kill()
+    first.wait_metric("kling_fleet_up", 0)
+    twin = f.start("twin", instance="a")  # nothing could tell it that "a" runs
+    f.spend("twin", 1)
+    f.redis.start()
+    wait_until(lambda: conflicted(first) or conflicted(twin), timeout=20)
+    loser, winner = (first, twin) if conflicted(first) else (twin, first)
+    status, body = loser.get("/-/ready")
+    assert status == 503 and b"fleet.instance" in body, body
+    assert "fleet.instance" in loser.output()
+    published = value(loser.metrics(), "kling_fleet_last_publish_timestamp_seconds")
+    time.sleep(1.0)  # five publish intervals
+    assert value(loser.metrics(), "kling_fleet_last_publish_timestamp_seconds") == published
+    assert not conflicted(winner) and winner.get("/-/ready")[0] == 200
+    wait_until(lambda: settled(winner, 1), timeout=20)
+    # The same id through both: one hold, from the exporter that holds the name.
+    status, answer = post(winner, "/api/v1/reservations", {**TASK, "id": "job-1"})
+    assert status == 201, answer
+    status, answer = post(loser, "/api/v1/reservations", {**TASK, "id": "job-1"})
+    assert answer.get("allowed") is not True and status != 201, answer
+    assert "fleet.instance" in json.dumps(answer)
+
+
+def test_decisions_go_on_after_a_sentinel_failover_losing_at_most_the_last_holds(
+    fleet: Any, tmp_path: Path
+) -> None:
+    """A master, its replica and redis-sentinel: the master is killed mid-run, the
+    replica takes over, and the workers go on reserving through it. Replication is
+    asynchronous: what a failover may lose is at most the holds granted just before
+    it, one per worker at most (each has one request under way)."""
+    f: Fleet = fleet(limit=600)
+    replica = f.redis.replica(tmp_path / "replica").start()
+    sentinel = SentinelServer(tmp_path / "sentinel", f.redis)
+    try:
+        wait_until(f.redis.replicated, timeout=15)
+        sentinel.start()
+        wait_until(lambda: sentinel.replicas() == 1, timeout=15)
+        for name in ("a", "b"):
+            f.start(name, sentinel.url)
+        f.wait_settled()
+        workers = Workers(f, ["a", "b"], 8, pause=0.05)
+        before: list[int] = []
+
+        def failover() -> None:
+            wait_until(lambda: len(workers.granted) >= 10, timeout=60)
+            f.redis.kill()
+            before.append(len(workers.granted))
+            wait_until(lambda: sentinel.master_port() == replica.port, timeout=20)
+
+        chaos = threading.Thread(target=failover)
+        chaos.start()
+        workers.run()
+        chaos.join()
+        assert sentinel.master_port() == replica.port
+        assert len(workers.granted) > before[0] + 5  # decided against the new master
+        assert len(workers.granted) == len(set(workers.granted))
+        assert f.logged_credits() <= f.limit + CREDITS * workers.count
+        for refusal in workers.refusals:
+            assert refusal["refused_by"] == "team", refusal
+        logged = f.logged_credits()
+        for d in f.exporters.values():
+            wait_until(partial(lambda d: team(d)["used_credits"] == logged, d), timeout=20)
+            assert budgets(d)["fleet"]["up"]
+    finally:
+        f.stop()  # the exporters first: they give their names back through Sentinel
+        sentinel.stop()
+        replica.stop()
+
+
 # -- Sentinel and Cluster: the same code, by URL -------------------------------------
 
 
@@ -354,25 +522,11 @@ def reserve_until_refused(d: DaemonProcess) -> int:
 
 def test_sentinel_and_cluster_urls_share_budgets_too(fleet: Any, tmp_path: Path) -> None:
     f: Fleet = fleet(limit=50)
-    # Sentinel watching the fleet's redis-server as master "kling".
-    port = free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(
-        f"port {port}\nbind 127.0.0.1\nsentinel monitor kling 127.0.0.1 {f.redis.port} 1\n"
-    )
-    sentinel = RedisServer(tmp_path / "sentinel", port)
+    sentinel = SentinelServer(tmp_path / "sentinel", f.redis)
     nodes: list[RedisServer] = []
     try:
-        sentinel.proc = subprocess.Popen(
-            [sentinel.binary, str(conf), "--sentinel"],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        wait_until(sentinel.answers, timeout=15)
-        with sentinel.client() as c:
-            wait_until(lambda: c.execute_command("SENTINEL", "MASTERS"), timeout=15)
-        a = f.start("a", f"redis+sentinel://127.0.0.1:{port}/kling/0")
+        sentinel.start()
+        a = f.start("a", sentinel.url)
         b = f.start("b")  # the same server, by its plain URL
         wait_until(lambda: settled(a, 2) and settled(b, 2), timeout=20)
         assert reserve_until_refused(a) + reserve_until_refused(b) == 5
@@ -397,6 +551,7 @@ def test_sentinel_and_cluster_urls_share_budgets_too(fleet: Any, tmp_path: Path)
         assert reserve_until_refused(c1) + reserve_until_refused(c2) == 5
         assert team(c2)["reserved_credits"] == 50
     finally:
+        f.stop()  # the exporters first: they give their names back through Sentinel
         sentinel.stop()
         for node in nodes:
             node.stop()

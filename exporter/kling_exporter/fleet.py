@@ -13,10 +13,20 @@ over (a stopped exporter's spending still counts); its holds count until they ex
 
 A Redis that restarted empty knows no instance's spending until each has published
 again: for two publish intervals after it first answers so (the ``epoch`` it keeps),
-the fleet counts as unavailable. Unavailable (unreachable, slow, or settling),
-pre-flight follows ``fleet.on_unavailable``: ``allow`` decides on this exporter's own
-usage plus the other instances' last seen, ``refuse`` refuses. Ingestion and scrapes
-never wait for Redis.
+the fleet counts as unavailable. What an instance used in a period only grows, so every
+exporter remembers the last entries it saw of the others and writes back, highest used
+winning, those Redis lost or holds lower: a stopped instance's spending survives Redis
+forgetting it as long as one peer runs.
+
+Each exporter holds a lease on its instance name (a random token, renewed by every
+write, lasting a few publish intervals). One that starts while another holds its name
+waits out one lease, then refuses to start; one that finds its lease taken later writes
+nothing more, is not ready and says so (``kling_fleet_instance_conflict``): two
+exporters under one name would overwrite each other's spending and share ids.
+
+Unavailable (unreachable, slow, or settling), pre-flight follows
+``fleet.on_unavailable``: ``allow`` decides on this exporter's own usage plus the other
+instances' last seen, ``refuse`` refuses. Ingestion and scrapes never wait for Redis.
 
 All keys share one hash tag, so the script runs on a Redis Cluster too.
 """
@@ -26,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -52,6 +63,10 @@ FLEET_UNAVAILABLE = "fleet unavailable"
 STALE_INTERVALS = 5
 # Entries are kept this long past their period's end, for clocks a little apart.
 KEEP_AFTER_PERIOD = 86400
+# An instance name's lease lasts this many publish intervals past its last renewal.
+LEASE_INTERVALS = 5
+# Ids of live holds written back per script call, after Redis started afresh.
+IDS_PER_CALL = 1000
 
 # The script run inside Redis: what its keys and arguments are is said at its head.
 SCRIPT = (resources.files("kling_exporter") / "fleet.lua").read_text(encoding="utf-8")
@@ -60,13 +75,16 @@ SCRIPT = (resources.files("kling_exporter") / "fleet.lua").read_text(encoding="u
 class Answer(msgspec.Struct):
     """What the script answers."""
 
-    verdict: str  # ok | refused | settling | taken
-    owner: str  # of the id, when taken
-    refused_by: int  # the first budget that refused, from 1
-    settled: bool
-    epoch: str
-    instances: int
-    others: list[list[float]] | dict[str, Any]  # Lua's cjson writes an empty list as {}
+    verdict: str  # ok | refused | settling | taken | conflict (the lease is another's)
+    owner: str = ""  # of the id, when taken
+    refused_by: int = 0  # the first budget that refused, from 1
+    settled: bool = False
+    epoch: str = ""
+    instances: int = 0
+    # Lua's cjson writes an empty list as {}.
+    others: list[list[float]] | dict[str, Any] = []
+    # Publishing: every other instance's entry of each budget, by instance.
+    entries: list[dict[str, list[float]]] | dict[str, Any] = []
 
 
 _decode = msgspec.json.Decoder(Answer).decode
@@ -74,6 +92,10 @@ _decode = msgspec.json.Decoder(Answer).decode
 
 class Unavailable(Exception):
     """Redis did not answer in time, or answered with an error, or is settling."""
+
+
+class InstanceTaken(Unavailable):
+    """Another running exporter holds this exporter's ``fleet.instance``."""
 
 
 def connect(url: str, timeout: float) -> Any:
@@ -134,6 +156,15 @@ class Fleet:
         self.epoch = ""
         # The other instances' share of each budget's current period, as last seen.
         self.seen: dict[str, Share] = {}
+        # Every other instance's entry of each budget's current period, as last seen
+        # (with the highest used seen): what is written back when Redis lost it.
+        self.remembered: dict[str, dict[str, list[float]]] = {}
+        self.restores: list[list[Any]] = []  # [key, instance, entry] to write back
+        self.token = secrets.token_hex(16)
+        self.conflict = False
+        # Whether the ids of this exporter's live holds may be missing from Redis (it
+        # started afresh, or this exporter has not written them since it started).
+        self.ids_lost = True
         self.wake = asyncio.Event()
         self._client: Any = None
         self._script: Any = None
@@ -151,6 +182,10 @@ class Fleet:
     def _key(self, b: BudgetConfig, start: float) -> str:
         return f"{self.settings.key_prefix}{{fleet}}:usage:{b.period}:{int(start)}:{b.name}"
 
+    @property
+    def conflict_reason(self) -> str:
+        return f"fleet.instance {self.settings.instance_name!r} is used by another exporter"
+
     # -- talking to Redis ------------------------------------------------------------
 
     async def _connected(self) -> Any:
@@ -165,35 +200,53 @@ class Fleet:
     async def _run(
         self,
         mode: str,
-        view: View,
-        budgets: list[BudgetConfig],
+        view: View | None = None,
+        budgets: list[BudgetConfig] = [],  # noqa: B006 - never changed
         needed: tuple[float, float] = (0.0, 0.0),
         rid: str | None = None,
         ttl: float = 0.0,
+        restores: list[list[Any]] = [],  # noqa: B006 - never changed
+        ids: list[tuple[str, float]] = [],  # noqa: B006 - never changed
     ) -> Answer:
-        """Run the script for ``budgets``; raise Unavailable when Redis does not answer."""
+        """Run the script for ``budgets``; raise Unavailable when Redis does not answer,
+        InstanceTaken when another exporter holds this one's lease."""
         settings = self.settings
         now = self.clock()
         prefix = f"{settings.key_prefix}{{fleet}}:"
-        keys = [prefix + "epoch", prefix + "instances", prefix + f"id:{rid or ''}"]
+        keys = [
+            prefix + "epoch",
+            prefix + "instances",
+            prefix + f"id:{rid or ''}",
+            prefix + f"lease:{settings.instance_name}",
+        ]
         held_for = max(self.reservations.max_expiry() - now, 0.0)
         args: list[Any] = [
             mode,
             settings.instance_name,
+            self.token,
+            int(LEASE_INTERVALS * settings.publish_seconds * 1000),
             2 * settings.publish_seconds + 1,
             STALE_INTERVALS * settings.publish_seconds,
             needed[0],
             needed[1],
             ttl,
             "1" if rid else "",
+            msgspec.json.encode(restores).decode(),
         ]
-        shares = view.budgets.shares(budgets, view.usage, now, view.flight, self.reservations.held)
+        shares = (
+            []
+            if view is None
+            else view.budgets.shares(budgets, view.usage, now, view.flight, self.reservations.held)
+        )
         for b, (share, (start, end)) in zip(budgets, shares, strict=True):
             keys.append(self._key(b, start))
             limit_c = -1.0 if b.limit_credits is None else b.limit_credits
             limit_u = -1.0 if b.limit_usd is None else b.limit_usd
             entry = msgspec.json.encode([*share, held_for]).decode()
             args += [limit_c, limit_u, max(end - now, 0) + KEEP_AFTER_PERIOD, entry]
+        for held_id, lasts in ids:
+            keys.append(prefix + f"id:{held_id}")
+            args.append(lasts)
         try:
             script = await self._connected()
             async with asyncio.timeout(settings.timeout_seconds * 2):
@@ -202,8 +255,17 @@ class Fleet:
         except (RedisError, OSError, TimeoutError, ValueError, msgspec.DecodeError) as e:
             self._down(e)
             raise Unavailable(str(e) or type(e).__name__) from None
+        if answer.verdict == "conflict":
+            if mode in ("publish", "claim"):
+                self._taken()
+            raise InstanceTaken(self.conflict_reason)
+        if mode in ("ids", "release"):
+            return answer
         if not self.up:
             log.info("the fleet's Redis answers", extra={"instances": answer.instances})
+            # It may be another server now (a failover) that lacks the last writes:
+            # this exporter's entries are mended by publishing them at once.
+            self.wake.set()
         self.up = True
         self.settled = answer.settled
         self.instances = answer.instances
@@ -212,11 +274,48 @@ class Fleet:
                 log.warning("the fleet's Redis started afresh; publishing again")
                 self.wake.set()
             self.epoch = answer.epoch
+            self.ids_lost = True
         if answer.settled:  # before, what others published may be missing
             others = answer.others if isinstance(answer.others, list) else []
-            for key, o in zip(keys[3:], others, strict=True):
+            for key, o in zip(keys[4:], others, strict=True):
                 self.seen[key] = Share(*o)
+        if mode == "publish":
+            self.restores = self._remember(keys[4:], answer.entries)
         return answer
+
+    def _taken(self) -> None:
+        if not self.conflict:
+            log.error(
+                "this exporter's name is another's: it stops publishing and is not ready",
+                extra={"err": self.conflict_reason},
+            )
+        self.conflict = True
+
+    def _remember(self, keys: list[str], entries: Any) -> list[list[Any]]:
+        """Keep the other instances' entries just read (the highest used seen of each,
+        for the current periods only); answer those Redis lost or holds lower, to be
+        written back."""
+        me = self.settings.instance_name
+        found: list[dict[str, list[float]]] = entries if isinstance(entries, list) else []
+        remembered: dict[str, dict[str, list[float]]] = {}
+        restores: list[list[Any]] = []
+        for key, there in zip(keys, found, strict=False):
+            before = self.remembered.get(key, {})
+            kept = {}
+            for who, entry in there.items():
+                old = before.get(who)
+                if old is not None and (old[0] > entry[0] or old[1] > entry[1]):
+                    restores.append([key, who, old])
+                    kept[who] = [max(old[0], entry[0]), max(old[1], entry[1]), *entry[2:]]
+                else:
+                    kept[who] = entry
+            for who, old in before.items():
+                if who not in there and who != me:
+                    restores.append([key, who, old])
+                    kept[who] = old
+            remembered[key] = kept
+        self.remembered = remembered
+        return restores
 
     def _down(self, error: BaseException) -> None:
         if self.up or self.clock() - self._warned > 60:
@@ -261,6 +360,8 @@ class Fleet:
         """A pre-flight answer over the whole fleet."""
         view = self.view()
         budgets = view.budgets.matching(ask.project, ask.user)
+        if self.conflict and budgets:
+            return refused(self.reservations.check(view, ask), self.conflict_reason)
         try:
             elsewhere = await self._elsewhere(view, budgets)
         except Unavailable:
@@ -297,12 +398,14 @@ class Fleet:
         if not self.ready():
             return refused(mine, "this exporter is still reading its logs")
         answer = None
-        if self.up:
+        if self.up and not self.conflict:
             try:
                 needed = (mine.credits_needed, mine.usd_needed)
                 answer = await self._run("claim", view, budgets, needed, rid, ttl)
             except Unavailable:
                 pass
+        if self.conflict:  # it would hold what it cannot publish
+            return refused(self.reservations.check(self.view(), ask), self.conflict_reason)
         view = self.view()  # tasks may have used holds while Redis was asked
         elsewhere = self._last_seen(view, budgets)
         if answer is not None and answer.verdict == "taken":
@@ -331,9 +434,52 @@ class Fleet:
         """Publish this exporter's entry of every budget (under the reservations' lock,
         so that no decision is made between reading the holds and writing them)."""
         async with self.reservations.deciding:
+            if self.ids_lost:
+                await self._write_ids()
             view = self.view()
-            await self._run("publish", view, view.budgets.config.budgets)
+            budgets = view.budgets.config.budgets
+            await self._run("publish", view, budgets)
+            if self.restores:  # what Redis lost of the others, at once
+                lost = {"entries": len(self.restores)}
+                log.info("writing back the other instances' entries Redis lost", extra=lost)
+                await self._run("publish", view, budgets, restores=self.restores)
         self.last_publish = self.clock()
+
+    async def _write_ids(self) -> None:
+        """Give Redis back the ids of this exporter's live holds decided by the fleet
+        (those with a budget), so that each stays one hold fleet-wide."""
+        now = self.clock()
+        live = [
+            (h.id, h.expires_at - now)
+            for h in list(self.reservations.holds.values())
+            if h.budgets and h.expires_at > now
+        ]
+        for i in range(0, len(live), IDS_PER_CALL):
+            await self._run("ids", ids=live[i : i + IDS_PER_CALL])
+        self.ids_lost = False
+
+    async def start(self) -> None:
+        """Take the lease on this exporter's instance name. A lease found taken may be
+        this exporter's own before a crash: it is waited out once; still taken, another
+        exporter runs under the name and InstanceTaken is raised. With Redis not
+        answering, the lease is taken when it does."""
+        if not self.enabled:
+            return
+        settings = self.settings
+        deadline = time.monotonic() + (LEASE_INTERVALS + 1) * settings.publish_seconds
+        while True:
+            try:
+                await self._run("lease")
+                return
+            except InstanceTaken:
+                if time.monotonic() > deadline:
+                    raise InstanceTaken(
+                        f"{self.conflict_reason} (its lease in the fleet's Redis is held): "
+                        "give every exporter its own fleet.instance"
+                    ) from None
+            except Unavailable:
+                return
+            await asyncio.sleep(settings.publish_seconds / 4)
 
     async def run(self) -> None:
         """Publish every ``publish_interval`` once the logs are read, and at once when
@@ -347,9 +493,18 @@ class Fleet:
                     pass
                 except RuntimeError:  # an in-process reader changed the usage read
                     continue
+            if self.conflict:
+                return  # another exporter publishes under this name
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.publish_seconds):
                     await self.wake.wait()
+
+    async def stop(self) -> None:
+        """Give the instance name back (a restart need not wait for it), and close."""
+        if self.enabled and not self.conflict and self._client is not None:
+            with contextlib.suppress(Unavailable):
+                await self._run("release")
+        await self.close()
 
     async def close(self) -> None:
         if self._client is not None:
@@ -383,6 +538,14 @@ class Fleet:
                 (),
                 {(): self.last_publish},
             ),
+            Family(
+                "kling_fleet_instance_conflict",
+                "gauge",
+                "Whether another exporter holds this one's fleet.instance (1): this one "
+                "then publishes nothing, grants nothing and is not ready.",
+                (),
+                {(): 1.0 if self.conflict else 0.0},
+            ),
         ]
 
     def describe(self) -> dict[str, Any]:
@@ -393,6 +556,7 @@ class Fleet:
             "settled": self.settled,
             "instances": self.instances,
             "on_unavailable": self.settings.on_unavailable,
+            "instance_conflict": self.conflict,
         }
 
 

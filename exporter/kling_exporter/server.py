@@ -38,7 +38,7 @@ from kling_exporter.callbacks import Callbacks, callback_families
 from kling_exporter.collector import Exposition
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.demo import STANDIN_PATH
-from kling_exporter.fleet import Fleet
+from kling_exporter.fleet import Fleet, InstanceTaken
 from kling_exporter.metrics import reservation_families
 from kling_exporter.model import ReaderUnavailable
 from kling_exporter.reader import ReaderProcess
@@ -133,6 +133,8 @@ async def healthy(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
+    if request.app[FLEET].conflict:
+        return error_answer(503, request.app[FLEET].conflict_reason, "fleet.instance")
     if request.app[DAEMON].is_ready():
         return web.Response(text="Ready.\n")
     return error_answer(503, "reader: still reading the existing logs")
@@ -308,7 +310,7 @@ def build_app(
     account = Account(lambda: daemon.config)
     app.cleanup_ctx.append(in_background(account.run))
     fleet = app[FLEET] = Fleet(lambda: daemon.config, held, daemon.view, daemon.is_ready)
-    app.cleanup_ctx.append(in_background(fleet.run, fleet.close))
+    app.cleanup_ctx.append(in_background(fleet.run, fleet.stop))
     handler = metrics_handler(daemon, held, callbacks, account, fleet)
     app.router.add_get(telemetry_path, handler)
     app.router.add_post(CALLBACK_PATH, callbacks.handle)
@@ -349,6 +351,7 @@ async def _serve(reader: ReaderProcess, serving: Serving) -> int:
     host, port, telemetry_path, web_config, tls, limits, standin = serving
     reservations = Reservations(journal_beside(reader.config.state.path))
     app = build_app(reader, telemetry_path, web_config, reservations, standin)
+    await app[FLEET].start()  # refused while another exporter runs under its name
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, keepalive_timeout=limits.idle_timeout
     )
@@ -393,6 +396,9 @@ def run(reader: ReaderProcess, serving: Serving) -> int:
         code = asyncio.run(_serve(reader, serving))
     except OSError as e:
         log.error("cannot serve", extra={"err": str(e)})
+        return 1
+    except InstanceTaken as e:
+        log.error("cannot start", extra={"err": str(e)})
         return 1
     finally:
         reader.stop()
