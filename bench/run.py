@@ -199,6 +199,15 @@ def bench_mtail(path: Path, lines: int, workdir: Path) -> dict[str, float] | Non
     return {"seconds": seconds, "lines_per_s": lines / seconds}
 
 
+def wait_ready(url: str, limit: float = 120) -> None:
+    """Until the daemon at ``url`` says it has read what was there at its start."""
+    deadline = time.time() + limit
+    while scrape_value(url, "kling_exporter_ready") != 1:
+        if time.time() > deadline:
+            raise RuntimeError("the daemon did not start")
+        time.sleep(0.05)
+
+
 def bench_latency(workdir: Path, rate: int, seconds: float, backlog: Path) -> dict[str, float]:
     """The daemon first reads the whole benchmark log (so its task index and saved state
     are full size) and saves its state every 2 s while the writer appends."""
@@ -218,11 +227,7 @@ def bench_latency(workdir: Path, rate: int, seconds: float, backlog: Path) -> di
     written: list[float] = []
     seen: list[tuple[float, float]] = []
     try:
-        deadline = time.time() + 120
-        while scrape_value(url, "kling_exporter_ready") != 1:
-            if time.time() > deadline:
-                raise RuntimeError("the daemon did not start")
-            time.sleep(0.05)
+        wait_ready(url)
         base = scrape_value(url, "kling_log_lines_read_total") or 0.0
         stop = threading.Event()
 

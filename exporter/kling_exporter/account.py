@@ -110,6 +110,49 @@ def key_file_problems(config: KlingConfig) -> tuple[list[str], list[str]]:
     return errors, warnings_
 
 
+async def _ask(
+    session: aiohttp.ClientSession, api_base: str, params: dict[str, str], headers: dict[str, str]
+) -> tuple[int, bytes]:
+    """Kling's HTTP status and answer (at most MAX_ANSWER bytes); PollError when there
+    is none."""
+    url = api_base.rstrip("/") + "/account/costs"
+    try:
+        async with session.get(
+            url, params=params, headers=headers, timeout=aiohttp.ClientTimeout(total=TIMEOUT)
+        ) as r:
+            if r.content_length is not None and r.content_length > MAX_ANSWER:
+                raise TooLarge
+            return r.status, await read_bounded(r.content, MAX_ANSWER)
+    except TooLarge:
+        raise PollError("bad_response", f"larger than {MAX_ANSWER} bytes") from None
+    except TimeoutError:
+        raise PollError("timeout", f"no answer within {TIMEOUT:g} s") from None
+    except aiohttp.ClientError as e:
+        raise PollError("server", f"cannot reach {api_base}: {type(e).__name__}") from None
+
+
+def _answer(status: int, raw: bytes) -> Answer:
+    """Kling's answer if it is one of success; else PollError with the reason."""
+    if status in (401, 403):
+        raise PollError("auth", f"Kling answered {status}")
+    if status == 429:
+        raise PollError("rate_limited", "Kling answered 429")
+    if status >= 500:
+        raise PollError("server", f"Kling answered {status}")
+    try:
+        answer = _decode(raw)
+    except msgspec.DecodeError:
+        raise PollError("bad_response", f"not JSON (HTTP {status})") from None
+    except msgspec.ValidationError as e:
+        raise PollError("bad_response", f"unexpected shape: {e}") from None
+    if answer.code != 0 or status != 200:
+        reason = "auth" if 1000 <= answer.code < 1100 else "bad_response"
+        if answer.code in (1302, 1303):
+            reason = "rate_limited"
+        raise PollError(reason, f"Kling answered code {answer.code}: {answer.message[:80]}")
+    return answer
+
+
 class PollError(Exception):
     """One failed poll; ``reason`` is one of REASONS. The message never holds a key."""
 
@@ -164,40 +207,8 @@ class Account:
         now_ms = int(self.clock() * 1000)
         params = {"start_time": str(now_ms - WINDOW_DAYS * 86_400_000), "end_time": str(now_ms)}
         headers = {"Authorization": f"Bearer {self.token(*keys)}"}
-        url = kling.api_base.rstrip("/") + "/account/costs"
-        try:
-            async with session.get(
-                url, params=params, headers=headers, timeout=aiohttp.ClientTimeout(total=TIMEOUT)
-            ) as r:
-                status = r.status
-                if r.content_length is not None and r.content_length > MAX_ANSWER:
-                    raise TooLarge
-                raw = await read_bounded(r.content, MAX_ANSWER)
-        except TooLarge:
-            raise PollError("bad_response", f"larger than {MAX_ANSWER} bytes") from None
-        except TimeoutError:
-            raise PollError("timeout", f"no answer within {TIMEOUT:g} s") from None
-        except aiohttp.ClientError as e:
-            raise PollError(
-                "server", f"cannot reach {kling.api_base}: {type(e).__name__}"
-            ) from None
-        if status in (401, 403):
-            raise PollError("auth", f"Kling answered {status}")
-        if status == 429:
-            raise PollError("rate_limited", "Kling answered 429")
-        if status >= 500:
-            raise PollError("server", f"Kling answered {status}")
-        try:
-            answer = _decode(raw)
-        except msgspec.DecodeError:
-            raise PollError("bad_response", f"not JSON (HTTP {status})") from None
-        except msgspec.ValidationError as e:
-            raise PollError("bad_response", f"unexpected shape: {e}") from None
-        if answer.code != 0 or status != 200:
-            reason = "auth" if 1000 <= answer.code < 1100 else "bad_response"
-            if answer.code in (1302, 1303):
-                reason = "rate_limited"
-            raise PollError(reason, f"Kling answered code {answer.code}: {answer.message[:80]}")
+        status, raw = await _ask(session, kling.api_base, params, headers)
+        answer = _answer(status, raw)
         self.packs = [] if answer.data is None else list(answer.data.resource_pack_subscribe_infos)
         self.last_success = self.clock()
 

@@ -41,7 +41,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from redis import asyncio as aioredis
@@ -88,6 +88,17 @@ class Answer(msgspec.Struct):
 
 
 _decode = msgspec.json.Decoder(Answer).decode
+
+
+class Claim(NamedTuple):
+    """What a reservation claims of the fleet: credits and dollars, its id, its ttl."""
+
+    needed: tuple[float, float] = (0.0, 0.0)
+    rid: str | None = None
+    ttl: float = 0.0
+
+
+NO_CLAIM = Claim()
 
 
 class Unavailable(Exception):
@@ -202,21 +213,47 @@ class Fleet:
         mode: str,
         view: View | None = None,
         budgets: list[BudgetConfig] = [],  # noqa: B006 - never changed
-        needed: tuple[float, float] = (0.0, 0.0),
-        rid: str | None = None,
-        ttl: float = 0.0,
+        claim: Claim = NO_CLAIM,
         restores: list[list[Any]] = [],  # noqa: B006 - never changed
         ids: list[tuple[str, float]] = [],  # noqa: B006 - never changed
     ) -> Answer:
         """Run the script for ``budgets``; raise Unavailable when Redis does not answer,
         InstanceTaken when another exporter holds this one's lease."""
+        keys, args = self._script_input(mode, view, budgets, claim, restores, ids)
+        try:
+            script = await self._connected()
+            async with asyncio.timeout(self.settings.timeout_seconds * 2):
+                raw = await script(keys=keys, args=args)
+            answer = _decode(raw)
+        except (RedisError, OSError, TimeoutError, ValueError, msgspec.DecodeError) as e:
+            self._down(e)
+            raise Unavailable(str(e) or type(e).__name__) from None
+        if answer.verdict == "conflict":
+            if mode in ("publish", "claim"):
+                self._taken()
+            raise InstanceTaken(self.conflict_reason)
+        if mode not in ("ids", "release"):
+            self._heard(mode, answer, keys[4:])
+        return answer
+
+    def _script_input(
+        self,
+        mode: str,
+        view: View | None,
+        budgets: list[BudgetConfig],
+        claim: Claim,
+        restores: list[list[Any]],
+        ids: list[tuple[str, float]],
+    ) -> tuple[list[str], list[Any]]:
+        """The script's keys and arguments: the fleet's own keys, then one entry key
+        and its arguments a budget, then the hold ids to write back."""
         settings = self.settings
         now = self.clock()
         prefix = f"{settings.key_prefix}{{fleet}}:"
         keys = [
             prefix + "epoch",
             prefix + "instances",
-            prefix + f"id:{rid or ''}",
+            prefix + f"id:{claim.rid or ''}",
             prefix + f"lease:{settings.instance_name}",
         ]
         held_for = max(self.reservations.max_expiry() - now, 0.0)
@@ -227,10 +264,10 @@ class Fleet:
             int(LEASE_INTERVALS * settings.publish_seconds * 1000),
             2 * settings.publish_seconds + 1,
             STALE_INTERVALS * settings.publish_seconds,
-            needed[0],
-            needed[1],
-            ttl,
-            "1" if rid else "",
+            claim.needed[0],
+            claim.needed[1],
+            claim.ttl,
+            "1" if claim.rid else "",
             msgspec.json.encode(restores).decode(),
         ]
         shares = (
@@ -247,20 +284,11 @@ class Fleet:
         for held_id, lasts in ids:
             keys.append(prefix + f"id:{held_id}")
             args.append(lasts)
-        try:
-            script = await self._connected()
-            async with asyncio.timeout(settings.timeout_seconds * 2):
-                raw = await script(keys=keys, args=args)
-            answer = _decode(raw)
-        except (RedisError, OSError, TimeoutError, ValueError, msgspec.DecodeError) as e:
-            self._down(e)
-            raise Unavailable(str(e) or type(e).__name__) from None
-        if answer.verdict == "conflict":
-            if mode in ("publish", "claim"):
-                self._taken()
-            raise InstanceTaken(self.conflict_reason)
-        if mode in ("ids", "release"):
-            return answer
+        return keys, args
+
+    def _heard(self, mode: str, answer: Answer, entry_keys: list[str]) -> None:
+        """What an answer of Redis says of the fleet: up, settled, how many, a new epoch,
+        and (once settled) what the other instances published."""
         if not self.up:
             log.info("the fleet's Redis answers", extra={"instances": answer.instances})
             # It may be another server now (a failover) that lacks the last writes:
@@ -277,11 +305,10 @@ class Fleet:
             self.ids_lost = True
         if answer.settled:  # before, what others published may be missing
             others = answer.others if isinstance(answer.others, list) else []
-            for key, o in zip(keys[4:], others, strict=True):
+            for key, o in zip(entry_keys, others, strict=True):
                 self.seen[key] = Share(*o)
         if mode == "publish":
-            self.restores = self._remember(keys[4:], answer.entries)
-        return answer
+            self.restores = self._remember(entry_keys, answer.entries)
 
     def _taken(self) -> None:
         if not self.conflict:
@@ -401,7 +428,7 @@ class Fleet:
         if self.up and not self.conflict:
             try:
                 needed = (mine.credits_needed, mine.usd_needed)
-                answer = await self._run("claim", view, budgets, needed, rid, ttl)
+                answer = await self._run("claim", view, budgets, Claim(needed, rid, ttl))
             except Unavailable:
                 pass
         if self.conflict:  # it would hold what it cannot publish
@@ -411,22 +438,23 @@ class Fleet:
         if answer is not None and answer.verdict == "taken":
             return f"is held through the fleet's instance {answer.owner!r}"
         if answer is not None and answer.verdict in ("ok", "refused"):
-            # The script's verdict, with the rows and words of a check made on what is
-            # here now (tasks that used holds meanwhile: the sum is the same).
-            result = self.reservations.check(view, ask, elsewhere)
-            if answer.verdict == "ok" and not result.allowed:
-                reason = "within every matching budget"
-                return msgspec.structs.replace(result, allowed=True, reason=reason, refused_by=None)
-            if answer.verdict == "refused" and result.allowed:
-                name = budgets[answer.refused_by - 1].name
-                reason = f"budget {name!r} has no room left in the fleet"
-                return msgspec.structs.replace(
-                    result, allowed=False, reason=reason, refused_by=name
-                )
-            return result
+            return self._verdict(answer, budgets, self.reservations.check(view, ask, elsewhere))
         if self.settings.on_unavailable == "refuse":
             return refused(self.reservations.check(view, ask))
         return self.reservations.check(view, ask, elsewhere)
+
+    @staticmethod
+    def _verdict(answer: Answer, budgets: list[BudgetConfig], result: CheckResult) -> CheckResult:
+        """The script's verdict, with the rows and words of a check made on what is here
+        now (tasks that used holds meanwhile: the sum is the same)."""
+        if answer.verdict == "ok" and not result.allowed:
+            reason = "within every matching budget"
+            return msgspec.structs.replace(result, allowed=True, reason=reason, refused_by=None)
+        if answer.verdict == "refused" and result.allowed:
+            name = budgets[answer.refused_by - 1].name
+            reason = f"budget {name!r} has no room left in the fleet"
+            return msgspec.structs.replace(result, allowed=False, reason=reason, refused_by=name)
+        return result
 
     # -- publishing ------------------------------------------------------------------
 

@@ -166,49 +166,56 @@ BCRYPT_THREADS = 2
 MAX_PENDING_LOGINS = 32
 
 
-def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
-    auth = BasicAuth(web_config.basic_auth_users if web_config else {})
-    headers = web_config.http_server_config.headers if web_config else {}
-    api_slots = asyncio.Semaphore(MAX_CONCURRENT_API)
-    failures = FailureLimit()
-    bcrypt_pool = ThreadPoolExecutor(BCRYPT_THREADS, thread_name_prefix="bcrypt")
-    pending = 0
+class Logins:
+    """Basic auth as the exporter toolkit checks it: bcrypt in a few threads of its
+    own, at most MAX_PENDING_LOGINS checks waiting, and a client past FailureLimit's
+    burst of wrong passwords refused without a check."""
 
-    def refuse(status: int, text: str) -> web.Response:
+    def __init__(self, auth: BasicAuth, headers: dict[str, str]) -> None:
+        self.auth = auth
+        self.headers = headers
+        self.failures = FailureLimit()
+        self.pool = ThreadPoolExecutor(BCRYPT_THREADS, thread_name_prefix="bcrypt")
+        self.pending = 0
+
+    def refuse(self, status: int, text: str) -> web.Response:
         if status == 401:
             extra = {"WWW-Authenticate": 'Basic realm="kling-exporter"'}
         else:
             extra = {"Retry-After": "60"}
-        return error_answer(status, text, "authorization", {**extra, **headers})
+        return error_answer(status, text, "authorization", {**extra, **self.headers})
 
-    async def verified(request: web.Request) -> web.Response | None:
+    async def verified(self, request: web.Request) -> web.Response | None:
         """None when the credentials are good, else the answer that refuses them."""
-        nonlocal pending
         user, password = _credentials(request)
         if user is None:
-            return refuse(401, "authorization: basic credentials needed")
-        if auth.known(user, password or ""):
+            return self.refuse(401, "authorization: basic credentials needed")
+        if self.auth.known(user, password or ""):
             return None
         client, now = request.remote or "", time.monotonic()
-        if failures.blocked(client, now):
-            return refuse(429, "authorization: too many failed logins; try again later")
-        if pending >= MAX_PENDING_LOGINS:
-            return refuse(503, "authorization: too many logins being checked; try again")
-        pending += 1
+        if self.failures.blocked(client, now):
+            return self.refuse(429, "authorization: too many failed logins; try again later")
+        if self.pending >= MAX_PENDING_LOGINS:
+            return self.refuse(503, "authorization: too many logins being checked; try again")
+        self.pending += 1
         try:
             loop = asyncio.get_running_loop()
-            ok = await loop.run_in_executor(bcrypt_pool, auth.check, user, password or "")
+            ok = await loop.run_in_executor(self.pool, self.auth.check, user, password or "")
         finally:
-            pending -= 1
+            self.pending -= 1
         if ok:
             return None
-        failures.failed(client, now)
-        return refuse(401, "authorization: wrong user or password")
+        self.failures.failed(client, now)
+        return self.refuse(401, "authorization: wrong user or password")
+
+
+def _errors_in_one_shape(headers: dict[str, str]) -> Any:
+    """A middleware: aiohttp's own errors (404, 405, 413...), a reader that cannot
+    answer, and anything a handler failed to catch answer in the API's one JSON shape;
+    the server goes on serving."""
 
     @web.middleware
-    async def errors_in_one_shape(request: web.Request, handler: Any) -> web.StreamResponse:
-        """aiohttp's own errors (404, 405, 413...) and anything a handler failed to
-        catch answer in the API's one JSON shape; the server goes on serving."""
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         try:
             response: web.StreamResponse = await handler(request)
             return response
@@ -229,29 +236,40 @@ def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
             log.exception("request failed", extra={"path": request.path[:200]})
             return error_answer(500, "server: internal error (logged)", "", headers)
 
+    return middleware
+
+
+def _protect(logins: Logins) -> Any:
+    """A middleware: HTTP/1.0 at least, credentials where users are configured (not
+    for health, nor for Kling's callbacks, which carry their own token), at most
+    MAX_CONCURRENT_API API requests at once, and the configured headers on answers."""
+    api_slots = asyncio.Semaphore(MAX_CONCURRENT_API)
+
     @web.middleware
-    async def protect(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.version < (1, 0):
             return error_answer(505, "version: HTTP/1.0 or later is needed")
-        # Kling cannot log in: its callbacks carry their own token instead.
-        if auth.enabled and request.path not in ("/-/healthy", CALLBACK_PATH):
-            refused = await verified(request)
+        if logins.auth.enabled and request.path not in ("/-/healthy", CALLBACK_PATH):
+            refused = await logins.verified(request)
             if refused is not None:
                 return refused
-        if request.path.startswith("/api/"):
-            if api_slots.locked():
-                response: web.StreamResponse = error_answer(
-                    503, "too many requests at once, try again", ""
-                )
-            else:
-                async with api_slots:
-                    response = await handler(request)
+        if not request.path.startswith("/api/"):
+            response: web.StreamResponse = await handler(request)
+        elif api_slots.locked():
+            response = error_answer(503, "too many requests at once, try again", "")
         else:
-            response = await handler(request)
-        response.headers.update(headers)
+            async with api_slots:
+                response = await handler(request)
+        response.headers.update(logins.headers)
         return response
 
-    return [errors_in_one_shape, protect]
+    return middleware
+
+
+def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
+    auth = BasicAuth(web_config.basic_auth_users if web_config else {})
+    headers = web_config.http_server_config.headers if web_config else {}
+    return [_errors_in_one_shape(headers), _protect(Logins(auth, headers))]
 
 
 def _credentials(request: web.Request) -> tuple[str | None, str | None]:

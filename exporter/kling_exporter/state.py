@@ -244,6 +244,18 @@ def restore(led: Book, saved: LedgerState | Any) -> None:
     state = as_ledger_state(saved)
     if state.timezone != led.config.timezone:
         raise ValueError("state was saved with another timezone")
+    _restore_counters(led, state)
+    _restore_tasks(led, state)
+    for day, pairs in state.usage:
+        bucket = led.usage[day] = DayUsage()
+        for p, u, c, d in pairs:
+            bucket.add(p, u, c, d)
+    led.consumed = {rid: [n, ts] for rid, n, ts in state.consumed}
+    led.estimate_flight()
+
+
+def _restore_counters(led: Book, state: LedgerState) -> None:
+    """The totals of every series, the histograms and the label limits."""
     for p, m, mode, v in state.submitted:
         led.series_of(p, m)[MODE_SLOT[mode]] = v
     for p, m, status, v in state.completed:
@@ -268,12 +280,6 @@ def restore(led: Book, saved: LedgerState | Any) -> None:
     led.last_event_ts = state.last_event_ts
     led.clamped.update(dict(state.clamped))
     led.orphaned = state.orphaned
-    try:
-        led.waiting = {
-            task_id: (Event(*fields), ts, read_at) for task_id, ts, read_at, fields in state.waiting
-        }
-    except TypeError as e:  # the event's fields are saved in order, untyped
-        raise ValueError(f"state does not fit: waiting events: {e}") from None
     if len(state.labels) != 3:
         raise ValueError("state does not fit: labels: expected 3 limiters")
     for lim, (known, overflow) in zip(
@@ -282,11 +288,15 @@ def restore(led: Book, saved: LedgerState | Any) -> None:
         lim.known.clear()
         lim.known.update((k, k) for k in known)
         lim.overflow = overflow
+
+
+def _restore_tasks(led: Book, state: LedgerState) -> None:
+    """The task index, its expiry and the events waiting for their submission."""
+    try:
+        led.waiting = {
+            task_id: (Event(*fields), ts, read_at) for task_id, ts, read_at, fields in state.waiting
+        }
+    except TypeError as e:  # the event's fields are saved in order, untyped
+        raise ValueError(f"state does not fit: waiting events: {e}") from None
     led.tasks = dict(state.tasks)
     led.expiry = deque(state.expiry)
-    for day, pairs in state.usage:
-        bucket = led.usage[day] = DayUsage()
-        for p, u, c, d in pairs:
-            bucket.add(p, u, c, d)
-    led.consumed = {rid: [n, ts] for rid, n, ts in state.consumed}
-    led.estimate_flight()

@@ -11,6 +11,7 @@ from mixin.dashboards.knobs import BURN_SPAN, BURN_WINDOW, WARNING_PERCENT
 from mixin.dashboards.layout import Layout
 from mixin.dashboards.panels import (
     BUDGET_STEPS,
+    Look,
     joined_table,
     labels_table,
     override,
@@ -145,7 +146,7 @@ def over_time(lay: Layout) -> None:
             [target(_budget("kling:budget_utilization:ratio"), BY_BUDGET)],
             "percentunit",
             steps=BUDGET_STEPS,
-            threshold_lines=True,
+            look=Look(threshold_lines=True),
         ),
         24,
         9,
@@ -157,7 +158,7 @@ def over_time(lay: Layout) -> None:
             [target(_budget("kling:budget_forecast_utilization:ratio"), BY_BUDGET)],
             "percentunit",
             steps=BUDGET_STEPS,
-            threshold_lines=True,
+            look=Look(threshold_lines=True),
         ),
         12,
         8,

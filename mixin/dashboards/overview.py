@@ -7,7 +7,17 @@ from typing import Any
 
 from mixin.dashboards.board import dashboard, query_var
 from mixin.dashboards.layout import Layout, Panel
-from mixin.dashboards.panels import GREEN, ORANGE, RED, stat, thresholds, timeseries
+from mixin.dashboards.panels import (
+    GREEN,
+    LINES,
+    ORANGE,
+    RED,
+    STACKED,
+    Look,
+    stat,
+    thresholds,
+    timeseries,
+)
 from mixin.dashboards.queries import target
 
 SEL = 'project=~"$project", model=~"$model"'
@@ -93,12 +103,11 @@ def _series_by(
     description: str,
     expr: str,
     unit: str = "short",
-    stack: bool = False,
-    bars: bool = False,
+    look: Look = LINES,
 ) -> Panel:
     """A time series of one query, a series per value of ``label``."""
     legend = f"{{{{{label}}}}}"
-    return timeseries(title, description, [target(expr, legend)], unit, stack=stack, bars=bars)
+    return timeseries(title, description, [target(expr, legend)], unit, look)
 
 
 def tasks(lay: Layout) -> None:
@@ -109,7 +118,7 @@ def tasks(lay: Layout) -> None:
             "Submissions per minute by model",
             "Tasks submitted per minute, by model.",
             _per_minute("kling_tasks_submitted_total", "model"),
-            stack=True,
+            look=STACKED,
         ),
         12,
         8,
@@ -120,7 +129,7 @@ def tasks(lay: Layout) -> None:
             "Completions per minute by status",
             "Tasks that reached a final Kling status, per minute.",
             _per_minute("kling_tasks_completed_total", "status"),
-            stack=True,
+            look=STACKED,
         ),
         12,
         8,
@@ -133,7 +142,7 @@ def tasks(lay: Layout) -> None:
             "In flight by project",
             "Tasks waiting for Kling, by project.",
             f"sum by (project) (kling_tasks_in_flight{{{PROJECT}}})",
-            stack=True,
+            look=STACKED,
         ),
         24,
         7,
@@ -158,7 +167,7 @@ def failures_by_reason() -> Panel:
             ),
         ],
         "short",
-        stack=True,
+        look=STACKED,
     )
 
 
@@ -189,7 +198,7 @@ def spending(lay: Layout) -> None:
                 f"Credits per hour by {by}",
                 f"Credit burn rate, by {by}.",
                 _per_hour("kling_credits_used_total", by),
-                stack=True,
+                look=STACKED,
             ),
             12,
             8,
@@ -212,7 +221,9 @@ def spending(lay: Layout) -> None:
     ]
     for by, title, description, metric, unit in per_day:
         lay.add(
-            _series_by(by, title, description, _per_day(metric, by), unit, stack=True, bars=True),
+            _series_by(
+                by, title, description, _per_day(metric, by), unit, Look(stack=True, bars=True)
+            ),
             12,
             8,
         )

@@ -4,7 +4,7 @@ panel says (title, description, queries, unit) and gives Grafana's JSON for it."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from mixin.dashboards.knobs import WARNING_RATIO
 from mixin.dashboards.layout import Panel
@@ -85,21 +85,31 @@ def stat(
     return panel("stat", title, description, [target(expr)], defaults, options)
 
 
+class Look(NamedTuple):
+    """How a time series is drawn: stacked, as bars, with its thresholds as lines."""
+
+    stack: bool = False
+    bars: bool = False
+    threshold_lines: bool = False
+
+
+LINES = Look()
+STACKED = Look(stack=True)
+
+
 def timeseries(
     title: str,
     description: str,
     targets: list[Target],
     unit: str,
-    stack: bool = False,
-    bars: bool = False,
+    look: Look = LINES,
     steps: Steps | None = None,
-    threshold_lines: bool = False,
     overrides: list[Override] | None = None,
 ) -> Panel:
     """Lines (or bars), stacked or not, with a table legend of last and max."""
     defaults: dict[str, Any] = {
         "unit": unit,
-        "custom": _series_style(stack, bars, threshold_lines),
+        "custom": _series_style(*look),
         "color": {"mode": "palette-classic"},
         "thresholds": steps or thresholds((GREEN, None)),
     }
