@@ -327,3 +327,89 @@ def test_an_idle_closed_file_rotated_away_is_still_drained(tmp_path: Path) -> No
     log.write_bytes(b"3\n")
     t.poll(got)
     assert got.lines == [b"1", b"2", b"3"]
+
+
+@pytest.mark.parametrize("copied", [0, 40, 100, 300])
+def test_a_copy_seen_while_it_is_being_written_is_not_read_again(
+    tmp_path: Path, copied: int
+) -> None:
+    """The watcher can report a copytruncate's copy as soon as it is created: empty, or
+    holding fewer first bytes than the file it copies is known by."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log, copy = logs / "kling.jsonl", logs / "kling.jsonl.1"
+    t, got = Tailer(LogsConfig(paths=[str(logs / "kling.jsonl*")], rotate_wait="0s")), Collect()
+    log.write_bytes(lines_of("a", 5))
+    t.poll(got)
+    with open(log, "ab") as f:
+        f.write(lines_of("a", 2, start=5))  # written after the last look: only in the copy
+    copy.write_bytes(log.read_bytes()[:copied])
+    t.poll(got)
+    t.poll(got)
+    copytruncate(log, copy)
+    with open(log, "ab") as f:
+        f.write(lines_of("b", 2))
+    t.poll(got)
+    t.poll(got)
+    assert len(got.lines) == 9, got.lines
+    assert len(set(got.lines)) == 9
+
+
+@pytest.mark.parametrize(
+    "magic", [b"\x1f\x8b\x08\x00", b"\xfd7zXZ\x00", b"(\xb5/\xfd", b"BZh9"], ids=str
+)
+def test_compressed_files_under_the_globs_are_not_read_as_lines(
+    tmp_path: Path, magic: bytes
+) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    t, got = Tailer(LogsConfig(paths=[str(logs / "kling.jsonl*")])), Collect()
+    (logs / "kling.jsonl").write_bytes(lines_of("a", 2))
+    (logs / "kling.jsonl.2.gz").write_bytes(magic)  # compression under way
+    t.poll(got)
+    with open(logs / "kling.jsonl.2.gz", "ab") as f:
+        f.write(os.urandom(2000).replace(b"\n", b"") + b"\n" + os.urandom(100) + b"\n")
+    t.poll(got)
+    assert len(got.lines) == 2
+
+
+@pytest.mark.parametrize(("idle", "restart"), [(False, False), (True, False), (False, True)])
+def test_a_copy_in_the_inode_of_a_file_deleted_is_not_read_again(
+    tmp_path: Path, idle: bool, restart: bool
+) -> None:
+    """logrotate deletes the oldest copy and then makes the new one, which may get the
+    inode just freed: a known file "changed" to a copy of a stream already read. With a
+    restart, the file was gone before it and the rotation happens while down."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log, oldest, away = logs / "kling.jsonl", logs / "kling.jsonl.3", tmp_path / "away"
+    config = LogsConfig(
+        paths=[str(logs / "kling.jsonl*")], rotate_wait="0s", idle_close="0s" if idle else "5m"
+    )
+    t, got = Tailer(config), Collect()
+    oldest.write_bytes(lines_of("z", 2))
+    log.write_bytes(lines_of("a", 5))
+    t.poll(got)
+    if restart:
+        os.rename(oldest, away)
+        t.poll(got)
+        t.poll(got)  # gone past rotate_wait: let go, remembered
+        saved = t.to_state()
+        t.close()
+        os.rename(away, oldest)
+    with open(log, "ab") as f:
+        f.write(lines_of("a", 2, start=5))  # written after the last look: only in the copy
+    with open(oldest, "r+b") as f:  # the same inode, now holding the copy
+        f.truncate(0)
+        f.write(log.read_bytes())
+    os.rename(oldest, logs / "kling.jsonl.1")
+    with open(log, "r+b") as f:
+        f.truncate(0)
+    with open(log, "ab") as f:
+        f.write(lines_of("b", 2))
+    if restart:
+        t = Tailer(config, saved)
+    t.poll(got)
+    t.poll(got)
+    assert len(got.lines) == 11, got.lines
+    assert len(set(got.lines)) == 11

@@ -28,6 +28,7 @@ class FileState:
 
     __slots__ = (
         "changed_at",
+        "compressed",
         "dev",
         "fd",
         "fingerprint",
@@ -69,6 +70,8 @@ class FileState:
         self.verified = False
         # The file whose copy this is, while that file still holds the same stream.
         self.shadow_of: tuple[int, int] | None = None
+        # A compressed copy (logrotate's compress) under the globs: never read as lines.
+        self.compressed = False
 
     @property
     def ident(self) -> tuple[int, int]:
@@ -98,6 +101,18 @@ class FileState:
         self.pending = b""
         self.skipping = False
         self.shadow_of = None
+
+
+def known_start(
+    head: bytes, fingerprint: bytes, saved_digest: tuple[int, bytes] | None
+) -> bytes | None:
+    """The first bytes of a stream known by ``fingerprint`` (or only by ``saved_digest``,
+    from the saved state) if ``head`` begins with them, else None."""
+    if saved_digest is not None:
+        length, digest = saved_digest
+        start = head[:length]
+        return start if len(start) == length and hashlib.sha256(start).digest() == digest else None
+    return fingerprint if fingerprint and head.startswith(fingerprint) else None
 
 
 def last_line_end(fd: int, size: int) -> int:
@@ -230,7 +245,9 @@ class KnownFiles:
 
     def to_state(self) -> list[FilePosition]:
         """Positions of every known file, open, closed or gone. A partial last line is not
-        part of a position: after a restart it is read again, whole."""
+        part of a position: after a restart it is read again, whole. A copy, a compressed
+        file and a file with nothing read yet (a copy may still be under way) are known
+        again by their first bytes."""
         now = time.monotonic()
         return [
             FilePosition(
@@ -245,4 +262,6 @@ class KnownFiles:
             )
             for fs in self.files.values()
             if fs.shadow_of is None
+            and not fs.compressed
+            and (fs.offset or fs.fingerprint or fs.saved_digest is not None)
         ]

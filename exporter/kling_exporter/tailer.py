@@ -16,6 +16,7 @@ listing or opening files means "unknown", never "gone".
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
@@ -35,7 +36,7 @@ from kling_exporter.listing import (
     warn_once,
     warned,
 )
-from kling_exporter.logfile import FileState, KnownFiles, last_line_end, open_fd
+from kling_exporter.logfile import FileState, KnownFiles, known_start, last_line_end, open_fd
 from kling_exporter.state import FilePosition
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ BLOCK = 1 << 20
 FINGERPRINT_LEN = 256
 # A copy is told by its first bytes only when there are enough of them to be unique.
 MIN_TWIN_FINGERPRINT = 64
+# How the files that logrotate's compress writes begin: gzip, xz, zstd, bzip2.
+COMPRESSED = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"BZh")
 
 # sink(path, lines, first_line_number, bytes): None in lines marks a line too long to keep.
 Sink = Callable[[str, list[bytes | None], int, int], None]
@@ -58,13 +61,16 @@ class Tailer(KnownFiles):
     ) -> None:
         super().__init__(config, saved)
         # Streams left behind by a truncation whose copy has not been seen (yet):
-        # fingerprint, offset, line number.
-        self.retired: list[tuple[bytes, int, int]] = []
+        # fingerprint (or, restored from the saved state, only its digest), offset, line
+        # number.
+        self.retired: list[tuple[bytes, tuple[int, bytes] | None, int, int]] = []
         self._first_poll = True
         self._unreadable: set[str] = set()
         self._stop: threading.Event | None = None
-        # Followed files by their first bytes, built once a poll when a new file needs it.
+        # Followed files by their first bytes, and the first bytes of every stream known,
+        # sorted: built once a poll when a new file needs them.
         self._heads: dict[bytes, FileState] | None = None
+        self._streams: list[bytes] | None = None
 
     # -- finding files ---------------------------------------------------------------
 
@@ -96,7 +102,7 @@ class Tailer(KnownFiles):
         """Find files, notice rotation and truncation, and hand on every new complete line.
         ``stop`` set meanwhile ends the poll between two blocks, offsets consistent."""
         self._stop = stop
-        self._heads = None
+        self._heads = self._streams = None
         now = time.monotonic()
         found, complete = self._list()
         for ident, (path, _) in found.items():
@@ -138,6 +144,8 @@ class Tailer(KnownFiles):
 
     def _worth_reading(self, fs: FileState, st: os.stat_result) -> bool:
         """A closed file is opened again only when it changed since it was closed."""
+        if fs.compressed:
+            return False
         if fs.fd is not None or not fs.verified or fs.shadow_of is not None:
             return True
         return st.st_size != fs.read_pos or st.st_mtime_ns != fs.mtime_ns
@@ -200,23 +208,58 @@ class Tailer(KnownFiles):
                 return True
             log.info("file changed while not followed, reading from start", extra={"path": fs.path})
             self._restart(fs, sink)
-            return True
+            return self._take_as_new(fs, st, new=False)
+        return self._take_as_new(fs, st, new=True)
+
+    def _take_as_new(self, fs: FileState, st: os.stat_result, new: bool) -> bool:
+        """An open file with no position of its own (new, truncated, or an inode reused):
+        a copy of a stream already read goes on from that stream's position, anything
+        else is read from its start (from its end at start-up with ``start_at: end``).
+        False, its descriptor closed, for a compressed file (never read) and for one
+        too short yet to be told from a copy (looked at again at the next poll)."""
+        fd = fs.fd
+        assert fd is not None
         fs.changed_at = time.monotonic()
-        if self._as_copy(fs, st):
+        head = os.pread(fd, FINGERPRINT_LEN, 0)
+        if head.startswith(COMPRESSED):
+            fs.compressed = True
+            self._close_fd(fs)
+            log.info("compressed file, not read", extra={"path": fs.path})
+            return False
+        if self._undecided(head):
+            fs.verified = False
+            self._close_fd(fs)
+            return False
+        if self._as_copy(fs, st, head):
+            return True
+        if not new:
             return True
         if self._first_poll and self.config.start_at == "end":
             fs.offset = fs.read_pos = last_line_end(fd, st.st_size)
             fs.lineno = -1  # line numbers unknown when starting at the end
-            fs.fingerprint = os.pread(fd, FINGERPRINT_LEN, 0)
+            fs.fingerprint = head
         log.info("following file", extra={"path": fs.path})
         return True
 
-    def _as_copy(self, fs: FileState, st: os.stat_result) -> bool:
+    def _undecided(self, head: bytes) -> bool:
+        """Whether a new file is too short yet to be told from a copy: empty, or its first
+        bytes all among a stream's first bytes (a copy being written, the watcher having
+        seen it created), or the start of a compressed file's header."""
+        if any(magic.startswith(head) for magic in COMPRESSED):
+            return True
+        if len(head) >= FINGERPRINT_LEN:
+            return False
+        if self._streams is None:
+            known = {f.fingerprint for f in self.files.values() if f.fingerprint}
+            self._streams = sorted(known.union(fp for fp, _, _, _ in self.retired if fp))
+        # The first known beginning above ``head`` starts with it if any longer one does.
+        i = bisect.bisect_right(self._streams, head)
+        return i < len(self._streams) and self._streams[i].startswith(head)
+
+    def _as_copy(self, fs: FileState, st: os.stat_result, head: bytes) -> bool:
         """A new file that starts with the bytes of a stream already read is a copy of
         it (a copytruncate's, or a backup): it shadows a file that still holds that
         stream, or continues a stream a truncation left behind."""
-        assert fs.fd is not None
-        head = os.pread(fs.fd, FINGERPRINT_LEN, 0)
         if len(head) < MIN_TWIN_FINGERPRINT:
             return False
         if self._heads is None:
@@ -233,8 +276,9 @@ class Tailer(KnownFiles):
             fs.fingerprint = other.fingerprint
             log.info("file is a copy of one being read", extra={"path": fs.path, "of": other.path})
             return True
-        for i, (fp, offset, lineno) in enumerate(self.retired):
-            if head.startswith(fp):
+        for i, (fingerprint, saved_digest, offset, lineno) in enumerate(self.retired):
+            fp = known_start(head, fingerprint, saved_digest)
+            if fp is not None:
                 del self.retired[i]
                 fs.continue_stream(fp, offset, lineno, st.st_size)
                 log.info("copy continues a truncated file", extra={"path": fs.path})
@@ -272,8 +316,8 @@ class Tailer(KnownFiles):
         known = len(fs.fingerprint) if fs.saved_digest is None else fs.saved_digest[0]
         if fs.offset and known >= MIN_TWIN_FINGERPRINT:
             copy = self._adopt_shadows(fs, sink) or self._find_copy(fs, sink)
-            if not copy and fs.fingerprint:
-                self.retired.append((fs.fingerprint, fs.offset, fs.lineno))
+            if not copy:
+                self.retired.append((fs.fingerprint, fs.saved_digest, fs.offset, fs.lineno))
                 del self.retired[:-100]
         fs.rewind()
 
@@ -368,6 +412,8 @@ class Tailer(KnownFiles):
         if self._changed_under_us(fs):
             log.warning("file truncated or replaced, reading from start", extra={"path": fs.path})
             self._restart(fs, sink)
+            if not self._take_as_new(fs, os.fstat(fd), new=False) or fs.shadow_of is not None:
+                return
         max_line, stop = self.max_line, self._stop
         while stop is None or not stop.is_set():
             data = os.pread(fd, BLOCK, fs.read_pos)
