@@ -435,11 +435,12 @@ def test_logrotate_under_writers_and_kill_9(
 ) -> None:
     folder = tmp_path / "logs"
     active = folder / "kling.jsonl"
-    rotate = logrotate(tmp_path, active, mode)
+    # Few copies kept: the oldest is deleted and its inode freed for the next copy.
+    rotate = logrotate(tmp_path, active, mode, keep=2 if mode == "copytruncate" else 100)
     config = (
         f"logs: {{paths: ['{folder / pattern}'], poll_interval: 100ms, rotate_wait: 3s}}\n"
         "state: {path: kling-exporter.state, interval: 200ms}\n"
-        "tasks: {max_tasks: 1000, orphan_wait: 0s}\n"
+        "tasks: {ttl: 1s, max_tasks: 1000, orphan_wait: 0s}\n"
     )
 
     d = daemon_factory(config)
