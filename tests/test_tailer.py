@@ -413,3 +413,29 @@ def test_a_copy_in_the_inode_of_a_file_deleted_is_not_read_again(
     t.poll(got)
     assert len(got.lines) == 11, got.lines
     assert len(set(got.lines)) == 11
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_copy_of_a_file_of_one_short_line_is_not_read_again(
+    tmp_path: Path, restart: bool
+) -> None:
+    """A usage tracker's lines are short: a file may be rotated holding one line only,
+    fewer first bytes than a copy is otherwise told by; a whole line is enough."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "kling.jsonl"
+    config = LogsConfig(paths=[str(logs / "kling.jsonl*")], rotate_wait="0s")
+    t, got = Tailer(config), Collect()
+    log.write_bytes(b'{"task_id": "t1", "credits": 5}\n')
+    t.poll(got)
+    if restart:
+        saved = t.to_state()
+        t.close()
+    with open(log, "ab") as f:
+        f.write(b'{"task_id": "t2", "credits": 5}\n')  # only in the copy
+    copytruncate(log, logs / "kling.jsonl.1")
+    if restart:
+        t = Tailer(config, saved)
+    t.poll(got)
+    t.poll(got)
+    assert got.lines == [b'{"task_id": "t1", "credits": 5}', b'{"task_id": "t2", "credits": 5}']

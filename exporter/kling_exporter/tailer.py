@@ -43,13 +43,25 @@ log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
 FINGERPRINT_LEN = 256
-# A copy is told by its first bytes only when there are enough of them to be unique.
+# A copy is told by its first bytes only when there are enough of them to be unique:
+# this many, or a whole first line of at least MIN_TWIN_LINE (a usage tracker's lines
+# are short; a line is an event, its task named in it).
 MIN_TWIN_FINGERPRINT = 64
+MIN_TWIN_LINE = 16
 # How the files that logrotate's compress writes begin: gzip, xz, zstd, bzip2.
 COMPRESSED = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"BZh")
 
 # sink(path, lines, first_line_number, bytes): None in lines marks a line too long to keep.
 Sink = Callable[[str, list[bytes | None], int, int], None]
+
+
+def twin_key(first: bytes) -> bytes | None:
+    """The part of a file's first bytes its copies are told by (the same for a file and
+    for any file that begins with all of its first bytes); None while too few."""
+    nl = first.find(b"\n", 0, MIN_TWIN_FINGERPRINT)
+    if nl + 1 >= MIN_TWIN_LINE:
+        return first[: nl + 1]
+    return first[:MIN_TWIN_FINGERPRINT] if len(first) >= MIN_TWIN_FINGERPRINT else None
 
 
 class Tailer(KnownFiles):
@@ -260,17 +272,17 @@ class Tailer(KnownFiles):
         """A new file that starts with the bytes of a stream already read is a copy of
         it (a copytruncate's, or a backup): it shadows a file that still holds that
         stream, or continues a stream a truncation left behind."""
-        if len(head) < MIN_TWIN_FINGERPRINT:
+        key = twin_key(head)
+        if key is None:
             return False
         if self._heads is None:
-            self._heads = {
-                other.fingerprint[:MIN_TWIN_FINGERPRINT]: other
-                for other in self.files.values()
-                if other.gone_since is None
-                and other.shadow_of is None
-                and len(other.fingerprint) >= MIN_TWIN_FINGERPRINT
-            }
-        other = self._heads.get(head[:MIN_TWIN_FINGERPRINT])
+            self._heads = {}
+            for known in self.files.values():
+                if known.gone_since is None and known.shadow_of is None:
+                    known_key = twin_key(known.fingerprint)
+                    if known_key is not None:
+                        self._heads[known_key] = known
+        other = self._heads.get(key)
         if other is not None and other is not fs and head.startswith(other.fingerprint):
             fs.shadow_of = other.ident
             fs.fingerprint = other.fingerprint
@@ -278,7 +290,7 @@ class Tailer(KnownFiles):
             return True
         for i, (fingerprint, saved_digest, offset, lineno) in enumerate(self.retired):
             fp = known_start(head, fingerprint, saved_digest)
-            if fp is not None:
+            if fp is not None and twin_key(fp) is not None:
                 del self.retired[i]
                 fs.continue_stream(fp, offset, lineno, st.st_size)
                 log.info("copy continues a truncated file", extra={"path": fs.path})
@@ -313,8 +325,11 @@ class Tailer(KnownFiles):
     def _restart(self, fs: FileState, sink: Sink) -> None:
         """The file was truncated or replaced: the stream read so far goes on in its copy
         if there is one (copytruncate), and the file is read again from its start."""
-        known = len(fs.fingerprint) if fs.saved_digest is None else fs.saved_digest[0]
-        if fs.offset and known >= MIN_TWIN_FINGERPRINT:
+        if fs.saved_digest is None:
+            enough = twin_key(fs.fingerprint) is not None
+        else:  # told when a copy is found, from the copy's bytes
+            enough = fs.saved_digest[0] >= MIN_TWIN_LINE
+        if fs.offset and enough:
             copy = self._adopt_shadows(fs, sink) or self._find_copy(fs, sink)
             if not copy:
                 self.retired.append((fs.fingerprint, fs.saved_digest, fs.offset, fs.lineno))
@@ -365,7 +380,7 @@ class Tailer(KnownFiles):
             except OSError:
                 continue
             fp = fs.begins(fd)
-            if fp is None:
+            if fp is None or twin_key(fp) is None:
                 os.close(fd)
                 continue
             copy = known
