@@ -439,3 +439,32 @@ def test_a_copy_of_a_file_of_one_short_line_is_not_read_again(
     t.poll(got)
     t.poll(got)
     assert got.lines == [b'{"task_id": "t1", "credits": 5}', b'{"task_id": "t2", "credits": 5}']
+
+
+@pytest.mark.parametrize("truncated", [False, True])
+def test_a_copy_named_before_its_file_is_not_read_again_after_a_restart(
+    tmp_path: Path, truncated: bool
+) -> None:
+    """`dateext` with `extension .jsonl` names the copy kling-20261203.jsonl, listed
+    before kling.jsonl; after a restart the file is known only by a digest of its first
+    bytes until it is opened again."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "kling.jsonl"
+    config = LogsConfig(paths=[str(logs / "kling*.jsonl")], rotate_wait="0s")
+    t, got = Tailer(config), Collect()
+    log.write_bytes(lines_of("a", 5))
+    t.poll(got)
+    saved = t.to_state()
+    t.close()
+    with open(log, "ab") as f:
+        f.write(lines_of("a", 2, start=5))
+    shutil.copyfile(log, logs / "kling-20261203.jsonl")
+    if truncated:
+        with open(log, "r+b") as f:
+            f.truncate(0)
+    t = Tailer(config, saved)
+    t.poll(got)
+    t.poll(got)
+    assert len(got.lines) == 7, got.lines
+    assert len(set(got.lines)) == 7

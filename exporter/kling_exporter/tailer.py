@@ -135,8 +135,16 @@ class Tailer(KnownFiles):
             self._locate(missing)
         self.watched = len(found)
 
-        # Rotated-away files first, so an old file is drained before its successor.
-        order = sorted(self.files.values(), key=lambda f: (f.gone_since is None, f.path))
+        # Rotated-away files first, so an old file is drained before its successor; then
+        # files with a position, so a new file is told from a copy by first bytes known.
+        order = sorted(
+            self.files.values(),
+            key=lambda f: (
+                f.gone_since is None,
+                not (f.offset or f.fingerprint or f.saved_digest is not None),
+                f.path,
+            ),
+        )
         for fs in order:
             if fs.ident not in self.files:
                 continue  # taken over as a copy meanwhile
