@@ -468,3 +468,24 @@ def test_a_copy_named_before_its_file_is_not_read_again_after_a_restart(
     t.poll(got)
     assert len(got.lines) == 7, got.lines
     assert len(set(got.lines)) == 7
+
+
+@pytest.mark.parametrize("lines", [1, 5])
+def test_a_file_and_its_copy_first_met_in_the_same_poll_are_read_once(
+    tmp_path: Path, lines: int
+) -> None:
+    """At start-up, or when a file was empty at the last save, the file and a copy made
+    since are both new: the copy is judged by the first bytes of the file read before
+    it in the same poll."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "kling.jsonl"
+    log.write_bytes(lines_of("a", lines))
+    shutil.copyfile(log, logs / "kling.jsonl.1")
+    t, got = Tailer(LogsConfig(paths=[str(logs / "kling.jsonl*")])), Collect()
+    t.poll(got)
+    with open(log, "ab") as f:
+        f.write(lines_of("a", 1, start=lines))
+    t.poll(got)
+    assert len(got.lines) == lines + 1, got.lines
+    assert len(set(got.lines)) == lines + 1

@@ -223,6 +223,7 @@ class Tailer(KnownFiles):
             head = fs.begins(fd) if fs.read_pos <= st.st_size else None
             if head is not None:
                 fs.fingerprint, fs.saved_digest = head, None
+                self._index(fs)
                 if first_open:
                     log.info("resuming file", extra={"path": fs.path, "offset": fs.offset})
                 return True
@@ -258,8 +259,19 @@ class Tailer(KnownFiles):
             fs.offset = fs.read_pos = last_line_end(fd, st.st_size)
             fs.lineno = -1  # line numbers unknown when starting at the end
             fs.fingerprint = head
+            self._index(fs)
         log.info("following file", extra={"path": fs.path})
         return True
+
+    def _index(self, fs: FileState) -> None:
+        """A file's first bytes became known during a poll: the new files met later in
+        it are told from copies by them too."""
+        if self._streams is not None and fs.fingerprint:
+            bisect.insort(self._streams, fs.fingerprint)
+        if self._heads is not None and fs.gone_since is None and fs.shadow_of is None:
+            key = twin_key(fs.fingerprint)
+            if key is not None:
+                self._heads[key] = fs
 
     def _undecided(self, head: bytes) -> bool:
         """Whether a new file is too short yet to be told from a copy: empty, or its first
@@ -301,6 +313,7 @@ class Tailer(KnownFiles):
             if fp is not None and twin_key(fp) is not None:
                 del self.retired[i]
                 fs.continue_stream(fp, offset, lineno, st.st_size)
+                self._index(fs)
                 log.info("copy continues a truncated file", extra={"path": fs.path})
                 return True
         return False
@@ -358,8 +371,10 @@ class Tailer(KnownFiles):
                 # Not open (yet): it takes the position and is checked when opened.
                 other.fingerprint, other.offset, other.lineno = fs.fingerprint, fs.offset, fs.lineno
                 other.read_pos, other.shadow_of = fs.offset, None
+                self._index(other)
                 continue
             other.continue_stream(fs.fingerprint, fs.offset, fs.lineno, os.fstat(other.fd).st_size)
+            self._index(other)
             log.info("copy continues a truncated file", extra={"path": other.path})
             self._read(other, sink)
         return heir is not None
@@ -399,6 +414,7 @@ class Tailer(KnownFiles):
             copy.fd, copy.verified = fd, True
             self.open_files += 1
             copy.continue_stream(fp, offset, lineno, st.st_size)
+            self._index(copy)
             log.info(
                 "reading the rest of a truncated file from its copy", extra={"path": entry.path}
             )
@@ -446,6 +462,7 @@ class Tailer(KnownFiles):
             fs.changed_at = time.monotonic()
             if len(fs.fingerprint) < FINGERPRINT_LEN:
                 fs.fingerprint = os.pread(fd, FINGERPRINT_LEN, 0)
+                self._index(fs)
             if fs.skipping:
                 nl = data.find(b"\n")
                 if nl < 0:
