@@ -489,3 +489,30 @@ def test_a_file_and_its_copy_first_met_in_the_same_poll_are_read_once(
     t.poll(got)
     assert len(got.lines) == lines + 1, got.lines
     assert len(set(got.lines)) == lines + 1
+
+
+def test_a_copy_half_written_in_a_reused_inode_waits_for_a_whole_line(tmp_path: Path) -> None:
+    """A known file's inode reused by a copy still being written is judged before the
+    new file it copies is read: with not a whole line in it yet, it is judged later."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log, oldest = logs / "kling.jsonl", logs / "kling.jsonl.3"
+    t, got = Tailer(LogsConfig(paths=[str(logs / "kling.jsonl*")], rotate_wait="0s")), Collect()
+    oldest.write_bytes(lines_of("z", 2))
+    t.poll(got)
+    log.write_bytes(lines_of("a", 1))
+    with open(oldest, "r+b") as f:  # the same inode, a copy of the new file begun
+        f.truncate(0)
+        f.write(log.read_bytes()[:30])
+    os.rename(oldest, logs / "kling.jsonl.1")
+    t.poll(got)
+    with open(logs / "kling.jsonl.1", "ab") as f:
+        f.write(log.read_bytes()[30:])
+    with open(log, "r+b") as f:
+        f.truncate(0)
+    with open(log, "ab") as f:
+        f.write(lines_of("b", 1))
+    t.poll(got)
+    t.poll(got)
+    assert len(got.lines) == 4, got.lines
+    assert len(set(got.lines)) == 4

@@ -274,11 +274,14 @@ class Tailer(KnownFiles):
                 self._heads[key] = fs
 
     def _undecided(self, head: bytes) -> bool:
-        """Whether a new file is too short yet to be told from a copy: empty, or its first
-        bytes all among a stream's first bytes (a copy being written, the watcher having
-        seen it created), or the start of a compressed file's header."""
+        """Whether a new file is too short yet to be told from a copy: not a whole line
+        in it yet, its first bytes all among a stream's first bytes (a copy being
+        written, the watcher having seen it created), or the start of a compressed
+        file's header."""
         if any(magic.startswith(head) for magic in COMPRESSED):
             return True
+        if b"\n" not in head and len(head) < MIN_TWIN_FINGERPRINT:
+            return True  # not a line to read yet
         if len(head) >= FINGERPRINT_LEN:
             return False
         if self._streams is None:
