@@ -486,3 +486,13 @@ def test_a_copy_half_written_in_a_reused_inode_waits_for_a_whole_line(tmp_path: 
     append(copy, log.read_bytes()[30:])
     rewrite(log, lines_of("b", 1))
     assert_each_once(t, got, 4)
+
+
+def test_an_empty_file_renamed_away_after_a_restart_is_still_drained(tmp_path: Path) -> None:
+    """A file still empty at the save is not judged yet, but it is known: renamed beside
+    the globs while the daemon was down, it is found by its inode and read."""
+    log, t, got = started(tmp_path, "kling-x.jsonl", b"")
+    t = restarted(t)
+    log.write_bytes(lines_of("a", 1))
+    os.rename(log, log.with_name("kling-x.jsonl.1"))
+    assert_each_once(t, got, 1)

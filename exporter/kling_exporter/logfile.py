@@ -183,7 +183,10 @@ class KnownFiles:
             if s.fingerprint is not None:  # saved by an earlier version: the bytes
                 fs.fingerprint = s.fingerprint
             elif s.fingerprint_len is not None and s.fingerprint_sha256 is not None:
-                fs.saved_digest = (s.fingerprint_len, s.fingerprint_sha256)
+                # Nothing read yet (empty, or not judged yet): no position to check, the
+                # file is judged like a new one, but still drained if renamed away.
+                if s.fingerprint_len or s.offset:
+                    fs.saved_digest = (s.fingerprint_len, s.fingerprint_sha256)
             else:
                 raise ValueError(f"file positions do not fit: {s.path} has no fingerprint")
             fs.read_pos = fs.offset
@@ -245,9 +248,8 @@ class KnownFiles:
 
     def to_state(self) -> list[FilePosition]:
         """Positions of every known file, open, closed or gone. A partial last line is not
-        part of a position: after a restart it is read again, whole. A copy, a compressed
-        file and a file with nothing read yet (a copy may still be under way) are known
-        again by their first bytes."""
+        part of a position: after a restart it is read again, whole. A copy and a
+        compressed file are known again by their first bytes."""
         now = time.monotonic()
         return [
             FilePosition(
@@ -261,7 +263,5 @@ class KnownFiles:
                 gone_for=None if fs.gone_since is None else now - fs.gone_since,
             )
             for fs in self.files.values()
-            if fs.shadow_of is None
-            and not fs.compressed
-            and (fs.offset or fs.fingerprint or fs.saved_digest is not None)
+            if fs.shadow_of is None and not fs.compressed
         ]
