@@ -496,3 +496,14 @@ def test_an_empty_file_renamed_away_after_a_restart_is_still_drained(tmp_path: P
     log.write_bytes(lines_of("a", 1))
     os.rename(log, log.with_name("kling-x.jsonl.1"))
     assert_each_once(t, got, 1)
+
+
+def test_a_file_empty_at_the_save_is_read_from_its_start_with_start_at_end(
+    tmp_path: Path,
+) -> None:
+    """``start_at: end`` is for files with no saved position; one saved with nothing
+    read has one, at 0: what was written while the daemon was down is read."""
+    log, t, got = started(tmp_path, "kling-x.jsonl", b"", start_at="end")
+    t = restarted(t)
+    log.write_bytes(lines_of("a", 2))
+    assert_each_once(t, got, 2)

@@ -77,6 +77,8 @@ class Tailer(KnownFiles):
         # number.
         self.retired: list[tuple[bytes, tuple[int, bytes] | None, int, int]] = []
         self._first_poll = True
+        # Files in the saved state, even with nothing read: ``start_at: end`` is not for them.
+        self._saved = set(self.files)
         self._unreadable: set[str] = set()
         self._stop: threading.Event | None = None
         # Followed files by their first bytes, and the first bytes of every stream known,
@@ -156,6 +158,7 @@ class Tailer(KnownFiles):
             self._read(fs, sink)
             self._maybe_close(fs, sink, now)
         self._first_poll = False
+        self._saved = set()
         self._forget_old(now)
         self.open_files = sum(1 for fs in self.files.values() if fs.fd is not None)
         self.positions = [
@@ -255,7 +258,7 @@ class Tailer(KnownFiles):
             return True
         if not new:
             return True
-        if self._first_poll and self.config.start_at == "end":
+        if self._first_poll and self.config.start_at == "end" and fs.ident not in self._saved:
             fs.offset = fs.read_pos = last_line_end(fd, st.st_size)
             fs.lineno = -1  # line numbers unknown when starting at the end
             fs.fingerprint = head
