@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,8 @@ class Writer:
         self.tasks = 0
         self.lines = 0
         self.credits = 0
+        # An event time (ISO 8601) for the lines written next; None writes none.
+        self.timestamp: str | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def task_lines(self) -> bytes:
@@ -65,6 +68,8 @@ class Writer:
             "mode": "std",
             "duration": 5,
         }
+        if self.timestamp is not None:
+            sub["timestamp"] = self.timestamp
         done = {
             "event": "task_completed",
             "task_id": tid,
@@ -72,6 +77,8 @@ class Writer:
             "elapsed_sec": 30,
             "credits_used": self.tasks % 7 + 1,
         }
+        if self.timestamp is not None:
+            done["timestamp"] = self.timestamp
         return (json.dumps(sub) + "\n" + json.dumps(done) + "\n").encode()
 
     def write(self, n: int, path: Path | None = None) -> None:
@@ -323,12 +330,33 @@ def test_log_directory_moved_away_and_back(tmp_path: Path, daemon_factory: Facto
 LOGROTATE = """
 {path} {{
     {mode}
-    rotate 100
+    rotate {keep}
     missingok
-    nocompress
+    {compress}
     size 1
 }}
 """
+
+
+def logrotate(
+    tmp_path: Path, active: Path, mode: str, keep: int = 100, compress: str = ""
+) -> Callable[[], None]:
+    """A real logrotate run on ``active`` with the given directives, each call one forced
+    rotation."""
+    binary = require_binary("logrotate")
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(
+        LOGROTATE.format(path=active, mode=mode, keep=keep, compress=compress or "nocompress")
+    )
+
+    def rotate() -> None:
+        subprocess.run(
+            [binary, "-f", "-s", str(tmp_path / "logrotate.status"), str(conf)],
+            check=True,
+            capture_output=True,
+        )
+
+    return rotate
 
 
 class Writers:
@@ -405,23 +433,15 @@ def on_disk(folder: Path) -> tuple[int, int, int]:
 def test_logrotate_under_writers_and_kill_9(
     tmp_path: Path, daemon_factory: Factory, mode: str, pattern: str
 ) -> None:
-    logrotate = require_binary("logrotate")
     folder = tmp_path / "logs"
     active = folder / "kling.jsonl"
-    conf = tmp_path / "logrotate.conf"
-    conf.write_text(LOGROTATE.format(path=active, mode=mode))
+    # Few copies kept: the oldest is deleted and its inode freed for the next copy.
+    rotate = logrotate(tmp_path, active, mode, keep=2 if mode == "copytruncate" else 100)
     config = (
         f"logs: {{paths: ['{folder / pattern}'], poll_interval: 100ms, rotate_wait: 3s}}\n"
         "state: {path: kling-exporter.state, interval: 200ms}\n"
-        "tasks: {max_tasks: 1000, orphan_wait: 0s}\n"
+        "tasks: {ttl: 1s, max_tasks: 1000, orphan_wait: 0s}\n"
     )
-
-    def rotate() -> None:
-        subprocess.run(
-            [logrotate, "-f", "-s", str(tmp_path / "logrotate.status"), str(conf)],
-            check=True,
-            capture_output=True,
-        )
 
     d = daemon_factory(config)
     with Writers(active) as writers:
@@ -469,3 +489,54 @@ def test_logrotate_under_writers_and_kill_9(
     if mode == "create":
         assert counted == (lines, submissions, credits) and lines == written
     assert value(series, "kling_events_duplicate_total") == 0
+
+
+def event_time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat()
+
+
+def saved_after(d: DaemonProcess, moment: float) -> None:
+    wait_until(lambda: value(d.metrics(), "kling_state_last_save_timestamp_seconds") > moment)
+
+
+@pytest.mark.parametrize(
+    "compress",
+    ["", "compress\n    delaycompress", "compress"],
+    ids=["nocompress", "delaycompress", "compress"],
+)
+def test_copies_under_the_globs_are_never_counted_again(
+    tmp_path: Path, daemon_factory: Factory, compress: str
+) -> None:
+    """copytruncate, the globs matching the copies (kling.jsonl*), rotations in a row with
+    a restart and a kill -9 between them; the task index forgets a task a second after
+    its event time, so only the reader keeps a copy's lines from being counted again. The
+    lines written after the last read exist only in the copy and are read from it (not
+    with `compress` alone, which compresses the copy at once: none are written then)."""
+    folder = tmp_path / "logs"
+    w = Writer(folder / "kling.jsonl")
+    rotate = logrotate(tmp_path, w.path, "copytruncate", keep=3, compress=compress)
+    config = (
+        f"logs: {{paths: ['{folder}/kling.jsonl*'], poll_interval: 100ms, rotate_wait: 1s}}\n"
+        "state: {path: kling-exporter.state, interval: 100ms}\n"
+        "tasks: {ttl: 1s, orphan_wait: 0s}\n"
+    )
+    only_in_copy = 0 if compress == "compress" else 5
+    start = time.time() - 86400
+    d = daemon_factory(config)
+    for round_ in range(7):
+        w.timestamp = event_time(start + 60 * round_)
+        w.write(20)
+        assert_exact(d, w)
+        w.write(only_in_copy)
+        if round_ == 2:
+            d.stop()
+        if round_ == 4:
+            if compress:  # what a kill -9 loses is read again, unless it is compressed by then
+                saved_after(d, time.time())
+            d.stop(signal.SIGKILL)
+        rotate()
+        if round_ in (2, 4):
+            w.timestamp = event_time(start + 60 * round_ + 30)
+            w.write(3)
+            d = daemon_factory(config)
+    assert_exact(d, w, f"logrotate copytruncate {compress or 'nocompress'}, glob kling.jsonl*")

@@ -327,3 +327,183 @@ def test_an_idle_closed_file_rotated_away_is_still_drained(tmp_path: Path) -> No
     log.write_bytes(b"3\n")
     t.poll(got)
     assert got.lines == [b"1", b"2", b"3"]
+
+
+def following_copies(
+    tmp_path: Path, pattern: str = "kling.jsonl*", **kw: Any
+) -> tuple[Path, Tailer, Collect]:
+    """The file logs/kling.jsonl and a tailer whose globs match its copies."""
+    logs = tmp_path / "logs"
+    logs.mkdir(exist_ok=True)
+    config = LogsConfig(paths=[str(logs / pattern)], rotate_wait="0s", **kw)
+    return logs / "kling.jsonl", Tailer(config), Collect()
+
+
+def restarted(t: Tailer) -> Tailer:
+    """The tailer of the daemon started again: what it saved, nothing else."""
+    saved = t.to_state()
+    t.close()
+    return Tailer(t.config, saved)
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    """The same inode, other bytes."""
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        f.write(data)
+
+
+def append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+def assert_each_once(t: Tailer, got: Collect, count: int) -> None:
+    t.poll(got)
+    t.poll(got)
+    assert len(got.lines) == count, got.lines
+    assert len(set(got.lines)) == count
+
+
+@pytest.mark.parametrize("copied", [0, 40, 100, 300])
+def test_a_copy_seen_while_it_is_being_written_is_not_read_again(
+    tmp_path: Path, copied: int
+) -> None:
+    """The watcher can report a copytruncate's copy as soon as it is created: empty, or
+    holding fewer first bytes than the file it copies is known by."""
+    log, t, got = following_copies(tmp_path)
+    copy = log.with_name("kling.jsonl.1")
+    log.write_bytes(lines_of("a", 5))
+    t.poll(got)
+    append(log, lines_of("a", 2, start=5))  # written after the last look: only in the copy
+    copy.write_bytes(log.read_bytes()[:copied])
+    t.poll(got)
+    t.poll(got)
+    copytruncate(log, copy)
+    append(log, lines_of("b", 2))
+    assert_each_once(t, got, 9)
+
+
+@pytest.mark.parametrize(
+    "magic", [b"\x1f\x8b\x08\x00", b"\xfd7zXZ\x00", b"(\xb5/\xfd", b"BZh9"], ids=str
+)
+def test_compressed_files_under_the_globs_are_not_read_as_lines(
+    tmp_path: Path, magic: bytes
+) -> None:
+    log, t, got = following_copies(tmp_path)
+    packed = log.with_name("kling.jsonl.2.gz")
+    log.write_bytes(lines_of("a", 2))
+    packed.write_bytes(magic)  # compression under way
+    t.poll(got)
+    append(packed, os.urandom(2000).replace(b"\n", b"") + b"\n" + os.urandom(100) + b"\n")
+    assert_each_once(t, got, 2)
+
+
+@pytest.mark.parametrize(("idle", "restart"), [(False, False), (True, False), (False, True)])
+def test_a_copy_in_the_inode_of_a_file_deleted_is_not_read_again(
+    tmp_path: Path, idle: bool, restart: bool
+) -> None:
+    """logrotate deletes the oldest copy and then makes the new one, which may get the
+    inode just freed: a known file "changed" to a copy of a stream already read. With a
+    restart, the file was gone before it and the rotation happens while down."""
+    log, t, got = following_copies(tmp_path, idle_close="0s" if idle else "5m")
+    oldest, away = log.with_name("kling.jsonl.3"), tmp_path / "away"
+    oldest.write_bytes(lines_of("z", 2))
+    log.write_bytes(lines_of("a", 5))
+    t.poll(got)
+    if restart:
+        os.rename(oldest, away)
+        t.poll(got)
+        t.poll(got)  # gone past rotate_wait: let go, remembered
+        t = restarted(t)
+        os.rename(away, oldest)
+    append(log, lines_of("a", 2, start=5))  # written after the last look: only in the copy
+    rewrite(oldest, log.read_bytes())
+    os.rename(oldest, log.with_name("kling.jsonl.1"))
+    rewrite(log, lines_of("b", 2))
+    assert_each_once(t, got, 11)
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_copy_of_a_file_of_one_short_line_is_not_read_again(
+    tmp_path: Path, restart: bool
+) -> None:
+    """A usage tracker's lines are short: a file may be rotated holding one line only,
+    fewer first bytes than a copy is otherwise told by; a whole line is enough."""
+    log, t, got = following_copies(tmp_path)
+    log.write_bytes(b'{"task_id": "t1", "credits": 5}\n')
+    t.poll(got)
+    append(log, b'{"task_id": "t2", "credits": 5}\n')  # only in the copy
+    copytruncate(log, log.with_name("kling.jsonl.1"))
+    if restart:
+        t = restarted(t)
+    assert_each_once(t, got, 2)
+
+
+@pytest.mark.parametrize("truncated", [False, True])
+def test_a_copy_named_before_its_file_is_not_read_again_after_a_restart(
+    tmp_path: Path, truncated: bool
+) -> None:
+    """`dateext` with `extension .jsonl` names the copy kling-20261203.jsonl, listed
+    before kling.jsonl; after a restart the file is known only by a digest of its first
+    bytes until it is opened again."""
+    log, t, got = following_copies(tmp_path, "kling*.jsonl")
+    log.write_bytes(lines_of("a", 5))
+    t.poll(got)
+    append(log, lines_of("a", 2, start=5))
+    shutil.copyfile(log, log.with_name("kling-20261203.jsonl"))
+    if truncated:
+        rewrite(log, b"")
+    assert_each_once(restarted(t), got, 7)
+
+
+@pytest.mark.parametrize("lines", [1, 5])
+def test_a_file_and_its_copy_first_met_in_the_same_poll_are_read_once(
+    tmp_path: Path, lines: int
+) -> None:
+    """At start-up, or when a file was empty at the last save, the file and a copy made
+    since are both new: the copy is judged by the first bytes of the file read before
+    it in the same poll."""
+    log, t, got = following_copies(tmp_path)
+    log.write_bytes(lines_of("a", lines))
+    shutil.copyfile(log, log.with_name("kling.jsonl.1"))
+    t.poll(got)
+    append(log, lines_of("a", 1, start=lines))
+    assert_each_once(t, got, lines + 1)
+
+
+def test_a_copy_half_written_in_a_reused_inode_waits_for_a_whole_line(tmp_path: Path) -> None:
+    """A known file's inode reused by a copy still being written is judged before the
+    new file it copies is read: with not a whole line in it yet, it is judged later."""
+    log, t, got = following_copies(tmp_path)
+    oldest, copy = log.with_name("kling.jsonl.3"), log.with_name("kling.jsonl.1")
+    oldest.write_bytes(lines_of("z", 2))
+    t.poll(got)
+    log.write_bytes(lines_of("a", 1))
+    rewrite(oldest, log.read_bytes()[:30])  # the same inode, a copy of the new file begun
+    os.rename(oldest, copy)
+    t.poll(got)
+    append(copy, log.read_bytes()[30:])
+    rewrite(log, lines_of("b", 1))
+    assert_each_once(t, got, 4)
+
+
+def test_an_empty_file_renamed_away_after_a_restart_is_still_drained(tmp_path: Path) -> None:
+    """A file still empty at the save is not judged yet, but it is known: renamed beside
+    the globs while the daemon was down, it is found by its inode and read."""
+    log, t, got = started(tmp_path, "kling-x.jsonl", b"")
+    t = restarted(t)
+    log.write_bytes(lines_of("a", 1))
+    os.rename(log, log.with_name("kling-x.jsonl.1"))
+    assert_each_once(t, got, 1)
+
+
+def test_a_file_empty_at_the_save_is_read_from_its_start_with_start_at_end(
+    tmp_path: Path,
+) -> None:
+    """``start_at: end`` is for files with no saved position; one saved with nothing
+    read has one, at 0: what was written while the daemon was down is read."""
+    log, t, got = started(tmp_path, "kling-x.jsonl", b"", start_at="end")
+    t = restarted(t)
+    log.write_bytes(lines_of("a", 2))
+    assert_each_once(t, got, 2)

@@ -28,6 +28,7 @@ class FileState:
 
     __slots__ = (
         "changed_at",
+        "compressed",
         "dev",
         "fd",
         "fingerprint",
@@ -69,6 +70,8 @@ class FileState:
         self.verified = False
         # The file whose copy this is, while that file still holds the same stream.
         self.shadow_of: tuple[int, int] | None = None
+        # A compressed copy (logrotate's compress) under the globs: never read as lines.
+        self.compressed = False
 
     @property
     def ident(self) -> tuple[int, int]:
@@ -98,6 +101,18 @@ class FileState:
         self.pending = b""
         self.skipping = False
         self.shadow_of = None
+
+
+def known_start(
+    head: bytes, fingerprint: bytes, saved_digest: tuple[int, bytes] | None
+) -> bytes | None:
+    """The first bytes of a stream known by ``fingerprint`` (or only by ``saved_digest``,
+    from the saved state) if ``head`` begins with them, else None."""
+    if saved_digest is not None:
+        length, digest = saved_digest
+        start = head[:length]
+        return start if len(start) == length and hashlib.sha256(start).digest() == digest else None
+    return fingerprint if fingerprint and head.startswith(fingerprint) else None
 
 
 def last_line_end(fd: int, size: int) -> int:
@@ -168,7 +183,10 @@ class KnownFiles:
             if s.fingerprint is not None:  # saved by an earlier version: the bytes
                 fs.fingerprint = s.fingerprint
             elif s.fingerprint_len is not None and s.fingerprint_sha256 is not None:
-                fs.saved_digest = (s.fingerprint_len, s.fingerprint_sha256)
+                # Nothing read yet (empty, or not judged yet): no position to check, the
+                # file is judged like a new one, but still drained if renamed away.
+                if s.fingerprint_len or s.offset:
+                    fs.saved_digest = (s.fingerprint_len, s.fingerprint_sha256)
             else:
                 raise ValueError(f"file positions do not fit: {s.path} has no fingerprint")
             fs.read_pos = fs.offset
@@ -230,7 +248,8 @@ class KnownFiles:
 
     def to_state(self) -> list[FilePosition]:
         """Positions of every known file, open, closed or gone. A partial last line is not
-        part of a position: after a restart it is read again, whole."""
+        part of a position: after a restart it is read again, whole. A copy and a
+        compressed file are known again by their first bytes."""
         now = time.monotonic()
         return [
             FilePosition(
@@ -244,5 +263,5 @@ class KnownFiles:
                 gone_for=None if fs.gone_since is None else now - fs.gone_since,
             )
             for fs in self.files.values()
-            if fs.shadow_of is None
+            if fs.shadow_of is None and not fs.compressed
         ]

@@ -16,6 +16,7 @@ listing or opening files means "unknown", never "gone".
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
@@ -35,18 +36,32 @@ from kling_exporter.listing import (
     warn_once,
     warned,
 )
-from kling_exporter.logfile import FileState, KnownFiles, last_line_end, open_fd
+from kling_exporter.logfile import FileState, KnownFiles, known_start, last_line_end, open_fd
 from kling_exporter.state import FilePosition
 
 log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
 FINGERPRINT_LEN = 256
-# A copy is told by its first bytes only when there are enough of them to be unique.
+# A copy is told by its first bytes only when there are enough of them to be unique:
+# this many, or a whole first line of at least MIN_TWIN_LINE (a usage tracker's lines
+# are short; a line is an event, its task named in it).
 MIN_TWIN_FINGERPRINT = 64
+MIN_TWIN_LINE = 16
+# How the files that logrotate's compress writes begin: gzip, xz, zstd, bzip2.
+COMPRESSED = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"BZh")
 
 # sink(path, lines, first_line_number, bytes): None in lines marks a line too long to keep.
 Sink = Callable[[str, list[bytes | None], int, int], None]
+
+
+def twin_key(first: bytes) -> bytes | None:
+    """The part of a file's first bytes its copies are told by (the same for a file and
+    for any file that begins with all of its first bytes); None while too few."""
+    nl = first.find(b"\n", 0, MIN_TWIN_FINGERPRINT)
+    if nl + 1 >= MIN_TWIN_LINE:
+        return first[: nl + 1]
+    return first[:MIN_TWIN_FINGERPRINT] if len(first) >= MIN_TWIN_FINGERPRINT else None
 
 
 class Tailer(KnownFiles):
@@ -58,13 +73,18 @@ class Tailer(KnownFiles):
     ) -> None:
         super().__init__(config, saved)
         # Streams left behind by a truncation whose copy has not been seen (yet):
-        # fingerprint, offset, line number.
-        self.retired: list[tuple[bytes, int, int]] = []
+        # fingerprint (or, restored from the saved state, only its digest), offset, line
+        # number.
+        self.retired: list[tuple[bytes, tuple[int, bytes] | None, int, int]] = []
         self._first_poll = True
+        # Files in the saved state, even with nothing read: ``start_at: end`` is not for them.
+        self._saved = set(self.files)
         self._unreadable: set[str] = set()
         self._stop: threading.Event | None = None
-        # Followed files by their first bytes, built once a poll when a new file needs it.
+        # Followed files by their first bytes, and the first bytes of every stream known,
+        # sorted: built once a poll when a new file needs them.
         self._heads: dict[bytes, FileState] | None = None
+        self._streams: list[bytes] | None = None
 
     # -- finding files ---------------------------------------------------------------
 
@@ -96,7 +116,7 @@ class Tailer(KnownFiles):
         """Find files, notice rotation and truncation, and hand on every new complete line.
         ``stop`` set meanwhile ends the poll between two blocks, offsets consistent."""
         self._stop = stop
-        self._heads = None
+        self._heads = self._streams = None
         now = time.monotonic()
         found, complete = self._list()
         for ident, (path, _) in found.items():
@@ -117,8 +137,16 @@ class Tailer(KnownFiles):
             self._locate(missing)
         self.watched = len(found)
 
-        # Rotated-away files first, so an old file is drained before its successor.
-        order = sorted(self.files.values(), key=lambda f: (f.gone_since is None, f.path))
+        # Rotated-away files first, so an old file is drained before its successor; then
+        # files with a position, so a new file is told from a copy by first bytes known.
+        order = sorted(
+            self.files.values(),
+            key=lambda f: (
+                f.gone_since is None,
+                not (f.offset or f.fingerprint or f.saved_digest is not None),
+                f.path,
+            ),
+        )
         for fs in order:
             if fs.ident not in self.files:
                 continue  # taken over as a copy meanwhile
@@ -130,6 +158,7 @@ class Tailer(KnownFiles):
             self._read(fs, sink)
             self._maybe_close(fs, sink, now)
         self._first_poll = False
+        self._saved = set()
         self._forget_old(now)
         self.open_files = sum(1 for fs in self.files.values() if fs.fd is not None)
         self.positions = [
@@ -138,6 +167,8 @@ class Tailer(KnownFiles):
 
     def _worth_reading(self, fs: FileState, st: os.stat_result) -> bool:
         """A closed file is opened again only when it changed since it was closed."""
+        if fs.compressed:
+            return False
         if fs.fd is not None or not fs.verified or fs.shadow_of is not None:
             return True
         return st.st_size != fs.read_pos or st.st_mtime_ns != fs.mtime_ns
@@ -195,48 +226,100 @@ class Tailer(KnownFiles):
             head = fs.begins(fd) if fs.read_pos <= st.st_size else None
             if head is not None:
                 fs.fingerprint, fs.saved_digest = head, None
+                self._index(fs)
                 if first_open:
                     log.info("resuming file", extra={"path": fs.path, "offset": fs.offset})
                 return True
             log.info("file changed while not followed, reading from start", extra={"path": fs.path})
             self._restart(fs, sink)
-            return True
+            return self._take_as_new(fs, st, new=False)
+        return self._take_as_new(fs, st, new=True)
+
+    def _take_as_new(self, fs: FileState, st: os.stat_result, new: bool) -> bool:
+        """An open file with no position of its own (new, truncated, or an inode reused):
+        a copy of a stream already read goes on from that stream's position, anything
+        else is read from its start (from its end at start-up with ``start_at: end``).
+        False, its descriptor closed, for a compressed file (never read) and for one
+        too short yet to be told from a copy (looked at again at the next poll)."""
+        fd = fs.fd
+        assert fd is not None
         fs.changed_at = time.monotonic()
-        if self._as_copy(fs, st):
+        head = os.pread(fd, FINGERPRINT_LEN, 0)
+        if head.startswith(COMPRESSED):
+            fs.compressed = True
+            self._close_fd(fs)
+            log.info("compressed file, not read", extra={"path": fs.path})
+            return False
+        if self._undecided(head):
+            fs.verified = False
+            self._close_fd(fs)
+            return False
+        if self._as_copy(fs, st, head):
             return True
-        if self._first_poll and self.config.start_at == "end":
+        if not new:
+            return True
+        if self._first_poll and self.config.start_at == "end" and fs.ident not in self._saved:
             fs.offset = fs.read_pos = last_line_end(fd, st.st_size)
             fs.lineno = -1  # line numbers unknown when starting at the end
-            fs.fingerprint = os.pread(fd, FINGERPRINT_LEN, 0)
+            fs.fingerprint = head
+            self._index(fs)
         log.info("following file", extra={"path": fs.path})
         return True
 
-    def _as_copy(self, fs: FileState, st: os.stat_result) -> bool:
+    def _index(self, fs: FileState) -> None:
+        """A file's first bytes became known during a poll: the new files met later in
+        it are told from copies by them too."""
+        if self._streams is not None and fs.fingerprint:
+            bisect.insort(self._streams, fs.fingerprint)
+        if self._heads is not None and fs.gone_since is None and fs.shadow_of is None:
+            key = twin_key(fs.fingerprint)
+            if key is not None:
+                self._heads[key] = fs
+
+    def _undecided(self, head: bytes) -> bool:
+        """Whether a new file is too short yet to be told from a copy: not a whole line
+        in it yet, its first bytes all among a stream's first bytes (a copy being
+        written, the watcher having seen it created), or the start of a compressed
+        file's header."""
+        if any(magic.startswith(head) for magic in COMPRESSED):
+            return True
+        if b"\n" not in head and len(head) < MIN_TWIN_FINGERPRINT:
+            return True  # not a line to read yet
+        if len(head) >= FINGERPRINT_LEN:
+            return False
+        if self._streams is None:
+            known = {f.fingerprint for f in self.files.values() if f.fingerprint}
+            self._streams = sorted(known.union(fp for fp, _, _, _ in self.retired if fp))
+        # The first known beginning above ``head`` starts with it if any longer one does.
+        i = bisect.bisect_right(self._streams, head)
+        return i < len(self._streams) and self._streams[i].startswith(head)
+
+    def _as_copy(self, fs: FileState, st: os.stat_result, head: bytes) -> bool:
         """A new file that starts with the bytes of a stream already read is a copy of
         it (a copytruncate's, or a backup): it shadows a file that still holds that
         stream, or continues a stream a truncation left behind."""
-        assert fs.fd is not None
-        head = os.pread(fs.fd, FINGERPRINT_LEN, 0)
-        if len(head) < MIN_TWIN_FINGERPRINT:
+        key = twin_key(head)
+        if key is None:
             return False
         if self._heads is None:
-            self._heads = {
-                other.fingerprint[:MIN_TWIN_FINGERPRINT]: other
-                for other in self.files.values()
-                if other.gone_since is None
-                and other.shadow_of is None
-                and len(other.fingerprint) >= MIN_TWIN_FINGERPRINT
-            }
-        other = self._heads.get(head[:MIN_TWIN_FINGERPRINT])
+            self._heads = {}
+            for known in self.files.values():
+                if known.gone_since is None and known.shadow_of is None:
+                    known_key = twin_key(known.fingerprint)
+                    if known_key is not None:
+                        self._heads[known_key] = known
+        other = self._heads.get(key)
         if other is not None and other is not fs and head.startswith(other.fingerprint):
             fs.shadow_of = other.ident
             fs.fingerprint = other.fingerprint
             log.info("file is a copy of one being read", extra={"path": fs.path, "of": other.path})
             return True
-        for i, (fp, offset, lineno) in enumerate(self.retired):
-            if head.startswith(fp):
+        for i, (fingerprint, saved_digest, offset, lineno) in enumerate(self.retired):
+            fp = known_start(head, fingerprint, saved_digest)
+            if fp is not None and twin_key(fp) is not None:
                 del self.retired[i]
                 fs.continue_stream(fp, offset, lineno, st.st_size)
+                self._index(fs)
                 log.info("copy continues a truncated file", extra={"path": fs.path})
                 return True
         return False
@@ -269,11 +352,14 @@ class Tailer(KnownFiles):
     def _restart(self, fs: FileState, sink: Sink) -> None:
         """The file was truncated or replaced: the stream read so far goes on in its copy
         if there is one (copytruncate), and the file is read again from its start."""
-        known = len(fs.fingerprint) if fs.saved_digest is None else fs.saved_digest[0]
-        if fs.offset and known >= MIN_TWIN_FINGERPRINT:
+        if fs.saved_digest is None:
+            enough = twin_key(fs.fingerprint) is not None
+        else:  # told when a copy is found, from the copy's bytes
+            enough = fs.saved_digest[0] >= MIN_TWIN_LINE
+        if fs.offset and enough:
             copy = self._adopt_shadows(fs, sink) or self._find_copy(fs, sink)
-            if not copy and fs.fingerprint:
-                self.retired.append((fs.fingerprint, fs.offset, fs.lineno))
+            if not copy:
+                self.retired.append((fs.fingerprint, fs.saved_digest, fs.offset, fs.lineno))
                 del self.retired[:-100]
         fs.rewind()
 
@@ -291,8 +377,10 @@ class Tailer(KnownFiles):
                 # Not open (yet): it takes the position and is checked when opened.
                 other.fingerprint, other.offset, other.lineno = fs.fingerprint, fs.offset, fs.lineno
                 other.read_pos, other.shadow_of = fs.offset, None
+                self._index(other)
                 continue
             other.continue_stream(fs.fingerprint, fs.offset, fs.lineno, os.fstat(other.fd).st_size)
+            self._index(other)
             log.info("copy continues a truncated file", extra={"path": other.path})
             self._read(other, sink)
         return heir is not None
@@ -321,7 +409,7 @@ class Tailer(KnownFiles):
             except OSError:
                 continue
             fp = fs.begins(fd)
-            if fp is None:
+            if fp is None or twin_key(fp) is None:
                 os.close(fd)
                 continue
             copy = known
@@ -332,6 +420,7 @@ class Tailer(KnownFiles):
             copy.fd, copy.verified = fd, True
             self.open_files += 1
             copy.continue_stream(fp, offset, lineno, st.st_size)
+            self._index(copy)
             log.info(
                 "reading the rest of a truncated file from its copy", extra={"path": entry.path}
             )
@@ -368,6 +457,8 @@ class Tailer(KnownFiles):
         if self._changed_under_us(fs):
             log.warning("file truncated or replaced, reading from start", extra={"path": fs.path})
             self._restart(fs, sink)
+            if not self._take_as_new(fs, os.fstat(fd), new=False) or fs.shadow_of is not None:
+                return
         max_line, stop = self.max_line, self._stop
         while stop is None or not stop.is_set():
             data = os.pread(fd, BLOCK, fs.read_pos)
@@ -377,6 +468,7 @@ class Tailer(KnownFiles):
             fs.changed_at = time.monotonic()
             if len(fs.fingerprint) < FINGERPRINT_LEN:
                 fs.fingerprint = os.pread(fd, FINGERPRINT_LEN, 0)
+                self._index(fs)
             if fs.skipping:
                 nl = data.find(b"\n")
                 if nl < 0:
