@@ -445,20 +445,26 @@ class Tailer(KnownFiles):
         if fs.lineno >= 0:
             fs.lineno += len(lines)
 
-    def _read(self, fs: FileState, sink: Sink) -> None:
-        fd = fs.fd
-        assert fd is not None
+    def _may_read(self, fs: FileState, fd: int, sink: Sink) -> bool:
+        """Whether ``fs`` is read now: not a copy whose stream its original still reads,
+        and, if it was truncated or replaced under us, only once judged a new file."""
         if fs.shadow_of is not None:
             if fs.shadow_of in self.files:
-                return  # its stream is read from the original, then handed over
+                return False  # its stream is read from the original, then handed over
             # The original was forgotten without handing over: its stream was read.
             end = last_line_end(fd, os.fstat(fd).st_size)
             fs.continue_stream(fs.fingerprint, end, -1, end)
         if self._changed_under_us(fs):
             log.warning("file truncated or replaced, reading from start", extra={"path": fs.path})
             self._restart(fs, sink)
-            if not self._take_as_new(fs, os.fstat(fd), new=False) or fs.shadow_of is not None:
-                return
+            return self._take_as_new(fs, os.fstat(fd), new=False) and fs.shadow_of is None
+        return True
+
+    def _read(self, fs: FileState, sink: Sink) -> None:
+        fd = fs.fd
+        assert fd is not None
+        if not self._may_read(fs, fd, sink):
+            return
         max_line, stop = self.max_line, self._stop
         while stop is None or not stop.is_set():
             data = os.pread(fd, BLOCK, fs.read_pos)
