@@ -6,6 +6,7 @@ import asyncio
 import errno
 import gzip
 import json
+import logging
 import os
 import signal
 import socket
@@ -504,3 +505,39 @@ def test_a_state_of_the_previous_format_is_read_and_saved_in_the_one_format(
     old["ledger"]["version"] = 7
     state.write_bytes(msgspec.msgpack.encode(old))
     assert Daemon(local_config(tmp_path, state)).reading.lines == 0  # rebuilt from logs
+
+
+def test_a_glob_that_matches_nothing_is_said_and_counted(
+    tmp_path: Path, daemon_factory: Factory
+) -> None:
+    write_lines(tmp_path / "logs" / "kling-a.jsonl", [submitted("a")])
+    config = (
+        "state: {path: ''}\n"
+        "logs: {paths: [logs/kling-*.jsonl, usage/usage-*.jsonl], poll_interval: 200ms}\n"
+    )
+    d = daemon_factory(config)
+    series = d.wait_metric("kling_log_glob_files", 1, glob="logs/kling-*.jsonl")
+    assert ("kling_log_glob_files", frozenset({("glob", "usage/usage-*.jsonl")})) in series
+    assert value(series, "kling_log_glob_files", glob="usage/usage-*.jsonl") == 0
+    assert "log glob matches no file" in d.output() and "usage/usage-*.jsonl" in d.output()
+    write_lines(tmp_path / "usage" / "usage-1.jsonl", [submitted("b")])
+    d.wait_metric("kling_log_glob_files", 1, glob="usage/usage-*.jsonl")
+
+
+def test_the_empty_glob_warning_repeats_every_few_minutes_not_every_poll(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = local_config(tmp_path)
+    daemon = Daemon(config)
+    with caplog.at_level(logging.WARNING):
+        daemon.poll_once()
+        daemon.poll_once()
+        assert caplog.text.count("log glob matches no file") == 1
+        monkeypatch.setattr(daemon_module, "UNMATCHED_WARN_EVERY", 0.0)
+        daemon.poll_once()
+        assert caplog.text.count("log glob matches no file") == 2
+        write_lines(tmp_path / "logs" / "kling-a.jsonl", [submitted("a")])
+        daemon.poll_once()
+        daemon.poll_once()
+        assert caplog.text.count("log glob matches no file") == 2
+    daemon.tailer.close()

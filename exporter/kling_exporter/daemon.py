@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # Lines applied under the lock at once: a few milliseconds of work.
 INGEST_CHUNK = 1000
 SWITCH_INTERVAL = 0.0005
+# While a log glob matches no file, the warning that says so is repeated this often.
+UNMATCHED_WARN_EVERY = 300.0
 
 
 class Daemon:
@@ -58,6 +60,7 @@ class Daemon:
         self.reload_success_ts = time.time()
         self.state_save_ts = 0.0
         self.last_poll_ts = 0.0
+        self._empty_warned_at: float | None = None
         # Threads waiting to read the ledger (a hint for the reader to yield to them).
         self.readers_waiting = 0
         # Set when the reader died: the ledger may hold half a block, so it is never
@@ -197,6 +200,22 @@ class Daemon:
             self.ledger.expire(self.clock())
             self.last_poll_ts = time.time()
             self._published(True)
+        self._warn_of_empty_globs()
+
+    def _warn_of_empty_globs(self) -> None:
+        """Say which globs match no file: after the first listing, and again every
+        UNMATCHED_WARN_EVERY seconds for as long as one matches nothing."""
+        empty = sorted(g for g, n in self.tailer.glob_files.items() if n == 0)
+        now = time.monotonic()
+        if not empty:
+            self._empty_warned_at = None
+        elif self._empty_warned_at is None or now - self._empty_warned_at >= UNMATCHED_WARN_EVERY:
+            self._empty_warned_at = now
+            for glob in empty:
+                log.warning(
+                    "log glob matches no file; nothing is read from it (logs.paths)",
+                    extra={"glob": glob},
+                )
 
     def _published(self, force: bool) -> None:
         if self.publish is not None:
@@ -298,6 +317,7 @@ class Daemon:
             last_poll_ts=self.last_poll_ts,
             unread_bytes=self.tailer.unread_bytes(),
             open_files=self.tailer.open_files,
+            glob_files=dict(self.tailer.glob_files),
         )
 
     def render(self, accept: str = "", names: list[str] | None = None) -> tuple[bytes, str]:

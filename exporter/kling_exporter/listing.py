@@ -113,14 +113,23 @@ def matching_files(patterns: Iterable[str], follow_symlinks: bool = False) -> li
     first). A path that leads through a symlink out of its glob's folder is left out
     unless ``follow_symlinks``. Raises ListingError when a directory could not be read."""
     paths: set[str] = set()
+    for found in files_by_glob(patterns, follow_symlinks).values():
+        paths.update(found)
+    return sorted(paths)
+
+
+def files_by_glob(patterns: Iterable[str], follow_symlinks: bool = False) -> dict[str, list[str]]:
+    """The paths each glob matches (see ``matching_files``); ListingError as there."""
+    out: dict[str, list[str]] = {}
     for pattern in patterns:
         base = str(glob_base(pattern))
+        kept = out.setdefault(pattern, [])
         for path in expand_glob(pattern):
             if follow_symlinks or _inside(path, base):
-                paths.add(path)
+                kept.append(path)
             else:
                 warn_once("symlink leads out of the log folder, not followed", path)
-    return sorted(paths)
+    return out
 
 
 warned: set[str] = set()

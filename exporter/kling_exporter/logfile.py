@@ -195,6 +195,7 @@ class KnownFiles:
             self.files[fs.ident] = fs
         # Read by other threads, so plain values replaced whole.
         self.watched = 0
+        self.glob_files: dict[str, int] = {}  # files each glob matched at the last listing
         self.open_files = 0
         self.positions: list[tuple[str, int]] = []
         self.max_open = max_open_files()

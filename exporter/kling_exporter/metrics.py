@@ -204,6 +204,14 @@ METRICS: tuple[Spec, ...] = (
         _one(lambda s, st: st.files_watched),
     ),
     Spec(
+        "kling_log_glob_files",
+        "gauge",
+        "Files each configured log glob matches (0: the glob finds nothing, a likely "
+        "mistake in logs.paths).",
+        ("glob",),
+        lambda s, st: _keyed(st.glob_files),
+    ),
+    Spec(
         "kling_events_duplicate",
         "counter",
         "Events seen again for a task and counted once.",

@@ -40,6 +40,7 @@ class Status(msgspec.Struct):
     last_poll_ts: float = 0.0
     unread_bytes: int = 0
     open_files: int = 0
+    glob_files: dict[str, int] = {}
 
 
 class ReaderUnavailable(Exception):

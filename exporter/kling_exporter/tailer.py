@@ -31,7 +31,7 @@ from kling_exporter.config import LogsConfig
 from kling_exporter.listing import (
     ABSENT,
     ListingError,
-    matching_files,
+    files_by_glob,
     scandir,
     warn_once,
     warned,
@@ -93,15 +93,17 @@ class Tailer(KnownFiles):
         complete (False after any error other than "not there")."""
         complete = True
         try:
-            paths = matching_files(self.patterns, self.config.follow_symlinks)
+            by_glob = files_by_glob(self.patterns, self.config.follow_symlinks)
         except ListingError as e:
             complete = False
-            paths = []
+            by_glob = {}
             warn_once("cannot list log files; keeping every known file", "(listing)", err=str(e))
         else:
             warned.discard("(listing)")
+            # What each glob matches; after an error, unknown: the last count stays.
+            self.glob_files = {glob: len(paths) for glob, paths in by_glob.items()}
         found: dict[tuple[int, int], tuple[str, os.stat_result]] = {}
-        for path in paths:
+        for path in sorted({p for paths in by_glob.values() for p in paths}):
             try:
                 st = os.stat(path)
             except OSError as e:
