@@ -40,12 +40,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 
 import msgspec  # noqa: E402
-from kling_exporter.collector import TextRenderer  # noqa: E402
+from kling_exporter.collector import FamilyCollector, TextRenderer  # noqa: E402
 from kling_exporter.config import parse_config  # noqa: E402
 from kling_exporter.events import Event, decode_line  # noqa: E402
 from kling_exporter.ingest import ingest  # noqa: E402
 from kling_exporter.ledger import Ledger  # noqa: E402
-from kling_exporter.metrics import KlingCollector  # noqa: E402
+from kling_exporter.metrics import declared, families  # noqa: E402
 from kling_exporter.model import Status  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
@@ -346,7 +346,7 @@ def bench_render(projects: int = 1000, models: int = 5, budgets: int = 500) -> d
         reload_success_ts=now,
         state_save_ts=now,
     )
-    collector = KlingCollector(lambda: (ledger.snapshot(time.time()), status))
+    collector = FamilyCollector(lambda: families(ledger.snapshot(time.time()), status), declared)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     renderer = TextRenderer()

@@ -36,13 +36,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 
 from kling_exporter.account import Account, Pack  # noqa: E402
+from kling_exporter.callbacks import Callbacks  # noqa: E402
 from kling_exporter.collector import TextRenderer  # noqa: E402
 from kling_exporter.demo import DemoTraffic, demo_config  # noqa: E402
 from kling_exporter.events import Event, decode_line  # noqa: E402
+from kling_exporter.fleet import Fleet  # noqa: E402
 from kling_exporter.ingest import ingest  # noqa: E402
 from kling_exporter.ledger import Ledger  # noqa: E402
-from kling_exporter.metrics import families  # noqa: E402
-from kling_exporter.model import ReadStats, Status  # noqa: E402
+from kling_exporter.metrics import Side, families, side_families  # noqa: E402
+from kling_exporter.model import (  # noqa: E402
+    ReadStats,
+    Status,
+    View,
+)
+from kling_exporter.reservations import Reservations  # noqa: E402
 from kling_exporter.standin import demo_packs  # noqa: E402
 
 from tests.helpers import free_port, require_binary  # noqa: E402
@@ -264,6 +271,17 @@ def history_as_openmetrics(logs: Path, start: float, end: float, step: float) ->
     os.environ.setdefault("KLING_ACCESS_KEY", "preview")
     os.environ.setdefault("KLING_SECRET_KEY", "preview")
     account = Account(lambda: config)
+    held = Reservations()
+    # The HTTP side as the exporter has it (no fleet here: its families are not shown).
+    side = Side(
+        held,
+        [],
+        Callbacks(lambda: config),
+        account,
+        Fleet(
+            lambda: config, held, lambda: View(ledger.budgets, ledger.usage, ledger.flight), bool
+        ),
+    )
     packs = msgspec.convert(demo_packs(end), list[Pack])
     series: dict[str, list[str]] = {}  # metric name -> its samples, in time order
     i, t = 0, start
@@ -289,7 +307,8 @@ def history_as_openmetrics(logs: Path, start: float, end: float, step: float) ->
             for p in packs
         ]
         account.last_success = t
-        text = renderer.render(families(ledger.snapshot(t, reading), status) + account.families())
+        pack_families = [f for f in side_families(side) if f.name.startswith("kling_account_")]
+        text = renderer.render(families(ledger.snapshot(t, reading), status) + pack_families)
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name = line.split("{", 1)[0].split(" ", 1)[0]

@@ -23,11 +23,12 @@ from typing import Any
 import msgspec
 import pytest
 from kling_exporter.budgets import Ask, CheckResult
+from kling_exporter.collector import FamilyCollector
 from kling_exporter.config import parse_config
 from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
-from kling_exporter.metrics import KlingCollector
-from kling_exporter.model import ReadStats, Status
+from kling_exporter.metrics import declared, families
+from kling_exporter.model import ReadStats, Snapshot, Status
 from kling_exporter.pricing import Request
 from kling_exporter.state import ledger_state, restore
 from prometheus_client import CollectorRegistry, generate_latest
@@ -52,6 +53,11 @@ def write_lines(path: Path, lines: Iterable[str | Mapping[str, Any]], mode: str 
 def check(ledger: Ledger, req: Request, count: int, project: str) -> CheckResult:
     """A pre-flight answer from the ledger's own usage and tasks in flight, at NOW."""
     return ledger.budgets.check(ledger.usage, Ask(req, count, project, None), NOW, ledger.flight)
+
+
+def collector_of(source: Callable[[], tuple[Snapshot, Status]]) -> FamilyCollector:
+    """The reader's metrics as a prometheus_client collector, read from ``source``."""
+    return FamilyCollector(lambda: families(*source()), declared)
 
 
 def saved_and_restored(ledger: Ledger) -> Ledger:
@@ -423,7 +429,7 @@ def render_fixed_log() -> bytes:
         state_save_ts=NOW - 5,
     )
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KlingCollector(lambda: (ledger.snapshot(NOW, reading), status)))
+    registry.register(collector_of(lambda: (ledger.snapshot(NOW, reading), status)))
     body: bytes = generate_latest(registry)
     return body
 

@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 from kling_exporter.account import Account
 from kling_exporter.budgets import Budgets, DayUsage
-from kling_exporter.callbacks import Callbacks, callback_families
+from kling_exporter.callbacks import Callbacks
 from kling_exporter.collector import Family
 from kling_exporter.config import Config, FleetConfig
 from kling_exporter.fleet import Fleet
-from kling_exporter.metrics import METRICS, KlingCollector, reservation_families
+from kling_exporter.metrics import METRICS, SIDE_METRICS, Side, side_families
 from kling_exporter.model import View
 from kling_exporter.reservations import Reservations
 
-from tests.helpers import render_fixed_log
+from tests.helpers import collector_of, render_fixed_log
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"\bkling_[a-z0-9_]+")
@@ -37,21 +37,23 @@ def served() -> set[str]:
     return names
 
 
-def http_process_families() -> list[Family]:
-    """The families the HTTP process adds to the reader's scrape (Kling's account's
-    only when keys are configured: here, in the environment; the fleet's only with a
-    Redis URL)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("KLING_ACCESS_KEY", "access")
-        env.setenv("KLING_SECRET_KEY", "secret")
-        account = Account(Config).families()
-    assert account, "the account's families are missing"
+def every_feature_on() -> Side:
+    """The HTTP side with Kling's account (keys in the environment) and a fleet (a
+    Redis URL) configured, so that every family is shown."""
     in_fleet = Config(fleet=FleetConfig(redis_url="redis://127.0.0.1:6379/0"))
     held = Reservations()
     fleet = Fleet(lambda: in_fleet, held, lambda: View(Budgets(in_fleet), {}, DayUsage()), bool)
-    assert fleet.families(), "the fleet's families are missing"
-    mine = reservation_families(held, []) + callback_families(Callbacks(Config))
-    return mine + account + fleet.families()
+    return Side(held, [], Callbacks(Config), Account(Config), fleet)
+
+
+def http_process_families(samples: bool = True) -> list[Family]:
+    """The families the HTTP process adds to the reader's scrape, every feature on."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KLING_ACCESS_KEY", "access")
+        env.setenv("KLING_SECRET_KEY", "secret")
+        found = side_families(every_feature_on(), samples)
+    assert {spec.name for spec in SIDE_METRICS} == {f.name for f in found}
+    return found
 
 
 def families(names: set[str]) -> set[str]:
@@ -103,8 +105,16 @@ def test_the_collector_describes_the_table_without_reading() -> None:
     def never() -> Any:
         raise AssertionError("describe must not read the ledger")
 
-    described = {m.name for m in KlingCollector(never).describe()}
+    described = {m.name for m in collector_of(never).describe()}
     assert described == {spec.name for spec in METRICS}
     # What a scrape serves is exactly what is described (counters gain _total).
     serves = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in served()}
     assert described == serves - {f.name for f in http_process_families()}
+
+
+def test_the_http_process_describes_what_it_serves() -> None:
+    described = http_process_families(samples=False)
+    assert [(f.name, f.type, f.labels) for f in described] == [
+        (f.name, f.type, f.labels) for f in http_process_families()
+    ]
+    assert all(not f.samples for f in described)

@@ -10,11 +10,10 @@ from pathlib import Path
 from kling_exporter.collector import TextRenderer
 from kling_exporter.events import Event, decode_line
 from kling_exporter.ledger import Ledger
-from kling_exporter.metrics import KlingCollector
 from kling_exporter.model import Status
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.helpers import FIXED_LOG_CONFIG, NOW, render_fixed_log, require_binary
+from tests.helpers import FIXED_LOG_CONFIG, NOW, collector_of, render_fixed_log, require_binary
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden" / "metrics.prom"
@@ -75,7 +74,7 @@ def test_fast_text_renderer_matches_prometheus_client_byte_for_byte() -> None:
         reload_success_ts=NOW,
         state_save_ts=0,
     )
-    collector = KlingCollector(lambda: (ledger.snapshot(NOW), status))
+    collector = collector_of(lambda: (ledger.snapshot(NOW), status))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     renderer = TextRenderer()
@@ -89,7 +88,7 @@ def test_text_kept_from_the_last_scrape_is_used_only_while_nothing_changed() -> 
     status = Status(
         files_watched=1, ready=True, reload_successful=True, reload_success_ts=NOW, state_save_ts=0
     )
-    collector = KlingCollector(lambda: (ledger.snapshot(NOW), status))
+    collector = collector_of(lambda: (ledger.snapshot(NOW), status))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     renderer = TextRenderer()

@@ -19,13 +19,12 @@ from kling_exporter.client import KlingEventLogger
 from kling_exporter.config import parse_config
 from kling_exporter.ingest import ingest
 from kling_exporter.ledger import Ledger
-from kling_exporter.metrics import KlingCollector
 from kling_exporter.model import ReadStats, Status
 from kling_exporter.pricing import Request
 from prometheus_client import CollectorRegistry, generate_latest
 
 from bench.migration import figures
-from tests.helpers import ROOT, THEIR_CSV_COLUMNS, check, feed
+from tests.helpers import ROOT, THEIR_CSV_COLUMNS, check, collector_of, feed
 
 DAY = dt.datetime(2026, 11, 22, 9, 0, 0, 123456)
 CONFIG = """
@@ -124,7 +123,7 @@ STATUS = Status(
 def render(ledger: Ledger) -> str:
     """``/metrics`` as the exporter renders it for this ledger."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KlingCollector(lambda: (ledger.snapshot(NOW, ReadStats()), STATUS)))
+    registry.register(collector_of(lambda: (ledger.snapshot(NOW, ReadStats()), STATUS)))
     return generate_latest(registry).decode()
 
 

@@ -27,12 +27,12 @@ import aiohttp
 import jwt
 import msgspec
 
-from kling_exporter.collector import Family
 from kling_exporter.config import Config, KlingConfig
 from kling_exporter.streams import TooLarge, read_bounded
 
 log = logging.getLogger(__name__)
 
+# The states of a resource pack, as Kling names them.
 STATES = ("toBeOnline", "online", "expired", "runOut")
 REASONS = ("auth", "rate_limited", "server", "timeout", "bad_response")
 TIMEOUT = 10.0  # seconds for one answer
@@ -41,7 +41,6 @@ MAX_ANSWER = 4 * 1024 * 1024
 FIRST_RETRY = 1.0  # seconds after a first failure; doubles with each one after
 TOKEN_LIFE = 1800  # exp = now + 30 min, as Kling documents
 WINDOW_DAYS = 400  # packs bought this far back are asked for (they last 30 or 90 days)
-PACK = ("pack_id", "pack_name", "pack_type")
 
 
 class Pack(msgspec.Struct):
@@ -244,62 +243,3 @@ class Account:
                                 },
                             )
                 await asyncio.sleep(self.next_delay())
-
-    def families(self) -> list[Family]:
-        """The packs as Kling last reported them; nothing when no keys are configured."""
-        if not self.enabled():
-            return []
-        total, remaining, expiry, states = {}, {}, {}, {}
-        for p in self.packs:
-            key = (p.resource_pack_id, p.resource_pack_name, p.resource_pack_type)
-            total[key] = p.total_quantity
-            remaining[key] = p.remaining_quantity
-            expiry[key] = p.invalid_time / 1000
-            for state in STATES:
-                states[(*key, state)] = 1.0 if p.status == state else 0.0
-        name = "kling_account_resource_pack"
-        return [
-            Family(
-                f"{name}_total_units",
-                "gauge",
-                "Units a resource pack was bought with.",
-                PACK,
-                total,
-            ),
-            Family(
-                f"{name}_remaining_units",
-                "gauge",
-                "Units left in a resource pack, as Kling reports them (lagging up to 12 h).",
-                PACK,
-                remaining,
-            ),
-            Family(
-                f"{name}_expiry_timestamp_seconds",
-                "gauge",
-                "When a resource pack expires; units left then are forfeited.",
-                PACK,
-                expiry,
-            ),
-            Family(
-                f"{name}_status",
-                "gauge",
-                "A resource pack's status: 1 for the current one of toBeOnline, online, "
-                "expired, runOut.",
-                (*PACK, "status"),
-                states,
-            ),
-            Family(
-                "kling_account_poll_errors",
-                "counter",
-                "Failed polls of Kling's account API, by reason.",
-                ("reason",),
-                {(r,): float(n) for r, n in self.errors.items()},
-            ),
-            Family(
-                "kling_account_last_success_timestamp_seconds",
-                "gauge",
-                "When Kling's account API last answered (0 before it ever did).",
-                (),
-                {(): self.last_success},
-            ),
-        ]

@@ -27,7 +27,6 @@ from typing import Any
 from aiohttp import web
 
 from kling_exporter.api import BodyError, error_answer, parse_json, read_body
-from kling_exporter.collector import Family
 from kling_exporter.config import Config, LogsConfig
 from kling_exporter.durable import GroupCommit, write_all_and_sync
 from kling_exporter.events import MAX_ID
@@ -205,17 +204,3 @@ class Callbacks:
             return error_answer(503, "journal: cannot be written (see the exporter's log)")
         self.outcomes["recorded"] += 1
         return web.json_response({"recorded": True})
-
-
-def callback_families(callbacks: Callbacks) -> list[Family]:
-    return [
-        Family(
-            "kling_callbacks",
-            "counter",
-            "Kling task callbacks: recorded to the journal, acknowledged without a count "
-            "(submitted, processing), refused (unauthorized, invalid) or not written "
-            "(unavailable: answered 503, Kling calls again).",
-            ("outcome",),
-            {(k,): float(v) for k, v in callbacks.outcomes.items()},
-        )
-    ]

@@ -50,7 +50,6 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from kling_exporter.budgets import Ask, CheckResult, Share
-from kling_exporter.collector import Family
 from kling_exporter.config import BudgetConfig, Config, FleetConfig
 from kling_exporter.model import View
 from kling_exporter.reservations import Reservations
@@ -539,42 +538,6 @@ class Fleet:
             with contextlib.suppress(RedisError, OSError):
                 await self._client.aclose()
             self._client = None
-
-    def families(self) -> list[Family]:
-        """The fleet's health; nothing when no Redis is configured."""
-        if not self.enabled:
-            return []
-        return [
-            Family(
-                "kling_fleet_up",
-                "gauge",
-                "Whether the fleet's Redis answered this exporter's last request (1) or not.",
-                (),
-                {(): 1.0 if self.up else 0.0},
-            ),
-            Family(
-                "kling_fleet_instances",
-                "gauge",
-                "Exporters that published to the fleet's Redis lately, this one included.",
-                (),
-                {(): float(self.instances)},
-            ),
-            Family(
-                "kling_fleet_last_publish_timestamp_seconds",
-                "gauge",
-                "When this exporter last published its usage to the fleet (0: never).",
-                (),
-                {(): self.last_publish},
-            ),
-            Family(
-                "kling_fleet_instance_conflict",
-                "gauge",
-                "Whether another exporter holds this one's fleet.instance (1): this one "
-                "then publishes nothing, grants nothing and is not ready.",
-                (),
-                {(): 1.0 if self.conflict else 0.0},
-            ),
-        ]
 
     def describe(self) -> dict[str, Any]:
         """The fleet as ``/api/v1/budgets`` shows it."""

@@ -10,11 +10,15 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kling_exporter import __version__
+from kling_exporter.account import STATES
 from kling_exporter.budgets import BudgetStatus
-from kling_exporter.collector import Family, FamilyCollector, Key
+from kling_exporter.collector import Family, Key
 from kling_exporter.model import Snapshot, Status
 
 if TYPE_CHECKING:
+    from kling_exporter.account import Account, Pack
+    from kling_exporter.callbacks import Callbacks
+    from kling_exporter.fleet import Fleet
     from kling_exporter.reservations import Reservations
 
 
@@ -339,39 +343,184 @@ def families(s: Snapshot, st: Status) -> list[Family]:
     ]
 
 
-def reservation_families(reservations: Reservations, budgets: list[BudgetStatus]) -> list[Family]:
-    """The reservations' metrics, kept by the HTTP process."""
-    credits = {(b.name, b.period): b.reserved_credits for b in budgets}
-    usd = {(b.name, b.period): b.reserved_usd for b in budgets}
-    labels = ("budget", "period")
+# -- the HTTP process's own families ---------------------------------------------------
+
+
+class Side(NamedTuple):
+    """What the HTTP process's families are read from: the holds and what they keep of
+    each budget, the callbacks, Kling's account and the fleet."""
+
+    reservations: Reservations
+    budgets: list[BudgetStatus]
+    callbacks: Callbacks
+    account: Account
+    fleet: Fleet
+
+
+class SideSpec(NamedTuple):
+    """One metric the HTTP process serves beside the reader's; ``shown`` says whether
+    its feature is on (Kling's account with keys, the fleet with a Redis URL)."""
+
+    name: str
+    type: str
+    doc: str
+    labels: tuple[str, ...]
+    read: Callable[[Side], Mapping[Any, float]]
+    shown: Callable[[Side], bool] = lambda side: True
+
+
+def _account_on(side: Side) -> bool:
+    return side.account.enabled()
+
+
+def _fleet_on(side: Side) -> bool:
+    return side.fleet.enabled
+
+
+def _packs(read: Callable[[Pack], float]) -> Callable[[Side], dict[Key, float]]:
+    """One figure of every resource pack Kling last reported, by pack."""
+    return lambda side: {
+        (p.resource_pack_id, p.resource_pack_name, p.resource_pack_type): read(p)
+        for p in side.account.packs
+    }
+
+
+def _pack_states(side: Side) -> dict[Key, float]:
+    return {
+        (p.resource_pack_id, p.resource_pack_name, p.resource_pack_type, state): float(
+            p.status == state
+        )
+        for p in side.account.packs
+        for state in STATES
+    }
+
+
+def _reserved(field: str) -> Callable[[Side], dict[Key, float]]:
+    return lambda side: {(b.name, b.period): getattr(b, field) for b in side.budgets}
+
+
+PACK = ("pack_id", "pack_name", "pack_type")
+SIDE_METRICS: tuple[SideSpec, ...] = (
+    SideSpec(
+        "kling_budget_reserved_credits",
+        "gauge",
+        "Credits held by live reservations that the budget matches.",
+        BUDGET,
+        _reserved("reserved_credits"),
+    ),
+    SideSpec(
+        "kling_budget_reserved_usd",
+        "gauge",
+        "US dollars held by live reservations that the budget matches.",
+        BUDGET,
+        _reserved("reserved_usd"),
+    ),
+    SideSpec(
+        "kling_reservations",
+        "counter",
+        "Reservations granted, refused, released and expired; tasks that consumed a "
+        "reservation, and tasks that named none live (unknown).",
+        ("outcome",),
+        lambda side: _keyed(side.reservations.outcomes),
+    ),
+    SideSpec(
+        "kling_callbacks",
+        "counter",
+        "Kling task callbacks: recorded to the journal, acknowledged without a count "
+        "(submitted, processing), refused (unauthorized, invalid) or not written "
+        "(unavailable: answered 503, Kling calls again).",
+        ("outcome",),
+        lambda side: _keyed(side.callbacks.outcomes),
+    ),
+    SideSpec(
+        "kling_account_resource_pack_total_units",
+        "gauge",
+        "Units a resource pack was bought with.",
+        PACK,
+        _packs(lambda p: p.total_quantity),
+        _account_on,
+    ),
+    SideSpec(
+        "kling_account_resource_pack_remaining_units",
+        "gauge",
+        "Units left in a resource pack, as Kling reports them (lagging up to 12 h).",
+        PACK,
+        _packs(lambda p: p.remaining_quantity),
+        _account_on,
+    ),
+    SideSpec(
+        "kling_account_resource_pack_expiry_timestamp_seconds",
+        "gauge",
+        "When a resource pack expires; units left then are forfeited.",
+        PACK,
+        _packs(lambda p: p.invalid_time / 1000),
+        _account_on,
+    ),
+    SideSpec(
+        "kling_account_resource_pack_status",
+        "gauge",
+        "A resource pack's status: 1 for the current one of toBeOnline, online, expired, runOut.",
+        (*PACK, "status"),
+        _pack_states,
+        _account_on,
+    ),
+    SideSpec(
+        "kling_account_poll_errors",
+        "counter",
+        "Failed polls of Kling's account API, by reason.",
+        ("reason",),
+        lambda side: _keyed(side.account.errors),
+        _account_on,
+    ),
+    SideSpec(
+        "kling_account_last_success_timestamp_seconds",
+        "gauge",
+        "When Kling's account API last answered (0 before it ever did).",
+        (),
+        lambda side: {(): side.account.last_success},
+        _account_on,
+    ),
+    SideSpec(
+        "kling_fleet_up",
+        "gauge",
+        "Whether the fleet's Redis answered this exporter's last request (1) or not.",
+        (),
+        lambda side: {(): float(side.fleet.up)},
+        _fleet_on,
+    ),
+    SideSpec(
+        "kling_fleet_instances",
+        "gauge",
+        "Exporters that published to the fleet's Redis lately, this one included.",
+        (),
+        lambda side: {(): float(side.fleet.instances)},
+        _fleet_on,
+    ),
+    SideSpec(
+        "kling_fleet_last_publish_timestamp_seconds",
+        "gauge",
+        "When this exporter last published its usage to the fleet (0: never).",
+        (),
+        lambda side: {(): side.fleet.last_publish},
+        _fleet_on,
+    ),
+    SideSpec(
+        "kling_fleet_instance_conflict",
+        "gauge",
+        "Whether another exporter holds this one's fleet.instance (1): this one "
+        "then publishes nothing, grants nothing and is not ready.",
+        (),
+        lambda side: {(): float(side.fleet.conflict)},
+        _fleet_on,
+    ),
+)
+
+
+def side_families(side: Side, samples: bool = True) -> list[Family]:
+    """The HTTP process's families of features that are on, read (or, for
+    ``describe()``, without samples, which reads no budget)."""
     return [
-        Family(
-            "kling_budget_reserved_credits",
-            "gauge",
-            "Credits held by live reservations that the budget matches.",
-            labels,
-            credits,
-        ),
-        Family(
-            "kling_budget_reserved_usd",
-            "gauge",
-            "US dollars held by live reservations that the budget matches.",
-            labels,
-            usd,
-        ),
-        Family(
-            "kling_reservations",
-            "counter",
-            "Reservations granted, refused, released and expired; tasks that consumed a "
-            "reservation, and tasks that named none live (unknown).",
-            ("outcome",),
-            {(k,): float(v) for k, v in reservations.outcomes.items()},
-        ),
+        Family(spec.name, spec.type, spec.doc, spec.labels, spec.read(side) if samples else {})
+        for spec in SIDE_METRICS
+        if spec.shown(side)
     ]
-
-
-class KlingCollector(FamilyCollector):
-    """The ledger's and the daemon's metrics."""
-
-    def __init__(self, source: Callable[[], tuple[Snapshot, Status]]) -> None:
-        super().__init__(lambda: families(*source()), declared)

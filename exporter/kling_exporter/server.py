@@ -34,12 +34,12 @@ from kling_exporter.api import (
     statuses,
 )
 from kling_exporter.callbacks import PATH as CALLBACK_PATH
-from kling_exporter.callbacks import Callbacks, callback_families
+from kling_exporter.callbacks import Callbacks
 from kling_exporter.collector import Exposition
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.demo import STANDIN_PATH
 from kling_exporter.fleet import Fleet, InstanceTaken
-from kling_exporter.metrics import reservation_families
+from kling_exporter.metrics import Side, side_families
 from kling_exporter.model import ReaderUnavailable
 from kling_exporter.reader import ReaderProcess
 from kling_exporter.reservations import (
@@ -65,19 +65,11 @@ def metrics_handler(
     callbacks, Kling's account) are added to what the reader rendered."""
     under_way: asyncio.Future[tuple[bytes, str]] | None = None
     ours = Exposition(
-        lambda: (
-            reservation_families(reservations, statuses(source, reservations))
-            + callback_families(callbacks)
-            + account.families()
-            + fleet.families()
+        lambda: side_families(
+            Side(reservations, statuses(source, reservations), callbacks, account, fleet)
         ),
-        # What there is, without reading usage (describe() drops the samples anyway).
-        lambda: (
-            reservation_families(reservations, [])
-            + callback_families(callbacks)
-            + account.families()
-            + fleet.families()
-        ),
+        # What there is, without reading usage.
+        lambda: side_families(Side(reservations, [], callbacks, account, fleet), samples=False),
         process=False,
     )
 
