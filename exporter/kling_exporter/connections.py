@@ -54,7 +54,6 @@ class _Guarded(asyncio.Protocol):
         self.transport = transport
         guard = self.guard
         if guard.open >= guard.limits.max_connections:
-            guard.refused += 1
             transport.write(_BUSY)  # type: ignore[attr-defined]
             transport.close()
             return
@@ -66,7 +65,6 @@ class _Guarded(asyncio.Protocol):
 
     def _too_slow(self) -> None:
         self.timer = None
-        self.guard.timed_out += 1
         if self.transport is not None:
             self.transport.close()
 
@@ -104,7 +102,7 @@ class ConnectionGuard:
 
     def __init__(self, factory: Any, limits: Limits) -> None:
         self.factory, self.limits = factory, limits
-        self.open = self.refused = self.timed_out = 0
+        self.open = 0
 
     def __call__(self) -> asyncio.Protocol:
         return _Guarded(self.factory(), self)
