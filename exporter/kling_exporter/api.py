@@ -1,5 +1,5 @@
-"""The budget API: budgets, pre-flight checks and reservations, and the source they
-read (the reader process's link, or a daemon in process)."""
+"""The budget API: budgets, pre-flight checks and reservations, and what they ask of
+the log reader (the reader process's link, or a daemon in process in tests)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ from kling_exporter.wording import amount_for_people
 BODY_TIMEOUT = 10.0
 
 
-class Source(Protocol):
-    """What the server asks of the daemon: the reader process's link in the exporter
+class Reader(Protocol):
+    """What the server asks of the log reader: the reader process's link in the exporter
     (``kling_exporter.reader.ReaderProcess``), or a daemon in process in tests."""
 
     @property
@@ -67,7 +67,7 @@ class Source(Protocol):
     async def reload_config(self) -> str | None: ...
 
 
-DAEMON: web.AppKey[Source] = web.AppKey("daemon", Source)
+READER: web.AppKey[Reader] = web.AppKey("reader", Reader)
 RESERVATIONS = web.AppKey("reservations", Reservations)
 FLEET = web.AppKey("fleet", Fleet)
 
@@ -91,14 +91,14 @@ def for_people(value: Any, key: str = "") -> Any:
     return value
 
 
-def statuses(source: Source, reservations: Reservations) -> list[BudgetStatus]:
-    return reservations.statuses(source.view())
+def statuses(reader: Reader, reservations: Reservations) -> list[BudgetStatus]:
+    return reservations.statuses(reader.view())
 
 
 async def budgets(request: web.Request) -> web.Response:
-    source, fleet = request.app[DAEMON], request.app[FLEET]
+    reader, fleet = request.app[READER], request.app[FLEET]
     if not fleet.enabled:
-        found = statuses(source, request.app[RESERVATIONS])
+        found = statuses(reader, request.app[RESERVATIONS])
         return web.json_response({"budgets": for_people(msgspec.to_builtins(found))})
     rows = await fleet.statuses()
     return _json({"budgets": rows, "fleet": fleet.describe()})
@@ -283,12 +283,12 @@ async def check(request: web.Request) -> web.Response:
     req = await _body(request, CheckRequest)
     if isinstance(req, web.Response):
         return req
-    source, reservations = request.app[DAEMON], request.app[RESERVATIONS]
+    reader, reservations = request.app[READER], request.app[RESERVATIONS]
     fleet = request.app[FLEET]
     if fleet.enabled:
         result = await fleet.check(_asked(req))
     else:
-        result = reservations.check(source.view(), _asked(req))
+        result = reservations.check(reader.view(), _asked(req))
     return _json(msgspec.to_builtins(result))
 
 
@@ -312,20 +312,20 @@ async def reserve(request: web.Request) -> web.Response:
     req = await _body(request, ReserveRequest)
     if isinstance(req, web.Response):
         return req
-    source, reservations = request.app[DAEMON], request.app[RESERVATIONS]
+    reader, reservations = request.app[READER], request.app[RESERVATIONS]
     fleet = request.app[FLEET]
     decide = fleet.decide if fleet.enabled else None
     assert isinstance(req.ttl, float)
     asked = msgspec.to_builtins(req)
     try:
         status, answer = await reservations.reserve(
-            source.view(),
+            reader.view(),
             _asked(req),
             req.id,
             req.ttl,
             fingerprint(asked),
             decide,
-            source.config.reservations.max_live,
+            reader.config.reservations.max_live,
         )
     except OSError:
         return error_answer(503, "reservations: cannot be saved; try again")

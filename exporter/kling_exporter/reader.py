@@ -241,7 +241,7 @@ def reader_main(fd: int) -> None:
 
 
 class ReaderProcess:
-    """The daemon in a child process, as the HTTP server sees it (``server.Source``)."""
+    """The daemon in a child process, as the HTTP server sees it (``api.Reader``)."""
 
     def __init__(
         self,

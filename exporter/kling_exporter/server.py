@@ -20,11 +20,11 @@ from aiohttp import web
 from kling_exporter import __version__
 from kling_exporter.account import Account
 from kling_exporter.api import (
-    DAEMON,
     FLEET,
     MAX_BODY,
+    READER,
     RESERVATIONS,
-    Source,
+    Reader,
     budgets,
     check,
     error_answer,
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 
 def metrics_handler(
-    source: Source,
+    reader: Reader,
     reservations: Reservations,
     callbacks: Callbacks,
     account: Account,
@@ -66,7 +66,7 @@ def metrics_handler(
     under_way: asyncio.Future[tuple[bytes, str]] | None = None
     ours = Exposition(
         lambda: side_families(
-            Side(reservations, statuses(source, reservations), callbacks, account, fleet)
+            Side(reservations, statuses(reader, reservations), callbacks, account, fleet)
         ),
         # What there is, without reading usage.
         lambda: side_families(Side(reservations, [], callbacks, account, fleet), samples=False),
@@ -84,10 +84,10 @@ def metrics_handler(
         names = request.query.getall("name[]", [])
         try:
             if "application/openmetrics-text" in accept or names:
-                body, content_type = await source.render_metrics(accept, names)
+                body, content_type = await reader.render_metrics(accept, names)
             else:
                 if under_way is None:
-                    under_way = asyncio.ensure_future(source.render_metrics("", []))
+                    under_way = asyncio.ensure_future(reader.render_metrics("", []))
                     under_way.add_done_callback(finished)
                 body, content_type = await asyncio.shield(under_way)
         except ReaderUnavailable as e:
@@ -119,7 +119,7 @@ generation.</p>
 
 
 async def healthy(request: web.Request) -> web.Response:
-    if not request.app[DAEMON].reader_up:
+    if not request.app[READER].reader_up:
         return error_answer(503, "reader: the log reader has failed")
     return web.Response(text="Healthy.\n")
 
@@ -127,14 +127,14 @@ async def healthy(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     if request.app[FLEET].conflict:
         return error_answer(503, request.app[FLEET].conflict_reason, "fleet.instance")
-    if request.app[DAEMON].is_ready():
+    if request.app[READER].is_ready():
         return web.Response(text="Ready.\n")
     return error_answer(503, "reader: still reading the existing logs")
 
 
 async def reload(request: web.Request) -> web.Response:
     try:
-        error = await request.app[DAEMON].reload_config()
+        error = await request.app[READER].reload_config()
     except ReaderUnavailable as e:
         return error_answer(503, f"reader: unavailable: {e}")
     if error is not None:
@@ -295,33 +295,33 @@ def in_background(
 
 
 def build_app(
-    daemon: Source,
+    reader: Reader,
     telemetry_path: str = "/metrics",
     web_config: WebConfig | None = None,
     reservations: Reservations | None = None,
     standin: KlingStandIn | None = None,
 ) -> web.Application:
-    """The HTTP face of ``daemon``. Reservations are kept in memory unless given with a
+    """The HTTP face of ``reader``. Reservations are kept in memory unless given with a
     journal."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=_security_middlewares(web_config))
-    app[DAEMON] = daemon
+    app[READER] = reader
     held = app[RESERVATIONS] = reservations or Reservations()
     landing = _landing(telemetry_path)
 
     async def listen(app: web.Application) -> None:
-        daemon.listen(held.consumed)
+        reader.listen(held.consumed)
 
     app.on_startup.append(listen)
 
     async def index(request: web.Request) -> web.Response:
         return web.Response(text=landing, content_type="text/html")
 
-    callbacks = Callbacks(lambda: daemon.config)
-    account = Account(lambda: daemon.config)
+    callbacks = Callbacks(lambda: reader.config)
+    account = Account(lambda: reader.config)
     app.cleanup_ctx.append(in_background(account.run))
-    fleet = app[FLEET] = Fleet(lambda: daemon.config, held, daemon.view, daemon.is_ready)
+    fleet = app[FLEET] = Fleet(lambda: reader.config, held, reader.view, reader.is_ready)
     app.cleanup_ctx.append(in_background(fleet.run, fleet.stop))
-    handler = metrics_handler(daemon, held, callbacks, account, fleet)
+    handler = metrics_handler(reader, held, callbacks, account, fleet)
     app.router.add_get(telemetry_path, handler)
     app.router.add_post(CALLBACK_PATH, callbacks.handle)
     if standin is not None:  # the demo's own Kling account
