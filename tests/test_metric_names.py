@@ -12,8 +12,9 @@ from kling_exporter.account import Account
 from kling_exporter.budgets import Budgets, DayUsage
 from kling_exporter.callbacks import Callbacks, callback_families
 from kling_exporter.collector import Family
-from kling_exporter.config import Config, FleetConfig
+from kling_exporter.config import Config, FleetConfig, GatewayConfig
 from kling_exporter.fleet import Fleet
+from kling_exporter.gateway import Gateway
 from kling_exporter.metrics import METRICS, KlingCollector, reservation_families
 from kling_exporter.model import View
 from kling_exporter.reservations import Reservations
@@ -40,7 +41,7 @@ def served() -> set[str]:
 def http_process_families() -> list[Family]:
     """The families the HTTP process adds to the reader's scrape (Kling's account's
     only when keys are configured: here, in the environment; the fleet's only with a
-    Redis URL)."""
+    Redis URL; the gateway's only when it is enabled)."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("KLING_ACCESS_KEY", "access")
         env.setenv("KLING_SECRET_KEY", "secret")
@@ -51,7 +52,10 @@ def http_process_families() -> list[Family]:
     fleet = Fleet(lambda: in_fleet, held, lambda: View(Budgets(in_fleet), {}, DayUsage()), bool)
     assert fleet.families(), "the fleet's families are missing"
     mine = reservation_families(held, []) + callback_families(Callbacks(Config))
-    return mine + account + fleet.families()
+    gateway_on = Config(gateway=GatewayConfig(enabled=True))
+    gateway = Gateway(lambda: gateway_on, fleet.view, held, fleet, Callbacks(Config))
+    assert gateway.families(), "the gateway's families are missing"
+    return mine + account + fleet.families() + gateway.families()
 
 
 def families(names: set[str]) -> set[str]:

@@ -39,6 +39,7 @@ from kling_exporter.collector import Exposition
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.demo import STANDIN_PATH
 from kling_exporter.fleet import Fleet
+from kling_exporter.gateway import Gateway
 from kling_exporter.metrics import reservation_families
 from kling_exporter.model import ReaderUnavailable
 from kling_exporter.reader import ReaderProcess
@@ -58,6 +59,7 @@ def metrics_handler(
     callbacks: Callbacks,
     account: Account,
     fleet: Fleet,
+    gateway: Gateway,
 ) -> Any:
     """/metrics, compressed when the client asks. Plain-text scrapes that arrive while a
     render is under way share the reader's render; OpenMetrics and ``name[]`` filters are
@@ -70,6 +72,7 @@ def metrics_handler(
             + callback_families(callbacks)
             + account.families()
             + fleet.families()
+            + gateway.families()
         ),
         # What there is, without reading usage (describe() drops the samples anyway).
         lambda: (
@@ -77,6 +80,7 @@ def metrics_handler(
             + callback_families(callbacks)
             + account.families()
             + fleet.families()
+            + gateway.families()
         ),
         process=False,
     )
@@ -164,7 +168,7 @@ BCRYPT_THREADS = 2
 MAX_PENDING_LOGINS = 32
 
 
-def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
+def _security_middlewares(web_config: WebConfig | None, gateway_prefix: str = "") -> list[Any]:
     auth = BasicAuth(web_config.basic_auth_users if web_config else {})
     headers = web_config.http_server_config.headers if web_config else {}
     api_slots = asyncio.Semaphore(MAX_CONCURRENT_API)
@@ -231,8 +235,10 @@ def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
     async def protect(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.version < (1, 0):
             return error_answer(505, "version: HTTP/1.0 or later is needed")
-        # Kling cannot log in: its callbacks carry their own token instead.
-        if auth.enabled and request.path not in ("/-/healthy", CALLBACK_PATH):
+        # Kling cannot log in: its callbacks carry their own token instead. Producers
+        # through the gateway send Kling's own bearer token, which Kling checks.
+        gateway = gateway_prefix and request.path.startswith(gateway_prefix + "/")
+        if auth.enabled and not gateway and request.path not in ("/-/healthy", CALLBACK_PATH):
             refused = await verified(request)
             if refused is not None:
                 return refused
@@ -291,7 +297,11 @@ def build_app(
 ) -> web.Application:
     """The HTTP face of ``daemon``. Reservations are kept in memory unless given with a
     journal."""
-    app = web.Application(client_max_size=MAX_BODY, middlewares=_security_middlewares(web_config))
+    gateway_config = daemon.config.gateway
+    prefix = gateway_config.path_prefix if gateway_config.enabled else ""
+    app = web.Application(
+        client_max_size=MAX_BODY, middlewares=_security_middlewares(web_config, prefix)
+    )
     app[DAEMON] = daemon
     held = app[RESERVATIONS] = reservations or Reservations()
     landing = _landing(telemetry_path)
@@ -309,7 +319,11 @@ def build_app(
     app.cleanup_ctx.append(in_background(account.run))
     fleet = app[FLEET] = Fleet(lambda: daemon.config, held, daemon.view, daemon.is_ready)
     app.cleanup_ctx.append(in_background(fleet.run, fleet.close))
-    handler = metrics_handler(daemon, held, callbacks, account, fleet)
+    gateway = Gateway(lambda: daemon.config, daemon.view, held, fleet, callbacks)
+    if prefix:
+        app.cleanup_ctx.append(gateway.pool)
+        app.router.add_route("*", prefix + "/{tail:.*}", gateway.handle)
+    handler = metrics_handler(daemon, held, callbacks, account, fleet, gateway)
     app.router.add_get(telemetry_path, handler)
     app.router.add_post(CALLBACK_PATH, callbacks.handle)
     if standin is not None:  # the demo's own Kling account
