@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import http.client
 import json
 import re
@@ -26,6 +27,7 @@ from kling_exporter.gateway import priced, route_of
 from kling_exporter.standin import KlingStandIn
 
 from tests.helpers import DaemonProcess, by_name, free_port, value, wait_until
+from tests.redis_server import RedisServer
 
 ACCESS = "AK-gateway-access-key-5b1e"
 SECRET = "SK-gateway-secret-key-0c44d-0123456789"  # noqa: S105 - the stand-in's own key
@@ -423,3 +425,46 @@ def test_kill_9_loses_no_task_the_producer_was_told_of_and_counts_none_twice(
     time.sleep(0.5)
     assert counted() == len(ids)
     daemon.stop()
+
+
+def test_a_fleet_of_gateways_never_commits_more_than_the_budget(
+    kling: tuple[KlingStandIn, str], tmp_path: Path
+) -> None:
+    """Two exporters sharing budgets through a real redis-server: 32 producers split
+    between their gateways against room for exactly 10 tasks fleet-wide."""
+    standin, base = kling
+    redis = RedisServer(tmp_path / "redis").start()
+    daemons: list[DaemonProcess] = []
+    try:
+        for name in ("east", "west"):
+            fleet = (
+                f"fleet: {{redis_url: '{redis.url}', instance: {name}, publish_interval: 200ms}}"
+            )
+            (tmp_path / name).mkdir()
+            daemons.append(DaemonProcess(tmp_path / name, config(base, fleet)).start())
+
+        def settled(d: DaemonProcess) -> bool:
+            described = json.loads(d.get("/api/v1/budgets")[1])["fleet"]
+            return bool(described["up"] and described["settled"] and described["instances"] == 2)
+
+        for d in daemons:
+            wait_until(functools.partial(settled, d), timeout=20)
+        before = len(standin.created)
+        token = standin.token()
+        start = threading.Barrier(32)
+
+        def produce(i: int) -> int:
+            start.wait()
+            body = {**VIDEO, "external_task_id": f"fleet-{i}"}
+            return call(daemons[i % 2], body, "crowd", token)[0]
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            statuses = sorted(pool.map(produce, range(32)))
+        assert statuses == [200] * 10 + [429] * 22
+        assert len(standin.created) - before == 10
+        assert sum(len(submitted(d, "crowd")) for d in daemons) == 10
+        assert committed(budget(daemons[0], "crowd")) == 100
+    finally:
+        for d in daemons:
+            d.stop()
+        redis.stop()

@@ -83,6 +83,7 @@ REMEMBERED = 100_000
 _HOP_BY_HOP = frozenset(
     (
         "connection",
+        "expect",  # 100-continue is between the producer and the gateway
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
