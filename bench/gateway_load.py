@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,22 +31,13 @@ import jwt
 from aiohttp import web
 from kling_exporter.standin import KlingStandIn
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.web_load import ROOT, free_port, percentile
+
 ACCESS = "AK-bench-access"
 SECRET = "SK-bench-secret-0123456789abcdef"  # noqa: S105 - the stand-in's own key
 BODY = {"model_name": "kling-v2-6", "mode": "std", "duration": "5", "prompt": "a fox in snow"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def serve_standin(port: int) -> None:

@@ -514,16 +514,22 @@ class Gateway:
             event["audio"] = True
         if hold is not None:
             event["reservation_id"] = hold
+        if not await self._journal(event):
+            # Kling made the task: the producer is told so (a retry would pay twice),
+            # and the hold counts it until it expires.
+            self._count("create", "unavailable")
+
+    async def _journal(self, event: dict[str, Any]) -> bool:
+        """Whether ``event`` is on disk in the journal (the error is logged if not)."""
         journal = self.callbacks.journal()
         try:
             if journal is None:
                 raise OSError("no journal")
             await journal.append(event)
         except OSError as e:
-            # Kling made the task: the producer is told so (a retry would pay twice),
-            # and the hold counts it until it expires.
-            log.error("cannot journal a task the gateway submitted", extra={"err": str(e)})
-            self._count("create", "unavailable")
+            log.error("cannot write the gateway's journal line", extra={"err": str(e)})
+            return False
+        return True
 
     async def _release(self, hold: str | None) -> None:
         if hold is not None and await self.reservations.release(hold):
@@ -558,14 +564,8 @@ class Gateway:
         if event is None or kling_id in self.completed:
             return
         event["source"] = "kling_gateway"
-        journal = self.callbacks.journal()
-        try:
-            if journal is None:
-                raise OSError("no journal")
-            await journal.append(event)
-        except OSError as e:
-            log.error("cannot journal a finished task", extra={"err": str(e)})
-            return
+        if not await self._journal(event):
+            return  # the next query showing it tries again
         self.completed[kling_id] = None
         if len(self.completed) > REMEMBERED:
             self.completed.popitem(last=False)
