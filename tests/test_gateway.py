@@ -468,3 +468,16 @@ def test_a_fleet_of_gateways_never_commits_more_than_the_budget(
         for d in daemons:
             d.stop()
         redis.stop()
+
+
+def test_a_prefix_sent_percent_encoded_still_reaches_the_upstream(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess
+) -> None:
+    """``/%6Bling/...`` is ``/kling/...``: what follows the prefix goes to the configured
+    upstream, never glued to its host."""
+    headers = {"Authorization": f"Bearer {kling[0].token()}"}
+    conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=10)
+    conn.request("GET", "/%6Bling/account/costs?start_time=1&end_time=2", headers=headers)
+    answer = conn.getresponse()
+    assert answer.status == 200 and json.loads(answer.read())["code"] == 0
+    conn.close()

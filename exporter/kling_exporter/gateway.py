@@ -353,8 +353,15 @@ class Gateway:
     # -- requests --------------------------------------------------------------------
 
     def path(self, request: web.Request) -> str:
-        """The request's path and query after the prefix, as sent."""
-        return request.raw_path[len(self.settings.path_prefix) :]
+        """The request's path and query after the prefix, as sent: always from its
+        ``/`` on, so nothing a producer sends can touch the upstream's host."""
+        prefix = self.settings.path_prefix
+        raw = request.raw_path
+        if raw.startswith(prefix + "/"):
+            return raw[len(prefix) :]
+        # The prefix itself came percent-encoded (/%6Bling/...): the rest, encoded again.
+        tail = URL.build(path="/" + request.match_info["tail"]).raw_path
+        return tail + ("?" + request.query_string if request.query_string else "")
 
     def _url(self, tail: str) -> URL:
         return URL(self.settings.upstream.rstrip("/") + tail, encoded=True)
@@ -470,7 +477,7 @@ class Gateway:
             hold = str(granted["id"])
         try:
             answer = await self._send(request, tail, "create", raw)
-        except (TimeoutError, aiohttp.ClientError, OSError, TooLarge) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TooLarge) as e:
             await self._release(hold)
             self._count("create", "transport_error")
             if isinstance(e, TimeoutError):
@@ -538,7 +545,7 @@ class Gateway:
     async def _query(self, request: web.Request, tail: str) -> web.StreamResponse:
         try:
             answer = await self._send(request, tail, "query", b"")
-        except (TimeoutError, aiohttp.ClientError, OSError, TooLarge) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TooLarge) as e:
             self._count("query", "transport_error")
             if isinstance(e, TimeoutError):
                 return kling_error(504, CODE_TIMEOUT, "gateway: Kling did not answer in time")
@@ -587,7 +594,7 @@ class Gateway:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(sock_connect=timeout, sock_read=timeout),
             )
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
             self.durations["other"].observe(time.perf_counter() - start)
             self._count("other", "transport_error")
             if isinstance(e, TimeoutError):
