@@ -289,6 +289,17 @@ def test_the_project_comes_from_the_header_else_the_access_key(
     assert status == 400 and body["code"] == 1201, body
     assert body["message"].startswith("project:") and "X-Kling-Project" in body["message"]
     assert set(body) == {"code", "message", "request_id"}
+    assert token not in exporter.output() and ACCESS not in exporter.output()
+
+
+def test_a_create_body_over_64_kib_is_413_and_reaches_no_one(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess
+) -> None:
+    before = len(kling[0].created)
+    large = {**VIDEO, "prompt": "x" * (64 * 1024)}
+    status, body, _ = call(exporter, large, "free", kling[0].token())
+    assert status == 413 and body["code"] == 1201 and body["message"].startswith("body:"), body
+    assert len(kling[0].created) == before
 
 
 def test_the_callback_url_is_injected_only_where_none_is_given(
