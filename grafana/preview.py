@@ -41,6 +41,7 @@ from kling_exporter.collector import TextRenderer  # noqa: E402
 from kling_exporter.demo import DemoTraffic, demo_config  # noqa: E402
 from kling_exporter.events import Event, decode_line  # noqa: E402
 from kling_exporter.fleet import Fleet  # noqa: E402
+from kling_exporter.gateway import Gateway  # noqa: E402
 from kling_exporter.ingest import ingest  # noqa: E402
 from kling_exporter.ledger import Ledger  # noqa: E402
 from kling_exporter.metrics import Side, families, side_families  # noqa: E402
@@ -273,15 +274,12 @@ def history_as_openmetrics(logs: Path, start: float, end: float, step: float) ->
     account = Account(lambda: config)
     held = Reservations()
     # The HTTP side as the exporter has it (no fleet here: its families are not shown).
-    side = Side(
-        held,
-        [],
-        Callbacks(lambda: config),
-        account,
-        Fleet(
-            lambda: config, held, lambda: View(ledger.budgets, ledger.usage, ledger.flight), bool
-        ),
+    fleet = Fleet(
+        lambda: config, held, lambda: View(ledger.budgets, ledger.usage, ledger.flight), bool
     )
+    callbacks = Callbacks(lambda: config)
+    gateway = Gateway(lambda: config, fleet.view, held, fleet, callbacks)
+    side = Side(held, [], callbacks, account, fleet, gateway)
     packs = msgspec.convert(demo_packs(end), list[Pack])
     series: dict[str, list[str]] = {}  # metric name -> its samples, in time order
     i, t = 0, start

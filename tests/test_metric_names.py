@@ -12,8 +12,9 @@ from kling_exporter.account import Account
 from kling_exporter.budgets import Budgets, DayUsage
 from kling_exporter.callbacks import Callbacks
 from kling_exporter.collector import Family
-from kling_exporter.config import Config, FleetConfig
+from kling_exporter.config import Config, FleetConfig, GatewayConfig
 from kling_exporter.fleet import Fleet
+from kling_exporter.gateway import Gateway
 from kling_exporter.metrics import METRICS, SIDE_METRICS, Side, side_families
 from kling_exporter.model import View
 from kling_exporter.reservations import Reservations
@@ -38,12 +39,14 @@ def served() -> set[str]:
 
 
 def every_feature_on() -> Side:
-    """The HTTP side with Kling's account (keys in the environment) and a fleet (a
-    Redis URL) configured, so that every family is shown."""
+    """The HTTP side with Kling's account (keys in the environment), a fleet (a Redis
+    URL) and the gateway configured, so that every family is shown."""
     in_fleet = Config(fleet=FleetConfig(redis_url="redis://127.0.0.1:6379/0"))
     held = Reservations()
     fleet = Fleet(lambda: in_fleet, held, lambda: View(Budgets(in_fleet), {}, DayUsage()), bool)
-    return Side(held, [], Callbacks(Config), Account(Config), fleet)
+    gateway_on = Config(gateway=GatewayConfig(enabled=True))
+    gateway = Gateway(lambda: gateway_on, fleet.view, held, fleet, Callbacks(Config))
+    return Side(held, [], Callbacks(Config), Account(Config), fleet, gateway)
 
 
 def http_process_families(samples: bool = True) -> list[Family]:

@@ -336,6 +336,65 @@ class FleetConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return self.instance or socket.gethostname()
 
 
+# A header name: an HTTP token (RFC 9110).
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# A path prefix: one or more segments of unreserved characters, no trailing slash.
+_PREFIX_RE = re.compile(r"^(?:/[A-Za-z0-9._~-]+)+$")
+# Paths the exporter answers itself, which the gateway's prefix must not take.
+_OWN_PATHS = ("/api", "/-", "/metrics", "/demo")
+
+
+class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Kling's API served under ``path_prefix`` on the exporter's own listener: every
+    request is passed on to ``upstream``, and a task-creating one only once every
+    matching budget has room for it. ``enabled`` and ``path_prefix`` take effect at a
+    restart; the other keys at a reload."""
+
+    enabled: bool = False
+    upstream: str = "https://api-singapore.klingai.com"
+    path_prefix: str = "/kling"
+    project_header: str = "X-Kling-Project"
+    # The JWT's iss (the producer's access key) -> the project its tasks count against.
+    projects_by_access_key: dict[str, str] = msgspec.field(default_factory=dict)
+    default_project: str = ""  # "" = a create request with no project is refused (400)
+    inject_callback_url: str = ""  # given to create requests that carry no callback_url
+    timeout: str | float = "60s"
+
+    def __post_init__(self) -> None:
+        if not self.upstream.startswith(("https://", "http://")) or "?" in self.upstream:
+            raise ValueError(f"upstream: expected an http(s) URL, got {self.upstream!r}")
+        prefix = self.path_prefix
+        if not _PREFIX_RE.match(prefix):
+            raise ValueError(
+                f"path_prefix: expected a path like '/kling' (no trailing slash), got {prefix!r}"
+            )
+        if any(prefix == own or prefix.startswith(own + "/") for own in _OWN_PATHS):
+            raise ValueError(f"path_prefix: {prefix!r} is a path the exporter answers itself")
+        if not _TOKEN_RE.match(self.project_header):
+            raise ValueError(
+                f"project_header: expected an HTTP header name, got {self.project_header!r}"
+            )
+        for key, project in self.projects_by_access_key.items():
+            if not key or not 0 < len(project) <= 128 or not project.isprintable():
+                raise ValueError(
+                    f"projects_by_access_key.{key}: expected a project name of 1 to 128 "
+                    "printable characters"
+                )
+        if len(self.default_project) > 128 or not self.default_project.isprintable():
+            raise ValueError("default_project: expected up to 128 printable characters")
+        callback = self.inject_callback_url
+        if callback and not callback.startswith(("https://", "http://")):
+            raise ValueError(
+                f"inject_callback_url: expected an http(s) URL or '', got {callback!r}"
+            )
+        if not 1 <= parse_duration(self.timeout, "timeout") <= 600:
+            raise ValueError("timeout: expected 1s to 10m")
+
+    @property
+    def timeout_seconds(self) -> float:
+        return parse_duration(self.timeout, "timeout")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
@@ -347,6 +406,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     reservations: ReservationsConfig = msgspec.field(default_factory=ReservationsConfig)
     kling: KlingConfig = msgspec.field(default_factory=KlingConfig)
     fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -400,7 +460,7 @@ def normalize_mode(mode: str) -> str | None:
 def _known_keys() -> set[str]:
     structs: tuple[type[msgspec.Struct], ...] = (Config, LogsConfig, StateConfig, PriceRule)
     structs += (PricingConfig, ModelMultiplier, BudgetConfig, LabelsConfig, TasksConfig)
-    structs += (ReservationsConfig, KlingConfig, FleetConfig)
+    structs += (ReservationsConfig, KlingConfig, FleetConfig, GatewayConfig)
     return {f for struct in structs for f in struct.__struct_fields__}
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from kling_exporter.account import Account, Pack
     from kling_exporter.callbacks import Callbacks
     from kling_exporter.fleet import Fleet
+    from kling_exporter.gateway import Gateway
     from kling_exporter.reservations import Reservations
 
 
@@ -355,6 +356,7 @@ class Side(NamedTuple):
     callbacks: Callbacks
     account: Account
     fleet: Fleet
+    gateway: Gateway
 
 
 class SideSpec(NamedTuple):
@@ -365,8 +367,9 @@ class SideSpec(NamedTuple):
     type: str
     doc: str
     labels: tuple[str, ...]
-    read: Callable[[Side], Mapping[Any, float]]
+    read: Callable[[Side], Mapping[Any, Any]]
     shown: Callable[[Side], bool] = lambda side: True
+    unit: str = ""
 
 
 def _account_on(side: Side) -> bool:
@@ -375,6 +378,10 @@ def _account_on(side: Side) -> bool:
 
 def _fleet_on(side: Side) -> bool:
     return side.fleet.enabled
+
+
+def _gateway_on(side: Side) -> bool:
+    return side.gateway.settings.enabled
 
 
 def _packs(read: Callable[[Pack], float]) -> Callable[[Side], dict[Key, float]]:
@@ -513,6 +520,27 @@ SIDE_METRICS: tuple[SideSpec, ...] = (
         lambda side: {(): float(side.fleet.conflict)},
         _fleet_on,
     ),
+    SideSpec(
+        "kling_gateway_requests",
+        "counter",
+        "Requests through the gateway by route (create, query, other) and outcome: "
+        "forwarded, refused by a budget, bad_request (answered by the gateway), "
+        "upstream_error (Kling answered an error), transport_error (Kling not "
+        "reached: 502, or too slow: 504), unavailable (not held or journalled: 503).",
+        ("route", "outcome"),
+        lambda side: _keyed(side.gateway.outcomes),
+        _gateway_on,
+    ),
+    SideSpec(
+        "kling_gateway_upstream_duration_seconds",
+        "histogram",
+        "Time from sending a request on to Kling until its answer's headers (its "
+        "whole body, for create and query), by route.",
+        ("route",),
+        lambda side: {(r,): h.sample() for r, h in side.gateway.durations.items()},
+        _gateway_on,
+        "seconds",
+    ),
 )
 
 
@@ -520,7 +548,14 @@ def side_families(side: Side, samples: bool = True) -> list[Family]:
     """The HTTP process's families of features that are on, read (or, for
     ``describe()``, without samples, which reads no budget)."""
     return [
-        Family(spec.name, spec.type, spec.doc, spec.labels, spec.read(side) if samples else {})
+        Family(
+            spec.name,
+            spec.type,
+            spec.doc,
+            spec.labels,
+            spec.read(side) if samples else {},
+            spec.unit,
+        )
         for spec in SIDE_METRICS
         if spec.shown(side)
     ]

@@ -39,6 +39,7 @@ from kling_exporter.collector import Exposition
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.demo import STANDIN_PATH
 from kling_exporter.fleet import Fleet, InstanceTaken
+from kling_exporter.gateway import Gateway
 from kling_exporter.metrics import Side, side_families
 from kling_exporter.model import ReaderUnavailable
 from kling_exporter.reader import ReaderProcess
@@ -58,18 +59,22 @@ def metrics_handler(
     callbacks: Callbacks,
     account: Account,
     fleet: Fleet,
+    gateway: Gateway,
 ) -> Any:
     """/metrics, compressed when the client asks. Plain-text scrapes that arrive while a
     render is under way share the reader's render; OpenMetrics and ``name[]`` filters are
     rendered for their own request. The families kept on this side (reservations,
-    callbacks, Kling's account) are added to what the reader rendered."""
+    callbacks, Kling's account, the fleet, the gateway) are added to what the reader
+    rendered."""
     under_way: asyncio.Future[tuple[bytes, str]] | None = None
     ours = Exposition(
         lambda: side_families(
-            Side(reservations, statuses(reader, reservations), callbacks, account, fleet)
+            Side(reservations, statuses(reader, reservations), callbacks, account, fleet, gateway)
         ),
         # What there is, without reading usage.
-        lambda: side_families(Side(reservations, [], callbacks, account, fleet), samples=False),
+        lambda: side_families(
+            Side(reservations, [], callbacks, account, fleet, gateway), samples=False
+        ),
         process=False,
     )
 
@@ -231,17 +236,21 @@ def _errors_in_one_shape(headers: dict[str, str]) -> Any:
     return middleware
 
 
-def _protect(logins: Logins) -> Any:
+def _protect(logins: Logins, gateway_prefix: str = "") -> Any:
     """A middleware: HTTP/1.0 at least, credentials where users are configured (not
-    for health, nor for Kling's callbacks, which carry their own token), at most
-    MAX_CONCURRENT_API API requests at once, and the configured headers on answers."""
+    for health, nor for Kling's callbacks, which carry their own token, nor for the
+    gateway, whose producers send Kling's own bearer token, which Kling checks), at
+    most MAX_CONCURRENT_API API requests at once, and the configured headers on
+    answers."""
     api_slots = asyncio.Semaphore(MAX_CONCURRENT_API)
+    open_paths = ("/-/healthy", CALLBACK_PATH)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.version < (1, 0):
             return error_answer(505, "version: HTTP/1.0 or later is needed")
-        if logins.auth.enabled and request.path not in ("/-/healthy", CALLBACK_PATH):
+        gateway = gateway_prefix and request.path.startswith(gateway_prefix + "/")
+        if logins.auth.enabled and not gateway and request.path not in open_paths:
             refused = await logins.verified(request)
             if refused is not None:
                 return refused
@@ -258,10 +267,10 @@ def _protect(logins: Logins) -> Any:
     return middleware
 
 
-def _security_middlewares(web_config: WebConfig | None) -> list[Any]:
+def _security_middlewares(web_config: WebConfig | None, gateway_prefix: str = "") -> list[Any]:
     auth = BasicAuth(web_config.basic_auth_users if web_config else {})
     headers = web_config.http_server_config.headers if web_config else {}
-    return [_errors_in_one_shape(headers), _protect(Logins(auth, headers))]
+    return [_errors_in_one_shape(headers), _protect(Logins(auth, headers), gateway_prefix)]
 
 
 def _credentials(request: web.Request) -> tuple[str | None, str | None]:
@@ -303,7 +312,11 @@ def build_app(
 ) -> web.Application:
     """The HTTP face of ``reader``. Reservations are kept in memory unless given with a
     journal."""
-    app = web.Application(client_max_size=MAX_BODY, middlewares=_security_middlewares(web_config))
+    gateway_config = reader.config.gateway
+    prefix = gateway_config.path_prefix if gateway_config.enabled else ""
+    app = web.Application(
+        client_max_size=MAX_BODY, middlewares=_security_middlewares(web_config, prefix)
+    )
     app[READER] = reader
     held = app[RESERVATIONS] = reservations or Reservations()
     landing = _landing(telemetry_path)
@@ -321,7 +334,11 @@ def build_app(
     app.cleanup_ctx.append(in_background(account.run))
     fleet = app[FLEET] = Fleet(lambda: reader.config, held, reader.view, reader.is_ready)
     app.cleanup_ctx.append(in_background(fleet.run, fleet.stop))
-    handler = metrics_handler(reader, held, callbacks, account, fleet)
+    gateway = Gateway(lambda: reader.config, reader.view, held, fleet, callbacks)
+    if prefix:
+        app.cleanup_ctx.append(gateway.pool)
+        app.router.add_route("*", prefix + "/{tail:.*}", gateway.handle)
+    handler = metrics_handler(reader, held, callbacks, account, fleet, gateway)
     app.router.add_get(telemetry_path, handler)
     app.router.add_post(CALLBACK_PATH, callbacks.handle)
     if standin is not None:  # the demo's own Kling account

@@ -1,13 +1,17 @@
-"""A stand-in for Kling's account API, answering its documented shapes: for the demo,
-which has no Kling account, and for the tests, which never call Kling.
+"""A stand-in for Kling's API, answering its documented shapes: for the demo, which has
+no Kling account, and for the tests and benchmarks, which never call Kling.
 
 It checks the bearer token as Kling does (HS256 with the secret key, ``iss`` the access
-key, ``exp`` and ``nbf``) and answers ``GET .../account/costs`` with its packs; ``mode``
-makes it answer as Kling does when things go wrong."""
+key, ``exp`` and ``nbf``), answers ``GET .../account/costs`` with its packs, creates
+tasks (``POST /v1/videos/<endpoint>``, ``POST /v1/images/<endpoint>``) and answers
+queries of them (``GET /v1/videos/<endpoint>/<task_id>``) in Kling's envelope (``code``,
+``message``, ``request_id``, ``data``). ``mode`` makes the account answer as Kling does
+when things go wrong, ``task_mode`` the task endpoints."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -15,6 +19,18 @@ import jwt
 from aiohttp import web
 
 MODES = ("ok", "empty", "unauthorized", "rate_limited", "server_error", "slow", "malformed")
+# How the task endpoints answer: as Kling does when all is well, when the key is wrong
+# (401, code 1004), when the account's packs are used up (429, 1102), when requests come
+# too fast (429, 1302), on an internal error (500, 5000); ``slow`` answers after
+# ``task_delay`` (the task is created first, as a slow Kling creates it), ``drop`` closes
+# the connection without an answer.
+TASK_MODES = ("ok", "unauthorized", "no_credits", "rate_limited", "server_error", "slow", "drop")
+_TASK_ERRORS = {
+    "unauthorized": (401, 1004, "Authorization is invalid"),
+    "no_credits": (429, 1102, "Account balance is not enough"),
+    "rate_limited": (429, 1302, "The API request is too fast, please slow down"),
+    "server_error": (500, 5000, "Server internal error"),
+}
 
 
 def demo_packs(now: float) -> list[dict[str, Any]]:
@@ -54,6 +70,85 @@ class KlingStandIn:
         self.slow_seconds = 2.0  # past the exporter's timeout when it is made short
         self.requests: list[float] = []  # monotonic times of every request
         self.refused: list[str] = []  # why tokens were refused
+        self.task_mode = "ok"
+        self.task_delay = 0.0  # seconds before a create answers in "slow" mode
+        self.finish_after = 0.0  # seconds from creation until a task has succeeded
+        self.credits = 10.0  # what a finished task is charged (final_unit_deduction)
+        self.tasks: dict[str, dict[str, Any]] = {}  # task_id -> the task, as queried
+        self.created: list[dict[str, Any]] = []  # the body of every task created
+        self._ids = itertools.count(1)
+
+    def token(self, now: float | None = None) -> str:
+        """A bearer token as a producer signs it with this stand-in's keys."""
+        now = time.time() if now is None else now
+        claims = {"iss": self.access_key, "exp": int(now) + 1800, "nbf": int(now) - 5}
+        return jwt.encode(claims, self.secret_key, algorithm="HS256")
+
+    def _answer(self, status: int, code: int, message: str, data: Any = None) -> web.Response:
+        body = {"code": code, "message": message, "request_id": f"standin-{next(self._ids)}"}
+        if data is not None:
+            body["data"] = data
+        return web.json_response(body, status=status)
+
+    def _failure(self, request: web.Request) -> web.Response | None:
+        """The error answer the token or ``task_mode`` calls for, or None."""
+        refused = self.check_token(request)
+        if refused is not None:
+            self.refused.append(refused)
+            return self._answer(401, 1004, "Authorization is invalid")
+        if self.task_mode in _TASK_ERRORS:
+            return self._answer(*_TASK_ERRORS[self.task_mode])
+        return None
+
+    async def create_task(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(time.monotonic())
+        failed = self._failure(request)
+        if failed is not None:
+            return failed
+        try:
+            body = await request.json()
+        except ValueError:
+            return self._answer(400, 1200, "Invalid request parameters")
+        if not isinstance(body, dict):
+            return self._answer(400, 1200, "Invalid request parameters")
+        now = int(time.time() * 1000)
+        task_id = f"kt-{next(self._ids)}"
+        task: dict[str, Any] = {
+            "task_id": task_id,
+            "task_status": "submitted",
+            "created_at": now,
+            "updated_at": now,
+        }
+        external = body.get("external_task_id")
+        if external:
+            task["task_info"] = {"external_task_id": external}
+        self.tasks[task_id] = task
+        self.created.append(body)
+        if self.task_mode == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()  # never sent: the connection is gone
+        if self.task_mode == "slow":
+            await asyncio.sleep(self.task_delay)
+        return self._answer(200, 0, "SUCCEED", dict(task))
+
+    async def query_task(self, request: web.Request) -> web.Response:
+        self.requests.append(time.monotonic())
+        failed = self._failure(request)
+        if failed is not None:
+            return failed
+        task = self.tasks.get(request.match_info["task_id"])
+        if task is None:
+            return self._answer(404, 1203, "Task does not exist")
+        now = int(time.time() * 1000)
+        if (
+            task["task_status"] == "submitted"
+            and now >= task["created_at"] + self.finish_after * 1000
+        ):
+            task.update(
+                task_status="succeed", updated_at=now, final_unit_deduction=str(self.credits)
+            )
+        return self._answer(200, 0, "SUCCEED", dict(task))
 
     def check_token(self, request: web.Request) -> str | None:
         """Why the bearer token is refused, or None."""
@@ -114,3 +209,6 @@ class KlingStandIn:
 
     def routes(self, app: web.Application, prefix: str = "") -> None:
         app.router.add_get(prefix + "/account/costs", self.costs)
+        for kind in ("videos", "images"):
+            app.router.add_post(f"{prefix}/v1/{kind}/{{endpoint}}", self.create_task)
+            app.router.add_get(f"{prefix}/v1/{kind}/{{endpoint}}/{{task_id}}", self.query_task)

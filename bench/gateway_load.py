@@ -1,0 +1,211 @@
+"""What the gateway adds to a producer's call to Kling, measured on loopback.
+
+The stand-in of Kling's API runs in a process of its own; the real exporter (its HTTP
+process and its reader) serves the gateway in front of it, with a budget that matches
+every request, so each create request takes a reservation fsynced to its journal and
+each task accepted is fsynced to the exporter's journal before the producer is answered.
+An open-loop load (requests sent at a fixed rate whatever the answers do; latency counted
+from when each request was due, so a stall is not hidden) calls the stand-in directly,
+then through the gateway, for create requests and then for queries.
+
+    python bench/gateway_load.py                      # 500 requests/s for 10 s each
+    python bench/gateway_load.py --rate 200 --duration 5 --json gateway.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+from aiohttp import web
+from kling_exporter.standin import KlingStandIn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.web_load import ROOT, free_port, percentile
+
+ACCESS = "AK-bench-access"
+SECRET = "SK-bench-secret-0123456789abcdef"  # noqa: S105 - the stand-in's own key
+BODY = {"model_name": "kling-v2-6", "mode": "std", "duration": "5", "prompt": "a fox in snow"}
+
+
+def serve_standin(port: int) -> None:
+    """The stand-in alone, until killed (run as ``--standin PORT``)."""
+    standin = KlingStandIn(ACCESS, SECRET, [])
+    app = web.Application()
+    standin.routes(app)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def wait_for(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - loopback
+                return
+        except OSError as e:
+            if getattr(e, "code", None) is not None:
+                return  # an HTTP answer, even an error: it serves
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def start(workdir: Path, upstream: str, port: int) -> subprocess.Popen[bytes]:
+    config = {
+        "logs": {"paths": [str(workdir / "logs" / "kling-*.jsonl")], "poll_interval": "100ms"},
+        "state": {"path": str(workdir / "bench.state")},
+        "budgets": [{"name": "bench", "project": "bench", "limit_credits": 1e11}],
+        "gateway": {"enabled": True, "upstream": upstream},
+    }
+    path = workdir / "config.yml"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "exporter")}
+    cmd = [sys.executable, "-m", "kling_exporter", "serve", "--config.file", str(path)]
+    cmd += ["--web.listen-address", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(f"http://127.0.0.1:{port}/-/ready")
+    return proc
+
+
+async def open_loop(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: bytes | None,
+    rate: float,
+    duration: float,
+) -> dict[str, Any]:
+    """``rate`` requests a second for ``duration`` seconds, each sent when due; the
+    latency of each from when it was due until its answer was read."""
+    latencies: list[float] = []
+    failures = 0
+
+    async def one(due: float) -> None:
+        nonlocal failures
+        try:
+            async with session.request(method, url, headers=headers, data=body) as answer:
+                await answer.read()
+                if answer.status != 200:
+                    failures += 1
+        except aiohttp.ClientError:
+            failures += 1
+        latencies.append(time.perf_counter() - due)
+
+    start = time.perf_counter()
+    tasks = []
+    for i in range(int(rate * duration)):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(due)))
+    await asyncio.gather(*tasks)
+    return {
+        "requests": len(latencies),
+        "failures": failures,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+    }
+
+
+async def measure(standin: str, gateway: str, rate: float, duration: float) -> dict[str, Any]:
+    now = int(time.time())
+    token = jwt.encode({"iss": ACCESS, "exp": now + 1800, "nbf": now - 5}, SECRET, "HS256")
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "application/json",
+        "X-Kling-Project": "bench",
+    }
+    body = json.dumps(BODY).encode()
+    out: dict[str, Any] = {}
+    connector = aiohttp.TCPConnector(limit=512)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # One task to query, finished at once by the stand-in.
+        async with session.post(f"{standin}/v1/videos/text2video", headers=headers, data=body) as r:
+            task_id = (await r.json())["data"]["task_id"]
+        for route, method, path, data in (
+            ("create", "POST", "/v1/videos/text2video", body),
+            ("query", "GET", f"/v1/videos/text2video/{task_id}", None),
+        ):
+            # A short warm-up of each, so neither side pays for its first connections.
+            for base in (standin, gateway):
+                await open_loop(session, method, base + path, headers, data, rate, 1.0)
+            direct = await open_loop(session, method, standin + path, headers, data, rate, duration)
+            through = await open_loop(
+                session, method, gateway + path, headers, data, rate, duration
+            )
+            out[route] = {
+                "direct": direct,
+                "gateway": through,
+                "added_p50_ms": through["p50_ms"] - direct["p50_ms"],
+                "added_p99_ms": through["p99_ms"] - direct["p99_ms"],
+            }
+    return out
+
+
+def run(rate: float = 500, duration: float = 10) -> dict[str, Any]:
+    standin_port, exporter_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "exporter")}
+    standin = subprocess.Popen(
+        [sys.executable, __file__, "--standin", str(standin_port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    standin_url = f"http://127.0.0.1:{standin_port}"
+    try:
+        wait_for(standin_url + "/v1/videos/text2video/none")
+        with tempfile.TemporaryDirectory() as tmp:
+            exporter = start(Path(tmp), standin_url, exporter_port)
+            try:
+                gateway = f"http://127.0.0.1:{exporter_port}/kling"
+                result = asyncio.run(measure(standin_url, gateway, rate, duration))
+            finally:
+                exporter.terminate()
+                exporter.wait(20)
+    finally:
+        standin.terminate()
+        standin.wait(10)
+    return {"rate": rate, "duration": duration, "cpus": os.cpu_count(), **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=500, help="requests a second")
+    parser.add_argument("--duration", type=float, default=10, help="seconds of each run")
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--standin", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.standin:
+        serve_standin(args.standin)
+        return
+    result = run(args.rate, args.duration)
+    print(f"{result['rate']:g} requests/s for {result['duration']:g} s, {result['cpus']} CPUs")
+    for route in ("create", "query"):
+        row = result[route]
+        for side in ("direct", "gateway"):
+            r = row[side]
+            print(
+                f"{route:6} {side:8} p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms"
+                f"  ({r['requests']} requests, {r['failures']} failed)"
+            )
+        added = f"p50 {row['added_p50_ms']:7.2f} ms  p99 {row['added_p99_ms']:7.2f} ms"
+        print(f"{route:6} added    {added}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

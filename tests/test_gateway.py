@@ -1,0 +1,494 @@
+"""The gateway: producers call Kling through the exporter, and no task over budget
+reaches Kling. Real exporter processes and sockets against a local stand-in of Kling's
+create and query endpoints; nothing calls the real service."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import http.client
+import json
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kling_exporter.config import ConfigError, parse_config
+from kling_exporter.gateway import priced, route_of
+from kling_exporter.standin import KlingStandIn
+
+from tests.helpers import DaemonProcess, by_name, free_port, value, wait_until
+from tests.redis_server import RedisServer
+
+ACCESS = "AK-gateway-access-key-5b1e"
+SECRET = "SK-gateway-secret-key-0c44d-0123456789"  # noqa: S105 - the stand-in's own key
+CREATE = "/kling/v1/videos/text2video"
+# Default pricing: a standard 5 s video is 10 credits.
+VIDEO = {"model_name": "kling-v2-6", "mode": "std", "duration": "5", "prompt": "a fox in snow"}
+
+
+def config(upstream: str, extra: str = "") -> str:
+    return f"""
+logs: {{paths: ["logs/kling-*.jsonl"], poll_interval: 100ms}}
+state: {{path: gw.state, interval: 1s}}
+budgets:
+  - {{name: crowd, project: crowd, period: monthly, limit_credits: 100}}
+  - {{name: errors, project: errors, period: monthly, limit_credits: 1000000}}
+  - {{name: killed, project: killed, period: monthly, limit_credits: 1000000}}
+gateway:
+  enabled: true
+  upstream: {upstream}
+  timeout: 1s
+  projects_by_access_key: {{{ACCESS}: mapped}}
+  inject_callback_url: https://exporter.example/api/v1/kling/callback?token=0123456789abcdef
+{extra}
+"""
+
+
+@pytest.fixture(scope="module")
+def kling() -> Iterator[tuple[KlingStandIn, str]]:
+    """The stand-in on a loopback port of its own, served from a thread."""
+    standin = KlingStandIn(ACCESS, SECRET, [])
+    app = web.Application()
+    standin.routes(app)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield standin, f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.run_until_complete(runner.cleanup())
+    loop.close()
+
+
+@pytest.fixture(autouse=True)
+def well(kling: tuple[KlingStandIn, str]) -> None:
+    """Each test starts with the stand-in answering promptly."""
+    kling[0].task_mode = "ok"
+    kling[0].task_delay = 0.0
+
+
+@pytest.fixture(scope="module")
+def exporter(
+    kling: tuple[KlingStandIn, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DaemonProcess]:
+    """One exporter with the gateway for the tests that do not stop it."""
+    workdir = tmp_path_factory.mktemp("gateway")
+    daemon = DaemonProcess(workdir, config(kling[1]))
+    daemon.start()
+    yield daemon
+    daemon.stop()
+
+
+def call(
+    daemon: DaemonProcess,
+    body: Any,
+    project: str | None = None,
+    token: str | None = None,
+    path: str = CREATE,
+    method: str = "POST",
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """A producer's request through the gateway: status, JSON answer, headers."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if project is not None:
+        headers["X-Kling-Project"] = project
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    try:
+        conn.request(method, path, body=data if method == "POST" else None, headers=headers)
+        answer = conn.getresponse()
+        raw = answer.read()
+        return answer.status, json.loads(raw) if raw else {}, dict(answer.getheaders())
+    finally:
+        conn.close()
+
+
+def journal(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    path = daemon.workdir / "logs" / "kling-callbacks.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(text) for text in path.read_text().splitlines()]
+
+
+def submitted(daemon: DaemonProcess, project: str) -> list[dict[str, Any]]:
+    return [
+        e for e in journal(daemon) if e["event"] == "task_submitted" and e["project"] == project
+    ]
+
+
+def budget(daemon: DaemonProcess, name: str) -> dict[str, Any]:
+    status, raw = daemon.get("/api/v1/budgets")
+    assert status == 200, raw
+    found: dict[str, Any] = next(b for b in json.loads(raw)["budgets"] if b["name"] == name)
+    return found
+
+
+def committed(row: dict[str, Any]) -> float:
+    return float(row["used_credits"] + row["in_flight_credits"] + row["reserved_credits"])
+
+
+def test_concurrent_producers_never_commit_more_than_the_budget(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess
+) -> None:
+    """64 producers at once against room for exactly 10 tasks: 10 reach Kling, 54 are
+    refused in Kling's shape, and the budget commits exactly 10 tasks."""
+    standin = kling[0]
+    token = standin.token()
+    before = len(standin.created)
+    start = threading.Barrier(64)
+
+    def produce(i: int) -> tuple[int, dict[str, Any], dict[str, str]]:
+        start.wait()
+        return call(exporter, {**VIDEO, "external_task_id": f"crowd-{i}"}, "crowd", token)
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(produce, range(64)))
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses == [200] * 10 + [429] * 54
+    assert len(standin.created) - before == 10
+    for status, body, headers in answers:
+        if status == 429:
+            assert body["code"] == 1102 and body["request_id"], body
+            assert "'crowd'" in body["message"] and "%" in body["message"], body
+            assert headers["X-Budget-Refused-By"] == "crowd"
+        else:
+            assert body["code"] == 0 and body["data"]["task_id"].startswith("kt-"), body
+    assert committed(budget(exporter, "crowd")) == 100
+    # Once the reader has read the journal, the holds have become tasks in flight.
+    wait_until(lambda: budget(exporter, "crowd")["reserved_credits"] == 0)
+    row = budget(exporter, "crowd")
+    assert committed(row) == 100 and row["in_flight_credits"] == 100, row
+    assert sorted(e["task_id"] for e in submitted(exporter, "crowd")) == sorted(
+        body["data"]["task_info"]["external_task_id"] for s, body, _ in answers if s == 200
+    )
+    series = exporter.metrics()
+    assert value(series, "kling_gateway_requests_total", route="create", outcome="refused") == 54
+    assert (
+        value(
+            series,
+            "kling_tasks_submitted_total",
+            project="crowd",
+            model="kling-v2-6",
+            mode="standard",
+        )
+        == 10
+    )
+
+
+def test_a_producer_that_goes_away_still_has_its_task_journalled_once(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess
+) -> None:
+    standin = kling[0]
+    standin.task_mode, standin.task_delay = "slow", 0.5
+    before = len(standin.created)
+    body = json.dumps({**VIDEO, "external_task_id": "gone-1"}).encode()
+    head = (
+        f"POST {CREATE} HTTP/1.1\r\nHost: x\r\nX-Kling-Project: free\r\n"
+        f"Authorization: Bearer {standin.token()}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", exporter.port), timeout=5) as producer:
+        producer.sendall(head + body)
+        wait_until(lambda: len(standin.created) > before, timeout=5)
+    # Gone before Kling answered; the gateway journals the task all the same.
+    wait_until(lambda: [e for e in submitted(exporter, "free") if e["task_id"] == "gone-1"])
+    time.sleep(0.7)
+    lines = [e for e in submitted(exporter, "free") if e["task_id"] == "gone-1"]
+    assert len(lines) == 1, lines
+    assert lines[0]["kling_task_id"].startswith("kt-") and lines[0]["mode"] == "standard"
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "code"),
+    [
+        ("server_error", 500, 5000),
+        ("unauthorized", 401, 1004),
+        ("no_credits", 429, 1102),
+        ("rate_limited", 429, 1302),
+        ("slow", 504, 5002),
+        ("drop", 502, 5001),
+    ],
+)
+def test_a_kling_error_or_transport_failure_releases_the_hold(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess, mode: str, status: int, code: int
+) -> None:
+    standin = kling[0]
+    standin.task_mode, standin.task_delay = mode, 1.5  # past the gateway's timeout of 1s
+    external = f"err-{mode}"
+    token = standin.token()
+    got, body, _ = call(exporter, {**VIDEO, "external_task_id": external}, "errors", token)
+    if mode in ("slow", "drop"):  # the gateway's own answer, in Kling's shape
+        assert body["code"] == code and body["request_id"].startswith("gateway-"), body
+    else:  # Kling's answer, passed on as it was
+        assert body["code"] == code and body["request_id"].startswith("standin-"), body
+    assert got == status
+    row = budget(exporter, "errors")
+    assert row["reserved_credits"] == 0 and committed(row) == 0, row
+    assert not [e for e in submitted(exporter, "errors") if e["task_id"] == external]
+    outcome = "transport_error" if mode in ("slow", "drop") else "upstream_error"
+    assert (
+        value(exporter.metrics(), "kling_gateway_requests_total", route="create", outcome=outcome)
+        >= 1
+    )
+
+
+def test_a_finished_task_seen_by_a_query_is_journalled_once(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess
+) -> None:
+    standin = kling[0]
+    token = standin.token()
+    status, body, _ = call(exporter, {**VIDEO, "external_task_id": "q-1"}, "free", token)
+    assert status == 200, body
+    kling_id = body["data"]["task_id"]
+    for _ in range(3):
+        got, answer, _ = call(
+            exporter, None, token=token, path=f"{CREATE}/{kling_id}", method="GET"
+        )
+        assert got == 200 and answer["data"]["task_status"] == "succeed", answer
+    lines = [
+        e for e in journal(exporter) if e["event"] == "task_completed" and e["task_id"] == "q-1"
+    ]
+    assert len(lines) == 1, lines
+    assert lines[0]["credits_used"] == standin.credits and lines[0]["kling_task_id"] == kling_id
+    wait_until(
+        lambda: (
+            value(
+                exporter.metrics(),
+                "kling_tasks_completed_total",
+                project="free",
+                model="kling-v2-6",
+                status="succeed",
+            )
+            >= 1
+        )
+    )
+
+
+def test_the_project_comes_from_the_header_else_the_access_key(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess
+) -> None:
+    token = kling[0].token()  # its iss is mapped to the project "mapped"
+    assert call(exporter, {**VIDEO, "external_task_id": "p-1"}, None, token)[0] == 200
+    assert call(exporter, {**VIDEO, "external_task_id": "p-2"}, "named", token)[0] == 200
+    projects = {e["task_id"]: e["project"] for e in journal(exporter) if e["task_id"][:2] == "p-"}
+    assert projects == {"p-1": "mapped", "p-2": "named"}
+    status, body, _ = call(exporter, VIDEO, None, "not-a-jwt")
+    assert status == 400 and body["code"] == 1201, body
+    assert body["message"].startswith("project:") and "X-Kling-Project" in body["message"]
+    assert set(body) == {"code", "message", "request_id"}
+    assert token not in exporter.output() and ACCESS not in exporter.output()
+
+
+def test_a_create_body_over_64_kib_is_413_and_reaches_no_one(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess
+) -> None:
+    before = len(kling[0].created)
+    large = {**VIDEO, "prompt": "x" * (64 * 1024)}
+    status, body, _ = call(exporter, large, "free", kling[0].token())
+    assert status == 413 and body["code"] == 1201 and body["message"].startswith("body:"), body
+    assert len(kling[0].created) == before
+
+
+def test_the_callback_url_is_injected_only_where_none_is_given(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess
+) -> None:
+    standin = kling[0]
+    own = "https://producer.example/done"
+    call(exporter, {**VIDEO, "external_task_id": "cb-1"}, "free", standin.token())
+    call(
+        exporter,
+        {**VIDEO, "external_task_id": "cb-2", "callback_url": own},
+        "free",
+        standin.token(),
+    )
+    sent = {b["external_task_id"]: b["callback_url"] for b in standin.created[-2:]}
+    assert sent["cb-2"] == own
+    assert sent["cb-1"].startswith("https://exporter.example/api/v1/kling/callback?token=")
+
+
+def test_other_requests_pass_through_unchanged(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess
+) -> None:
+    standin = kling[0]
+    path = "/account/costs?start_time=1&end_time=2"
+    headers = {"Authorization": f"Bearer {standin.token()}"}
+    conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=10)
+    conn.request("GET", "/kling" + path, headers=headers)
+    through = conn.getresponse()
+    assert through.status == 200 and json.loads(through.read())["code"] == 0
+    conn.request("GET", "/kling/v1/nowhere", headers=headers)
+    missing = conn.getresponse()
+    assert missing.status == 404 and missing.read() == b"404: Not Found"  # aiohttp's own
+    conn.close()
+    series = exporter.metrics()
+    assert value(series, "kling_gateway_requests_total", route="other", outcome="forwarded") >= 1
+    assert by_name(series, "kling_gateway_upstream_duration_seconds_count")
+
+
+# Any JSON value, and objects with the fields the gateway prices.
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+FIELDS = ("model_name", "mode", "duration", "sound", "n", "external_task_id", "callback_url")
+BODIES = JSON | st.dictionaries(
+    st.sampled_from(FIELDS),
+    JSON
+    | st.sampled_from(["std", "pro", "5", "10", "on", "off", "kling-v2-6", 5, 10, "", "x" * 200]),
+    max_size=6,
+)
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=BODIES)
+def test_any_create_body_gets_2xx_or_4xx_naming_the_bad_field(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess, body: Any
+) -> None:
+    raw = json.dumps(body, allow_nan=True).encode()
+    status, answer, _ = call(exporter, raw, "free", kling[0].token())
+    assert status < 500, (status, answer)
+    if status == 400:
+        field = answer["message"].split(":", 1)[0]
+        assert field == "body" or field in FIELDS, answer
+
+
+def test_the_pricing_input_is_read_as_kling_documents_it() -> None:
+    asked = priced(
+        {"model_name": "kling-v2-6", "mode": "pro", "duration": "10", "sound": "on"}, "video"
+    )
+    assert asked.req == ("kling-v2-6", "professional", 10, True, "video") and asked.tasks == 1
+    assert priced({"n": 4}, "image").tasks == 4 and priced({"n": 4}, "video").tasks == 1
+    with pytest.raises(ValueError, match=r"^duration: "):
+        priced({"duration": "five"}, "video")
+    assert route_of("POST", "/v1/images/generations") == "create"
+    assert route_of("GET", "/v1/videos/text2video/kt-1") == "query"
+    assert route_of("GET", "/account/costs") == "other"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error"),
+    [
+        ("path_prefix", "/api/kling", "gateway.path_prefix: '/api/kling' is a path"),
+        ("path_prefix", "kling/", "gateway.path_prefix: expected a path"),
+        ("upstream", "api.klingai.com", "gateway.upstream: expected an http(s) URL"),
+        ("timeout", "0s", "gateway.timeout: expected 1s to 10m"),
+        ("project_header", "X Project", "gateway.project_header: expected an HTTP header"),
+        ("default_project", "x" * 200, "gateway.default_project: expected up to 128"),
+    ],
+)
+def test_a_bad_gateway_setting_is_refused_naming_its_key(key: str, value: Any, error: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(error)):
+        parse_config({"gateway": {key: value}})
+
+
+def test_kill_9_loses_no_task_the_producer_was_told_of_and_counts_none_twice(
+    kling: tuple[KlingStandIn, str], tmp_path: Path
+) -> None:
+    standin, base = kling
+    standin.task_mode, standin.task_delay = "slow", 0.3
+    daemon = DaemonProcess(tmp_path, config(base)).start()
+    before = len(standin.created)
+    token = standin.token()
+
+    def produce(i: int) -> str | None:
+        time.sleep(i * 0.05)  # one after another, so that the kill finds each stage
+        try:
+            status, body, _ = call(daemon, {**VIDEO, "external_task_id": f"k-{i}"}, "killed", token)
+        except (OSError, http.client.HTTPException):
+            return None  # the exporter died before answering
+        return f"k-{i}" if status == 200 and body["code"] == 0 else None
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(produce, i) for i in range(24)]
+        # Some answered, some with Kling, some not yet sent.
+        wait_until(lambda: len(standin.created) - before >= 14, timeout=10)
+        daemon.send(signal.SIGKILL)
+        told = {f.result() for f in futures} - {None}
+    daemon.stop()
+    assert told, "no producer was told of a task before the kill"
+    standin.task_mode = "ok"
+    daemon.start()
+    ids = [e["task_id"] for e in submitted(daemon, "killed")]
+    assert len(ids) == len(set(ids)) and told <= set(ids), (told, ids)
+
+    def counted() -> float:
+        return sum(by_name(daemon.metrics(), "kling_tasks_submitted_total").values())
+
+    wait_until(lambda: counted() == len(ids))
+    time.sleep(0.5)
+    assert counted() == len(ids)
+    daemon.stop()
+
+
+def test_a_fleet_of_gateways_never_commits_more_than_the_budget(
+    kling: tuple[KlingStandIn, str], tmp_path: Path
+) -> None:
+    """Two exporters sharing budgets through a real redis-server: 32 producers split
+    between their gateways against room for exactly 10 tasks fleet-wide."""
+    standin, base = kling
+    redis = RedisServer(tmp_path / "redis").start()
+    daemons: list[DaemonProcess] = []
+    try:
+        for name in ("east", "west"):
+            fleet = (
+                f"fleet: {{redis_url: '{redis.url}', instance: {name}, publish_interval: 200ms}}"
+            )
+            (tmp_path / name).mkdir()
+            daemons.append(DaemonProcess(tmp_path / name, config(base, fleet)).start())
+
+        def settled(d: DaemonProcess) -> bool:
+            described = json.loads(d.get("/api/v1/budgets")[1])["fleet"]
+            return bool(described["up"] and described["settled"] and described["instances"] == 2)
+
+        for d in daemons:
+            wait_until(functools.partial(settled, d), timeout=20)
+        before = len(standin.created)
+        token = standin.token()
+        start = threading.Barrier(32)
+
+        def produce(i: int) -> int:
+            start.wait()
+            body = {**VIDEO, "external_task_id": f"fleet-{i}"}
+            return call(daemons[i % 2], body, "crowd", token)[0]
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            statuses = sorted(pool.map(produce, range(32)))
+        assert statuses == [200] * 10 + [429] * 22
+        assert len(standin.created) - before == 10
+        assert sum(len(submitted(d, "crowd")) for d in daemons) == 10
+        assert committed(budget(daemons[0], "crowd")) == 100
+    finally:
+        for d in daemons:
+            d.stop()
+        redis.stop()
+
+
+def test_a_prefix_sent_percent_encoded_still_reaches_the_upstream(
+    kling: tuple[KlingStandIn, str], exporter: DaemonProcess
+) -> None:
+    """``/%6Bling/...`` is ``/kling/...``: what follows the prefix goes to the configured
+    upstream, never glued to its host."""
+    headers = {"Authorization": f"Bearer {kling[0].token()}"}
+    conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=10)
+    conn.request("GET", "/%6Bling/account/costs?start_time=1&end_time=2", headers=headers)
+    answer = conn.getresponse()
+    assert answer.status == 200 and json.loads(answer.read())["code"] == 0
+    conn.close()
