@@ -70,9 +70,10 @@ lint: $(BIN)/.installed-dev
 typecheck: $(BIN)/.installed-dev
 	$(BIN)/mypy
 
-## unit: the test suite alone
+## unit: the test suite alone, four tests at a time (PYTEST_WORKERS=0 runs them one by one)
+PYTEST_WORKERS ?= 4
 unit: $(BIN)/.installed-dev tools
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 ## test-fast: the in-process tests alone (about 30 s; no Prometheus, Redis or exporter process)
 test-fast: $(BIN)/.installed-dev
