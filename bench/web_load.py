@@ -54,8 +54,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECTS, MODELS, BUDGETS = 1000, 5, 500
 PASSWORD = "bench-password"  # noqa: S105 - a benchmark's own user
 TASK = {"project": "p7", "model": "kling-v2-6", "mode": "std", "duration": 5}
-# Holds expire soon enough that a 15 s flood stays far below the cap on live holds.
-RESERVE_TTL = "10s"
+# Holds expire within seconds, and the cap on live holds is raised, so that a flood of
+# thousands of grants a second is never refused (a refusal is a cheaper answer).
+RESERVE_TTL = "5s"
+MAX_LIVE = 200_000
 CONNECTIONS, THREADS = 16, 2
 LIVE_TASKS_PER_S = 1000
 
@@ -204,6 +206,7 @@ def start(workdir: Path, port: int, web_config: Path | None = None) -> subproces
         # A state file, so that reservations are journalled and fsynced as in production.
         "state": {"path": str(workdir / "state" / "bench.state")},
         "labels": {"max_projects": PROJECTS + 100},
+        "reservations": {"max_live": MAX_LIVE},
         "budgets": [
             {"name": f"b{i}", "project": f"p{i}", "period": "monthly", "limit_credits": 10**9}
             for i in range(BUDGETS)
@@ -300,6 +303,7 @@ async def checks(
 
         await asyncio.gather(*(worker() for _ in range(connections)))
     result = summary(latencies[mine:], time.monotonic() - began)
+    result["seconds"] = time.monotonic() - began
     result["refused"] = refused
     return result
 
@@ -339,7 +343,9 @@ async def wrk(
     for raw in out.decode().splitlines():
         if raw.startswith("WRK "):
             r: dict[str, float] = json.loads(raw[4:])
-            r["per_s"] = r["requests"] / r["seconds"]
+            # Answered as asked, a second (200 for a check, 201 for a grant: "unexpected"
+            # counts every other answer to a reservation, non-2xx ones included).
+            r["per_s"] = (r["requests"] - max(r["non_2xx"], r["unexpected"])) / r["seconds"]
             r["samples"] = r["requests"]
             return r
     raise RuntimeError(f"wrk gave no summary: {out.decode()} {err.decode()}")
@@ -604,8 +610,8 @@ def table(r: dict[str, Any]) -> str:
         if v is None:
             continue
         rate = f"({v['samples']} scrapes)" if key.startswith("scrape") else f"{v['per_s']:,.0f}"
-        if key == "check_backlog" and not v.get("backlog_read", True):
-            label = f"{label} (flood outlasted it)"  # noqa: PLW2901
+        if key == "check_backlog" and v.get("backlog_read"):
+            label = f"{label} (cut at {v['seconds']:.0f} s)"  # noqa: PLW2901
         cells = (f"{v['p50_ms']:.1f} ms", f"{v['p99_ms']:.1f} ms", f"{v['max_ms']:.1f} ms")
         rows.append((label, rate, *cells, target.text, "yes" if target.met(v) else "no"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
