@@ -215,6 +215,7 @@ def start(workdir: Path, port: int, web_config: Path | None = None) -> subproces
     (workdir / "state").mkdir(exist_ok=True)
     path = workdir / "bench-http.yml"
     path.write_text(json.dumps(config))
+    package, given = str(ROOT / "exporter"), os.environ.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "kling_exporter", "serve", "--config.file", str(path)]
     cmd += ["--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warn"]
     if web_config is not None:
@@ -222,7 +223,8 @@ def start(workdir: Path, port: int, web_config: Path | None = None) -> subproces
     return subprocess.Popen(
         cmd,
         cwd=workdir,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "exporter")},
+        # This checkout's package first; a PYTHONPATH given to the benchmark after it.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package, given]))},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -352,13 +354,22 @@ async def wrk(
 
 
 class Profiler:
-    """py-spy sampling the HTTP process over a row, when asked (--profile DIR)."""
+    """Each row's span (wall-clock times, to line up with what the daemon logs), and
+    py-spy sampling the HTTP process over it when asked (--profile DIR)."""
 
     def __init__(self, folder: Path | None, pid: int) -> None:
         self.folder, self.pid = folder, pid
         self.spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        self.spans: dict[str, tuple[float, float]] = {}
 
     async def during(self, name: str, work: Awaitable[Any]) -> Any:
+        began = time.time()
+        try:
+            return await self._sampled(name, work)
+        finally:
+            self.spans[name] = (began, time.time())
+
+    async def _sampled(self, name: str, work: Awaitable[Any]) -> Any:
         if self.folder is None:
             return await work
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -531,6 +542,7 @@ async def measure(
             out["backlog_seconds"] = time.monotonic() - began
             out["scrape_backlog"] = summary(bench.scrapes, out["backlog_seconds"])
             out["load_after"] = os.getloadavg()
+            out["spans"] = spy.spans
     finally:
         if writer is not None:
             writer.kill()
