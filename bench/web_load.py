@@ -17,9 +17,9 @@ ids) when it is installed, and an aiohttp client otherwise. With ``--profile DIR
 row is also sampled with py-spy in the HTTP process and the top frames are printed.
 An authenticated scrape under a flood of wrong passwords is measured after the table.
 
-    python bench/web_load.py                 # 15 s a row, a backlog of 1,500,000 lines
-    python bench/web_load.py --quick         # 5 s a row, 500,000 lines: about 2 minutes
-    python bench/web_load.py --json web.json --profile /tmp/profiles
+    python bench/web_load.py                 # 15 s a row, 1,500,000 lines: about 2 minutes
+    python bench/web_load.py --quick         # 5 s a row, 500,000 lines: under a minute
+    python bench/web_load.py --json web.json --profile DIR
 
 bench/run.py calls ``run`` for its HTTP rows; bench/fleet_load.py uses ``checks``.
 """
