@@ -271,6 +271,7 @@ async def checks(
     ids: str = "bench",
     latencies: list[float] | None = None,
     stop: asyncio.Event | None = None,
+    ttl: str = "1m",
 ) -> dict[str, float]:
     """The aiohttp client: requests per second answered 200 (201 for reservations), and
     their latency (each also added to ``latencies``), for ``seconds`` or until ``stop``.
@@ -291,9 +292,7 @@ async def checks(
             while time.monotonic() < deadline and not (stop and stop.is_set()):
                 sent += 1
                 body = json.dumps(
-                    {**TASK, "id": f"{ids}-{connections}-{sent}", "ttl": RESERVE_TTL}
-                    if ok == 201
-                    else TASK
+                    {**TASK, "id": f"{ids}-{connections}-{sent}", "ttl": ttl} if ok == 201 else TASK
                 )
                 start = time.perf_counter()
                 async with session.post(base + path, data=body) as r:
@@ -440,7 +439,9 @@ class Bench:
             return await wrk(self.wrk, self.base, self.workdir, reserve, self.rows_s, stop)
         path = "/api/v1/reservations" if reserve else "/api/v1/check"
         ids = f"py-{time.monotonic_ns()}"
-        return await checks(self.base, CONNECTIONS, self.rows_s, path, ids, stop=stop)
+        return await checks(
+            self.base, CONNECTIONS, self.rows_s, path, ids, stop=stop, ttl=RESERVE_TTL
+        )
 
     async def scraper(self, session: aiohttp.ClientSession, until: asyncio.Event) -> None:
         """A scrape every second into ``self.scrapes``, noting the lines read."""
