@@ -271,12 +271,14 @@ async def checks(
     ids: str = "bench",
     latencies: list[float] | None = None,
     stop: asyncio.Event | None = None,
-    ttl: str = "1m",
 ) -> dict[str, float]:
     """The aiohttp client: requests per second answered 200 (201 for reservations), and
     their latency (each also added to ``latencies``), for ``seconds`` or until ``stop``.
     A reservation names a new id each time (``ids`` and a number), so every one is a
-    grant written to the journal and fsynced."""
+    grant written to the journal and fsynced; ``ids`` may end in ``@TTL`` (``x@5s``)
+    for holds shorter than a minute."""
+    ids, _, ttl = ids.partition("@")
+    ttl = ttl or "1m"
     ok = 201 if path.endswith("reservations") else 200
     latencies = [] if latencies is None else latencies
     mine = len(latencies)
@@ -438,10 +440,8 @@ class Bench:
         if self.wrk is not None:
             return await wrk(self.wrk, self.base, self.workdir, reserve, self.rows_s, stop)
         path = "/api/v1/reservations" if reserve else "/api/v1/check"
-        ids = f"py-{time.monotonic_ns()}"
-        return await checks(
-            self.base, CONNECTIONS, self.rows_s, path, ids, stop=stop, ttl=RESERVE_TTL
-        )
+        ids = f"py-{time.monotonic_ns()}@{RESERVE_TTL}"
+        return await checks(self.base, CONNECTIONS, self.rows_s, path, ids, stop=stop)
 
     async def scraper(self, session: aiohttp.ClientSession, until: asyncio.Event) -> None:
         """A scrape every second into ``self.scrapes``, noting the lines read."""
@@ -467,89 +467,106 @@ async def measure(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start(workdir, port)
-    spy = Profiler(profile, proc.pid)
-    bench = Bench(workdir, base, rows_s, client)
+    run = Run(workdir, base, Profiler(profile, proc.pid), Bench(workdir, base, rows_s, client))
     out: dict[str, Any] = {"client": "wrk" if client else "aiohttp", "row_seconds": rows_s}
-    writer: multiprocessing.Process | None = None
     try:
         async with aiohttp.ClientSession() as session:
+            run.session = session
             wide = 2 * PROJECTS * MODELS
             await wait_for(session, base, wide, 120)
             body = (await scrape(session, base + "/metrics"))[1]
             out["series"] = sum(1 for raw in body.splitlines() if raw and not raw.startswith(b"#"))
             out["load_before"] = os.getloadavg()
-
-            # Idle.
-            out["check_idle"] = await spy.during("check_idle", bench.flood(False))
-            out["reserve_idle"] = await spy.during("reserve_idle", bench.flood(True))
-
-            async def back_to_back(seconds: float) -> dict[str, float]:
-                began, times = time.monotonic(), []
-                while time.monotonic() - began < seconds:
-                    times.append(await timed_scrape(session, base + "/metrics"))
-                return summary(times, time.monotonic() - began)
-
-            out["scrape_idle"] = await spy.during("scrape_idle", back_to_back(rows_s / 2))
-
-            # Live writes and a scrape every second.
-            live = workdir / "logs" / "live.jsonl"
-            live.touch()
-            halt = multiprocessing.Event()
-            writer = multiprocessing.Process(
-                target=write_live, args=(live, LIVE_TASKS_PER_S, halt), daemon=True
-            )
-            writer.start()
-            await asyncio.sleep(2)
-            done = asyncio.Event()
-            bench.scrapes = []
-            scraping = asyncio.create_task(bench.scraper(session, done))
-            out["check_live"] = await spy.during("check_live", bench.flood(False))
-            out["reserve_live"] = await spy.during("reserve_live", bench.flood(True))
-            done.set()
-            await scraping
-            seconds = 2 * rows_s
-            out["scrape_live"] = summary(bench.scrapes, seconds)
-            halt.set()
-            writer.join(10)
-            writer = None
-            before_backlog = lines_in((await scrape(session, base + "/metrics"))[1])
-            out["live_lines_read"] = before_backlog - wide
-
-            # The backlog appears under the globs and is read from its start; the
-            # check flood is cut short once it is read.
-            os.rename(backlog, workdir / "logs" / "backlog.jsonl")
-            total = before_backlog + backlog_lines
-            read = asyncio.Event()
-            stopped = asyncio.Event()
-            bench.scrapes = []
-            began = time.monotonic()
-
-            async def watch() -> None:
-                while bench.lines < total and not stopped.is_set():
-                    await asyncio.sleep(0.05)
-                read.set()
-
-            watching = asyncio.create_task(watch())
-            scraping = asyncio.create_task(bench.scraper(session, read))
-            result = await spy.during("check_backlog", bench.flood(False, read))
-            result["backlog_read"] = read.is_set()
-            out["check_backlog"] = result
-            try:
-                await asyncio.wait_for(read.wait(), 300)
-            finally:
-                stopped.set()
-                await watching
-                await scraping
-            out["backlog_seconds"] = time.monotonic() - began
-            out["scrape_backlog"] = summary(bench.scrapes, out["backlog_seconds"])
+            await run.idle(out)
+            await run.live(out)
+            out["live_lines_read"] = lines_in((await scrape(session, base + "/metrics"))[1]) - wide
+            await run.backlog(out, backlog, backlog_lines)
             out["load_after"] = os.getloadavg()
-            out["spans"] = spy.spans
+            out["spans"] = run.spy.spans
     finally:
-        if writer is not None:
-            writer.kill()
+        if run.writer is not None:
+            run.writer.kill()
         proc.terminate()
         proc.wait(timeout=30)
     return out
+
+
+class Run:
+    """One run's rows, a phase at a time: idle, under live writes, while a backlog is
+    read."""
+
+    def __init__(self, workdir: Path, base: str, spy: Profiler, bench: Bench) -> None:
+        self.workdir, self.base, self.spy, self.bench = workdir, base, spy, bench
+        self.session: aiohttp.ClientSession | None = None
+        self.writer: multiprocessing.Process | None = None
+
+    async def idle(self, out: dict[str, Any]) -> None:
+        spy, bench = self.spy, self.bench
+        out["check_idle"] = await spy.during("check_idle", bench.flood(False))
+        out["reserve_idle"] = await spy.during("reserve_idle", bench.flood(True))
+        out["scrape_idle"] = await spy.during("scrape_idle", self.back_to_back(bench.rows_s / 2))
+
+    async def back_to_back(self, seconds: float) -> dict[str, float]:
+        assert self.session is not None
+        began, times = time.monotonic(), []
+        while time.monotonic() - began < seconds:
+            times.append(await timed_scrape(self.session, self.base + "/metrics"))
+        return summary(times, time.monotonic() - began)
+
+    async def live(self, out: dict[str, Any]) -> None:
+        """Live writes and a scrape every second."""
+        assert self.session is not None
+        spy, bench = self.spy, self.bench
+        live = self.workdir / "logs" / "live.jsonl"
+        live.touch()
+        halt = multiprocessing.Event()
+        self.writer = multiprocessing.Process(
+            target=write_live, args=(live, LIVE_TASKS_PER_S, halt), daemon=True
+        )
+        self.writer.start()
+        await asyncio.sleep(2)
+        done = asyncio.Event()
+        bench.scrapes = []
+        scraping = asyncio.create_task(bench.scraper(self.session, done))
+        out["check_live"] = await spy.during("check_live", bench.flood(False))
+        out["reserve_live"] = await spy.during("reserve_live", bench.flood(True))
+        done.set()
+        await scraping
+        out["scrape_live"] = summary(bench.scrapes, 2 * bench.rows_s)
+        halt.set()
+        self.writer.join(10)
+        self.writer = None
+
+    async def backlog(self, out: dict[str, Any], backlog: Path, backlog_lines: int) -> None:
+        """The backlog appears under the globs and is read from its start; the check
+        flood is cut short once it is read."""
+        assert self.session is not None
+        bench = self.bench
+        before = lines_in((await scrape(self.session, self.base + "/metrics"))[1])
+        os.rename(backlog, self.workdir / "logs" / "backlog.jsonl")
+        total = before + backlog_lines
+        read, stopped = asyncio.Event(), asyncio.Event()
+        bench.scrapes = []
+        began = time.monotonic()
+
+        async def watch() -> None:
+            while bench.lines < total and not stopped.is_set():
+                await asyncio.sleep(0.05)
+            read.set()
+
+        watching = asyncio.create_task(watch())
+        scraping = asyncio.create_task(bench.scraper(self.session, read))
+        result = await self.spy.during("check_backlog", bench.flood(False, read))
+        result["backlog_read"] = read.is_set()
+        out["check_backlog"] = result
+        try:
+            await asyncio.wait_for(read.wait(), 300)
+        finally:
+            stopped.set()
+            await watching
+            await scraping
+        out["backlog_seconds"] = time.monotonic() - began
+        out["scrape_backlog"] = summary(bench.scrapes, out["backlog_seconds"])
 
 
 async def measure_auth_flood(workdir: Path) -> dict[str, float]:
