@@ -8,8 +8,8 @@ daemon (tailer, ledger, saved state) in a child process and serves HTTP in the f
 
 - pre-flight checks and ``/api/v1/budgets`` are answered in the HTTP process from a
   copy of the daily budget usage, which the reader publishes after its chunks of lines
-  (at most every ``PUBLISH_INTERVAL`` while it reads a backlog, and at the end of every
-  poll), so they never wait for the reader;
+  (at most every ``daemon.PUBLISH_INTERVAL`` while lines come in, and within that of
+  the last line), so they never wait for the reader;
 - a scrape is rendered by the reader between two chunks and handed over as bytes, the
   copy of the usage brought up to the same instant first: a check made after a scrape
   sees at least what the scrape showed;
@@ -42,16 +42,13 @@ import msgspec
 
 from kling_exporter.budgets import Budgets, DayUsage
 from kling_exporter.config import Config
-from kling_exporter.daemon import Daemon
+from kling_exporter.daemon import PUBLISH_INTERVAL, Daemon
 from kling_exporter.logfile import raise_open_file_limit
 from kling_exporter.logsetup import setup_logging
 from kling_exporter.model import Consumed, ReaderUnavailable, View
 
 log = logging.getLogger(__name__)
 
-# While a backlog is read, usage is published at most this often (at the end of a poll
-# and before a scrape is rendered, always).
-PUBLISH_INTERVAL = 0.02
 # A scrape or a reload the reader has not answered by then gets an error.
 ANSWER_TIMEOUT = 30.0
 # Time the reader has to save its state when told to stop, before it is killed.
@@ -153,12 +150,13 @@ class _Link:
         with self.sending:
             self.conn.send_bytes(data)
 
-    def publish(self, force: bool) -> None:
-        """Send the days that changed since the last time. Called under the daemon's
-        lock, so what is sent is what the ledger holds between two chunks."""
+    def publish(self, force: bool) -> bool:
+        """Send the days that changed since the last time; False when it is too soon
+        after the last publication (and ``force`` is not set). Called under the
+        daemon's lock, so what is sent is what the ledger holds between two chunks."""
         now = time.monotonic()
         if not force and now - self.last < PUBLISH_INTERVAL:
-            return
+            return False
         self.last = now
         d = self.daemon
         usage = d.ledger.usage
@@ -185,6 +183,7 @@ class _Link:
             first = self.health is None
             self.health = health
             self.send(Published(days, dropped, *health, flight, consumed, first))
+        return True
 
     def answer(self, message: ToReader) -> None:
         if isinstance(message, Render):

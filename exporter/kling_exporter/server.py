@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
+import gzip
 import html
 import logging
 import signal
@@ -98,9 +100,13 @@ def metrics_handler(
         except ReaderUnavailable as e:
             return error_answer(503, f"metrics: unavailable: {e}", "")
         body = ours.splice(body, accept, names)
-        response = web.Response(body=body, headers={"Content-Type": content_type})
-        response.enable_compression()
-        return response
+        headers = {"Content-Type": content_type, "Vary": "Accept-Encoding"}
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            # Level 1: a third of the time of the default for a page a quarter larger;
+            # a scrape of 30,000 series spent half its time in gzip. Off the loop.
+            body = await asyncio.to_thread(gzip.compress, body, GZIP_LEVEL)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
 
     return handler
 
@@ -147,6 +153,9 @@ async def reload(request: web.Request) -> web.Response:
         return error_answer(500, f"config: reload failed, the running config is kept: {error}")
     return web.Response(text="Config reloaded.\n")
 
+
+# gzip's level for /metrics (see metrics_handler).
+GZIP_LEVEL = 1
 
 # Headers of aiohttp's own error bodies, which the JSON answer replaces.
 _BODY_HEADERS = ("content-type", "content-length", "content-encoding")
@@ -385,6 +394,10 @@ async def _serve(reader: ReaderProcess, serving: Serving) -> int:
     await runner.setup()
     site = GuardedSite(runner, host, port, shutdown_timeout=10, ssl_context=tls, limits=limits)
     await site.start()
+    # What start-up made (imports, the app) lives as long as the process: out of the
+    # collector's sight, a full collection takes milliseconds instead of about 45 ms
+    # that no request could be answered in.
+    gc.freeze()
     log.info(
         "listening",
         extra={
