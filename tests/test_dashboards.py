@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 import yaml
-from kling_exporter.demo import DEMO_KEYS, DemoTraffic, demo_account, demo_config
+from kling_exporter.demo import (
+    DEMO_KEYS,
+    DemoTraffic,
+    GatewayTraffic,
+    demo_account,
+    demo_config,
+    demo_gateway,
+)
 from kling_exporter.standin import KlingStandIn, demo_packs
 
 from tests.helpers import ROOT, free_port, wait_until
@@ -126,15 +133,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     traffic.rate = 3.0
     traffic.start()
     # With the demo's Kling stand-in, so that the resource-pack panels have data too.
+    # The stand-in is served on the exporter's own port here, and its gateway passes
+    # a producer's calls on to it, so that the gateway's panels have data too.
     port = free_port()
     account = demo_account(port, workdir / "keys")
     standin = KlingStandIn(*DEMO_KEYS, demo_packs(time.time()))
-    exporter = InProcessExporter(demo_config(logs, account), port=port, standin=standin).start()
+    config = demo_config(logs, account, demo_gateway(port))
+    exporter = InProcessExporter(config, port=port, standin=standin).start()
+    producer = GatewayTraffic(f"{exporter.url}/kling", every=0.5)
+    producer.start()
     try:
         with prometheus(workdir, [f"127.0.0.1:{exporter.port}"]) as prom:
             yield prom
     finally:
         traffic.stop.set()
+        producer.close()
         exporter.stop()
 
 

@@ -34,7 +34,10 @@ def served() -> set[str]:
         elif line.startswith("kling_"):
             names.add(line.split("{")[0].split(" ")[0])
     for f in http_process_families():
-        names.add(f.name + "_total" if f.type == "counter" else f.name)
+        if f.type == "histogram":
+            names.update(f.name + suffix for suffix in ("_bucket", "_count", "_sum"))
+        else:
+            names.add(f.name + "_total" if f.type == "counter" else f.name)
     return names
 
 

@@ -30,9 +30,11 @@ from kling_exporter.connections import Limits, parse_listen_address
 from kling_exporter.demo import (
     DEMO_KEYS,
     DemoTraffic,
+    GatewayTraffic,
     StandInServer,
     demo_account,
     demo_config,
+    demo_gateway,
 )
 from kling_exporter.flags import COMMANDS, DEFAULT_LISTEN, HEALTH_URL_ENV, build_parser
 from kling_exporter.listing import ListingError
@@ -212,7 +214,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         account = demo_account(kling.port, Path(temporary) / "keys")
         traffic.start()
         made.callback(traffic.close)
-        reader = ReaderProcess(demo_config(log_dir, account), None, args.log_level, args.log_format)
+        # A producer that calls Kling through the exporter's gateway.
+        config = demo_config(log_dir, account, demo_gateway(kling.port))
+        producer = GatewayTraffic(f"http://127.0.0.1:{port}{config.gateway.path_prefix}")
+        producer.start()
+        made.callback(producer.close)
+        reader = ReaderProcess(config, None, args.log_level, args.log_format)
         return run(reader, Serving(host, port))
 
 

@@ -10,10 +10,12 @@ import random
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import jwt
 from aiohttp import web
 
 from kling_exporter.config import Config, parse_config
@@ -51,11 +53,23 @@ def demo_account(port: int, keys_dir: Path, path: str = STANDIN_PATH) -> dict[st
     }
 
 
-def demo_config(log_dir: Path, account: dict[str, object] | None = None) -> Config:
-    """The demo's config; ``account`` (``demo_account``) adds Kling's resource packs."""
+def demo_gateway(kling_port: int) -> dict[str, object]:
+    """The ``gateway`` section that passes the demo's gateway traffic on to its stand-in
+    on ``kling_port``."""
+    return {"enabled": True, "upstream": f"http://127.0.0.1:{kling_port}{STANDIN_PATH}"}
+
+
+def demo_config(
+    log_dir: Path,
+    account: dict[str, object] | None = None,
+    gateway: dict[str, object] | None = None,
+) -> Config:
+    """The demo's config; ``account`` (``demo_account``) adds Kling's resource packs,
+    ``gateway`` (``demo_gateway``) the gateway in front of the stand-in."""
     return parse_config(
         {
             **({"kling": account} if account else {}),
+            **({"gateway": gateway} if gateway else {}),
             "logs": {"paths": [str(log_dir / "kling-*.jsonl")], "poll_interval": "1s"},
             "state": {"path": ""},
             # Sized for the default rate and backfill: one budget warns at once, one
@@ -225,6 +239,66 @@ class DemoTraffic:
         self.stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+
+class GatewayTraffic:
+    """A producer that calls Kling through the exporter's gateway (``base``, e.g.
+    ``http://127.0.0.1:10177/kling``): a create request every ``every`` seconds for a
+    project of the demo, then a query of each task until it has finished, as an SDK
+    does, so that the gateway's panels have something to show."""
+
+    PROJECTS = ("marketing", "product", "research")
+
+    def __init__(self, base: str, every: float = 2.0, seed: int | None = DEFAULT_SEED) -> None:
+        self.base = base.rstrip("/")
+        self.every = every
+        self.rng = random.Random(seed)
+        self.open: list[str] = []
+        self.stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        now = int(time.time())
+        token = jwt.encode(
+            {"iss": DEMO_KEYS[0], "exp": now + 1800, "nbf": now - 5}, DEMO_KEYS[1], "HS256"
+        )
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+            "X-Kling-Project": self.rng.choice(self.PROJECTS),
+        }
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data, headers, method=method)  # noqa: S310
+        try:
+            with urllib.request.urlopen(req, timeout=10) as answer:  # noqa: S310 - loopback
+                return json.loads(answer.read())
+        except (OSError, ValueError):  # refused (429), or the exporter not up yet
+            return None
+
+    def tick(self) -> None:
+        mode = self.rng.choice(["std", "std", "pro"])
+        body = {"model_name": "kling-v2-6", "mode": mode, "duration": "5", "prompt": "a demo"}
+        created = self._call("POST", "/v1/videos/text2video", body)
+        if created and created.get("code") == 0:
+            self.open.append(created["data"]["task_id"])
+        for task_id in list(self.open):
+            answer = self._call("GET", f"/v1/videos/text2video/{task_id}")
+            status = ((answer or {}).get("data") or {}).get("task_status")
+            if status in ("succeed", "failed") or answer is None:
+                self.open.remove(task_id)
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.tick()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="demo-gateway", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(15)
 
 
 class StandInServer:

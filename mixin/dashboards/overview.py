@@ -255,9 +255,45 @@ def exporter(lay: Layout) -> None:
         lay.add(_series_by(label, title, description, expr), 8, 6)
 
 
+def gateway(lay: Layout) -> None:
+    """What passes through the gateway (gateway.enabled): empty where it is off."""
+    lay.row("Gateway")
+    rate = 'rate(kling_gateway_requests_total{route="%s"}[$__rate_interval])'
+    panels = [
+        _series_by(
+            "outcome",
+            "Task creations through the gateway by outcome",
+            "Create requests a second: forwarded to Kling, refused by a budget (429, not "
+            "sent to Kling), answered with Kling's error, or not reaching Kling (502/504).",
+            f"sum by (outcome) ({rate % 'create'})",
+            "reqps",
+            STACKED,
+        ),
+        _series_by(
+            "route",
+            "Gateway requests by route",
+            "Requests a second through the gateway: task creations, task queries, and "
+            "every other path passed through.",
+            "sum by (route) (rate(kling_gateway_requests_total[$__rate_interval]))",
+            "reqps",
+            STACKED,
+        ),
+        _series_by(
+            "route",
+            "Kling's answer time through the gateway, p99",
+            "99th percentile of the time Kling took to answer what the gateway sent on, by route.",
+            "histogram_quantile(0.99, sum by (le, route) "
+            "(rate(kling_gateway_upstream_duration_seconds_bucket[$__rate_interval])))",
+            "s",
+        ),
+    ]
+    for panel in panels:
+        lay.add(panel, 8, 8)
+
+
 def overview() -> dict[str, Any]:
     lay = Layout()
-    for row in (at_a_glance, tasks, spending, exporter):
+    for row in (at_a_glance, tasks, spending, gateway, exporter):
         row(lay)
     return dashboard(
         "kling-overview",
