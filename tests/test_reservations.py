@@ -17,7 +17,7 @@ from kling_exporter.config import parse_config
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import View
 from kling_exporter.pricing import Request
-from kling_exporter.reservations import Journal, Reservations, fingerprint
+from kling_exporter.reservations import HoldJournal, Reservations, fingerprint
 
 from tests.helpers import NOW, feed, saved_and_restored
 
@@ -90,7 +90,7 @@ def tell(held: Reservations, ledger: Ledger) -> None:
 
 
 def test_a_hold_counts_until_its_tasks_are_in_flight_and_then_as_them(tmp_path: Path) -> None:
-    ledger, held = Ledger(CONFIG), Reservations(Journal(tmp_path / "r"), Clock())
+    ledger, held = Ledger(CONFIG), Reservations(HoldJournal(tmp_path / "r"), Clock())
     status, answer = reserve(held, ledger, 3, rid="r1")
     assert status == 201 and answer["count"] == 3 and answer["credits"] == 30
     assert answer["budgets"] == ["team"]
@@ -116,7 +116,7 @@ def test_a_hold_counts_until_its_tasks_are_in_flight_and_then_as_them(tmp_path: 
 def test_the_same_id_is_the_same_reservation_and_another_body_is_refused(
     tmp_path: Path,
 ) -> None:
-    ledger, held = Ledger(CONFIG), Reservations(Journal(tmp_path / "r"), Clock())
+    ledger, held = Ledger(CONFIG), Reservations(HoldJournal(tmp_path / "r"), Clock())
     first = reserve(held, ledger, 2, rid="job-7")
     again = reserve(held, ledger, 2, rid="job-7")
     assert (first[0], again[0]) == (201, 200)
@@ -130,7 +130,7 @@ def test_the_same_id_is_the_same_reservation_and_another_body_is_refused(
 
 def test_release_and_expiry_give_back_what_is_left(tmp_path: Path) -> None:
     clock = Clock()
-    ledger, held = Ledger(CONFIG), Reservations(Journal(tmp_path / "r"), clock)
+    ledger, held = Ledger(CONFIG), Reservations(HoldJournal(tmp_path / "r"), clock)
     reserve(held, ledger, 4, rid="a", ttl=30)
     reserve(held, ledger, 4, rid="b", ttl=90)
     feed(ledger, submitted("t1", "a"))
@@ -153,7 +153,7 @@ def test_release_and_expiry_give_back_what_is_left(tmp_path: Path) -> None:
 
 
 def test_a_submission_naming_no_live_reservation_counts_normally(tmp_path: Path) -> None:
-    ledger, held = Ledger(CONFIG), Reservations(Journal(tmp_path / "r"), Clock())
+    ledger, held = Ledger(CONFIG), Reservations(HoldJournal(tmp_path / "r"), Clock())
     reserve(held, ledger, 1, rid="one")
     feed(ledger, submitted("t1", "one"), submitted("t2", "one"), submitted("t3", "ghost"))
     tell(held, ledger)
@@ -167,7 +167,7 @@ def test_a_submission_naming_no_live_reservation_counts_normally(tmp_path: Path)
 def test_holds_outlive_a_restart_and_a_torn_last_record(tmp_path: Path) -> None:
     clock = Clock()
     ledger = Ledger(CONFIG)
-    held = Reservations(Journal(tmp_path / "r"), clock)
+    held = Reservations(HoldJournal(tmp_path / "r"), clock)
     reserve(held, ledger, 2, rid="kept")
     reserve(held, ledger, 1, rid="gone", ttl=10)
     asyncio.run(held.release("gone"))
@@ -177,7 +177,7 @@ def test_holds_outlive_a_restart_and_a_torn_last_record(tmp_path: Path) -> None:
     with open(tmp_path / "r", "ab") as f:
         f.write(b"\x00\x00\x01\x00half a record")  # a crash in the middle of a write
     clock.now += 6  # "late" expired meanwhile
-    again = Reservations(Journal(tmp_path / "r"), clock)
+    again = Reservations(HoldJournal(tmp_path / "r"), clock)
     assert [h["id"] for h in json.loads(asyncio.run(again.page(None, 10))[0])] == ["kept"]
     assert remaining(again, ledger) == 80
     assert reserve(again, ledger, 1, rid="gone")[0] == 409
@@ -201,7 +201,7 @@ class ReservationMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="kling-res-"))
         self.clock = Clock()
         self.ledger = Ledger(CONFIG)
-        self.held = Reservations(Journal(self.dir / "r"), self.clock)
+        self.held = Reservations(HoldJournal(self.dir / "r"), self.clock)
         # The model: id -> [count, expires_at, used, released, user]
         self.model: dict[str, list[Any]] = {}
         self.gone = {"released": 0, "expired": 0}  # tasks left when a hold ended
@@ -268,7 +268,7 @@ class ReservationMachine(RuleBasedStateMachine):
         assert self.held.journal is not None
         self.held.journal.close()
         self.ledger = saved_and_restored(self.ledger)
-        self.held = Reservations(Journal(self.dir / "r"), self.clock)
+        self.held = Reservations(HoldJournal(self.dir / "r"), self.clock)
         self.held.consumed(self.ledger.take_consumed(every=True), baseline=True)
 
     @invariant()
@@ -317,7 +317,7 @@ TestReservationMachine = ReservationMachine.TestCase
 
 
 def test_past_max_live_a_new_hold_is_429_naming_the_setting(tmp_path: Path) -> None:
-    ledger, held = Ledger(CONFIG), Reservations(Journal(tmp_path / "r"), Clock())
+    ledger, held = Ledger(CONFIG), Reservations(HoldJournal(tmp_path / "r"), Clock())
 
     def hold(rid: str) -> tuple[int, dict[str, Any]]:
         body = {"project": "p", "user": None, "count": 1, "ttl": 60}

@@ -20,7 +20,7 @@ from kling_exporter.client import (
     BudgetUnavailableError,
     EventLogger,
 )
-from kling_exporter.reservations import Granted, Hold, Journal
+from kling_exporter.reservations import Granted, Hold, HoldJournal
 
 from tests.helpers import DaemonProcess, free_port, request, value, wait_until, write_lines
 
@@ -244,7 +244,7 @@ def test_20000_holds_are_listed_a_page_at_a_time_while_health_answers_at_once(
         Hold(f"hold-{i:05d}", "f", "p", None, 1, 0.01, 0.0014, ("team",), time.time() + 3600)
         for i in range(20_000)
     ]
-    journal = Journal(state.with_name(state.name + ".reservations"))
+    journal = HoldJournal(state.with_name(state.name + ".reservations"))
     journal.rewrite([Granted(h) for h in holds])
     journal.close()
     d = start(tmp_path, daemon_factory, state=str(state))

@@ -105,9 +105,10 @@ def _number(value: Any, field: str, below: float) -> float | None:
     return number
 
 
-class Journal:
-    """Appends lines to the journal, each on disk before its caller is answered;
-    concurrent callbacks share one fsync."""
+class EventJournal:
+    """The exporter's own event log among the logs (Kling's callbacks and the
+    gateway's tasks): appends lines, each on disk before its caller is answered;
+    concurrent appends share one fsync."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -156,14 +157,14 @@ class Callbacks:
     def __init__(self, config: Callable[[], Config]) -> None:
         self.config = config
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
-        self._journal: Journal | None = None
+        self._journal: EventJournal | None = None
 
-    def journal(self) -> Journal | None:
+    def journal(self) -> EventJournal | None:
         path = journal_for(self.config().logs)
         if path is None:
             return None
         if self._journal is None or self._journal.path != path:
-            self._journal = Journal(path)
+            self._journal = EventJournal(path)
         return self._journal
 
     def _refuse(self, outcome: str, status: int, error: str, field: str) -> web.Response:

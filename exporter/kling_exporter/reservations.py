@@ -101,8 +101,9 @@ def valid_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID and all("\x21" <= c <= "\x7e" for c in value)
 
 
-class Journal:
-    """Grants and ends, one msgpack record after another, fsynced before they count."""
+class HoldJournal:
+    """The holds' own journal beside the saved state (not a log the tailer reads):
+    grants and ends, one msgpack record after another, fsynced before they count."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -153,12 +154,12 @@ class Journal:
             self.fd = -1
 
 
-def journal_beside(state_path: str) -> Journal | None:
+def journal_beside(state_path: str) -> HoldJournal | None:
     """The journal kept beside the state file (none when no state is kept)."""
     if not state_path:
         return None
     path = Path(state_path)
-    return Journal(path.with_name(path.name + ".reservations"))
+    return HoldJournal(path.with_name(path.name + ".reservations"))
 
 
 def _frame(record: Record) -> bytes:
@@ -170,7 +171,7 @@ class Reservations:
     """Live holds, the journal that keeps them, and the pre-flight answers that count
     them. Used on the event loop only."""
 
-    def __init__(self, journal: Journal | None = None, clock: Callable[[], float] = time.time):
+    def __init__(self, journal: HoldJournal | None = None, clock: Callable[[], float] = time.time):
         self.journal = journal
         self.clock = clock
         self.holds: dict[str, Hold] = {}
@@ -189,7 +190,7 @@ class Reservations:
 
     # -- the journal ---------------------------------------------------------------
 
-    def _restore(self, journal: Journal) -> None:
+    def _restore(self, journal: HoldJournal) -> None:
         now = self.clock()
         for record in journal.load():
             if isinstance(record, Granted):
