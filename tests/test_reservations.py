@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from kling_exporter import reservations as reservations_module
 from kling_exporter.budgets import Ask
 from kling_exporter.config import parse_config
 from kling_exporter.ledger import Ledger
@@ -330,3 +332,30 @@ def test_past_max_live_a_new_hold_is_429_naming_the_setting(tmp_path: Path) -> N
     assert hold("a")[0] == 200  # the same reservation asked again is no new hold
     assert asyncio.run(held.release("a"))
     assert hold("c")[0] == 201
+
+
+def test_compaction_runs_beside_appends_and_loses_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reservations_module, "COMPACT_AFTER", 5)
+    ledger = Ledger(CONFIG)
+    held = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    ask = Ask(Request(kind="image"), 1, "other", None)  # no budget matches: all granted
+
+    async def grant_and_release() -> None:
+        grants = [
+            held.reserve(view(ledger), ask, f"h{i:03d}", 60, fingerprint({"i": i}))
+            for i in range(300)
+        ]
+        assert {status for status, _ in await asyncio.gather(*grants)} == {201}
+        gone = [held.release(f"h{i:03d}") for i in range(300) if i % 6]
+        assert all(await asyncio.gather(*gone))
+
+    asyncio.run(grant_and_release())
+    assert held.journal is not None
+    held.journal.close()
+    written = len(HoldJournal(tmp_path / "r").load())
+    assert written < 550, "the journal was never compacted"  # 300 grants + 250 ends
+    again = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    assert sorted(again.holds) == sorted(held.holds) == [f"h{i:03d}" for i in range(0, 300, 6)]
+    assert set(again.ended) == {f"h{i:03d}" for i in range(300) if i % 6}

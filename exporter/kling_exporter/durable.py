@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def write_all_and_sync(fd: int, data: bytes) -> None:
@@ -26,6 +29,7 @@ class GroupCommit:
         self._pending: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._alone = asyncio.Lock()  # held by a flush, or by work that may not meet one
 
     async def append(self, data: bytes) -> None:
         future = asyncio.get_running_loop().create_future()
@@ -35,7 +39,19 @@ class GroupCommit:
             self._flusher = asyncio.ensure_future(self._flush())
         await future
 
+    async def alone(self, prepare: Callable[[], T], work: Callable[[T], None]) -> None:
+        """Run ``work(prepare())`` with no write under way or begun meanwhile: ``prepare``
+        on the event loop, ``work`` on a thread (so the loop goes on). Appends made
+        meanwhile wait, and are written after it."""
+        async with self._alone:
+            value = prepare()
+            await asyncio.to_thread(work, value)
+
     async def _flush(self) -> None:
+        async with self._alone:
+            await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
         while self._pending:
             batch, waiters = self._pending, self._waiters
             self._pending, self._waiters = [], []
