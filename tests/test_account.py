@@ -8,7 +8,6 @@ import asyncio
 import functools
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,9 +20,10 @@ from aiohttp.test_utils import TestServer
 from kling_exporter import account as account_module
 from kling_exporter.account import MAX_ANSWER, Account, PollError
 from kling_exporter.config import Config, parse_config
+from kling_exporter.demo import STANDIN_PATH, StandInServer
 from kling_exporter.standin import KlingStandIn, demo_packs
 
-from tests.helpers import DaemonProcess, free_port, value, wait_until
+from tests.helpers import DaemonProcess, value, wait_until
 
 Factory = Callable[..., DaemonProcess]
 ACCESS = "AK-standin-access-key-7f3a"
@@ -34,20 +34,8 @@ SECRET = "SK-standin-secret-key-91c2e-0123456789"  # noqa: S105 - the stand-in's
 def standin() -> Iterator[tuple[KlingStandIn, str]]:
     """The stand-in on a loopback port of its own, served from a thread."""
     kling = KlingStandIn(ACCESS, SECRET, demo_packs(time.time()))
-    app = web.Application()
-    kling.routes(app)
-    port = free_port()
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield kling, f"http://127.0.0.1:{port}"
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.run_until_complete(runner.cleanup())
-    loop.close()
+    with StandInServer(kling) as server:
+        yield kling, f"http://127.0.0.1:{server.port}{STANDIN_PATH}"
 
 
 def config_text(tmp_path: Path, base: str, interval: str = "2s") -> str:

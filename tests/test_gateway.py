@@ -4,7 +4,6 @@ create and query endpoints; nothing calls the real service."""
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import functools
 import http.client
@@ -19,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kling_exporter.config import ConfigError, parse_config
+from kling_exporter.demo import STANDIN_PATH, StandInServer
 from kling_exporter.gateway import priced, route_of
 from kling_exporter.standin import KlingStandIn
 
-from tests.helpers import DaemonProcess, by_name, free_port, value, wait_until
+from tests.helpers import DaemonProcess, by_name, value, wait_until
 from tests.redis_server import RedisServer
 
 ACCESS = "AK-gateway-access-key-5b1e"
@@ -58,20 +57,8 @@ gateway:
 def kling() -> Iterator[tuple[KlingStandIn, str]]:
     """The stand-in on a loopback port of its own, served from a thread."""
     standin = KlingStandIn(ACCESS, SECRET, [])
-    app = web.Application()
-    standin.routes(app)
-    port = free_port()
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, access_log=None)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield standin, f"http://127.0.0.1:{port}"
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.run_until_complete(runner.cleanup())
-    loop.close()
+    with StandInServer(standin) as server:
+        yield standin, f"http://127.0.0.1:{server.port}{STANDIN_PATH}"
 
 
 @pytest.fixture(autouse=True)
