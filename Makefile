@@ -9,7 +9,7 @@ ARGS    ?=
 
 ## help: list the targets (plain `make` does this)
 help:
-	@grep -E '^## [a-z]+:' $(MAKEFILE_LIST) | sed 's/^## /  make /'
+	@grep -E '^## [a-z-]+:' $(MAKEFILE_LIST) | sed 's/^## /  make /'
 
 # Running needs the runtime alone (17 packages); the tests, linters and previews add the
 # development extras (matplotlib, mypy, Kubernetes schemas...), ten times the size.
@@ -57,7 +57,7 @@ certs:
 	chmod 600 $(CERTS_DIR)/exporter.key
 	@echo "wrote $(CERTS_DIR)/exporter.crt and exporter.key (self-signed: for trying only)"
 
-## tools: Prometheus, promtool, Alertmanager, amtool, logrotate and redis-server for the end-to-end tests
+## tools: Prometheus, promtool, Alertmanager, amtool, logrotate, redis-server and redis-sentinel for the end-to-end tests
 tools:
 	@scripts/ensure-tools
 
