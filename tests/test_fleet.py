@@ -399,6 +399,13 @@ def test_an_entry_redis_holds_lower_gets_back_the_highest_used_seen(fleet: Any) 
     a, b = f.start("a"), f.start("b")
     f.spend("b", 2)
     wait_until(lambda: team(a)["used_credits"] == 20, timeout=20)
+    # a remembers what it read when it publishes (a memory up to one publish interval
+    # old, as the README says): let it publish once after seeing b's 20.
+    seen = time.time()
+    wait_until(
+        lambda: value(a.metrics(), "kling_fleet_last_publish_timestamp_seconds") > seen,
+        timeout=10,
+    )
     b.stop()
     with f.redis.client() as c:
         key = next(iter(c.scan_iter(match="*usage:monthly:*")))
