@@ -370,6 +370,17 @@ def test_alone_without_redis_and_a_bad_url_is_refused_by_name(
 # -- faults: Redis that forgets, two exporters with one name, failover ----------------
 
 
+def published_since_now(d: DaemonProcess) -> None:
+    """Until ``d`` has published once more: an exporter remembers the others' entries as
+    it read them at its last publication (a memory up to one publish interval old, as
+    the README says), so a test that takes Redis's data away waits for one first."""
+    now = time.time()
+    wait_until(
+        lambda: value(d.metrics(), "kling_fleet_last_publish_timestamp_seconds") > now,
+        timeout=10,
+    )
+
+
 def test_a_stopped_instances_spending_survives_redis_restarting_empty(fleet: Any) -> None:
     """Redis without persistence restarts empty while b is stopped: a remembers what b
     had published and writes it back, so b's spending still counts."""
@@ -378,6 +389,7 @@ def test_a_stopped_instances_spending_survives_redis_restarting_empty(fleet: Any
     f.spend("a", 3)
     f.spend("b", 2)
     wait_until(lambda: team(a)["used_credits"] == 50 and settled(a, 2), timeout=20)
+    published_since_now(a)
     b.stop()
     f.restart_redis_empty()
     wait_until(lambda: settled(a, 1), timeout=20)
@@ -399,13 +411,7 @@ def test_an_entry_redis_holds_lower_gets_back_the_highest_used_seen(fleet: Any) 
     a, b = f.start("a"), f.start("b")
     f.spend("b", 2)
     wait_until(lambda: team(a)["used_credits"] == 20, timeout=20)
-    # a remembers what it read when it publishes (a memory up to one publish interval
-    # old, as the README says): let it publish once after seeing b's 20.
-    seen = time.time()
-    wait_until(
-        lambda: value(a.metrics(), "kling_fleet_last_publish_timestamp_seconds") > seen,
-        timeout=10,
-    )
+    published_since_now(a)
     b.stop()
     with f.redis.client() as c:
         key = next(iter(c.scan_iter(match="*usage:monthly:*")))
