@@ -6,7 +6,9 @@ every request, so each create request takes a reservation fsynced to its journal
 each task accepted is fsynced to the exporter's journal before the producer is answered.
 An open-loop load (requests sent at a fixed rate whatever the answers do; latency counted
 from when each request was due, so a stall is not hidden) calls the stand-in directly,
-then through the gateway, for create requests and then for queries.
+then through the gateway, for create requests and then for queries. Meanwhile a probe
+fsyncs a line beside the journal every 10 ms: a create waits for one fsync, so the disk's
+p99 in the same seconds says how much of the added p99 is the disk's.
 
     python bench/gateway_load.py                      # 500 requests/s for 10 s each
     python bench/gateway_load.py --rate 200 --duration 5 --json gateway.json
@@ -21,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -121,7 +124,53 @@ async def open_loop(
     }
 
 
-async def measure(standin: str, gateway: str, rate: float, duration: float) -> dict[str, Any]:
+def probe_disk(folder: str) -> None:
+    """Append and fsync a line every 10 ms until standard input closes, then print the
+    fsync times' p50 and p99 in ms as JSON (run as ``--probe FOLDER``)."""
+    seconds: list[float] = []
+    stop = threading.Event()
+
+    def wait_for_eof() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=wait_for_eof, daemon=True).start()
+    fd = os.open(Path(folder) / "fsync-probe", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    while not stop.wait(0.01):
+        start = time.perf_counter()
+        os.write(fd, b"x" * 200 + b"\n")
+        os.fsync(fd)
+        seconds.append(time.perf_counter() - start)
+    os.close(fd)
+    p50, p99 = (percentile(seconds, q) * 1000 for q in (0.50, 0.99))
+    print(json.dumps({"p50_ms": p50, "p99_ms": p99}))
+
+
+class DiskProbe:
+    """What the disk under the exporter's journal takes over an fsync meanwhile, from
+    a process of its own (so that it slows neither side). A create through the gateway
+    waits for one fsync (its task line), so its p99 cannot be below the disk's."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.result: dict[str, float] = {}
+
+    def __enter__(self) -> DiskProbe:
+        self._proc = subprocess.Popen(
+            [sys.executable, __file__, "--probe", str(self.folder)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        out, _ = self._proc.communicate(b"", timeout=30)
+        self.result = json.loads(out)
+
+
+async def measure(
+    standin: str, gateway: str, rate: float, duration: float, folder: Path
+) -> dict[str, Any]:
     now = int(time.time())
     token = jwt.encode({"iss": ACCESS, "exp": now + 1800, "nbf": now - 5}, SECRET, "HS256")
     headers = {
@@ -144,12 +193,14 @@ async def measure(standin: str, gateway: str, rate: float, duration: float) -> d
             for base in (standin, gateway):
                 await open_loop(session, method, base + path, headers, data, rate, 1.0)
             direct = await open_loop(session, method, standin + path, headers, data, rate, duration)
-            through = await open_loop(
-                session, method, gateway + path, headers, data, rate, duration
-            )
+            with DiskProbe(folder) as disk:
+                through = await open_loop(
+                    session, method, gateway + path, headers, data, rate, duration
+                )
             out[route] = {
                 "direct": direct,
                 "gateway": through,
+                "disk_fsync": disk.result,
                 "added_p50_ms": through["p50_ms"] - direct["p50_ms"],
                 "added_p99_ms": through["p99_ms"] - direct["p99_ms"],
             }
@@ -171,7 +222,7 @@ def run(rate: float = 500, duration: float = 10) -> dict[str, Any]:
             exporter = start(Path(tmp), standin_url, exporter_port)
             try:
                 gateway = f"http://127.0.0.1:{exporter_port}/kling"
-                result = asyncio.run(measure(standin_url, gateway, rate, duration))
+                result = asyncio.run(measure(standin_url, gateway, rate, duration, Path(tmp)))
             finally:
                 exporter.terminate()
                 exporter.wait(20)
@@ -187,7 +238,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10, help="seconds of each run")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--standin", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        probe_disk(args.probe)
+        return
     if args.standin:
         serve_standin(args.standin)
         return
@@ -203,6 +258,9 @@ def main() -> None:
             )
         added = f"p50 {row['added_p50_ms']:7.2f} ms  p99 {row['added_p99_ms']:7.2f} ms"
         print(f"{route:6} added    {added}")
+        disk = row["disk_fsync"]
+        fsync = f"p50 {disk['p50_ms']:7.2f} ms  p99 {disk['p99_ms']:7.2f} ms"
+        print(f"{route:6} fsync    {fsync}  (the disk, meanwhile)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -4,6 +4,7 @@ create and query endpoints; nothing calls the real service."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import functools
 import http.client
@@ -17,12 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kling_exporter.config import ConfigError, parse_config
+from kling_exporter.daemon import Daemon
 from kling_exporter.demo import STANDIN_PATH, StandInServer
 from kling_exporter.gateway import priced, route_of
+from kling_exporter.reservations import Granted, HoldJournal, Reservations
+from kling_exporter.server import build_app
 from kling_exporter.standin import KlingStandIn
 
 from tests.helpers import DaemonProcess, by_name, value, wait_until
@@ -196,6 +202,55 @@ def test_a_producer_that_goes_away_still_has_its_task_journalled_once(
     lines = [e for e in submitted(exporter, "free") if e["task_id"] == "gone-1"]
     assert len(lines) == 1, lines
     assert lines[0]["kling_task_id"].startswith("kt-") and lines[0]["mode"] == "standard"
+
+
+def test_a_create_goes_on_to_kling_while_its_hold_is_written(
+    kling: tuple[KlingStandIn, str], tmp_path: Path
+) -> None:
+    """One fsync on a create's way, not two: the task line is on disk before the
+    producer hears of it, the hold's record is written meanwhile and still lands."""
+    standin, upstream = kling
+    logs = tmp_path / "logs"
+    daemon = Daemon(
+        parse_config(
+            {
+                "logs": {"paths": [str(logs / "kling-*.jsonl")]},
+                "budgets": [{"name": "b", "project": "inproc", "limit_credits": 1000}],
+                "gateway": {"enabled": True, "upstream": upstream},
+            }
+        )
+    )
+    journal = HoldJournal(tmp_path / "holds.journal")
+    journal.rewrite([])
+    unblock = threading.Event()
+    write = journal._commit.write
+
+    def stalled_write(data: bytes) -> None:
+        unblock.wait(10)  # a disk that takes its time over the hold's fsync
+        write(data)
+
+    journal._commit.write = stalled_write
+    held = Reservations(journal)
+    app = build_app(daemon, reservations=held)
+
+    async def create() -> tuple[int, dict[str, Any]]:
+        async with TestServer(app) as server, aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{server.port}{CREATE}"
+            headers = {"X-Kling-Project": "inproc", "Authorization": f"Bearer {standin.token()}"}
+            try:
+                async with asyncio.timeout(5):
+                    async with session.post(url, json=VIDEO, headers=headers) as answer:
+                        return answer.status, await answer.json()
+            finally:
+                unblock.set()
+                await held.close()
+
+    status, body = asyncio.run(create())
+    assert status == 200 and body["code"] == 0, body
+    lines = [json.loads(t) for t in (logs / "kling-callbacks.jsonl").read_text().splitlines()]
+    assert [e["kling_task_id"] for e in lines] == [body["data"]["task_id"]]
+    (granted,) = HoldJournal(tmp_path / "holds.journal").load()
+    assert isinstance(granted, Granted) and granted.hold.id == lines[0]["reservation_id"]
 
 
 @pytest.mark.parametrize(

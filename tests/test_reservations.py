@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from kling_exporter.config import parse_config
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import View
 from kling_exporter.pricing import Request
-from kling_exporter.reservations import HoldJournal, Reservations, fingerprint
+from kling_exporter.reservations import HoldJournal, Record, Reservations, Terms, fingerprint
 
 from tests.helpers import NOW, feed, saved_and_restored
 
@@ -324,7 +325,9 @@ def test_past_max_live_a_new_hold_is_429_naming_the_setting(tmp_path: Path) -> N
     def hold(rid: str) -> tuple[int, dict[str, Any]]:
         body = {"project": "p", "user": None, "count": 1, "ttl": 60}
         ask = Ask(REQ, 1, "p", None)
-        return asyncio.run(held.reserve(view(ledger), ask, rid, 60, fingerprint(body), None, 2))
+        return asyncio.run(
+            held.reserve(view(ledger), ask, rid, 60, fingerprint(body), Terms(max_live=2))
+        )
 
     assert hold("a")[0] == 201 and hold("b")[0] == 201
     status, answer = hold("c")
@@ -332,6 +335,47 @@ def test_past_max_live_a_new_hold_is_429_naming_the_setting(tmp_path: Path) -> N
     assert hold("a")[0] == 200  # the same reservation asked again is no new hold
     assert asyncio.run(held.release("a"))
     assert hold("c")[0] == 201
+
+
+def test_the_grant_that_makes_the_journal_due_does_not_wait_for_its_compaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reservations_module, "COMPACT_AFTER", 5)
+    ledger = Ledger(CONFIG)
+    journal = HoldJournal(tmp_path / "r")
+    held = Reservations(journal, Clock())
+    rewriting, unblock = threading.Event(), threading.Event()
+    rewrite = journal.rewrite
+
+    def stalled_rewrite(records: list[Record]) -> None:
+        rewriting.set()
+        unblock.wait(10)  # a rewrite of tens of thousands of holds, on a slow disk
+        rewrite(records)
+
+    monkeypatch.setattr(journal, "rewrite", stalled_rewrite)
+    ask = Ask(Request(kind="image"), 1, "other", None)
+
+    async def hold_and_release_until_compacting() -> None:
+        try:
+            for i in range(50):
+                asked = held.reserve(view(ledger), ask, f"h{i:02d}", 60, fingerprint({"i": i}))
+                assert (await asyncio.wait_for(asked, 5))[0] == 201
+                if held._compaction is not None:
+                    break  # answered, though the rewrite it set off cannot end yet
+                assert await asyncio.wait_for(held.release(f"h{i:02d}"), 5)
+                if held._compaction is not None:
+                    break
+            else:
+                raise AssertionError("the journal was never compacted")
+            assert await asyncio.to_thread(rewriting.wait, 5)
+        finally:
+            unblock.set()
+            await held.close()
+
+    asyncio.run(hold_and_release_until_compacting())
+    again = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    assert sorted(again.holds) == sorted(held.holds)
+    assert sorted(again.ended) == sorted(held.ended) != []
 
 
 def test_compaction_runs_beside_appends_and_loses_none(
@@ -350,10 +394,9 @@ def test_compaction_runs_beside_appends_and_loses_none(
         assert {status for status, _ in await asyncio.gather(*grants)} == {201}
         gone = [held.release(f"h{i:03d}") for i in range(300) if i % 6]
         assert all(await asyncio.gather(*gone))
+        await held.close()
 
     asyncio.run(grant_and_release())
-    assert held.journal is not None
-    held.journal.close()
     written = len(HoldJournal(tmp_path / "r").load())
     assert written < 550, "the journal was never compacted"  # 300 grants + 250 ends
     again = Reservations(HoldJournal(tmp_path / "r"), Clock())

@@ -36,6 +36,7 @@ from kling_exporter.reservations import (
     DEFAULT_TTL,
     MAX_TTL,
     Reservations,
+    Terms,
     fingerprint,
     valid_id,
 )
@@ -324,8 +325,7 @@ async def reserve(request: web.Request) -> web.Response:
             req.id,
             req.ttl,
             fingerprint(asked),
-            decide,
-            reader.config.reservations.max_live,
+            Terms(decide, reader.config.reservations.max_live),
         )
     except OSError:
         return error_answer(503, "reservations: cannot be saved; try again")

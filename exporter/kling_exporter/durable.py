@@ -20,7 +20,7 @@ def write_all_and_sync(fd: int, data: bytes) -> None:
 
 
 class GroupCommit:
-    """Each ``append`` returns once its bytes are written and fsynced by ``write`` (on a
+    """Each ``append`` is done once its bytes are written and fsynced by ``write`` (on a
     thread, so the event loop goes on), or raises its OSError. Appends that arrive while
     a write is under way share the next one: one fsync for a burst, not one each."""
 
@@ -31,13 +31,16 @@ class GroupCommit:
         self._flusher: asyncio.Task[None] | None = None
         self._alone = asyncio.Lock()  # held by a flush, or by work that may not meet one
 
-    async def append(self, data: bytes) -> None:
+    def append(self, data: bytes) -> asyncio.Future[None]:
+        """Queue ``data`` at once, behind every append made before it; the future is
+        done once it is on disk. (Queued on the call, not when the future is awaited,
+        so a caller that does not wait still keeps its records in order.)"""
         future = asyncio.get_running_loop().create_future()
         self._pending.append(data)
         self._waiters.append(future)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
-        await future
+        return future
 
     async def alone(self, prepare: Callable[[], T], work: Callable[[T], None]) -> None:
         """Run ``work(prepare())`` with no write under way or begun meanwhile: ``prepare``
@@ -46,6 +49,11 @@ class GroupCommit:
         async with self._alone:
             value = prepare()
             await asyncio.to_thread(work, value)
+
+    async def settle(self) -> None:
+        """Return once every append queued so far is written (or has failed)."""
+        async with self._alone:
+            await self._flush_pending()
 
     async def _flush(self) -> None:
         async with self._alone:

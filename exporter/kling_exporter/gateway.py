@@ -8,7 +8,10 @@ Kling's shape when a budget has no room. When Kling accepts the task, a
 ``task_submitted`` line naming the reservation is fsynced to the exporter's journal
 (the callbacks' file among the logs) before the producer hears of it, so the reader
 counts the task like any logged one and the hold gives way to it; when Kling refuses or
-cannot be reached, the hold is released. A query whose answer shows a finished task is
+cannot be reached, the hold is released. The hold's own record is written meanwhile,
+not waited for: should the exporter die before the task line is on disk, the producer
+was told nothing, and the hold would only have kept the budget for the request's
+timeout. A query whose answer shows a finished task is
 journalled as its completion, once.
 
 The work after the budget's decision runs shielded from the producer's connection: a
@@ -45,7 +48,7 @@ from kling_exporter.events import MAX_ID, MAX_LABEL_LEN
 from kling_exporter.fleet import Fleet
 from kling_exporter.model import View
 from kling_exporter.pricing import Request
-from kling_exporter.reservations import Reservations, fingerprint
+from kling_exporter.reservations import Reservations, Terms, fingerprint
 from kling_exporter.streams import TooLarge, read_bounded
 
 log = logging.getLogger(__name__)
@@ -456,18 +459,17 @@ class Gateway:
             decide = self.fleet.decide if self.fleet.enabled else None
             req = ask.req
             shape = {"project": ask.project, "count": ask.tasks, "request": list(req)}
-            try:
-                status, granted = await self.reservations.reserve(
-                    view,
-                    ask,
-                    None,
-                    ttl,
-                    fingerprint(shape),
-                    decide,
-                    self.config().reservations.max_live,
-                )
-            except OSError:
-                return self._refuse(503, CODE_UNAVAILABLE, "reservations: cannot be saved")
+            # The hold is written to its journal while the request goes on to Kling:
+            # what makes the task count for good is its own line, on disk before the
+            # producer is told, and one fsync on the way is enough.
+            status, granted = await self.reservations.reserve(
+                view,
+                ask,
+                None,
+                ttl,
+                fingerprint(shape),
+                Terms(decide, self.config().reservations.max_live, durable=False),
+            )
             if status == 200:
                 self._count("create", "refused")
                 return _refusal(granted)
