@@ -61,7 +61,7 @@ OUTCOMES = (
     "bad_request",  # 4xx from the gateway itself: a body it cannot price, no project
     "upstream_error",  # Kling answered with an error (HTTP status, or a code other than 0)
     "transport_error",  # Kling could not be reached (502) or did not answer in time (504)
-    "unavailable",  # the exporter could not hold or journal (503)
+    "unavailable",  # no hold could be taken (503), or the task line not written
 )
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
