@@ -3,6 +3,7 @@ fsynced before the 200, counted once however often they come, across kill -9."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kling_exporter.callbacks import CallbackError, completion, journal_for, open_journal
+from kling_exporter.callbacks import (
+    CallbackError,
+    EventJournal,
+    completion,
+    journal_for,
+    open_journal,
+)
 from kling_exporter.config import LogsConfig
 from kling_exporter.events import Event, decode_line
 
@@ -210,3 +217,38 @@ def test_the_journal_refuses_a_file_owned_by_another_user(
         open_journal(path)
     monkeypatch.undo()
     os.close(open_journal(path))
+
+
+def test_the_open_journal_follows_its_path_through_rotation_and_refuses_a_plant(
+    tmp_path: Path,
+) -> None:
+    """The journal's file stays open between writes, but each write goes where the
+    path names now: a new file after a rename or a removal, and no file at all where a
+    symlink was planted."""
+    path = tmp_path / "logs" / "kling-callbacks.jsonl"
+    journal = EventJournal(path)
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("")
+
+    def lines(p: Path) -> list[Any]:
+        return [json.loads(t)["n"] for t in p.read_text().splitlines()]
+
+    async def story() -> None:
+        await journal.append({"n": 1})
+        await journal.append({"n": 2})
+        path.rename(path.with_suffix(".1"))  # logrotate's rename
+        await journal.append({"n": 3})
+        path.unlink()
+        await journal.append({"n": 4})
+        path.unlink()
+        path.symlink_to(outside)
+        with pytest.raises(OSError, match="symbolic link"):
+            await journal.append({"n": 5})
+        path.unlink()
+        await journal.append({"n": 6})
+        await journal.close()
+
+    asyncio.run(story())
+    assert lines(path.with_suffix(".1")) == [1, 2]
+    assert lines(path) == [6]
+    assert outside.read_text() == ""

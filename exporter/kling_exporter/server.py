@@ -349,6 +349,8 @@ def build_app(
     if prefix:
         app.cleanup_ctx.append(gateway.pool)
         app.router.add_route("*", prefix + "/{tail:.*}", gateway.handle)
+    # After the cleanup contexts: the gateway's work under way journals first.
+    app.on_cleanup.append(callbacks.close)
     handler = metrics_handler(reader, held, callbacks, account, fleet, gateway)
     app.router.add_get(telemetry_path, handler)
     app.router.add_post(CALLBACK_PATH, callbacks.handle)
