@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -38,7 +39,12 @@ sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 from kling_exporter.account import Account, Pack  # noqa: E402
 from kling_exporter.callbacks import Callbacks  # noqa: E402
 from kling_exporter.collector import TextRenderer  # noqa: E402
-from kling_exporter.demo import DemoTraffic, demo_config  # noqa: E402
+from kling_exporter.demo import (  # noqa: E402
+    DEFAULT_SEED,
+    DemoTraffic,
+    demo_config,
+    demo_gateway,
+)
 from kling_exporter.events import Event, decode_line  # noqa: E402
 from kling_exporter.fleet import Fleet  # noqa: E402
 from kling_exporter.gateway import Gateway  # noqa: E402
@@ -254,10 +260,28 @@ def render(dashboard: dict[str, Any], prom: Process, start: float, end: float, o
     print(f"wrote {out}")
 
 
+def gateway_traffic(gateway: Gateway, rng: random.Random, seconds: float) -> None:
+    """What the demo's producer through the gateway does in ``seconds`` (a create every
+    2 s, then queries of each task until it has finished), counted as the gateway counts
+    it, with Kling's answer times of a nearby region."""
+    mean = seconds / 2
+    for _ in range(rng.randint(round(mean * 0.6), round(mean * 1.4))):
+        draw = rng.random()
+        outcome = "forwarded" if draw < 0.92 else "refused" if draw < 0.97 else "upstream_error"
+        gateway.outcomes["create", outcome] += 1
+        if outcome == "refused":
+            continue  # nothing reached Kling
+        gateway.durations["create"].observe(rng.lognormvariate(-1.6, 0.4))
+        for _ in range(rng.randint(1, 4) if outcome == "forwarded" else 0):
+            gateway.outcomes["query", "forwarded"] += 1
+            gateway.durations["query"].observe(rng.lognormvariate(-2.5, 0.4))
+
+
 def history_as_openmetrics(logs: Path, start: float, end: float, step: float) -> str:
     """The exporter's /metrics every ``step`` seconds of simulated time over the demo's
     history, as OpenMetrics with timestamps, for promtool to turn into TSDB blocks."""
-    config = demo_config(logs)
+    # The gateway as the demo has it (nothing here calls its upstream).
+    config = demo_config(logs, gateway=demo_gateway(10177))
     ledger, reading = Ledger(config), ReadStats()
     events: list[tuple[float, bytes]] = []
     for path in sorted(logs.glob("kling-*.jsonl")):
@@ -280,6 +304,7 @@ def history_as_openmetrics(logs: Path, start: float, end: float, step: float) ->
     callbacks = Callbacks(lambda: config)
     gateway = Gateway(lambda: config, fleet.view, held, fleet, callbacks)
     side = Side(held, [], callbacks, account, fleet, gateway)
+    rng = random.Random(DEFAULT_SEED)
     packs = msgspec.convert(demo_packs(end), list[Pack])
     series: dict[str, list[str]] = {}  # metric name -> its samples, in time order
     i, t = 0, start
@@ -305,8 +330,10 @@ def history_as_openmetrics(logs: Path, start: float, end: float, step: float) ->
             for p in packs
         ]
         account.last_success = t
-        pack_families = [f for f in side_families(side) if f.name.startswith("kling_account_")]
-        text = renderer.render(families(ledger.snapshot(t, reading), status) + pack_families)
+        gateway_traffic(gateway, rng, step)
+        shown = ("kling_account_", "kling_gateway_")
+        side_rows = [f for f in side_families(side) if f.name.startswith(shown)]
+        text = renderer.render(families(ledger.snapshot(t, reading), status) + side_rows)
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name = line.split("{", 1)[0].split(" ", 1)[0]
