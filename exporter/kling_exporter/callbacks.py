@@ -187,9 +187,14 @@ class Callbacks:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self._journal: EventJournal | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._logs: LogsConfig | None = None
+        self._path: Path | None = None
 
     def journal(self) -> EventJournal | None:
-        path = journal_for(self.config().logs)
+        logs = self.config().logs
+        if logs is not self._logs:  # worked out once a config (a reload makes a new one)
+            self._logs, self._path = logs, journal_for(logs)
+        path = self._path
         if path is None:
             return None
         if self._journal is None or self._journal.path != path:
