@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kling_exporter import reservations as reservations_module
 from kling_exporter.budgets import Ask
 from kling_exporter.config import parse_config
+from kling_exporter.durable import write_all_and_sync
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import View
 from kling_exporter.pricing import Request
@@ -337,45 +338,97 @@ def test_past_max_live_a_new_hold_is_429_naming_the_setting(tmp_path: Path) -> N
     assert hold("c")[0] == 201
 
 
-def test_the_grant_that_makes_the_journal_due_does_not_wait_for_its_compaction(
+def stalled_compaction(
+    journal: HoldJournal, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """Make ``journal``'s compactions wait, once their live records are taken, until
+    the second event is set; the first is set when one waits."""
+    monkeypatch.setattr(reservations_module, "COMPACT_AFTER", 5)
+    writing, unblock = threading.Event(), threading.Event()
+    write_aside = journal._write_aside
+
+    def stalled(live: list[Record]) -> Path:
+        writing.set()
+        unblock.wait(10)  # a rewrite of tens of thousands of holds, on a slow disk
+        return write_aside(live)
+
+    monkeypatch.setattr(journal, "_write_aside", stalled)
+    return writing, unblock
+
+
+def test_holds_are_granted_and_released_while_the_journal_is_compacted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reservations_module, "COMPACT_AFTER", 5)
     ledger = Ledger(CONFIG)
     journal = HoldJournal(tmp_path / "r")
     held = Reservations(journal, Clock())
-    rewriting, unblock = threading.Event(), threading.Event()
-    rewrite = journal.rewrite
-
-    def stalled_rewrite(records: list[Record]) -> None:
-        rewriting.set()
-        unblock.wait(10)  # a rewrite of tens of thousands of holds, on a slow disk
-        rewrite(records)
-
-    monkeypatch.setattr(journal, "rewrite", stalled_rewrite)
+    writing, unblock = stalled_compaction(journal, monkeypatch)
     ask = Ask(Request(kind="image"), 1, "other", None)
 
-    async def hold_and_release_until_compacting() -> None:
+    async def hold(i: int) -> None:
+        asked = held.reserve(view(ledger), ask, f"h{i:02d}", 60, fingerprint({"i": i}))
+        assert (await asyncio.wait_for(asked, 5))[0] == 201
+
+    async def story() -> None:
         try:
-            for i in range(50):
-                asked = held.reserve(view(ledger), ask, f"h{i:02d}", 60, fingerprint({"i": i}))
-                assert (await asyncio.wait_for(asked, 5))[0] == 201
-                if held._compaction is not None:
-                    break  # answered, though the rewrite it set off cannot end yet
+            i = 0
+            while not await asyncio.to_thread(writing.wait, 0.01):
+                await hold(i)
                 assert await asyncio.wait_for(held.release(f"h{i:02d}"), 5)
-                if held._compaction is not None:
-                    break
-            else:
-                raise AssertionError("the journal was never compacted")
-            assert await asyncio.to_thread(rewriting.wait, 5)
+                i += 1
+                assert i < 50, "the journal was never compacted"
+            # The rewrite cannot end yet; grants and releases go on, each on disk.
+            for j in range(100, 120):
+                await hold(j)
+                if j % 2:
+                    assert await asyncio.wait_for(held.release(f"h{j:02d}"), 5)
         finally:
             unblock.set()
             await held.close()
 
-    asyncio.run(hold_and_release_until_compacting())
+    asyncio.run(story())
+    assert not list(tmp_path.glob(".*compacting"))
     again = Reservations(HoldJournal(tmp_path / "r"), Clock())
-    assert sorted(again.holds) == sorted(held.holds)
-    assert sorted(again.ended) == sorted(held.ended) != []
+    assert sorted(again.holds) == sorted(held.holds) == [f"h{j}" for j in range(100, 120, 2)]
+    assert sorted(again.ended) == sorted(held.ended)
+    assert len(HoldJournal(tmp_path / "r").load()) < 60  # compacted: 20 + 60 written
+
+
+def test_a_record_the_journal_refused_during_a_compaction_calls_it_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger(CONFIG)
+    journal = HoldJournal(tmp_path / "r")
+    held = Reservations(journal, Clock())
+    writing, unblock = stalled_compaction(journal, monkeypatch)
+    ask = Ask(Request(kind="image"), 1, "other", None)
+    write = write_all_and_sync
+
+    def full_disk(fd: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    async def story() -> None:
+        try:
+            i = 0
+            while not await asyncio.to_thread(writing.wait, 0.01):
+                await held.reserve(view(ledger), ask, f"h{i:02d}", 60, fingerprint({"i": i}))
+                await held.release(f"h{i:02d}")
+                i += 1
+            monkeypatch.setattr(reservations_module, "write_all_and_sync", full_disk)
+            try:
+                with pytest.raises(OSError):
+                    await held.reserve(view(ledger), ask, "lost", 60, fingerprint({"i": -1}))
+            finally:
+                monkeypatch.setattr(reservations_module, "write_all_and_sync", write)
+            await held.reserve(view(ledger), ask, "kept", 60, fingerprint({"i": -2}))
+        finally:
+            unblock.set()
+            await held.close()
+
+    asyncio.run(story())
+    assert not list(tmp_path.glob(".*compacting"))
+    again = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    assert sorted(again.holds) == sorted(held.holds) == ["kept"]
 
 
 def test_compaction_runs_beside_appends_and_loses_none(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import datetime as dt
 import hashlib
 import heapq
@@ -42,7 +43,7 @@ from kling_exporter.budgets import (
 from kling_exporter.durable import GroupCommit, write_all_and_sync
 from kling_exporter.events import MAX_ID
 from kling_exporter.model import View
-from kling_exporter.state import write_state
+from kling_exporter.state import sync_folder, write_state
 from kling_exporter.wording import amount_for_people
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ class HoldJournal:
         self.records = 0
         self.fd = -1
         self._commit = GroupCommit(self._write)
+        self._kept: list[bytes] | None = None  # appends while a compaction is written
+        self._failed = False
 
     def load(self) -> list[Record]:
         """What the journal holds; a torn last record (a crash mid-write) is dropped."""
@@ -166,23 +169,84 @@ class HoldJournal:
         self.records = len(records)
 
     async def compact(self, records: Callable[[], list[Record]]) -> None:
-        """Rewrite the journal with ``records()``, read once no append is under way,
-        and written on a thread: the event loop goes on (a rewrite of tens of
-        thousands of records took 40-65 ms of it). Appends made meanwhile follow it."""
-        await self._commit.alone(records, self.rewrite)
+        """Rewrite the journal with ``records()`` while appends go on. The live records
+        are taken on the event loop and written to a file aside on a thread, fsynced;
+        meanwhile appends are written to the journal as ever, and kept aside too. Then,
+        with no write under way, those are added to the new file, which takes the old
+        one's place. Appends wait for that last step only: they waited for the whole
+        rewrite before (tens of milliseconds at 30,000 live holds, past p99 under a
+        flood of grants). A record the journal could not take meanwhile calls the
+        rewrite off, so that it cannot reach the new file either."""
+        live = records()
+        self._kept, self._failed = [], False
+        try:
+            aside = await asyncio.to_thread(self._write_aside, live)
+            await self._commit.alone(
+                self._take_kept, lambda kept: self._install(aside, len(live), kept)
+            )
+        finally:
+            self._kept = None
+
+    def _write_aside(self, live: list[Record]) -> Path:
+        aside = self.path.with_name(f".{self.path.name}.compacting")
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            write_all_and_sync(fd, b"".join(_frame(r) for r in live))
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+            raise
+        finally:
+            os.close(fd)
+        return aside
+
+    def _take_kept(self) -> list[bytes] | None:
+        """On the event loop, no write under way: what was appended since the live
+        records were taken (None when a write failed meanwhile). Records queued but not
+        yet written are in it too, and are written again after it, to the new file:
+        replaying a record again after its own turn changes nothing."""
+        kept, self._kept = self._kept, None
+        return None if self._failed else kept
+
+    def _install(self, aside: Path, live: int, kept: list[bytes] | None) -> None:
+        if kept is None:
+            os.unlink(aside)
+            return
+        fd = os.open(aside, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            if kept:
+                write_all_and_sync(fd, b"".join(kept))
+            os.replace(aside, self.path)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+            raise
+        sync_folder(self.path.parent)
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = fd
+        self.records = live + len(kept)
 
     def append(self, record: Record) -> asyncio.Future[None]:
         """Queue the record; the future is done once it is on disk, or raises OSError
         if it cannot be."""
         self.records += 1
-        return self._commit.append(_frame(record))
+        frame = _frame(record)
+        if self._kept is not None:
+            self._kept.append(frame)
+        return self._commit.append(frame)
 
     async def settle(self) -> None:
         """Return once every record queued so far is written (or has failed)."""
         await self._commit.settle()
 
     def _write(self, data: bytes) -> None:
-        write_all_and_sync(self.fd, data)
+        try:
+            write_all_and_sync(self.fd, data)
+        except OSError:
+            self._failed = True  # a compaction under way keeps none of it
+            raise
 
     def close(self) -> None:
         if self.fd >= 0:
