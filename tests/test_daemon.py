@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import gzip
 import json
 import logging
@@ -541,3 +542,27 @@ def test_the_empty_glob_warning_repeats_every_few_minutes_not_every_poll(
         daemon.poll_once()
         assert caplog.text.count("log glob matches no file") == 2
     daemon.tailer.close()
+
+
+def test_no_garbage_collection_runs_inside_a_render(tmp_path: Path) -> None:
+    """A collection walks every object of the ledger; one inside a render made that
+    scrape three times slower. It is left for the reader's next allocation."""
+    log = tmp_path / "logs" / "kling-a.jsonl"
+    write_lines(log, [submitted(f"t{i}", project=f"p{i % 50}") for i in range(500)])
+    daemon = Daemon(local_config(tmp_path))
+    daemon.poll_once()
+    render = daemon.exposition.render
+    collecting: list[bool] = []
+
+    def watched(accept: str = "", names: list[str] | None = None) -> tuple[bytes, str]:
+        collecting.append(gc.isenabled())
+        return render(accept, names)
+
+    daemon.exposition.render = watched  # type: ignore[method-assign]
+    try:
+        body, _ = daemon.render()
+    finally:
+        daemon.tailer.close()
+    assert b"kling_tasks_submitted_total" in body
+    assert collecting == [False]
+    assert gc.isenabled()

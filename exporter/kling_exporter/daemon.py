@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 import threading
@@ -49,6 +50,22 @@ PUBLISH_INTERVAL = 0.1
 POLL_GAP = 0.02
 # While a log glob matches no file, the warning that says so is repeated this often.
 UNMATCHED_WARN_EVERY = 300.0
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile. A render makes tens of thousands of
+    objects, and a collection they set off walks every object of the ledger: in
+    process, after 1,000 new tasks, a render took 26-30 ms, or 91 ms with a collection
+    in it. Paused, the collection comes at the reader's next allocation instead, while
+    no scrape waits for it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Daemon:
@@ -343,7 +360,7 @@ class Daemon:
         tens of milliseconds), so the two do not take turns on the interpreter and the
         scrape is no slower while a backlog is read. What is published for pre-flight
         answers is brought up to the same instant first."""
-        with self._reading():
+        with self._reading(), _collector_paused():
             self._published(True)
             return self.exposition.render(accept, names)
 
