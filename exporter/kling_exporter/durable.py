@@ -50,6 +50,11 @@ class GroupCommit:
             value = prepare()
             await asyncio.to_thread(work, value)
 
+    @property
+    def queued(self) -> int:
+        """Appends queued and not yet being written (the last ones made)."""
+        return len(self._pending)
+
     async def settle(self) -> None:
         """Return once every append queued so far is written (or has failed)."""
         async with self._alone:

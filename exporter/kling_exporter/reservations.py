@@ -201,12 +201,14 @@ class HoldJournal:
         return aside
 
     def _take_kept(self) -> list[bytes] | None:
-        """On the event loop, no write under way: what was appended since the live
-        records were taken (None when a write failed meanwhile). Records queued but not
-        yet written are in it too, and are written again after it, to the new file:
-        replaying a record again after its own turn changes nothing."""
+        """On the event loop, no write under way: what was written since the live
+        records were taken (None when a write failed meanwhile). Records still queued
+        are left out: they are written after, to the new file, and only there, so one
+        that fails then is in neither."""
         kept, self._kept = self._kept, None
-        return None if self._failed else kept
+        if kept is None or self._failed:
+            return None
+        return kept[: max(0, len(kept) - self._commit.queued)]
 
     def _install(self, aside: Path, live: int, kept: list[bytes] | None) -> None:
         if kept is None:
