@@ -8,7 +8,7 @@ import json
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hypothesis.strategies as st
 import pytest
@@ -338,12 +338,21 @@ def test_past_max_live_a_new_hold_is_429_naming_the_setting(tmp_path: Path) -> N
     assert hold("c")[0] == 201
 
 
-def stalled_compaction(
-    journal: HoldJournal, monkeypatch: pytest.MonkeyPatch
-) -> tuple[threading.Event, threading.Event]:
-    """Make ``journal``'s compactions wait, once their live records are taken, until
-    the second event is set; the first is set when one waits."""
+class Stalled(NamedTuple):
+    held: Reservations
+    ledger: Ledger
+    writing: threading.Event  # set once a compaction waits
+    unblock: threading.Event  # lets it go on
+
+
+ELSEWHERE = Ask(Request(kind="image"), 1, "other", None)  # no budget matches: all granted
+
+
+def stalled_compaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Stalled:
+    """Reservations whose journal's compactions wait, once their live records are
+    taken, until ``unblock`` is set."""
     monkeypatch.setattr(reservations_module, "COMPACT_AFTER", 5)
+    journal = HoldJournal(tmp_path / "r")
     writing, unblock = threading.Event(), threading.Event()
     write_aside = journal._write_aside
 
@@ -353,82 +362,75 @@ def stalled_compaction(
         return write_aside(live)
 
     monkeypatch.setattr(journal, "_write_aside", stalled)
-    return writing, unblock
+    return Stalled(Reservations(journal, Clock()), Ledger(CONFIG), writing, unblock)
+
+
+async def hold_on_disk(s: Stalled, rid: str, i: int) -> None:
+    asked = s.held.reserve(view(s.ledger), ELSEWHERE, rid, 60, fingerprint({"i": i}))
+    assert (await asyncio.wait_for(asked, 5))[0] == 201
+
+
+async def hold_and_release_until_compacting(s: Stalled) -> None:
+    """Grant and release holds until the journal's compaction waits."""
+    for i in range(50):
+        if await asyncio.to_thread(s.writing.wait, 0.01):
+            return
+        await hold_on_disk(s, f"h{i:02d}", i)
+        assert await asyncio.wait_for(s.held.release(f"h{i:02d}"), 5)
+    raise AssertionError("the journal was never compacted")
 
 
 def test_holds_are_granted_and_released_while_the_journal_is_compacted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ledger = Ledger(CONFIG)
-    journal = HoldJournal(tmp_path / "r")
-    held = Reservations(journal, Clock())
-    writing, unblock = stalled_compaction(journal, monkeypatch)
-    ask = Ask(Request(kind="image"), 1, "other", None)
-
-    async def hold(i: int) -> None:
-        asked = held.reserve(view(ledger), ask, f"h{i:02d}", 60, fingerprint({"i": i}))
-        assert (await asyncio.wait_for(asked, 5))[0] == 201
+    s = stalled_compaction(tmp_path, monkeypatch)
 
     async def story() -> None:
         try:
-            i = 0
-            while not await asyncio.to_thread(writing.wait, 0.01):
-                await hold(i)
-                assert await asyncio.wait_for(held.release(f"h{i:02d}"), 5)
-                i += 1
-                assert i < 50, "the journal was never compacted"
+            await hold_and_release_until_compacting(s)
             # The rewrite cannot end yet; grants and releases go on, each on disk.
             for j in range(100, 120):
-                await hold(j)
+                await hold_on_disk(s, f"h{j:02d}", j)
                 if j % 2:
-                    assert await asyncio.wait_for(held.release(f"h{j:02d}"), 5)
+                    assert await asyncio.wait_for(s.held.release(f"h{j:02d}"), 5)
         finally:
-            unblock.set()
-            await held.close()
+            s.unblock.set()
+            await s.held.close()
 
     asyncio.run(story())
     assert not list(tmp_path.glob(".*compacting"))
     again = Reservations(HoldJournal(tmp_path / "r"), Clock())
-    assert sorted(again.holds) == sorted(held.holds) == [f"h{j}" for j in range(100, 120, 2)]
-    assert sorted(again.ended) == sorted(held.ended)
+    assert sorted(again.holds) == sorted(s.held.holds) == [f"h{j}" for j in range(100, 120, 2)]
+    assert sorted(again.ended) == sorted(s.held.ended)
     assert len(HoldJournal(tmp_path / "r").load()) < 60  # compacted: 20 + 60 written
 
 
 def test_a_record_the_journal_refused_during_a_compaction_calls_it_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ledger = Ledger(CONFIG)
-    journal = HoldJournal(tmp_path / "r")
-    held = Reservations(journal, Clock())
-    writing, unblock = stalled_compaction(journal, monkeypatch)
-    ask = Ask(Request(kind="image"), 1, "other", None)
-    write = write_all_and_sync
+    s = stalled_compaction(tmp_path, monkeypatch)
 
     def full_disk(fd: int, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
     async def story() -> None:
         try:
-            i = 0
-            while not await asyncio.to_thread(writing.wait, 0.01):
-                await held.reserve(view(ledger), ask, f"h{i:02d}", 60, fingerprint({"i": i}))
-                await held.release(f"h{i:02d}")
-                i += 1
+            await hold_and_release_until_compacting(s)
             monkeypatch.setattr(reservations_module, "write_all_and_sync", full_disk)
             try:
                 with pytest.raises(OSError):
-                    await held.reserve(view(ledger), ask, "lost", 60, fingerprint({"i": -1}))
+                    await hold_on_disk(s, "lost", -1)
             finally:
-                monkeypatch.setattr(reservations_module, "write_all_and_sync", write)
-            await held.reserve(view(ledger), ask, "kept", 60, fingerprint({"i": -2}))
+                monkeypatch.setattr(reservations_module, "write_all_and_sync", write_all_and_sync)
+            await hold_on_disk(s, "kept", -2)
         finally:
-            unblock.set()
-            await held.close()
+            s.unblock.set()
+            await s.held.close()
 
     asyncio.run(story())
     assert not list(tmp_path.glob(".*compacting"))
     again = Reservations(HoldJournal(tmp_path / "r"), Clock())
-    assert sorted(again.holds) == sorted(held.holds) == ["kept"]
+    assert sorted(again.holds) == sorted(s.held.holds) == ["kept"]
 
 
 def test_compaction_runs_beside_appends_and_loses_none(
@@ -437,7 +439,7 @@ def test_compaction_runs_beside_appends_and_loses_none(
     monkeypatch.setattr(reservations_module, "COMPACT_AFTER", 5)
     ledger = Ledger(CONFIG)
     held = Reservations(HoldJournal(tmp_path / "r"), Clock())
-    ask = Ask(Request(kind="image"), 1, "other", None)  # no budget matches: all granted
+    ask = ELSEWHERE
 
     async def grant_and_release() -> None:
         grants = [
