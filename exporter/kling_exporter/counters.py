@@ -48,19 +48,22 @@ class LabelLimiter:
 
 
 class Histogram:
-    __slots__ = ("counts", "sum")
+    """Counts of values by upper bound (``buckets``, ascending), and their sum."""
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(GENERATION_BUCKETS) + 1)
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...] = GENERATION_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(GENERATION_BUCKETS, value)] += 1
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.sum += value
 
     def cumulative(self) -> list[tuple[str, int]]:
         out, total = [], 0
-        for bound, count in zip((*GENERATION_BUCKETS, float("inf")), self.counts, strict=True):
+        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
             total += count
             out.append(("+Inf" if bound == float("inf") else repr(bound), total))
         return out

@@ -21,7 +21,6 @@ producer that goes away once its request was sent still has its task journalled.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import json
 import logging
@@ -44,6 +43,7 @@ from kling_exporter.api import BodyError, parse_json, read_body
 from kling_exporter.budgets import Ask
 from kling_exporter.callbacks import Callbacks, completion
 from kling_exporter.config import MODE_ALIASES, Config, GatewayConfig
+from kling_exporter.counters import Histogram
 from kling_exporter.events import MAX_ID, MAX_LABEL_LEN
 from kling_exporter.fleet import Fleet
 from kling_exporter.model import View
@@ -268,25 +268,6 @@ def kling_data(body: bytes, encoding: str) -> tuple[int | None, Any]:
     return code, value.get("data")
 
 
-class Histogram:
-    """Upstream durations of one route."""
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.sum += seconds
-
-    def sample(self) -> tuple[list[tuple[str, int]], float]:
-        out, total = [], 0
-        for bound, count in zip((*BUCKETS, float("inf")), self.counts, strict=True):
-            total += count
-            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
-        return out, self.sum
-
-
 class Upstream(NamedTuple):
     """Kling's answer, read whole."""
 
@@ -314,7 +295,7 @@ class Gateway:
         self.fleet = fleet
         self.callbacks = callbacks
         self.outcomes = {(r, o): 0 for r in ROUTES for o in OUTCOMES}
-        self.durations = {r: Histogram() for r in ROUTES}
+        self.durations = {r: Histogram(BUCKETS) for r in ROUTES}  # Kling's answer times
         self.completed: OrderedDict[str, None] = OrderedDict()
         self._session: aiohttp.ClientSession | None = None
         self._work: set[asyncio.Task[Any]] = set()

@@ -537,7 +537,7 @@ SIDE_METRICS: tuple[SideSpec, ...] = (
         "Time from sending a request on to Kling until its answer's headers (its "
         "whole body, for create and query), by route.",
         ("route",),
-        lambda side: {(r,): h.sample() for r, h in side.gateway.durations.items()},
+        lambda side: {(r,): (h.cumulative(), h.sum) for r, h in side.gateway.durations.items()},
         _gateway_on,
         "seconds",
     ),
