@@ -35,9 +35,6 @@ FINISHED = DONE | ERR
 # What reservations used is kept this long after their last task (a reservation lives a
 # day at most).
 CONSUMED_KEPT = 2 * 86400.0
-# ... and looked over for what is past that at most this often: the look reads every id
-# (thousands, with the gateway's holds), and the reader polls up to 50 times a second.
-CONSUMED_PRUNE_EVERY = 60.0
 # How an implausible event time was replaced by the time of reading.
 CLAMP_REASONS = ("ahead", "too_old")
 
@@ -76,7 +73,6 @@ class Book(Counters):
         # of times; ``consumed_changed`` names the ids changed since it last looked.
         self.consumed: dict[str, list[float]] = {}
         self.consumed_changed: set[str] = set()
-        self._consumed_pruned_at = -CONSUMED_PRUNE_EVERY
         # Told of every counted event (reports); None in the daemon.
         self.observer: Observer | None = None
         self.configure(config)
@@ -232,9 +228,6 @@ class Book(Counters):
 
     def _prune_consumed(self, now: float) -> None:
         """Forget what reservations used once none can be live (they last a day at most)."""
-        if 0 <= now - self._consumed_pruned_at < CONSUMED_PRUNE_EVERY:
-            return
-        self._consumed_pruned_at = now
         cutoff = min(now, self.last_event_ts) - CONSUMED_KEPT
         stale = [rid for rid, (_, ts) in self.consumed.items() if ts < cutoff]
         for rid in stale:

@@ -310,13 +310,15 @@ class Ledger(Book):
 
     # -- housekeeping ----------------------------------------------------------------
 
-    def expire(self, now: float) -> int:
+    def expire(self, now: float, reservations: bool = True) -> int:
         """Count the terminal events that waited long enough for their submission, forget
-        old tasks (``expire_tasks``) and usage of periods that have ended."""
+        old tasks (``expire_tasks``) and usage of periods that have ended, and (with
+        ``reservations``) what reservations used that none can be live for."""
         self.settle_waiting(now - self.orphan_wait)
         dropped = self.expire_tasks(now)
         self._prune_usage(now)
-        self._prune_consumed(now)
+        if reservations:
+            self._prune_consumed(now)
         return dropped
 
     def settle_waiting(self, read_before: float = float("inf")) -> None:
