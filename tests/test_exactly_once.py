@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -149,10 +150,14 @@ class ExactlyOnce(RuleBasedStateMachine):
         assert ledger.duplicates == 0
 
     def teardown(self) -> None:
-        if hasattr(self, "reader"):
+        if not hasattr(self, "reader"):
+            return
+        try:
             self.every_complete_line_counted_once()
+        finally:
             self.writer.close()
             self.reader.tailer.close()
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 ExactlyOnce.TestCase.settings = settings(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -315,6 +316,11 @@ class ReservationMachine(RuleBasedStateMachine):
         assert sum(live.values()) == (
             granted - consumed - self.gone["released"] - self.gone["expired"]
         )
+
+    def teardown(self) -> None:
+        if self.held.journal is not None:
+            self.held.journal.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 TestReservationMachine = ReservationMachine.TestCase
