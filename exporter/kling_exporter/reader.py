@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import itertools
 import logging
 import os
@@ -230,6 +231,10 @@ def reader_main(fd: int) -> None:
     _die_with_parent(start.parent)
     setup_logging(start.log_level, start.log_format)
     daemon = Daemon(start.config, start.config_path)
+    # What start-up made (imports, the state's ledger) lives as long as the process:
+    # out of the collector's sight, a full collection takes a millisecond instead of
+    # 20-50 ms of a core taken from the HTTP process beside it.
+    gc.freeze()
     link = _Link(conn, daemon)
     daemon.publish = link.publish
     daemon.start()
