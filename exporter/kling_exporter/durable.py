@@ -39,7 +39,7 @@ class GroupCommit:
         self._pending.append(data)
         self._waiters.append(future)
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.ensure_future(self._flush())
+            self._flusher = asyncio.ensure_future(self.settle())
         return future
 
     async def alone(self, prepare: Callable[[], T], work: Callable[[T], None]) -> None:
@@ -57,10 +57,6 @@ class GroupCommit:
 
     async def settle(self) -> None:
         """Return once every append queued so far is written (or has failed)."""
-        async with self._alone:
-            await self._flush_pending()
-
-    async def _flush(self) -> None:
         async with self._alone:
             await self._flush_pending()
 
