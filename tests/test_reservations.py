@@ -8,6 +8,7 @@ import json
 import shutil
 import tempfile
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -386,26 +387,39 @@ async def hold_and_release_until_compacting(s: Stalled) -> None:
     raise AssertionError("the journal was never compacted")
 
 
-def test_holds_are_granted_and_released_while_the_journal_is_compacted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    s = stalled_compaction(tmp_path, monkeypatch)
+def compacting_meanwhile(
+    s: Stalled, tmp_path: Path, meanwhile: Callable[[], Awaitable[None]]
+) -> Reservations:
+    """Grant and release until the journal's compaction waits, run ``meanwhile``, let
+    the compaction end and close; then nothing is left aside, and the reservations come
+    back from the journal as a restart reads them."""
 
     async def story() -> None:
         try:
             await hold_and_release_until_compacting(s)
-            # The rewrite cannot end yet; grants and releases go on, each on disk.
-            for j in range(100, 120):
-                await hold_on_disk(s, f"h{j:02d}", j)
-                if j % 2:
-                    assert await asyncio.wait_for(s.held.release(f"h{j:02d}"), 5)
+            await meanwhile()
         finally:
             s.unblock.set()
             await s.held.close()
 
     asyncio.run(story())
     assert not list(tmp_path.glob(".*compacting"))
-    again = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    return Reservations(HoldJournal(tmp_path / "r"), Clock())
+
+
+def test_holds_are_granted_and_released_while_the_journal_is_compacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = stalled_compaction(tmp_path, monkeypatch)
+
+    async def churn() -> None:
+        # The rewrite cannot end yet; grants and releases go on, each on disk.
+        for j in range(100, 120):
+            await hold_on_disk(s, f"h{j:02d}", j)
+            if j % 2:
+                assert await asyncio.wait_for(s.held.release(f"h{j:02d}"), 5)
+
+    again = compacting_meanwhile(s, tmp_path, churn)
     assert sorted(again.holds) == sorted(s.held.holds) == [f"h{j}" for j in range(100, 120, 2)]
     assert sorted(again.ended) == sorted(s.held.ended)
     assert len(HoldJournal(tmp_path / "r").load()) < 60  # compacted: 20 + 60 written
@@ -419,23 +433,16 @@ def test_a_record_the_journal_refused_during_a_compaction_calls_it_off(
     def full_disk(fd: int, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    async def story() -> None:
+    async def refused_then_kept() -> None:
+        monkeypatch.setattr(reservations_module, "write_all_and_sync", full_disk)
         try:
-            await hold_and_release_until_compacting(s)
-            monkeypatch.setattr(reservations_module, "write_all_and_sync", full_disk)
-            try:
-                with pytest.raises(OSError):
-                    await hold_on_disk(s, "lost", -1)
-            finally:
-                monkeypatch.setattr(reservations_module, "write_all_and_sync", write_all_and_sync)
-            await hold_on_disk(s, "kept", -2)
+            with pytest.raises(OSError):
+                await hold_on_disk(s, "lost", -1)
         finally:
-            s.unblock.set()
-            await s.held.close()
+            monkeypatch.setattr(reservations_module, "write_all_and_sync", write_all_and_sync)
+        await hold_on_disk(s, "kept", -2)
 
-    asyncio.run(story())
-    assert not list(tmp_path.glob(".*compacting"))
-    again = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    again = compacting_meanwhile(s, tmp_path, refused_then_kept)
     assert sorted(again.holds) == sorted(s.held.holds) == ["kept"]
 
 
