@@ -10,7 +10,9 @@ then through the gateway, for create requests and then for queries. Meanwhile a 
 fsyncs a line beside the journal every 10 ms: a create waits for one fsync, so the disk's
 p99 in the same seconds says how much of the added p99 is the disk's. The load, the
 stand-in and the probe freeze what their start-up made, so that no full collection of
-theirs lands in a run as the gateway's time.
+theirs lands in a run as the gateway's time. The CPU the exporter's two processes used
+in each run is read from /proc (Linux), per request: a figure that varies less than the
+latencies when the machine's speed does, and says where the added time is spent.
 
     python bench/gateway_load.py                      # 500 requests/s for 10 s each
     python bench/gateway_load.py --repeat 8           # eight runs, and their spread
@@ -154,6 +156,43 @@ def probe_disk(folder: str) -> None:
     print(json.dumps({"p50_ms": p50, "p99_ms": p99}))
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time process ``pid`` (all its threads) has used (0 where /proc is not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (none where /proc is not)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.parent.name))
+    return found
+
+
+class CpuMeter:
+    """The CPU the exporter's processes (the HTTP one and its reader) used meanwhile."""
+
+    def __init__(self, pid: int) -> None:
+        self.pids = {"http": pid, "reader": next(iter(children(pid)), 0)}
+        self.used: dict[str, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.used = {n: cpu_seconds(p) - self._start[n] for n, p in self.pids.items()}
+
+
 class DiskProbe:
     """What the disk under the exporter's journal takes over an fsync meanwhile, from
     a process of its own (so that it slows neither side). A create through the gateway
@@ -179,7 +218,7 @@ class DiskProbe:
 
 
 async def measure(
-    standin: str, gateway: str, rate: float, duration: float, folder: Path
+    standin: str, gateway: str, rate: float, duration: float, folder: Path, exporter: int
 ) -> dict[str, Any]:
     now = int(time.time())
     token = jwt.encode({"iss": ACCESS, "exp": now + 1800, "nbf": now - 5}, SECRET, "HS256")
@@ -213,15 +252,19 @@ async def measure(
                     session, method, standin + path, headers, data, rate, duration
                 )
                 await open_loop(session, method, gateway + path, headers, data, rate, 1.0)
-                through = await open_loop(
-                    session, method, gateway + path, headers, data, rate, duration
-                )
+                with CpuMeter(exporter) as cpu:
+                    through = await open_loop(
+                        session, method, gateway + path, headers, data, rate, duration
+                    )
             out[route] = {
                 "direct": direct,
                 "gateway": through,
                 "disk_fsync": disk.result,
                 "added_p50_ms": through["p50_ms"] - direct["p50_ms"],
                 "added_p99_ms": through["p99_ms"] - direct["p99_ms"],
+                "cpu_ms_per_request": {
+                    name: seconds * 1000 / through["requests"] for name, seconds in cpu.used.items()
+                },
             }
     return out
 
@@ -241,7 +284,9 @@ def run(rate: float = 500, duration: float = 10) -> dict[str, Any]:
             exporter = start(Path(tmp), standin_url, exporter_port)
             try:
                 gateway = f"http://127.0.0.1:{exporter_port}/kling"
-                result = asyncio.run(measure(standin_url, gateway, rate, duration, Path(tmp)))
+                result = asyncio.run(
+                    measure(standin_url, gateway, rate, duration, Path(tmp), exporter.pid)
+                )
             finally:
                 exporter.terminate()
                 exporter.wait(20)
@@ -288,6 +333,11 @@ def main() -> None:
                 f" ms, median {statistics.median(added):.2f} ms,"
                 f" under {TARGET_MS:g} ms in {under}"
             )
+            cpu = sorted(r[route]["cpu_ms_per_request"]["http"] for r in results)
+            print(
+                f"{route:6} HTTP process CPU a request: {cpu[0]:.3f} to {cpu[-1]:.3f} ms,"
+                f" median {statistics.median(cpu):.3f} ms"
+            )
     if args.json:
         out = results[0] if args.repeat == 1 else {"runs": results}
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
@@ -308,6 +358,11 @@ def show(result: dict[str, Any]) -> None:
         disk = row["disk_fsync"]
         fsync = f"p50 {disk['p50_ms']:7.2f} ms  p99 {disk['p99_ms']:7.2f} ms"
         print(f"{route:6} fsync    {fsync}  (the disk, meanwhile)")
+        cpu = row["cpu_ms_per_request"]
+        print(
+            f"{route:6} CPU      {cpu['http']:.3f} ms a request in the HTTP process,"
+            f" {cpu['reader']:.3f} ms in the reader"
+        )
 
 
 if __name__ == "__main__":
