@@ -19,11 +19,18 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kling_exporter import reservations as reservations_module
 from kling_exporter.budgets import Ask
 from kling_exporter.config import parse_config
-from kling_exporter.durable import write_all_and_sync
+from kling_exporter.durable import write_all, write_all_and_sync
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import View
 from kling_exporter.pricing import Request
-from kling_exporter.reservations import HoldJournal, Record, Reservations, Terms, fingerprint
+from kling_exporter.reservations import (
+    Granted,
+    HoldJournal,
+    Record,
+    Reservations,
+    Terms,
+    fingerprint,
+)
 
 from tests.helpers import NOW, feed, saved_and_restored
 
@@ -57,10 +64,12 @@ def reserve(
     rid: str | None = None,
     ttl: float = 60,
     user: str | None = None,
+    durable: bool = True,
 ) -> tuple[int, dict[str, Any]]:
     body = {"project": "p", "user": user, "count": count, "ttl": ttl}
     ask = Ask(REQ, count, "p", user)
-    return asyncio.run(held.reserve(view(ledger), ask, rid, ttl, fingerprint(body)))
+    terms = Terms(durable=durable)
+    return asyncio.run(held.reserve(view(ledger), ask, rid, ttl, fingerprint(body), terms))
 
 
 def remaining(held: Reservations, ledger: Ledger, name: str = "team") -> float:
@@ -228,11 +237,16 @@ class ReservationMachine(RuleBasedStateMachine):
         }
 
     @rule(
-        count=st.integers(1, 4), user=st.sampled_from([None, "ann"]), ttl=st.sampled_from([5, 60])
+        count=st.integers(1, 4),
+        user=st.sampled_from([None, "ann"]),
+        ttl=st.sampled_from([5, 60]),
+        durable=st.booleans(),
     )
-    def reserve(self, count: int, user: str | None, ttl: int) -> None:
+    def reserve(self, count: int, user: str | None, ttl: int, durable: bool) -> None:
+        """A grant, awaited until fsynced or (as the gateway's) not: either way it is
+        in the journal once granted, so an exporter killed then keeps it."""
         rid = f"r{len(self.model)}-{self.held.outcomes['refused']}"
-        status, _ = reserve(self.held, self.ledger, count, rid=rid, ttl=ttl, user=user)
+        status, _ = reserve(self.held, self.ledger, count, rid, ttl, user, durable)
         if status == 201:
             self.model[rid] = [count, self.clock() + ttl, 0, False, user]
 
@@ -470,3 +484,79 @@ def test_compaction_runs_beside_appends_and_loses_none(
     again = Reservations(HoldJournal(tmp_path / "r"), Clock())
     assert sorted(again.holds) == sorted(held.holds) == [f"h{i:03d}" for i in range(0, 300, 6)]
     assert set(again.ended) == {f"h{i:03d}" for i in range(300) if i % 6}
+
+
+GATEWAYS = Terms(durable=False)  # as the gateway grants: nobody waits for the fsync
+
+
+async def grant(held: Reservations, rid: str, terms: Terms = GATEWAYS) -> None:
+    ledger = Ledger(CONFIG)
+    asked = held.reserve(view(ledger), ELSEWHERE, rid, 60, fingerprint({"id": rid}), terms)
+    assert (await asked)[0] == 201  # awaited directly: nothing else runs meanwhile
+
+
+def test_a_grant_nobody_waits_for_is_in_the_journal_once_granted(tmp_path: Path) -> None:
+    """Written at once on the event loop, not by a thread later: an exporter killed
+    straight after the grant keeps it."""
+    held = Reservations(HoldJournal(tmp_path / "r"), Clock())
+
+    async def story() -> list[str]:
+        await grant(held, "g1")
+        # Nothing has run since the grant: the journal already has it.
+        return [r.hold.id for r in HoldJournal(tmp_path / "r").load() if isinstance(r, Granted)]
+
+    assert asyncio.run(story()) == ["g1"]
+    assert list(Reservations(HoldJournal(tmp_path / "r"), Clock()).holds) == ["g1"]
+
+
+def test_a_grant_nobody_waits_for_goes_behind_a_write_under_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a grant's fsync under way, the next grant is queued behind it, not written
+    past it, and both are in the journal in the order they were granted."""
+    writing, unblock = threading.Event(), threading.Event()
+
+    def slow_disk(fd: int, data: bytes) -> None:
+        writing.set()
+        unblock.wait(10)
+        write_all_and_sync(fd, data)
+
+    monkeypatch.setattr(reservations_module, "write_all_and_sync", slow_disk)
+    held = Reservations(HoldJournal(tmp_path / "r"), Clock())
+
+    async def story() -> None:
+        first = asyncio.ensure_future(grant(held, "first", Terms()))
+        assert await asyncio.to_thread(writing.wait, 5)
+        await grant(held, "second")
+        assert HoldJournal(tmp_path / "r").load() == []  # the first is not written yet
+        unblock.set()
+        await first
+        await held.close()
+
+    asyncio.run(story())
+    ids = [r.hold.id for r in HoldJournal(tmp_path / "r").load() if isinstance(r, Granted)]
+    assert ids == ["first", "second"]
+
+
+def test_a_grant_the_journal_refuses_is_logged_and_calls_a_compaction_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The grant stands (its caller went on), the error is logged, and a compaction
+    under way does not carry the refused record into the new journal."""
+    s = stalled_compaction(tmp_path, monkeypatch)
+
+    def full_disk(fd: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    async def refused_then_kept() -> None:
+        monkeypatch.setattr(reservations_module, "write_all", full_disk)
+        try:
+            await grant(s.held, "lost")
+        finally:
+            monkeypatch.setattr(reservations_module, "write_all", write_all)
+        assert "lost" in s.held.holds  # counts until a restart
+        await grant(s.held, "kept")
+
+    again = compacting_meanwhile(s, tmp_path, refused_then_kept)
+    assert "cannot write the reservation journal" in caplog.text
+    assert sorted(again.holds) == ["kept"]

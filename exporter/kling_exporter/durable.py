@@ -11,18 +11,24 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def write_all_and_sync(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to ``fd`` (short writes continued), then fsync it."""
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, short writes continued."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_all_and_sync(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, then fsync it."""
+    write_all(fd, data)
     os.fsync(fd)
 
 
 class GroupCommit:
     """Each ``append`` is done once its bytes are written and fsynced by ``write`` (on a
     thread, so the event loop goes on), or raises its OSError. Appends that arrive while
-    a write is under way share the next one: one fsync for a burst, not one each."""
+    a write is under way share the next one: one fsync for a burst, not one each. A
+    write that needs no fsync is made at once with ``write_now`` when none is queued."""
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self.write = write
@@ -49,6 +55,15 @@ class GroupCommit:
         async with self._alone:
             value = prepare()
             await asyncio.to_thread(work, value)
+
+    def write_now(self, write: Callable[[], None]) -> bool:
+        """Run ``write`` (an append that need not be fsynced) at once, on the event loop,
+        when no write is under way or queued, so that it cannot pass one made before it;
+        False, and nothing run, else. An OSError from ``write`` is raised."""
+        if self._pending or self._alone.locked():
+            return False
+        write()
+        return True
 
     @property
     def queued(self) -> int:

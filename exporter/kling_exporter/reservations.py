@@ -40,7 +40,7 @@ from kling_exporter.budgets import (
     Share,
     sum_into,
 )
-from kling_exporter.durable import GroupCommit, write_all_and_sync
+from kling_exporter.durable import GroupCommit, write_all, write_all_and_sync
 from kling_exporter.events import MAX_ID
 from kling_exporter.model import View
 from kling_exporter.state import sync_folder, write_state
@@ -98,9 +98,10 @@ class Terms(NamedTuple):
     """How a reservation is granted. ``decide`` (a fleet's) answers in place of this
     exporter's own check; it is called under ``Reservations.deciding``, held until the
     hold is counted here. Past ``max_live`` live holds a new one is 429. A grant is on
-    disk before it is answered, unless ``durable`` is False: then its record is queued
-    and written while the caller goes on (the gateway, which makes its own task line
-    durable before anyone is told of the task)."""
+    disk before it is answered, unless ``durable`` is False: then its record is written
+    at once without an fsync (queued behind writes under way, if any) and nobody waits
+    for it: the gateway's case, which makes its own task line durable before anyone is
+    told of the task."""
 
     decide: Decide | None = None
     max_live: int = 20_000
@@ -118,13 +119,17 @@ def valid_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID and all("\x21" <= c <= "\x7e" for c in value)
 
 
+def _unwritten(error: BaseException) -> None:
+    log.error(
+        "cannot write the reservation journal; the hold counts until restart",
+        extra={"err": str(error)},
+    )
+
+
 def _log_unwritten(written: asyncio.Future[None]) -> None:
     error = None if written.cancelled() else written.exception()
     if error is not None:
-        log.error(
-            "cannot write the reservation journal; the hold counts until restart",
-            extra={"err": str(error)},
-        )
+        _unwritten(error)
 
 
 class HoldJournal:
@@ -239,13 +244,28 @@ class HoldJournal:
             self._kept.append(frame)
         return self._commit.append(frame)
 
+    def append_now(self, record: Record) -> asyncio.Future[None] | None:
+        """Write the record at once, not fsynced, and return None; or, with writes
+        queued or under way, queue it behind them as ``append`` does and return its
+        future. Written at once, it outlives the exporter's death (the kernel has it)
+        though not the machine's until the next fsync: for records nobody waits for,
+        which spares each a trip to a thread and an fsync of its own. Raises OSError
+        if it cannot be written."""
+        frame = _frame(record)
+        if not self._commit.write_now(lambda: self._write(frame, sync=False)):
+            return self.append(record)
+        self.records += 1
+        if self._kept is not None:
+            self._kept.append(frame)
+        return None
+
     async def settle(self) -> None:
         """Return once every record queued so far is written (or has failed)."""
         await self._commit.settle()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, sync: bool = True) -> None:
         try:
-            write_all_and_sync(self.fd, data)
+            (write_all_and_sync if sync else write_all)(self.fd, data)
         except OSError:
             self._failed = True  # a compaction under way keeps none of it
             raise
@@ -337,10 +357,18 @@ class Reservations:
         await written
 
     def _record_later(self, record: Record) -> None:
-        """Queue ``record`` without waiting for it to be on disk; a failure is logged."""
-        if self.journal is not None:
-            self.journal.append(record).add_done_callback(_log_unwritten)
-            self._compact_when_due(self.journal)
+        """Write ``record`` without waiting for an fsync (``HoldJournal.append_now``);
+        a failure is logged, and the hold counts until a restart."""
+        if self.journal is None:
+            return
+        try:
+            written = self.journal.append_now(record)
+        except OSError as e:
+            _unwritten(e)
+        else:
+            if written is not None:
+                written.add_done_callback(_log_unwritten)
+        self._compact_when_due(self.journal)
 
     def _compact_when_due(self, journal: HoldJournal) -> None:
         """Rewrite the journal once it holds far more records than the live holds need,
