@@ -2,7 +2,7 @@
 
 The stand-in of Kling's API runs in a process of its own; the real exporter (its HTTP
 process and its reader) serves the gateway in front of it, with a budget that matches
-every request, so each create request takes a reservation fsynced to its journal and
+every request, so each create request takes a reservation, written to its journal, and
 each task accepted is fsynced to the exporter's journal before the producer is answered.
 An open-loop load (requests sent at a fixed rate whatever the answers do; latency counted
 from when each request was due, so a stall is not hidden) calls the stand-in directly,
