@@ -264,10 +264,18 @@ class HoldJournal:
         await self._commit.settle()
 
     def _write(self, data: bytes, sync: bool = True) -> None:
+        """Append ``data``; on an error, what part of it was written (a full disk takes
+        half a record) is cut off again, or every record after it would be read out
+        of step at the next start, and lost."""
+        end = -1
         try:
+            end = os.fstat(self.fd).st_size
             (write_all_and_sync if sync else write_all)(self.fd, data)
         except OSError:
             self._failed = True  # a compaction under way keeps none of it
+            if end >= 0:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, end)
             raise
 
     def close(self) -> None:
