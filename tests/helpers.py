@@ -10,6 +10,7 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -444,3 +445,22 @@ THEIR_CSV_COLUMNS = [
     "credits_used",
     "elapsed_sec",
 ]
+
+
+def half_then_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk mid-write: the next ``os.write`` to a regular file takes half its
+    bytes and the one after fails with ENOSPC; writes after that succeed (space was
+    freed)."""
+    real_write = os.write
+    state = {"armed": True, "half": False}
+
+    def write(fd: int, data: Any) -> int:
+        if state["armed"] and stat.S_ISREG(os.fstat(fd).st_mode):
+            if state["half"]:
+                state["armed"] = False
+                raise OSError(28, "No space left on device")
+            state["half"] = True
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)

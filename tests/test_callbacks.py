@@ -23,7 +23,7 @@ from kling_exporter.callbacks import (
 from kling_exporter.config import LogsConfig
 from kling_exporter.events import Event, decode_line
 
-from tests.helpers import DaemonProcess, line, value, write_lines
+from tests.helpers import DaemonProcess, half_then_full, line, value, write_lines
 
 Factory = Callable[..., DaemonProcess]
 TOKEN = "callback-token-0123456789"  # noqa: S105 - a test's own token
@@ -252,3 +252,27 @@ def test_the_open_journal_follows_its_path_through_rotation_and_refuses_a_plant(
     assert lines(path.with_suffix(".1")) == [1, 2]
     assert lines(path) == [6]
     assert outside.read_text() == ""
+
+
+def test_a_line_the_disk_took_half_of_is_one_bad_line_not_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk mid-line leaves half a line; the next line written starts on a line
+    of its own, so the reader skips the torn part and counts the next task (glued to
+    the torn part, the next line was bad too, and its task lost)."""
+    path = tmp_path / "kling-callbacks.jsonl"
+    journal = EventJournal(path)
+
+    async def story() -> None:
+        await journal.append({"event": "task_completed", "task_id": "t1"})
+        half_then_full(monkeypatch)
+        with pytest.raises(OSError):
+            await journal.append({"event": "task_completed", "task_id": "torn"})
+        await journal.append({"event": "task_completed", "task_id": "t3"})
+        await journal.append({"event": "task_completed", "task_id": "t4"})
+        await journal.close()
+
+    asyncio.run(story())
+    read = [decode_line(raw) for raw in path.read_bytes().split(b"\n")[:-1]]
+    assert [e.task_id for e in read if isinstance(e, Event)] == ["t1", "t3", "t4"]
+    assert len(read) == 4  # the torn part is one line, read and skipped

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import stat
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable
@@ -18,7 +16,6 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from kling_exporter import durable as durable_module
 from kling_exporter import reservations as reservations_module
 from kling_exporter.budgets import Ask
 from kling_exporter.config import parse_config
@@ -35,7 +32,7 @@ from kling_exporter.reservations import (
     fingerprint,
 )
 
-from tests.helpers import NOW, feed, saved_and_restored
+from tests.helpers import NOW, feed, half_then_full, saved_and_restored
 
 CONFIG = parse_config(
     {
@@ -565,24 +562,6 @@ def test_a_grant_the_journal_refuses_is_logged_and_calls_a_compaction_off(
     assert sorted(again.holds) == ["kept"]
 
 
-def half_then_full(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
-    """The next write to a file takes half its bytes, then the disk is full; writes after
-    that succeed (space was freed)."""
-    real_write = os.write
-    state = {"armed": True}
-
-    def write(fd: int, data: Any) -> int:
-        if state["armed"] and stat.S_ISREG(os.fstat(fd).st_mode):
-            if state.get("half"):
-                state["armed"] = False
-                raise OSError(28, "No space left on device")
-            state["half"] = True
-            return real_write(fd, bytes(data[: len(data) // 2]))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(module.os, "write", write)
-
-
 def test_a_record_the_disk_took_half_of_loses_no_record_after_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -592,7 +571,7 @@ def test_a_record_the_disk_took_half_of_loses_no_record_after_it(
 
     async def story() -> None:
         await grant(held, "before", Terms())
-        half_then_full(monkeypatch, durable_module)
+        half_then_full(monkeypatch)
         with pytest.raises(OSError):
             await grant(held, "refused", Terms())
         await grant(held, "after", Terms())

@@ -12,6 +12,7 @@ are acknowledged and written nowhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import glob
 import hmac
@@ -122,6 +123,7 @@ class EventJournal:
         self._fd = -1
         self._file: tuple[int, int] | None = None  # (device, inode) of what _fd is
         self._commit = GroupCommit(self._write)
+        self._torn: tuple[int, int] | None = None  # the file a failed write left mid-line
 
     async def append(self, event: dict[str, Any]) -> None:
         """Return once the line is on disk; OSError if it cannot be written."""
@@ -134,7 +136,22 @@ class EventJournal:
         self._close()
 
     def _write(self, data: bytes) -> None:
-        write_all_and_sync(self._open(), data)
+        """Append lines. A write that fails part way (a full disk takes half a line)
+        leaves a torn line; the next write to that file first ends it, so that the torn
+        part is one bad line the reader counts and skips, not glued to the next good
+        one. (Cutting it off instead could take back bytes the reader has read.)"""
+        fd = self._open()
+        if self._torn is not None and self._torn == self._file:
+            data = b"\n" + data
+        end = os.fstat(fd).st_size
+        try:
+            write_all_and_sync(fd, data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                if os.fstat(fd).st_size != end:
+                    self._torn = self._file
+            raise
+        self._torn = None
 
     def _open(self) -> int:
         try:
