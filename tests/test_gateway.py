@@ -9,6 +9,7 @@ import concurrent.futures
 import functools
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -204,53 +205,89 @@ def test_a_producer_that_goes_away_still_has_its_task_journalled_once(
     assert lines[0]["kling_task_id"].startswith("kt-") and lines[0]["mode"] == "standard"
 
 
-def test_a_create_goes_on_to_kling_while_its_hold_is_written(
-    kling: tuple[KlingStandIn, str], tmp_path: Path
-) -> None:
-    """One fsync on a create's way, not two: the task line is on disk before the
-    producer hears of it, the hold's record is written meanwhile and still lands."""
-    standin, upstream = kling
+def create_in_process(
+    kling: tuple[KlingStandIn, str], tmp_path: Path, journal: HoldJournal
+) -> tuple[int, dict[str, Any]]:
+    """One create through the gateway of an app served in this process, with ``journal``
+    as its reservation journal (closed after); Kling's status and answer."""
     logs = tmp_path / "logs"
     daemon = Daemon(
         parse_config(
             {
                 "logs": {"paths": [str(logs / "kling-*.jsonl")]},
                 "budgets": [{"name": "b", "project": "inproc", "limit_credits": 1000}],
-                "gateway": {"enabled": True, "upstream": upstream},
+                "gateway": {"enabled": True, "upstream": kling[1]},
             }
         )
     )
-    journal = HoldJournal(tmp_path / "holds.journal")
-    journal.rewrite([])
-    unblock = threading.Event()
-    write = journal._commit.write
-
-    def stalled_write(data: bytes) -> None:
-        unblock.wait(10)  # a disk that takes its time over the hold's fsync
-        write(data)
-
-    journal._commit.write = stalled_write
     held = Reservations(journal)
     app = build_app(daemon, reservations=held)
 
     async def create() -> tuple[int, dict[str, Any]]:
         async with TestServer(app) as server, aiohttp.ClientSession() as session:
             url = f"http://127.0.0.1:{server.port}{CREATE}"
-            headers = {"X-Kling-Project": "inproc", "Authorization": f"Bearer {standin.token()}"}
+            token = kling[0].token()
+            headers = {"X-Kling-Project": "inproc", "Authorization": f"Bearer {token}"}
             try:
                 async with asyncio.timeout(5):
                     async with session.post(url, json=VIDEO, headers=headers) as answer:
                         return answer.status, await answer.json()
             finally:
-                unblock.set()
                 await held.close()
 
-    status, body = asyncio.run(create())
+    return asyncio.run(create())
+
+
+def test_a_create_goes_on_to_kling_while_its_hold_is_written(
+    kling: tuple[KlingStandIn, str], tmp_path: Path
+) -> None:
+    """One fsync on a create's way, not two: the task line is on disk before the
+    producer hears of it; the hold's record waits for no fsync, and lands."""
+    journal = HoldJournal(tmp_path / "holds.journal")
+    journal.rewrite([])
+    unblock = threading.Event()
+    write = journal._commit.write
+
+    def stalled_write(data: bytes) -> None:
+        unblock.wait(10)  # a disk that takes its time over the hold journal's fsync
+        write(data)
+
+    journal._commit.write = stalled_write
+    try:
+        status, body = create_in_process(kling, tmp_path, journal)
+    finally:
+        unblock.set()
     assert status == 200 and body["code"] == 0, body
-    lines = [json.loads(t) for t in (logs / "kling-callbacks.jsonl").read_text().splitlines()]
+    path = tmp_path / "logs" / "kling-callbacks.jsonl"
+    lines = [json.loads(t) for t in path.read_text().splitlines()]
     assert [e["kling_task_id"] for e in lines] == [body["data"]["task_id"]]
     (granted,) = HoldJournal(tmp_path / "holds.journal").load()
     assert isinstance(granted, Granted) and granted.hold.id == lines[0]["reservation_id"]
+
+
+def test_a_hold_that_is_a_tasks_only_record_is_fsynced_before_the_answer(
+    kling: tuple[KlingStandIn, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task line cannot be written (its path is a folder): Kling's answer still
+    goes back, a retry would pay twice, and the hold that counts the task meanwhile is
+    fsynced first, not left to the kernel's writeback as a hold usually is."""
+    (tmp_path / "logs" / "kling-callbacks.jsonl").mkdir(parents=True)
+    journal = HoldJournal(tmp_path / "holds.journal")
+    journal.rewrite([])
+    fsynced: list[int] = []
+    fsync = os.fsync
+
+    def recorded(fd: int) -> None:
+        fsynced.append(fd)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    hold_fd = journal.fd
+    status, body = create_in_process(kling, tmp_path, journal)
+    assert status == 200 and body["code"] == 0, body
+    assert hold_fd in fsynced
+    (granted,) = HoldJournal(tmp_path / "holds.journal").load()
+    assert isinstance(granted, Granted) and granted.hold.project == "inproc"
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,10 @@ counts the task like any logged one and the hold gives way to it; when Kling ref
 cannot be reached, the hold is released. The hold's own record is written as it is
 granted and not fsynced: it outlives the exporter's death, and should the machine lose
 power before the task line is on disk, the producer was told nothing and the hold would
-only have kept the budget for the request's timeout. A query whose answer shows a
-finished task is journalled as its completion, once.
+only have kept the budget for the request's timeout. Where the hold is the only record
+of a task the producer is told of (the task line could not be written, or Kling's
+answer names no task), the hold's record is fsynced before the answer goes back. A
+query whose answer shows a finished task is journalled as its completion, once.
 
 The work after the budget's decision runs shielded from the producer's connection: a
 producer that goes away once its request was sent still has its task journalled.
@@ -442,8 +444,9 @@ class Gateway:
             shape = {"project": ask.project, "count": ask.tasks, "request": list(req)}
             # The hold's record is written at once and not fsynced: what makes the task
             # count for good is its own line, on disk before the producer is told, and
-            # one fsync on the way is enough. (Its own fsync on a thread cost a third
-            # of the HTTP process's CPU per create, in the gateway bench.)
+            # one fsync on the way is enough (``_keep`` fsyncs the hold when it is the
+            # only record). Its own trip to a thread and its fsync were a fifth of the
+            # HTTP process's CPU per create in the gateway bench.
             status, granted = await self.reservations.reserve(
                 view,
                 ask,
@@ -478,6 +481,7 @@ class Gateway:
             # Kling's answer does not say whether it made the task: the hold stays
             # until it expires, so the budget counts it meanwhile.
             log.warning("Kling's answer to a create request names no task; the hold is kept")
+            await self._keep(hold)
             self._count("create", "upstream_error")
         return web.Response(
             body=answer.body, status=answer.status, headers=answer_headers(answer.headers)
@@ -507,6 +511,7 @@ class Gateway:
         if not await self._journal(event):
             # Kling made the task: the producer is told so (a retry would pay twice),
             # and the hold counts it until it expires.
+            await self._keep(hold)
             self._count("create", "unavailable")
 
     async def _journal(self, event: dict[str, Any]) -> bool:
@@ -520,6 +525,12 @@ class Gateway:
             log.error("cannot write the gateway's journal line", extra={"err": str(e)})
             return False
         return True
+
+    async def _keep(self, hold: str | None) -> None:
+        """The hold is the only record of a task Kling may have made: on disk before the
+        producer is answered (its record was written without an fsync)."""
+        if hold is not None:
+            await self.reservations.sync()
 
     async def _release(self, hold: str | None) -> None:
         if hold is not None and await self.reservations.release(hold):

@@ -263,6 +263,11 @@ class HoldJournal:
         """Return once every record queued so far is written (or has failed)."""
         await self._commit.settle()
 
+    def sync(self) -> asyncio.Future[None]:
+        """Done once every record written so far is on disk, those ``append_now`` wrote
+        without an fsync too; raises OSError if it cannot be."""
+        return self._commit.append(b"")
+
     def _write(self, data: bytes, sync: bool = True) -> None:
         """Append ``data``; on an error, what part of it was written (a full disk takes
         half a record) is cut off again, or every record after it would be read out
@@ -350,6 +355,15 @@ class Reservations:
             await self._compaction
         await self.journal.settle()
         self.journal.close()
+
+    async def sync(self) -> None:
+        """Return once every grant so far is on disk, those made without waiting for it
+        too (a failure is logged)."""
+        if self.journal is not None:
+            try:
+                await self.journal.sync()
+            except OSError as e:
+                _unwritten(e)
 
     def _live_records(self) -> list[Record]:
         return [Granted(h) for h in self.holds.values()] + [
