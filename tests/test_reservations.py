@@ -525,6 +525,33 @@ def test_grants_nobody_waits_for_outlive_a_compaction_they_were_written_during(
     assert len(HoldJournal(tmp_path / "r").load()) < 20  # compacted
 
 
+def test_a_sync_queued_as_a_compaction_ends_loses_no_grant_kept_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's fsync of a hold (``sync``) queued just as the compaction takes what
+    was written meanwhile: that grant still reaches the new journal (the sync's empty
+    write, not kept aside, made the compaction leave the grant out as if still queued)."""
+    s = stalled_compaction(tmp_path, monkeypatch)
+    assert s.held.journal is not None
+    lock = s.held.journal._commit._alone
+
+    async def sync_as_the_compaction_ends() -> None:
+        await grant(s.held, "inline")  # written at once, kept aside
+        await lock.acquire()  # a write under way
+        s.unblock.set()  # the rewrite ends, and waits for that write
+        for _ in range(500):
+            if lock._waiters:
+                break
+            await asyncio.sleep(0.01)
+        assert lock._waiters
+        lock.release()
+        assert s.held.journal is not None
+        await asyncio.wait_for(s.held.journal.sync(), 5)
+
+    again = compacting_meanwhile(s, tmp_path, sync_as_the_compaction_ends)
+    assert "inline" in again.holds
+
+
 def test_a_grant_nobody_waits_for_goes_behind_one_queued_before_it(tmp_path: Path) -> None:
     """A grant queued, its write not begun: the next is queued behind it, not written
     past it."""

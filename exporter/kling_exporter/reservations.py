@@ -5,7 +5,8 @@ step on the event loop (check every matching budget against used + in flight + l
 holds, then hold), so two workers can never both take the last credits. A hold is
 written to the journal and fsynced before its answer is sent (grants that arrive
 together share one fsync), so a restart, ``kill -9`` included, neither loses nor
-repeats one.
+repeats one. The gateway's holds are written as they are granted and not fsynced
+(``Terms``): its task line is what is fsynced before its producer is answered.
 
 A hold shrinks by one task for every ``task_submitted`` line that names it: the
 reader counts those per reservation id (absolute counts, part of its own saved state)
@@ -239,7 +240,12 @@ class HoldJournal:
         """Queue the record; the future is done once it is on disk, or raises OSError
         if it cannot be."""
         self.records += 1
-        frame = _frame(record)
+        return self._queue(_frame(record))
+
+    def _queue(self, frame: bytes) -> asyncio.Future[None]:
+        """Every append to the commit goes by here: while a compaction runs, what is
+        queued is kept aside too, so that ``_take_kept`` can tell the last ``queued``
+        of what it kept for those not yet written."""
         if self._kept is not None:
             self._kept.append(frame)
         return self._commit.append(frame)
@@ -266,7 +272,7 @@ class HoldJournal:
     def sync(self) -> asyncio.Future[None]:
         """Done once every record written so far is on disk, those ``append_now`` wrote
         without an fsync too; raises OSError if it cannot be."""
-        return self._commit.append(b"")
+        return self._queue(b"")  # an empty write: what the fsync after it covers
 
     def _write(self, data: bytes, sync: bool = True) -> None:
         """Append ``data``; on an error, what part of it was written (a full disk takes
