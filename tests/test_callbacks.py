@@ -276,3 +276,21 @@ def test_a_line_the_disk_took_half_of_is_one_bad_line_not_two(
     read = [decode_line(raw) for raw in path.read_bytes().split(b"\n")[:-1]]
     assert [e.task_id for e in read if isinstance(e, Event)] == ["t1", "t3", "t4"]
     assert len(read) == 4  # the torn part is one line, read and skipped
+
+
+def test_a_journal_left_mid_line_by_a_crash_ends_that_line_before_its_first(
+    tmp_path: Path,
+) -> None:
+    """The exporter died halfway through a line (or the disk filled, before a restart):
+    the journal opened again starts its first line on a line of its own."""
+    path = tmp_path / "kling-callbacks.jsonl"
+    path.write_bytes(b'{"event":"task_completed","task_id":"t1"}\n{"event":"task_comp')
+    journal = EventJournal(path)
+
+    async def story() -> None:
+        await journal.append({"event": "task_completed", "task_id": "t2"})
+        await journal.close()
+
+    asyncio.run(story())
+    read = [decode_line(raw) for raw in path.read_bytes().split(b"\n")[:-1]]
+    assert [e.task_id for e in read if isinstance(e, Event)] == ["t1", "t2"]

@@ -12,7 +12,6 @@ are acknowledged and written nowhere.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import glob
 import hmac
@@ -123,7 +122,7 @@ class EventJournal:
         self._fd = -1
         self._file: tuple[int, int] | None = None  # (device, inode) of what _fd is
         self._commit = GroupCommit(self._write)
-        self._torn: tuple[int, int] | None = None  # the file a failed write left mid-line
+        self._torn: tuple[int, int] | None = None  # the file that may end mid-line
 
     async def append(self, event: dict[str, Any]) -> None:
         """Return once the line is on disk; OSError if it cannot be written."""
@@ -136,20 +135,18 @@ class EventJournal:
         self._close()
 
     def _write(self, data: bytes) -> None:
-        """Append lines. A write that fails part way (a full disk takes half a line)
-        leaves a torn line; the next write to that file first ends it, so that the torn
-        part is one bad line the reader counts and skips, not glued to the next good
-        one. (Cutting it off instead could take back bytes the reader has read.)"""
+        """Append lines. A file left mid-line (a write a full disk took half of, a crash
+        during one) has that line ended first, so that the torn part is one bad line
+        the reader counts and skips, not glued to the next good one; a newline too many
+        is a blank line, which it skips. (Cutting the torn part off instead could take
+        back bytes the reader has read.)"""
         fd = self._open()
         if self._torn is not None and self._torn == self._file:
             data = b"\n" + data
-        end = os.fstat(fd).st_size
         try:
             write_all_and_sync(fd, data)
         except OSError:
-            with contextlib.suppress(OSError):
-                if os.fstat(fd).st_size != end:
-                    self._torn = self._file
+            self._torn = self._file
             raise
         self._torn = None
 
@@ -165,6 +162,8 @@ class EventJournal:
         fd = open_journal(self.path)
         info = os.fstat(fd)
         self._fd, self._file = fd, (info.st_dev, info.st_ino)
+        if info.st_size and os.pread(fd, 1, info.st_size - 1) != b"\n":
+            self._torn = self._file  # left mid-line by a crash or a full disk
         return fd
 
     def _close(self) -> None:
@@ -174,10 +173,11 @@ class EventJournal:
 
 
 def open_journal(path: Path) -> int:
-    """A descriptor to append to ``path``, created if missing. A symlink planted at the
-    path is not followed (``O_NOFOLLOW``), and anything but a regular file this process
-    owns is refused with OSError, so no callback is written outside the log folder."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    """A descriptor to append to ``path`` (and read its end), created if missing. A
+    symlink planted at the path is not followed (``O_NOFOLLOW``), and anything but a
+    regular file this process owns is refused with OSError, so no callback is written
+    outside the log folder."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as e:
