@@ -265,13 +265,18 @@ def test_a_create_goes_on_to_kling_while_its_hold_is_written(
     assert isinstance(granted, Granted) and granted.hold.id == lines[0]["reservation_id"]
 
 
+@pytest.mark.parametrize("cause", ["no task line", "no task named"])
 def test_a_hold_that_is_a_tasks_only_record_is_fsynced_before_the_answer(
-    kling: tuple[KlingStandIn, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kling: tuple[KlingStandIn, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cause: str
 ) -> None:
-    """The task line cannot be written (its path is a folder): Kling's answer still
-    goes back, a retry would pay twice, and the hold that counts the task meanwhile is
-    fsynced first, not left to the kernel's writeback as a hold usually is."""
-    (tmp_path / "logs" / "kling-callbacks.jsonl").mkdir(parents=True)
+    """The task line cannot be written (its path is a folder), or Kling's answer does
+    not name the task it may have made: Kling's answer still goes back, a retry would
+    pay twice, and the hold that counts the task meanwhile is fsynced first, not left
+    to the kernel's writeback as a hold usually is."""
+    if cause == "no task line":
+        (tmp_path / "logs" / "kling-callbacks.jsonl").mkdir(parents=True)
+    else:
+        kling[0].task_mode = "unnamed"
     journal = HoldJournal(tmp_path / "holds.journal")
     journal.rewrite([])
     fsynced: list[int] = []

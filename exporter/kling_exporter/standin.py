@@ -23,8 +23,17 @@ MODES = ("ok", "empty", "unauthorized", "rate_limited", "server_error", "slow", 
 # (401, code 1004), when the account's packs are used up (429, 1102), when requests come
 # too fast (429, 1302), on an internal error (500, 5000); ``slow`` answers after
 # ``task_delay`` (the task is created first, as a slow Kling creates it), ``drop`` closes
-# the connection without an answer.
-TASK_MODES = ("ok", "unauthorized", "no_credits", "rate_limited", "server_error", "slow", "drop")
+# the connection without an answer, ``unnamed`` answers success without naming the task.
+TASK_MODES = (
+    "ok",
+    "unauthorized",
+    "no_credits",
+    "rate_limited",
+    "server_error",
+    "slow",
+    "drop",
+    "unnamed",
+)
 _TASK_ERRORS = {
     "unauthorized": (401, 1004, "Authorization is invalid"),
     "no_credits": (429, 1102, "Account balance is not enough"),
@@ -130,6 +139,8 @@ class KlingStandIn:
             return web.Response()  # never sent: the connection is gone
         if self.task_mode == "slow":
             await asyncio.sleep(self.task_delay)
+        if self.task_mode == "unnamed":  # made, but the answer does not say which
+            return self._answer(200, 0, "SUCCEED", {"task_status": "submitted"})
         return self._answer(200, 0, "SUCCEED", dict(task))
 
     async def query_task(self, request: web.Request) -> web.Response:
