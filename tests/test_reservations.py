@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -642,3 +643,33 @@ def test_a_record_the_disk_took_half_of_loses_no_record_after_it(
     asyncio.run(story())
     again = Reservations(HoldJournal(tmp_path / "r"), Clock())
     assert sorted(again.holds) == ["after", "before", "inline"]
+
+
+def test_a_torn_record_that_cannot_be_cut_off_at_once_is_cut_before_the_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing disk refuses the truncate too: the next write cuts the torn part off
+    first, and fails while it cannot (no record is appended after a torn one)."""
+    held = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    truncate = os.ftruncate
+    refusals = {"left": 2}
+
+    def failing_truncate(fd: int, length: int) -> None:
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise OSError(5, "Input/output error")
+        truncate(fd, length)
+
+    async def story() -> None:
+        await grant(held, "before", Terms())
+        half_then_full(monkeypatch)
+        monkeypatch.setattr(os, "ftruncate", failing_truncate)
+        for rid in ("torn", "refused"):  # the second: the torn part still cannot be cut
+            with pytest.raises(OSError):
+                await grant(held, rid, Terms())
+        await grant(held, "after", Terms())
+        await held.close()
+
+    asyncio.run(story())
+    again = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    assert sorted(again.holds) == ["after", "before"]

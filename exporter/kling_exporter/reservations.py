@@ -144,6 +144,7 @@ class HoldJournal:
         self._commit = GroupCommit(self._write)
         self._kept: list[bytes] | None = None  # appends while a compaction is written
         self._failed = False
+        self._cut_at = -1  # where a torn record starts that is not cut off yet
 
     def load(self) -> list[Record]:
         """What the journal holds; a torn last record (a crash mid-write) is dropped."""
@@ -172,7 +173,7 @@ class HoldJournal:
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self.records = len(records)
+        self.records, self._cut_at = len(records), -1
 
     async def compact(self, records: Callable[[], list[Record]]) -> None:
         """Rewrite the journal with ``records()`` while appends go on. The live records
@@ -234,7 +235,7 @@ class HoldJournal:
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = fd
-        self.records = live + len(kept)
+        self.records, self._cut_at = live + len(kept), -1
 
     def append(self, record: Record) -> asyncio.Future[None]:
         """Queue the record; the future is done once it is on disk, or raises OSError
@@ -277,16 +278,22 @@ class HoldJournal:
     def _write(self, data: bytes, sync: bool = True) -> None:
         """Append ``data``; on an error, what part of it was written (a full disk takes
         half a record) is cut off again, or every record after it would be read out
-        of step at the next start, and lost."""
+        of step at the next start, and lost. A part that could not be cut off is cut
+        before the next write, which fails while it cannot be."""
         end = -1
         try:
+            if self._cut_at >= 0:
+                os.ftruncate(self.fd, self._cut_at)
+                self._cut_at = -1
             end = os.fstat(self.fd).st_size
             (write_all_and_sync if sync else write_all)(self.fd, data)
         except OSError:
             self._failed = True  # a compaction under way keeps none of it
             if end >= 0:
-                with contextlib.suppress(OSError):
+                try:
                     os.ftruncate(self.fd, end)
+                except OSError:
+                    self._cut_at = end
             raise
 
     def close(self) -> None:
