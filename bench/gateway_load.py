@@ -43,7 +43,7 @@ from kling_exporter.standin import KlingStandIn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.web_load import ROOT, free_port, percentile
+from bench.web_load import ROOT, free_port, percentile, reader_pid
 
 ACCESS = "AK-bench-access"
 SECRET = "SK-bench-secret-0123456789abcdef"  # noqa: S105 - the stand-in's own key
@@ -157,7 +157,7 @@ def probe_disk(folder: str) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """The CPU time process ``pid`` (all its threads) has used (0 where /proc is not)."""
+    """The CPU time process ``pid`` (all its threads) has used (0 once it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -165,24 +165,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (none where /proc is not)."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry.parent.name))
-    return found
-
-
 class CpuMeter:
     """The CPU the exporter's processes (the HTTP one and its reader) used meanwhile."""
 
     def __init__(self, pid: int) -> None:
-        self.pids = {"http": pid, "reader": next(iter(children(pid)), 0)}
+        self.pids = {"http": pid, "reader": reader_pid(pid)}
         self.used: dict[str, float] = {}
 
     def __enter__(self) -> CpuMeter:

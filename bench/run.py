@@ -134,14 +134,6 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def reader_pid(pid: int) -> int:
-    """The exporter's reader process (it holds the ledger)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    if len(children) != 1:
-        raise RuntimeError(f"expected one reader process, found {children}")
-    return int(children[0])
-
-
 def bench_cold(path: Path, lines: int, workdir: Path) -> dict[str, float]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
@@ -162,7 +154,7 @@ def bench_cold(path: Path, lines: int, workdir: Path) -> dict[str, float]:
         return {
             "seconds": seconds,
             "lines_per_s": lines / seconds,
-            "peak_rss_mib": peak_rss_mib(reader_pid(proc.pid)),
+            "peak_rss_mib": peak_rss_mib(web_load.reader_pid(proc.pid)),
             "http_rss_mib": peak_rss_mib(proc.pid),
             "tasks_tracked": tasks,
         }

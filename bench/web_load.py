@@ -138,6 +138,14 @@ ROWS = [
 ]
 
 
+def reader_pid(pid: int) -> int:
+    """The exporter's reader process (it holds the ledger)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    if len(children) != 1:
+        raise RuntimeError(f"expected one reader process, found {children}")
+    return int(children[0])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
