@@ -141,7 +141,7 @@ class EventJournal:
         is a blank line, which it skips. (Cutting the torn part off instead could take
         back bytes the reader has read.)"""
         fd = self._open()
-        if self._torn is not None and self._torn == self._file:
+        if self._torn == self._file:  # _file is set by _open
             data = b"\n" + data
         try:
             write_all_and_sync(fd, data)

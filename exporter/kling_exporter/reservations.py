@@ -247,9 +247,12 @@ class HoldJournal:
         """Every append to the commit goes by here: while a compaction runs, what is
         queued is kept aside too, so that ``_take_kept`` can tell the last ``queued``
         of what it kept for those not yet written."""
+        self._keep_aside(frame)
+        return self._commit.append(frame)
+
+    def _keep_aside(self, frame: bytes) -> None:
         if self._kept is not None:
             self._kept.append(frame)
-        return self._commit.append(frame)
 
     def append_now(self, record: Record) -> asyncio.Future[None] | None:
         """Write the record at once, not fsynced, and return None; or, with writes
@@ -259,11 +262,10 @@ class HoldJournal:
         which spares each a trip to a thread and an fsync of its own. Raises OSError
         if it cannot be written."""
         frame = _frame(record)
-        if not self._commit.write_now(lambda: self._write(frame, sync=False)):
-            return self.append(record)
         self.records += 1
-        if self._kept is not None:
-            self._kept.append(frame)
+        if not self._commit.write_now(lambda: self._write(frame, sync=False)):
+            return self._queue(frame)
+        self._keep_aside(frame)
         return None
 
     async def settle(self) -> None:
