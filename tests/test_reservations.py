@@ -490,6 +490,11 @@ def test_compaction_runs_beside_appends_and_loses_none(
 GATEWAYS = Terms(durable=False)  # as the gateway grants: nobody waits for the fsync
 
 
+def granted_in(path: Path) -> list[str]:
+    """The ids of the grants in the journal at ``path``, in the order written."""
+    return [r.hold.id for r in HoldJournal(path).load() if isinstance(r, Granted)]
+
+
 async def grant(held: Reservations, rid: str, terms: Terms = GATEWAYS) -> None:
     ledger = Ledger(CONFIG)
     asked = held.reserve(view(ledger), ELSEWHERE, rid, 60, fingerprint({"id": rid}), terms)
@@ -504,7 +509,7 @@ def test_a_grant_nobody_waits_for_is_in_the_journal_once_granted(tmp_path: Path)
     async def story() -> list[str]:
         await grant(held, "g1")
         # Nothing has run since the grant: the journal already has it.
-        return [r.hold.id for r in HoldJournal(tmp_path / "r").load() if isinstance(r, Granted)]
+        return granted_in(tmp_path / "r")
 
     assert asyncio.run(story()) == ["g1"]
     assert list(Reservations(HoldJournal(tmp_path / "r"), Clock()).holds) == ["g1"]
@@ -567,8 +572,7 @@ def test_a_grant_nobody_waits_for_goes_behind_one_queued_before_it(tmp_path: Pat
         await held.close()
 
     asyncio.run(story())
-    ids = [r.hold.id for r in HoldJournal(tmp_path / "r").load() if isinstance(r, Granted)]
-    assert ids == ["first", "second"]
+    assert granted_in(tmp_path / "r") == ["first", "second"]
 
 
 def test_a_grant_nobody_waits_for_goes_behind_a_write_under_way(
@@ -596,8 +600,7 @@ def test_a_grant_nobody_waits_for_goes_behind_a_write_under_way(
         await held.close()
 
     asyncio.run(story())
-    ids = [r.hold.id for r in HoldJournal(tmp_path / "r").load() if isinstance(r, Granted)]
-    assert ids == ["first", "second"]
+    assert granted_in(tmp_path / "r") == ["first", "second"]
 
 
 def test_a_grant_the_journal_refuses_during_a_compaction_is_logged_and_not_kept(
