@@ -254,6 +254,11 @@ def test_the_open_journal_follows_its_path_through_rotation_and_refuses_a_plant(
     assert outside.read_text() == ""
 
 
+def read_back(path: Path) -> list[Event | str]:
+    """Each line of ``path`` as the reader decodes it: an event, or why it is not one."""
+    return [decode_line(raw) for raw in path.read_bytes().split(b"\n")[:-1]]
+
+
 def test_a_line_the_disk_took_half_of_is_one_bad_line_not_two(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -273,7 +278,7 @@ def test_a_line_the_disk_took_half_of_is_one_bad_line_not_two(
         await journal.close()
 
     asyncio.run(story())
-    read = [decode_line(raw) for raw in path.read_bytes().split(b"\n")[:-1]]
+    read = read_back(path)
     assert [e.task_id for e in read if isinstance(e, Event)] == ["t1", "t3", "t4"]
     assert len(read) == 4  # the torn part is one line, read and skipped
 
@@ -292,5 +297,5 @@ def test_a_journal_left_mid_line_by_a_crash_ends_that_line_before_its_first(
         await journal.close()
 
     asyncio.run(story())
-    read = [decode_line(raw) for raw in path.read_bytes().split(b"\n")[:-1]]
+    read = read_back(path)
     assert [e.task_id for e in read if isinstance(e, Event)] == ["t1", "t2"]
