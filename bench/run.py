@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,13 +50,7 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 from bench import fleet_load, web_load  # noqa: E402
 from bench.generate import write as generate  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from bench.web_load import free_port  # noqa: E402
 
 
 def scrape_value(url: str, name: str) -> float | None:
