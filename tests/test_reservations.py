@@ -4,12 +4,13 @@ keeps them, and a state machine over reserve, consume, release, expire and resta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kling_exporter import reservations as reservations_module
 from kling_exporter.budgets import Ask
 from kling_exporter.config import parse_config
-from kling_exporter.durable import write_all, write_all_and_sync
+from kling_exporter.durable import write_all_and_sync
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import View
 from kling_exporter.pricing import Request
@@ -440,21 +441,27 @@ def test_holds_are_granted_and_released_while_the_journal_is_compacted(
     assert len(HoldJournal(tmp_path / "r").load()) < 60  # compacted: 20 + 60 written
 
 
+@contextlib.contextmanager
+def full_disk(name: str) -> Iterator[None]:
+    """Meanwhile the journal's ``name`` (``write_all`` or ``write_all_and_sync``) fails
+    as a full disk does, writing nothing."""
+
+    def refuse(fd: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reservations_module, name, refuse)
+        yield
+
+
 def test_a_record_the_journal_refused_during_a_compaction_calls_it_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = stalled_compaction(tmp_path, monkeypatch)
 
-    def full_disk(fd: int, data: bytes) -> None:
-        raise OSError(28, "No space left on device")
-
     async def refused_then_kept() -> None:
-        monkeypatch.setattr(reservations_module, "write_all_and_sync", full_disk)
-        try:
-            with pytest.raises(OSError):
-                await hold_on_disk(s, "lost", -1)
-        finally:
-            monkeypatch.setattr(reservations_module, "write_all_and_sync", write_all_and_sync)
+        with full_disk("write_all_and_sync"), pytest.raises(OSError):
+            await hold_on_disk(s, "lost", -1)
         await hold_on_disk(s, "kept", -2)
 
     again = compacting_meanwhile(s, tmp_path, refused_then_kept)
@@ -610,15 +617,9 @@ def test_a_grant_the_journal_refuses_during_a_compaction_is_logged_and_not_kept(
     the compaction under way carries no trace of it into the new journal."""
     s = stalled_compaction(tmp_path, monkeypatch)
 
-    def full_disk(fd: int, data: bytes) -> None:
-        raise OSError(28, "No space left on device")
-
     async def refused_then_kept() -> None:
-        monkeypatch.setattr(reservations_module, "write_all", full_disk)
-        try:
+        with full_disk("write_all"):
             await grant(s.held, "lost")
-        finally:
-            monkeypatch.setattr(reservations_module, "write_all", write_all)
         assert "lost" in s.held.holds  # counts until a restart
         await grant(s.held, "kept")
 
