@@ -424,6 +424,23 @@ def test_a_copy_in_the_inode_of_a_file_deleted_is_not_read_again(
     assert_each_once(t, got, 11)
 
 
+def test_a_copy_in_the_inode_of_a_compressed_file_deleted_is_read(tmp_path: Path) -> None:
+    """logrotate's compress and delaycompress: the oldest copy, compressed, is deleted
+    and the new copy may get its inode. The file known by that inode as compressed (never
+    read) is a copy of lines now, and the lines only in it are read (they were lost: the
+    inode stayed marked compressed)."""
+    log, t, got = following_copies(tmp_path)
+    oldest = log.with_name("kling.jsonl.3.gz")
+    oldest.write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(200))
+    log.write_bytes(lines_of("a", 5))
+    t.poll(got)
+    append(log, lines_of("a", 2, start=5))  # written after the last look: only in the copy
+    rewrite(oldest, log.read_bytes())
+    os.rename(oldest, log.with_name("kling.jsonl.1"))
+    rewrite(log, lines_of("b", 2))
+    assert_each_once(t, got, 9)
+
+
 @pytest.mark.parametrize("restart", [False, True])
 def test_a_copy_of_a_file_of_one_short_line_is_not_read_again(
     tmp_path: Path, restart: bool

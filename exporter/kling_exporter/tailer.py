@@ -168,9 +168,14 @@ class Tailer(KnownFiles):
         ]
 
     def _worth_reading(self, fs: FileState, st: os.stat_result) -> bool:
-        """A closed file is opened again only when it changed since it was closed."""
+        """A closed file is opened again only when it changed since it was closed. A
+        compressed one is never read while unchanged; changed, its inode was freed and
+        given to a new file (logrotate deletes the oldest copy, then makes the new one),
+        which is looked at afresh."""
         if fs.compressed:
-            return False
+            if st.st_mtime_ns == fs.mtime_ns:
+                return False
+            fs.compressed = False
         if fs.fd is not None or not fs.verified or fs.shadow_of is not None:
             return True
         return st.st_size != fs.read_pos or st.st_mtime_ns != fs.mtime_ns
