@@ -3,16 +3,23 @@
 #   docker run -v /srv/kling/logs:/var/lib/kling-exporter/logs:ro -p 10177:10177 kling-exporter
 FROM python:3.11-slim AS build
 WORKDIR /src
-RUN python -m venv /opt/kling-exporter
-COPY pyproject.toml README.md ./
+# uv at one version, checked by hash; it installs the runtime exactly as uv.lock pins it
+# (--locked: no resolution at build time, and a stale lock fails the build).
+COPY scripts/uv-requirements.txt /tmp/uv-requirements.txt
+RUN pip install --no-cache-dir --require-hashes -r /tmp/uv-requirements.txt
+ENV UV_PROJECT_ENVIRONMENT=/opt/kling-exporter UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_NO_CACHE=1
+COPY pyproject.toml uv.lock README.md LICENSE ./
 COPY exporter ./exporter
-RUN /opt/kling-exporter/bin/pip install --no-cache-dir .
+RUN uv sync --locked --no-editable --python /usr/local/bin/python3
 
 FROM python:3.11-slim
 LABEL org.opencontainers.image.title="kling-exporter" \
-      org.opencontainers.image.description="Prometheus exporter and budget guard for Kling AI video generation"
+      org.opencontainers.image.description="Prometheus exporter and budget guard for Kling AI video generation" \
+      org.opencontainers.image.licenses="Apache-2.0"
 RUN useradd --system --uid 10177 --home-dir /var/lib/kling-exporter --create-home kling
 COPY --from=build /opt/kling-exporter /opt/kling-exporter
+COPY LICENSE /usr/share/doc/kling-exporter/LICENSE
 ENV PATH=/opt/kling-exporter/bin:$PATH PYTHONUNBUFFERED=1
 # The built-in defaults read logs/kling-*.jsonl and keep kling-exporter.state here.
 WORKDIR /var/lib/kling-exporter

@@ -3,8 +3,14 @@ VENV    ?= .venv
 PYTHON  ?= python3
 BIN     := $(VENV)/bin
 ARGS    ?=
+# uv installs every package from uv.lock; it lives in a small environment of its own,
+# installed by pip from scripts/uv-requirements.txt (one version, checked by hash).
+UV_DIR  ?= .uv
+UV      := $(UV_DIR)/bin/uv
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: help run demo test test-fast lint typecheck unit tools clean screenshots mixin dashboards kubernetes certs
+.PHONY: help run demo test test-fast lock lock-upgrade lock-check lint typecheck unit tools clean screenshots mixin dashboards kubernetes certs
 .DEFAULT_GOAL := help
 
 ## help: list the targets (plain `make` does this)
@@ -12,16 +18,33 @@ help:
 	@grep -E '^## [a-z-]+:' $(MAKEFILE_LIST) | sed 's/^## /  make /'
 
 # Running needs the runtime alone (17 packages); the tests, linters and previews add the
-# development extras (matplotlib, mypy, Kubernetes schemas...), ten times the size.
-$(BIN)/.installed-run: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+# development extras (matplotlib, mypy, Kubernetes schemas...), ten times the size. Both
+# come from uv.lock as it is (--locked: a lock that disagrees with pyproject.toml stops here).
+$(UV): scripts/uv-requirements.txt
+	$(PYTHON) -m venv $(UV_DIR)
+	$(UV_DIR)/bin/pip install --quiet --require-hashes -r scripts/uv-requirements.txt
+	touch $@
+
+$(BIN)/.installed-run: pyproject.toml uv.lock $(UV)
+	$(UV) sync --quiet --locked --inexact --python $(PYTHON)
 	touch $@
 
 $(BIN)/.installed-dev: $(BIN)/.installed-run
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(UV) sync --quiet --locked --extra dev --python $(PYTHON)
 	touch $@
+
+## lock: bring uv.lock in line with pyproject.toml after an edit, moving no other pin
+lock: $(UV)
+	$(UV) lock --python $(PYTHON)
+
+## lock-upgrade: every dependency to its newest release that pyproject.toml allows
+lock-upgrade: $(UV)
+	$(UV) lock --upgrade --python $(PYTHON)
+
+## lock-check: fail when uv.lock and pyproject.toml disagree
+lock-check: $(UV)
+	@$(UV) lock --check --python $(PYTHON) \
+		|| { echo "*** uv.lock disagrees with pyproject.toml: run make lock" >&2; exit 1; }
 
 ## run: start the daemon on its defaults (logs/kling-*.jsonl, :10177); ARGS="..." adds flags
 run: $(BIN)/.installed-run
@@ -79,9 +102,9 @@ unit: $(BIN)/.installed-dev tools
 test-fast: $(BIN)/.installed-dev
 	$(BIN)/pytest -q -m "not e2e" $(PYTEST_ARGS)
 
-## test: lint, type-check and the whole test suite
-test: lint typecheck unit
+## test: the lock's check, lint, type-check and the whole test suite
+test: lock-check lint typecheck unit
 
 ## clean: remove the virtual environment and caches
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(UV_DIR) .mypy_cache .pytest_cache .ruff_cache .hypothesis

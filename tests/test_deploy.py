@@ -149,3 +149,22 @@ def test_systemd_unit_runs_real_flags() -> None:
         "ExecReload=/bin/kill -HUP $MAINPID",
     ):
         assert hardening in unit
+
+
+def test_the_image_installs_from_the_lock_and_ships_the_license() -> None:
+    """The build stage resolves nothing: uv at its hashed version, then uv.lock as it is."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    build, final = re.split(r"^FROM ", text, flags=re.M)[1:]
+    runs = [line.strip()[4:] for line in build.splitlines() if line.strip().startswith("RUN ")]
+    assert runs == [
+        "pip install --no-cache-dir --require-hashes -r /tmp/uv-requirements.txt",
+        "uv sync --locked --no-editable --python /usr/local/bin/python3",
+    ]
+    copies = [line.split()[1:-1] for line in text.splitlines() if line.startswith("COPY ")]
+    sources = [s for words in copies for s in words if not s.startswith("--")]
+    assert "uv.lock" in sources and "LICENSE" in sources
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for source in sources:
+        if not source.startswith("/opt/"):
+            assert (ROOT / source).exists() and source not in ignored, source
+    assert "COPY LICENSE /usr/share/doc/kling-exporter/LICENSE" in final

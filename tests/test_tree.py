@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 from tests.helpers import ROOT
@@ -54,7 +55,7 @@ def _make_dry_run(target: str, tmp_path: Path) -> str:
     """What ``make TARGET`` would run from a clean clone (a virtual environment not made)."""
     venv = tmp_path / "venv"
     return subprocess.run(
-        ["make", "-n", f"VENV={venv}", target],
+        ["make", "-n", f"VENV={venv}", f"UV_DIR={tmp_path / 'uv'}", target],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -63,15 +64,37 @@ def _make_dry_run(target: str, tmp_path: Path) -> str:
     ).stdout
 
 
-def test_running_installs_the_runtime_only(tmp_path: Path) -> None:
+def test_running_installs_the_runtime_only_from_the_lock(tmp_path: Path) -> None:
     for target in ("run", "demo"):
         commands = _make_dry_run(target, tmp_path)
-        assert "pip install --quiet -e .\n" in commands, target
-        assert "[dev]" not in commands, target
+        assert "pip install --quiet --require-hashes -r scripts/uv-requirements.txt" in commands
+        assert "sync --quiet --locked --inexact" in commands, target
+        assert "--extra dev" not in commands and "pip install --quiet -e" not in commands, target
 
 
-def test_testing_from_a_clean_clone_installs_everything(tmp_path: Path) -> None:
+def test_testing_from_a_clean_clone_installs_everything_from_the_lock(tmp_path: Path) -> None:
     commands = _make_dry_run("test", tmp_path)
-    install = commands.index("pip install --quiet -e '.[dev]'")
+    install = commands.index("sync --quiet --locked --extra dev")
     assert commands.index("-m venv") < install < commands.index("ruff check")
+    assert commands.index("lock --check") < commands.index("ruff check")
     assert "pytest" in commands
+
+
+def test_the_lock_pins_every_dependency_with_hashes() -> None:
+    """uv.lock names an exact version, with hashes, for every runtime and development
+    dependency that pyproject.toml lists, and pyproject.toml keeps ranges."""
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    packages = {p["name"]: p for p in lock["package"]}
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    for spec in wanted:
+        name = re.split(r"[<>=!~\[ ;]", spec, maxsplit=1)[0].lower().replace("_", "-")
+        assert name in packages, f"{name} is not in uv.lock: run make lock"
+    for name, package in packages.items():
+        if name == "kling-exporter":
+            continue
+        assert re.fullmatch(r"[0-9][0-9A-Za-z.+-]*", package["version"]), name
+        files = package.get("wheels", []) + ([package["sdist"]] if "sdist" in package else [])
+        assert files and all(f["hash"].startswith("sha256:") for f in files), name
+    runtime = project["dependencies"]
+    assert all(re.search(r">=|~=", spec) for spec in runtime), "pyproject.toml keeps ranges"

@@ -132,9 +132,7 @@ def connect(url: str, timeout: float) -> Any:
             options["password"] = urllib.parse.unquote(parts.password)
         if len(path) > 1:
             options["db"] = int(path[1])
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            hosts, sentinel_kwargs={"socket_timeout": timeout}, **options
-        )
+        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": timeout}, **options)
         return sentinel.master_for(path[0])
     return aioredis.Redis.from_url(url, **options)
 
