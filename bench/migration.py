@@ -170,7 +170,7 @@ def compare_remaining(week: list[dict[str, Any]], config: Any) -> tuple[int, int
 def their_calls(logger: Any, week: list[dict[str, Any]]) -> int:
     """Their call sites, one per event; a logger without their names gets the calls in
     their order on ours, as a migration by renaming would. Returns the calls made."""
-    drop_in = hasattr(logger, "log_task_submitted")
+    drop_in = hasattr(logger, "log_submission")
     calls, seen = 0, set()
     for x in week:
         key = (x["event"], x["task_id"])
@@ -181,10 +181,10 @@ def their_calls(logger: Any, week: list[dict[str, Any]]) -> int:
         args: tuple[Any, ...]
         if x["event"] == "task_submitted":
             args = (x["task_id"], "p" * x["prompt_len"], x["model"], x["duration"], x["mode"])
-            (logger.log_task_submitted if drop_in else logger.submitted)(*args)
+            (logger.log_submission if drop_in else logger.submitted)(*args)
         elif x["event"] == "task_completed":
-            args = (x["task_id"], x["status"], x.get("credits_used"), x.get("elapsed_sec"))
-            (logger.log_task_completed if drop_in else logger.completed)(*args)
+            args = (x["task_id"], x["status"], x.get("elapsed_sec"), x.get("credits_used"))
+            (logger.log_completion if drop_in else logger.completed)(*args)
         else:
             args = (x["task_id"], x["error_type"], x["message"])
             (logger.log_error if drop_in else logger.error)(*args)

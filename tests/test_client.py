@@ -88,15 +88,18 @@ def test_our_keyword_calls_and_their_positional_ones_write_the_same_task(tmp_pat
     ours, theirs = EventLogger(tmp_path / "ours"), EventLogger(tmp_path / "theirs")
     ours.submitted("t1", model="kling-v2-6", mode="pro", duration=10, prompt_len=5)
     ours.completed("t1", status="succeed", elapsed_sec=80.5, credits_used=70)
-    theirs.log_task_submitted("t1", "a cat", "kling-v2-6", 10, "pro")
-    theirs.log_task_completed("t1", "succeed", 70, 80.5)
+    theirs.log_submission("t1", "a cat", "kling-v2-6", "10", "pro")
+    theirs.log_completion("t1", "succeed", 80.5, 70)
 
     def written(directory: Path) -> list[dict[str, object]]:
         (path,) = directory.glob("kling-*.jsonl")
         lines = [json.loads(x) for x in path.read_text().splitlines()]
         return [{k: v for k, v in x.items() if k != "timestamp"} for x in lines]
 
-    assert written(tmp_path / "ours") == written(tmp_path / "theirs")
+    ours_written, theirs_written = written(tmp_path / "ours"), written(tmp_path / "theirs")
+    # Theirs writes what their script writes: no audio or kind, ours their defaults.
+    assert ours_written[0] == {**theirs_written[0], "audio": False, "kind": "video"}
+    assert ours_written[1] == theirs_written[1]
 
 
 def test_budget_client_and_the_guarded_submit(tmp_path: Path, daemon_factory: Factory) -> None:

@@ -236,14 +236,14 @@ PROMPT = "A red fox running through fresh snow at dawn, cinematic, slow motion"
 
 def their_call_sites(logger: KlingEventLogger) -> None:
     """Their scripts' calls, as they are written there: positional in their order,
-    credits before elapsed seconds, and ``None`` for an error before a task id."""
-    logger.log_task_submitted("t1", PROMPT, "kling-v2-6", 5, "pro")
-    logger.log_task_completed("t1", "succeed", 35, 180.5)
-    logger.log_task_submitted("t2", PROMPT, "kling-pro", 7, "std")
-    logger.log_task_completed("t2", "failed")
-    logger.log_task_submitted("t3", PROMPT[:20], "kling-v1", 15, "std")
-    logger.log_task_completed("t3", "succeed", credits_used=30, elapsed_sec=95)
-    logger.log_task_submitted("t4", PROMPT, "kling-v2-6", 10, "std")
+    elapsed seconds before credits, and ``None`` for an error before a task id."""
+    logger.log_submission("t1", PROMPT, "kling-v2-6", 5, "pro")
+    logger.log_completion("t1", "succeed", 180.5, 35)
+    logger.log_submission("t2", PROMPT, "kling-pro", 7, "std")
+    logger.log_completion("t2", "failed", None, None)
+    logger.log_submission("t3", PROMPT[:20], "kling-v1", 15, "std")
+    logger.log_completion("t3", "succeed", credits_used=30, elapsed_sec=95)
+    logger.log_submission("t4", PROMPT, "kling-v2-6", 10, "std")
     logger.log_error("t4", "timeout", "no answer from Kling in 600 s")
     for _ in range(5):  # a burst of refused submissions: there is no task id yet
         logger.log_error(None, "rate_limit", "429 Too Many Requests: " + "x" * 400)

@@ -11,9 +11,10 @@ task_id = generate_within_budget(
 ...
 log.completed(task_id, status="succeed", elapsed_sec=95.2, credits_used=70)
 
-A program written against a hand-rolled ``KlingEventLogger`` keeps its calls as they are
-(``log_task_submitted(task_id, prompt, model, duration, mode)``, ``log_task_completed``,
-``log_error``, with ``None`` for an error before Kling gave the task an id):
+A program written against the hand-rolled ``KlingEventLogger`` changes its import and
+nothing else: ``KlingEventLogger(log_dir)``, ``log_submission(task_id, prompt, model,
+duration, mode)``, ``log_completion(task_id, status, elapsed_sec, credits_used)`` and
+``log_error(task_id, error_type, message)`` are theirs, name for name and in their order:
 
 from kling_exporter.client import KlingEventLogger
 
@@ -36,7 +37,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Never
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,14 @@ class EventLogger:
         self.user = user
         self.directory.mkdir(parents=True, exist_ok=True)
 
+    def _now(self) -> dt.datetime:
+        """The time of an event and the day of its file (UTC); tests set it."""
+        return dt.datetime.now(dt.UTC)
+
     def _write(self, fields: dict[str, Any], keep_null: str | None = None) -> None:
         """One line of ``fields``, leaving out those that are None (but ``keep_null``,
         written as null: a field whose null means something)."""
-        now = dt.datetime.now(dt.UTC)
+        now = self._now()
         fields = {
             "timestamp": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             **{k: v for k, v in fields.items() if v is not None or k == keep_null},
@@ -115,7 +120,7 @@ class EventLogger:
                 "user": user,
                 "model": model,
                 "mode": mode,
-                "duration": duration,
+                "duration": int(duration),  # "10" is 10, as their logger writes it
                 "audio": audio,
                 "kind": kind,
                 "prompt_len": prompt_len,
@@ -162,40 +167,89 @@ class EventLogger:
             keep_null="task_id",
         )
 
-    # The hand-rolled KlingEventLogger's methods, in its argument order, so that its
-    # callers switch by changing the import alone. The prompt is never written: its
-    # length is, as theirs writes it.
+    # The hand-rolled KlingEventLogger's methods: its names, parameters, order and
+    # defaults, and the fields it writes, so that its callers switch by changing the
+    # import alone. The prompt is never written: its length is, as theirs writes it.
+
+    def log_submission(
+        self, task_id: str, prompt: str, model: str, duration: int | float | str, mode: str
+    ) -> None:
+        """Theirs: ``duration`` written as ``int(duration)`` (``"10"`` is 10), the
+        prompt's length as ``prompt_len``."""
+        self._write(
+            {
+                "event": "task_submitted",
+                "task_id": task_id,
+                "model": model,
+                "duration": int(duration),
+                "mode": mode,
+                "prompt_len": len(prompt),
+            }
+        )
+
+    def log_completion(
+        self,
+        task_id: str,
+        status: str,
+        elapsed_sec: float | None,
+        credits_used: float | None,
+    ) -> None:
+        """Theirs: elapsed seconds before credits."""
+        self.completed(task_id, status, elapsed_sec=elapsed_sec, credits_used=credits_used)
+
+    def log_error(self, task_id: str | None, error_type: str, message: str) -> None:
+        """Theirs: the message cut to 200 characters; ``task_id`` None (written as null)
+        for an error before Kling gave the task an id."""
+        self.error(task_id, error_type, message[:MESSAGE_CHARS])
+
+    # Names an earlier version of this module gave their methods. Kept for programs that
+    # use them; the seconds and credits of a completion are taken by keyword only, since
+    # these names once took them in the other order.
 
     def log_task_submitted(
         self,
         task_id: str,
         prompt: str,
         model: str,
-        duration: int = 5,
+        duration: int | float | str = 5,
         mode: str = "standard",
         **more: Any,
     ) -> None:
         """``submitted`` in their order; ``more`` takes ours (``audio``, ``project``...)."""
         more.setdefault("prompt_len", len(prompt))
-        self.submitted(task_id, model, mode, duration, **more)
+        self.submitted(task_id, model, mode, int(duration), **more)
 
     def log_task_completed(
         self,
         task_id: str,
         status: str,
+        *misplaced: Never,
         credits_used: float | None = None,
         elapsed_sec: float | None = None,
     ) -> None:
-        """``completed`` in their order: credits before elapsed seconds."""
+        """``completed`` with ``credits_used=`` and ``elapsed_sec=`` by name: two numbers
+        in a row are read one way by this method and the other by ``log_completion``, so
+        a positional call is refused rather than guessed."""
+        if misplaced:
+            raise TypeError(
+                "log_task_completed() takes credits_used and elapsed_sec by keyword only "
+                f"(got {len(misplaced)} more positional argument"
+                f"{'s' * (len(misplaced) != 1)}): write log_task_completed(task_id, status, "
+                "credits_used=..., elapsed_sec=...), or use the script's own "
+                "log_completion(task_id, status, elapsed_sec, credits_used)"
+            )
         self.completed(task_id, status, elapsed_sec=elapsed_sec, credits_used=credits_used)
 
-    def log_error(self, task_id: str | None, error_type: str, message: str = "") -> None:
-        """``error`` as theirs: the message cut to 200 characters."""
-        self.error(task_id, error_type, message[:MESSAGE_CHARS])
 
+class KlingEventLogger(EventLogger):
+    """The hand-rolled logger's class: ``KlingEventLogger(log_dir)`` as theirs (with
+    ``project`` and ``user`` besides), writing where and what theirs writes."""
 
-# Their class name, for ``from kling_exporter.client import KlingEventLogger``.
-KlingEventLogger = EventLogger
+    def __init__(
+        self, log_dir: str | Path = "logs", project: str | None = None, user: str | None = None
+    ) -> None:
+        super().__init__(log_dir, project, user)
+        self.log_dir = self.directory
 
 
 class Reservation:
