@@ -96,6 +96,42 @@ def test_report_json_has_the_spec_keys(logs: Path, capsys: pytest.CaptureFixture
     assert report["by_project"]["marketing"]["credits"] == 210
 
 
+# The usage scripts' daily_summary, as JSON: their keys in their order, the rate of
+# completions as text, whole seconds, submissions per model in the order first read.
+SUMMARY = """\
+{
+  "date": "2026-11-22",
+  "total_submitted": 7,
+  "succeeded": 3,
+  "failed": 1,
+  "errors": 1,
+  "success_rate": "75.0%",
+  "total_credits": 245,
+  "avg_generation_sec": 235,
+  "by_model": {
+    "kling-v2-6": 4,
+    "kling-v1-6": 1,
+    "kling-v2-5-turbo": 1,
+    "unknown": 1
+  }
+}
+"""
+
+
+def test_report_summary_is_their_daily_summary_shape(
+    logs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "report", "--date", "2026-11-22", "--format", "summary")
+    assert (code, out) == (0, SUMMARY)
+
+
+def test_report_help_says_what_summary_is(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--format {text,json,summary}" in out and "daily_summary" in out
+
+
 def test_report_for_a_date_without_events(logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "report", "--date", "2020-01-01", "--format", "json")
     report = json.loads(out)

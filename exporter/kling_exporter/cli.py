@@ -102,9 +102,12 @@ def _log_folder(path: str) -> str | None:
 def cmd_report(args: argparse.Namespace) -> int:
     config = _load(args.config_file)
     day = args.date or _today(config)
-    result = reports.daily_report(reports.read_records(config, sys.stderr), day, config)
+    records = reports.read_records(config, sys.stderr)
+    result = reports.daily_report(records, day, config)
     if args.format == "json":
         print(json.dumps(msgspec.to_builtins(result), indent=2))
+    elif args.format == "summary":
+        print(json.dumps(report_text.summary(result, records, config), indent=2))
     else:
         print(report_text.daily_text(result, config), end="")
     return 0

@@ -120,7 +120,13 @@ def _reports(sub: Subparsers[argparse.ArgumentParser]) -> None:
     report = sub.add_parser("report", help="daily summary of the logs")
     _common(report)
     report.add_argument("--date", type=_date, help="YYYY-MM-DD (default: today)")
-    report.add_argument("--format", choices=("text", "json"), default="text")
+    report.add_argument(
+        "--format",
+        choices=("text", "json", "summary"),
+        default="text",
+        help="text: tables; json: every figure; summary: JSON with the keys and values "
+        "of the usage scripts' daily_summary (default: text)",
+    )
 
     costs = sub.add_parser("costs", help="credits, videos and dollars per day")
     _common(costs)

@@ -1,11 +1,15 @@
-"""The reports as people read them: aligned tables of ``report`` and ``costs``."""
+"""The reports laid out: aligned tables of ``report`` and ``costs`` as people read
+them, and ``report`` in the shape of the usage scripts' ``daily_summary``."""
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Iterable
 from typing import Any
 
 from kling_exporter.config import Config
-from kling_exporter.reports import CostAnalysis, DailyReport
+from kling_exporter.model import Record
+from kling_exporter.reports import CostAnalysis, DailyReport, local_date
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -155,3 +159,38 @@ def costs_text(result: CostAnalysis, config: Config) -> str:
     headers = ["date", "credits", "videos", "succeeded", "USD", "USD/succeeded"]
     out.append(table(headers, rows))
     return "\n".join(out) + "\n"
+
+
+def summary(result: DailyReport, records: Iterable[Record], config: Config) -> dict[str, Any]:
+    """``report --format summary``: the keys, order and value shapes of the usage
+    scripts' ``UsageAnalytics.daily_summary``, so a script that read theirs reads this.
+
+    ``success_rate`` is theirs, of completions alone, as text (``'96.4%'``);
+    ``avg_generation_sec`` the mean of succeeded tasks rounded to whole seconds as
+    ``round`` does it; ``by_model`` submissions per model in the order first read. The
+    figures are the report's: a repeated event counted once, a completion without
+    ``credits_used`` priced (MIGRATING.md section 5)."""
+    day = dt.date.fromisoformat(result.date)
+    by_model: dict[str, int] = {}
+    elapsed: list[float] = []
+    # The exact mean, not the report's: rounding 2.497 to 2.5 and then to 2 (or 3) is
+    # not what their round(2.497) says.
+    for r in records:
+        if local_date(r.ts, config) != day:
+            continue
+        if r.event == "submitted":
+            by_model[r.model] = by_model.get(r.model, 0) + 1
+        elif r.event == "completed" and r.status == "succeed" and r.elapsed is not None:
+            elapsed.append(r.elapsed)
+    completed = result.succeeded + result.failed
+    return {
+        "date": result.date,
+        "total_submitted": result.total_submitted,
+        "succeeded": result.succeeded,
+        "failed": result.failed,
+        "errors": result.errors,
+        "success_rate": f"{result.succeeded / max(completed, 1) * 100:.1f}%",
+        "total_credits": result.total_credits,
+        "avg_generation_sec": round(sum(elapsed) / len(elapsed)) if elapsed else 0,
+        "by_model": by_model,
+    }
