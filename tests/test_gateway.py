@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import functools
 import http.client
 import json
@@ -24,10 +25,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kling_exporter.callbacks import EventJournal
 from kling_exporter.config import ConfigError, parse_config
 from kling_exporter.daemon import Daemon
 from kling_exporter.demo import STANDIN_PATH, StandInServer
-from kling_exporter.gateway import priced, route_of
+from kling_exporter.endpoints import CREATES, priced, route_of
 from kling_exporter.reservations import Granted, HoldJournal, Reservations
 from kling_exporter.server import build_app
 from kling_exporter.standin import KlingStandIn
@@ -36,6 +38,7 @@ from tests.helpers import DaemonProcess, by_name, value, wait_until
 from tests.redis_server import RedisServer
 
 ACCESS = "AK-gateway-access-key-5b1e"
+MAPPED = "AK-gateway-mapped-key-77aa"  # mapped to the project "mapped"
 SECRET = "SK-gateway-secret-key-0c44d-0123456789"  # noqa: S105 - the stand-in's own key
 CREATE = "/kling/v1/videos/text2video"
 # Default pricing: a standard 5 s video is 10 credits.
@@ -54,8 +57,10 @@ gateway:
   enabled: true
   upstream: {upstream}
   timeout: 1s
-  projects_by_access_key: {{{ACCESS}: mapped}}
-  inject_callback_url: https://exporter.example/api/v1/kling/callback?token=0123456789abcdef
+  projects_by_access_key: {{{MAPPED}: mapped}}
+  trust_project_header: true
+  inject_callback_url: https://exporter.example/api/v1/kling/callback
+kling: {{callback_token: 0123456789abcdef}}
 {extra}
 """
 
@@ -64,6 +69,7 @@ gateway:
 def kling() -> Iterator[tuple[KlingStandIn, str]]:
     """The stand-in on a loopback port of its own, served from a thread."""
     standin = KlingStandIn(ACCESS, SECRET, [])
+    standin.keys[MAPPED] = SECRET
     with StandInServer(standin) as server:
         yield standin, f"http://127.0.0.1:{server.port}{STANDIN_PATH}"
 
@@ -108,6 +114,11 @@ def call(
         return answer.status, json.loads(raw) if raw else {}, dict(answer.getheaders())
     finally:
         conn.close()
+
+
+def ext(event: dict[str, Any]) -> str:
+    """The producer's own id of a journal line (its task id is Kling's)."""
+    return str(event.get("external_task_id", event["task_id"]))
 
 
 def journal(daemon: DaemonProcess) -> list[dict[str, Any]]:
@@ -165,7 +176,7 @@ def test_concurrent_producers_never_commit_more_than_the_budget(
     wait_until(lambda: budget(exporter, "crowd")["reserved_credits"] == 0)
     row = budget(exporter, "crowd")
     assert committed(row) == 100 and row["in_flight_credits"] == 100, row
-    assert sorted(e["task_id"] for e in submitted(exporter, "crowd")) == sorted(
+    assert sorted(ext(e) for e in submitted(exporter, "crowd")) == sorted(
         body["data"]["task_info"]["external_task_id"] for s, body, _ in answers if s == 200
     )
     series = exporter.metrics()
@@ -198,11 +209,11 @@ def test_a_producer_that_goes_away_still_has_its_task_journalled_once(
         producer.sendall(head + body)
         wait_until(lambda: len(standin.created) > before, timeout=5)
     # Gone before Kling answered; the gateway journals the task all the same.
-    wait_until(lambda: [e for e in submitted(exporter, "free") if e["task_id"] == "gone-1"])
+    wait_until(lambda: [e for e in submitted(exporter, "free") if ext(e) == "gone-1"])
     time.sleep(0.7)
-    lines = [e for e in submitted(exporter, "free") if e["task_id"] == "gone-1"]
+    lines = [e for e in submitted(exporter, "free") if ext(e) == "gone-1"]
     assert len(lines) == 1, lines
-    assert lines[0]["kling_task_id"].startswith("kt-") and lines[0]["mode"] == "standard"
+    assert lines[0]["task_id"].startswith("kt-") and lines[0]["mode"] == "standard"
 
 
 def create_in_process(
@@ -216,10 +227,11 @@ def create_in_process(
             {
                 "logs": {"paths": [str(logs / "kling-*.jsonl")]},
                 "budgets": [{"name": "b", "project": "inproc", "limit_credits": 1000}],
-                "gateway": {"enabled": True, "upstream": kling[1]},
+                "gateway": {"enabled": True, "upstream": kling[1], "default_project": "inproc"},
             }
         )
     )
+    daemon.ready.set()  # no logs to read first
     held = Reservations(journal)
     app = build_app(daemon, reservations=held)
 
@@ -260,7 +272,7 @@ def test_a_create_goes_on_to_kling_while_its_hold_is_written(
     assert status == 200 and body["code"] == 0, body
     path = tmp_path / "logs" / "kling-callbacks.jsonl"
     lines = [json.loads(t) for t in path.read_text().splitlines()]
-    assert [e["kling_task_id"] for e in lines] == [body["data"]["task_id"]]
+    assert [e["task_id"] for e in lines] == [body["data"]["task_id"]]
     (granted,) = HoldJournal(tmp_path / "holds.journal").load()
     assert isinstance(granted, Granted) and granted.hold.id == lines[0]["reservation_id"]
 
@@ -273,8 +285,12 @@ def test_a_hold_that_is_a_tasks_only_record_is_fsynced_before_the_answer(
     not name the task it may have made: Kling's answer still goes back, a retry would
     pay twice, and the hold that counts the task meanwhile is fsynced first, not left
     to the kernel's writeback as a hold usually is."""
-    if cause == "no task line":
-        (tmp_path / "logs" / "kling-callbacks.jsonl").mkdir(parents=True)
+    if cause == "no task line":  # the disk fills between the journal's check and its write
+
+        def full(self: EventJournal, data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(EventJournal, "_write", full)
     else:
         kling[0].task_mode = "unnamed"
     journal = HoldJournal(tmp_path / "holds.journal")
@@ -321,7 +337,7 @@ def test_a_kling_error_or_transport_failure_releases_the_hold(
     assert got == status
     row = budget(exporter, "errors")
     assert row["reserved_credits"] == 0 and committed(row) == 0, row
-    assert not [e for e in submitted(exporter, "errors") if e["task_id"] == external]
+    assert not [e for e in submitted(exporter, "errors") if ext(e) == external]
     outcome = "transport_error" if mode in ("slow", "drop") else "upstream_error"
     assert (
         value(exporter.metrics(), "kling_gateway_requests_total", route="create", outcome=outcome)
@@ -342,9 +358,7 @@ def test_a_finished_task_seen_by_a_query_is_journalled_once(
             exporter, None, token=token, path=f"{CREATE}/{kling_id}", method="GET"
         )
         assert got == 200 and answer["data"]["task_status"] == "succeed", answer
-    lines = [
-        e for e in journal(exporter) if e["event"] == "task_completed" and e["task_id"] == "q-1"
-    ]
+    lines = [e for e in journal(exporter) if e["event"] == "task_completed" and ext(e) == "q-1"]
     assert len(lines) == 1, lines
     assert lines[0]["credits_used"] == standin.credits and lines[0]["kling_task_id"] == kling_id
     wait_until(
@@ -361,19 +375,23 @@ def test_a_finished_task_seen_by_a_query_is_journalled_once(
     )
 
 
-def test_the_project_comes_from_the_header_else_the_access_key(
+def test_a_mapped_access_key_binds_its_project_and_the_header_chooses_only_if_trusted(
     kling: tuple[KlingStandIn, str], exporter: DaemonProcess
 ) -> None:
-    token = kling[0].token()  # its iss is mapped to the project "mapped"
-    assert call(exporter, {**VIDEO, "external_task_id": "p-1"}, None, token)[0] == 200
-    assert call(exporter, {**VIDEO, "external_task_id": "p-2"}, "named", token)[0] == 200
-    projects = {e["task_id"]: e["project"] for e in journal(exporter) if e["task_id"][:2] == "p-"}
-    assert projects == {"p-1": "mapped", "p-2": "named"}
-    status, body, _ = call(exporter, VIDEO, None, "not-a-jwt")
+    """A producer whose key is mapped cannot move its tasks to another budget with the
+    header (issue 39, finding 13); an unmapped one may, since the config trusts it."""
+    mapped = kling[0].token(access_key=MAPPED)
+    assert call(exporter, {**VIDEO, "external_task_id": "p-1"}, None, mapped)[0] == 200
+    assert call(exporter, {**VIDEO, "external_task_id": "p-2"}, "crowd", mapped)[0] == 200
+    unmapped = kling[0].token()
+    assert call(exporter, {**VIDEO, "external_task_id": "p-3"}, "named", unmapped)[0] == 200
+    projects = {ext(e): e["project"] for e in journal(exporter) if ext(e)[:2] == "p-"}
+    assert projects == {"p-1": "mapped", "p-2": "mapped", "p-3": "named"}
+    status, body, _ = call(exporter, VIDEO, None, unmapped)
     assert status == 400 and body["code"] == 1201, body
     assert body["message"].startswith("project:") and "X-Kling-Project" in body["message"]
     assert set(body) == {"code", "message", "request_id"}
-    assert token not in exporter.output() and ACCESS not in exporter.output()
+    assert mapped not in exporter.output() and MAPPED not in exporter.output()
 
 
 def test_a_create_body_over_64_kib_is_413_and_reaches_no_one(
@@ -455,14 +473,24 @@ def test_any_create_body_gets_2xx_or_4xx_naming_the_bad_field(
 
 
 def test_the_pricing_input_is_read_as_kling_documents_it() -> None:
+    text2video = CREATES["/v1/videos/text2video"]
     asked = priced(
-        {"model_name": "kling-v2-6", "mode": "pro", "duration": "10", "sound": "on"}, "video"
+        {"model_name": "kling-v2-6", "mode": "pro", "duration": "10", "sound": "on"}, text2video
     )
     assert asked.req == ("kling-v2-6", "professional", 10, True, "video") and asked.tasks == 1
-    assert priced({"n": 4}, "image").tasks == 4 and priced({"n": 4}, "video").tasks == 1
+    assert priced({"n": 4}, CREATES["/v1/images/generations"]).tasks == 4
+    assert priced({"n": 4}, text2video).tasks == 1
     with pytest.raises(ValueError, match=r"^duration: "):
-        priced({"duration": "five"}, "video")
+        priced({"duration": "five"}, text2video)
+    # Effects nest what is priced under input.
+    effects = priced(
+        {"effect_scene": "hug", "input": {"mode": "pro", "duration": "10"}},
+        CREATES["/v1/videos/effects"],
+    )
+    assert effects.req.mode == "professional" and effects.req.duration == 10
     assert route_of("POST", "/v1/images/generations") == "create"
+    assert route_of("POST", "/v1/anything/new") == "create"  # deny by default
+    assert route_of("PUT", "/v1/videos/text2video") == "create"
     assert route_of("GET", "/v1/videos/text2video/kt-1") == "query"
     assert route_of("GET", "/account/costs") == "other"
 
@@ -510,7 +538,7 @@ def test_kill_9_loses_no_task_the_producer_was_told_of_and_counts_none_twice(
     assert told, "no producer was told of a task before the kill"
     standin.task_mode = "ok"
     daemon.start()
-    ids = [e["task_id"] for e in submitted(daemon, "killed")]
+    ids = [ext(e) for e in submitted(daemon, "killed")]
     assert len(ids) == len(set(ids)) and told <= set(ids), (told, ids)
 
     def counted() -> float:

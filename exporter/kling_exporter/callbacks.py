@@ -7,6 +7,12 @@ match, and fsynced before the 200: the tailer then counts it like any other line
 (a callback repeated or retried after a restart is a duplicate completion), and a
 restart loses nothing that was answered. ``submitted`` and ``processing`` callbacks
 are acknowledged and written nowhere.
+
+The gateway gives each create it forwards a callback URL of that task's own: its token
+is an HMAC (keyed by ``kling.callback_token``) of a nonce and of how many tasks the
+create makes, so no shared token is handed to producers, and once Kling has named the
+task, the URL settles that task and no other. Such a callback is journalled under
+Kling's task id, as the gateway's own lines are.
 """
 
 from __future__ import annotations
@@ -14,16 +20,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import glob
+import hashlib
 import hmac
 import json
 import logging
 import math
 import os
+import secrets
 import stat
+from collections import OrderedDict
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -56,9 +66,18 @@ class CallbackError(ValueError):
     """A body that is not a Kling callback; the message names the field."""
 
 
-def completion(body: Any) -> dict[str, Any] | None:
+def part_ids(task_id: str, tasks: int) -> list[str]:
+    """The journal's ids for the ``tasks`` tasks one create made (``n`` images): Kling's
+    id for the first, ``<id>#2``... for the others."""
+    stem = task_id[: MAX_ID - 4]
+    return [task_id] + [f"{stem}#{k}" for k in range(2, tasks + 1)]
+
+
+def completion(body: Any, by_kling_id: bool = False) -> dict[str, Any] | None:
     """The log event a callback body stands for (None for a status that changes no
-    count); CallbackError naming the field when it is not a callback."""
+    count); CallbackError naming the field when it is not a callback. Its task id is
+    the producer's ``external_task_id`` when present, else Kling's; Kling's alone
+    ``by_kling_id`` (the gateway's tasks, journalled by Kling's id)."""
     if not isinstance(body, dict):
         raise CallbackError("body: expected a JSON object")
     task_id = body.get("task_id")
@@ -79,7 +98,7 @@ def completion(body: Any) -> dict[str, Any] | None:
         return None
     event: dict[str, Any] = {
         "event": "task_completed",
-        "task_id": external or task_id,
+        "task_id": task_id if by_kling_id else external or task_id,
         "status": status,
         "source": "kling_callback",
         "kling_task_id": task_id,
@@ -88,6 +107,8 @@ def completion(body: Any) -> dict[str, Any] | None:
         event["timestamp"] = updated  # Unix milliseconds, which the log reads as such
     if credits is not None:
         event["credits_used"] = credits
+    if by_kling_id and external is not None:
+        event["external_task_id"] = external
     return event
 
 
@@ -124,10 +145,28 @@ class EventJournal:
         self._commit = GroupCommit(self._write)
         self._torn: tuple[int, int] | None = None  # the file that may end mid-line
 
-    async def append(self, event: dict[str, Any]) -> None:
-        """Return once the line is on disk; OSError if it cannot be written."""
-        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n"
-        await self._commit.append(line.encode())
+    async def append(self, *events: dict[str, Any]) -> None:
+        """Return once the lines are on disk (written at once); OSError if they cannot
+        be."""
+        lines = "".join(
+            json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n" for event in events
+        )
+        await self._commit.append(lines.encode())
+
+    def check(self) -> None:
+        """OSError when the journal plainly cannot be written (a link or another
+        file planted at its path, or its folder not writable): one look, no open."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            folder = self.path.parent
+            if folder.is_dir() and not os.access(folder, os.W_OK):
+                raise OSError(errno.EACCES, "its folder is not writable") from None
+            return
+        if stat.S_ISLNK(info.st_mode):
+            raise OSError(errno.ELOOP, "a symbolic link; refusing to follow it")
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, "not a regular file of this user")
 
     async def close(self) -> None:
         """Close the file once the lines queued so far are written."""
@@ -195,13 +234,25 @@ def open_journal(path: Path) -> int:
 PATH = "/api/v1/kling/callback"
 
 
+# A task's own callback token: t1.<nonce>.<tasks>.<mac>
+_TASK_TOKEN = "t1"  # noqa: S105 - the version of the format, not a secret
+BOUND = 100_000  # nonces whose task Kling has named, remembered to refuse others
+
+
+def _mac(key: str, nonce: str, tasks: int) -> str:
+    message = f"{_TASK_TOKEN}|{nonce}|{tasks}".encode()
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()[:32]
+
+
 class Callbacks:
     """The endpoint's state: the config it reads its token and journal from (so a
-    reload applies), the journal, and what became of the callbacks."""
+    reload applies), the journal, what became of the callbacks, and which task each
+    of the gateway's callback URLs was given to."""
 
     def __init__(self, config: Callable[[], Config]) -> None:
         self.config = config
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.bound: OrderedDict[str, str] = OrderedDict()  # nonce -> Kling's task id
         self._journal: EventJournal | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._logs: LogsConfig | None = None
@@ -220,6 +271,33 @@ class Callbacks:
                 task.add_done_callback(self._closing.discard)
             self._journal = EventJournal(path)
         return self._journal
+
+    def task_url(self, base: str, tasks: int) -> tuple[str, str]:
+        """A callback URL of one create's own (``base`` with its ``token`` replaced),
+        and its nonce, which ``bind`` ties to Kling's task once Kling names it."""
+        nonce = secrets.token_urlsafe(12)
+        mac = _mac(self.config().kling.callback_token, nonce, tasks)
+        token = f"{_TASK_TOKEN}.{nonce}.{tasks}.{mac}"
+        parts = urlsplit(base)
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = [(k, v) for k, v in pairs if k != "token"]
+        query.append(("token", token))
+        return nonce, urlunsplit(parts._replace(query=urlencode(query)))
+
+    def bind(self, nonce: str, task_id: str) -> None:
+        self.bound[nonce] = task_id
+        if len(self.bound) > BOUND:
+            self.bound.popitem(last=False)
+
+    def _task_token(self, given: str, secret: str) -> tuple[str, int] | None:
+        """The nonce and task count of a task's own token whose MAC is right, or None."""
+        parts = given.split(".")
+        if len(parts) != 4 or parts[0] != _TASK_TOKEN or not parts[2].isdigit():
+            return None
+        nonce, tasks = parts[1], int(parts[2])
+        if not 1 <= tasks <= 100 or not hmac.compare_digest(parts[3], _mac(secret, nonce, tasks)):
+            return None
+        return nonce, tasks
 
     async def close(self, app: web.Application | None = None) -> None:
         """Close the journal once what was queued is written (an aiohttp cleanup)."""
@@ -240,22 +318,35 @@ class Callbacks:
                 404, "path: Kling callbacks are not enabled (kling.callback_token)", "path"
             )
         given = request.query.get("token", "")
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        own = self._task_token(given, token)
+        if own is None and not hmac.compare_digest(given.encode(), token.encode()):
             return self._refuse("unauthorized", 401, "token: missing or wrong", "token")
         try:
             raw = await read_body(request)
         except BodyError as e:
             return self._refuse("invalid", e.status, str(e), "body")
         try:
-            event = completion(parse_json(raw))
+            body = parse_json(raw)
+            event = completion(body, by_kling_id=own is not None)
         except ValueError as e:  # CallbackError is a ValueError
             message = str(e)
             return self._refuse("invalid", 400, message, message.split(":", 1)[0])
+        events = [event] if event is not None else []
+        if own is not None:
+            nonce, tasks = own
+            named = self.bound.get(nonce)
+            if named is not None and named != body["task_id"]:
+                return self._refuse("unauthorized", 401, "token: given for another task", "token")
+            if event is not None:
+                events += [
+                    {**event, "task_id": part, "credits_used": 0}
+                    for part in part_ids(event["task_id"], tasks)[1:]
+                ]
         if event is None:
             self.outcomes["acknowledged"] += 1
             return web.json_response({"recorded": False})
         try:
-            await journal.append(event)
+            await journal.append(*events)
         except OSError as e:
             # Not on disk, so not a 200: Kling calls again.
             log.error(

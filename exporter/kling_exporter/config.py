@@ -19,7 +19,7 @@ from kling_exporter.periods import PERIOD_KINDS
 from kling_exporter.wording import describe
 
 MODES = ("standard", "professional")
-KINDS = ("video", "image", "try_on")
+KINDS = ("video", "image", "try_on", "audio")
 START_AT = ("beginning", "end")
 
 _DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
@@ -258,13 +258,20 @@ class TasksConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class ReservationsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Bounds on holds (POST /api/v1/reservations), which any client can make."""
+    """Bounds on holds (POST /api/v1/reservations and the gateway's), which any client
+    can make: ``max_live`` in all, and ``max_live_per_project`` for one project, so that
+    a flood of holds for one project cannot take every other project's room."""
 
     max_live: int = 20_000
+    max_live_per_project: int = 2_000
 
     def __post_init__(self) -> None:
         if self.max_live < 1:
             raise ValueError(f"max_live: must be at least 1, got {self.max_live}")
+        if self.max_live_per_project < 1:
+            raise ValueError(
+                f"max_live_per_project: must be at least 1, got {self.max_live_per_project}"
+            )
 
 
 class KlingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -355,9 +362,19 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     path_prefix: str = "/kling"
     project_header: str = "X-Kling-Project"
     # The JWT's iss (the producer's access key) -> the project its tasks count against.
+    # A mapped key binds its project: the header cannot move its tasks elsewhere.
     projects_by_access_key: dict[str, str] = msgspec.field(default_factory=dict)
+    # The project header chooses a project only when this is true (for producers whose
+    # keys are not mapped); off, it is ignored.
+    trust_project_header: bool = False
+    user_header: str = "X-Kling-User"
+    users_by_access_key: dict[str, str] = msgspec.field(default_factory=dict)
+    trust_user_header: bool = False
     default_project: str = ""  # "" = a create request with no project is refused (400)
-    inject_callback_url: str = ""  # given to create requests that carry no callback_url
+    # The exporter's callback endpoint, given to create requests that carry no
+    # callback_url, with a token of that task's own (needs kling.callback_token).
+    inject_callback_url: str = ""
+    unpriced: str = "refuse"  # refuse | allow: a write the gateway cannot price
     timeout: str | float = "60s"
 
     def __post_init__(self) -> None:
@@ -374,16 +391,19 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError(
                 f"project_header: expected an HTTP header name, got {self.project_header!r}"
             )
-        for key, project in self.projects_by_access_key.items():
-            if not key or not 0 < len(project) <= 128 or not project.isprintable():
-                raise ValueError(
-                    f"projects_by_access_key.{key}: expected a project name of 1 to 128 "
-                    "printable characters"
-                )
+        if not _TOKEN_RE.match(self.user_header):
+            raise ValueError(f"user_header: expected an HTTP header name, got {self.user_header!r}")
+        for table in ("projects_by_access_key", "users_by_access_key"):
+            for key, name in getattr(self, table).items():
+                if not key or not 0 < len(name) <= 128 or not name.isprintable():
+                    raise ValueError(
+                        f"{table}.{key}: expected a name of 1 to 128 printable characters"
+                    )
+        _one_of("unpriced", self.unpriced, ("refuse", "allow"))
         if len(self.default_project) > 128 or not self.default_project.isprintable():
             raise ValueError("default_project: expected up to 128 printable characters")
         callback = self.inject_callback_url
-        if callback and not callback.startswith(("https://", "http://")):
+        if callback and (not callback.startswith(("https://", "http://")) or "#" in callback):
             raise ValueError(
                 f"inject_callback_url: expected an http(s) URL or '', got {callback!r}"
             )
@@ -421,6 +441,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             if budget.name in seen:
                 raise ValueError(f"budgets[{i}].name: duplicate budget name {budget.name!r}")
             seen.add(budget.name)
+        if self.gateway.inject_callback_url and not self.kling.callback_token:
+            raise ValueError(
+                "gateway.inject_callback_url: needs kling.callback_token, the key each "
+                "task's own callback token is signed with"
+            )
 
     @property
     def tz(self) -> zoneinfo.ZoneInfo:

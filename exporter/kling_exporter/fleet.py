@@ -410,10 +410,13 @@ class Fleet:
             out.append(row)
         return out
 
-    async def decide(self, ask: Ask, rid: str | None, ttl: float) -> CheckResult | str:
+    async def decide(
+        self, ask: Ask, rid: str | None, ttl: float, strict: bool = False
+    ) -> CheckResult | str:
         """A reservation's decision (``Reservations.reserve`` calls it, one at a time):
         granted by the script with this exporter's entry holding it, or refused; the
-        reason an id is taken by another instance as text."""
+        reason an id is taken by another instance as text. ``strict`` (the gateway's
+        creates) refuses when Redis cannot decide, whatever ``on_unavailable`` says."""
         view = self.view()
         budgets = view.budgets.matching(ask.project, ask.user)
         mine = self.reservations.check(view, ask)  # what is needed; the local view
@@ -436,7 +439,7 @@ class Fleet:
             return f"is held through the fleet's instance {answer.owner!r}"
         if answer is not None and answer.verdict in ("ok", "refused"):
             return self._verdict(answer, budgets, self.reservations.check(view, ask, elsewhere))
-        if self.settings.on_unavailable == "refuse":
+        if strict or self.settings.on_unavailable == "refuse":
             return refused(self.reservations.check(view, ask))
         return self.reservations.check(view, ask, elsewhere)
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-import re
 import time
 import uuid
 import zlib
@@ -42,14 +42,23 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from kling_exporter.api import BodyError, parse_json, read_body
+from kling_exporter.api import _duplicate_key as duplicate_key
 from kling_exporter.budgets import Ask
-from kling_exporter.callbacks import Callbacks, completion
-from kling_exporter.config import MODE_ALIASES, Config, GatewayConfig
+from kling_exporter.callbacks import Callbacks, completion, part_ids
+from kling_exporter.config import Config, GatewayConfig
 from kling_exporter.counters import Histogram
-from kling_exporter.events import MAX_ID, MAX_LABEL_LEN
+from kling_exporter.endpoints import (
+    CREATES,
+    PathError,
+    Priced,
+    canonical,
+    priced,
+    route_of,
+    split_target,
+)
+from kling_exporter.events import MAX_LABEL_LEN
 from kling_exporter.fleet import Fleet
 from kling_exporter.model import View
-from kling_exporter.pricing import Request
 from kling_exporter.reservations import Reservations, Terms, fingerprint
 from kling_exporter.streams import TooLarge, read_bounded
 
@@ -68,6 +77,7 @@ OUTCOMES = (
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 # Kling's error codes, for the answers the gateway makes itself.
+CODE_NO_AUTH = 1004
 CODE_BAD_PARAMETER = 1201
 CODE_NO_BALANCE = 1102  # what Kling says when the account cannot pay: not worth a retry
 CODE_UNAVAILABLE = 5001
@@ -102,82 +112,6 @@ _HOP_BY_HOP = frozenset(
 # aiohttp's client adds these when a request has none; the producer's request goes on
 # without those it did not send.
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-_SEGMENT = r"[A-Za-z0-9._~-]+"
-_TASK_PATH = re.compile(rf"^/v1/(videos|images)(?:/{_SEGMENT})+/?$")
-
-
-def route_of(method: str, path: str) -> str:
-    """``create`` for a POST to a video or image endpoint, ``query`` for a GET under
-    one, ``other`` for anything else (the account, audio, unknown paths)."""
-    if _TASK_PATH.match(path):
-        if method == "POST":
-            return "create"
-        if method == "GET":
-            return "query"
-    return "other"
-
-
-def kind_of_path(path: str) -> str:
-    if path.startswith("/v1/images/"):
-        return "try_on" if "try-on" in path else "image"
-    return "video"
-
-
-class Priced(NamedTuple):
-    """What a create request asks for, as the budgets price it."""
-
-    req: Request
-    tasks: int
-    external_task_id: str | None
-
-
-def _whole(value: Any, field: str, low: int, high: int) -> int:
-    """A whole number Kling may send as a string ("5") or a number (5, 5.0)."""
-    number: Any = value
-    if isinstance(value, str) and value.strip().isdigit():
-        number = int(value.strip())
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
-        raise ValueError(f"{field}: expected a whole number from {low} to {high}, got {value!r}")
-    return number
-
-
-def priced(body: Any, kind: str) -> Priced:
-    """The pricing input of a create request's JSON body: ``model_name``, ``mode``
-    (std, pro), ``duration`` (seconds, a string or a number), ``sound`` (on, off) and,
-    for images, ``n``. ValueError naming the field when one cannot be priced; fields
-    the pricing does not read are Kling's to judge."""
-    if not isinstance(body, dict):
-        raise ValueError("body: expected a JSON object")
-    model = body.get("model_name")
-    if model is not None and (
-        not isinstance(model, str) or not 0 < len(model) <= MAX_LABEL_LEN or not model.isprintable()
-    ):
-        raise ValueError(f"model_name: expected 1 to {MAX_LABEL_LEN} printable characters")
-    mode = body.get("mode")
-    if mode is not None and (not isinstance(mode, str) or mode not in MODE_ALIASES):
-        raise ValueError(f"mode: expected one of std, pro, got {mode!r}")
-    duration = body.get("duration")
-    seconds = None if duration is None else _whole(duration, "duration", 1, 3600)
-    sound = body.get("sound")
-    if sound not in (None, "on", "off"):
-        raise ValueError(f"sound: expected one of on, off, got {sound!r}")
-    n = body.get("n")
-    count = 1 if n is None or kind == "video" else _whole(n, "n", 1, 100)
-    external = body.get("external_task_id")
-    if external is not None and (
-        not isinstance(external, str)
-        or not 0 < len(external) <= MAX_ID
-        or not external.isprintable()
-    ):
-        raise ValueError(f"external_task_id: expected 1 to {MAX_ID} printable characters")
-    callback = body.get("callback_url")
-    if callback is not None and not isinstance(callback, str):
-        raise ValueError("callback_url: expected a string")
-    long_mode = None if mode is None or kind != "video" else MODE_ALIASES[mode]
-    req = Request(model, long_mode, seconds if kind == "video" else None, sound == "on", kind)
-    return Priced(req, count, external or None)
 
 
 def access_key(authorization: str) -> str | None:
@@ -209,15 +143,16 @@ def kling_error(
 
 
 def forwarded_headers(
-    headers: CIMultiDictProxy[str], drop: str, keep_length: bool
+    headers: CIMultiDictProxy[str], drop: frozenset[str], keep_length: bool
 ) -> CIMultiDict[str]:
     """A request's headers as they go on: without hop-by-hop ones (those the
-    ``Connection`` header names too) and ``drop`` (the gateway's own project header)."""
+    ``Connection`` header names too) and ``drop`` (the gateway's own identity headers,
+    lower case)."""
     named = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in headers.items():
         low = key.lower()
-        if low in _HOP_BY_HOP or low in named or low == drop:
+        if low in _HOP_BY_HOP or low in named or low in drop:
             continue
         if low == "content-length" and not keep_length:
             continue
@@ -278,10 +213,24 @@ class Upstream(NamedTuple):
     body: bytes
 
 
+class Identity(NamedTuple):
+    """Whose a create is: the project and user its budgets are matched by."""
+
+    project: str
+    user: str | None
+
+
 class Gateway:
-    """The gateway's state: its connection pool to Kling, what became of the requests,
+    """The gateway's state: its connection pools to Kling, what became of the requests,
     and the task ids whose completion it journalled. Settings are read from the config
-    at each request, so a reload applies (but for ``enabled`` and ``path_prefix``)."""
+    at each request, so a reload applies (but for ``enabled`` and ``path_prefix``).
+
+    Invariant of the money path: Kling is sent a write only once it is priced from the
+    very bytes Kling is sent (the canonical path, the body re-encoded from what was
+    priced) and held against every matching budget, or refused; a task Kling made is on
+    the journal (one line per task it makes) before the producer hears of it, and its
+    hold is the gateway's own, which only the task's line, Kling's refusal or expiry
+    ends."""
 
     def __init__(
         self,
@@ -290,16 +239,20 @@ class Gateway:
         reservations: Reservations,
         fleet: Fleet,
         callbacks: Callbacks,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.config = config
         self.view = view
         self.reservations = reservations
         self.fleet = fleet
         self.callbacks = callbacks
+        self.ready = ready
         self.outcomes = {(r, o): 0 for r in ROUTES for o in OUTCOMES}
         self.durations = {r: Histogram(BUCKETS) for r in ROUTES}  # Kling's answer times
         self.completed: OrderedDict[str, None] = OrderedDict()
+        self.parts: OrderedDict[str, int] = OrderedDict()  # Kling's task id -> tasks it made
         self._session: aiohttp.ClientSession | None = None
+        self._others: aiohttp.ClientSession | None = None
         self._work: set[asyncio.Task[Any]] = set()
 
     @property
@@ -309,21 +262,28 @@ class Gateway:
     # -- life ------------------------------------------------------------------------
 
     async def pool(self, app: web.Application) -> AsyncIterator[None]:
-        """An aiohttp cleanup context: one pool of connections to Kling for the
-        application's life; at its end, work under way is finished first."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60),
-            auto_decompress=False,  # answers go on as they came
-            cookie_jar=aiohttp.DummyCookieJar(),  # one producer's cookies are not another's
-            timeout=aiohttp.ClientTimeout(total=None),
-        )
+        """An aiohttp cleanup context: two pools of connections to Kling for the
+        application's life, one for creates and queries and one for everything else,
+        so that slow pass-through requests cannot take the connections creates need;
+        at its end, work under way is finished first."""
+
+        def session() -> aiohttp.ClientSession:
+            return aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=128, ttl_dns_cache=60),
+                auto_decompress=False,  # answers go on as they came
+                cookie_jar=aiohttp.DummyCookieJar(),  # one producer's are not another's
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+
+        self._session, self._others = session(), session()
         try:
             yield
         finally:
             if self._work:
                 await asyncio.wait(set(self._work), timeout=self.settings.timeout_seconds)
             await self._session.close()
-            self._session = None
+            await self._others.close()
+            self._session = self._others = None
 
     def _shielded(self, work: Awaitable[T]) -> Awaitable[T]:
         """``work`` run to its end whatever becomes of the producer's connection."""
@@ -337,43 +297,54 @@ class Gateway:
 
     # -- requests --------------------------------------------------------------------
 
-    def path(self, request: web.Request) -> str:
-        """The request's path and query after the prefix, as sent: always from its
-        ``/`` on, so nothing a producer sends can touch the upstream's host."""
+    def target(self, request: web.Request) -> tuple[str, str]:
+        """The canonical path after the prefix and the query, as they are classified
+        and forwarded; PathError for a path with no single meaning or one that leaves
+        the prefix."""
+        path, query = split_target(request.raw_path)
+        path = canonical(path)
         prefix = self.settings.path_prefix
-        raw = request.raw_path
-        if raw.startswith(prefix + "/"):
-            return raw[len(prefix) :]
-        # The prefix itself came percent-encoded (/%6Bling/...): the rest, encoded again.
-        tail = URL.build(path="/" + request.match_info["tail"]).raw_path
-        return tail + ("?" + request.query_string if request.query_string else "")
+        if not path.startswith(prefix + "/"):
+            raise PathError(f"path: resolves outside the gateway's prefix {prefix}")
+        return path[len(prefix) :], query
 
-    def _url(self, tail: str) -> URL:
+    def _url(self, path: str, query: str) -> URL:
+        tail = path + ("?" + query if query else "")
         return URL(self.settings.upstream.rstrip("/") + tail, encoded=True)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        tail = self.path(request)
-        route = route_of(request.method, tail.split("?", 1)[0])
         if self._session is None:
             return kling_error(503, CODE_UNAVAILABLE, "gateway: not started")
+        try:
+            path, query = self.target(request)
+        except PathError as e:
+            route = "create" if request.method not in ("GET", "HEAD", "OPTIONS") else "other"
+            self._count(route, "bad_request")
+            return kling_error(400, CODE_BAD_PARAMETER, str(e))
+        route = route_of(request.method, path)
+        coding = request.headers.get("Content-Encoding", "").strip().lower()
+        if coding not in ("", "identity"):
+            # aiohttp would inflate it and pass it on still labelled as encoded.
+            self._count(route, "bad_request")
+            return kling_error(415, CODE_BAD_PARAMETER, "Content-Encoding: send the body unencoded")
         if route == "create":
-            return await self._create(request, tail)
+            return await self._create(request, path, query)
         if route == "query":
-            return await self._query(request, tail)
-        return await self._pass(request, tail)
+            return await self._query(request, path, query)
+        return await self._pass(request, path, query)
 
-    async def _send(self, request: web.Request, tail: str, route: str, body: bytes) -> Upstream:
+    async def _send(self, request: web.Request, url: URL, route: str, body: bytes) -> Upstream:
         """Send a buffered request to Kling and read its answer whole (bounded); raises
         TimeoutError, aiohttp.ClientError, OSError or TooLarge."""
         assert self._session is not None
-        headers = forwarded_headers(request.headers, self.settings.project_header.lower(), False)
+        headers = forwarded_headers(request.headers, self._own_headers(), False)
         skip = [h for h in _AUTO_HEADERS if h not in headers]
         start = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.timeout_seconds):
                 async with self._session.request(
                     request.method,
-                    self._url(tail),
+                    url,
                     headers=headers,
                     data=body if body or request.body_exists else None,
                     skip_auto_headers=skip,
@@ -384,62 +355,150 @@ class Gateway:
         finally:
             self.durations[route].observe(time.perf_counter() - start)
 
-    def _project(self, request: web.Request) -> str | None:
+    def _own_headers(self) -> frozenset[str]:
         settings = self.settings
-        given = request.headers.get(settings.project_header, "").strip()
-        if given:
-            return given
+        return frozenset((settings.project_header.lower(), settings.user_header.lower()))
+
+    def identity(self, request: web.Request) -> Identity | str:
+        """Whose a create is, or why that cannot be told. A mapped access key binds its
+        project (and user): the headers choose only where the config trusts them."""
+        settings = self.settings
+        for header in (settings.project_header, settings.user_header, "Authorization"):
+            if len(request.headers.getall(header, ())) > 1:
+                return f"{header}: given more than once"
         key = access_key(request.headers.get("Authorization", ""))
-        if key is not None and key in settings.projects_by_access_key:
-            return settings.projects_by_access_key[key]
-        return settings.default_project or None
+        project = settings.projects_by_access_key.get(key) if key is not None else None
+        if project is None and settings.trust_project_header:
+            project = request.headers.get(settings.project_header, "").strip() or None
+        project = project or settings.default_project or None
+        if project is None:
+            header = settings.project_header
+            return (
+                "project: none given; map your access key in gateway.projects_by_access_key, "
+                f"or set gateway.default_project (or trust the {header} header with "
+                "gateway.trust_project_header)"
+            )
+        if len(project) > MAX_LABEL_LEN or not project.isprintable():
+            return f"project: expected 1 to {MAX_LABEL_LEN} printable characters"
+        user = settings.users_by_access_key.get(key) if key is not None else None
+        if user is None and settings.trust_user_header:
+            user = request.headers.get(settings.user_header, "").strip() or None
+        if user is not None and (len(user) > MAX_LABEL_LEN or not user.isprintable()):
+            return f"user: expected 1 to {MAX_LABEL_LEN} printable characters"
+        return Identity(project, user)
 
     def _refuse(self, status: int, code: int, message: str) -> web.Response:
         self._count("create", "bad_request" if status < 500 else "unavailable")
         return kling_error(status, code, message)
 
-    async def _create(self, request: web.Request, tail: str) -> web.StreamResponse:
+    def _unpriced(self, path: str) -> str | None:
+        """Why a write to ``path`` cannot be priced, or None."""
+        endpoint = CREATES.get(path)
+        if endpoint is None:
+            return f"path: {path} is not a create endpoint the gateway can price"
+        if endpoint.kind != "audio":
+            return None
+        if any(rule.kind == "audio" for rule in self.config().pricing.rules):
+            return None
+        return f"path: {path} makes audio, and no pricing rule names kind: audio"
+
+    def _gate(self, request: web.Request) -> web.Response | None:
+        """The refusal of a create before its body is read, or None: not ready yet, no
+        bearer token (Kling refuses it too, and no hold is taken meanwhile), or a
+        journal that cannot be written (fail closed)."""
+        if not self.ready():
+            return self._refuse(
+                503, CODE_UNAVAILABLE, "gateway: the exporter is still reading its logs"
+            )
+        if access_key(request.headers.get("Authorization", "")) is None:
+            return self._refuse(401, CODE_NO_AUTH, "Authorization: expected Kling's bearer token")
+        journal = self.callbacks.journal()
+        try:
+            if journal is None:
+                raise OSError("no glob of logs.paths fits one")
+            journal.check()
+        except OSError as e:
+            log.error("the gateway's journal cannot be written", extra={"err": str(e)})
+            return self._refuse(
+                503, CODE_UNAVAILABLE, "gateway: its journal cannot be written; no task is sent"
+            )
+        return None
+
+    def _prepare(
+        self, request: web.Request, path: str, raw: bytes
+    ) -> tuple[Ask, Priced, bytes, str | None] | web.Response:
+        """A create's ask, its price, the bytes Kling is sent (re-encoded from what was
+        priced, with a callback URL of its own where one is injected) and that URL's
+        nonce; or the 400 that says which field is wrong."""
+        try:
+            repeated = duplicate_key(raw)
+            if repeated is not None:
+                raise ValueError(f"{repeated}: given twice")
+            body = parse_json(raw)
+            asked = priced(body, CREATES[path])
+        except ValueError as e:
+            return self._refuse(400, CODE_BAD_PARAMETER, str(e))
+        who = self.identity(request)
+        if isinstance(who, str):
+            return self._refuse(400, CODE_BAD_PARAMETER, who)
+        nonce = None
+        inject = self.settings.inject_callback_url
+        if inject and not body.get("callback_url"):
+            nonce, url = self.callbacks.task_url(inject, asked.tasks)
+            body = {**body, "callback_url": url}
+        try:
+            sent = json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
+        except ValueError:
+            return self._refuse(400, CODE_BAD_PARAMETER, "body: NaN and Infinity are not JSON")
+        return Ask(asked.req, asked.tasks, who.project, who.user), asked, sent, nonce
+
+    async def _create(self, request: web.Request, path: str, query: str) -> web.StreamResponse:
+        refusal = self._gate(request)
+        if refusal is not None:
+            return refusal
         try:
             raw = await read_body(request)
         except BodyError as e:
             return self._refuse(e.status, CODE_BAD_PARAMETER, str(e))
+        why = self._unpriced(path)
+        if why is not None:
+            if self.settings.unpriced != "allow":
+                why += "; gateway.unpriced: allow forwards it unpriced"
+                return self._refuse(400, CODE_BAD_PARAMETER, why)
+            return await self._shielded(self._forward_unpriced(request, path, query, raw))
+        prepared = self._prepare(request, path, raw)
+        if isinstance(prepared, web.Response):
+            return prepared
+        ask, asked, sent, nonce = prepared
+        work = self._hold_and_send(request, self._url(path, query), sent, ask, asked, nonce)
+        return await self._shielded(work)
+
+    async def _forward_unpriced(
+        self, request: web.Request, path: str, query: str, raw: bytes
+    ) -> web.StreamResponse:
+        """A write the config lets through unpriced (``gateway.unpriced: allow``)."""
         try:
-            body = parse_json(raw)
-            asked = priced(body, kind_of_path(tail.split("?", 1)[0]))
-        except ValueError as e:
-            return self._refuse(400, CODE_BAD_PARAMETER, str(e))
-        project = self._project(request)
-        if project is None:
-            header = self.settings.project_header
-            return self._refuse(
-                400,
-                CODE_BAD_PARAMETER,
-                f"project: none given; send the {header} header, or map your access key "
-                "in gateway.projects_by_access_key, or set gateway.default_project",
-            )
-        if len(project) > MAX_LABEL_LEN or not project.isprintable():
-            return self._refuse(
-                400, CODE_BAD_PARAMETER, f"project: expected 1 to {MAX_LABEL_LEN} characters"
-            )
-        inject = self.settings.inject_callback_url
-        if inject and not body.get("callback_url"):
-            raw = json.dumps({**body, "callback_url": inject}, ensure_ascii=False).encode()
-        journal = self.callbacks.journal()
-        if journal is None:
-            return self._refuse(
-                503, CODE_UNAVAILABLE, "gateway: no journal (no glob of logs.paths fits one)"
-            )
-        ask = Ask(asked.req, asked.tasks, project, None)
-        return await self._shielded(self._hold_and_send(request, tail, raw, ask, asked))
+            answer = await self._send(request, self._url(path, query), "create", raw)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TooLarge) as e:
+            self._count("create", "transport_error")
+            return _transport_error(e)
+        self._count("create", "forwarded" if answer.status < 400 else "upstream_error")
+        return web.Response(
+            body=answer.body, status=answer.status, headers=answer_headers(answer.headers)
+        )
 
     async def _hold_and_send(
-        self, request: web.Request, tail: str, raw: bytes, ask: Ask, asked: Priced
+        self, request: web.Request, url: URL, raw: bytes, ask: Ask, asked: Priced, nonce: str | None
     ) -> web.StreamResponse:
         hold = None
         view = self.view()
-        if view.budgets.matching(ask.project, None):
+        if view.budgets.matching(ask.project, ask.user):
             ttl = self.settings.timeout_seconds + HOLD_MARGIN
-            decide = self.fleet.decide if self.fleet.enabled else None
+            # With a fleet, a create is decided by the fleet or refused: never on local
+            # figures alone, whatever fleet.on_unavailable says for the API.
+            decide = (
+                functools.partial(self.fleet.decide, strict=True) if self.fleet.enabled else None
+            )
             req = ask.req
             shape = {"project": ask.project, "count": ask.tasks, "request": list(req)}
             # The hold's record is written at once and not fsynced: what makes the task
@@ -453,7 +512,7 @@ class Gateway:
                 None,
                 ttl,
                 fingerprint(shape),
-                Terms(decide, self.config().reservations.max_live, durable=False),
+                Terms.for_gateway(self.config().reservations, decide),
             )
             if status == 200:
                 self._count("create", "refused")
@@ -462,16 +521,16 @@ class Gateway:
                 return self._refuse(503, CODE_UNAVAILABLE, str(granted.get("error", "")))
             hold = str(granted["id"])
         try:
-            answer = await self._send(request, tail, "create", raw)
+            answer = await self._send(request, url, "create", raw)
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TooLarge) as e:
             await self._release(hold)
             self._count("create", "transport_error")
-            if isinstance(e, TimeoutError):
-                return kling_error(504, CODE_TIMEOUT, "gateway: Kling did not answer in time")
-            return kling_error(502, CODE_UNAVAILABLE, "gateway: Kling could not be reached")
+            return _transport_error(e)
         code, data = kling_data(answer.body, answer.headers.get("Content-Encoding", ""))
         task_id = data.get("task_id") if isinstance(data, dict) else None
         if answer.status < 300 and code == 0 and isinstance(task_id, str) and task_id:
+            if nonce is not None:
+                self.callbacks.bind(nonce, task_id)
             await self._submitted(task_id, ask, asked, hold)
             self._count("create", "forwarded")
         elif answer.status >= 400 or (code is not None and code != 0):
@@ -488,17 +547,20 @@ class Gateway:
         )
 
     async def _submitted(self, task_id: str, ask: Ask, asked: Priced, hold: str | None) -> None:
-        """Journal Kling's new task before the producer hears of it."""
+        """Journal Kling's new task (a line for each task it makes: ``n`` images are n)
+        before the producer hears of it. The line's task id is Kling's: a producer's
+        ``external_task_id`` rides beside it, so reusing one cannot hide a task."""
         req = ask.req
         event: dict[str, Any] = {
             "event": "task_submitted",
             "timestamp": time.time(),
-            "task_id": (asked.external_task_id or task_id)[:MAX_ID],
-            "kling_task_id": task_id[:MAX_ID],
+            "task_id": task_id,
             "project": ask.project,
             "kind": req.kind,
             "source": "kling_gateway",
         }
+        if ask.user is not None:
+            event["user"] = ask.user
         if asked.external_task_id:
             event["external_task_id"] = asked.external_task_id
         for key, value in (("model", req.model), ("mode", req.mode), ("duration", req.duration)):
@@ -508,19 +570,24 @@ class Gateway:
             event["audio"] = True
         if hold is not None:
             event["reservation_id"] = hold
-        if not await self._journal(event):
+        events = [{**event, "task_id": part} for part in part_ids(task_id, asked.tasks)]
+        if asked.tasks > 1:
+            self.parts[task_id] = asked.tasks
+            if len(self.parts) > REMEMBERED:
+                self.parts.popitem(last=False)
+        if not await self._journal(*events):
             # Kling made the task: the producer is told so (a retry would pay twice),
             # and the hold counts it until it expires.
             await self._keep(hold)
             self._count("create", "unavailable")
 
-    async def _journal(self, event: dict[str, Any]) -> bool:
-        """Whether ``event`` is on disk in the journal (the error is logged if not)."""
+    async def _journal(self, *events: dict[str, Any]) -> bool:
+        """Whether ``events`` are on disk in the journal (the error is logged if not)."""
         journal = self.callbacks.journal()
         try:
             if journal is None:
                 raise OSError("no journal")
-            await journal.append(event)
+            await journal.append(*events)
         except OSError as e:
             log.error("cannot write the gateway's journal line", extra={"err": str(e)})
             return False
@@ -536,14 +603,12 @@ class Gateway:
         if hold is not None and await self.reservations.release(hold):
             self.fleet.wake.set()
 
-    async def _query(self, request: web.Request, tail: str) -> web.StreamResponse:
+    async def _query(self, request: web.Request, path: str, query: str) -> web.StreamResponse:
         try:
-            answer = await self._send(request, tail, "query", b"")
+            answer = await self._send(request, self._url(path, query), "query", b"")
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TooLarge) as e:
             self._count("query", "transport_error")
-            if isinstance(e, TimeoutError):
-                return kling_error(504, CODE_TIMEOUT, "gateway: Kling did not answer in time")
-            return kling_error(502, CODE_UNAVAILABLE, "gateway: Kling could not be reached")
+            return _transport_error(e)
         code, data = kling_data(answer.body, answer.headers.get("Content-Encoding", ""))
         if answer.status >= 400 or (code is not None and code != 0):
             self._count("query", "upstream_error")
@@ -556,32 +621,36 @@ class Gateway:
         )
 
     async def _completed(self, data: dict[str, Any]) -> None:
-        """Journal a finished task's completion the first time a query shows it."""
+        """Journal a finished task's completion the first time a query shows it (for
+        each task it made: the first carries Kling's charge, the others none)."""
         try:
-            event = completion(data)
+            event = completion(data, by_kling_id=True)
         except ValueError:
             return  # not a task as Kling describes one: nothing to count
         kling_id = str(data.get("task_id"))
         if event is None or kling_id in self.completed:
             return
         event["source"] = "kling_gateway"
-        if not await self._journal(event):
+        parts = part_ids(kling_id, self.parts.get(kling_id, 1))
+        events = [event] + [{**event, "task_id": part, "credits_used": 0} for part in parts[1:]]
+        if not await self._journal(*events):
             return  # the next query showing it tries again
         self.completed[kling_id] = None
         if len(self.completed) > REMEMBERED:
             self.completed.popitem(last=False)
 
-    async def _pass(self, request: web.Request, tail: str) -> web.StreamResponse:
-        """Anything else, streamed both ways without reading it whole."""
-        assert self._session is not None
-        headers = forwarded_headers(request.headers, self.settings.project_header.lower(), True)
+    async def _pass(self, request: web.Request, path: str, query: str) -> web.StreamResponse:
+        """Anything else, streamed both ways without reading it whole, on a pool of its
+        own."""
+        assert self._others is not None
+        headers = forwarded_headers(request.headers, self._own_headers(), True)
         skip = [h for h in _AUTO_HEADERS if h not in headers]
         timeout = self.settings.timeout_seconds
         start = time.perf_counter()
         try:
-            upstream = await self._session.request(
+            upstream = await self._others.request(
                 request.method,
-                self._url(tail),
+                self._url(path, query),
                 headers=headers,
                 data=request.content if request.body_exists else None,
                 skip_auto_headers=skip,
@@ -591,9 +660,7 @@ class Gateway:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
             self.durations["other"].observe(time.perf_counter() - start)
             self._count("other", "transport_error")
-            if isinstance(e, TimeoutError):
-                return kling_error(504, CODE_TIMEOUT, "gateway: Kling did not answer in time")
-            return kling_error(502, CODE_UNAVAILABLE, "gateway: Kling could not be reached")
+            return _transport_error(e)
         self.durations["other"].observe(time.perf_counter() - start)
         self._count("other", "upstream_error" if upstream.status >= 400 else "forwarded")
         async with upstream:
@@ -612,6 +679,12 @@ class Gateway:
         return response
 
     # -- metrics ---------------------------------------------------------------------
+
+
+def _transport_error(e: BaseException) -> web.Response:
+    if isinstance(e, TimeoutError):
+        return kling_error(504, CODE_TIMEOUT, "gateway: Kling did not answer in time")
+    return kling_error(502, CODE_UNAVAILABLE, "gateway: Kling could not be reached")
 
 
 def _refusal(result: dict[str, Any]) -> web.Response:

@@ -345,7 +345,7 @@ def build_app(
     app.cleanup_ctx.append(in_background(account.run))
     fleet = app[FLEET] = Fleet(lambda: reader.config, held, reader.view, reader.is_ready)
     app.cleanup_ctx.append(in_background(fleet.run, fleet.stop))
-    gateway = Gateway(lambda: reader.config, reader.view, held, fleet, callbacks)
+    gateway = Gateway(lambda: reader.config, reader.view, held, fleet, callbacks, reader.is_ready)
     if prefix:
         app.cleanup_ctx.append(gateway.pool)
         app.router.add_route("*", prefix + "/{tail:.*}", gateway.handle)

@@ -74,6 +74,7 @@ class KlingStandIn:
     def __init__(self, access_key: str, secret_key: str, packs: list[dict[str, Any]]) -> None:
         self.access_key = access_key
         self.secret_key = secret_key
+        self.keys = {access_key: secret_key}  # every account's access key -> secret
         self.packs = packs
         self.mode = "ok"
         self.slow_seconds = 2.0  # past the exporter's timeout when it is made short
@@ -87,11 +88,12 @@ class KlingStandIn:
         self.created: list[dict[str, Any]] = []  # the body of every task created
         self._ids = itertools.count(1)
 
-    def token(self, now: float | None = None) -> str:
-        """A bearer token as a producer signs it with this stand-in's keys."""
+    def token(self, now: float | None = None, access_key: str | None = None) -> str:
+        """A bearer token as a producer signs it with one of this stand-in's keys."""
         now = time.time() if now is None else now
-        claims = {"iss": self.access_key, "exp": int(now) + 1800, "nbf": int(now) - 5}
-        return jwt.encode(claims, self.secret_key, algorithm="HS256")
+        key = access_key or self.access_key
+        claims = {"iss": key, "exp": int(now) + 1800, "nbf": int(now) - 5}
+        return jwt.encode(claims, self.keys[key], algorithm="HS256")
 
     def _answer(self, status: int, code: int, message: str, data: Any = None) -> web.Response:
         body = {"code": code, "message": message, "request_id": f"standin-{next(self._ids)}"}
@@ -167,12 +169,13 @@ class KlingStandIn:
         if scheme != "Bearer" or not token:
             return "no bearer token"
         try:
+            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
             claims = jwt.decode(
                 token,
-                self.secret_key,
+                self.keys.get(iss, self.secret_key) if isinstance(iss, str) else self.secret_key,
                 algorithms=["HS256"],
                 options={"require": ["iss", "exp", "nbf"]},
-                issuer=self.access_key,
+                issuer=iss if iss in self.keys else self.access_key,
             )
         except jwt.PyJWTError as e:
             return type(e).__name__
