@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import urllib.parse
 from typing import Any
 
 import jwt
@@ -40,6 +41,24 @@ _TASK_ERRORS = {
     "rate_limited": (429, 1302, "The API request is too fast, please slow down"),
     "server_error": (500, 5000, "Server internal error"),
 }
+
+
+def normalized(raw_path: str) -> str:
+    """A request target's path as a server that normalizes reads it: the fragment and
+    query gone, every escape decoded, ``;params`` dropped, empty and dot segments
+    resolved."""
+    path = urllib.parse.unquote(raw_path.split("#", 1)[0].split("?", 1)[0])
+    segments: list[str] = []
+    for raw in path.split("/"):
+        segment = raw.split(";", 1)[0]
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return "/" + "/".join(segments)
 
 
 def demo_packs(now: float) -> list[dict[str, Any]]:
@@ -86,6 +105,7 @@ class KlingStandIn:
         self.credits = 10.0  # what a finished task is charged (final_unit_deduction)
         self.tasks: dict[str, dict[str, Any]] = {}  # task_id -> the task, as queried
         self.created: list[dict[str, Any]] = []  # the body of every task created
+        self.made: list[tuple[str, str, dict[str, Any]]] = []  # (path, task id, body)
         self._ids = itertools.count(1)
 
     def token(self, now: float | None = None, access_key: str | None = None) -> str:
@@ -135,6 +155,7 @@ class KlingStandIn:
             task["task_info"] = {"external_task_id": external}
         self.tasks[task_id] = task
         self.created.append(body)
+        self.made.append((normalized(request.raw_path), task_id, body))
         if self.task_mode == "drop":
             assert request.transport is not None
             request.transport.close()
@@ -150,7 +171,7 @@ class KlingStandIn:
         failed = self._failure(request)
         if failed is not None:
             return failed
-        task = self.tasks.get(request.match_info["task_id"])
+        task = self.tasks.get(request.match_info.get("task_id") or request.path.rsplit("/", 1)[1])
         if task is None:
             return self._answer(404, 1203, "Task does not exist")
         now = int(time.time() * 1000)
@@ -220,6 +241,16 @@ class KlingStandIn:
                 "data": {"code": 0, "msg": "SUCCEED", "resource_pack_subscribe_infos": packs},
             }
         )
+
+    async def any_path(self, request: web.Request) -> web.StreamResponse:
+        """Kling behind a server that normalizes paths as many do (``normalized``) and
+        makes a task for any write under ``/v1/``: the most a gateway could let slip."""
+        path = normalized(request.raw_path)
+        if request.method != "GET" and path.startswith("/v1/"):
+            return await self.create_task(request)
+        if request.method == "GET" and path.startswith("/v1/") and path.count("/") >= 4:
+            return await self.query_task(request)
+        return self._answer(404, 1200, "no such path")
 
     def routes(self, app: web.Application, prefix: str = "") -> None:
         app.router.add_get(prefix + "/account/costs", self.costs)
