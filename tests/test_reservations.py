@@ -15,18 +15,23 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import hypothesis.strategies as st
+import msgspec
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from kling_exporter import reservations as reservations_module
 from kling_exporter.budgets import Ask
-from kling_exporter.config import parse_config
+from kling_exporter.config import ConfigError, ReservationsConfig, parse_config
 from kling_exporter.durable import write_all_and_sync
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import View
 from kling_exporter.pricing import Request
 from kling_exporter.reservations import (
+    API,
+    GATEWAY,
+    TOLD_FOR,
     Granted,
+    Hold,
     HoldJournal,
     Record,
     Reservations,
@@ -677,3 +682,209 @@ def test_a_torn_record_that_cannot_be_cut_off_at_once_is_cut_before_the_next_wri
     asyncio.run(story())
     again = Reservations(HoldJournal(tmp_path / "r"), Clock())
     assert sorted(again.holds) == ["after", "before"]
+
+
+GATEWAY_TERMS = Terms.for_gateway(ReservationsConfig())
+
+
+def test_the_gateways_holds_are_its_own_and_stay_so_across_a_restart(tmp_path: Path) -> None:
+    """The budget API neither lists, releases nor answers for a hold the gateway took
+    while its create waits on Kling; the gateway releases it; the journal keeps whose
+    it is."""
+    held = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    asyncio.run(grant(held, "gw-1", GATEWAY_TERMS))
+    asyncio.run(grant(held, "gw-2", GATEWAY_TERMS))
+    asyncio.run(grant(held, "api-1", Terms()))
+    assert held.holds["gw-1"].owner == GATEWAY and held.holds["api-1"].owner == API
+
+    def listed(r: Reservations) -> list[str]:
+        return [row["id"] for row in json.loads(asyncio.run(r.page(None, 10))[0])]
+
+    assert listed(held) == ["api-1"]
+    assert not asyncio.run(held.release("gw-1", owner=API))
+    status, answer = asyncio.run(  # the same id and body through the API: not its hold
+        held.reserve(view(Ledger(CONFIG)), ELSEWHERE, "gw-1", 60, fingerprint({"id": "gw-1"}))
+    )
+    assert status == 409 and answer["field"] == "id" and "expires_at" not in answer
+    assert "gw-1" in held.holds
+    assert held.journal is not None
+    held.journal.close()
+
+    again = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    assert listed(again) == ["api-1"]
+    assert not asyncio.run(again.release("gw-1", owner=API))
+    assert asyncio.run(again.release("api-1", owner=API))
+    assert asyncio.run(again.release("gw-1"))  # as the gateway releases its own
+    assert sorted(again.holds) == ["gw-2"]
+
+
+class HoldBeforeOwners(msgspec.Struct, gc=False):
+    """A hold as journals written before holds had owners keep it."""
+
+    id: str
+    fingerprint: str
+    project: str
+    user: str | None
+    count: int
+    credits: float
+    usd: float
+    budgets: tuple[str, ...]
+    expires_at: float
+    used: int = 0
+
+
+class GrantedBeforeOwners(msgspec.Struct, tag="grant", array_like=True):
+    hold: HoldBeforeOwners
+
+
+def test_a_journal_written_before_holds_had_owners_still_loads(tmp_path: Path) -> None:
+    old = HoldBeforeOwners("old-1", "f", "p", None, 2, 10.0, 1.4, ("team",), NOW + 60)
+    body = msgspec.msgpack.encode(GrantedBeforeOwners(old))
+    (tmp_path / "r").write_bytes(len(body).to_bytes(4, "big") + body)
+    held = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    assert held.holds["old-1"] == Hold("old-1", "f", "p", None, 2, 10.0, 1.4, ("team",), NOW + 60)
+    assert held.holds["old-1"].owner == API
+    assert remaining(held, Ledger(CONFIG)) == 80
+    assert asyncio.run(held.release("old-1", owner=API))
+
+
+def test_past_max_live_per_project_a_new_hold_is_429_naming_the_setting(tmp_path: Path) -> None:
+    """One project's flood of holds leaves the others their room; the cap counts the
+    gateway's holds and the API's alike."""
+    held = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    ledger = Ledger(CONFIG)
+    terms = Terms(max_live=10, max_live_per_project=2)
+
+    def hold(rid: str, project: str, owner: str = API) -> tuple[int, dict[str, Any]]:
+        ask = Ask(Request(kind="image"), 1, project, None)  # 1 credit
+        asked = held.reserve(
+            view(ledger), ask, rid, 60, fingerprint({"p": project}), terms._replace(owner=owner)
+        )
+        return asyncio.run(asked)
+
+    assert hold("a", "flood")[0] == 201 and hold("b", "flood", GATEWAY)[0] == 201
+    status, answer = hold("c", "flood")
+    assert status == 429 and answer["field"] == "reservations.max_live_per_project"
+    assert "2 holds" in answer["error"] and "c" not in held.holds
+    assert hold("d", "p")[0] == 201  # another project still has its room
+    assert hold("a", "flood")[0] == 200  # the same reservation again is no new hold
+    assert asyncio.run(held.release("a"))
+    assert hold("c", "flood")[0] == 201
+    assert held.projects == {"flood": 2, "p": 1}
+
+
+@pytest.mark.parametrize("key", ["max_live", "max_live_per_project"])
+def test_a_cap_on_live_holds_below_1_is_refused_naming_the_key(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^reservations\.{key}: must be at least 1"):
+        parse_config({"reservations": {key: 0}})
+    assert (
+        getattr(parse_config({}).reservations, key)
+        == {
+            "max_live": 20_000,
+            "max_live_per_project": 2_000,
+        }[key]
+    )
+
+
+FREE_IMAGES = parse_config(
+    {
+        "budgets": [{"name": "team", "project": "p", "period": "monthly", "limit_credits": 100}],
+        "pricing": {"rules": [{"kind": "image", "credits": 0}]},
+    }
+)
+
+
+def test_an_ask_no_budget_matches_that_costs_nothing_holds_nothing(tmp_path: Path) -> None:
+    """Answered as granted, but neither kept, journalled nor counted against any cap:
+    20,000 of them took every budgeted hold's room for a day."""
+    held = Reservations(HoldJournal(tmp_path / "r"), Clock())
+    ledger = Ledger(FREE_IMAGES)
+    free = Ask(Request(kind="image"), 3, "unbudgeted", None)
+    terms = Terms(max_live=2, max_live_per_project=1)
+    for i in range(5):
+        asked = held.reserve(view(ledger), free, f"free-{i}", 60, fingerprint({"i": i}), terms)
+        status, answer = asyncio.run(asked)
+        assert status == 201 and answer["id"] == f"free-{i}" and answer["credits"] == 0
+        assert answer["budgets"] == []
+    assert held.holds == {} and held.projects == {}
+    assert held.outcomes["granted"] == 5
+    assert HoldJournal(tmp_path / "r").load() == []
+    # A budget's free ask, or an unbudgeted one that costs something, is still held.
+    budgeted = Ask(Request(kind="image"), 1, "p", None)
+    priced = Ask(Request("kling-v2-6", "standard", 5), 1, "unbudgeted", None)
+    for rid, ask in (("budgeted", budgeted), ("priced", priced)):
+        asked = held.reserve(view(ledger), ask, rid, 60, fingerprint({"r": rid}), terms)
+        assert asyncio.run(asked)[0] == 201
+    assert sorted(held.holds) == ["budgeted", "priced"]
+
+
+# An operation on reservations: ("grant", id, ttl, project), ("tell", id, tasks),
+# ("release", id, owner), ("wait", seconds) or ("sweep",).
+IDS = st.sampled_from([f"r{i}" for i in range(8)])
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("grant"),
+            IDS,
+            st.sampled_from([60, 3600, TOLD_FOR]),
+            st.sampled_from(["p", "q"]),
+        ),
+        st.tuples(st.just("tell"), IDS, st.integers(0, 3)),
+        st.tuples(st.just("release"), IDS, st.sampled_from([API, None])),
+        st.tuples(st.just("wait"), st.sampled_from([1, 600, 3600, TOLD_FOR / 2, TOLD_FOR + 1])),
+        st.tuples(st.just("sweep")),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPERATIONS)
+def test_the_tables_kept_beside_the_holds_always_equal_a_full_rebuild(
+    operations: list[tuple[Any, ...]],
+) -> None:
+    """What the holds keep by pair, how many each project has, the counts the reader
+    told and the ids ended are kept up to date as holds are granted, consumed, released
+    and expire, and equal, after any sequence, what a rebuild from scratch gives: the
+    rebuild of the counts told being what every call of ``consumed`` once did."""
+    clock = Clock()
+    held = Reservations(None, clock)
+    ledger = Ledger(CONFIG)
+    counts: dict[str, int] = {}
+    told: dict[str, tuple[int, float]] = {}
+    ended: dict[str, float] = {}
+    for op in operations:
+        before = dict(held.holds)
+        if op[0] == "grant":
+            _, rid, ttl, project = op
+            ask = Ask(Request(kind="image"), 2, project, None)
+            terms = Terms(owner=GATEWAY if rid in ("r0", "r1") else API)
+            asyncio.run(held.reserve(view(ledger), ask, rid, ttl, fingerprint({}), terms))
+        elif op[0] == "tell":
+            _, rid, tasks = op
+            counts[rid] = counts.get(rid, 0) + tasks
+            held.consumed({rid: counts[rid]})
+            now = clock()
+            told[rid] = (counts[rid], now)
+            told = {r: v for r, v in told.items() if v[1] > now - TOLD_FOR or r in held.holds}
+            assert {**held.told, **held._told_kept} == told
+        elif op[0] == "release":
+            asyncio.run(held.release(op[1], op[2]))
+        elif op[0] == "wait":
+            clock.now += op[1]
+        else:
+            held.sweep()
+        for rid in before.keys() - held.holds.keys():
+            ended[rid] = before[rid].expires_at
+
+        rebuilt = Reservations(None, clock)
+        rebuilt.holds = held.holds
+        rebuilt._rebuild()
+        assert held.held.by_pair.keys() == rebuilt.held.by_pair.keys()
+        for pair, (credits, usd) in rebuilt.held.by_pair.items():
+            assert held.held.by_pair[pair] == pytest.approx([credits, usd], abs=1e-9)
+        assert held._pairs == rebuilt._pairs and held.projects == rebuilt.projects
+        assert held._ids == sorted(r for r, h in held.holds.items() if h.owner == API)
+        assert held._told_kept.keys() <= held.holds.keys() - held.told.keys()
+        if op[0] in ("grant", "release", "sweep"):  # those sweep first
+            assert held.ended == {r: until for r, until in ended.items() if until > clock()}

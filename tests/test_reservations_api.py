@@ -20,7 +20,9 @@ from kling_exporter.client import (
     BudgetUnavailableError,
     EventLogger,
 )
+from kling_exporter.demo import STANDIN_PATH, StandInServer
 from kling_exporter.reservations import Granted, Hold, HoldJournal
+from kling_exporter.standin import KlingStandIn
 
 from tests.helpers import DaemonProcess, free_port, request, value, wait_until, write_lines
 
@@ -283,13 +285,72 @@ def test_20000_holds_are_listed_a_page_at_a_time_while_health_answers_at_once(
         assert json.loads(raw)["field"] == query[1:].split("=")[0]
 
 
-def test_past_max_live_a_hold_is_429_over_http(tmp_path: Path, daemon_factory: Factory) -> None:
-    d = daemon_factory(CONFIG.format(state="''") + "reservations: {max_live: 2}\n")
+@pytest.mark.parametrize("key", ["max_live", "max_live_per_project"])
+def test_past_max_live_a_hold_is_429_over_http(
+    tmp_path: Path, daemon_factory: Factory, key: str
+) -> None:
+    d = daemon_factory(
+        CONFIG.format(state="''")
+        + "  - {name: other, project: q, period: monthly, limit_credits: 100}\n"
+        + f"reservations: {{{key}: 2}}\n"
+    )
     image = {"project": "p", "kind": "image"}
     assert post(d, {**image, "id": "a"})[0] == 201
     assert post(d, {**image, "id": "b"})[0] == 201
     status, answer = post(d, {**image, "id": "c"})
     assert status == 429
-    assert answer["field"] == "reservations.max_live" and "2" in answer["error"]
+    assert answer["field"] == f"reservations.{key}" and "2" in answer["error"]
+    # Another project: refused only by the cap on all live holds.
+    status, answer = post(d, {**image, "project": "q", "id": "d"})
+    assert status == (429 if key == "max_live" else 201), answer
     assert delete(d, "a") == 204
     assert post(d, {**image, "id": "c"})[0] == 201
+
+
+ACCESS = "AK-reservations-access-key-71c2"
+SECRET = "SK-reservations-secret-key-3f09-0123456789"  # noqa: S105 - the stand-in's own key
+GATEWAY_CONFIG = """
+state: {{path: k.state}}
+logs: {{paths: ["logs/kling-*.jsonl"], poll_interval: 100ms}}
+budgets:
+  - {{name: team, project: p, period: monthly, limit_credits: 100}}
+gateway:
+  enabled: true
+  upstream: {upstream}
+  timeout: 20s
+  projects_by_access_key: {{{access}: p}}
+"""
+
+
+def test_the_reservations_api_neither_lists_nor_releases_the_gateways_holds(
+    tmp_path: Path, daemon_factory: Factory
+) -> None:
+    """While creates wait on Kling, their holds are the gateway's: a producer that
+    lists holds and deletes them (29 tasks went through a 100-credit limit so) finds
+    none, and is told 404 as for an unknown id; the budget still counts them."""
+    standin = KlingStandIn(ACCESS, SECRET, [])
+    standin.task_mode, standin.task_delay = "slow", 4.0
+    with StandInServer(standin) as server:
+        upstream = f"http://127.0.0.1:{server.port}{STANDIN_PATH}"
+        d = daemon_factory(GATEWAY_CONFIG.format(upstream=upstream, access=ACCESS))
+        headers = {
+            "Authorization": f"Bearer {standin.token()}",
+            "Content-Type": "application/json",
+        }
+        body = json.dumps(TASK | {"model_name": "kling-v2-6", "duration": "5"}).encode()
+
+        def create(_: int) -> int:
+            url = f"{d.url}/kling/v1/videos/text2video"
+            return request(url, body, headers, method="POST", timeout=30)[0]
+
+        journal = HoldJournal(tmp_path / "k.state.reservations")
+        with ThreadPoolExecutor(3) as pool:
+            creates = list(map(lambda i: pool.submit(create, i), range(3)))
+            wait_until(lambda: len(journal.load()) == 3, timeout=10)
+            held = [r.hold.id for r in journal.load() if isinstance(r, Granted)]
+            assert live(d) == {}
+            for rid in held:
+                status, raw = request(f"{d.url}/api/v1/reservations/{rid}", method="DELETE")
+                assert status == 404 and json.loads(raw)["field"] == "id", raw
+            assert budget(d)["reserved_credits"] == 30
+            assert [f.result() for f in creates] == [200] * 3

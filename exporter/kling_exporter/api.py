@@ -33,6 +33,7 @@ from kling_exporter.fleet import Fleet
 from kling_exporter.model import Consumed, View
 from kling_exporter.pricing import Request
 from kling_exporter.reservations import (
+    API,
     DEFAULT_TTL,
     MAX_TTL,
     Reservations,
@@ -325,7 +326,7 @@ async def reserve(request: web.Request) -> web.Response:
             req.id,
             req.ttl,
             fingerprint(asked),
-            Terms(decide, reader.config.reservations.max_live),
+            Terms.for_api(reader.config.reservations, decide),
         )
     except OSError:
         return error_answer(503, "reservations: cannot be saved; try again")
@@ -338,8 +339,9 @@ PAGE_MAX = 10_000
 
 
 async def reservations_list(request: web.Request) -> web.Response:
-    """Live holds a page at a time (``?limit=``, ``?after=<id>``); ``next`` is the
-    ``after`` of the following page while more remain."""
+    """The API's live holds a page at a time (``?limit=``, ``?after=<id>``); ``next``
+    is the ``after`` of the following page while more remain. The gateway's holds are
+    not listed: they are its own, and the API cannot release them."""
     raw_limit = request.query.get("limit", str(PAGE_DEFAULT))
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= PAGE_MAX:
         return _bad_request(f"limit: expected a whole number from 1 to {PAGE_MAX}")
@@ -356,7 +358,8 @@ async def release(request: web.Request) -> web.Response:
     rid = request.match_info["id"]
     if not valid_id(rid):
         return _bad_request(f"id: expected 1 to {MAX_ID} printable ASCII characters")
-    if await request.app[RESERVATIONS].release(rid):
+    # The gateway's holds are not the API's to release: answered as an unknown id.
+    if await request.app[RESERVATIONS].release(rid, owner=API):
         request.app[FLEET].wake.set()  # the fleet sees the room at once
         return web.Response(status=204)
     error = f"id: no live reservation {rid!r} (unknown, used up, expired or released)"

@@ -12,6 +12,12 @@ A hold shrinks by one task for every ``task_submitted`` line that names it: the
 reader counts those per reservation id (absolute counts, part of its own saved state)
 and this side takes what it is told, so a line read twice after a restart is still one
 task. What is left of a hold is released by DELETE or at its expiry.
+
+A hold has an owner: the budget API's are listed and released through it; the
+gateway's are its own (they stand for creates waiting on Kling), and the API neither
+lists nor releases them. Every table kept beside the holds (what they keep by pair,
+their number per project, the counts told, the ids ended) is kept up to date as holds
+come and go, so that no call costs more than what it changes.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
@@ -47,6 +54,9 @@ from kling_exporter.model import View
 from kling_exporter.state import sync_folder, write_state
 from kling_exporter.wording import amount_for_people
 
+if TYPE_CHECKING:
+    from kling_exporter.config import ReservationsConfig
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 900.0
@@ -56,6 +66,13 @@ OUTCOMES = ("granted", "refused", "released", "expired", "consumed", "unknown")
 COMPACT_AFTER = 10_000
 # Rows of a listing made between two turns of the event loop (about a millisecond).
 PAGE_SLICE = 250
+# How long the reader's count for a reservation id is remembered after it was told
+# (longer while its hold is live): holds last a day at most.
+TOLD_FOR = 86400.0
+# Who made a hold: the budget API (the default, and what a record written before
+# owners were kept is) or the gateway.
+API = "api"
+GATEWAY = "gateway"
 
 
 class Hold(msgspec.Struct, gc=False):
@@ -73,6 +90,7 @@ class Hold(msgspec.Struct, gc=False):
     budgets: tuple[str, ...]
     expires_at: float
     used: int = 0  # tasks submitted under it so far
+    owner: str = API  # only its owner releases it (API or GATEWAY)
 
     @property
     def left(self) -> int:
@@ -98,15 +116,29 @@ Decide = Callable[[Ask, str | None, float], Awaitable[CheckResult | str]]
 class Terms(NamedTuple):
     """How a reservation is granted. ``decide`` (a fleet's) answers in place of this
     exporter's own check; it is called under ``Reservations.deciding``, held until the
-    hold is counted here. Past ``max_live`` live holds a new one is 429. A grant is on
-    disk before it is answered, unless ``durable`` is False: then its record is written
-    at once without an fsync (queued behind writes under way, if any) and nobody waits
-    for it: the gateway's case, which makes its own task line durable before anyone is
-    told of the task."""
+    hold is counted here. Past ``max_live`` live holds in all, or
+    ``max_live_per_project`` of the ask's project, a new one is 429. A grant is on disk
+    before it is answered, unless ``durable`` is False: then its record is written at
+    once without an fsync (queued behind writes under way, if any) and nobody waits for
+    it: the gateway's case, which makes its own task line durable before anyone is told
+    of the task. The hold is ``owner``'s: only its owner releases it."""
 
     decide: Decide | None = None
     max_live: int = 20_000
     durable: bool = True
+    owner: str = API
+    max_live_per_project: int = 2_000
+
+    @classmethod
+    def for_api(cls, settings: ReservationsConfig, decide: Decide | None = None) -> Terms:
+        """The budget API's: on disk before the answer, listed and released by it."""
+        return cls(decide, settings.max_live, True, API, settings.max_live_per_project)
+
+    @classmethod
+    def for_gateway(cls, settings: ReservationsConfig, decide: Decide | None = None) -> Terms:
+        """The gateway's: not waited for (its task line is), and its own: the budget
+        API can neither list nor release them while their creates wait on Kling."""
+        return cls(decide, settings.max_live, False, GATEWAY, settings.max_live_per_project)
 
 
 OWN = Terms()  # this exporter decides alone, and every grant is on disk first
@@ -325,15 +357,21 @@ class Reservations:
         self.journal = journal
         self.clock = clock
         self.holds: dict[str, Hold] = {}
-        self._ids: list[str] = []  # the ids of self.holds in order, for paged listing
+        # The ids of the API's holds in self.holds in order, for paged listing.
+        self._ids: list[str] = []
         self._expiry: list[tuple[float, str]] = []  # a heap of (expires_at, id)
         self.ended: dict[str, float] = {}  # id -> until when it may not be used again
+        self._ended_expiry: list[tuple[float, str]] = []  # a heap of (until, id)
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.held = DayUsage()  # what the live holds keep, by (project, user)
         self._pairs: dict[tuple[str, str | None], int] = {}  # live holds of each pair
-        # Tasks the reader counted per reservation id, as it last said; ids of holds
-        # not live are kept for a day, so that a repeated count is not counted again.
-        self.told: dict[str, tuple[int, float]] = {}
+        self.projects: dict[str, int] = {}  # live holds of each project
+        # Tasks the reader counted per reservation id, as it last said, and when, in
+        # the order told (oldest first); kept for TOLD_FOR, and longer while the id's
+        # hold is live (then in ``_told_kept``, until it ends), so that a count told
+        # again is not counted again.
+        self.told: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._told_kept: dict[str, tuple[int, float]] = {}
         self.deciding = asyncio.Lock()  # a fleet's decisions, one at a time
         self._compaction: asyncio.Task[None] | None = None
         if journal is not None:
@@ -357,7 +395,9 @@ class Reservations:
         journal.rewrite(self._live_records())
         self._expiry = [(h.expires_at, h.id) for h in self.holds.values()]
         heapq.heapify(self._expiry)
-        self._ids = sorted(self.holds)
+        self._ended_expiry = [(until, rid) for rid, until in self.ended.items()]
+        heapq.heapify(self._ended_expiry)
+        self._ids = sorted(rid for rid, h in self.holds.items() if h.owner == API)
         self._rebuild()
         if self.holds:
             log.info("reservations restored", extra={"live": len(self.holds)})
@@ -424,9 +464,11 @@ class Reservations:
             self._compaction = None
 
     def _rebuild(self) -> None:
-        """What the live holds keep, by (project, user), from the holds themselves."""
+        """What the live holds keep, by (project, user), and how many each project has,
+        from the holds themselves."""
         self.held = DayUsage()
         self._pairs = {}
+        self.projects = {}
         for h in self.holds.values():
             self._change(h, h.left, 1)
 
@@ -443,6 +485,17 @@ class Reservations:
             self._pairs.pop(pair, None)
             table.by_pair.pop(pair, None)
         table.version += 1
+        if holds:
+            mine = self.projects.get(h.project, 0) + holds
+            if mine > 0:
+                self.projects[h.project] = mine
+            else:
+                self.projects.pop(h.project, None)
+
+    def _end(self, rid: str, until: float) -> None:
+        """The id may not be used again before ``until``."""
+        self.ended[rid] = until
+        heapq.heappush(self._ended_expiry, (until, rid))
 
     # -- what time and the reader change -------------------------------------------
 
@@ -458,23 +511,32 @@ class Reservations:
         for h in expired:
             self._drop(h.id)
             self._change(h, -h.left, -1)
-            self.ended[h.id] = h.expires_at
+            self._end(h.id, h.expires_at)
             self.outcomes["expired"] += 1
             # Not journalled: a restart finds the expiry in the grant.
-        if len(self.ended) > 1000 and next(iter(self.ended.values())) <= now:
-            self.ended = {rid: until for rid, until in self.ended.items() if until > now}
+        ends = self._ended_expiry
+        while ends and ends[0][0] <= now:
+            until, rid = heapq.heappop(ends)
+            if self.ended.get(rid) == until:  # (not ended again since, for longer)
+                del self.ended[rid]
 
     def consumed(self, counts: Mapping[str, int], baseline: bool = False) -> None:
         """The reader's counts of tasks submitted per reservation id (absolute, so a
         count told again changes nothing). A hold takes what is new, up to what it has
         left; the rest named no live reservation (``unknown``). With ``baseline`` (the
         reader's first word after a start) counts of ids without a live hold are taken
-        as known already."""
+        as known already. Costs what it is told: the counts past TOLD_FOR are
+        forgotten oldest first (``_forget_told``)."""
         now = self.clock()
+        told = self.told
         for rid, count in counts.items():
-            before = self.told.get(rid, (0, 0.0))[0]
-            self.told[rid] = (count, now)
-            new = max(count - before, 0)
+            last = told.get(rid)
+            if last is None:
+                last = self._told_kept.pop(rid, (0, 0.0))
+            else:
+                told.move_to_end(rid)
+            told[rid] = (count, now)
+            new = max(count - last[0], 0)
             hold = self.holds.get(rid)
             if hold is None:
                 if not baseline:
@@ -488,10 +550,25 @@ class Reservations:
             if hold.left == 0:
                 self._drop(rid)
                 self._change(hold, 0, -1)
-                self.ended[rid] = hold.expires_at
-        if len(self.told) > 100_000:
-            cutoff = now - 86400
-            self.told = {r: v for r, v in self.told.items() if v[1] > cutoff or r in self.holds}
+                self._end(rid, hold.expires_at)
+        self._forget_told(now - TOLD_FOR)
+
+    def _forget_told(self, cutoff: float) -> None:
+        """Forget the counts told at ``cutoff`` or before, but those of live holds (kept
+        until the hold ends: ``_drop`` puts them first in line again). The same as
+        keeping ``{r: v for r, v in told.items() if v[1] > cutoff or r in self.holds}``
+        at the cost of what is forgotten: that rebuild, made on every call once 100,000
+        ids were told, took a median 65 ms a call at 300,000 ids told in a day
+        (bench/reservations.py), and every request waited meanwhile."""
+        told, holds = self.told, self.holds
+        while told:
+            rid = next(iter(told))
+            last = told[rid]
+            if last[1] > cutoff:
+                break
+            del told[rid]
+            if rid in holds:
+                self._told_kept[rid] = last
 
     # -- answers -------------------------------------------------------------------
 
@@ -521,37 +598,35 @@ class Reservations:
         """Grant (201) or refuse (200) atomically; the same id and body again is the
         same reservation (200), another body under a used id is 409. See ``Terms``
         for who decides, the 429 past ``max_live`` and when a grant is on disk."""
-        decide, max_live, durable = terms
+        decide, durable = terms.decide, terms.durable
         self.sweep()
-        known = self._known(rid, fingerprint)
+        known = self._known(rid, fingerprint, terms.owner)
         if known is not None:
             return known
-        if len(self.holds) >= max_live:
-            return 429, {
-                "error": f"reservations.max_live: {max_live} holds are live already; "
-                "release some, let them expire, or raise the setting",
-                "field": "reservations.max_live",
-            }
+        full = self._full(ask.project, terms)
+        if full is not None:
+            return full
         if decide is None:
             result = self.check(view, ask)
-            hold = self._hold(ask, rid, ttl, fingerprint, result)
+            hold = self._hold(ask, rid, ttl, fingerprint, result, terms.owner)
         else:
             async with self.deciding:
-                known = self._known(rid, fingerprint)  # asked twice at once
+                known = self._known(rid, fingerprint, terms.owner)  # asked twice at once
                 if known is not None:
                     return known
-                if len(self.holds) >= max_live:
-                    return 429, {
-                        "error": f"reservations.max_live: {max_live} holds are live already",
-                        "field": "reservations.max_live",
-                    }
+                full = self._full(ask.project, terms)
+                if full is not None:
+                    return full
                 decided = await decide(ask, rid, ttl)
                 if isinstance(decided, str):
                     return 409, _conflict(rid or "", decided)
                 result = decided
-                hold = self._hold(ask, rid, ttl, fingerprint, result)
+                hold = self._hold(ask, rid, ttl, fingerprint, result, terms.owner)
         if hold is None:
             return 200, msgspec.to_builtins(result)
+        if self.holds.get(hold.id) is not hold:  # nothing to hold: not kept nor journalled
+            self.outcomes["granted"] += 1
+            return 201, {**self._granted(hold), "reason": result.reason}
         try:
             if durable:
                 await self._record(Granted(hold))
@@ -568,13 +643,33 @@ class Reservations:
         answer["reason"] = result.reason
         return 201, answer
 
-    def _known(self, rid: str | None, fingerprint: str) -> tuple[int, dict[str, Any]] | None:
-        """The answer for an id already used, or None."""
+    def _full(self, project: str, terms: Terms) -> tuple[int, dict[str, Any]] | None:
+        """The 429 for a new hold past ``max_live`` or ``max_live_per_project``, or None."""
+        if len(self.holds) >= terms.max_live:
+            return 429, {
+                "error": f"reservations.max_live: {terms.max_live} holds are live already; "
+                "release some, let them expire, or raise the setting",
+                "field": "reservations.max_live",
+            }
+        cap = terms.max_live_per_project
+        if self.projects.get(project, 0) >= cap:
+            return 429, {
+                "error": f"reservations.max_live_per_project: {cap} holds are live already "
+                "for this project; release some, let them expire, or raise the setting",
+                "field": "reservations.max_live_per_project",
+            }
+        return None
+
+    def _known(
+        self, rid: str | None, fingerprint: str, owner: str
+    ) -> tuple[int, dict[str, Any]] | None:
+        """The answer for an id already used, or None. Another owner's hold is answered
+        as one for another request: nothing of it is told."""
         if rid is None:
             return None
         hold = self.holds.get(rid)
         if hold is not None:
-            if hold.fingerprint != fingerprint:
+            if hold.fingerprint != fingerprint or hold.owner != owner:
                 return 409, _conflict(rid, "is held for another request")
             return 200, self._granted(hold)
         if rid in self.ended:
@@ -582,9 +677,18 @@ class Reservations:
         return None
 
     def _hold(
-        self, ask: Ask, rid: str | None, ttl: float, fingerprint: str, result: CheckResult
+        self,
+        ask: Ask,
+        rid: str | None,
+        ttl: float,
+        fingerprint: str,
+        result: CheckResult,
+        owner: str,
     ) -> Hold | None:
-        """The hold ``result`` allows, counted at once; None (a refusal, counted) else."""
+        """The hold ``result`` allows, counted at once; None (a refusal, counted) else.
+        An ask that no budget matches and that costs nothing holds nothing: its hold is
+        answered but not kept (it could never count against any budget, and thousands
+        of them took the room of every hold that could)."""
         if not result.allowed:
             self.outcomes["refused"] += 1
             return None
@@ -599,9 +703,13 @@ class Reservations:
             usd=result.usd_needed / ask.tasks,
             budgets=tuple(b.name for b in result.budgets),
             expires_at=now + ttl,
+            owner=owner,
         )
+        if not hold.budgets and result.credits_needed == 0 and result.usd_needed == 0:
+            return hold
         self.holds[hold.id] = hold
-        bisect.insort(self._ids, hold.id)
+        if owner == API:
+            bisect.insort(self._ids, hold.id)
         heapq.heappush(self._expiry, (hold.expires_at, hold.id))
         self._change(hold, hold.left, 1)
         return hold
@@ -618,15 +726,17 @@ class Reservations:
             "budgets": list(hold.budgets),
         }
 
-    async def release(self, rid: str) -> bool:
-        """Release what is left; False when no such hold is live."""
+    async def release(self, rid: str, owner: str | None = None) -> bool:
+        """Release what is left; False when no such hold is live, or it is not
+        ``owner``'s (None: whoever's; the gateway releases its own by the id only it
+        knows, the budget API passes API)."""
         self.sweep()
         hold = self.holds.get(rid)
-        if hold is None:
+        if hold is None or (owner is not None and hold.owner != owner):
             return False
         self._drop(rid)
         self._change(hold, -hold.left, -1)
-        self.ended[rid] = hold.expires_at
+        self._end(rid, hold.expires_at)
         try:
             await self._record(Ended(rid, hold.expires_at))
         except OSError:
@@ -639,9 +749,14 @@ class Reservations:
         i = bisect.bisect_left(self._ids, rid)
         if i < len(self._ids) and self._ids[i] == rid:
             del self._ids[i]
+        last = self._told_kept.pop(rid, None)
+        if last is not None:  # kept for the hold alone: forgotten at the next call,
+            self.told[rid] = last  # unless held again by then
+            self.told.move_to_end(rid, last=False)
 
     async def page(self, after: str | None, limit: int) -> tuple[bytes, str | None]:
-        """Live holds in order of id, the first ``limit`` after ``after``, as a JSON
+        """The API's live holds (the gateway's are its own, not listed) in order of id,
+        the first ``limit`` after ``after``, as a JSON
         array, and the id to ask after for the next page (None on the last). Rows are
         encoded a slice at a time with the loop free between slices, so a long page
         delays no other request by more than a slice's worth (about a millisecond)."""
