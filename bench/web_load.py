@@ -214,7 +214,7 @@ def start(workdir: Path, port: int, web_config: Path | None = None) -> subproces
         # A state file, so that reservations are journalled and fsynced as in production.
         "state": {"path": str(workdir / "state" / "bench.state")},
         "labels": {"max_projects": PROJECTS + 100},
-        "reservations": {"max_live": MAX_LIVE},
+        "reservations": {"max_live": MAX_LIVE, "max_live_per_project": MAX_LIVE},
         "budgets": [
             {"name": f"b{i}", "project": f"p{i}", "period": "monthly", "limit_credits": 10**9}
             for i in range(BUDGETS)

@@ -79,6 +79,7 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 # Kling's error codes, for the answers the gateway makes itself.
 CODE_NO_AUTH = 1004
 CODE_BAD_PARAMETER = 1201
+CODE_RATE_LIMITED = 1302
 CODE_NO_BALANCE = 1102  # what Kling says when the account cannot pay: not worth a retry
 CODE_UNAVAILABLE = 5001
 CODE_TIMEOUT = 5002
@@ -517,6 +518,8 @@ class Gateway:
             if status == 200:
                 self._count("create", "refused")
                 return _refusal(granted)
+            if status == 429:  # a cap on live holds (reservations.max_live...)
+                return self._refuse(429, CODE_RATE_LIMITED, str(granted.get("error", "")))
             if status != 201:
                 return self._refuse(503, CODE_UNAVAILABLE, str(granted.get("error", "")))
             hold = str(granted["id"])
