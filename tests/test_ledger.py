@@ -8,10 +8,12 @@ from collections import Counter, defaultdict
 from zoneinfo import ZoneInfo
 
 import pytest
+from kling_exporter.book import EST, FLAG_BITS, SUB
 from kling_exporter.budgets import DayUsage
 from kling_exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig, parse_config
 from kling_exporter.counters import OTHER
 from kling_exporter.ledger import Ledger
+from kling_exporter.model import Task as Indexed
 from kling_exporter.pricing import Request
 
 from tests.helpers import (
@@ -295,7 +297,16 @@ def test_unfinished_tasks_expire_after_the_ttl() -> None:
     ledger.expire(NOW)
     assert ledger.in_flight == {"p": 1}
     assert ledger.expired == {"p": 1}
-    assert "old" not in ledger.tasks and "new" in ledger.tasks
+    assert ledger.credits == {("p", "unknown"): 10}  # charged its estimate
+    assert ledger.expired_credits == {"p": 10}
+    # Remembered as charged, for a completion that may still come, then forgotten.
+    old = ledger.tasks["old"]
+    assert isinstance(old, Indexed) and old.flags & FLAG_BITS == SUB | EST and "new" in ledger.tasks
+    feed(
+        ledger, line(event="task_submitted", task_id="x", timestamp=iso(NOW + 7200)), now=NOW + 7200
+    )
+    ledger.expire(NOW + 7200)
+    assert "old" not in ledger.tasks and ledger.expired == {"p": 2}  # and now "new" too
 
 
 def test_task_index_is_capped() -> None:

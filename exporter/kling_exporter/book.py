@@ -20,6 +20,7 @@ from kling_exporter.counters import (
     Counters,
     LabelLimiter,
     Route,
+    project_slots,
 )
 from kling_exporter.events import UNKNOWN_MODEL, Event
 from kling_exporter.model import Record, Task
@@ -31,6 +32,27 @@ SUB = 1
 DONE = 2
 ERR = 4
 FINISHED = DONE | ERR
+# Forgotten unfinished (``tasks.ttl``) and charged its estimate: a completion that still
+# comes charges only what it says beyond that.
+EST = 8
+# A usage tracker's line for the task has been read (a second one is a repeat).
+USE = 16
+# No longer in flight.
+CLOSED = FINISHED | EST
+FLAG_BITS = 31
+# Above the flag bits, a task's estimate in thousandths of a credit: what it was charged
+# (EST), or while it is open, the credits of its usage line (USE). Kept in the flags so
+# that the index holds nothing more per task, and the saved state needs no new field.
+ESTIMATE_SHIFT = 5
+
+
+def with_estimate(flags: int, credits: float) -> int:
+    return (flags & FLAG_BITS) | round(credits * 1000) << ESTIMATE_SHIFT
+
+
+def estimate_of(flags: int) -> float:
+    return (flags >> ESTIMATE_SHIFT) / 1000
+
 
 # What reservations used is kept this long after their last task (a reservation lives a
 # day at most).
@@ -54,6 +76,10 @@ class Book(Counters):
         self.clamped: dict[str, int] = dict.fromkeys(CLAMP_REASONS, 0)
         # Terminal events read before their submission: task_id -> (event, event time,
         # time of reading), in the order read. They wait ``orphan_wait`` of reading time.
+        # A usage line of a task not seen yet waits here too, for the logger's lines of
+        # the task, which it then joins rather than counting the task again. (No new
+        # attribute: past 29, instances lose CPython's shared-key dicts and every line
+        # costs 800 instructions more.)
         self.waiting: dict[str, tuple[Event, float, float]] = {}
         self.orphaned = 0
         # task_id -> Task while open, or its flags (a small int) once finished,
@@ -133,7 +159,7 @@ class Book(Counters):
         counts = self.series_of(plabel, mlabel)
         project_counts = self.projects.get(plabel)
         if project_counts is None:
-            project_counts = self.projects[plabel] = [0, 0, 0]
+            project_counts = self.projects[plabel] = project_slots()
         route = (counts, project_counts, plabel, mlabel)
         # A folded pair is looked up every time, so each event counts its fold.
         if OTHER not in (plabel, mlabel) and len(self._routes) < 100_000:
@@ -205,7 +231,7 @@ class Book(Counters):
         """Price every task in flight again (at start from a saved state, on new prices)."""
         self.flight_tasks.clear()
         for value in self.tasks.values():
-            if type(value) is Task and value.flags == SUB:
+            if type(value) is Task and not value.flags & CLOSED:
                 self._fly(value, 1)
 
     def _consume(self, reservation_id: str, ts: float) -> None:

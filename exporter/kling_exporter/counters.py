@@ -73,9 +73,15 @@ class Histogram:
 SUB_STANDARD, SUB_PROFESSIONAL, VIDEO_SECONDS, SUCCEEDED, FAILED, CREDITS, USD = range(7)
 MODE_SLOT = {"standard": SUB_STANDARD, "professional": SUB_PROFESSIONAL}
 STATUS_SLOT = {"succeed": SUCCEEDED, "failed": FAILED}
-# Slots of a project accumulator: in flight, expired, and whether in flight was touched.
-IN_FLIGHT, EXPIRED, TOUCHED = range(3)
-Route = tuple[list[float], list[int], str, str]
+# Slots of a project accumulator: in flight, expired, whether in flight was touched, and
+# the credits expired tasks were charged at their estimate.
+IN_FLIGHT, EXPIRED, TOUCHED, EXPIRED_CREDITS = range(4)
+Route = tuple[list[float], list[float], str, str]
+
+
+def project_slots() -> list[float]:
+    """A new project accumulator."""
+    return [0, 0, 0, 0.0]
 
 
 class Counters:
@@ -85,7 +91,7 @@ class Counters:
 
     def __init__(self) -> None:
         self.series: dict[tuple[str, str], list[float]] = {}
-        self.projects: dict[str, list[int]] = {}
+        self.projects: dict[str, list[float]] = {}
         self.errors: dict[tuple[str, str], int] = {}
         self.generation: dict[str, Histogram] = {}
 
@@ -130,8 +136,12 @@ class Counters:
 
     @property
     def in_flight(self) -> dict[str, int]:
-        return {p: counts[IN_FLIGHT] for p, counts in self.projects.items() if counts[TOUCHED]}
+        return {p: int(c[IN_FLIGHT]) for p, c in self.projects.items() if c[TOUCHED]}
 
     @property
     def expired(self) -> dict[str, int]:
-        return {p: counts[EXPIRED] for p, counts in self.projects.items() if counts[EXPIRED]}
+        return {p: int(c[EXPIRED]) for p, c in self.projects.items() if c[EXPIRED]}
+
+    @property
+    def expired_credits(self) -> dict[str, float]:
+        return {p: c[EXPIRED_CREDITS] for p, c in self.projects.items() if c[EXPIRED]}

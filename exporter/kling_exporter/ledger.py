@@ -3,15 +3,56 @@
 Plain Python with no I/O and no clock of its own: every call that needs the
 time is given it. Its saved form is ``state``'s business (``state.ledger_state`` and
 ``state.restore``), so the daemon can save it beside file offsets.
+
+What a task is charged, whatever the order its lines are read in:
+
+- A task whose completion or error is read is charged what that line says (its
+  ``credits_used``; for a completion without it, its price; for a failed task or an
+  error without it, nothing), once: a repeat is a duplicate.
+- A task whose outcome is never seen is charged its estimate when it is forgotten
+  unfinished (``tasks.ttl`` after its submission, by event time, or past
+  ``tasks.max_tasks``), in the period of its submission, under its own project, model
+  and user; it is counted in ``expired`` and ``expired_credits``. Its estimate is its
+  price by the pricing rules, or the credits of a usage line read for it. Forgotten by
+  the TTL, it is remembered (``EST``) one TTL more: a completion or error read then is
+  counted as usual and charged only what it says beyond the estimate (credits never go
+  down: the budget errs toward counting), never as an orphan. Past the size cap it is
+  not remembered.
+- A usage tracker's line (no ``event``, ``task_id`` and ``credits``) is an estimate of
+  a task, not a second task: joined to the logger's lines of the same task, it adds
+  nothing to a task that finishes (its completion's credits and status stand), and is
+  the estimate charged if none comes. A usage line of a task not seen yet waits, as a
+  completion does, ``tasks.orphan_wait`` of reading time for the logger's lines (one
+  that names its project is counted at once); a task known from a usage line alone is
+  counted submitted and succeeded with its credits.
+
+So a ledger fed the logger's and a usage tracker's lines of the same tasks, in any
+order, has the totals of the logger's lines alone (with the usage line's credits as
+the estimate of a task that never finishes).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from kling_exporter.book import DONE, ERR, FINISHED, SUB, Book
+import msgspec
+
+from kling_exporter.book import (
+    CLOSED,
+    DONE,
+    ERR,
+    EST,
+    FINISHED,
+    FLAG_BITS,
+    SUB,
+    USE,
+    Book,
+    estimate_of,
+    with_estimate,
+)
 from kling_exporter.counters import (
     EXPIRED,
+    EXPIRED_CREDITS,
     IN_FLIGHT,
     MODE_SLOT,
     STATUS_SLOT,
@@ -25,6 +66,7 @@ from kling_exporter.events import (
     ERROR,
     SUBMITTED,
     UNKNOWN_ERROR,
+    USAGE,
     Event,
 )
 from kling_exporter.model import ReadStats, Record, Snapshot, Task
@@ -77,7 +119,7 @@ class Ledger(Book):
             else:
                 self._finished(event, task_id, ts, ERR, now)
         else:
-            self._usage_line(event, task_id, ts)
+            self._usage_line(event, task_id, ts, now)
 
     def _error_without_task(self, e: Event, ts: float) -> None:
         """A task_error with ``"task_id": null``: the submission itself failed (rate
@@ -141,6 +183,9 @@ class Ledger(Book):
     def _finish_parked(
         self, task_id: str, e: Event, ts: float, read_at: float, orphan: bool
     ) -> None:
+        if e.type == USAGE:
+            self._usage_line(e, task_id, ts, read_at, alone=orphan)
+            return
         how = DONE if e.type == COMPLETED else ERR
         self._finished(e, task_id, ts, how, read_at, orphan=orphan)
 
@@ -149,13 +194,16 @@ class Ledger(Book):
     ) -> None:
         """A completion or an error. One read before its submission waits (``waiting``)
         until the submission comes or ``orphan_wait`` of reading time has passed; then
-        (``orphan``) it is counted with what the line itself says."""
+        (``orphan``) it is counted with what the line itself says. A usage line of the
+        task waiting for its submission stands for it."""
         known = self.tasks.get(task_id)
+        if known is None and self.waiting:
+            known = self._joined_to_usage(task_id)
         if type(known) is Task:
             task, flags = known, known.flags
             key = (task.project, task.model)
             counts, project_counts, project, model = self._routes.get(key) or self._route(*key)
-            if not flags & FINISHED:
+            if not flags & CLOSED:
                 project_counts[IN_FLIGHT] -= 1
                 project_counts[TOUCHED] = 1
                 # Out of flight: _fly(task, -1), inlined (it runs for every finish).
@@ -179,14 +227,28 @@ class Ledger(Book):
             credits = self._completed(e, task, counts, model, type(known) is Task)
         else:
             credits = self._errored(e, project)
+        if flags & EST:  # charged its estimate when forgotten: what it says beyond that
+            credits = max(0.0, credits - estimate_of(flags))
         if credits:
             self._charge(counts, task.project, task.user, ts, credits)
         if known is None:
             self._remember(task_id, flags | how, ts)
         else:
-            self.tasks[task_id] = flags | how
+            self.tasks[task_id] = flags & FLAG_BITS | how
         if self.observer is not None:
             self.observer(self._finish_record(e, task_id, task, ts, how, credits))
+
+    def _joined_to_usage(self, task_id: str) -> Task | int | None:
+        """The task of a terminal event of a task not seen: the one its usage line, if
+        one waits, stands for the submission of (the two are not left to wait side by
+        side for the logger's submission: one task is counted, as a usage line and its
+        completion)."""
+        parked = self.waiting.get(task_id)
+        if parked is not None and parked[0].type == USAGE:
+            del self.waiting[task_id]
+            self._usage_as_submission(parked[0], task_id, parked[1])
+            return self.tasks.get(task_id)
+        return None
 
     def _counted_alone(
         self, e: Event, task_id: str, ts: float, now: float, flags: int, orphan: bool
@@ -263,37 +325,65 @@ class Ledger(Book):
             usd=usd,
         )
 
-    def _usage_line(self, e: Event, task_id: str, ts: float) -> None:
-        """A simple tracker's line: one submitted and succeeded task with its credits."""
+    def _usage_line(
+        self, e: Event, task_id: str, ts: float, now: float, alone: bool = False
+    ) -> None:
+        """A simple tracker's line: an estimate of a task, joined to the logger's lines
+        of it (see the module's docstring). Of a task not seen yet, it waits for them in
+        ``waiting`` as a completion does (not one that names its project); then
+        (``alone``) it is counted as one submitted and succeeded task with its credits."""
         known = self.tasks.get(task_id)
-        flags = 0 if known is None else _flags(known)
-        if flags & FINISHED or (self.waiting and task_id in self.waiting):
-            self.duplicates += 1
+        if known is None:
+            parked = self.waiting.get(task_id) if self.waiting else None
+            if parked is not None and parked[0].type == USAGE:
+                self.duplicates += 1
+            elif parked is not None:  # its completion waits: this line is its submission
+                self._usage_as_submission(e, task_id, ts)
+            elif not alone and self.orphan_wait > 0 and not e.own_project:
+                self.waiting[task_id] = (e, ts, now)
+            else:
+                self._usage_alone(e, task_id, ts)
             return
-        task = known if isinstance(known, Task) else self._new_task(e, ts, 0)
-        counted = not flags & SUB
-        if counted:
-            counts, project_counts, _, _ = self._count_submission(task)
+        flags = _flags(known)
+        if flags & USE:
+            self.duplicates += 1
+        elif type(known) is Task:
+            if flags & CLOSED:
+                known.flags = flags | USE
+            else:  # its estimate, until its completion says better
+                known.flags = with_estimate(flags | USE, e.credits or 0.0)
+        else:  # finished: its completion stands
+            if not flags & SUB:  # counted without its submission: this line is one
+                task = self._new_task(e, ts, 0)
+                self._count_submission(task)
+                if self.observer is not None:
+                    self.observer(_record("submitted", task_id, task, ts))
+            self.tasks[task_id] = flags | SUB | USE
+
+    def _usage_as_submission(self, e: Event, task_id: str, ts: float) -> None:
+        """A usage line stands for the submission of a task whose completion came
+        without one: the task is counted submitted with what the line says, and the
+        completion (waiting, or being counted) then joins it."""
+        self._submitted(e, task_id, ts)
+        known = self.tasks[task_id]
+        if isinstance(known, Task):
+            known.flags |= USE
         else:
-            counts, project_counts, _, _ = self._route(task.project, task.model)
-            if not flags & FINISHED:
-                project_counts[IN_FLIGHT] -= 1
-                project_counts[TOUCHED] = 1
-                if type(known) is Task:
-                    self._fly(known, -1)
+            self.tasks[task_id] = known | USE
+
+    def _usage_alone(self, e: Event, task_id: str, ts: float) -> None:
+        """A usage line no logger's line joined: one submitted and succeeded task."""
+        task = self._new_task(e, ts, 0)
+        counts, _, _, _ = self._count_submission(task)
         counts[SUCCEEDED] += 1
-        # A usage line names no clip length unless it says so (or its submission did).
-        if task.kind == "video" and (type(known) is Task or e.duration is not None):
+        # A usage line names no clip length unless it says so.
+        if task.kind == "video" and e.duration is not None:
             counts[VIDEO_SECONDS] += task.duration
         if e.credits:
             self._charge(counts, task.project, task.user, ts, e.credits)
-        if known is None:
-            self._remember(task_id, SUB | DONE, ts)
-        else:
-            self.tasks[task_id] = flags | SUB | DONE
+        self._remember(task_id, SUB | DONE | USE, ts)
         if self.observer is not None:
-            if counted:
-                self.observer(_record("submitted", task_id, task, ts))
+            self.observer(_record("submitted", task_id, task, ts))
             credits = e.credits or 0.0
             self.observer(
                 _record(
@@ -323,7 +413,8 @@ class Ledger(Book):
 
     def settle_waiting(self, read_before: float = float("inf")) -> None:
         """Count as orphans the waiting terminal events read before ``read_before`` (all of
-        them by default: the end of a one-off read of the logs)."""
+        them by default: the end of a one-off read of the logs), and usage lines on their
+        own."""
         waiting = self.waiting
         while waiting:
             task_id = next(iter(waiting))
@@ -333,35 +424,69 @@ class Ledger(Book):
             del waiting[task_id]
             self._finish_parked(task_id, e, ts, read_at, orphan=True)
 
-    def expire_tasks(self, now: float) -> int:
-        """Forget tasks older than the TTL (by event time) or past the size cap.
-        An unfinished task forgotten here leaves the in-flight gauge. The newest event
-        time may not run ahead of the time of reading (a state saved by a version that
-        let a broken clock move it is mended here)."""
+    def end_of_logs(self, now: float) -> None:
+        """A one-off read (the reports) has read every file: what waits for its
+        submission never gets it, and a task still unfinished that is older than the TTL
+        before the newest event is charged its estimate, as the daemon would have charged
+        it. A task that finishes later in the same files is never charged an estimate;
+        the task index is not capped here (the reports keep every task they read)."""
+        self.settle_waiting()
+        self.expire_tasks(now, cap=False)
+
+    def expire_tasks(self, now: float, by_ttl: bool = True, cap: bool = True) -> int:
+        """Forget tasks older than the TTL (by event time; not ``by_ttl`` while a backlog
+        is read: lines of another file may still join them) or past the size cap
+        (``cap``). An unfinished task forgotten here leaves the in-flight gauge and is
+        charged its estimate (``_charge_estimate``); forgotten by the TTL, it is
+        remembered as charged (``EST``) for one TTL more. The newest event time may not
+        run ahead of the time of reading (a state saved by a version that let a broken
+        clock move it is mended here)."""
         if self.last_event_ts > now + self.max_ahead:
             self.last_event_ts = now
         if len(self.waiting) > self.max_tasks:
             self.settle_waiting(float("-inf"))
-        cutoff = max(self.last_event_ts, 0.0) - self.ttl
+        cutoff = max(self.last_event_ts, 0.0) - self.ttl if by_ttl else float("-inf")
+        limit = self.max_tasks if cap else float("inf")
         expiry, tasks = self.expiry, self.tasks
         dropped = 0
-        while expiry and (expiry[0][0] < cutoff or len(tasks) > self.max_tasks):
+        while expiry and (expiry[0][0] < cutoff or len(tasks) > limit):
             ts, task_id = expiry.popleft()
             value = tasks.get(task_id)
             if value is None:
                 continue
-            if isinstance(value, Task):
+            if type(value) is Task:
                 if value.ts != ts:
                     continue
-                if value.flags == SUB:
-                    project_counts = self._route(value.project, value.model, count=False)[1]
-                    project_counts[IN_FLIGHT] -= 1
-                    project_counts[EXPIRED] += 1
-                    project_counts[TOUCHED] = 1
-                    self._fly(value, -1)
+                if not value.flags & CLOSED:
+                    estimate = self._charge_estimate(task_id, value)
+                    if ts < cutoff:  # remembered, for a completion that may still come
+                        since = max(self.last_event_ts, ts)
+                        flags = with_estimate(value.flags | EST, estimate)
+                        self._remember(
+                            task_id, msgspec.structs.replace(value, ts=since, flags=flags), since
+                        )
+                        continue
             del tasks[task_id]
             dropped += 1
         return dropped
+
+    def _charge_estimate(self, task_id: str, t: Task) -> float:
+        """Charge a task forgotten unfinished its estimate (a usage line's credits, else
+        its price), in the period of its submission, under its own project, model and
+        user; returns the estimate."""
+        estimate = estimate_of(t.flags) if t.flags & USE else self._price(t)
+        counts, project_counts, _, _ = self._route(t.project, t.model, count=False)
+        project_counts[IN_FLIGHT] -= 1
+        project_counts[EXPIRED] += 1
+        project_counts[TOUCHED] = 1
+        self._fly(t, -1)
+        if estimate:
+            self._charge(counts, t.project, t.user, t.ts, estimate)
+        project_counts[EXPIRED_CREDITS] += estimate
+        if self.observer is not None:
+            usd = estimate * self.pricing.usd_per_credit
+            self.observer(_record("expired", task_id, t, t.ts, credits=estimate, usd=usd))
+        return estimate
 
     # -- reading ---------------------------------------------------------------------
 
@@ -381,6 +506,7 @@ class Ledger(Book):
             generation={m: (h.cumulative(), h.sum) for m, h in self.generation.items()},
             in_flight=self.in_flight,
             expired=self.expired,
+            expired_credits=self.expired_credits,
             budgets=self.budget_statuses(now),
             duplicates=self.duplicates,
             last_event_ts=self.last_event_ts,

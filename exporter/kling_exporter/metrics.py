@@ -162,9 +162,18 @@ METRICS: tuple[Spec, ...] = (
     Spec(
         "kling_tasks_expired",
         "counter",
-        "Unfinished tasks forgotten after tasks.ttl without a completion.",
+        "Unfinished tasks forgotten after tasks.ttl (or past tasks.max_tasks) without a "
+        "completion; each is charged its estimate.",
         ("project",),
         lambda s, st: _keyed(s.expired),
+    ),
+    Spec(
+        "kling_tasks_expired_credits",
+        "counter",
+        "Credits charged to expired tasks at their estimate (their price, or their usage "
+        "line's credits); part of kling_credits_used_total.",
+        ("project",),
+        lambda s, st: _keyed(s.expired_credits),
     ),
     *(
         Spec(f"kling_budget_{name}", "gauge", doc, BUDGET, _budget(field))
@@ -233,7 +242,7 @@ METRICS: tuple[Spec, ...] = (
     Spec(
         "kling_events_awaiting_submission",
         "gauge",
-        "Completions and errors read before their submission, waiting for it.",
+        "Completions, errors and usage lines read before their submission, waiting for it.",
         (),
         _one(lambda s, st: s.awaiting_submission),
     ),

@@ -76,7 +76,7 @@ class ReadStats(msgspec.Struct):
 class Record(msgspec.Struct, frozen=True):
     """One counted event with what the join knows of its task, for reports and exports."""
 
-    event: str  # submitted | completed | error
+    event: str  # submitted | completed | error | expired (charged its estimate)
     ts: float
     task_id: str
     project: str
@@ -113,6 +113,7 @@ class Snapshot(msgspec.Struct):
     timestamps_clamped: dict[str, int]
     awaiting_submission: int
     orphaned: int
+    expired_credits: dict[str, float] = msgspec.field(default_factory=dict)
     # The reader's counts (``ReadStats``), for the same scrape.
     lines_read: int = 0
     bytes_read: int = 0

@@ -30,7 +30,15 @@ from kling_exporter.wording import amount_for_people
 
 
 def read_records(config: Config, progress: TextIO | None = None) -> list[Record]:
-    """Every counted event in the configured logs, joined and deduplicated."""
+    """Every counted event in the configured logs, joined and deduplicated.
+
+    Every file is read before anything is settled: a completion or a usage line counts
+    with its task's other lines wherever they are. Then a task still unfinished and older
+    than ``tasks.ttl`` before the newest event is charged its estimate (an ``expired``
+    record, at its submission time), as the daemon charges it; a task that finishes
+    anywhere in the files is charged what its completion says, never an estimate. (The
+    daemon, reading live, charges the estimate of a task that finishes more than a TTL
+    after its submission, and then only what its completion says beyond it.)"""
     records: list[Record] = []
     ledger, reading = Ledger(config), ReadStats()
     ledger.observer = records.append
@@ -63,8 +71,9 @@ def read_records(config: Config, progress: TextIO | None = None) -> list[Record]
             except OSError as e:
                 bar.clear()
                 print(f"kling-exporter: cannot read {path}: {e.strerror}", file=sys.stderr)
-    # The whole log has been read: what still waits for its submission never gets it.
-    ledger.settle_waiting()
+    # The whole log has been read: what still waits for its submission never gets it,
+    # and what is unfinished past the TTL is charged its estimate.
+    ledger.end_of_logs(now)
     skipped = {reason: n for reason, n in reading.invalid.items() if n}
     if skipped:
         why = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
@@ -106,8 +115,9 @@ class Tally(msgspec.Struct):
                 self.succeeded += 1
             else:
                 self.failed += 1
-        else:
+        elif r.event == "error":
             self.errors += 1
+        # "expired": a task whose outcome was never seen, charged its estimate.
         self.credits += r.credits
         self.usd += r.usd
 
@@ -407,20 +417,29 @@ def export_csv(
     The first seven cells are those of the line that was counted, as their script
     writes them: the timestamp as logged, the model only where the line has it, numbers
     as logged (``95``, ``180.5``), nothing where the line has nothing. ``logged`` are
-    those lines (``logged_cells``); by default the configured logs are read again."""
+    those lines (``logged_cells``); by default the configured logs are read again.
+    A task whose outcome was never seen has no row of its own: the estimate it was
+    charged is in its submission's ``usd`` and ``credits``, so the column sums are the
+    reports' totals."""
     if logged is None:
         logged = logged_cells(config)
+    records = list(records)
+    estimated = {r.task_id: r for r in records if r.event == "expired"}
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     rows = 0
     for r in records:
+        if r.event == "expired":
+            continue
         name = EVENT_NAMES[r.event]
         lines = logged.get((name, r.task_id))
         theirs = lines.popleft() if lines else _our_cells(r)
         day = local_date(r.ts, config)
         if (since and day < since) or (until and day > until):
             continue
-        charged = r.event != "submitted"
+        charge: Record | None = r
+        if r.event == "submitted":
+            charge = estimated.get(r.task_id)
         writer.writerow(
             [
                 *theirs,
@@ -431,8 +450,8 @@ def export_csv(
                 str(r.audio).lower(),
                 r.kind,
                 r.error_type or "",
-                f"{r.usd:.4f}" if charged else "",
-                f"{r.credits:g}" if charged else "",
+                "" if charge is None else f"{charge.usd:.4f}",
+                "" if charge is None else f"{charge.credits:g}",
                 r.model,
             ]
         )

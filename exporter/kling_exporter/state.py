@@ -21,6 +21,7 @@ from kling_exporter.budgets import DayUsage
 from kling_exporter.counters import (
     CREDITS,
     EXPIRED,
+    EXPIRED_CREDITS,
     IN_FLIGHT,
     MODE_SLOT,
     STATUS_SLOT,
@@ -28,6 +29,7 @@ from kling_exporter.counters import (
     USD,
     VIDEO_SECONDS,
     Histogram,
+    project_slots,
 )
 from kling_exporter.events import Event
 from kling_exporter.model import ReadStats, Task
@@ -71,6 +73,7 @@ class LedgerState(msgspec.Struct, kw_only=True, omit_defaults=True):
     # task id, event time, time of reading, the event's fields in order
     waiting: list[tuple[str, float, float, list[Any]]] = []
     consumed: list[tuple[str, int, float]] = []  # reservation id, tasks, newest time
+    expired_credits: list[tuple[str, float]] = []  # project, credits charged at estimates
     # Format 1 only: the ledger's own version, and the reader's counts (now ReadStats).
     version: int | None = None
     invalid: list[tuple[str, int]] = []
@@ -221,6 +224,7 @@ def ledger_state(led: Book) -> LedgerState:
         generation=[(m, h.counts, h.sum) for m, h in led.generation.items()],
         in_flight=list(led.in_flight.items()),
         expired=list(led.expired.items()),
+        expired_credits=list(led.expired_credits.items()),
         duplicates=led.duplicates,
         last_event_ts=led.last_event_ts,
         clamped=list(led.clamped.items()),
@@ -276,11 +280,7 @@ def _restore_counters(led: Book, state: LedgerState) -> None:
         if len(counts) != len(hist.counts):
             raise ValueError("state does not fit: the histogram buckets changed")
         hist.counts, hist.sum = list(counts), total
-    for p, n in state.in_flight:
-        project_counts = led.projects.setdefault(p, [0, 0, 0])
-        project_counts[IN_FLIGHT], project_counts[TOUCHED] = n, 1
-    for p, n in state.expired:
-        led.projects.setdefault(p, [0, 0, 0])[EXPIRED] = n
+    _restore_projects(led, state)
     led.duplicates = state.duplicates
     led.last_event_ts = state.last_event_ts
     led.clamped.update(dict(state.clamped))
@@ -293,6 +293,17 @@ def _restore_counters(led: Book, state: LedgerState) -> None:
         lim.known.clear()
         lim.known.update((k, k) for k in known)
         lim.overflow = overflow
+
+
+def _restore_projects(led: Book, state: LedgerState) -> None:
+    """Per project: tasks in flight, and tasks expired with what they were charged."""
+    for p, n in state.in_flight:
+        project_counts = led.projects.setdefault(p, project_slots())
+        project_counts[IN_FLIGHT], project_counts[TOUCHED] = n, 1
+    for p, n in state.expired:
+        led.projects.setdefault(p, project_slots())[EXPIRED] = n
+    for p, credits in state.expired_credits:
+        led.projects.setdefault(p, project_slots())[EXPIRED_CREDITS] = credits
 
 
 def _restore_tasks(led: Book, state: LedgerState) -> None:
