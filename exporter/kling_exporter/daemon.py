@@ -196,8 +196,12 @@ class Daemon:
                 self._published(False)
         with self.lock:
             self.reading.bytes += nbytes
-            # Within a long first read too, so the task index never outgrows its TTL.
-            ledger.expire_tasks(now)
+            # Within a long first read too, so the task index stays within its size cap.
+            # Not by the TTL until the files there were at start have been read: a usage
+            # tracker's file read after the logger's still joins the tasks it names, and
+            # only a task unfinished at the end of them is charged its estimate, as the
+            # reports do. The first poll's ``expire`` then applies the TTL.
+            ledger.expire_tasks(now, by_ttl=self.ready.is_set())
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
