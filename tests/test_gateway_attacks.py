@@ -28,6 +28,8 @@ from kling_exporter.pricing import Pricing
 from kling_exporter.server import build_app
 from kling_exporter.standin import KlingStandIn
 
+from tests.helpers import free_port
+
 ACCESS = "AK-attack-access-key-0001"
 SECRET = "SK-attack-secret-key-0001-0123456789"  # noqa: S105 - the stand-in's own key
 LIMIT = 100.0
@@ -349,6 +351,54 @@ def test_a_task_callback_url_settles_its_own_task_only(folder: Path) -> None:
         "kling": {"callback_token": "a-token-of-sixteen-chars"},
     }
     assert run(folder, scenario, extra) == [401, 200]
+
+
+def test_slow_pass_through_requests_leave_creates_their_connections(folder: Path) -> None:
+    """Finding 18: 300 producers trickling bodies to a pass-through path hold every
+    connection of its pool; a create still reaches Kling on a pool of its own."""
+
+    async def scenario(stack: Stack) -> tuple[int, int]:
+        head = (
+            "GET /kling/account/costs HTTP/1.1\r\nHost: exporter\r\n"
+            f"Authorization: Bearer {stack.standin.token()}\r\nContent-Length: 1000\r\n\r\n"
+        )
+        slow = []
+        for _ in range(300):
+            _, writer = await asyncio.open_connection("127.0.0.1", stack.server.port)
+            writer.write(head.encode() + b"{")  # and never the rest
+            slow.append(writer)
+        await asyncio.sleep(0.5)  # the gateway has opened what its pool allows upstream
+        status, _ = await stack.send(
+            "POST", "/kling/v1/videos/text2video", json.dumps(PRO10).encode()
+        )
+        for writer in slow:
+            writer.close()
+        return status, len(stack.standin.made)
+
+    assert run(folder, scenario, {"gateway": {"timeout": "3s"}}) == (200, 1)
+
+
+def test_with_redis_unreachable_the_gateway_refuses_whatever_the_fleet_allows(
+    folder: Path,
+) -> None:
+    """Finding 22: at start, with Redis down and the fleet's default
+    ``on_unavailable: allow``, a burst of creates makes nothing: the gateway never
+    decides on this exporter's figures alone. The pre-flight check still answers as
+    configured."""
+
+    async def scenario(stack: Stack) -> tuple[list[int], int, bool]:
+        body = json.dumps(PRO10).encode()
+        sends = [stack.send("POST", "/kling/v1/videos/text2video", body) for _ in range(4)]
+        answers = await asyncio.gather(*sends)
+        ask = json.dumps({"project": "p", "model": "kling-v2-6", "mode": "pro", "duration": 10})
+        _, check = await stack.send("POST", "/api/v1/check", ask.encode())
+        assert all("fleet unavailable" in a["message"] for _, a in answers), answers
+        return [status for status, _ in answers], len(stack.standin.made), check["allowed"]
+
+    fleet = {"redis_url": f"redis://127.0.0.1:{free_port()}", "timeout": "100ms"}
+    statuses, made, preflight = run(folder, scenario, {"fleet": fleet})
+    assert statuses == [503] * 4 and made == 0
+    assert preflight is True  # on_unavailable: allow, as documented for checks
 
 
 # -- the property ------------------------------------------------------------------

@@ -515,6 +515,14 @@ class Gateway:
                 fingerprint(shape),
                 Terms.for_gateway(self.config().reservations, decide),
             )
+            if status == 200 and not granted.get("refused_by"):
+                # No budget said no: the fleet could not decide (Redis unreachable,
+                # instances not settled). Worth a retry, unlike a budget's refusal.
+                self._count("create", "refused")
+                reason = granted.get("reason", "")
+                return self._refuse(
+                    503, CODE_UNAVAILABLE, f"gateway: {reason}; nothing was sent, retry later"
+                )
             if status == 200:
                 self._count("create", "refused")
                 return _refusal(granted)

@@ -244,7 +244,10 @@ class KlingStandIn:
 
     async def any_path(self, request: web.Request) -> web.StreamResponse:
         """Kling behind a server that normalizes paths as many do (``normalized``) and
-        makes a task for any write under ``/v1/``: the most a gateway could let slip."""
+        makes a task for any write under ``/v1/``: the most a gateway could let slip.
+        Like a front server that buffers requests (nginx does), it reads a body whole
+        before it answers."""
+        await request.read()
         path = normalized(request.raw_path)
         if request.method != "GET" and path.startswith("/v1/"):
             return await self.create_task(request)
