@@ -361,3 +361,28 @@ def test_a_reader_that_cannot_answer_is_a_503_that_says_so(
     status, headers, answer = exchange(exporter.port, method, path, body)
     assert status == 503
     assert error_of(status, headers, answer)["error"] == "reader: the reader process has ended"
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@given(value=st.dictionaries(st.text(max_size=3), JSON_VALUES, max_size=4), key=st.text(max_size=3))
+def test_a_key_given_twice_anywhere_is_refused_by_name_and_a_unique_body_reads_as_json(
+    value: dict[str, Any], key: str
+) -> None:
+    """One parse serves the budget API and the gateway: a body with unique keys reads as
+    ``json.loads`` reads it; one that repeats a key in any object is refused naming it
+    (a first-wins parser and a last-wins one would read two requests)."""
+    text = json.dumps(value)
+    assert api.parse_json(text.encode(), unique=True) == json.loads(text)
+    inner = json.dumps(key)
+    repeated = f'{{"x": [1, {{{inner}: 1, {inner}: 2}}]}}'
+    with pytest.raises(ValueError, match=r": given twice$") as e:
+        api.parse_json(repeated.encode(), unique=True)
+    assert str(e.value) == f"{key}: given twice"

@@ -42,7 +42,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from kling_exporter.api import BodyError, parse_json, read_body
-from kling_exporter.api import _duplicate_key as duplicate_key
 from kling_exporter.budgets import Ask
 from kling_exporter.callbacks import Callbacks, completion, part_ids
 from kling_exporter.config import Config, GatewayConfig
@@ -432,10 +431,7 @@ class Gateway:
         priced, with a callback URL of its own where one is injected) and that URL's
         nonce; or the 400 that says which field is wrong."""
         try:
-            repeated = duplicate_key(raw)
-            if repeated is not None:
-                raise ValueError(f"{repeated}: given twice")
-            body = parse_json(raw)
+            body = parse_json(raw, unique=True)
             asked = priced(body, CREATES[path])
         except ValueError as e:
             return self._refuse(400, CODE_BAD_PARAMETER, str(e))
