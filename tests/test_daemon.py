@@ -276,7 +276,7 @@ def test_a_dead_reader_fails_health_and_never_saves_a_half_block(
     saved = state.read_bytes()
     write_lines(log, [submitted("b"), completed("b", credits_used=5)])
 
-    def expire_tasks(now: float) -> int:
+    def expire_tasks(now: float, by_ttl: bool = True, cap: bool = True) -> int:
         raise MemoryError  # what no guard in ingest can catch
 
     monkeypatch.setattr(daemon.ledger, "expire_tasks", expire_tasks)
