@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -98,3 +99,23 @@ def test_the_lock_pins_every_dependency_with_hashes() -> None:
         assert files and all(f["hash"].startswith("sha256:") for f in files), name
     runtime = project["dependencies"]
     assert all(re.search(r">=|~=", spec) for spec in runtime), "pyproject.toml keeps ranges"
+
+
+def test_each_process_loads_only_the_libraries_it_runs() -> None:
+    """Start time is mostly imports: the reader child needs no HTTP client, and an
+    exporter outside a fleet no Redis client (redis-py alone was a third of a start)."""
+    probe = (
+        "import sys, kling_exporter.{module}; "
+        "print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'aiohttp', 'redis', 'jwt'}}))"
+    )
+    loaded = {}
+    for module in ("reader", "server"):
+        out = subprocess.run(
+            [sys.executable, "-c", probe.format(module=module)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        loaded[module] = out.stdout.strip()
+    assert loaded["reader"] == "[]"
+    assert "redis" not in loaded["server"]

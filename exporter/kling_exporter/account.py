@@ -32,8 +32,6 @@ from kling_exporter.streams import TooLarge, read_bounded
 
 log = logging.getLogger(__name__)
 
-# The states of a resource pack, as Kling names them.
-STATES = ("toBeOnline", "online", "expired", "runOut")
 REASONS = ("auth", "rate_limited", "server", "timeout", "bad_response")
 TIMEOUT = 10.0  # seconds for one answer
 # An account answer lists a few packs in a few KiB; a larger one is not Kling's.

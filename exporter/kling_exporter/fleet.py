@@ -44,10 +44,6 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 import msgspec
-from redis import asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import RedisError
 
 from kling_exporter.budgets import Ask, CheckResult, Share
 from kling_exporter.config import BudgetConfig, Config, FleetConfig
@@ -112,6 +108,12 @@ def connect(url: str, timeout: float) -> Any:
     """A client for ``url``: ``redis://`` (``rediss://``, ``unix://``) for one server,
     ``redis+sentinel://[password@]host:port[,host:port...]/service[/db]`` for the
     master Sentinel names, ``redis+cluster://host:port`` for a Cluster."""
+    # redis-py is loaded here, by an exporter of a fleet: it is a third of the start of
+    # one that is not in any.
+    from redis import asyncio as aioredis  # noqa: PLC0415
+    from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
+    from redis.asyncio.sentinel import Sentinel  # noqa: PLC0415
+
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -216,6 +218,8 @@ class Fleet:
     ) -> Answer:
         """Run the script for ``budgets``; raise Unavailable when Redis does not answer,
         InstanceTaken when another exporter holds this one's lease."""
+        from redis.exceptions import RedisError  # noqa: PLC0415 - loaded by connect()
+
         keys, args = self._script_input(mode, view, budgets, claim, restores, ids)
         try:
             script = await self._connected()
@@ -536,6 +540,8 @@ class Fleet:
 
     async def close(self) -> None:
         if self._client is not None:
+            from redis.exceptions import RedisError  # noqa: PLC0415 - loaded by connect()
+
             with contextlib.suppress(RedisError, OSError):
                 await self._client.aclose()
             self._client = None

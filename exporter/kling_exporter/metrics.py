@@ -10,10 +10,9 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kling_exporter import __version__
-from kling_exporter.account import STATES
 from kling_exporter.budgets import BudgetStatus
 from kling_exporter.collector import Family, Key
-from kling_exporter.model import Snapshot, Status
+from kling_exporter.model import PACK_STATES, Snapshot, Status
 
 if TYPE_CHECKING:
     from kling_exporter.account import Account, Pack
@@ -407,7 +406,7 @@ def _pack_states(side: Side) -> dict[Key, float]:
             p.status == state
         )
         for p in side.account.packs
-        for state in STATES
+        for state in PACK_STATES
     }
 
 

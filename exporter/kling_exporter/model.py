@@ -12,6 +12,9 @@ import msgspec
 from kling_exporter.budgets import Budgets, BudgetStatus, DayUsage, Usage
 from kling_exporter.events import INVALID_REASONS
 
+# The states of a resource pack of Kling's account, as Kling names them.
+PACK_STATES = ("toBeOnline", "online", "expired", "runOut")
+
 
 class Task(msgspec.Struct, gc=False, array_like=True):
     """What the index remembers of a task that has been submitted but not finished."""
