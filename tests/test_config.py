@@ -1,10 +1,25 @@
 from __future__ import annotations
 
+import re
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from kling_exporter.cli import main
-from kling_exporter.config import Config, ConfigError, load_config, parse_config
+from kling_exporter.config import (
+    Config,
+    ConfigError,
+    keys_at,
+    load_config,
+    parse_config,
+    read_yaml,
+)
+
+from tests.helpers import ROOT
 
 
 def test_no_file_means_defaults() -> None:
@@ -108,7 +123,7 @@ def test_check_config_accepts_a_good_file(
     path = tmp_path / "ok.yml"
     path.write_text("budgets:\n  - {name: all, limit_credits: 100}\n")
     assert main(["check-config", str(path)]) == 0
-    assert "OK (1 budgets" in capsys.readouterr().out
+    assert "OK (1 budget, " in capsys.readouterr().out
 
 
 def test_check_config_refuses_a_bad_file(
@@ -137,6 +152,8 @@ def test_check_config_refuses_invalid_yaml(
             "budgets[0].limit_credit: unknown key (did you mean 'limit_credits'?)",
         ),
         ({"budgts": []}, "budgts: unknown key (did you mean 'budgets'?)"),
+        ({"logs": {"path": ["x"]}}, "logs.path: unknown key (did you mean 'paths'?)"),
+        ({"fleet": {"redis": "x"}}, "fleet.redis: unknown key"),
         ({"zzz": 1}, "zzz: unknown key"),
         ({"labels": {"max_projects": "many"}}, "labels.max_projects: expected a whole number"),
         ({"logs": {"follow_symlinks": "yes"}}, "logs.follow_symlinks: expected true or false"),
@@ -160,3 +177,82 @@ def test_invalid_yaml_names_the_file_once_and_the_place(
         "but found the end of the file"
     )
     assert "<unicode string>" not in err and err.count(str(path)) == 1
+
+
+def test_a_misspelt_key_is_matched_against_its_own_sections_keys() -> None:
+    """Every key of every section, one letter short: the suggestion, if any, is a key
+    of that section and never the key refused."""
+    checked = 0
+    for prefix in ("", *[f"{f}." for f in keys_at(Config, "") if keys_at(Config, f)]):
+        path = prefix.rstrip(".")
+        own = keys_at(Config, path)
+        for key in own:
+            wrong = key[:-1]
+            if len(wrong) < 4 or wrong in own:
+                continue
+            data: dict[str, Any] = {wrong: None}
+            if path == "budgets":
+                data = {"budgets": [{"name": "b", "limit_credits": 1, wrong: None}]}
+            elif path:
+                data = {path: {wrong: None}}
+            with pytest.raises(ConfigError) as err:
+                parse_config(data)
+            hint = re.search(r"did you mean '([^']+)'", str(err.value))
+            assert hint is None or (hint.group(1) in own and hint.group(1) != wrong), err.value
+            checked += 1
+    assert checked > 50
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A budget written above the sample's own ``budgets: []`` was dropped in silence."""
+    path = tmp_path / "kling.yml"
+    budget = "budgets:\n  - {name: a, project: a, limit_credits: 10}\n"
+    path.write_text(budget + (ROOT / "kling.example.yml").read_text())
+    assert main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    second = 3 + next(
+        i
+        for i, text in enumerate((ROOT / "kling.example.yml").read_text().splitlines())
+        if text.startswith("budgets:")
+    )
+    assert err == (
+        f"{path}: invalid YAML at line {second}, column 1: 'budgets' given a second time "
+        "(first at line 1); the second would silently replace the first"
+    )
+    path.write_text("budgets: [{name: a, name: b, limit_credits: 1}]\n")
+    with pytest.raises(ConfigError, match=r"line 1, column 21: 'name' given a second time"):
+        load_config(path)
+
+
+def test_merge_keys_may_still_be_overridden() -> None:
+    data = {"budgets": [{"name": "x", "limit_credits": 7}]}
+    text = "x: &b {period: monthly, limit_credits: 5}\n"
+    text += "budgets:\n  - {<<: *b, name: x, limit_credits: 7}\n"
+    assert yaml_of(text)["budgets"] == [{**data["budgets"][0], "period": "monthly"}]
+
+
+@given(
+    keys=st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=6),
+    nested=st.booleans(),
+)
+def test_any_mapping_with_a_repeated_key_is_refused_and_any_other_reads_as_yaml_does(
+    keys: list[str], nested: bool
+) -> None:
+    body = "".join(f"{k}: {i}\n" for i, k in enumerate(keys))
+    if nested:
+        body = "top:\n" + "".join(f"  {line}\n" for line in body.splitlines())
+    if len(set(keys)) == len(keys):
+        assert yaml_of(body) == yaml.safe_load(body)
+        return
+    repeated = next(k for i, k in enumerate(keys) if k in keys[:i])
+    with pytest.raises(ConfigError, match=f"'{repeated}' given a second time"):
+        yaml_of(body)
+
+
+def yaml_of(text: str) -> Any:
+    with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
+        f.write(text)
+        f.flush()
+        return read_yaml(f.name)

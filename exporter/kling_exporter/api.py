@@ -259,7 +259,7 @@ async def _body(request: web.Request, kind: type[CheckRequest]) -> Any:
     try:
         return msgspec.json.decode(body, type=kind, strict=False)  # as the log is read
     except msgspec.ValidationError as e:
-        return _bad_request(describe_validation_error(e))
+        return _bad_request(describe_validation_error(e, kind))
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         pass
     # Not JSON msgspec reads: the slower decoder finds the field at fault.

@@ -44,6 +44,7 @@ from kling_exporter.reader import ReaderProcess
 from kling_exporter.server import Serving, run
 from kling_exporter.standin import KlingStandIn, demo_packs
 from kling_exporter.webconfig import load_web_config
+from kling_exporter.wording import counted
 
 log = logging.getLogger("kling_exporter")
 
@@ -272,8 +273,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if errors:
         return 1
     print(
-        f"{args.file}: OK ({len(config.budgets)} budgets, "
-        f"{len(config.pricing.rules)} pricing rules, logs {', '.join(config.logs.paths)})"
+        f"{args.file}: OK ({counted(len(config.budgets), 'budget')}, "
+        f"{counted(len(config.pricing.rules), 'pricing rule')}, "
+        f"logs {', '.join(config.logs.paths)})"
     )
     return 0
 

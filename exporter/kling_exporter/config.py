@@ -6,6 +6,7 @@ name the key path (``budgets[2].period``) and say what is wrong.
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import zoneinfo
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+import msgspec.inspect
 import yaml
 
 from kling_exporter.periods import PERIOD_KINDS
@@ -482,11 +484,22 @@ def normalize_mode(mode: str) -> str | None:
     return MODE_ALIASES.get(mode.lower())
 
 
-def _known_keys() -> set[str]:
-    structs: tuple[type[msgspec.Struct], ...] = (Config, LogsConfig, StateConfig, PriceRule)
-    structs += (PricingConfig, ModelMultiplier, BudgetConfig, LabelsConfig, TasksConfig)
-    structs += (ReservationsConfig, KlingConfig, FleetConfig, GatewayConfig)
-    return {f for struct in structs for f in struct.__struct_fields__}
+def keys_at(root: type, path: str) -> list[str]:
+    """The keys a mapping at ``path`` (``budgets[2]``, ``gateway``) of a ``root``
+    struct accepts: a misspelt key is matched against its own section's keys only."""
+    info: Any = msgspec.inspect.type_info(root)
+    for part in filter(None, re.split(r"\.|\[\d+\]", path)):
+        fields = {f.encode_name: f.type for f in getattr(info, "fields", ())}
+        info = fields.get(part)
+        while info is not None and not isinstance(info, msgspec.inspect.StructType):
+            if isinstance(info, msgspec.inspect.UnionType):
+                info = next((t for t in info.types if not isinstance(t, _LEAVES)), None)
+            else:
+                info = getattr(info, "item_type", None) or getattr(info, "value_type", None)
+    return sorted(f.encode_name for f in getattr(info, "fields", ()))
+
+
+_LEAVES = (msgspec.inspect.NoneType, msgspec.inspect.StrType, msgspec.inspect.FloatType)
 
 
 # What each key of the vocabulary accepts, for errors that list it: msgspec names only
@@ -511,11 +524,12 @@ _BOUND_WORDS = {
 }
 
 
-def describe_validation_error(error: msgspec.ValidationError) -> str:
+def describe_validation_error(error: msgspec.ValidationError, root: type = Config) -> str:
     """msgspec's error in words, naming the key (``budgets[2].period: ...``), with a
-    suggestion among the config's keys for a misspelt one, the accepted values of an
-    enum and a bound as a person says it (``count: must be at least 1``)."""
-    text = describe(error, _known_keys())
+    suggestion among the keys its section of ``root`` accepts for a misspelt one, the
+    accepted values of an enum and a bound as a person says it (``count: must be at
+    least 1``)."""
+    text = describe(error, functools.partial(keys_at, root))
     enum = _ENUM_RE.match(text)
     if enum:
         key, got = enum.group("key"), enum.group("got")
@@ -546,6 +560,54 @@ def parse_config(data: Any) -> Config:
         raise ConfigError(describe_validation_error(e)) from None
 
 
+class _UniqueKeys:
+    """YAML's safe loading with a key given twice in one mapping refused: YAML says keys
+    are unique, and PyYAML keeps the last silently, dropping a section written above it
+    (the sample config ends with ``budgets: []``)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge key's mappings may be overridden: that is its use
+            key = self.construct_object(key_node, deep=True)  # type: ignore[attr-defined]
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the constructor says what is wrong
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"{key!r} given a second time (first at line {first}); "
+                    "the second would silently replace the first",
+                    problem_mark=key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)  # type: ignore[misc]
+
+
+class _PythonLoader(_UniqueKeys, yaml.SafeLoader):
+    """PyYAML's own parser: its messages say what it expected in words."""
+
+
+# libyaml's parser where PyYAML was built with it: a tenth of the time, which 10,000
+# budgets make two seconds of every start and reload. Its errors are terse, so a file it
+# refuses is read again by the Python parser for the message.
+_FastLoader: Any = (
+    type("_FastLoader", (_UniqueKeys, yaml.CSafeLoader), {})
+    if getattr(yaml, "__with_libyaml__", False)
+    else _PythonLoader
+)
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_FastLoader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError:
+        if _FastLoader is _PythonLoader:
+            raise
+    return yaml.load(text, Loader=_PythonLoader)  # noqa: S506 - a safe loader
+
+
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's data; ConfigError (without the path, which the caller adds) if it
     cannot be read or parsed."""
@@ -556,7 +618,7 @@ def read_yaml(path: str | Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text") from None
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -141,7 +141,7 @@ def explain_invalid(line: bytes, limit: int = 80) -> tuple[str, str]:
     try:
         _decoder.decode(line)
     except msgspec.ValidationError as err:
-        field, _, detail = describe_validation_error(err).partition(": ")
+        field, _, detail = describe_validation_error(err, Event).partition(": ")
         try:
             value = msgspec.json.decode(line).get(field)
             detail += f", value {value!r}"[: limit // 2]

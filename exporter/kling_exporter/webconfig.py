@@ -109,7 +109,7 @@ def load_web_config(path: str | Path) -> tuple[WebConfig, ssl.SSLContext | None]
     try:
         config = msgspec.convert(data, WebConfig, strict=True)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"{path}: {describe_validation_error(e)}") from None
+        raise ConfigError(f"{path}: {describe_validation_error(e, WebConfig)}") from None
     return config, _tls_context(config.tls_server_config, path.parent)
 
 

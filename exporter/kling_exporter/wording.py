@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -34,16 +34,19 @@ def _in_words(types: str) -> str:
     return " or ".join(dict.fromkeys(words))
 
 
-def describe(error: msgspec.ValidationError, known: Iterable[str] = ()) -> str:
+def describe(
+    error: msgspec.ValidationError, known: Callable[[str], Iterable[str]] = lambda path: ()
+) -> str:
     """Turn msgspec's ``message - at `$.a[0]` `` into ``a[0].key: message``, with types
-    in words and a suggestion among ``known`` for a misspelt key."""
+    in words and a suggestion among ``known(path)``, the keys accepted where a misspelt
+    key stands."""
     match = _AT_RE.match(str(error))
     assert match is not None
     msg, path = match.group("msg"), (match.group("path") or "").lstrip(".")
     unknown = _UNKNOWN_RE.match(msg)
     if unknown:
         key = unknown.group("field")
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        close = difflib.get_close_matches(key, sorted(known(path)), n=1, cutoff=0.75)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{_join(path, key)}: unknown key{hint}"
     expected = _EXPECTED_RE.search(msg)
@@ -69,3 +72,8 @@ def amount_for_people(key: str, value: float) -> float:
     if "credits" in key:
         return int(value) if float(value).is_integer() else round(value, 4)
     return value
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 budget``, ``2 budgets``: a count as a person writes it (nouns taking -s)."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
