@@ -604,3 +604,39 @@ def test_a_prefix_sent_percent_encoded_still_reaches_the_upstream(
     answer = conn.getresponse()
     assert answer.status == 200 and json.loads(answer.read())["code"] == 0
     conn.close()
+
+
+def test_the_journal_may_live_apart_so_the_logs_stay_read_only(
+    kling: tuple[KlingStandIn, str], tmp_path: Path
+) -> None:
+    """``logs.journal`` in a folder of its own (made at start, as the state's is): the
+    gateway's lines go there, are counted, and nothing is written among the logs. The
+    start says the gateway is on and where it sends."""
+    standin, base = kling
+    (tmp_path / "logs").mkdir()
+    text = config(base).replace(
+        'logs: {paths: ["logs/kling-*.jsonl"], poll_interval: 100ms}',
+        'logs: {paths: ["logs/kling-*.jsonl", "journal/kling-*.jsonl"],'
+        " journal: journal/kling-gateway.jsonl, poll_interval: 100ms}",
+    )
+    text = text.replace("state: {path: gw.state", "state: {path: var/lib/kling/gw.state")
+    daemon = DaemonProcess(tmp_path, text).start()
+    try:
+        status, _, _ = call(daemon, VIDEO, "crowd", standin.token())
+        assert status == 200
+        daemon.wait_metric(
+            "kling_tasks_submitted_total", 1, project="crowd", model="kling-v2-6", mode="standard"
+        )
+        assert list((tmp_path / "logs").iterdir()) == []
+        lines = (tmp_path / "journal" / "kling-gateway.jsonl").read_text().splitlines()
+        assert [json.loads(line)["project"] for line in lines] == ["crowd"]
+        started = [line for line in daemon.output().splitlines() if "gateway enabled" in line]
+        assert started and f"upstream={base} " in started[0], daemon.output()
+    finally:
+        assert daemon.stop() == 0
+    assert (tmp_path / "var" / "lib" / "kling" / "gw.state").exists()
+
+
+def test_a_journal_no_glob_reads_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"^logs.journal: 'elsewhere/j.jsonl' is matched by none"):
+        parse_config({"logs": {"journal": "elsewhere/j.jsonl"}})

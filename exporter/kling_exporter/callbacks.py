@@ -51,7 +51,10 @@ JOURNAL_NAME = "callbacks"  # put where the glob's file name has its first wildc
 
 def journal_for(logs: LogsConfig) -> Path | None:
     """A file the first fitting log glob matches, in a folder without wildcards, where
-    the journal is written: ``logs/kling-*.jsonl`` gives ``logs/kling-callbacks.jsonl``."""
+    the journal is written: ``logs/kling-*.jsonl`` gives ``logs/kling-callbacks.jsonl``;
+    ``logs.journal`` where it is given."""
+    if logs.journal:
+        return Path(logs.journal)
     for pattern in logs.paths:
         folder, name = os.path.split(pattern)
         if glob.has_magic(folder) or "*" not in name:

@@ -6,6 +6,7 @@ name the key path (``budgets[2].period``) and say what is wrong.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import re
 import socket
@@ -58,6 +59,13 @@ def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
 
 
+def glob_matches(path: str, pattern: str) -> bool:
+    """Whether ``path`` is one a glob of ``logs.paths`` finds: name by name, a
+    wildcard never crossing a ``/``."""
+    names, wanted = Path(path).parts, Path(pattern).parts
+    return len(names) == len(wanted) and all(map(fnmatch.fnmatchcase, names, wanted))
+
+
 class LogsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     paths: list[str] = msgspec.field(default_factory=lambda: ["logs/kling-*.jsonl"])
     start_at: str = "beginning"
@@ -71,12 +79,21 @@ class LogsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # grow), so old daily files do not hold a descriptor each.
     idle_close: str | float = "1m"
     follow_symlinks: bool = False
+    # The file the gateway and Kling's callbacks write their events to; empty: beside
+    # the first glob's files (logs/kling-*.jsonl gives logs/kling-callbacks.jsonl). Give
+    # it a folder of its own, matched by a glob too, to keep the logs read-only.
+    journal: str = ""
 
     def __post_init__(self) -> None:
         if not self.paths:
             raise ValueError("paths: at least one glob is needed")
         if any(not p for p in self.paths):
             raise ValueError("paths: a glob must not be empty")
+        if self.journal and not any(glob_matches(self.journal, p) for p in self.paths):
+            raise ValueError(
+                f"journal: {self.journal!r} is matched by none of logs.paths, so its events "
+                "would never be counted; add a glob that matches it"
+            )
         _one_of("start_at", self.start_at, START_AT)
         if parse_duration(self.poll_interval, "poll_interval") <= 0:
             raise ValueError("poll_interval: must be greater than 0")

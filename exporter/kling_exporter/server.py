@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from aiohttp import web
@@ -37,7 +38,7 @@ from kling_exporter.api import (
     statuses,
 )
 from kling_exporter.callbacks import PATH as CALLBACK_PATH
-from kling_exporter.callbacks import Callbacks
+from kling_exporter.callbacks import Callbacks, journal_for
 from kling_exporter.collector import Exposition
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.daemon import SWITCH_INTERVAL
@@ -389,7 +390,18 @@ class Serving(NamedTuple):
 async def _serve(reader: ReaderProcess, serving: Serving) -> int:
     """Serve until told to stop (0), or until the reader process ends unasked (1)."""
     host, port, telemetry_path, web_config, tls, limits, standin = serving
-    reservations = Reservations(journal_beside(reader.config.state.path))
+    config = reader.config
+    if config.state.path:  # as Prometheus makes its data folder: an OSError stops here
+        Path(config.state.path).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    journal = journal_for(config.logs)
+    if journal is not None and (config.gateway.enabled or config.kling.callback_token):
+        try:
+            journal.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as e:  # the gateway and callbacks answer 503 until it can be written
+            log.error(
+                "cannot make the journal's folder", extra={"path": str(journal), "err": str(e)}
+            )
+    reservations = Reservations(journal_beside(config.state.path))
     app = build_app(reader, telemetry_path, web_config, reservations, standin)
     await app[FLEET].start()  # refused while another exporter runs under its name
     runner = web.AppRunner(
@@ -415,6 +427,18 @@ async def _serve(reader: ReaderProcess, serving: Serving) -> int:
             "basic_auth": bool(web_config and web_config.basic_auth_users),
         },
     )
+    if config.gateway.enabled:
+        gateway = config.gateway
+        log.info(
+            "gateway enabled",
+            extra={
+                "path_prefix": gateway.path_prefix,
+                "upstream": gateway.upstream,
+                "unpriced": gateway.unpriced,
+                "journal": str(journal),
+                "fleet": bool(config.fleet.redis_url),
+            },
+        )
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
