@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from kling_exporter.api import _with_state
 
 from tests.helpers import DaemonProcess, line, write_lines
 
@@ -155,6 +156,17 @@ def test_answers_read_as_a_person_would(daemon: DaemonProcess) -> None:
     assert mk["used_usd"] == 8.4  # 60 x 0.14 is 8.400000000000002 in floating point
     assert mk["used_credits"] == 60 and isinstance(mk["used_credits"], int)
     assert mk["period_start_rfc3339"].endswith("T00:00:00Z")
+    # $8.40 of $10 is past mk-day's 80% threshold; a caller need not compare it itself.
+    states = {name: b["state"] for name, b in budgets.items()}
+    assert states == {"mk-month": "ok", "mk-day": "warning", "ann": "ok", "sales": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("utilization", "state"), [(0.0, "ok"), (0.79, "ok"), (0.8, "warning"), (1.0, "exhausted")]
+)
+def test_a_budgets_state_is_what_its_alerts_say(utilization: float, state: str) -> None:
+    row = {"utilization": utilization, "alert_threshold": 0.8}
+    assert _with_state([row])[0]["state"] == state
 
 
 def test_the_api_reads_task_fields_as_the_log_does(daemon: DaemonProcess) -> None:

@@ -100,10 +100,21 @@ def statuses(reader: Reader, reservations: Reservations) -> list[BudgetStatus]:
 async def budgets(request: web.Request) -> web.Response:
     reader, fleet = request.app[READER], request.app[FLEET]
     if not fleet.enabled:
-        found = statuses(reader, request.app[RESERVATIONS])
-        return web.json_response({"budgets": for_people(msgspec.to_builtins(found))})
+        rows = msgspec.to_builtins(statuses(reader, request.app[RESERVATIONS]))
+        return web.json_response({"budgets": for_people(_with_state(rows))})
     rows = await fleet.statuses()
-    return _json({"budgets": rows, "fleet": fleet.describe()})
+    return _json({"budgets": _with_state(rows), "fleet": fleet.describe()})
+
+
+def _with_state(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each budget with its ``state`` as the alerts see it: ``exhausted`` at 100% of a
+    limit, ``warning`` from its ``alert_threshold``, else ``ok``."""
+    for row in rows:
+        used = row["utilization"]
+        row["state"] = (
+            "exhausted" if used >= 1 else "warning" if used >= row["alert_threshold"] else "ok"
+        )
+    return rows
 
 
 MAX_BODY = 64 * 1024
