@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kling_exporter.cli import main
@@ -93,6 +94,22 @@ def test_report_json_has_the_spec_keys(logs: Path, capsys: pytest.CaptureFixture
     assert report["success_rate"] == 0.6
     assert report["total_credits"] == 245
     assert report["avg_generation_sec"] == pytest.approx((115.5 + 355) / 2)
+
+    def credits(value: Any, key: str = "") -> list[Any]:
+        if isinstance(value, dict):
+            return [c for k, v in value.items() for c in credits(v, k)]
+        if isinstance(value, list):
+            return [c for v in value for c in credits(v, key)]
+        return [value] if "credits" in key else []
+
+    # Whole credits are written one way, as integers (100, never 100.0): the budgets'
+    # limits too, which the config reads as numbers.
+    Path("kling.yml").write_text("budgets: [{name: mk, project: marketing, limit_credits: 100}]")
+    args = ("--config.file", "kling.yml", "--date", "2026-11-22", "--format", "json")
+    report = json.loads(run(capsys, "report", *args)[1])
+    assert report["budgets"][0]["limit_credits"] == 100
+    found = credits(report)
+    assert found and not [c for c in found if isinstance(c, float) and c.is_integer()]
     assert report["by_project"]["marketing"]["credits"] == 210
 
 

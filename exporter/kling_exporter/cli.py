@@ -21,6 +21,7 @@ import msgspec
 
 from kling_exporter import report_text, reports
 from kling_exporter.account import key_file_problems
+from kling_exporter.api import for_people
 from kling_exporter.config import (
     Config,
     ConfigError,
@@ -106,9 +107,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     records = reports.read_records(config, sys.stderr)
     result = reports.daily_report(records, day, config)
     if args.format == "json":
-        print(json.dumps(msgspec.to_builtins(result), indent=2))
+        print(json.dumps(for_people(msgspec.to_builtins(result)), indent=2))
     elif args.format == "summary":
-        print(json.dumps(report_text.summary(result, records, config), indent=2))
+        print(json.dumps(for_people(report_text.summary(result, records, config)), indent=2))
     else:
         print(report_text.daily_text(result, config), end="")
     return 0
@@ -127,7 +128,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
         reports.read_records(config, sys.stderr), args.days, _today(config), config
     )
     if args.format == "json":
-        print(json.dumps(msgspec.to_builtins(result), indent=2))
+        print(json.dumps(for_people(msgspec.to_builtins(result)), indent=2))
     else:
         print(report_text.costs_text(result, config), end="")
     return 0
@@ -176,7 +177,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         "usd": round(pricing.usd(each * args.count), 2),
     }
     if args.format == "json":
-        print(json.dumps(result, indent=2))
+        print(json.dumps(for_people(result), indent=2))
         return 0
     audio = " with audio" if args.audio else ""
     if args.kind == "video":
