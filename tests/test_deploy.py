@@ -86,7 +86,10 @@ def test_compose_stack_is_wired_together() -> None:
     datasource = yaml.safe_load(
         (ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
     )["datasources"][0]
-    assert datasource["url"] == "http://prometheus:9090"
+    # The URL comes from Grafana's environment, which compose gives the Prometheus it runs.
+    assert datasource["url"] == "${PROMETHEUS_URL}"
+    prometheus = services["grafana"]["environment"]["PROMETHEUS_URL"]
+    assert prometheus == "http://prometheus:9090" and "9090:9090" in services["prometheus"]["ports"]
     am = yaml.safe_load((ROOT / "alerts" / "alertmanager.yml").read_text())
     hosts = {
         hook["url"].split("/")[2].split(":")[0]
