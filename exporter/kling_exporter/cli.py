@@ -193,6 +193,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.token:  # signed as a producer signs Kling's, with the stand-in's demo key
+        print(KlingStandIn(*DEMO_KEYS, []).token())
+        return 0
     try:
         host, port = parse_listen_address(args.listen)
     except ValueError as e:

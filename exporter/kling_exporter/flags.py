@@ -174,6 +174,12 @@ def _demo(demo: argparse.ArgumentParser) -> None:
     )
     demo.add_argument("--logs", metavar="DIR", help="log folder (default: a temporary one)")
     demo.add_argument(
+        "--token",
+        action="store_true",
+        help="print a bearer token the demo's Kling stand-in accepts for 30 minutes (to try "
+        "the gateway with curl) and exit",
+    )
+    demo.add_argument(
         "--rate",
         type=_bounded(0.0, 100.0, low_open=True),
         default=DEFAULT_RATE,
