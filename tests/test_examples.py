@@ -20,8 +20,9 @@ def test_the_sample_config_is_the_defaults() -> None:
     assert load_config(EXAMPLE_CONFIG) == Config()
 
 
-def test_the_readme_shows_the_sample_config() -> None:
-    section = (ROOT / "README.md").read_text().split("## Configuration", 1)[1]
+def test_the_configuration_page_shows_the_sample_config() -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    section = page.split("\n## The sample config\n", 1)[1]
     shown = section.split("```yaml\n", 1)[1].split("```\n", 1)[0]
     sample = EXAMPLE_CONFIG.read_text()
     assert shown == sample[sample.index("logs:\n") :]

@@ -1,13 +1,18 @@
-"""Every Python and shell example in the README runs as written against a real exporter,
-and prints what the README says it prints.
+"""Every Python and shell example in the README and in docs/ runs as written against a
+real exporter, and prints what the page says it prints.
 
 A fenced ```python, ```sh, ```bash or ```console block is run unless the line right
 before it is ``<!-- example: not run (why) -->`` (set-up steps, a config to copy). The
 count of examples run is fixed below, so none drops out unnoticed. Python examples run
 in a process of their own in the exporter's folder (its ``logs/`` is theirs), with the
-producer's own Kling SDK stood in for; shell commands (curl and kling-exporter only) run
-with the exporter's address in place of ``localhost:10177``, and their output, as the
-README quotes it, must match: JSON answers by the keys quoted, text exactly.
+producer's own Kling SDK stood in for; shell commands (curl, kling-exporter, and echo
+and mkdir for the log lines a walkthrough writes) run with the exporter's address in
+place of ``localhost:10177``, and their output, as the page quotes it, must match: JSON
+answers by the keys quoted, text exactly.
+
+The README's first-budget walkthrough runs in order against an exporter of its own,
+started from the budget the walkthrough shows, with no log yet; the other examples run
+against one whose budget the examples share.
 """
 
 from __future__ import annotations
@@ -25,24 +30,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.helpers import ROOT, DaemonProcess, line, write_lines
 
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 RUN = ("python", "sh", "bash", "console")
 NOT_RUN = re.compile(r"^<!-- example: not run \(.+\) -->$")
-EXAMPLES_RUN = 6  # raise it with each example added; a marked one does not count
+EXAMPLES_RUN = 11  # raise it with each example added; a marked one does not count
 DEFAULT_ADDRESS = re.compile(r"(?:localhost|127\.0\.0\.1):10177")
+# The command as the pages spell it (where `make run` installs it) and as run here.
+IN_THE_CHECKOUT = re.compile(r"^\.venv/bin/kling-exporter\b")
+COMMANDS = ("curl", "kling-exporter", "echo", "mkdir")
 # Keys whose values differ from run to run.
 VOLATILE = {"expires_at"}
-# The budget the examples use: 2500 credits left of 7500, as the check example shows.
+# The README's walkthrough, run against an exporter of its own.
+WALKTHROUGH = "## First budget in five minutes"
+# The budget the other examples use: 2500 credits left of 7500, as the check example shows.
 CONFIG = """
 state: {path: ""}
 budgets:
   - {name: marketing, project: marketing, period: monthly, limit_credits: 7500}
 """
 
-# What the README's Python examples take from the producer's program around them: its
+# What the Python examples take from the producer's program around them: its
 # Kling SDK (stood in for: when a task is created it checks that every live hold is on
 # the project's budget, so a reservation taken against the wrong budget fails), prompts
 # and the callback URL.
@@ -73,18 +85,24 @@ callback_url = "https://exporter.example/api/v1/kling/callback?token=0123456789a
 class Example:
     lang: str
     code: str
+    page: str  # relative to the checkout, for messages
     line: int  # of the opening fence, for messages
+    section: str  # the "## " heading it is under
     run: bool
 
     def __str__(self) -> str:
-        return f"README.md:{self.line} ({self.lang})"
+        return f"{self.page}:{self.line} ({self.lang})"
 
 
-def readme_examples() -> list[Example]:
-    lines = README.read_text().splitlines()
+def page_examples(page: Path) -> list[Example]:
+    lines = page.read_text().splitlines()
+    name = str(page.relative_to(ROOT))
     found: list[Example] = []
+    section = ""
     i = 0
     while i < len(lines):
+        if lines[i].startswith("## "):
+            section = lines[i]
         fence = re.match(r"^```(\w*)$", lines[i])
         if fence is None:
             i += 1
@@ -94,17 +112,34 @@ def readme_examples() -> list[Example]:
         if lang in RUN:
             before = lines[i - 1] if i else ""
             code = "\n".join(lines[i + 1 : end]) + "\n"
-            found.append(Example(lang, code, i + 1, NOT_RUN.match(before) is None))
+            run = NOT_RUN.match(before) is None
+            found.append(Example(lang, code, name, i + 1, section, run))
         i = end + 1
     return found
 
 
 def examples_run() -> list[Example]:
-    return [e for e in readme_examples() if e.run]
+    return [e for page in PAGES for e in page_examples(page) if e.run]
+
+
+def _in_walkthrough(example: Example) -> bool:
+    return example.page == "README.md" and example.section == WALKTHROUGH
 
 
 def test_the_count_of_examples_run_is_known() -> None:
     assert len(examples_run()) == EXAMPLES_RUN, [str(e) for e in examples_run()]
+
+
+def test_the_walkthrough_has_examples_and_a_budget() -> None:
+    assert any(_in_walkthrough(e) for e in examples_run())
+    budget = yaml.safe_load(_walkthrough_config())["budgets"][0]
+    assert {"name", "project", "period", "limit_credits", "alert_threshold"} <= set(budget)
+
+
+def _walkthrough_config() -> str:
+    """The config the README's walkthrough writes: its section's YAML block."""
+    section = README.read_text().split(WALKTHROUGH + "\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```yaml\n", 1)[1].split("```\n", 1)[0]
 
 
 def _usage_lines(credits: float) -> list[str]:
@@ -156,6 +191,7 @@ def _run(example: Example, daemon: DaemonProcess, program: list[str], code: str)
     """Run ``code`` with ``program`` in the exporter's folder, aimed at the exporter; its
     standard output, after it succeeded."""
     local = DEFAULT_ADDRESS.sub(daemon.url.removeprefix("http://"), code)
+    local = IN_THE_CHECKOUT.sub("kling-exporter", local)
     result = subprocess.run(
         [*program, local],
         cwd=daemon.workdir,
@@ -174,7 +210,7 @@ def _run_python(example: Example, daemon: DaemonProcess) -> str:
 
 
 def _commands(example: Example) -> list[tuple[str, str]]:
-    """(command, the output the README quotes) for each command of a shell example."""
+    """(command, the output the page quotes) for each command of a shell example."""
     if example.lang != "console":
         return [
             (text, "")
@@ -192,7 +228,7 @@ def _commands(example: Example) -> list[tuple[str, str]]:
 
 
 def _same(quoted: Any, got: Any, where: str) -> None:
-    """``got`` says what ``quoted`` says; a mapping may have keys the README leaves out."""
+    """``got`` says what ``quoted`` says; a mapping may have keys the page leaves out."""
     if isinstance(quoted, dict):
         assert isinstance(got, dict), f"{where}: {got!r}"
         for key, value in quoted.items():
@@ -204,29 +240,59 @@ def _same(quoted: Any, got: Any, where: str) -> None:
         for i, (q, g) in enumerate(zip(quoted, got, strict=True)):
             _same(q, g, f"{where}[{i}]")
     else:
-        assert quoted == got, f"{where}: the README says {quoted!r}, the exporter {got!r}"
+        assert quoted == got, f"{where}: the page says {quoted!r}, the exporter {got!r}"
 
 
-def _run_shell(example: Example, daemon: DaemonProcess) -> None:
+def _check_output(example: Example, daemon: DaemonProcess, command: str, quoted: str) -> None:
+    out = _run(example, daemon, ["bash", "-c"], command)
+    if quoted.lstrip().startswith("{"):
+        _same(json.loads(quoted), json.loads(out), str(example))
+    elif quoted:
+        assert out == quoted, f"{example}: {command}"
+
+
+def _run_shell(example: Example, daemon: DaemonProcess, settle: float = 0.0) -> None:
+    """Each command of ``example`` in turn; with ``settle``, a command whose output is
+    quoted may take that many seconds to say it (the reader has lines to read first)."""
     for command, quoted in _commands(example):
-        words = shlex.split(command)
-        assert words[0] in ("curl", "kling-exporter"), f"{example}: runs only curl and ours"
-        out = _run(example, daemon, ["bash", "-c"], command)
-        if quoted.lstrip().startswith("{"):
-            _same(json.loads(quoted), json.loads(out), str(example))
-        elif quoted:
-            assert out == quoted, f"{example}: {command}"
+        words = shlex.split(IN_THE_CHECKOUT.sub("kling-exporter", command))
+        assert words[0] in COMMANDS, f"{example}: runs only {', '.join(COMMANDS)}"
+        deadline = time.monotonic() + settle
+        while True:
+            try:
+                _check_output(example, daemon, command, quoted)
+                break
+            except AssertionError:
+                if not quoted or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
 
-def test_every_example_runs_and_says_what_the_readme_quotes(
+def test_every_example_runs_and_says_what_the_page_quotes(
     exporter: Callable[[float], DaemonProcess],
 ) -> None:
     daemon = exporter(5000)
     for example in examples_run():
+        if _in_walkthrough(example):
+            continue
         if example.lang == "python":
             _run_python(example, daemon)
         else:
             _run_shell(example, daemon)
+
+
+def test_the_first_budget_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """From the budget the README shows and no log, each step in order says what the
+    README quotes."""
+    (tmp_path / "kling.yml").write_text(_walkthrough_config())
+    daemon = DaemonProcess(tmp_path, extra=["--config.file", "kling.yml"]).start()
+    try:
+        for example in examples_run():
+            if _in_walkthrough(example):
+                assert example.lang != "python", f"{example}: the walkthrough is shell"
+                _run_shell(example, daemon, settle=10.0)
+    finally:
+        daemon.stop()
 
 
 def test_the_python_examples_run_when_the_budget_is_spent(
@@ -239,17 +305,18 @@ def test_the_python_examples_run_when_the_budget_is_spent(
             _run_python(example, daemon)
 
 
-# The requests that get the 400s the README quotes, by the field the error names.
+# The requests that get the 400s the pages quote, by the field the error names.
 BAD_REQUESTS = {
     "count": b'{"count": 0}',
     "mode": b'{"mode": "turbo"}',
 }
 
 
-def test_the_400s_the_readme_quotes_are_what_the_exporter_answers(
+def test_the_400s_the_pages_quote_are_what_the_exporter_answers(
     exporter: Callable[[float], DaemonProcess],
 ) -> None:
-    quoted = re.findall(r"`400 (\{\"error\".*?\})`", README.read_text())
+    text = "\n".join(page.read_text() for page in PAGES)
+    quoted = re.findall(r"`400 (\{\"error\".*?\})`", text)
     assert len(quoted) == len(BAD_REQUESTS), quoted
     daemon = exporter(0)
     for text in quoted:

@@ -1,4 +1,5 @@
-"""The repository's top level is what the README's layout lists: no scratch files."""
+"""The repository's top level is what the layout in docs/development.md lists: no scratch
+files."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 from tests.helpers import ROOT
 
 
-def _listed_in_readme() -> set[str]:
-    layout = (ROOT / "README.md").read_text().split("### Layout", 1)[1]
+def _listed_in_the_layout() -> set[str]:
+    layout = (ROOT / "docs" / "development.md").read_text().split("\n## Layout\n", 1)[1]
     table = layout.split("| entry | what it is |", 1)[1].split("\n\n", 1)[0]
     names: set[str] = set()
     for row in table.splitlines()[2:]:
@@ -28,10 +29,10 @@ def _tracked_top_level() -> set[str]:
     return {path.split("/", 1)[0] for path in files}
 
 
-def test_the_top_level_is_what_the_readme_lists() -> None:
-    tracked, listed = _tracked_top_level(), _listed_in_readme()
-    assert tracked - listed == set(), "tracked but not in the README's layout"
-    assert listed - tracked == set(), "in the README's layout but not tracked"
+def test_the_top_level_is_what_the_layout_lists() -> None:
+    tracked, listed = _tracked_top_level(), _listed_in_the_layout()
+    assert tracked - listed == set(), "tracked but not in the layout of docs/development.md"
+    assert listed - tracked == set(), "in the layout of docs/development.md but not tracked"
 
 
 def test_build_output_is_ignored() -> None:
