@@ -23,6 +23,7 @@ from kling_exporter.counters import (
     project_slots,
 )
 from kling_exporter.events import UNKNOWN_MODEL, Event
+from kling_exporter.evicted import Evicted
 from kling_exporter.model import Record, Task
 from kling_exporter.periods import PERIOD_KINDS, PeriodClock, period_bounds
 from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request
@@ -117,7 +118,13 @@ class Book(Counters):
         self.clock = PeriodClock(config.tz)
         self._forget_day()
         self.ttl = config.tasks.ttl_seconds
-        self.max_tasks = config.tasks.max_tasks
+        # Tasks the index's cap (config.tasks.max_tasks) pushed out, in brief: as many as
+        # the cap, a third of the index's memory at most (at least 10,000: 1 MiB).
+        remembered = max(config.tasks.max_tasks, 10_000)
+        if old is None:
+            self.evicted = Evicted(remembered)
+        else:
+            self.evicted.resize(remembered)
         self.orphan_wait = config.tasks.orphan_wait_seconds
         self.max_ahead = config.logs.max_clock_ahead_seconds
         if old is None:

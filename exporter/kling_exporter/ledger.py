@@ -70,6 +70,7 @@ from kling_exporter.events import (
     Event,
 )
 from kling_exporter.model import ReadStats, Record, Snapshot, Task
+from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE
 
 # 2000-01-01T00:00:00Z: an earlier event time is a broken clock (Kling did not exist).
 OLDEST_TS = 946684800.0
@@ -197,8 +198,9 @@ class Ledger(Book):
         (``orphan``) it is counted with what the line itself says. A usage line of the
         task waiting for its submission stands for it."""
         known = self.tasks.get(task_id)
-        if known is None and self.waiting:
-            known = self._joined_to_usage(task_id)
+        revived = False
+        if known is None:
+            known, revived = self._unindexed(task_id, ts)
         if type(known) is Task:
             task, flags = known, known.flags
             key = (task.project, task.model)
@@ -224,19 +226,41 @@ class Ledger(Book):
             task = self._new_task(e, ts, 0)
             counts, _, project, model = self._route(task.project, task.model)
         if how == DONE:
-            credits = self._completed(e, task, counts, model, type(known) is Task)
+            credits = self._completed(e, task, counts, model, type(known) is Task and not revived)
         else:
             credits = self._errored(e, project)
         if flags & EST:  # charged its estimate when forgotten: what it says beyond that
-            credits = max(0.0, credits - estimate_of(flags))
+            said = credits if e.credits_used is not None or not revived else estimate_of(flags)
+            credits = max(0.0, said - estimate_of(flags))
         if credits:
             self._charge(counts, task.project, task.user, ts, credits)
-        if known is None:
-            self._remember(task_id, flags | how, ts)
+        if known is None or revived:
+            self._remember(task_id, flags & FLAG_BITS | how, ts)
         else:
             self.tasks[task_id] = flags & FLAG_BITS | how
         if self.observer is not None:
             self.observer(self._finish_record(e, task_id, task, ts, how, credits))
+
+    def _unindexed(self, task_id: str, ts: float) -> tuple[Task | int | None, bool]:
+        """A task the index does not hold, and whether it came back from the record of
+        those its cap pushed out (``evicted``): the task its usage line stands for, if one
+        waits; or, from that record, a Task (its owner, default fields, the flags with
+        the estimate it was charged) if it was unfinished, its flags if it had finished;
+        else None."""
+        if self.waiting:
+            known = self._joined_to_usage(task_id)
+            if known is not None:
+                return known, False
+        found = self.evicted.get(task_id) if self.evicted else None
+        if found is None:
+            return None, False
+        owner, flags = found
+        if owner is None:
+            return flags, True  # finished: what comes now repeats it
+        self.evicted.discard(task_id)  # back in the index
+        project, user, model = owner
+        mode, duration, kind = DEFAULT_MODE, DEFAULT_DURATION, DEFAULT_KIND
+        return Task(project, user, model, mode, duration, False, kind, ts, flags), True
 
     def _joined_to_usage(self, task_id: str) -> Task | int | None:
         """The task of a terminal event of a task not seen: the one its usage line, if
@@ -419,7 +443,7 @@ class Ledger(Book):
         while waiting:
             task_id = next(iter(waiting))
             e, ts, read_at = waiting[task_id]
-            if read_at >= read_before and len(waiting) <= self.max_tasks:
+            if read_at >= read_before and len(waiting) <= self.config.tasks.max_tasks:
                 break
             del waiting[task_id]
             self._finish_parked(task_id, e, ts, read_at, orphan=True)
@@ -443,10 +467,11 @@ class Ledger(Book):
         clock move it is mended here)."""
         if self.last_event_ts > now + self.max_ahead:
             self.last_event_ts = now
-        if len(self.waiting) > self.max_tasks:
+        max_tasks = self.config.tasks.max_tasks
+        if len(self.waiting) > max_tasks:
             self.settle_waiting(float("-inf"))
         cutoff = max(self.last_event_ts, 0.0) - self.ttl if by_ttl else float("-inf")
-        limit = self.max_tasks if cap else float("inf")
+        limit = max_tasks if cap else float("inf")
         expiry, tasks = self.expiry, self.tasks
         dropped = 0
         while expiry and (expiry[0][0] < cutoff or len(tasks) > limit):
@@ -457,15 +482,20 @@ class Ledger(Book):
             if type(value) is Task:
                 if value.ts != ts:
                     continue
-                if not value.flags & CLOSED:
+                flags = value.flags
+                if not flags & CLOSED:
                     estimate = self._charge_estimate(task_id, value)
+                    flags = with_estimate(flags | EST, estimate)
                     if ts < cutoff:  # remembered, for a completion that may still come
                         since = max(self.last_event_ts, ts)
-                        flags = with_estimate(value.flags | EST, estimate)
                         self._remember(
                             task_id, msgspec.structs.replace(value, ts=since, flags=flags), since
                         )
                         continue
+                if ts >= cutoff:  # pushed out by the cap, not aged out: kept in brief
+                    self.evicted.add(task_id, (value.project, value.user, value.model), flags)
+            elif ts >= cutoff:
+                self.evicted.add(task_id, None, value)  # type: ignore[arg-type]  # flags
             del tasks[task_id]
             dropped += 1
         return dropped
@@ -516,6 +546,8 @@ class Ledger(Book):
                 "error_type": self.error_labels.overflow,
             },
             tasks_tracked=len(self.tasks),
+            tasks_limit=self.config.tasks.max_tasks,
+            tasks_evicted=self.evicted.total,
             timestamps_clamped=self.clamped.copy(),
             awaiting_submission=len(self.waiting),
             orphaned=self.orphaned,

@@ -274,6 +274,22 @@ METRICS: tuple[Spec, ...] = (
         _one(lambda s, st: s.tasks_tracked),
     ),
     Spec(
+        "kling_tasks_tracked_limit",
+        "gauge",
+        "The most tasks the index holds (tasks.max_tasks).",
+        (),
+        _one(lambda s, st: s.tasks_limit),
+    ),
+    Spec(
+        "kling_tasks_evicted",
+        "counter",
+        "Tasks pushed out of the index by tasks.max_tasks before tasks.ttl (an unfinished "
+        "one is charged its estimate; a late event of one is still joined, from a brief "
+        "record).",
+        (),
+        _one(lambda s, st: s.tasks_evicted),
+    ),
+    Spec(
         "kling_exporter_ready",
         "gauge",
         "1 once the initial read of the logs is done.",

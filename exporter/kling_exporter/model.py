@@ -117,6 +117,8 @@ class Snapshot(msgspec.Struct):
     awaiting_submission: int
     orphaned: int
     expired_credits: dict[str, float] = msgspec.field(default_factory=dict)
+    tasks_limit: int = 0  # tasks.max_tasks
+    tasks_evicted: int = 0  # pushed out by that cap, ever
     # The reader's counts (``ReadStats``), for the same scrape.
     lines_read: int = 0
     bytes_read: int = 0

@@ -74,6 +74,13 @@ class LedgerState(msgspec.Struct, kw_only=True, omit_defaults=True):
     waiting: list[tuple[str, float, float, list[Any]]] = []
     consumed: list[tuple[str, int, float]] = []  # reservation id, tasks, newest time
     expired_credits: list[tuple[str, float]] = []  # project, credits charged at estimates
+    # Tasks the index's cap pushed out (``Evicted``): digest -> owner and flags, the
+    # older generation and the newer, the owners (project, user, model) by index from 1,
+    # and how many were ever pushed out.
+    evicted_older: dict[int, int] = {}
+    evicted_newer: dict[int, int] = {}
+    evicted_owners: list[tuple[str, str | None, str]] = []
+    evicted_total: int = 0
     # Format 1 only: the ledger's own version, and the reader's counts (now ReadStats).
     version: int | None = None
     invalid: list[tuple[str, int]] = []
@@ -239,6 +246,10 @@ def ledger_state(led: Book) -> LedgerState:
         ],
         tasks=led.tasks,
         expiry=list(led.expiry),
+        evicted_older=led.evicted.older,
+        evicted_newer=led.evicted.newer,
+        evicted_owners=led.evicted.owners[1:],  # type: ignore[arg-type]  # never None there
+        evicted_total=led.evicted.total,
         usage=[
             (day, [(p, u, c, d) for (p, u), (c, d) in bucket.by_pair.items()])
             for day, bucket in led.usage.items()
@@ -316,3 +327,5 @@ def _restore_tasks(led: Book, state: LedgerState) -> None:
         raise ValueError(f"state does not fit: waiting events: {e}") from None
     led.tasks = dict(state.tasks)
     led.expiry = deque(state.expiry)
+    owners = state.evicted_owners
+    led.evicted.restore(owners, state.evicted_older, state.evicted_newer, state.evicted_total)
