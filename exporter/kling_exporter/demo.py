@@ -55,8 +55,13 @@ def demo_account(port: int, keys_dir: Path, path: str = STANDIN_PATH) -> dict[st
 
 def demo_gateway(kling_port: int) -> dict[str, object]:
     """The ``gateway`` section that passes the demo's gateway traffic on to its stand-in
-    on ``kling_port``."""
-    return {"enabled": True, "upstream": f"http://127.0.0.1:{kling_port}{STANDIN_PATH}"}
+    on ``kling_port``. Its producers name their project in ``X-Kling-Project``, which
+    the demo trusts (a real gateway maps access keys to projects instead)."""
+    return {
+        "enabled": True,
+        "upstream": f"http://127.0.0.1:{kling_port}{STANDIN_PATH}",
+        "trust_project_header": True,
+    }
 
 
 def demo_config(
