@@ -191,43 +191,49 @@ def draw_barchart(ax: Axes, panel: dict[str, Any], prom: Process) -> None:
 
 
 def draw_table(ax: Axes, panel: dict[str, Any], prom: Process) -> None:
+    """As Grafana joins instant queries: a column per label, then one per query."""
     rename = {}
     for tr in panel.get("transformations", []):
         rename.update(tr.get("options", {}).get("renameByName", {}))
-    columns: dict[str, dict[str, str]] = {}
-    keys: list[str] = []
+    decimals = panel.get("fieldConfig", {}).get("defaults", {}).get("decimals")
+    rows: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+    label_names: list[str] = []
     for t in panel["targets"]:
         name = rename.get(f"Value #{t['refId']}", "")
         for s in api(prom, "/api/v1/query", query=substitute(t["expr"])):
             labels = {k: v for k, v in s["metric"].items() if k not in ("__name__", "alertstate")}
-            key = " ".join(f"{v}" for _, v in sorted(labels.items()))
-            if key not in columns:
-                columns[key] = {}
-                keys.append(key)
+            label_names += [k for k in sorted(labels) if k not in label_names]
+            row = rows.setdefault(tuple(sorted(labels.items())), {})
             value = float(s["value"][1])
             if name in ("Period ends", "Expires"):
                 text = time.strftime("%Y-%m-%d %H:%M", time.gmtime(value / 1000))
             elif name:
-                text = fmt_value(value, "currencyUSD" if "USD" in name else "short")
+                money = "USD" in name
+                text = fmt_value(
+                    value, "currencyUSD" if money else "short", 2 if money else decimals
+                )
             else:
                 text = ""
-            columns[key][name or "alert"] = text
+            row[name or "alert"] = text
     headers = sorted(
-        {h for row in columns.values() for h in row},
+        {h for row in rows.values() for h in row},
         key=list(rename.values()).index
-        if all(h in rename.values() for row in columns.values() for h in row)
+        if all(h in rename.values() for row in rows.values() for h in row)
         else str,
     )
-    cells = [[k, *[columns[k].get(h, "") for h in headers]] for k in keys[:12]]
+    cells = [
+        [dict(key).get(n, "") for n in label_names] + [row.get(h, "") for h in headers]
+        for key, row in list(rows.items())[:12]
+    ]
     ax.axis("off")
     if cells:
         table = ax.table(
-            cellText=cells, colLabels=["", *headers], loc="upper right", cellLoc="left"
+            cellText=cells, colLabels=[*label_names, *headers], loc="upper left", cellLoc="left"
         )
         table.auto_set_font_size(False)
         table.set_fontsize(7)
         # Columns as wide as their text, so names and amounts are read whole.
-        table.auto_set_column_width(list(range(len(headers) + 1)))
+        table.auto_set_column_width(list(range(len(label_names) + len(headers))))
         table.scale(1, 1.4)
 
 
