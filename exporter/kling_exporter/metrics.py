@@ -1,6 +1,6 @@
 """The metrics the exporter serves, declared once: a table of specs (name, type, help,
 labels, how to read the value from a snapshot), from which come the reader's scrape,
-``describe()``, and the README's metric table (a test checks it); and the families the
+``describe()``, and the metric list of docs/metrics.md (a test checks it); and the families the
 HTTP process keeps for reservations.
 """
 
@@ -35,7 +35,7 @@ Read = Callable[[Snapshot, Status], Mapping[Any, Any]]
 
 class Spec(NamedTuple):
     """One metric as the exporter declares it: from these rows come the exposition, the
-    collector's ``describe`` and the README's metric table (checked by a test)."""
+    collector's ``describe`` and docs/metrics.md (checked by a test)."""
 
     name: str  # counters without the _total suffix
     type: str  # counter | gauge | histogram
