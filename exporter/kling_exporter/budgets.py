@@ -8,7 +8,7 @@ with the same code.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -251,26 +251,40 @@ def budget_status(
     )
 
 
+# How many (project, user) pairs keep their matching budgets found (then all are
+# found again: the set of pairs a fleet of producers uses is small).
+MATCHED_KEPT = 10_000
+
+
 class Budgets:
-    """The configured budgets, indexed by project so that a pre-flight check reads only
-    the budgets that match it, with the pricing that says what a request needs."""
+    """The configured budgets, indexed by what they match (project and user, either
+    left out), so that a pre-flight check reads only the budgets that match it, however
+    many there are; with the pricing that says what a request needs."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.pricing = Pricing(config.pricing)
         self.tz = config.tz
         self.clock = PeriodClock(config.tz)  # the current periods, found once
-        self.by_project: dict[str | None, list[BudgetConfig]] = {}
-        for b in config.budgets:
-            self.by_project.setdefault(b.project, []).append(b)
+        self._by_match: dict[tuple[str | None, str | None], list[BudgetConfig]] = {}
+        for b in config.budgets:  # in config order within each list
+            self._by_match.setdefault((b.project, b.user), []).append(b)
+        self._order = {id(b): i for i, b in enumerate(config.budgets)}
+        self._matched: dict[tuple[str, str | None], tuple[BudgetConfig, ...]] = {}
 
-    def matching(self, project: str, user: str | None) -> list[BudgetConfig]:
-        """The budgets a task of this project and user counts against, in config order."""
-        found = self.by_project.get(project, []) + self.by_project.get(None, [])
-        if len(found) > 1:
-            order = {id(b): i for i, b in enumerate(self.config.budgets)}
-            found.sort(key=lambda b: order[id(b)])
-        return [b for b in found if b.user is None or b.user == user]
+    def matching(self, project: str, user: str | None) -> tuple[BudgetConfig, ...]:
+        """The budgets a task of this project and user counts against, in config order:
+        those of the project, of the user and of neither."""
+        found = self._matched.get((project, user))
+        if found is None:
+            keys = dict.fromkeys(((project, user), (project, None), (None, user), (None, None)))
+            every = [b for key in keys for b in self._by_match.get(key, ())]
+            if len(every) > 1:
+                every.sort(key=lambda b: self._order[id(b)])
+            if len(self._matched) >= MATCHED_KEPT:
+                self._matched.clear()
+            found = self._matched[project, user] = tuple(every)
+        return found
 
     def usage(
         self, budgets: Iterable[BudgetConfig], usage: Usage, now: float
@@ -313,7 +327,7 @@ class Budgets:
 
     def shares(
         self,
-        budgets: list[BudgetConfig],
+        budgets: Sequence[BudgetConfig],
         usage: Usage,
         now: float,
         flight: DayUsage = NOTHING,

@@ -39,7 +39,7 @@ import logging
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, NamedTuple
 
@@ -211,7 +211,7 @@ class Fleet:
         self,
         mode: str,
         view: View | None = None,
-        budgets: list[BudgetConfig] = [],  # noqa: B006 - never changed
+        budgets: Sequence[BudgetConfig] = (),
         claim: Claim = NO_CLAIM,
         restores: list[list[Any]] = [],  # noqa: B006 - never changed
         ids: list[tuple[str, float]] = [],  # noqa: B006 - never changed
@@ -241,7 +241,7 @@ class Fleet:
         self,
         mode: str,
         view: View | None,
-        budgets: list[BudgetConfig],
+        budgets: Sequence[BudgetConfig],
         claim: Claim,
         restores: list[list[Any]],
         ids: list[tuple[str, float]],
@@ -357,7 +357,7 @@ class Fleet:
             )
         self.up = False
 
-    def _last_seen(self, view: View, budgets: list[BudgetConfig]) -> dict[str, Share]:
+    def _last_seen(self, view: View, budgets: Sequence[BudgetConfig]) -> dict[str, Share]:
         """The other instances' share of these budgets as last seen, by budget name."""
         now = self.clock()
         out = {}
@@ -368,7 +368,7 @@ class Fleet:
                 out[b.name] = found
         return out
 
-    async def _elsewhere(self, view: View, budgets: list[BudgetConfig]) -> Mapping[str, Share]:
+    async def _elsewhere(self, view: View, budgets: Sequence[BudgetConfig]) -> Mapping[str, Share]:
         """The other instances' share of these budgets: read now, or last seen when
         Redis does not answer (Unavailable raised then only for ``refuse``)."""
         if self.up and budgets:
@@ -448,7 +448,9 @@ class Fleet:
         return self.reservations.check(view, ask, elsewhere)
 
     @staticmethod
-    def _verdict(answer: Answer, budgets: list[BudgetConfig], result: CheckResult) -> CheckResult:
+    def _verdict(
+        answer: Answer, budgets: Sequence[BudgetConfig], result: CheckResult
+    ) -> CheckResult:
         """The script's verdict, with the rows and words of a check made on what is here
         now (tasks that used holds meanwhile: the sum is the same)."""
         if answer.verdict == "ok" and not result.allowed:
