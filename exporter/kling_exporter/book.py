@@ -117,7 +117,6 @@ class Book(Counters):
             self.estimate_flight()  # estimates of tasks in flight follow the new prices
         self.clock = PeriodClock(config.tz)
         self._forget_day()
-        self.ttl = config.tasks.ttl_seconds
         # Tasks the index's cap (config.tasks.max_tasks) pushed out, in brief: as many as
         # the cap, a third of the index's memory at most (at least 10,000: 1 MiB).
         remembered = max(config.tasks.max_tasks, 10_000)
@@ -131,10 +130,20 @@ class Book(Counters):
             self.project_labels = LabelLimiter(config.labels.max_projects)
             self.model_labels = LabelLimiter(config.labels.max_models)
             self.error_labels = LabelLimiter(config.labels.max_error_types)
+            self.user_labels = LabelLimiter(config.labels.max_users)
         else:
             self.project_labels.limit = config.labels.max_projects
             self.model_labels.limit = config.labels.max_models
             self.error_labels.limit = config.labels.max_error_types
+            self.user_labels.limit = config.labels.max_users
+        self.keep_budget_users()
+
+    def keep_budget_users(self) -> None:
+        """A user a budget names is kept whatever ``labels.max_users`` says, so that
+        budget stays exact however many other users come first."""
+        for b in self.config.budgets:
+            if b.user is not None:
+                self.user_labels.known.setdefault(b.user, b.user)
 
     def _new_task(self, e: Event, ts: float, flags: int) -> Task:
         # Interned: each decoded line brings its own copies of the same few names, and
@@ -142,7 +151,7 @@ class Book(Counters):
         user = e.user
         return Task(
             intern(e.project),  # type: ignore[arg-type]  # decode_line set it
-            None if user is None else intern(user),  # type: ignore[arg-type]
+            None if user is None else self.user_labels.get(intern(user)),  # type: ignore[arg-type]
             intern(e.model or UNKNOWN_MODEL),
             e.mode or DEFAULT_MODE,
             e.duration if e.duration is not None else DEFAULT_DURATION,

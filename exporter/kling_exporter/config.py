@@ -244,9 +244,12 @@ class LabelsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_projects: int = 1000
     max_models: int = 100
     max_error_types: int = 100
+    # Users are no metric label, but usage is kept per project and user for user budgets
+    # and reports: past this many, users fold into __other__ (those a budget names never).
+    max_users: int = 10_000
 
     def __post_init__(self) -> None:
-        for key in ("max_projects", "max_models", "max_error_types"):
+        for key in ("max_projects", "max_models", "max_error_types", "max_users"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
 

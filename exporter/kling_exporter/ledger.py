@@ -470,7 +470,8 @@ class Ledger(Book):
         max_tasks = self.config.tasks.max_tasks
         if len(self.waiting) > max_tasks:
             self.settle_waiting(float("-inf"))
-        cutoff = max(self.last_event_ts, 0.0) - self.ttl if by_ttl else float("-inf")
+        ttl = self.config.tasks.ttl_seconds
+        cutoff = max(self.last_event_ts, 0.0) - ttl if by_ttl else float("-inf")
         limit = max_tasks if cap else float("inf")
         expiry, tasks = self.expiry, self.tasks
         dropped = 0
@@ -544,6 +545,7 @@ class Ledger(Book):
                 "project": self.project_labels.overflow,
                 "model": self.model_labels.overflow,
                 "error_type": self.error_labels.overflow,
+                "user": self.user_labels.overflow,
             },
             tasks_tracked=len(self.tasks),
             tasks_limit=self.config.tasks.max_tasks,

@@ -242,7 +242,7 @@ def ledger_state(led: Book) -> LedgerState:
         ],
         labels=[
             (list(lim.known), lim.overflow)
-            for lim in (led.project_labels, led.model_labels, led.error_labels)
+            for lim in (led.project_labels, led.model_labels, led.error_labels, led.user_labels)
         ],
         tasks=led.tasks,
         expiry=list(led.expiry),
@@ -296,14 +296,15 @@ def _restore_counters(led: Book, state: LedgerState) -> None:
     led.last_event_ts = state.last_event_ts
     led.clamped.update(dict(state.clamped))
     led.orphaned = state.orphaned
-    if len(state.labels) != 3:
-        raise ValueError("state does not fit: labels: expected 3 limiters")
-    for lim, (known, overflow) in zip(
-        (led.project_labels, led.model_labels, led.error_labels), state.labels, strict=True
-    ):
+    # Projects, models, error types; and users (saved since users are bounded too).
+    limiters = (led.project_labels, led.model_labels, led.error_labels, led.user_labels)
+    if len(state.labels) not in (3, 4):
+        raise ValueError("state does not fit: labels: expected 3 or 4 limiters")
+    for lim, (known, overflow) in zip(limiters, state.labels, strict=False):
         lim.known.clear()
         lim.known.update((k, k) for k in known)
         lim.overflow = overflow
+    led.keep_budget_users()
 
 
 def _restore_projects(led: Book, state: LedgerState) -> None:
