@@ -327,21 +327,22 @@ def test_the_400s_the_pages_quote_are_what_the_exporter_answers(
 
 def test_the_gateway_try_out_works_against_the_demo_as_written(tmp_path: Path) -> None:
     """docs/gateway.md's curl through the gateway of ``make demo``, with the token that
-    ``demo --token`` prints: Kling's answer as the page quotes it."""
+    ``demo --token`` prints: Kling's answer as the page quotes it, and the task in the
+    exporter's journal under the project the curl names."""
     page = ROOT / "docs" / "gateway.md"
     (example,) = [e for e in page_examples(page) if "demo --token" in e.code]
     pairs = _commands(example)
     assert pairs[-1][1], f"{example}: the page quotes the answer"
     # Run where the exporter runs, the checkout's command on the PATH.
     script = "\n".join(c.replace(".venv/bin/kling-exporter", "kling-exporter") for c, _ in pairs)
-    demo = DaemonProcess(tmp_path, command="demo", extra=["--backfill", "0", "--rate", "0.05"])
-    demo.start()
+    extra = ["--backfill", "0", "--rate", "0.05", "--logs", "logs"]
+    demo = DaemonProcess(tmp_path, command="demo", extra=extra).start()
     try:
         out = _run(example, demo, ["bash", "-c"], script)
         _same(json.loads(pairs[-1][1]), json.loads(out), str(example))
-        assert json.loads(out)["data"]["task_id"]
-        budgets = json.loads(demo.get("/api/v1/budgets")[1])["budgets"]
-        research = next(b for b in budgets if b["name"] == "research-daily")
-        assert research["used_credits"] + research["in_flight_credits"] >= 10
+        task_id = json.loads(out)["data"]["task_id"]
+        journal = tmp_path / "logs" / "kling-callbacks.jsonl"
+        lines = [json.loads(text) for text in journal.read_text().splitlines()]
+        assert [e["project"] for e in lines if e["task_id"] == task_id] == ["research"]
     finally:
         demo.stop()
