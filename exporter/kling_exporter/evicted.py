@@ -50,8 +50,9 @@ class Evicted:
     def resize(self, capacity: int) -> None:
         self.half = max(1, capacity // 2)
 
-    def add(self, task_id: str, owner: Owner | None, flags: int) -> None:
-        """Remember a task pushed out of the index, with its flags (and estimate)."""
+    def add(self, task_id: str, owner: Owner | None, flags: int, by_cap: bool = True) -> None:
+        """Remember a task taken out of the index, with its flags (and estimate); one the
+        cap pushed out (not one aged out unfinished) is counted in ``total``."""
         if len(self.newer) >= self.half:
             self.older, self.newer = self.newer, {}
             self._forget_owners()
@@ -63,7 +64,7 @@ class Evicted:
                 index = self.owner_ids[owner] = len(self.owners)
                 self.owners.append(owner)
         self.newer[digest(task_id)] = index << OWNER_SHIFT | (flags & FLAGS_MASK)
-        self.total += 1
+        self.total += by_cap
 
     def get(self, task_id: str) -> tuple[Owner | None, int] | None:
         """The owner (None for a finished task) and flags of a task pushed out, or None."""

@@ -13,11 +13,12 @@ What a task is charged, whatever the order its lines are read in:
   unfinished (``tasks.ttl`` after its submission, by event time, or past
   ``tasks.max_tasks``), in the period of its submission, under its own project, model
   and user; it is counted in ``expired`` and ``expired_credits``. Its estimate is its
-  price by the pricing rules, or the credits of a usage line read for it. Forgotten by
-  the TTL, it is remembered (``EST``) one TTL more: a completion or error read then is
-  counted as usual and charged only what it says beyond the estimate (credits never go
-  down: the budget errs toward counting), never as an orphan. Past the size cap it is
-  not remembered.
+  price by the pricing rules, or the credits of a usage line read for it. It is kept in
+  brief as charged (``EST``, in ``evicted``: its owner, flags and estimate, as many as
+  ``tasks.max_tasks``): a completion or error read then is counted as usual and charged
+  only what it says beyond the estimate (credits never go down: the budget errs toward
+  counting), never as an orphan. A finished task the cap pushes out is kept there too,
+  so that its repeat is a duplicate.
 - A usage tracker's line (no ``event``, ``task_id`` and ``credits``) is an estimate of
   a task, not a second task: joined to the logger's lines of the same task, it adds
   nothing to a task that finishes (its completion's credits and status stand), and is
@@ -34,8 +35,6 @@ the estimate of a task that never finishes).
 from __future__ import annotations
 
 from typing import Any
-
-import msgspec
 
 from kling_exporter.book import (
     CLOSED,
@@ -424,12 +423,13 @@ class Ledger(Book):
 
     # -- housekeeping ----------------------------------------------------------------
 
-    def expire(self, now: float, reservations: bool = True) -> int:
+    def expire(self, now: float, reservations: bool = True, aged: float = float("inf")) -> int:
         """Count the terminal events that waited long enough for their submission, forget
-        old tasks (``expire_tasks``) and usage of periods that have ended, and (with
-        ``reservations``) what reservations used that none can be live for."""
+        old tasks (``expire_tasks``, at most ``aged`` by the TTL) and usage of periods
+        that have ended, and (with ``reservations``) what reservations used that none can
+        be live for."""
         self.settle_waiting(now - self.orphan_wait)
-        dropped = self.expire_tasks(now)
+        dropped = self.expire_tasks(now, aged=aged)
         self._prune_usage(now)
         if reservations:
             self._prune_consumed(now)
@@ -457,14 +457,17 @@ class Ledger(Book):
         self.settle_waiting()
         self.expire_tasks(now, cap=False)
 
-    def expire_tasks(self, now: float, by_ttl: bool = True, cap: bool = True) -> int:
+    def expire_tasks(
+        self, now: float, by_ttl: bool = True, cap: bool = True, aged: float = float("inf")
+    ) -> int:
         """Forget tasks older than the TTL (by event time; not ``by_ttl`` while a backlog
-        is read: lines of another file may still join them) or past the size cap
-        (``cap``). An unfinished task forgotten here leaves the in-flight gauge and is
-        charged its estimate (``_charge_estimate``); forgotten by the TTL, it is
-        remembered as charged (``EST``) for one TTL more. The newest event time may not
-        run ahead of the time of reading (a state saved by a version that let a broken
-        clock move it is mended here)."""
+        is read: lines of another file may still join them; at most ``aged`` of them, the
+        rest at the next call) or past the size cap (``cap``). An unfinished task
+        forgotten here leaves the in-flight gauge and is charged its estimate
+        (``_charge_estimate``), and is kept in brief as charged (``EST``, in ``evicted``)
+        for a completion that may still come; so is a finished one the cap pushes out,
+        for a repeat. The newest event time may not run ahead of the time of reading (a
+        state saved by a version that let a broken clock move it is mended here)."""
         if self.last_event_ts > now + self.max_ahead:
             self.last_event_ts = now
         max_tasks = self.config.tasks.max_tasks
@@ -475,8 +478,9 @@ class Ledger(Book):
         limit = max_tasks if cap else float("inf")
         expiry, tasks = self.expiry, self.tasks
         dropped = 0
-        while expiry and (expiry[0][0] < cutoff or len(tasks) > limit):
+        while expiry and ((expiry[0][0] < cutoff and aged > 0) or len(tasks) > limit):
             ts, task_id = expiry.popleft()
+            aged -= 1  # the cap's work, counted too, needs no bound: it frees memory
             value = tasks.get(task_id)
             if value is None:
                 continue
@@ -484,18 +488,15 @@ class Ledger(Book):
                 if value.ts != ts:
                     continue
                 flags = value.flags
+                forgotten = ts < cutoff  # aged out finished: nothing more can come
                 if not flags & CLOSED:
                     estimate = self._charge_estimate(task_id, value)
                     flags = with_estimate(flags | EST, estimate)
-                    if ts < cutoff:  # remembered, for a completion that may still come
-                        since = max(self.last_event_ts, ts)
-                        self._remember(
-                            task_id, msgspec.structs.replace(value, ts=since, flags=flags), since
-                        )
-                        continue
-                if ts >= cutoff:  # pushed out by the cap, not aged out: kept in brief
-                    self.evicted.add(task_id, (value.project, value.user, value.model), flags)
-            elif ts >= cutoff:
+                    forgotten = False  # a completion may still come, whatever took it out
+                if not forgotten:
+                    owner = (value.project, value.user, value.model)
+                    self.evicted.add(task_id, owner, flags, ts >= cutoff)
+            elif ts >= cutoff:  # pushed out by the cap, not aged out: kept for a repeat
                 self.evicted.add(task_id, None, value)  # type: ignore[arg-type]  # flags
             del tasks[task_id]
             dropped += 1
