@@ -159,3 +159,21 @@ def test_reports_charge_what_is_unfinished_at_the_end_and_older_than_the_ttl(
     table = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert sum(float(r["credits"] or 0) for r in table) == 25
     assert [r["credits"] for r in table if r["task_id"] == "never"] == ["10"]
+
+
+def test_what_ages_out_at_once_is_charged_a_bounded_part_a_call() -> None:
+    """Event time jumping days ahead (a restart after a long stop) ages out every open
+    task at once: the daemon charges them a part at a time, so the lines it reads
+    meanwhile are not held up; the cap is never held back."""
+    ledger = Ledger(Config(tasks=TasksConfig(max_tasks=4000)))
+    feed(ledger, *(submission(f"t{i}", NOW - 2 * DAY + i) for i in range(3000)), LATER)
+    parts = []
+    while ledger.in_flight["p"]:
+        ledger.expire(NOW, aged=1000)
+        parts.append(ledger.in_flight["p"])
+    assert parts == [2000, 1000, 0]
+    assert ledger.expired_credits == {"p": 30000}
+    capped = Ledger(Config(tasks=TasksConfig(max_tasks=10)))
+    feed(capped, *(submission(f"t{i}", NOW - 60 + i) for i in range(50)))
+    capped.expire(NOW, aged=1)
+    assert len(capped.tasks) == 10

@@ -49,6 +49,11 @@ PUBLISH_INTERVAL = 0.1
 # second had it polling 170 times a second, a fifth of a core, beside the requests.
 POLL_GAP = 0.02
 RESERVATIONS_PRUNE_EVERY = 60.0
+# Tasks aged out by the TTL in one call, the rest at the next (a poll or a block later):
+# an unfinished one is charged its estimate there, and when event time jumps (a restart
+# after days, a producer's history), tens of thousands at once held the lock for a
+# quarter of a second, and every line appended meanwhile waited.
+AGED_PER_CALL = 2000
 # While a log glob matches no file, the warning that says so is repeated this often.
 UNMATCHED_WARN_EVERY = 300.0
 
@@ -201,7 +206,7 @@ class Daemon:
             # tracker's file read after the logger's still joins the tasks it names, and
             # only a task unfinished at the end of them is charged its estimate, as the
             # reports do. The first poll's ``expire`` then applies the TTL.
-            ledger.expire_tasks(now, by_ttl=self.ready.is_set())
+            ledger.expire_tasks(now, by_ttl=self.ready.is_set(), aged=AGED_PER_CALL)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
@@ -240,7 +245,7 @@ class Daemon:
             prune = not 0 <= now - self._reservations_pruned_at < RESERVATIONS_PRUNE_EVERY
             if prune:
                 self._reservations_pruned_at = now
-            self.ledger.expire(now, reservations=prune)
+            self.ledger.expire(now, reservations=prune, aged=AGED_PER_CALL)
             self.last_poll_ts = time.time()
             self._published(False)
         self._warn_of_empty_globs()
