@@ -9,12 +9,14 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kling_exporter import evicted
 from kling_exporter.config import parse_config
 from kling_exporter.evicted import Evicted
 from kling_exporter.ledger import Ledger
 
 from tests.helpers import NOW, feed, iso, line, saved_and_restored
 
+OWNER = ("p", None, "m", "standard", 5, False, "video")
 BUDGET = {"budgets": [{"name": "p", "project": "p", "period": "monthly", "limit_credits": 1000}]}
 
 
@@ -78,18 +80,18 @@ def test_a_repeat_of_a_finished_task_the_cap_pushed_out_is_a_duplicate() -> None
 def test_the_record_keeps_half_its_capacity_at_least_and_drops_the_oldest_whole() -> None:
     record = Evicted(4)
     for i in range(7):
-        record.add(f"t{i}", ("p", None, "m"), 1)
+        record.add(f"t{i}", OWNER, 1)
     assert len(record) == 3  # two generations of two; the newest has one
-    assert record.get("t3") is None and record.get("t4") == (("p", None, "m"), 1)
+    assert record.get("t3") is None and record.get("t4") == (OWNER, 1)
     assert record.total == 7
 
 
 def test_owners_no_entry_names_are_forgotten() -> None:
     record = Evicted(2)
     for i in range(500):
-        record.add(f"t{i}", (f"p{i}", None, "m"), 1)
+        record.add(f"t{i}", (f"p{i}", *OWNER[1:]), 1)
     assert len(record.owners) < 200
-    assert record.get("t499") == (("p499", None, "m"), 1)
+    assert record.get("t499") == (("p499", *OWNER[1:]), 1)
 
 
 # What a task is: its id, its project, whether and how it completes (credits or none),
@@ -150,3 +152,78 @@ def test_at_any_cap_each_task_is_counted_once_under_its_own_project(
     got = {p: capped.credits.get((p, "kling-v2-6"), 0.0) for p in expected}
     assert got == expected
     assert set(capped.credits) <= {("p", "kling-v2-6"), ("q", "kling-v2-6")}
+
+
+# -- what a review found: the record's bounds and the lines it must still join ----------
+
+DAY = 86400.0
+
+
+def aged(*lines: str, ttl: str = "1h") -> Ledger:
+    """A ledger that read ``lines`` and then a line of another task a day later, so that
+    what is still open ages out (charged its estimate) into the record."""
+    labels = {"max_projects": 100_000}  # each project its own series, to be seen
+    ledger = Ledger(parse_config(BUDGET | {"tasks": {"ttl": ttl}, "labels": labels}))
+    feed(ledger, *lines)
+    feed(ledger, submission("later", NOW + DAY, project="q"), now=NOW + DAY)
+    ledger.expire(NOW + DAY)
+    return ledger
+
+
+def test_a_usage_line_of_a_task_aged_out_joins_it_and_a_completion_charges_the_rest() -> None:
+    ledger = aged(submission("a", NOW))
+    assert "a" not in ledger.tasks and ledger.credits == {("p", "kling-v2-6"): 10}
+    usage = line(task_id="a", credits=10, timestamp=iso(NOW + DAY))
+    feed(ledger, usage, completion("a", NOW + DAY, credits=12), now=NOW + DAY)
+    assert ledger.credits == {("p", "kling-v2-6"): 12}  # not a second task, not default's
+    assert sum(ledger.submitted.values()) == 2 and ledger.duplicates == 0
+
+
+def test_a_late_completion_keeps_the_tasks_fields() -> None:
+    pro10 = line(
+        event="task_submitted",
+        task_id="v",
+        project="p",
+        model="kling-v2-6",
+        mode="pro",
+        duration=10,
+        timestamp=iso(NOW),
+    )
+    ledger = aged(pro10)
+    feed(ledger, completion("v", NOW + DAY), now=NOW + DAY)
+    assert ledger.video_seconds == {("p", "kling-v2-6"): 10}
+    assert ledger.credits == {("p", "kling-v2-6"): 70}  # its price, charged once
+
+
+def test_a_record_of_more_owners_than_16_bits_is_saved_and_restored() -> None:
+    """Owners (project, user and the task's fields) are as many as the projects: the
+    entry must still fit the 64 bits the state's msgpack holds."""
+    ledger = aged(*(submission(f"t{i}", NOW, project=f"c{i}") for i in range(70_000)))
+    assert len(ledger.evicted.owners) > 1 << 16
+    restored = saved_and_restored(ledger)
+    feed(restored, completion("t69999", NOW + DAY, credits=15), now=NOW + DAY)
+    assert restored.credits[("c69999", "kling-v2-6")] == 15
+
+
+def test_past_its_table_of_fields_a_task_is_still_charged_under_other(
+    monkeypatch: Any,
+) -> None:
+    monkeypatch.setattr(evicted, "MAX_OWNERS", 4)
+    ledger = aged(*(submission(f"t{i}", NOW, project=f"c{i}") for i in range(6)))
+    feed(ledger, *(completion(f"t{i}", NOW + DAY, credits=15) for i in range(6)), now=NOW + DAY)
+    # each was charged its 10 when it aged out; 5 more each now, three of them under
+    # __other__ for want of room to keep whose they were
+    total = sum(c for (p, _), c in ledger.credits.items() if p != "q")
+    assert total == 6 * 15 and ledger.credits[("__other__", "unknown")] == 15
+    assert ledger.duplicates == 0
+
+
+def test_a_saved_record_out_of_range_is_refused_as_not_fitting() -> None:
+    record = Evicted(10)
+    for bad in ({1: -1}, {1: 1 << 64}, {-1: 0}, {1: 5 << 43}):
+        try:
+            record.restore([], bad, {}, 0)
+        except ValueError as e:
+            assert "state does not fit" in str(e)
+        else:
+            raise AssertionError(f"accepted {bad}")

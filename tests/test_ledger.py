@@ -303,7 +303,8 @@ def test_unfinished_tasks_expire_after_the_ttl() -> None:
     assert "old" not in ledger.tasks and "new" in ledger.tasks
     found = ledger.evicted.get("old")
     assert found is not None and found[1] & FLAG_BITS == SUB | EST
-    assert found[0] == ("p", None, "unknown") and ledger.evicted.total == 0
+    assert found[0] == ("p", None, "unknown", "standard", 5, False, "video")
+    assert ledger.evicted.total == 0
     feed(
         ledger, line(event="task_submitted", task_id="x", timestamp=iso(NOW + 7200)), now=NOW + 7200
     )

@@ -47,8 +47,14 @@ FLAG_BITS = 31
 ESTIMATE_SHIFT = 5
 
 
+# The most an estimate holds, in thousandths of a credit: with the flags, 43 bits, what
+# the record of tasks taken out of the index keeps (``evicted``). 274 million credits:
+# no task comes near it (a usage line may say more; its task's estimate stops there).
+MAX_ESTIMATE = (1 << 38) - 1
+
+
 def with_estimate(flags: int, credits: float) -> int:
-    return (flags & FLAG_BITS) | round(credits * 1000) << ESTIMATE_SHIFT
+    return (flags & FLAG_BITS) | min(round(credits * 1000), MAX_ESTIMATE) << ESTIMATE_SHIFT
 
 
 def estimate_of(flags: int) -> float:

@@ -54,6 +54,7 @@ from kling_exporter.counters import (
     EXPIRED_CREDITS,
     IN_FLIGHT,
     MODE_SLOT,
+    OTHER,
     STATUS_SLOT,
     SUCCEEDED,
     TOUCHED,
@@ -65,9 +66,11 @@ from kling_exporter.events import (
     ERROR,
     SUBMITTED,
     UNKNOWN_ERROR,
+    UNKNOWN_MODEL,
     USAGE,
     Event,
 )
+from kling_exporter.evicted import Owner
 from kling_exporter.model import ReadStats, Record, Snapshot, Task
 from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE
 
@@ -79,6 +82,12 @@ def _record(event: str, task_id: str, t: Task, ts: float, **more: Any) -> Record
     return Record(
         event, ts, task_id, t.project, t.user, t.model, t.mode, t.duration, t.audio, t.kind, **more
     )
+
+
+def fields_of(t: Task) -> Owner:
+    """What the record of tasks taken out of the index keeps of a task: all but its
+    time and flags."""
+    return (t.project, t.user, t.model, t.mode, t.duration, t.audio, t.kind)
 
 
 def _flags(known: Task | int) -> int:
@@ -197,9 +206,8 @@ class Ledger(Book):
         (``orphan``) it is counted with what the line itself says. A usage line of the
         task waiting for its submission stands for it."""
         known = self.tasks.get(task_id)
-        revived = False
         if known is None:
-            known, revived = self._unindexed(task_id, ts)
+            known = self._unindexed(task_id, ts)
         if type(known) is Task:
             task, flags = known, known.flags
             key = (task.project, task.model)
@@ -225,41 +233,50 @@ class Ledger(Book):
             task = self._new_task(e, ts, 0)
             counts, _, project, model = self._route(task.project, task.model)
         if how == DONE:
-            credits = self._completed(e, task, counts, model, type(known) is Task and not revived)
+            credits = self._completed(e, task, counts, model, type(known) is Task)
         else:
             credits = self._errored(e, project)
         if flags & EST:  # charged its estimate when forgotten: what it says beyond that
-            said = credits if e.credits_used is not None or not revived else estimate_of(flags)
-            credits = max(0.0, said - estimate_of(flags))
+            credits = max(0.0, credits - estimate_of(flags))
         if credits:
             self._charge(counts, task.project, task.user, ts, credits)
-        if known is None or revived:
-            self._remember(task_id, flags & FLAG_BITS | how, ts)
+        if known is None:
+            self._remember(task_id, flags | how, ts)
         else:
             self.tasks[task_id] = flags & FLAG_BITS | how
         if self.observer is not None:
             self.observer(self._finish_record(e, task_id, task, ts, how, credits))
 
-    def _unindexed(self, task_id: str, ts: float) -> tuple[Task | int | None, bool]:
-        """A task the index does not hold, and whether it came back from the record of
-        those its cap pushed out (``evicted``): the task its usage line stands for, if one
-        waits; or, from that record, a Task (its owner, default fields, the flags with
-        the estimate it was charged) if it was unfinished, its flags if it had finished;
-        else None."""
+    def _unindexed(self, task_id: str, ts: float) -> Task | int | None:
+        """A task the index does not hold for a terminal event of it: the one its usage
+        line stands for, if one waits; else one back from the record of those taken out
+        of the index (``_from_record``); else None."""
         if self.waiting:
             known = self._joined_to_usage(task_id)
             if known is not None:
-                return known, False
-        found = self.evicted.get(task_id) if self.evicted else None
+                return known
+        return self._from_record(task_id, ts) if self.evicted else None
+
+    def _from_record(self, task_id: str, ts: float) -> Task | int | None:
+        """A task taken out of the index (by its cap, or unfinished at its TTL), back in
+        it from its brief record (``evicted``): a Task with its fields and the flags with
+        the estimate it was charged if it was unfinished, its flags if it had finished;
+        None if the record does not hold it."""
+        found = self.evicted.get(task_id)
         if found is None:
-            return None, False
+            return None
         owner, flags = found
-        if owner is None:
-            return flags, True  # finished: what comes now repeats it
-        self.evicted.discard(task_id)  # back in the index
-        project, user, model = owner
-        mode, duration, kind = DEFAULT_MODE, DEFAULT_DURATION, DEFAULT_KIND
-        return Task(project, user, model, mode, duration, False, kind, ts, flags), True
+        value: Task | int
+        if owner is not None:
+            value = Task(*owner, ts, flags)
+        elif flags & FINISHED:
+            value = flags  # what comes now repeats it
+        else:  # charged, its fields not kept (the record's table was full)
+            fields = (OTHER, None, UNKNOWN_MODEL, DEFAULT_MODE, DEFAULT_DURATION, False)
+            value = Task(*fields, DEFAULT_KIND, ts, flags)
+        self.evicted.discard(task_id)
+        self._remember(task_id, value, ts)
+        return value
 
     def _joined_to_usage(self, task_id: str) -> Task | int | None:
         """The task of a terminal event of a task not seen: the one its usage line, if
@@ -356,6 +373,8 @@ class Ledger(Book):
         ``waiting`` as a completion does (not one that names its project); then
         (``alone``) it is counted as one submitted and succeeded task with its credits."""
         known = self.tasks.get(task_id)
+        if known is None and self.evicted:
+            known = self._from_record(task_id, ts)
         if known is None:
             parked = self.waiting.get(task_id) if self.waiting else None
             if parked is not None and parked[0].type == USAGE:
@@ -494,8 +513,7 @@ class Ledger(Book):
                     flags = with_estimate(flags | EST, estimate)
                     forgotten = False  # a completion may still come, whatever took it out
                 if not forgotten:
-                    owner = (value.project, value.user, value.model)
-                    self.evicted.add(task_id, owner, flags, ts >= cutoff)
+                    self.evicted.add(task_id, fields_of(value), flags, ts >= cutoff)
             elif ts >= cutoff:  # pushed out by the cap, not aged out: kept for a repeat
                 self.evicted.add(task_id, None, value)  # type: ignore[arg-type]  # flags
             del tasks[task_id]

@@ -74,12 +74,12 @@ class LedgerState(msgspec.Struct, kw_only=True, omit_defaults=True):
     waiting: list[tuple[str, float, float, list[Any]]] = []
     consumed: list[tuple[str, int, float]] = []  # reservation id, tasks, newest time
     expired_credits: list[tuple[str, float]] = []  # project, credits charged at estimates
-    # Tasks the index's cap pushed out (``Evicted``): digest -> owner and flags, the
-    # older generation and the newer, the owners (project, user, model) by index from 1,
-    # and how many were ever pushed out.
+    # Tasks taken out of the index (``Evicted``): digest -> fields' index and flags, the
+    # older generation and the newer, the fields (project, user, model, mode, duration,
+    # audio, kind) by index from 1, and how many the cap ever pushed out.
     evicted_older: dict[int, int] = {}
     evicted_newer: dict[int, int] = {}
-    evicted_owners: list[tuple[str, str | None, str]] = []
+    evicted_owners: list[tuple[str, str | None, str, str, int, bool, str]] = []
     evicted_total: int = 0
     # Format 1 only: the ledger's own version, and the reader's counts (now ReadStats).
     version: int | None = None
