@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from kling_exporter.cli import main
 from kling_exporter.config import (
@@ -18,6 +18,8 @@ from kling_exporter.config import (
     parse_config,
     read_yaml,
 )
+from kling_exporter.globs import glob_matches
+from kling_exporter.listing import expand_glob
 
 from tests.helpers import ROOT
 
@@ -256,3 +258,35 @@ def yaml_of(text: str) -> Any:
         f.write(text)
         f.flush()
         return read_yaml(f.name)
+
+
+NAMES = st.sampled_from(["a.jsonl", ".h.jsonl", "b.txt", "kling-x.jsonl"])
+FOLDERS = st.sampled_from(["", "d/", ".hid/", "d/e/"])
+PATTERNS = ["*.jsonl", "*", ".*", "**/*.jsonl", "d/*.jsonl", "*/kling-*.jsonl", "**/.*"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(files=st.sets(st.tuples(FOLDERS, NAMES), min_size=1, max_size=8))
+def test_logs_journal_is_checked_by_the_rules_the_listing_reads_by(
+    files: set[tuple[str, str]],
+) -> None:
+    """``logs.journal`` is refused unless a glob finds it: the check and the listing
+    agree on hidden names, ``**`` and folders, for any tree."""
+    with tempfile.TemporaryDirectory() as name:
+        root = Path(name)
+        paths = []
+        for folder, file in files:
+            made = root / folder / file
+            made.parent.mkdir(parents=True, exist_ok=True)
+            made.write_text("")
+            paths.append(str(made))
+        for pattern in PATTERNS:
+            found = set(expand_glob(str(root / pattern)))
+            for path in paths:
+                assert glob_matches(path, str(root / pattern)) == (path in found), (
+                    path,
+                    pattern,
+                )
+    with pytest.raises(ConfigError, match=re.escape("logs.journal: 'logs/.j.jsonl' is matched")):
+        parse_config({"logs": {"paths": ["logs/*.jsonl"], "journal": "logs/.j.jsonl"}})
+    parse_config({"logs": {"paths": ["logs/**/*.jsonl"], "journal": "logs/a/b/j.jsonl"}})

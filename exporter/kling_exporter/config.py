@@ -6,7 +6,6 @@ name the key path (``budgets[2].period``) and say what is wrong.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import re
 import socket
@@ -18,6 +17,7 @@ import msgspec
 import msgspec.inspect
 import yaml
 
+from kling_exporter.globs import glob_matches
 from kling_exporter.periods import PERIOD_KINDS
 from kling_exporter.wording import describe
 
@@ -57,13 +57,6 @@ def parse_duration(value: str | int | float, key: str) -> float:
 def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
-
-
-def glob_matches(path: str, pattern: str) -> bool:
-    """Whether ``path`` is one a glob of ``logs.paths`` finds: name by name, a
-    wildcard never crossing a ``/``."""
-    names, wanted = Path(path).parts, Path(pattern).parts
-    return len(names) == len(wanted) and all(map(fnmatch.fnmatchcase, names, wanted))
 
 
 class LogsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -10,11 +10,9 @@ lead through a symlink out of their glob's folder are left out unless asked for.
 from __future__ import annotations
 
 import errno
-import fnmatch
 import glob
 import logging
 import os
-import re
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +20,8 @@ from typing import Any
 
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
+
+from kling_exporter.globs import hidden, name_matches
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ def scandir(directory: str) -> list[os.DirEntry[str]]:
         raise ListingError(e.errno, f"cannot list {directory or '.'}: {e.strerror}") from None
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
 def _expand(directory: str, parts: list[str]) -> Iterator[str]:
     """Paths under ``directory`` matching the glob ``parts`` (glob's rules: ``**`` spans
     directories, hidden names match only a pattern that starts with a dot)."""
@@ -70,7 +66,7 @@ def _expand(directory: str, parts: list[str]) -> Iterator[str]:
     if part == "**":
         yield from _expand(directory, rest)
         for entry in scandir(directory):
-            if not _hidden(entry.name) and entry.is_dir(follow_symlinks=False):
+            if not hidden(entry.name) and entry.is_dir(follow_symlinks=False):
                 yield from _expand(entry.path, parts)
         return
     if not glob.has_magic(part):
@@ -86,11 +82,8 @@ def _expand(directory: str, parts: list[str]) -> Iterator[str]:
         else:
             yield from _expand(path, rest)
         return
-    match = re.compile(fnmatch.translate(part)).match
     for entry in scandir(directory):
-        if _hidden(entry.name) and not _hidden(part):
-            continue
-        if match(entry.name) and (not rest or entry.is_dir()):
+        if name_matches(entry.name, part) and (not rest or entry.is_dir()):
             yield from _expand(entry.path, rest)
 
 
