@@ -394,13 +394,18 @@ async def _serve(reader: ReaderProcess, serving: Serving) -> int:
     if config.state.path:  # as Prometheus makes its data folder: an OSError stops here
         Path(config.state.path).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     journal = journal_for(config.logs)
-    if journal is not None and (config.gateway.enabled or config.kling.callback_token):
+    writes = config.gateway.enabled or bool(config.kling.callback_token)
+    if writes and journal is None:
+        log.warning(
+            "the gateway and callbacks have no journal: no glob of logs.paths gives a file "
+            "name to write; they answer 503 until logs.journal names one"
+        )
+    elif writes and config.logs.journal:  # a folder of its own (the logs' are the producers')
         try:
-            journal.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            Path(config.logs.journal).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as e:  # the gateway and callbacks answer 503 until it can be written
-            log.error(
-                "cannot make the journal's folder", extra={"path": str(journal), "err": str(e)}
-            )
+            where = {"path": config.logs.journal, "err": str(e)}
+            log.error("cannot make the journal's folder", extra=where)
     reservations = Reservations(journal_beside(config.state.path))
     app = build_app(reader, telemetry_path, web_config, reservations, standin)
     await app[FLEET].start()  # refused while another exporter runs under its name
