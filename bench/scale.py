@@ -8,7 +8,8 @@ projects and users, with few or many budgets, measured side by side in one run.
 For each budget count: start (process start to /-/ready, the log read), restart (the
 same from the saved state), reload (SIGHUP to the reload's timestamp moving), check
 p50/p99 over sequential pre-flight checks on one connection, scrape time and size, the
-resident memory of both processes after a scrape, and the state's size. Budgets are
+resident memory of both processes after the scrapes (and against before them), and the
+state's size. Budgets are
 spread over the projects (monthly, one per project in turn, a tenth of them per user).
 Absolute times move with the machine: read the ratios between the rows of one run.
 """
@@ -35,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 from bench.web_load import free_port, percentile, reader_pid  # noqa: E402
 
 
-def write_log(path: Path, tasks: int, projects: int, users: int, seed: int = 1) -> None:
+def write_log(
+    path: Path, tasks: int, projects: int, users: int, models: int, seed: int = 1
+) -> None:
     rng = random.Random(seed)
     now = time.time() - 3600
     with open(path, "w") as f:
@@ -48,7 +51,7 @@ def write_log(path: Path, tasks: int, projects: int, users: int, seed: int = 1) 
                 "task_id": f"t{i}",
                 "project": project,
                 "user": user,
-                "model": "kling-v2-6",
+                "model": f"kling-m{rng.randrange(models)}" if models > 1 else "kling-v2-6",
                 "mode": "std",
                 "duration": 5,
             }
@@ -177,6 +180,7 @@ def measure(root: Path, args: argparse.Namespace, budgets: int, log: Path) -> di
         daemon = Daemon(root, workdir)
         start = daemon.start()
         try:
+            before = sum(daemon.rss_mib())
             scrape_ms, scrape_bytes = daemon.scrapes()
             http_mib, reader_mib = daemon.rss_mib()
             checks = daemon.checks(args.checks, args.projects)
@@ -196,6 +200,7 @@ def measure(root: Path, args: argparse.Namespace, budgets: int, log: Path) -> di
         "scrape_kib": scrape_bytes / 1024,
         "http_rss_mib": http_mib,
         "reader_rss_mib": reader_mib,
+        "scrape_rss_ratio": (http_mib + reader_mib) / before,
         "state_mib": state,
     }
 
@@ -210,6 +215,7 @@ COLUMNS = [
     ("scrape_kib", "scrape KiB", "{:,.0f}"),
     ("http_rss_mib", "HTTP RSS MiB", "{:.0f}"),
     ("reader_rss_mib", "reader RSS MiB", "{:.0f}"),
+    ("scrape_rss_ratio", "RSS after scrapes / before", "{:.2f}"),
     ("state_mib", "state MiB", "{:.1f}"),
 ]
 
@@ -219,6 +225,7 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--projects", type=int, default=1000)
     parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--models", type=int, default=1, help="models the tasks spread over")
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 10_000])
     parser.add_argument("--checks", type=int, default=2000)
     parser.add_argument("--old", type=Path, help="another checkout, measured alternately")
@@ -228,13 +235,14 @@ def main() -> int:
     rows: list[tuple[str, int, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="kling-scale-log-") as tmp:
         log = Path(tmp) / "kling-scale.jsonl"
-        write_log(log, args.tasks, args.projects, args.users)
+        write_log(log, args.tasks, args.projects, args.users, args.models)
         for budgets in args.budgets:
             for name, root in builds:
                 print(f"measuring {name}, {budgets:,} budgets ...", file=sys.stderr)
                 rows.append((name, budgets, measure(root, args, budgets, log)))
     print(
-        f"{args.tasks:,} tasks, {args.projects:,} projects, {args.users:,} users; "
+        f"{args.tasks:,} tasks, {args.projects:,} projects, {args.models} models, "
+        f"{args.users:,} users; "
         f"{args.checks:,} checks\n"
     )
     print("| build | budgets | " + " | ".join(label for _, label, _ in COLUMNS) + " |")
