@@ -45,6 +45,7 @@ import msgspec
 from kling_exporter.budgets import Budgets, DayUsage
 from kling_exporter.config import Config
 from kling_exporter.daemon import PUBLISH_INTERVAL, Daemon
+from kling_exporter.heap import trim_after
 from kling_exporter.logfile import raise_open_file_limit
 from kling_exporter.logsetup import setup_logging
 from kling_exporter.model import Consumed, ReaderUnavailable, View
@@ -201,6 +202,9 @@ class _Link:
             try:
                 body, content_type = self.daemon.render(message.accept, message.names)
                 self.send(Rendered(message.id, body, content_type))
+                size = len(body)
+                del body
+                trim_after(size)
             except Exception as e:
                 log.exception("cannot render metrics")
                 self.send(Rendered(message.id, b"", "", error=str(e) or type(e).__name__))
