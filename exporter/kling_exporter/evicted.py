@@ -91,11 +91,15 @@ class Evicted:
                 return None
         return self.owners[value >> OWNER_SHIFT], value & FLAGS_MASK
 
-    def discard(self, task_id: str) -> None:
-        """Forget a task that is back in the index."""
+    def take(self, task_id: str) -> tuple[Owner | None, int] | None:
+        """What ``get`` says of a task, forgotten here as it goes back to the index."""
         key = digest(task_id)
-        self.newer.pop(key, None)
-        self.older.pop(key, None)
+        value = self.newer.pop(key, None)
+        if value is None:
+            value = self.older.pop(key, None)
+            if value is None:
+                return None
+        return self.owners[value >> OWNER_SHIFT], value & FLAGS_MASK
 
     def _forget_owners(self) -> None:
         """Fields no remembered task refers to any more (the table stays small when

@@ -262,7 +262,7 @@ class Ledger(Book):
         it from its brief record (``evicted``): a Task with its fields and the flags with
         the estimate it was charged if it was unfinished, its flags if it had finished;
         None if the record does not hold it."""
-        found = self.evicted.get(task_id)
+        found = self.evicted.take(task_id)
         if found is None:
             return None
         owner, flags = found
@@ -274,7 +274,6 @@ class Ledger(Book):
         else:  # charged, its fields not kept (the record's table was full)
             fields = (OTHER, None, UNKNOWN_MODEL, DEFAULT_MODE, DEFAULT_DURATION, False)
             value = Task(*fields, DEFAULT_KIND, ts, flags)
-        self.evicted.discard(task_id)
         self._remember(task_id, value, ts)
         return value
 
