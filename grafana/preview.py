@@ -39,13 +39,9 @@ sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 from kling_exporter.account import Account, Pack  # noqa: E402
 from kling_exporter.callbacks import Callbacks  # noqa: E402
 from kling_exporter.collector import TextRenderer  # noqa: E402
-from kling_exporter.demo import (  # noqa: E402
-    DEFAULT_SEED,
-    DemoTraffic,
-    demo_config,
-    demo_gateway,
-)
+from kling_exporter.demo import DemoTraffic, demo_config, demo_gateway  # noqa: E402
 from kling_exporter.events import Event, decode_line  # noqa: E402
+from kling_exporter.flags import DEFAULT_SEED  # noqa: E402
 from kling_exporter.fleet import Fleet  # noqa: E402
 from kling_exporter.gateway import Gateway  # noqa: E402
 from kling_exporter.ingest import ingest  # noqa: E402

@@ -18,6 +18,7 @@ import yaml
 from aiohttp import web
 from kling_exporter.config import Config
 from kling_exporter.daemon import Daemon
+from kling_exporter.demo import STANDIN_PATH
 from kling_exporter.server import build_app
 from kling_exporter.standin import KlingStandIn
 
@@ -66,7 +67,9 @@ class InProcessExporter:
         return self
 
     async def _serve(self) -> None:
-        app = build_app(self.daemon, standin=self.standin)
+        standin = self.standin
+        mount = None if standin is None else (lambda app: standin.routes(app, STANDIN_PATH))
+        app = build_app(self.daemon, mount=mount)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()

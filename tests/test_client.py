@@ -17,14 +17,9 @@ from kling_exporter.client import (
     generate_within_budget,
 )
 from kling_exporter.config import parse_config
-from kling_exporter.demo import (
-    DEFAULT_BACKFILL_HOURS,
-    DEFAULT_RATE,
-    DEFAULT_SEED,
-    DemoTraffic,
-    demo_config,
-)
+from kling_exporter.demo import DemoTraffic, demo_config
 from kling_exporter.events import Event, decode_line
+from kling_exporter.flags import DEFAULT_BACKFILL_HOURS, DEFAULT_RATE, DEFAULT_SEED
 from kling_exporter.ingest import ingest
 from kling_exporter.ledger import Ledger
 from kling_exporter.tailer import Tailer

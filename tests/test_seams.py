@@ -15,7 +15,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kling_exporter import api
+from kling_exporter import bodies
 from kling_exporter.config import parse_config
 from kling_exporter.model import ReaderUnavailable
 
@@ -143,7 +143,7 @@ def test_a_chunked_body_in_pauses_is_read_whole(
 def test_a_body_that_stops_half_way_gets_408_and_frees_the_connection(
     exporter: InProcessExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(api, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr(bodies, "BODY_TIMEOUT", 0.5)
     started = time.monotonic()
     status, _, answer = send_raw(
         exporter.port, post_head("/api/v1/check", len(CHECK)), [CHECK[:10]], timeout=5
@@ -380,9 +380,9 @@ def test_a_key_given_twice_anywhere_is_refused_by_name_and_a_unique_body_reads_a
     ``json.loads`` reads it; one that repeats a key in any object is refused naming it
     (a first-wins parser and a last-wins one would read two requests)."""
     text = json.dumps(value)
-    assert api.parse_json(text.encode(), unique=True) == json.loads(text)
+    assert bodies.parse_json(text.encode(), unique=True) == json.loads(text)
     inner = json.dumps(key)
     repeated = f'{{"x": [1, {{{inner}: 1, {inner}: 2}}]}}'
     with pytest.raises(ValueError, match=r": given twice$") as e:
-        api.parse_json(repeated.encode(), unique=True)
+        bodies.parse_json(repeated.encode(), unique=True)
     assert str(e.value) == f"{key}: given twice"

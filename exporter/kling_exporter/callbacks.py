@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
-from kling_exporter.api import BodyError, error_answer, parse_json, read_body
+from kling_exporter.bodies import BodyError, error_answer, parse_json, read_body
 from kling_exporter.config import Config, LogsConfig
 from kling_exporter.durable import GroupCommit, write_all_and_sync
 from kling_exporter.events import MAX_ID

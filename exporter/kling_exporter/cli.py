@@ -21,7 +21,7 @@ import msgspec
 
 from kling_exporter import report_text, reports
 from kling_exporter.account import key_file_problems
-from kling_exporter.api import for_people
+from kling_exporter.bodies import for_people
 from kling_exporter.config import (
     Config,
     ConfigError,

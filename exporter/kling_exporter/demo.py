@@ -19,19 +19,13 @@ import jwt
 from aiohttp import web
 
 from kling_exporter.config import Config, parse_config
+from kling_exporter.flags import DEFAULT_RATE, DEFAULT_SEED
 from kling_exporter.standin import KlingStandIn
 
 PROJECTS = [("marketing", 8), ("product", 5), ("sales", 3), ("support", 2), ("research", 1)]
 USERS = ["ann", "bob", "chen", "dana", "eli"]
 MODELS = [("kling-v2-6", 5), ("kling-v2-5-turbo", 4), ("kling-v1-6", 2), ("kling-v1", 1)]
 ERRORS = [("quota_exceeded", 2), ("content_policy", 3), ("timeout", 1), ("rate_limited", 2)]
-
-# The demo's defaults, which the budgets below are sized for (a test holds them to the
-# README's promise): with an hour of history at 0.2 tasks/s, research-daily warns at
-# once and marketing-daily crosses 80% and then 100% within about half an hour.
-DEFAULT_RATE = 0.2
-DEFAULT_BACKFILL_HOURS = 1.0
-DEFAULT_SEED = 0
 
 
 # The demo's own Kling account: a stand-in (kling_exporter.standin) served by the

@@ -41,7 +41,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from kling_exporter.api import BodyError, parse_json, read_body
+from kling_exporter.bodies import BodyError, parse_json, read_body
 from kling_exporter.budgets import Ask
 from kling_exporter.callbacks import Callbacks, completion, part_ids
 from kling_exporter.config import Config, GatewayConfig

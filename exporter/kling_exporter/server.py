@@ -25,24 +25,22 @@ from kling_exporter import __version__
 from kling_exporter.account import Account
 from kling_exporter.api import (
     FLEET,
-    MAX_BODY,
     READER,
     RESERVATIONS,
     Reader,
     budgets,
     check,
-    error_answer,
     release,
     reservations_list,
     reserve,
     statuses,
 )
+from kling_exporter.bodies import MAX_BODY, error_answer
 from kling_exporter.callbacks import PATH as CALLBACK_PATH
 from kling_exporter.callbacks import Callbacks, journal_for
 from kling_exporter.collector import Exposition
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.daemon import SWITCH_INTERVAL
-from kling_exporter.demo import STANDIN_PATH
 from kling_exporter.fleet import Fleet, InstanceTaken
 from kling_exporter.gateway import Gateway
 from kling_exporter.heap import trim_after
@@ -53,7 +51,6 @@ from kling_exporter.reservations import (
     Reservations,
     journal_beside,
 )
-from kling_exporter.standin import KlingStandIn
 from kling_exporter.webconfig import BasicAuth, FailureLimit, WebConfig
 
 log = logging.getLogger(__name__)
@@ -326,10 +323,11 @@ def build_app(
     telemetry_path: str = "/metrics",
     web_config: WebConfig | None = None,
     reservations: Reservations | None = None,
-    standin: KlingStandIn | None = None,
+    mount: Callable[[web.Application], None] | None = None,
 ) -> web.Application:
     """The HTTP face of ``reader``. Reservations are kept in memory unless given with a
-    journal."""
+    journal. ``mount`` adds routes of the caller's (tests mount a stand-in of Kling on
+    the same server; production mounts nothing)."""
     gateway_config = reader.config.gateway
     prefix = gateway_config.path_prefix if gateway_config.enabled else ""
     app = web.Application(
@@ -361,8 +359,8 @@ def build_app(
     handler = metrics_handler(reader, held, callbacks, account, fleet, gateway)
     app.router.add_get(telemetry_path, handler)
     app.router.add_post(CALLBACK_PATH, callbacks.handle)
-    if standin is not None:  # the demo's own Kling account
-        standin.routes(app, STANDIN_PATH)
+    if mount is not None:
+        mount(app)
     if telemetry_path != "/":
         app.router.add_get("/", index)
     app.router.add_get("/-/healthy", healthy)
@@ -382,7 +380,7 @@ def build_app(
 
 class Serving(NamedTuple):
     """How the server serves: its address, metrics path, TLS and users, connection
-    limits, and (for the demo) a stand-in of Kling's account API."""
+    limits."""
 
     host: str | None
     port: int
@@ -390,12 +388,11 @@ class Serving(NamedTuple):
     web_config: WebConfig | None = None
     tls: ssl.SSLContext | None = None
     limits: Limits = Limits()
-    standin: KlingStandIn | None = None
 
 
 async def _serve(reader: ReaderProcess, serving: Serving) -> int:
     """Serve until told to stop (0), or until the reader process ends unasked (1)."""
-    host, port, telemetry_path, web_config, tls, limits, standin = serving
+    host, port, telemetry_path, web_config, tls, limits = serving
     config = reader.config
     if config.state.path:  # as Prometheus makes its data folder: an OSError stops here
         Path(config.state.path).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -413,7 +410,7 @@ async def _serve(reader: ReaderProcess, serving: Serving) -> int:
             where = {"path": config.logs.journal, "err": str(e)}
             log.error("cannot make the journal's folder", extra=where)
     reservations = Reservations(journal_beside(config.state.path))
-    app = build_app(reader, telemetry_path, web_config, reservations, standin)
+    app = build_app(reader, telemetry_path, web_config, reservations)
     await app[FLEET].start()  # refused while another exporter runs under its name
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, keepalive_timeout=limits.idle_timeout
