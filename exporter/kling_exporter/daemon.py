@@ -28,9 +28,10 @@ from kling_exporter.events import explain_invalid
 from kling_exporter.ingest import RateLimit, ingest
 from kling_exporter.ledger import Ledger
 from kling_exporter.listing import Watcher
-from kling_exporter.logfile import max_open_files, raise_open_file_limit
+from kling_exporter.logfile import max_open_files
 from kling_exporter.metrics import declared, families
 from kling_exporter.model import Consumed, ReadStats, Snapshot, Status, View
+from kling_exporter.runtime import SWITCH_INTERVAL, raise_open_file_limit
 from kling_exporter.state import FORMAT, State, ledger_state, read_state, restore, write_state
 from kling_exporter.tailer import Tailer
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 # Lines applied under the lock at once: a few milliseconds of work.
 INGEST_CHUNK = 1000
-SWITCH_INTERVAL = 0.0005
 # Budget usage is published to pre-flight answers at most this often while lines come
 # in (before a scrape is rendered, always): each publication is work on the HTTP
 # process's event loop, and at 1,000 tasks a second, publishing after every poll took

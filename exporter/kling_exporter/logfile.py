@@ -139,21 +139,6 @@ def digest(fs: FileState) -> tuple[int, bytes]:
     return len(fs.fingerprint), hashlib.sha256(fs.fingerprint).digest()
 
 
-def raise_open_file_limit() -> tuple[int, int]:
-    """Raise the soft limit of open descriptors to the hard one (systemd's default soft
-    limit is 1024); returns the limits now in force."""
-    try:
-        import resource  # noqa: PLC0415 - not on every platform
-    except ImportError:  # pragma: no cover
-        return (1024, 1024)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
 def max_open_files() -> int:
     """How many log files to hold open at once: a small share of the descriptor limit,
     so clients and the state writer always have room."""

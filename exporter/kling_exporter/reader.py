@@ -45,10 +45,9 @@ import msgspec
 from kling_exporter.budgets import Budgets, DayUsage
 from kling_exporter.config import Config
 from kling_exporter.daemon import PUBLISH_INTERVAL, Daemon
-from kling_exporter.heap import trim_after
-from kling_exporter.logfile import raise_open_file_limit
 from kling_exporter.logsetup import setup_logging
 from kling_exporter.model import Consumed, ReaderUnavailable, View
+from kling_exporter.runtime import raise_open_file_limit, trim_after
 
 log = logging.getLogger(__name__)
 

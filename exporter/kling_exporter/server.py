@@ -40,10 +40,8 @@ from kling_exporter.callbacks import PATH as CALLBACK_PATH
 from kling_exporter.callbacks import Callbacks, journal_for
 from kling_exporter.collector import Exposition
 from kling_exporter.connections import GuardedSite, Limits
-from kling_exporter.daemon import SWITCH_INTERVAL
 from kling_exporter.fleet import Fleet, InstanceTaken
 from kling_exporter.gateway import Gateway
-from kling_exporter.heap import trim_after
 from kling_exporter.metrics import Side, side_families
 from kling_exporter.model import ReaderUnavailable
 from kling_exporter.reader import ReaderProcess
@@ -51,6 +49,7 @@ from kling_exporter.reservations import (
     Reservations,
     journal_beside,
 )
+from kling_exporter.runtime import SWITCH_INTERVAL, trim_after
 from kling_exporter.webconfig import BasicAuth, FailureLimit, WebConfig
 
 log = logging.getLogger(__name__)
