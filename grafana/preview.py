@@ -46,13 +46,15 @@ from kling_exporter.fleet import Fleet  # noqa: E402
 from kling_exporter.gateway import Gateway  # noqa: E402
 from kling_exporter.ingest import ingest  # noqa: E402
 from kling_exporter.ledger import Ledger  # noqa: E402
-from kling_exporter.metrics import Side, families, side_families  # noqa: E402
+from kling_exporter.metrics import families  # noqa: E402
 from kling_exporter.model import (  # noqa: E402
     ReadStats,
     Status,
     View,
 )
 from kling_exporter.reservations import Reservations  # noqa: E402
+from kling_exporter.server import side_of  # noqa: E402
+from kling_exporter.side import side_families  # noqa: E402
 from kling_exporter.standin import demo_packs  # noqa: E402
 
 from tests.helpers import free_port, require_binary  # noqa: E402
@@ -305,7 +307,6 @@ def history_as_openmetrics(logs: Path, start: float, end: float, step: float) ->
     )
     callbacks = Callbacks(lambda: config)
     gateway = Gateway(lambda: config, fleet.view, held, fleet, callbacks)
-    side = Side(held, [], callbacks, account, fleet, gateway)
     rng = random.Random(DEFAULT_SEED)
     packs = msgspec.convert(demo_packs(end), list[Pack])
     series: dict[str, list[str]] = {}  # metric name -> its samples, in time order
@@ -334,6 +335,7 @@ def history_as_openmetrics(logs: Path, start: float, end: float, step: float) ->
         account.last_success = t
         gateway_traffic(gateway, rng, step)
         shown = ("kling_account_", "kling_gateway_")
+        side = side_of([], held, callbacks, account, fleet, gateway)
         side_rows = [f for f in side_families(side) if f.name.startswith(shown)]
         text = renderer.render(families(ledger.snapshot(t, reading), status) + side_rows)
         for line in text.splitlines():

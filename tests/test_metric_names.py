@@ -15,9 +15,11 @@ from kling_exporter.collector import Family
 from kling_exporter.config import Config, FleetConfig, GatewayConfig
 from kling_exporter.fleet import Fleet
 from kling_exporter.gateway import Gateway
-from kling_exporter.metrics import METRICS, SIDE_METRICS, Side, side_families
+from kling_exporter.metrics import METRICS
 from kling_exporter.model import View
 from kling_exporter.reservations import Reservations
+from kling_exporter.server import side_of
+from kling_exporter.side import SIDE_METRICS, Side, side_families
 
 from tests.helpers import collector_of, render_fixed_log
 
@@ -49,7 +51,7 @@ def every_feature_on() -> Side:
     fleet = Fleet(lambda: in_fleet, held, lambda: View(Budgets(in_fleet), {}, DayUsage()), bool)
     gateway_on = Config(gateway=GatewayConfig(enabled=True))
     gateway = Gateway(lambda: gateway_on, fleet.view, held, fleet, Callbacks(Config))
-    return Side(held, [], Callbacks(Config), Account(Config), fleet, gateway)
+    return side_of([], held, Callbacks(Config), Account(Config), fleet, gateway)
 
 
 def http_process_families(samples: bool = True) -> list[Family]:

@@ -52,7 +52,7 @@ from kling_exporter.reservations import (
 
 class Reader(Protocol):
     """What the server asks of the log reader: the reader process's link in the exporter
-    (``kling_exporter.reader.ReaderProcess``), or a daemon in process in tests."""
+    (``kling_exporter.link.ReaderProcess``), or a daemon in process in tests."""
 
     @property
     def reader_up(self) -> bool: ...

@@ -38,10 +38,10 @@ from kling_exporter.demo import (
     demo_gateway,
 )
 from kling_exporter.flags import COMMANDS, DEFAULT_LISTEN, HEALTH_URL_ENV, build_parser
+from kling_exporter.link import ReaderProcess
 from kling_exporter.listing import ListingError
 from kling_exporter.logsetup import setup_logging
 from kling_exporter.pricing import Pricing, Request
-from kling_exporter.reader import ReaderProcess
 from kling_exporter.server import Serving, run
 from kling_exporter.standin import KlingStandIn, demo_packs
 from kling_exporter.webconfig import load_web_config

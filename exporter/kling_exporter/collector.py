@@ -27,6 +27,13 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 Key = tuple[str, ...]
+
+
+def keyed(table: Mapping[Any, float]) -> dict[Key, float]:
+    """A table's samples keyed by label tuples (a single label's key as a 1-tuple)."""
+    return {k if isinstance(k, tuple) else (k,): v for k, v in table.items()}
+
+
 _fmt = cast(Callable[[float], str], floatToGoString)  # the library's own number format
 
 

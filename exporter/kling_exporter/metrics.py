@@ -1,33 +1,21 @@
-"""The metrics the exporter serves, declared once: a table of specs (name, type, help,
-labels, how to read the value from a snapshot), from which come the reader's scrape,
-``describe()``, and the metric list of docs/metrics.md (a test checks it); and the families the
-HTTP process keeps for reservations.
+"""The reader's metrics, declared once: a table of specs (name, type, help, labels, how
+to read the value from a snapshot), from which come the reader's scrape, ``describe()``,
+and the metric list of docs/metrics.md (a test checks it). The HTTP process's own
+families are in ``side``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from kling_exporter import __version__
-from kling_exporter.budgets import BudgetStatus
-from kling_exporter.collector import Family, Key
-from kling_exporter.model import PACK_STATES, Snapshot, Status
-
-if TYPE_CHECKING:
-    from kling_exporter.account import Account, Pack
-    from kling_exporter.callbacks import Callbacks
-    from kling_exporter.fleet import Fleet
-    from kling_exporter.gateway import Gateway
-    from kling_exporter.reservations import Reservations
+from kling_exporter.collector import Family, Key, keyed
+from kling_exporter.model import Snapshot, Status
 
 
 def _opt(value: str | None) -> str:
     return "" if value is None else value
-
-
-def _keyed(table: Mapping[Any, float]) -> dict[Key, float]:
-    return {k if isinstance(k, tuple) else (k,): v for k, v in table.items()}
 
 
 Read = Callable[[Snapshot, Status], Mapping[Any, Any]]
@@ -156,7 +144,7 @@ METRICS: tuple[Spec, ...] = (
         "gauge",
         "Tasks submitted and not yet completed or failed.",
         ("project",),
-        lambda s, st: _keyed(s.in_flight),
+        lambda s, st: keyed(s.in_flight),
     ),
     Spec(
         "kling_tasks_expired",
@@ -164,7 +152,7 @@ METRICS: tuple[Spec, ...] = (
         "Unfinished tasks forgotten after tasks.ttl (or past tasks.max_tasks) without a "
         "completion; each is charged its estimate.",
         ("project",),
-        lambda s, st: _keyed(s.expired),
+        lambda s, st: keyed(s.expired),
     ),
     Spec(
         "kling_tasks_expired_credits",
@@ -172,7 +160,7 @@ METRICS: tuple[Spec, ...] = (
         "Credits charged to expired tasks at their estimate (their price, or their usage "
         "line's credits); part of kling_credits_used_total.",
         ("project",),
-        lambda s, st: _keyed(s.expired_credits),
+        lambda s, st: keyed(s.expired_credits),
     ),
     *(
         Spec(f"kling_budget_{name}", "gauge", doc, BUDGET, _budget(field))
@@ -200,7 +188,7 @@ METRICS: tuple[Spec, ...] = (
         "counter",
         "Log lines skipped as invalid, by reason.",
         ("reason",),
-        lambda s, st: _keyed(s.invalid),
+        lambda s, st: keyed(s.invalid),
     ),
     Spec(
         "kling_log_read_bytes",
@@ -222,7 +210,7 @@ METRICS: tuple[Spec, ...] = (
         "Files each configured log glob matches (0: the glob finds nothing, a likely "
         "mistake in logs.paths).",
         ("glob",),
-        lambda s, st: _keyed(st.glob_files),
+        lambda s, st: keyed(st.glob_files),
     ),
     Spec(
         "kling_events_duplicate",
@@ -250,7 +238,7 @@ METRICS: tuple[Spec, ...] = (
         "counter",
         "Event times replaced by the time of reading: too far ahead, or before 2000.",
         ("reason",),
-        lambda s, st: _keyed(s.timestamps_clamped),
+        lambda s, st: keyed(s.timestamps_clamped),
     ),
     Spec(
         "kling_last_event_timestamp_seconds",
@@ -264,7 +252,7 @@ METRICS: tuple[Spec, ...] = (
         "counter",
         "Events whose label value was folded into __other__ past the limit.",
         ("label",),
-        lambda s, st: _keyed(s.label_overflow),
+        lambda s, st: keyed(s.label_overflow),
     ),
     Spec(
         "kling_tasks_tracked",
@@ -369,217 +357,3 @@ def families(s: Snapshot, st: Status) -> list[Family]:
 
 
 # -- the HTTP process's own families ---------------------------------------------------
-
-
-class Side(NamedTuple):
-    """What the HTTP process's families are read from: the holds and what they keep of
-    each budget, the callbacks, Kling's account and the fleet."""
-
-    reservations: Reservations
-    budgets: list[BudgetStatus]
-    callbacks: Callbacks
-    account: Account
-    fleet: Fleet
-    gateway: Gateway
-
-
-class SideSpec(NamedTuple):
-    """One metric the HTTP process serves beside the reader's; ``shown`` says whether
-    its feature is on (Kling's account with keys, the fleet with a Redis URL)."""
-
-    name: str
-    type: str
-    doc: str
-    labels: tuple[str, ...]
-    read: Callable[[Side], Mapping[Any, Any]]
-    shown: Callable[[Side], bool] = lambda side: True
-    unit: str = ""
-
-
-def _account_on(side: Side) -> bool:
-    return side.account.enabled()
-
-
-def _fleet_on(side: Side) -> bool:
-    return side.fleet.enabled
-
-
-def _gateway_on(side: Side) -> bool:
-    return side.gateway.settings.enabled
-
-
-def _packs(read: Callable[[Pack], float]) -> Callable[[Side], dict[Key, float]]:
-    """One figure of every resource pack Kling last reported, by pack."""
-    return lambda side: {
-        (p.resource_pack_id, p.resource_pack_name, p.resource_pack_type): read(p)
-        for p in side.account.packs
-    }
-
-
-def _pack_states(side: Side) -> dict[Key, float]:
-    return {
-        (p.resource_pack_id, p.resource_pack_name, p.resource_pack_type, state): float(
-            p.status == state
-        )
-        for p in side.account.packs
-        for state in PACK_STATES
-    }
-
-
-def _reserved(field: str) -> Callable[[Side], dict[Key, float]]:
-    return lambda side: {(b.name, b.period): getattr(b, field) for b in side.budgets}
-
-
-PACK = ("pack_id", "pack_name", "pack_type")
-SIDE_METRICS: tuple[SideSpec, ...] = (
-    SideSpec(
-        "kling_budget_reserved_credits",
-        "gauge",
-        "Credits held by live reservations that the budget matches.",
-        BUDGET,
-        _reserved("reserved_credits"),
-    ),
-    SideSpec(
-        "kling_budget_reserved_usd",
-        "gauge",
-        "US dollars held by live reservations that the budget matches.",
-        BUDGET,
-        _reserved("reserved_usd"),
-    ),
-    SideSpec(
-        "kling_reservations",
-        "counter",
-        "Reservations granted, refused, released and expired; tasks that consumed a "
-        "reservation, and tasks that named none live (unknown).",
-        ("outcome",),
-        lambda side: _keyed(side.reservations.outcomes),
-    ),
-    SideSpec(
-        "kling_callbacks",
-        "counter",
-        "Kling task callbacks: recorded to the journal, acknowledged without a count "
-        "(submitted, processing), refused (unauthorized, invalid) or not written "
-        "(unavailable: answered 503, Kling calls again).",
-        ("outcome",),
-        lambda side: _keyed(side.callbacks.outcomes),
-    ),
-    SideSpec(
-        "kling_account_resource_pack_total_units",
-        "gauge",
-        "Units a resource pack was bought with.",
-        PACK,
-        _packs(lambda p: p.total_quantity),
-        _account_on,
-    ),
-    SideSpec(
-        "kling_account_resource_pack_remaining_units",
-        "gauge",
-        "Units left in a resource pack, as Kling reports them (lagging up to 12 h).",
-        PACK,
-        _packs(lambda p: p.remaining_quantity),
-        _account_on,
-    ),
-    SideSpec(
-        "kling_account_resource_pack_expiry_timestamp_seconds",
-        "gauge",
-        "When a resource pack expires; units left then are forfeited.",
-        PACK,
-        _packs(lambda p: p.invalid_time / 1000),
-        _account_on,
-    ),
-    SideSpec(
-        "kling_account_resource_pack_status",
-        "gauge",
-        "A resource pack's status: 1 for the current one of toBeOnline, online, expired, runOut.",
-        (*PACK, "status"),
-        _pack_states,
-        _account_on,
-    ),
-    SideSpec(
-        "kling_account_poll_errors",
-        "counter",
-        "Failed polls of Kling's account API, by reason.",
-        ("reason",),
-        lambda side: _keyed(side.account.errors),
-        _account_on,
-    ),
-    SideSpec(
-        "kling_account_last_success_timestamp_seconds",
-        "gauge",
-        "When Kling's account API last answered (0 before it ever did).",
-        (),
-        lambda side: {(): side.account.last_success},
-        _account_on,
-    ),
-    SideSpec(
-        "kling_fleet_up",
-        "gauge",
-        "Whether the fleet's Redis answered this exporter's last request (1) or not.",
-        (),
-        lambda side: {(): float(side.fleet.up)},
-        _fleet_on,
-    ),
-    SideSpec(
-        "kling_fleet_instances",
-        "gauge",
-        "Exporters that published to the fleet's Redis lately, this one included.",
-        (),
-        lambda side: {(): float(side.fleet.instances)},
-        _fleet_on,
-    ),
-    SideSpec(
-        "kling_fleet_last_publish_timestamp_seconds",
-        "gauge",
-        "When this exporter last published its usage to the fleet (0: never).",
-        (),
-        lambda side: {(): side.fleet.last_publish},
-        _fleet_on,
-    ),
-    SideSpec(
-        "kling_fleet_instance_conflict",
-        "gauge",
-        "Whether another exporter holds this one's fleet.instance (1): this one "
-        "then publishes nothing, grants nothing and is not ready.",
-        (),
-        lambda side: {(): float(side.fleet.conflict)},
-        _fleet_on,
-    ),
-    SideSpec(
-        "kling_gateway_requests",
-        "counter",
-        "Requests through the gateway by route (create, query, other) and outcome: "
-        "forwarded, refused by a budget, bad_request (answered by the gateway), "
-        "upstream_error (Kling answered an error), transport_error (Kling not "
-        "reached: 502, or too slow: 504), unavailable (not held or journalled: 503).",
-        ("route", "outcome"),
-        lambda side: _keyed(side.gateway.outcomes),
-        _gateway_on,
-    ),
-    SideSpec(
-        "kling_gateway_upstream_duration_seconds",
-        "histogram",
-        "Time from sending a request on to Kling until its answer's headers (its "
-        "whole body, for create and query), by route.",
-        ("route",),
-        lambda side: {(r,): (h.cumulative(), h.sum) for r, h in side.gateway.durations.items()},
-        _gateway_on,
-        "seconds",
-    ),
-)
-
-
-def side_families(side: Side, samples: bool = True) -> list[Family]:
-    """The HTTP process's families of features that are on, read (or, for
-    ``describe()``, without samples, which reads no budget)."""
-    return [
-        Family(
-            spec.name,
-            spec.type,
-            spec.doc,
-            spec.labels,
-            spec.read(side) if samples else {},
-            spec.unit,
-        )
-        for spec in SIDE_METRICS
-        if spec.shown(side)
-    ]

@@ -36,23 +36,65 @@ from kling_exporter.api import (
     statuses,
 )
 from kling_exporter.bodies import MAX_BODY, error_answer
+from kling_exporter.budgets import BudgetStatus
 from kling_exporter.callbacks import PATH as CALLBACK_PATH
 from kling_exporter.callbacks import Callbacks, journal_for
 from kling_exporter.collector import Exposition
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.fleet import Fleet, InstanceTaken
 from kling_exporter.gateway import Gateway
-from kling_exporter.metrics import Side, side_families
+from kling_exporter.link import ReaderProcess
 from kling_exporter.model import ReaderUnavailable
-from kling_exporter.reader import ReaderProcess
 from kling_exporter.reservations import (
     Reservations,
     journal_beside,
 )
 from kling_exporter.runtime import SWITCH_INTERVAL, trim_after
+from kling_exporter.side import (
+    AccountFigures,
+    FleetFigures,
+    GatewayFigures,
+    PackFigures,
+    Side,
+    side_families,
+)
 from kling_exporter.webconfig import BasicAuth, FailureLimit, WebConfig
 
 log = logging.getLogger(__name__)
+
+
+def side_of(
+    budgets: list[BudgetStatus],
+    reservations: Reservations,
+    callbacks: Callbacks,
+    account: Account,
+    fleet: Fleet,
+    gateway: Gateway,
+) -> Side:
+    """The figures of this process's own families, read from the services now."""
+    packs = [
+        PackFigures(
+            p.resource_pack_id,
+            p.resource_pack_name,
+            p.resource_pack_type,
+            p.total_quantity,
+            p.remaining_quantity,
+            p.invalid_time / 1000,
+            p.status,
+        )
+        for p in account.packs
+    ]
+    durations = {r: (h.cumulative(), h.sum) for r, h in gateway.durations.items()}
+    return Side(
+        budgets,
+        reservations.outcomes,
+        callbacks.outcomes,
+        AccountFigures(packs, account.errors, account.last_success) if account.enabled() else None,
+        FleetFigures(fleet.up, fleet.instances, fleet.last_publish, fleet.conflict)
+        if fleet.enabled
+        else None,
+        GatewayFigures(gateway.outcomes, durations) if gateway.settings.enabled else None,
+    )
 
 
 def metrics_handler(
@@ -69,14 +111,11 @@ def metrics_handler(
     callbacks, Kling's account, the fleet, the gateway) are added to what the reader
     rendered."""
     under_way: asyncio.Future[tuple[bytes, str]] | None = None
+    services = (reservations, callbacks, account, fleet, gateway)
     ours = Exposition(
-        lambda: side_families(
-            Side(reservations, statuses(reader, reservations), callbacks, account, fleet, gateway)
-        ),
+        lambda: side_families(side_of(statuses(reader, reservations), *services)),
         # What there is, without reading usage.
-        lambda: side_families(
-            Side(reservations, [], callbacks, account, fleet, gateway), samples=False
-        ),
+        lambda: side_families(side_of([], *services), samples=False),
         process=False,
     )
 

@@ -1,0 +1,76 @@
+"""The messages between the HTTP process and the reader process, and their encoding:
+msgpack frames on a socket pair, one tagged struct a message. The HTTP process sends
+Start, then Render, Reload and Stop; the reader answers with Published usage, Rendered
+scrapes, Reloaded configs and Stopped."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kling_exporter.config import Config
+
+Row = tuple[str, str | None, float, float]  # project, user, credits, usd
+
+
+class Published(msgspec.Struct, tag="usage", array_like=True):
+    """Days whose usage changed (all of each such day), days dropped, tasks in flight
+    (when they changed), tasks counted per reservation id (those that changed), and
+    health."""
+
+    days: dict[float, list[Row]]
+    dropped: list[float]
+    ready: bool
+    reader_up: bool
+    flight: list[Row] | None = None
+    consumed: dict[str, int] = {}
+    first: bool = False
+
+
+class Render(msgspec.Struct, tag="render", array_like=True):
+    id: int
+    accept: str
+    names: list[str]
+
+
+class Rendered(msgspec.Struct, tag="rendered", array_like=True):
+    id: int
+    body: bytes
+    content_type: str
+    error: str | None = None
+
+
+class Reload(msgspec.Struct, tag="reload", array_like=True):
+    id: int
+
+
+class Reloaded(msgspec.Struct, tag="reloaded", array_like=True):
+    id: int
+    error: str | None
+    config: Config | None
+
+
+class Stop(msgspec.Struct, tag="stop", array_like=True):
+    pass
+
+
+class Start(msgspec.Struct, tag="start", array_like=True):
+    """The first message: what the reader runs on."""
+
+    config: Config
+    config_path: str | None
+    parent: int
+    log_level: str
+    log_format: str
+
+
+class Stopped(msgspec.Struct, tag="stopped", array_like=True):
+    lines_read: int
+
+
+ToReader = Render | Reload | Stop
+
+
+FromReader = Published | Rendered | Reloaded | Stopped
+
+
+encode = msgspec.msgpack.Encoder().encode
