@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kling_exporter.reservations import Hold, Reservations
+from kling_exporter.holds import Hold
+from kling_exporter.reservations import Reservations
 
 DAY = 86400.0
 START = 1_795_000_000.0

@@ -22,9 +22,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from kling_exporter import daemon as daemon_module
 from kling_exporter.config import Config, parse_config
 from kling_exporter.daemon import Daemon
+from kling_exporter.durable import write_atomically
 from kling_exporter.ingest import ingest
 from kling_exporter.server import build_app
-from kling_exporter.state import write_state
 
 from tests.helpers import (
     MK_CONFIG,
@@ -348,7 +348,7 @@ def test_a_failed_save_leaves_no_temporary_file(
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
-        write_state(tmp_path / "k.state", b"x" * 1000)
+        write_atomically(tmp_path / "k.state", b"x" * 1000)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -30,7 +30,8 @@ from kling_exporter.config import ConfigError, parse_config
 from kling_exporter.daemon import Daemon
 from kling_exporter.demo import STANDIN_PATH, StandInServer
 from kling_exporter.endpoints import CREATES, priced, route_of
-from kling_exporter.reservations import Granted, HoldJournal, Reservations
+from kling_exporter.holds import Granted, HoldJournal
+from kling_exporter.reservations import Reservations
 from kling_exporter.server import build_app
 from kling_exporter.standin import KlingStandIn
 

@@ -19,25 +19,16 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from kling_exporter import holds as holds_module
 from kling_exporter import reservations as reservations_module
 from kling_exporter.budgets import Ask
 from kling_exporter.config import ConfigError, ReservationsConfig, parse_config
 from kling_exporter.durable import write_all_and_sync
+from kling_exporter.holds import API, GATEWAY, Granted, Hold, HoldJournal, Record
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import View
 from kling_exporter.pricing import Request
-from kling_exporter.reservations import (
-    API,
-    GATEWAY,
-    TOLD_FOR,
-    Granted,
-    Hold,
-    HoldJournal,
-    Record,
-    Reservations,
-    Terms,
-    fingerprint,
-)
+from kling_exporter.reservations import TOLD_FOR, Reservations, Terms, fingerprint
 
 from tests.helpers import NOW, feed, half_then_full, saved_and_restored
 
@@ -455,7 +446,7 @@ def full_disk(name: str) -> Iterator[None]:
         raise OSError(28, "No space left on device")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(reservations_module, name, refuse)
+        patch.setattr(holds_module, name, refuse)
         yield
 
 
@@ -599,7 +590,7 @@ def test_a_grant_nobody_waits_for_goes_behind_a_write_under_way(
         unblock.wait(10)
         write_all_and_sync(fd, data)
 
-    monkeypatch.setattr(reservations_module, "write_all_and_sync", slow_disk)
+    monkeypatch.setattr(holds_module, "write_all_and_sync", slow_disk)
     held = Reservations(HoldJournal(tmp_path / "r"), Clock())
 
     async def story() -> None:

@@ -21,7 +21,7 @@ from kling_exporter.client import (
     EventLogger,
 )
 from kling_exporter.demo import STANDIN_PATH, StandInServer
-from kling_exporter.reservations import Granted, Hold, HoldJournal
+from kling_exporter.holds import Granted, Hold, HoldJournal
 from kling_exporter.standin import KlingStandIn
 
 from tests.helpers import DaemonProcess, free_port, request, value, wait_until, write_lines

@@ -37,10 +37,10 @@ from kling_exporter.events import (
     name_of,
 )
 from kling_exporter.fleet import Fleet
+from kling_exporter.holds import API
 from kling_exporter.model import Consumed, View
 from kling_exporter.pricing import Request
 from kling_exporter.reservations import (
-    API,
     DEFAULT_TTL,
     MAX_TTL,
     Reservations,

@@ -24,6 +24,7 @@ import msgspec
 from kling_exporter.budgets import DayUsage
 from kling_exporter.collector import Exposition
 from kling_exporter.config import Config, ConfigError, load_config
+from kling_exporter.durable import write_atomically
 from kling_exporter.events import explain_invalid
 from kling_exporter.ingest import RateLimit, ingest
 from kling_exporter.ledger import Ledger
@@ -32,7 +33,7 @@ from kling_exporter.logfile import max_open_files
 from kling_exporter.metrics import declared, families
 from kling_exporter.model import Consumed, ReadStats, Snapshot, Status, View
 from kling_exporter.runtime import SWITCH_INTERVAL, raise_open_file_limit
-from kling_exporter.state import FORMAT, State, ledger_state, read_state, restore, write_state
+from kling_exporter.state import FORMAT, State, ledger_state, read_state, restore
 from kling_exporter.tailer import Tailer
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class Daemon:
 
     def _write_state(self, path: Path, data: bytes) -> None:
         try:
-            write_state(path, data)
+            write_atomically(path, data)
             self.state_save_ts = time.time()
         except OSError as e:
             if self._save_error_log.allow(time.monotonic())[0]:

@@ -28,17 +28,13 @@ import functools
 import json
 import logging
 import time
-import uuid
-import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import quote
 
 import aiohttp
-import jwt
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from kling_exporter.bodies import BodyError, parse_json, read_body
@@ -60,6 +56,21 @@ from kling_exporter.fleet import Fleet
 from kling_exporter.model import View
 from kling_exporter.reservations import Reservations, Terms, fingerprint
 from kling_exporter.streams import TooLarge, read_bounded
+from kling_exporter.wire import (
+    AUTO_HEADERS,
+    CODE_BAD_PARAMETER,
+    CODE_NO_AUTH,
+    CODE_RATE_LIMITED,
+    CODE_UNAVAILABLE,
+    MAX_ANSWER,
+    access_key,
+    answer_headers,
+    forwarded_headers,
+    kling_data,
+    kling_error,
+    refusal,
+    transport_error,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,134 +86,12 @@ OUTCOMES = (
 )
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-# Kling's error codes, for the answers the gateway makes itself.
-CODE_NO_AUTH = 1004
-CODE_BAD_PARAMETER = 1201
-CODE_RATE_LIMITED = 1302
-CODE_NO_BALANCE = 1102  # what Kling says when the account cannot pay: not worth a retry
-CODE_UNAVAILABLE = 5001
-CODE_TIMEOUT = 5002
 
-# A create request's answer, and a query's whose task is journalled, are read up to
-# this; a larger query answer is passed on as it streams, and not journalled.
-MAX_ANSWER = 4 << 20
 # A hold lives this much longer than Kling may take to answer, so the reader has time
 # to read the submission that uses it.
 HOLD_MARGIN = 120.0
 # Task ids whose completion was journalled, remembered to journal each once.
 REMEMBERED = 100_000
-
-# Headers that belong to one connection, not to the request (RFC 9110, 7.6.1), and the
-# ones the gateway sets itself.
-_HOP_BY_HOP = frozenset(
-    (
-        "connection",
-        "expect",  # 100-continue is between the producer and the gateway
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-    )
-)
-# aiohttp's client adds these when a request has none; the producer's request goes on
-# without those it did not send.
-_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-
-
-def access_key(authorization: str) -> str | None:
-    """The ``iss`` of a bearer JWT, read without verifying it (Kling verifies it): the
-    producer's access key, used only to find its project and never logged."""
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return None
-    try:
-        claims = jwt.decode(token.strip(), options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return None
-    iss = claims.get("iss") if isinstance(claims, dict) else None
-    return iss if isinstance(iss, str) else None
-
-
-def kling_error(
-    status: int, code: int, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    """An answer the gateway makes itself, in Kling's shape, so a producer's Kling SDK
-    reads it as it reads Kling's own."""
-    body = {"code": code, "message": message, "request_id": f"gateway-{uuid.uuid4()}"}
-    return web.Response(
-        text=json.dumps(body, ensure_ascii=True),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-def forwarded_headers(
-    headers: CIMultiDictProxy[str], drop: frozenset[str], keep_length: bool
-) -> CIMultiDict[str]:
-    """A request's headers as they go on: without hop-by-hop ones (those the
-    ``Connection`` header names too) and ``drop`` (the gateway's own identity headers,
-    lower case)."""
-    named = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers.items():
-        low = key.lower()
-        if low in _HOP_BY_HOP or low in named or low in drop:
-            continue
-        if low == "content-length" and not keep_length:
-            continue
-        out.add(key, value)
-    return out
-
-
-def answer_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    named = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers.items():
-        low = key.lower()
-        if low in _HOP_BY_HOP or low in named or low == "content-length":
-            continue
-        out.add(key, value)
-    return out
-
-
-def decoded(body: bytes, encoding: str) -> bytes | None:
-    """An answer's bytes without their content coding (the gateway passes answers on
-    encoded, as they came, and reads them itself); None for a coding it does not know."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        try:
-            inflater = zlib.decompressobj(47)  # gzip or zlib, told by the header
-            out = inflater.decompress(body, MAX_ANSWER + 1)
-        except zlib.error:
-            return None
-        return out if len(out) <= MAX_ANSWER else None
-    return None
-
-
-def kling_data(body: bytes, encoding: str) -> tuple[int | None, Any]:
-    """Kling's ``code`` and ``data`` in an answer (None, None when it is not Kling's
-    envelope)."""
-    raw = decoded(body, encoding)
-    if raw is None:
-        return None, None
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None, None
-    if not isinstance(value, dict):
-        return None, None
-    code = value.get("code")
-    if isinstance(code, bool) or not isinstance(code, int):
-        return None, None
-    return code, value.get("data")
 
 
 class Upstream(NamedTuple):
@@ -338,7 +227,7 @@ class Gateway:
         TimeoutError, aiohttp.ClientError, OSError or TooLarge."""
         assert self._session is not None
         headers = forwarded_headers(request.headers, self._own_headers(), False)
-        skip = [h for h in _AUTO_HEADERS if h not in headers]
+        skip = [h for h in AUTO_HEADERS if h not in headers]
         start = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.timeout_seconds):
@@ -478,7 +367,7 @@ class Gateway:
             answer = await self._send(request, self._url(path, query), "create", raw)
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TooLarge) as e:
             self._count("create", "transport_error")
-            return _transport_error(e)
+            return transport_error(e)
         self._count("create", "forwarded" if answer.status < 400 else "upstream_error")
         return web.Response(
             body=answer.body, status=answer.status, headers=answer_headers(answer.headers)
@@ -521,7 +410,7 @@ class Gateway:
                 )
             if status == 200:
                 self._count("create", "refused")
-                return _refusal(granted)
+                return refusal(granted)
             if status == 429:  # a cap on live holds (reservations.max_live...)
                 return self._refuse(429, CODE_RATE_LIMITED, str(granted.get("error", "")))
             if status != 201:
@@ -532,7 +421,7 @@ class Gateway:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TooLarge) as e:
             await self._release(hold)
             self._count("create", "transport_error")
-            return _transport_error(e)
+            return transport_error(e)
         code, data = kling_data(answer.body, answer.headers.get("Content-Encoding", ""))
         task_id = data.get("task_id") if isinstance(data, dict) else None
         if answer.status < 300 and code == 0 and isinstance(task_id, str) and task_id:
@@ -615,7 +504,7 @@ class Gateway:
             answer = await self._send(request, self._url(path, query), "query", b"")
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, TooLarge) as e:
             self._count("query", "transport_error")
-            return _transport_error(e)
+            return transport_error(e)
         code, data = kling_data(answer.body, answer.headers.get("Content-Encoding", ""))
         if answer.status >= 400 or (code is not None and code != 0):
             self._count("query", "upstream_error")
@@ -651,7 +540,7 @@ class Gateway:
         own."""
         assert self._others is not None
         headers = forwarded_headers(request.headers, self._own_headers(), True)
-        skip = [h for h in _AUTO_HEADERS if h not in headers]
+        skip = [h for h in AUTO_HEADERS if h not in headers]
         timeout = self.settings.timeout_seconds
         start = time.perf_counter()
         try:
@@ -667,7 +556,7 @@ class Gateway:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
             self.durations["other"].observe(time.perf_counter() - start)
             self._count("other", "transport_error")
-            return _transport_error(e)
+            return transport_error(e)
         self.durations["other"].observe(time.perf_counter() - start)
         self._count("other", "upstream_error" if upstream.status >= 400 else "forwarded")
         async with upstream:
@@ -684,24 +573,3 @@ class Gateway:
                     await response.write(chunk)
                 await response.write_eof()
         return response
-
-    # -- metrics ---------------------------------------------------------------------
-
-
-def _transport_error(e: BaseException) -> web.Response:
-    if isinstance(e, TimeoutError):
-        return kling_error(504, CODE_TIMEOUT, "gateway: Kling did not answer in time")
-    return kling_error(502, CODE_UNAVAILABLE, "gateway: Kling could not be reached")
-
-
-def _refusal(result: dict[str, Any]) -> web.Response:
-    """429 in Kling's shape, naming the budget that refused and its utilization after."""
-    name = result.get("refused_by") or ""
-    reason = str(result.get("reason", ""))
-    rows = [b for b in result.get("budgets", []) if b.get("name") == name]
-    if rows and "would reach" not in reason:
-        reason += f" (utilization after: {rows[0]['utilization_after']:.0%})"
-    headers = {"X-Budget-Refused-By": quote(name, safe=" !#$&'()*+,/:;=?@[]~") or "fleet"}
-    return kling_error(
-        429, CODE_NO_BALANCE, f"refused by the exporter's budgets: {reason}", headers
-    )

@@ -43,12 +43,10 @@ from kling_exporter.collector import Exposition
 from kling_exporter.connections import GuardedSite, Limits
 from kling_exporter.fleet import Fleet, InstanceTaken
 from kling_exporter.gateway import Gateway
+from kling_exporter.holds import journal_beside
 from kling_exporter.link import ReaderProcess
 from kling_exporter.model import ReaderUnavailable
-from kling_exporter.reservations import (
-    Reservations,
-    journal_beside,
-)
+from kling_exporter.reservations import Reservations
 from kling_exporter.runtime import SWITCH_INTERVAL, trim_after
 from kling_exporter.side import (
     AccountFigures,

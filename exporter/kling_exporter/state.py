@@ -178,35 +178,6 @@ def read_state(path: Path) -> State | None:
         return None
 
 
-def write_state(path: Path, data: bytes) -> None:
-    """Write atomically: a temporary file readable by the owner only, fsync, rename,
-    fsync of the directory. A failed write (a full disk) leaves no temporary file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:
-            os.fchmod(fd, 0o600)  # also when an older version left the file 0644
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    sync_folder(path.parent)
-
-
-def sync_folder(folder: Path) -> None:
-    """fsync a folder, so that a rename in it lasts (best effort: not every system can)."""
-    with contextlib.suppress(OSError):
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
 # -- the ledger, to and from its saved form -------------------------------------------
 
 
