@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kling_exporter.config import parse_duration
+from kling_exporter.vocabulary import parse_duration
 
 CONFIG = Path(__file__).resolve().parent / "config.yml"
 DURATION = re.compile(r"^\d+(ms|s|m|h|d|w|y)$")

@@ -20,12 +20,7 @@ from kling_exporter.bodies import (
     unique_keys,
 )
 from kling_exporter.budgets import Ask, BudgetStatus
-from kling_exporter.config import (
-    MODE_ALIASES,
-    Config,
-    describe_validation_error,
-    parse_duration,
-)
+from kling_exporter.config import Config
 from kling_exporter.events import (
     DEFAULT_PROJECT,
     MAX_ID,
@@ -48,6 +43,8 @@ from kling_exporter.reservations import (
     fingerprint,
     valid_id,
 )
+from kling_exporter.validation import describe_validation_error
+from kling_exporter.vocabulary import MODE_ALIASES, parse_duration
 
 
 class Reader(Protocol):

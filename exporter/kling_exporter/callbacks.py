@@ -18,220 +18,25 @@ Kling's task id, as the gateway's own lines are.
 from __future__ import annotations
 
 import asyncio
-import errno
-import glob
 import hashlib
 import hmac
-import json
 import logging
-import math
-import os
 import secrets
-import stat
 from collections import OrderedDict
 from collections.abc import Callable
-from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
 from kling_exporter.bodies import BodyError, error_answer, parse_json, read_body
 from kling_exporter.config import Config, LogsConfig
-from kling_exporter.durable import GroupCommit, write_all_and_sync
-from kling_exporter.events import MAX_ID
+from kling_exporter.tasklog import EventJournal, journal_for
+from kling_exporter.tasks import completion, part_ids
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("submitted", "processing", "succeed", "failed")
 OUTCOMES = ("recorded", "acknowledged", "unauthorized", "invalid", "unavailable")
-JOURNAL_NAME = "callbacks"  # put where the glob's file name has its first wildcard
-
-
-def journal_for(logs: LogsConfig) -> Path | None:
-    """A file the first fitting log glob matches, in a folder without wildcards, where
-    the journal is written: ``logs/kling-*.jsonl`` gives ``logs/kling-callbacks.jsonl``;
-    ``logs.journal`` where it is given."""
-    if logs.journal:
-        return Path(logs.journal)
-    for pattern in logs.paths:
-        folder, name = os.path.split(pattern)
-        if glob.has_magic(folder) or "*" not in name:
-            continue
-        candidate = name.replace("*", JOURNAL_NAME, 1).replace("*", "")
-        if not glob.has_magic(candidate) and fnmatchcase(candidate, name):
-            return Path(folder or ".") / candidate
-    return None
-
-
-class CallbackError(ValueError):
-    """A body that is not a Kling callback; the message names the field."""
-
-
-def part_ids(task_id: str, tasks: int) -> list[str]:
-    """The journal's ids for the ``tasks`` tasks one create made (``n`` images): Kling's
-    id for the first, ``<id>#2``... for the others."""
-    stem = task_id[: MAX_ID - 4]
-    return [task_id] + [f"{stem}#{k}" for k in range(2, tasks + 1)]
-
-
-def completion(body: Any, by_kling_id: bool = False) -> dict[str, Any] | None:
-    """The log event a callback body stands for (None for a status that changes no
-    count); CallbackError naming the field when it is not a callback. Its task id is
-    the producer's ``external_task_id`` when present, else Kling's; Kling's alone
-    ``by_kling_id`` (the gateway's tasks, journalled by Kling's id)."""
-    if not isinstance(body, dict):
-        raise CallbackError("body: expected a JSON object")
-    task_id = body.get("task_id")
-    if not isinstance(task_id, str) or not 0 < len(task_id) <= MAX_ID:
-        raise CallbackError(f"task_id: expected 1 to {MAX_ID} characters")
-    status = body.get("task_status")
-    if status not in STATUSES:
-        raise CallbackError(f"task_status: expected one of {', '.join(STATUSES)}")
-    info = body.get("task_info")
-    if info is not None and not isinstance(info, dict):
-        raise CallbackError("task_info: expected an object")
-    external = (info or {}).get("external_task_id")
-    if external is not None and (not isinstance(external, str) or not 0 < len(external) <= MAX_ID):
-        raise CallbackError(f"task_info.external_task_id: expected 1 to {MAX_ID} characters")
-    credits = _number(body.get("final_unit_deduction"), "final_unit_deduction", 1e12)
-    updated = _number(body.get("updated_at"), "updated_at", 1e15)
-    if status in ("submitted", "processing"):
-        return None
-    event: dict[str, Any] = {
-        "event": "task_completed",
-        "task_id": task_id if by_kling_id else external or task_id,
-        "status": status,
-        "source": "kling_callback",
-        "kling_task_id": task_id,
-    }
-    if updated is not None:
-        event["timestamp"] = updated  # Unix milliseconds, which the log reads as such
-    if credits is not None:
-        event["credits_used"] = credits
-    if by_kling_id and external is not None:
-        event["external_task_id"] = external
-    return event
-
-
-def _number(value: Any, field: str, below: float) -> float | None:
-    """A number Kling may send as a string ("10" or "10.5"), or None when absent."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise CallbackError(f"{field}: expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise CallbackError(f"{field}: expected a number, got {value!r}") from None
-    if not math.isfinite(number) or not 0 <= number < below:
-        raise CallbackError(f"{field}: out of range: {value!r}")
-    return number
-
-
-class EventJournal:
-    """The exporter's own event log among the logs (Kling's callbacks and the
-    gateway's tasks): appends lines, each on disk before its caller is answered;
-    concurrent appends share one fsync.
-
-    The file stays open from one write to the next, while its path still names it (one
-    ``lstat`` a write tells): opening, checking and closing it each time took four more
-    calls, each a wait for the interpreter on a busy event loop's process, and put
-    milliseconds on the gateway's p99. Renamed, removed or replaced, it is opened again
-    with every check ``open_journal`` makes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = -1
-        self._file: tuple[int, int] | None = None  # (device, inode) of what _fd is
-        self._commit = GroupCommit(self._write)
-        self._torn: tuple[int, int] | None = None  # the file that may end mid-line
-
-    async def append(self, *events: dict[str, Any]) -> None:
-        """Return once the lines are on disk (written at once); OSError if they cannot
-        be."""
-        lines = "".join(
-            json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n" for event in events
-        )
-        await self._commit.append(lines.encode())
-
-    def check(self) -> None:
-        """OSError when the journal plainly cannot be written (a link or another
-        file planted at its path, or its folder not writable): one look, no open."""
-        try:
-            info = os.lstat(self.path)
-        except FileNotFoundError:
-            folder = self.path.parent
-            if folder.is_dir() and not os.access(folder, os.W_OK):
-                raise OSError(errno.EACCES, "its folder is not writable") from None
-            return
-        if stat.S_ISLNK(info.st_mode):
-            raise OSError(errno.ELOOP, "a symbolic link; refusing to follow it")
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-            raise OSError(errno.EPERM, "not a regular file of this user")
-
-    async def close(self) -> None:
-        """Close the file once the lines queued so far are written."""
-        await self._commit.settle()
-        self._close()
-
-    def _write(self, data: bytes) -> None:
-        """Append lines. A file left mid-line (a write a full disk took half of, a crash
-        during one) has that line ended first, so that the torn part is one bad line
-        the reader counts and skips, not glued to the next good one; a newline too many
-        is a blank line, which it skips. (Cutting the torn part off instead could take
-        back bytes the reader has read.)"""
-        fd = self._open()
-        if self._torn == self._file:  # _file is set by _open
-            data = b"\n" + data
-        try:
-            write_all_and_sync(fd, data)
-        except OSError:
-            self._torn = self._file
-            raise
-        self._torn = None
-
-    def _open(self) -> int:
-        try:
-            info = os.lstat(self.path)
-            if (info.st_dev, info.st_ino) == self._file:
-                return self._fd
-        except FileNotFoundError:
-            pass
-        self._close()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = open_journal(self.path)
-        info = os.fstat(fd)
-        self._fd, self._file = fd, (info.st_dev, info.st_ino)
-        if info.st_size and os.pread(fd, 1, info.st_size - 1) != b"\n":
-            self._torn = self._file  # left mid-line by a crash or a full disk
-        return fd
-
-    def _close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd, self._file = -1, None
-
-
-def open_journal(path: Path) -> int:
-    """A descriptor to append to ``path`` (and read its end), created if missing. A
-    symlink planted at the path is not followed (``O_NOFOLLOW``), and anything but a
-    regular file this process owns is refused with OSError, so no callback is written
-    outside the log folder."""
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise OSError(e.errno, "a symbolic link; refusing to follow it") from None
-        raise
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-        os.close(fd)
-        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else "owned by another user"
-        raise OSError(errno.EPERM, f"{what}; refusing to write to it")
-    return fd
 
 
 PATH = "/api/v1/kling/callback"

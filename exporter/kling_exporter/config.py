@@ -6,52 +6,20 @@ name the key path (``budgets[2].period``) and say what is wrong.
 
 from __future__ import annotations
 
-import functools
 import re
 import socket
 import zoneinfo
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import msgspec.inspect
-import yaml
 
 from kling_exporter.globs import glob_matches
 from kling_exporter.periods import PERIOD_KINDS
-from kling_exporter.wording import describe
-
-MODES = ("standard", "professional")
-KINDS = ("video", "image", "try_on", "audio")
-START_AT = ("beginning", "end")
-
-_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key (and the file,
-    when read from one); ``detail`` is the message without the file's path."""
-
-    def __init__(self, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.detail = message if detail is None else detail
-
-
-def parse_duration(value: str | int | float, key: str) -> float:
-    """Parse a Prometheus-style duration (``10s``, ``1m30s``, ``500ms``) or plain seconds."""
-    if isinstance(value, bool):
-        raise ValueError(f"{key}: expected a duration like '10s', got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION_RE.match(value.strip())
-        if not value.strip() or match is None:
-            raise ValueError(f"{key}: expected a duration like '10s' or '1m30s', got {value!r}")
-        h, m, s, ms = (int(g) if g else 0 for g in match.groups())
-        seconds = h * 3600 + m * 60 + s + ms / 1000
-    if seconds < 0:
-        raise ValueError(f"{key}: must not be negative, got {value!r}")
-    return seconds
+from kling_exporter.validation import describe_validation_error
+from kling_exporter.vocabulary import KINDS, MODES, START_AT, normalize_mode, parse_duration
+from kling_exporter.yamlfile import ConfigError, read_yaml
 
 
 def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -467,100 +435,6 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return zoneinfo.ZoneInfo(self.timezone)
 
 
-# Kling's std/pro and our long names, to the long name.
-MODE_ALIASES: dict[str, Literal["standard", "professional"]] = {
-    "standard": "standard",
-    "std": "standard",
-    "professional": "professional",
-    "pro": "professional",
-}
-
-
-# Spellings of the task kinds users write, to our names. Any other kind is OTHER_KIND: the
-# task is counted, and priced by the rules that name no kind or by the fallback.
-KIND_ALIASES: dict[str, str] = {
-    "video": "video",
-    "videos": "video",
-    "image": "image",
-    "images": "image",
-    "try_on": "try_on",
-    "try-on": "try_on",
-    "tryon": "try_on",
-    "virtual_try_on": "try_on",
-    "virtual-try-on": "try_on",
-}
-OTHER_KIND = "other"
-
-
-def normalize_mode(mode: str) -> str | None:
-    """Map Kling's ``std``/``pro`` and our long names to the long name; None if unknown."""
-    return MODE_ALIASES.get(mode.lower())
-
-
-def keys_at(root: type, path: str) -> list[str]:
-    """The keys a mapping at ``path`` (``budgets[2]``, ``gateway``) of a ``root``
-    struct accepts: a misspelt key is matched against its own section's keys only."""
-    info: Any = msgspec.inspect.type_info(root)
-    for part in filter(None, re.split(r"\.|\[\d+\]", path)):
-        fields = {f.encode_name: f.type for f in getattr(info, "fields", ())}
-        info = fields.get(part)
-        while info is not None and not isinstance(info, msgspec.inspect.StructType):
-            if isinstance(info, msgspec.inspect.UnionType):
-                info = next((t for t in info.types if not isinstance(t, _LEAVES)), None)
-            else:
-                info = getattr(info, "item_type", None) or getattr(info, "value_type", None)
-    return sorted(f.encode_name for f in getattr(info, "fields", ()))
-
-
-_LEAVES = (msgspec.inspect.NoneType, msgspec.inspect.StrType, msgspec.inspect.FloatType)
-
-
-# What each key of the vocabulary accepts, for errors that list it: msgspec names only
-# the value it got. Kling's spellings (std, pro) are accepted too but not offered.
-ACCEPTED: dict[str, tuple[str, ...]] = {
-    "mode": MODES,
-    "period": PERIOD_KINDS,
-    "kind": KINDS,
-    "start_at": START_AT,
-    "on_unavailable": ("allow", "refuse"),
-}
-_ENUM_RE = re.compile(r"^(?P<key>.*?): Invalid enum value (?P<got>.+)$", re.S)
-_BOUND_RE = re.compile(
-    r"^(?P<key>.*?): expected `(?:int|float|str)`(?P<length> of length)? "
-    r"(?P<op>[<>]=?) (?P<n>\S+)$"
-)
-_BOUND_WORDS = {
-    ">=": "must be at least",
-    "<=": "must be at most",
-    ">": "must be greater than",
-    "<": "must be less than",
-}
-
-
-def describe_validation_error(error: msgspec.ValidationError, root: type = Config) -> str:
-    """msgspec's error in words, naming the key (``budgets[2].period: ...``), with a
-    suggestion among the keys its section of ``root`` accepts for a misspelt one, the
-    accepted values of an enum and a bound as a person says it (``count: must be at
-    least 1``)."""
-    text = describe(error, functools.partial(keys_at, root))
-    enum = _ENUM_RE.match(text)
-    if enum:
-        key, got = enum.group("key"), enum.group("got")
-        accepted = ACCEPTED.get(key.rsplit(".", 1)[-1].split("[", 1)[0])
-        if accepted:
-            return f"{key}: expected one of {', '.join(accepted)}, got {got}"
-        return f"{key}: not an accepted value: {got}"
-    bound = _BOUND_RE.match(text)
-    if bound:
-        key, words, n = bound.group("key"), _BOUND_WORDS[bound.group("op")], bound.group("n")
-        if not bound.group("length"):
-            return f"{key}: {words} {n}"
-        if (words, n) == ("must be at least", "1"):
-            return f"{key}: must not be empty"
-        return f"{key}: {words} {n} characters long"
-    return text
-
-
 def parse_config(data: Any) -> Config:
     """Validate already-parsed YAML data; raise ConfigError naming the key."""
     if data is None:
@@ -570,75 +444,7 @@ def parse_config(data: Any) -> Config:
     try:
         return msgspec.convert(data, Config, strict=True)
     except msgspec.ValidationError as e:
-        raise ConfigError(describe_validation_error(e)) from None
-
-
-class _UniqueKeys:
-    """YAML's safe loading with a key given twice in one mapping refused: YAML says keys
-    are unique, and PyYAML keeps the last silently, dropping a section written above it
-    (the sample config ends with ``budgets: []``)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # a merge key's mappings may be overridden: that is its use
-            key = self.construct_object(key_node, deep=True)  # type: ignore[attr-defined]
-            try:
-                first = seen.get(key)
-            except TypeError:
-                continue  # an unhashable key: the constructor says what is wrong
-            if first is not None:
-                raise yaml.constructor.ConstructorError(
-                    problem=f"{key!r} given a second time (first at line {first}); "
-                    "the second would silently replace the first",
-                    problem_mark=key_node.start_mark,
-                )
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)  # type: ignore[misc]
-
-
-class _PythonLoader(_UniqueKeys, yaml.SafeLoader):
-    """PyYAML's own parser: its messages say what it expected in words."""
-
-
-# libyaml's parser where PyYAML was built with it: a tenth of the time, which 10,000
-# budgets make two seconds of every start and reload. Its errors are terse, so a file it
-# refuses is read again by the Python parser for the message.
-_FastLoader: Any = (
-    type("_FastLoader", (_UniqueKeys, yaml.CSafeLoader), {})
-    if getattr(yaml, "__with_libyaml__", False)
-    else _PythonLoader
-)
-
-
-def _load_yaml(text: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_FastLoader)  # noqa: S506 - a safe loader
-    except yaml.YAMLError:
-        if _FastLoader is _PythonLoader:
-            raise
-    return yaml.load(text, Loader=_PythonLoader)  # noqa: S506 - a safe loader
-
-
-def read_yaml(path: str | Path) -> Any:
-    """A YAML file's data; ConfigError (without the path, which the caller adds) if it
-    cannot be read or parsed."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError("not UTF-8 text") from None
-    try:
-        return _load_yaml(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = (e.problem or str(e)).replace("'<stream end>'", "the end of the file")
-        raise ConfigError(f"invalid YAML at {where}{problem}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"invalid YAML: {e}") from None
+        raise ConfigError(describe_validation_error(e, Config)) from None
 
 
 def load_config(path: str | Path | None, allow_empty: bool = True) -> Config:

@@ -23,7 +23,7 @@ import msgspec
 
 from kling_exporter.budgets import DayUsage
 from kling_exporter.collector import Exposition
-from kling_exporter.config import Config, ConfigError, load_config
+from kling_exporter.config import Config, load_config
 from kling_exporter.durable import write_atomically
 from kling_exporter.events import explain_invalid
 from kling_exporter.ingest import RateLimit, ingest
@@ -35,6 +35,7 @@ from kling_exporter.model import Consumed, ReadStats, Snapshot, Status, View
 from kling_exporter.runtime import SWITCH_INTERVAL, raise_open_file_limit
 from kling_exporter.state import FORMAT, State, ledger_state, read_state, restore
 from kling_exporter.tailer import Tailer
+from kling_exporter.yamlfile import ConfigError
 
 log = logging.getLogger(__name__)
 

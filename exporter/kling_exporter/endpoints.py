@@ -15,9 +15,9 @@ from __future__ import annotations
 import string
 from typing import Any, NamedTuple
 
-from kling_exporter.config import MODE_ALIASES
 from kling_exporter.events import MAX_ID, MAX_LABEL_LEN
 from kling_exporter.pricing import Request
+from kling_exporter.vocabulary import MODE_ALIASES
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 # Characters a canonical path segment may hold as they are (RFC 3986's pchar less "%",

@@ -17,13 +17,8 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from kling_exporter.config import (
-    KIND_ALIASES,
-    KINDS,
-    MODE_ALIASES,
-    OTHER_KIND,
-    describe_validation_error,
-)
+from kling_exporter.validation import describe_validation_error
+from kling_exporter.vocabulary import KIND_ALIASES, KINDS, MODE_ALIASES, OTHER_KIND
 
 SUBMITTED: Final = 0
 COMPLETED: Final = 1

@@ -7,9 +7,9 @@ import datetime as dt
 from collections.abc import Callable
 
 from kling_exporter import __version__
-from kling_exporter.config import KINDS, normalize_mode, parse_duration
 from kling_exporter.connections import Limits
 from kling_exporter.logsetup import LEVELS
+from kling_exporter.vocabulary import KINDS, normalize_mode, parse_duration
 
 DEFAULT_LISTEN = ":10177"
 # The demo's defaults, which the demo's budgets are sized for (a test holds them to the

@@ -39,7 +39,7 @@ from yarl import URL
 
 from kling_exporter.bodies import BodyError, parse_json, read_body
 from kling_exporter.budgets import Ask
-from kling_exporter.callbacks import Callbacks, completion, part_ids
+from kling_exporter.callbacks import Callbacks
 from kling_exporter.config import Config, GatewayConfig
 from kling_exporter.counters import Histogram
 from kling_exporter.endpoints import (
@@ -56,6 +56,7 @@ from kling_exporter.fleet import Fleet
 from kling_exporter.model import View
 from kling_exporter.reservations import Reservations, Terms, fingerprint
 from kling_exporter.streams import TooLarge, read_bounded
+from kling_exporter.tasks import completion, part_ids
 from kling_exporter.wire import (
     AUTO_HEADERS,
     CODE_BAD_PARAMETER,

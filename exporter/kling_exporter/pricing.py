@@ -5,7 +5,8 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import NamedTuple
 
-from kling_exporter.config import KINDS, PriceRule, PricingConfig
+from kling_exporter.config import PriceRule, PricingConfig
+from kling_exporter.vocabulary import KINDS
 
 # Kling's own API defaults for a request that leaves these out.
 DEFAULT_MODE = "standard"
