@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 
 import msgspec  # noqa: E402
 from kling_exporter.collector import FamilyCollector, TextRenderer  # noqa: E402
-from kling_exporter.config import parse_config  # noqa: E402
+from kling_exporter.configfile import parse_config  # noqa: E402
 from kling_exporter.events import Event, decode_line  # noqa: E402
 from kling_exporter.ingest import ingest  # noqa: E402
 from kling_exporter.ledger import Ledger  # noqa: E402

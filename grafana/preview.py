@@ -47,15 +47,12 @@ from kling_exporter.gateway import Gateway  # noqa: E402
 from kling_exporter.ingest import ingest  # noqa: E402
 from kling_exporter.ledger import Ledger  # noqa: E402
 from kling_exporter.metrics import families  # noqa: E402
-from kling_exporter.model import (  # noqa: E402
-    ReadStats,
-    Status,
-    View,
-)
+from kling_exporter.model import ReadStats, Status  # noqa: E402
 from kling_exporter.reservations import Reservations  # noqa: E402
 from kling_exporter.server import side_of  # noqa: E402
 from kling_exporter.side import side_families  # noqa: E402
 from kling_exporter.standin import demo_packs  # noqa: E402
+from kling_exporter.views import View  # noqa: E402
 
 from tests.helpers import free_port, require_binary  # noqa: E402
 from tests.stack import Process  # noqa: E402

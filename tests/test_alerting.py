@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import yaml
-from kling_exporter.config import parse_config
+from kling_exporter.configfile import parse_config
 
 from tests.helpers import ROOT, line, require_binary, wait_until, write_lines
 from tests.stack import ALERTS, Clock, InProcessExporter, Webhook, alertmanager, prometheus

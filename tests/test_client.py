@@ -16,7 +16,7 @@ from kling_exporter.client import (
     EventLogger,
     generate_within_budget,
 )
-from kling_exporter.config import parse_config
+from kling_exporter.configfile import parse_config
 from kling_exporter.demo import DemoTraffic, demo_config
 from kling_exporter.events import Event, decode_line
 from kling_exporter.flags import DEFAULT_BACKFILL_HOURS, DEFAULT_RATE, DEFAULT_SEED

@@ -10,11 +10,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kling_exporter.cli import main
-from kling_exporter.config import Config, load_config, parse_config
+from kling_exporter.config import Config
+from kling_exporter.configfile import ConfigError, load_config, parse_config, read_yaml
 from kling_exporter.globs import glob_matches
 from kling_exporter.listing import expand_glob
 from kling_exporter.validation import keys_at
-from kling_exporter.yamlfile import ConfigError, read_yaml
 
 from tests.helpers import ROOT
 

@@ -20,7 +20,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from kling_exporter import daemon as daemon_module
-from kling_exporter.config import Config, parse_config
+from kling_exporter.config import Config
+from kling_exporter.configfile import parse_config
 from kling_exporter.daemon import Daemon
 from kling_exporter.durable import write_atomically
 from kling_exporter.ingest import ingest

@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kling_exporter import evicted
-from kling_exporter.config import parse_config
+from kling_exporter.configfile import parse_config
 from kling_exporter.evicted import Evicted
 from kling_exporter.ledger import Ledger
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import msgspec
 import yaml
-from kling_exporter.config import BudgetConfig, Config, load_config, parse_config
+from kling_exporter.config import BudgetConfig, Config
+from kling_exporter.configfile import load_config, parse_config
 
 from tests.helpers import ROOT, require_binary
 

@@ -23,10 +23,10 @@ import yaml
 from kling_exporter import fleet as fleet_module
 from kling_exporter.budgets import Ask, Budgets, DayUsage
 from kling_exporter.client import EventLogger
-from kling_exporter.config import load_config, parse_config
-from kling_exporter.model import View
+from kling_exporter.configfile import load_config, parse_config
 from kling_exporter.pricing import Request
 from kling_exporter.reservations import Reservations
+from kling_exporter.views import View
 
 from tests.helpers import (
     ROOT,

@@ -25,7 +25,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kling_exporter.config import parse_config
+from kling_exporter.configfile import ConfigError, parse_config
 from kling_exporter.daemon import Daemon
 from kling_exporter.demo import STANDIN_PATH, StandInServer
 from kling_exporter.endpoints import CREATES, priced, route_of
@@ -34,7 +34,6 @@ from kling_exporter.reservations import Reservations
 from kling_exporter.server import build_app
 from kling_exporter.standin import KlingStandIn
 from kling_exporter.tasklog import EventJournal
-from kling_exporter.yamlfile import ConfigError
 
 from tests.helpers import DaemonProcess, by_name, value, wait_until
 from tests.redis_server import RedisServer

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kling_exporter.api import READER
-from kling_exporter.config import parse_config
+from kling_exporter.configfile import parse_config
 from kling_exporter.daemon import Daemon
 from kling_exporter.endpoints import CREATES, canonical, priced
 from kling_exporter.pricing import Pricing

@@ -8,7 +8,8 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kling_exporter.config import Config, TasksConfig, parse_config
+from kling_exporter.config import Config, TasksConfig
+from kling_exporter.configfile import parse_config
 from kling_exporter.events import INVALID_REASONS
 from kling_exporter.ingest import ingest
 from kling_exporter.ledger import Ledger

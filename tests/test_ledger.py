@@ -10,7 +10,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from kling_exporter.book import EST, FLAG_BITS, SUB
 from kling_exporter.budgets import DayUsage
-from kling_exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig, parse_config
+from kling_exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig
+from kling_exporter.configfile import parse_config
 from kling_exporter.counters import OTHER
 from kling_exporter.ledger import Ledger
 from kling_exporter.pricing import Request

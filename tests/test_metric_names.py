@@ -16,10 +16,10 @@ from kling_exporter.config import Config, FleetConfig, GatewayConfig
 from kling_exporter.fleet import Fleet
 from kling_exporter.gateway import Gateway
 from kling_exporter.metrics import METRICS
-from kling_exporter.model import View
 from kling_exporter.reservations import Reservations
 from kling_exporter.server import side_of
 from kling_exporter.side import SIDE_METRICS, Side, side_families
+from kling_exporter.views import View
 
 from tests.helpers import collector_of, render_fixed_log
 

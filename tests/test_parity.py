@@ -16,7 +16,7 @@ import pytest
 import yaml
 from kling_exporter.cli import main
 from kling_exporter.client import KlingEventLogger
-from kling_exporter.config import parse_config
+from kling_exporter.configfile import parse_config
 from kling_exporter.ingest import ingest
 from kling_exporter.ledger import Ledger
 from kling_exporter.model import ReadStats, Status

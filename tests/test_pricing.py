@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from kling_exporter.config import PriceRule, PricingConfig, load_config, parse_config
+from kling_exporter.config import PriceRule, PricingConfig
+from kling_exporter.configfile import ConfigError, load_config, parse_config
 from kling_exporter.pricing import Pricing, Request
-from kling_exporter.yamlfile import ConfigError
 
 from tests.helpers import ROOT
 

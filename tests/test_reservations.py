@@ -22,14 +22,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kling_exporter import holds as holds_module
 from kling_exporter import reservations as reservations_module
 from kling_exporter.budgets import Ask
-from kling_exporter.config import ReservationsConfig, parse_config
+from kling_exporter.config import ReservationsConfig
+from kling_exporter.configfile import ConfigError, parse_config
 from kling_exporter.durable import write_all_and_sync
 from kling_exporter.holds import API, GATEWAY, Granted, Hold, HoldJournal, Record
 from kling_exporter.ledger import Ledger
-from kling_exporter.model import View
 from kling_exporter.pricing import Request
 from kling_exporter.reservations import TOLD_FOR, Reservations, Terms, fingerprint
-from kling_exporter.yamlfile import ConfigError
+from kling_exporter.views import View
 
 from tests.helpers import NOW, feed, half_then_full, saved_and_restored
 

@@ -16,7 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kling_exporter import bodies
-from kling_exporter.config import parse_config
+from kling_exporter.configfile import parse_config
 from kling_exporter.model import ReaderUnavailable
 
 from tests.stack import InProcessExporter

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kling_exporter.config import Config, parse_config
+from kling_exporter.config import Config
+from kling_exporter.configfile import parse_config
 from kling_exporter.daemon import Daemon
 from kling_exporter.ledger import Ledger
 from kling_exporter.pricing import Request

@@ -33,7 +33,6 @@ from kling_exporter.events import (
 )
 from kling_exporter.fleet import Fleet
 from kling_exporter.holds import API
-from kling_exporter.model import Consumed, View
 from kling_exporter.pricing import Request
 from kling_exporter.reservations import (
     DEFAULT_TTL,
@@ -44,6 +43,7 @@ from kling_exporter.reservations import (
     valid_id,
 )
 from kling_exporter.validation import describe_validation_error
+from kling_exporter.views import Consumed, View
 from kling_exporter.vocabulary import MODE_ALIASES, parse_duration
 
 

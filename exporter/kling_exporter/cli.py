@@ -22,7 +22,8 @@ import msgspec
 from kling_exporter import report_text, reports
 from kling_exporter.account import key_file_problems
 from kling_exporter.bodies import for_people
-from kling_exporter.config import Config, load_config
+from kling_exporter.config import Config
+from kling_exporter.configfile import ConfigError, load_config
 from kling_exporter.connections import Limits, parse_listen_address
 from kling_exporter.demo import (
     DEMO_KEYS,
@@ -42,7 +43,6 @@ from kling_exporter.server import Serving, run
 from kling_exporter.standin import KlingStandIn, demo_packs
 from kling_exporter.webconfig import load_web_config
 from kling_exporter.wording import counted
-from kling_exporter.yamlfile import ConfigError
 
 log = logging.getLogger("kling_exporter")
 

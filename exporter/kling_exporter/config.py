@@ -9,17 +9,13 @@ from __future__ import annotations
 import re
 import socket
 import zoneinfo
-from pathlib import Path
-from typing import Any
 
 import msgspec
 import msgspec.inspect
 
 from kling_exporter.globs import glob_matches
 from kling_exporter.periods import PERIOD_KINDS
-from kling_exporter.validation import describe_validation_error
 from kling_exporter.vocabulary import KINDS, MODES, START_AT, normalize_mode, parse_duration
-from kling_exporter.yamlfile import ConfigError, read_yaml
 
 
 def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -433,30 +429,3 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     @property
     def tz(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)
-
-
-def parse_config(data: Any) -> Config:
-    """Validate already-parsed YAML data; raise ConfigError naming the key."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"(top level): expected a mapping, got {type(data).__name__}")
-    try:
-        return msgspec.convert(data, Config, strict=True)
-    except msgspec.ValidationError as e:
-        raise ConfigError(describe_validation_error(e, Config)) from None
-
-
-def load_config(path: str | Path | None, allow_empty: bool = True) -> Config:
-    """Read and validate a config file; no path means the built-in defaults. An empty
-    file (or one of only comments) means the defaults too, unless ``allow_empty`` is
-    False: a reload refuses it, since a deploy cut short would drop every budget."""
-    if path is None:
-        return Config()
-    try:
-        data = read_yaml(path)
-        if data is None and not allow_empty:
-            raise ConfigError("empty; refusing to replace the running config with none")
-        return parse_config(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}", e.detail) from None

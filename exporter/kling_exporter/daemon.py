@@ -23,7 +23,8 @@ import msgspec
 
 from kling_exporter.budgets import DayUsage
 from kling_exporter.collector import Exposition
-from kling_exporter.config import Config, load_config
+from kling_exporter.config import Config
+from kling_exporter.configfile import ConfigError, load_config
 from kling_exporter.durable import write_atomically
 from kling_exporter.events import explain_invalid
 from kling_exporter.ingest import RateLimit, ingest
@@ -31,11 +32,11 @@ from kling_exporter.ledger import Ledger
 from kling_exporter.listing import Watcher
 from kling_exporter.logfile import max_open_files
 from kling_exporter.metrics import declared, families
-from kling_exporter.model import Consumed, ReadStats, Snapshot, Status, View
+from kling_exporter.model import ReadStats, Status
 from kling_exporter.runtime import SWITCH_INTERVAL, raise_open_file_limit
 from kling_exporter.state import FORMAT, State, ledger_state, read_state, restore
 from kling_exporter.tailer import Tailer
-from kling_exporter.yamlfile import ConfigError
+from kling_exporter.views import Consumed, Snapshot, View
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from typing import Any
 import jwt
 from aiohttp import web
 
-from kling_exporter.config import Config, parse_config
+from kling_exporter.config import Config
+from kling_exporter.configfile import parse_config
 from kling_exporter.flags import DEFAULT_RATE, DEFAULT_SEED
 from kling_exporter.standin import KlingStandIn
 

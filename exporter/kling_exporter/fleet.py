@@ -47,8 +47,8 @@ import msgspec
 
 from kling_exporter.budgets import Ask, CheckResult, Share
 from kling_exporter.config import BudgetConfig, Config, FleetConfig
-from kling_exporter.model import View
 from kling_exporter.reservations import Reservations
+from kling_exporter.views import View
 
 log = logging.getLogger(__name__)
 

@@ -53,10 +53,10 @@ from kling_exporter.endpoints import (
 )
 from kling_exporter.events import MAX_LABEL_LEN
 from kling_exporter.fleet import Fleet
-from kling_exporter.model import View
 from kling_exporter.reservations import Reservations, Terms, fingerprint
 from kling_exporter.streams import TooLarge, read_bounded
 from kling_exporter.tasks import completion, part_ids
+from kling_exporter.views import View
 from kling_exporter.wire import (
     AUTO_HEADERS,
     CODE_BAD_PARAMETER,

@@ -71,8 +71,9 @@ from kling_exporter.events import (
     Event,
 )
 from kling_exporter.evicted import Owner
-from kling_exporter.model import ReadStats, Record, Snapshot, Task
+from kling_exporter.model import ReadStats, Record, Task
 from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE
+from kling_exporter.views import Snapshot
 
 # 2000-01-01T00:00:00Z: an earlier event time is a broken clock (Kling did not exist).
 OLDEST_TS = 946684800.0

@@ -34,8 +34,9 @@ from kling_exporter.messages import (
     ToReader,
     encode,
 )
-from kling_exporter.model import Consumed, ReaderUnavailable, View
+from kling_exporter.model import ReaderUnavailable
 from kling_exporter.runtime import raise_open_file_limit
+from kling_exporter.views import Consumed, View
 
 log = logging.getLogger(__name__)
 

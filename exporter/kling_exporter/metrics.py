@@ -11,7 +11,8 @@ from typing import Any, NamedTuple
 
 from kling_exporter import __version__
 from kling_exporter.collector import Family, Key, keyed
-from kling_exporter.model import Snapshot, Status
+from kling_exporter.model import Status
+from kling_exporter.views import Snapshot
 
 
 def _opt(value: str | None) -> str:

@@ -4,12 +4,8 @@ pre-flight answers read."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import NamedTuple
-
 import msgspec
 
-from kling_exporter.budgets import Budgets, BudgetStatus, DayUsage, Usage
 from kling_exporter.events import INVALID_REASONS
 
 # The states of a resource pack of Kling's account, as Kling names them.
@@ -50,20 +46,7 @@ class ReaderUnavailable(Exception):
     """The reader did not answer: it has ended, or did not answer in time."""
 
 
-class View(NamedTuple):
-    """What pre-flight answers read: the budgets, daily usage and tasks in flight."""
-
-    budgets: Budgets
-    usage: Usage
-    flight: DayUsage
-
-
-# Told the reader's counts of tasks per reservation id, and whether this is its first
-# word since it started.
-Consumed = Callable[[Mapping[str, int], bool], None]
-
-
-def _no_invalid() -> dict[str, int]:
+def no_invalid() -> dict[str, int]:
     return dict.fromkeys(INVALID_REASONS, 0)
 
 
@@ -73,7 +56,7 @@ class ReadStats(msgspec.Struct):
 
     lines: int = 0
     bytes: int = 0
-    invalid: dict[str, int] = msgspec.field(default_factory=_no_invalid)
+    invalid: dict[str, int] = msgspec.field(default_factory=no_invalid)
 
 
 class Record(msgspec.Struct, frozen=True):
@@ -94,32 +77,3 @@ class Record(msgspec.Struct, frozen=True):
     error_type: str | None = None
     credits: float = 0.0
     usd: float = 0.0
-
-
-class Snapshot(msgspec.Struct):
-    """Everything a scrape renders, copied out of the ledger at one instant."""
-
-    submitted: dict[tuple[str, str, str], int]
-    completed: dict[tuple[str, str, str], int]
-    errors: dict[tuple[str, str], int]
-    credits: dict[tuple[str, str], float]
-    usd: dict[tuple[str, str], float]
-    video_seconds: dict[tuple[str, str], int]
-    generation: dict[str, tuple[list[tuple[str, int]], float]]
-    in_flight: dict[str, int]
-    expired: dict[str, int]
-    budgets: list[BudgetStatus]
-    duplicates: int
-    last_event_ts: float
-    label_overflow: dict[str, int]
-    tasks_tracked: int
-    timestamps_clamped: dict[str, int]
-    awaiting_submission: int
-    orphaned: int
-    expired_credits: dict[str, float] = msgspec.field(default_factory=dict)
-    tasks_limit: int = 0  # tasks.max_tasks
-    tasks_evicted: int = 0  # pushed out by that cap, ever
-    # The reader's counts (``ReadStats``), for the same scrape.
-    lines_read: int = 0
-    bytes_read: int = 0
-    invalid: dict[str, int] = msgspec.field(default_factory=_no_invalid)

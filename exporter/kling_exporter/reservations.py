@@ -57,7 +57,7 @@ from kling_exporter.holds import (
     log_unwritten,
     unwritten,
 )
-from kling_exporter.model import View
+from kling_exporter.views import View
 from kling_exporter.wording import amount_for_people
 
 if TYPE_CHECKING:

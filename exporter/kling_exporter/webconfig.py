@@ -17,8 +17,8 @@ from pathlib import Path
 import bcrypt
 import msgspec
 
+from kling_exporter.configfile import ConfigError, read_yaml
 from kling_exporter.validation import describe_validation_error
-from kling_exporter.yamlfile import ConfigError, read_yaml
 
 TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,

@@ -1,13 +1,18 @@
-"""YAML files a person writes (the config, the web config), read as data: libyaml where
-PyYAML has it, a key given twice in one mapping refused, and every failure a
-ConfigError that says where."""
+"""The config file read: YAML as data (libyaml where PyYAML has it, a key given twice
+in one mapping refused, as for the web config), then validated into a ``Config``;
+every failure a ConfigError that names the key, and the file when read from one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import msgspec.inspect
 import yaml
+
+from kling_exporter.config import Config
+from kling_exporter.validation import describe_validation_error
 
 
 class ConfigError(ValueError):
@@ -85,3 +90,30 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"invalid YAML at {where}{problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"invalid YAML: {e}") from None
+
+
+def parse_config(data: Any) -> Config:
+    """Validate already-parsed YAML data; raise ConfigError naming the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"(top level): expected a mapping, got {type(data).__name__}")
+    try:
+        return msgspec.convert(data, Config, strict=True)
+    except msgspec.ValidationError as e:
+        raise ConfigError(describe_validation_error(e, Config)) from None
+
+
+def load_config(path: str | Path | None, allow_empty: bool = True) -> Config:
+    """Read and validate a config file; no path means the built-in defaults. An empty
+    file (or one of only comments) means the defaults too, unless ``allow_empty`` is
+    False: a reload refuses it, since a deploy cut short would drop every budget."""
+    if path is None:
+        return Config()
+    try:
+        data = read_yaml(path)
+        if data is None and not allow_empty:
+            raise ConfigError("empty; refusing to replace the running config with none")
+        return parse_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}", e.detail) from None
