@@ -39,7 +39,7 @@ from typing import Any
 import aiohttp
 import jwt
 from aiohttp import web
-from kling_exporter.standin import KlingStandIn
+from kling_exporter.kling.standin import KlingStandIn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -28,8 +28,8 @@ import sys, time
 sys.path.insert(0, {root!r} + "/exporter")
 from kling_exporter.config import parse_config
 from kling_exporter.events import decode_line
-from kling_exporter.ingest import ingest
-from kling_exporter.ledger import Ledger
+from kling_exporter.reading.ingest import ingest
+from kling_exporter.accounting.ledger import Ledger
 lines = open({log!r}, "rb").read().splitlines()
 what, rounds = sys.argv[1], int(sys.argv[2])
 now = time.time()

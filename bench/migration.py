@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from kling_exporter import client, reports
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.configfile import parse_config, read_yaml
-from kling_exporter.ingest import ingest
-from kling_exporter.ledger import Ledger
 from kling_exporter.model import ReadStats, Record
 from kling_exporter.pricing import Pricing, Request
+from kling_exporter.reading.ingest import ingest
 from kling_exporter.vocabulary import normalize_mode
 
 ROOT = Path(__file__).resolve().parent.parent

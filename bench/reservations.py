@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kling_exporter.holds import Hold
-from kling_exporter.reservations import Reservations
+from kling_exporter.guard.reservations import Reservations
+from kling_exporter.journals.holds import Hold
 
 DAY = 86400.0
 START = 1_795_000_000.0

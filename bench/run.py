@@ -39,13 +39,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 
 import msgspec  # noqa: E402
+from kling_exporter.accounting.ledger import Ledger  # noqa: E402
+from kling_exporter.accounting.metrics import declared, families  # noqa: E402
 from kling_exporter.collector import FamilyCollector, TextRenderer  # noqa: E402
 from kling_exporter.configfile import parse_config  # noqa: E402
 from kling_exporter.events import Event, decode_line  # noqa: E402
-from kling_exporter.ingest import ingest  # noqa: E402
-from kling_exporter.ledger import Ledger  # noqa: E402
-from kling_exporter.metrics import declared, families  # noqa: E402
 from kling_exporter.model import Status  # noqa: E402
+from kling_exporter.reading.ingest import ingest  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 from bench import fleet_load, web_load  # noqa: E402

@@ -36,22 +36,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "exporter"))  # the package, when not installed
 
-from kling_exporter.account import Account, Pack  # noqa: E402
-from kling_exporter.callbacks import Callbacks  # noqa: E402
+from kling_exporter.accounting.ledger import Ledger  # noqa: E402
+from kling_exporter.accounting.metrics import families  # noqa: E402
 from kling_exporter.collector import TextRenderer  # noqa: E402
 from kling_exporter.demo import DemoTraffic, demo_config, demo_gateway  # noqa: E402
 from kling_exporter.events import Event, decode_line  # noqa: E402
 from kling_exporter.flags import DEFAULT_SEED  # noqa: E402
-from kling_exporter.fleet import Fleet  # noqa: E402
-from kling_exporter.gateway import Gateway  # noqa: E402
-from kling_exporter.ingest import ingest  # noqa: E402
-from kling_exporter.ledger import Ledger  # noqa: E402
-from kling_exporter.metrics import families  # noqa: E402
+from kling_exporter.guard.fleet import Fleet  # noqa: E402
+from kling_exporter.guard.reservations import Reservations  # noqa: E402
+from kling_exporter.kling.account import Account, Pack  # noqa: E402
+from kling_exporter.kling.standin import demo_packs  # noqa: E402
 from kling_exporter.model import ReadStats, Status  # noqa: E402
-from kling_exporter.reservations import Reservations  # noqa: E402
-from kling_exporter.server import side_of  # noqa: E402
-from kling_exporter.side import side_families  # noqa: E402
-from kling_exporter.standin import demo_packs  # noqa: E402
+from kling_exporter.reading.ingest import ingest  # noqa: E402
+from kling_exporter.serving.callbacks import Callbacks  # noqa: E402
+from kling_exporter.serving.gateway import Gateway  # noqa: E402
+from kling_exporter.serving.metrics import side_families  # noqa: E402
+from kling_exporter.serving.server import side_of  # noqa: E402
 from kling_exporter.views import View  # noqa: E402
 
 from tests.helpers import free_port, require_binary  # noqa: E402

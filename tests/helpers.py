@@ -23,15 +23,15 @@ from typing import Any
 
 import msgspec
 import pytest
+from kling_exporter.accounting.ledger import Ledger
+from kling_exporter.accounting.metrics import declared, families
+from kling_exporter.accounting.state import ledger_state, restore
 from kling_exporter.budgets import Ask, CheckResult
 from kling_exporter.collector import FamilyCollector
 from kling_exporter.configfile import parse_config
 from kling_exporter.events import Event, decode_line
-from kling_exporter.ledger import Ledger
-from kling_exporter.metrics import declared, families
 from kling_exporter.model import ReadStats, Status
 from kling_exporter.pricing import Request
-from kling_exporter.state import ledger_state, restore
 from kling_exporter.views import Snapshot
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families

@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 from aiohttp import web
 from kling_exporter.config import Config
-from kling_exporter.daemon import Daemon
 from kling_exporter.demo import STANDIN_PATH
-from kling_exporter.server import build_app
-from kling_exporter.standin import KlingStandIn
+from kling_exporter.kling.standin import KlingStandIn
+from kling_exporter.reading.daemon import Daemon
+from kling_exporter.serving.server import build_app
 
 from tests.helpers import ROOT, free_port, request, require_binary, wait_until
 

@@ -17,12 +17,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from kling_exporter import account as account_module
-from kling_exporter.account import MAX_ANSWER, Account, PollError
 from kling_exporter.config import Config
 from kling_exporter.configfile import parse_config
 from kling_exporter.demo import STANDIN_PATH, StandInServer
-from kling_exporter.standin import KlingStandIn, demo_packs
+from kling_exporter.kling import account as account_module
+from kling_exporter.kling.account import MAX_ANSWER, Account, PollError
+from kling_exporter.kling.standin import KlingStandIn, demo_packs
 
 from tests.helpers import DaemonProcess, value, wait_until
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from kling_exporter.api import _with_state
+from kling_exporter.serving.api import _with_state
 
 from tests.helpers import DaemonProcess, line, write_lines
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.budgets import Budgets
 from kling_exporter.configfile import parse_config
-from kling_exporter.ledger import Ledger
 
 from tests.helpers import NOW, feed, iso, line, saved_and_restored
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from kling_exporter.config import LogsConfig
 from kling_exporter.events import Event, decode_line
-from kling_exporter.tasklog import EventJournal, journal_for, open_journal
-from kling_exporter.tasks import CallbackError, completion
+from kling_exporter.journals.tasklog import EventJournal, journal_for, open_journal
+from kling_exporter.kling.tasks import CallbackError, completion
 
 from tests.helpers import DaemonProcess, half_then_full, line, value, write_lines
 

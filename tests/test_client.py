@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.client import (
     BudgetClient,
     BudgetExceededError,
@@ -20,9 +21,8 @@ from kling_exporter.configfile import parse_config
 from kling_exporter.demo import DemoTraffic, demo_config
 from kling_exporter.events import Event, decode_line
 from kling_exporter.flags import DEFAULT_BACKFILL_HOURS, DEFAULT_RATE, DEFAULT_SEED
-from kling_exporter.ingest import ingest
-from kling_exporter.ledger import Ledger
-from kling_exporter.tailer import Tailer
+from kling_exporter.reading.ingest import ingest
+from kling_exporter.reading.tailer import Tailer
 
 from tests.helpers import DaemonProcess, by_name, value, wait_until
 

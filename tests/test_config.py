@@ -13,7 +13,7 @@ from kling_exporter.cli import main
 from kling_exporter.config import Config
 from kling_exporter.configfile import ConfigError, load_config, parse_config, read_yaml
 from kling_exporter.globs import glob_matches
-from kling_exporter.listing import expand_glob
+from kling_exporter.reading.listing import expand_glob
 from kling_exporter.validation import keys_at
 
 from tests.helpers import ROOT

@@ -19,13 +19,13 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from kling_exporter import daemon as daemon_module
 from kling_exporter.config import Config
 from kling_exporter.configfile import parse_config
-from kling_exporter.daemon import Daemon
-from kling_exporter.durable import write_atomically
-from kling_exporter.ingest import ingest
-from kling_exporter.server import build_app
+from kling_exporter.journals.durable import write_atomically
+from kling_exporter.reading import daemon as daemon_module
+from kling_exporter.reading.daemon import Daemon
+from kling_exporter.reading.ingest import ingest
+from kling_exporter.serving.server import build_app
 
 from tests.helpers import (
     MK_CONFIG,

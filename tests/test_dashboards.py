@@ -23,7 +23,7 @@ from kling_exporter.demo import (
     demo_config,
     demo_gateway,
 )
-from kling_exporter.standin import KlingStandIn, demo_packs
+from kling_exporter.kling.standin import KlingStandIn, demo_packs
 
 from tests.helpers import ROOT, free_port, wait_until
 from tests.stack import InProcessExporter, Process, prometheus

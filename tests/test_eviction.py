@@ -9,10 +9,10 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kling_exporter import evicted
+from kling_exporter.accounting import evicted
+from kling_exporter.accounting.evicted import Evicted
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.configfile import parse_config
-from kling_exporter.evicted import Evicted
-from kling_exporter.ledger import Ledger
 
 from tests.helpers import NOW, feed, iso, line, saved_and_restored
 

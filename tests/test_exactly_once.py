@@ -14,11 +14,11 @@ import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from kling_exporter.accounting.ledger import Ledger
+from kling_exporter.accounting.state import ledger_state, restore
 from kling_exporter.configfile import parse_config
 from kling_exporter.events import Event, decode_line
-from kling_exporter.ledger import Ledger
-from kling_exporter.state import ledger_state, restore
-from kling_exporter.tailer import Tailer
+from kling_exporter.reading.tailer import Tailer
 
 
 class Reader:

@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 import yaml
-from kling_exporter import fleet as fleet_module
 from kling_exporter.budgets import Ask, Budgets, DayUsage
 from kling_exporter.client import EventLogger
 from kling_exporter.configfile import load_config, parse_config
+from kling_exporter.guard import fleet as fleet_module
+from kling_exporter.guard.reservations import Reservations
 from kling_exporter.pricing import Request
-from kling_exporter.reservations import Reservations
 from kling_exporter.views import View
 
 from tests.helpers import (

@@ -26,14 +26,14 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kling_exporter.configfile import ConfigError, parse_config
-from kling_exporter.daemon import Daemon
 from kling_exporter.demo import STANDIN_PATH, StandInServer
-from kling_exporter.endpoints import CREATES, priced, route_of
-from kling_exporter.holds import Granted, HoldJournal
-from kling_exporter.reservations import Reservations
-from kling_exporter.server import build_app
-from kling_exporter.standin import KlingStandIn
-from kling_exporter.tasklog import EventJournal
+from kling_exporter.guard.reservations import Reservations
+from kling_exporter.journals.holds import Granted, HoldJournal
+from kling_exporter.journals.tasklog import EventJournal
+from kling_exporter.kling.endpoints import CREATES, priced, route_of
+from kling_exporter.kling.standin import KlingStandIn
+from kling_exporter.reading.daemon import Daemon
+from kling_exporter.serving.server import build_app
 
 from tests.helpers import DaemonProcess, by_name, value, wait_until
 from tests.redis_server import RedisServer

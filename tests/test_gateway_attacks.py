@@ -20,13 +20,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kling_exporter.api import READER
 from kling_exporter.configfile import parse_config
-from kling_exporter.daemon import Daemon
-from kling_exporter.endpoints import CREATES, canonical, priced
+from kling_exporter.kling.endpoints import CREATES, canonical, priced
+from kling_exporter.kling.standin import KlingStandIn
 from kling_exporter.pricing import Pricing
-from kling_exporter.server import build_app
-from kling_exporter.standin import KlingStandIn
+from kling_exporter.reading.daemon import Daemon
+from kling_exporter.serving.api import READER
+from kling_exporter.serving.server import build_app
 
 from tests.helpers import free_port
 

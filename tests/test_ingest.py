@@ -8,12 +8,12 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.config import Config, TasksConfig
 from kling_exporter.configfile import parse_config
 from kling_exporter.events import INVALID_REASONS
-from kling_exporter.ingest import ingest
-from kling_exporter.ledger import Ledger
 from kling_exporter.model import ReadStats
+from kling_exporter.reading.ingest import ingest
 
 from tests.helpers import NOW, feed, iso, line, random_tasks, saved_and_restored, task_lines
 

@@ -8,12 +8,12 @@ from collections import Counter, defaultdict
 from zoneinfo import ZoneInfo
 
 import pytest
-from kling_exporter.book import EST, FLAG_BITS, SUB
+from kling_exporter.accounting.book import EST, FLAG_BITS, SUB
+from kling_exporter.accounting.counters import OTHER
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.budgets import DayUsage
 from kling_exporter.config import BudgetConfig, Config, LabelsConfig, TasksConfig
 from kling_exporter.configfile import parse_config
-from kling_exporter.counters import OTHER
-from kling_exporter.ledger import Ledger
 from kling_exporter.pricing import Request
 
 from tests.helpers import (

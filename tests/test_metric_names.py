@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kling_exporter.account import Account
+from kling_exporter.accounting.metrics import METRICS
 from kling_exporter.budgets import Budgets, DayUsage
-from kling_exporter.callbacks import Callbacks
 from kling_exporter.collector import Family
 from kling_exporter.config import Config, FleetConfig, GatewayConfig
-from kling_exporter.fleet import Fleet
-from kling_exporter.gateway import Gateway
-from kling_exporter.metrics import METRICS
-from kling_exporter.reservations import Reservations
-from kling_exporter.server import side_of
-from kling_exporter.side import SIDE_METRICS, Side, side_families
+from kling_exporter.guard.fleet import Fleet
+from kling_exporter.guard.reservations import Reservations
+from kling_exporter.kling.account import Account
+from kling_exporter.serving.callbacks import Callbacks
+from kling_exporter.serving.gateway import Gateway
+from kling_exporter.serving.metrics import SIDE_METRICS, Side, side_families
+from kling_exporter.serving.server import side_of
 from kling_exporter.views import View
 
 from tests.helpers import collector_of, render_fixed_log

@@ -7,9 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.collector import TextRenderer
 from kling_exporter.events import Event, decode_line
-from kling_exporter.ledger import Ledger
 from kling_exporter.model import Status
 from prometheus_client import CollectorRegistry, generate_latest
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.cli import main
 from kling_exporter.client import KlingEventLogger
 from kling_exporter.configfile import parse_config
-from kling_exporter.ingest import ingest
-from kling_exporter.ledger import Ledger
 from kling_exporter.model import ReadStats, Status
 from kling_exporter.pricing import Request
+from kling_exporter.reading.ingest import ingest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from bench.migration import figures

@@ -19,16 +19,16 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from kling_exporter import holds as holds_module
-from kling_exporter import reservations as reservations_module
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.budgets import Ask
 from kling_exporter.config import ReservationsConfig
 from kling_exporter.configfile import ConfigError, parse_config
-from kling_exporter.durable import write_all_and_sync
-from kling_exporter.holds import API, GATEWAY, Granted, Hold, HoldJournal, Record
-from kling_exporter.ledger import Ledger
+from kling_exporter.guard import reservations as reservations_module
+from kling_exporter.guard.reservations import TOLD_FOR, Reservations, Terms, fingerprint
+from kling_exporter.journals import holds as holds_module
+from kling_exporter.journals.durable import write_all_and_sync
+from kling_exporter.journals.holds import API, GATEWAY, Granted, Hold, HoldJournal, Record
 from kling_exporter.pricing import Request
-from kling_exporter.reservations import TOLD_FOR, Reservations, Terms, fingerprint
 from kling_exporter.views import View
 
 from tests.helpers import NOW, feed, half_then_full, saved_and_restored

@@ -21,8 +21,8 @@ from kling_exporter.client import (
     EventLogger,
 )
 from kling_exporter.demo import STANDIN_PATH, StandInServer
-from kling_exporter.holds import Granted, Hold, HoldJournal
-from kling_exporter.standin import KlingStandIn
+from kling_exporter.journals.holds import Granted, Hold, HoldJournal
+from kling_exporter.kling.standin import KlingStandIn
 
 from tests.helpers import DaemonProcess, free_port, request, value, wait_until, write_lines
 

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kling_exporter import bodies
 from kling_exporter.configfile import parse_config
 from kling_exporter.model import ReaderUnavailable
+from kling_exporter.serving import bodies
 
 from tests.stack import InProcessExporter
 

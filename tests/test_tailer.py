@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 from kling_exporter.config import LogsConfig
-from kling_exporter.listing import ListingError, expand_glob
-from kling_exporter.tailer import Tailer
+from kling_exporter.reading.listing import ListingError, expand_glob
+from kling_exporter.reading.tailer import Tailer
 
 
 class Collect:

@@ -9,9 +9,9 @@ import io
 from pathlib import Path
 
 import pytest
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.config import Config, TasksConfig
 from kling_exporter.configfile import parse_config
-from kling_exporter.ledger import Ledger
 from kling_exporter.reports import daily_report, export_csv, read_records
 
 from tests.helpers import NOW, feed, iso, line, saved_and_restored, write_lines

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.config import Config
 from kling_exporter.configfile import parse_config
-from kling_exporter.daemon import Daemon
-from kling_exporter.ledger import Ledger
 from kling_exporter.pricing import Request
+from kling_exporter.reading.daemon import Daemon
 from kling_exporter.reports import read_records
 
 from tests.helpers import NOW, feed, iso, line, write_lines

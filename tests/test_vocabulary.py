@@ -8,8 +8,8 @@ from typing import Any
 
 import msgspec
 import pytest
-from kling_exporter.api import CheckRequest
 from kling_exporter.events import Event, decode_line
+from kling_exporter.serving.api import CheckRequest
 
 FIELDS: list[dict[str, Any]] = [
     {"user_id": 42},

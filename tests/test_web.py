@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kling_exporter.flags import HEALTH_URL_ENV
-from kling_exporter.webconfig import BasicAuth, FailureLimit
+from kling_exporter.serving.webconfig import BasicAuth, FailureLimit
 
 from tests.helpers import ROOT, DaemonProcess, free_port, require_binary, wait_until, write_lines
 from tests.stack import Process

@@ -148,7 +148,7 @@ NOTHING = DayUsage()  # no tasks in flight, no reservations
 
 class Share(NamedTuple):
     """What other exporters of a fleet say a budget has used, has in flight and holds
-    in its current period (``kling_exporter.fleet``)."""
+    in its current period (``kling_exporter.guard.fleet``)."""
 
     used_credits: float = 0.0
     used_usd: float = 0.0

@@ -21,7 +21,7 @@ from aiohttp import web
 from kling_exporter.config import Config
 from kling_exporter.configfile import parse_config
 from kling_exporter.flags import DEFAULT_RATE, DEFAULT_SEED
-from kling_exporter.standin import KlingStandIn
+from kling_exporter.kling.standin import KlingStandIn
 
 PROJECTS = [("marketing", 8), ("product", 5), ("sales", 3), ("support", 2), ("research", 1)]
 USERS = ["ann", "bob", "chen", "dana", "eli"]
@@ -29,7 +29,7 @@ MODELS = [("kling-v2-6", 5), ("kling-v2-5-turbo", 4), ("kling-v1-6", 2), ("kling
 ERRORS = [("quota_exceeded", 2), ("content_policy", 3), ("timeout", 1), ("rate_limited", 2)]
 
 
-# The demo's own Kling account: a stand-in (kling_exporter.standin) served by the
+# The demo's own Kling account: a stand-in (kling_exporter.kling.standin) served by the
 # exporter itself under this path, with these keys.
 STANDIN_PATH = "/demo/kling"
 DEMO_KEYS = ("demo-access-key", "demo-secret-key-for-the-stand-in-only")

@@ -7,8 +7,8 @@ import datetime as dt
 from collections.abc import Callable
 
 from kling_exporter import __version__
-from kling_exporter.connections import Limits
 from kling_exporter.logsetup import LEVELS
+from kling_exporter.serving.connections import Limits
 from kling_exporter.vocabulary import KINDS, normalize_mode, parse_duration
 
 DEFAULT_LISTEN = ":10177"

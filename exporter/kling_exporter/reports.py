@@ -18,14 +18,14 @@ from typing import Any, TextIO
 import msgspec
 from tqdm import tqdm
 
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.budgets import over_by
 from kling_exporter.config import Config
 from kling_exporter.events import Event, decode_line
-from kling_exporter.ingest import ingest
-from kling_exporter.ledger import Ledger
-from kling_exporter.listing import matching_files
 from kling_exporter.model import ReadStats, Record
 from kling_exporter.periods import period_bounds
+from kling_exporter.reading.ingest import ingest
+from kling_exporter.reading.listing import matching_files
 from kling_exporter.wording import amount_for_people
 
 

@@ -10,9 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from sys import intern
 
-from kling_exporter.budgets import Budgets, BudgetStatus, DayUsage
-from kling_exporter.config import Config
-from kling_exporter.counters import (
+from kling_exporter.accounting.counters import (
     CREDITS,
     MODE_SLOT,
     OTHER,
@@ -22,8 +20,10 @@ from kling_exporter.counters import (
     Route,
     project_slots,
 )
+from kling_exporter.accounting.evicted import Evicted
+from kling_exporter.budgets import Budgets, BudgetStatus, DayUsage
+from kling_exporter.config import Config
 from kling_exporter.events import UNKNOWN_MODEL, Event
-from kling_exporter.evicted import Evicted
 from kling_exporter.model import Record, Task
 from kling_exporter.periods import PERIOD_KINDS, PeriodClock, period_bounds
 from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE, Request

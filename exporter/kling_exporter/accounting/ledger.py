@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kling_exporter.book import (
+from kling_exporter.accounting.book import (
     CLOSED,
     DONE,
     ERR,
@@ -49,7 +49,7 @@ from kling_exporter.book import (
     estimate_of,
     with_estimate,
 )
-from kling_exporter.counters import (
+from kling_exporter.accounting.counters import (
     EXPIRED,
     EXPIRED_CREDITS,
     IN_FLIGHT,
@@ -61,6 +61,7 @@ from kling_exporter.counters import (
     VIDEO_SECONDS,
     Histogram,
 )
+from kling_exporter.accounting.evicted import Owner
 from kling_exporter.events import (
     COMPLETED,
     ERROR,
@@ -70,7 +71,6 @@ from kling_exporter.events import (
     USAGE,
     Event,
 )
-from kling_exporter.evicted import Owner
 from kling_exporter.model import ReadStats, Record, Task
 from kling_exporter.pricing import DEFAULT_DURATION, DEFAULT_KIND, DEFAULT_MODE
 from kling_exporter.views import Snapshot

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from kling_exporter.budgets import DayUsage
-from kling_exporter.counters import (
+from kling_exporter.accounting.counters import (
     CREDITS,
     EXPIRED,
     EXPIRED_CREDITS,
@@ -31,11 +30,12 @@ from kling_exporter.counters import (
     Histogram,
     project_slots,
 )
+from kling_exporter.budgets import DayUsage
 from kling_exporter.events import Event
 from kling_exporter.model import ReadStats, Task
 
 if TYPE_CHECKING:
-    from kling_exporter.book import Book
+    from kling_exporter.accounting.book import Book
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
--- The fleet's one server-side script (kling_exporter/fleet.py runs it): hold this
+-- The fleet's one server-side script (kling_exporter/guard/fleet.py runs it): hold this
 -- exporter's lease on its instance name, publish its entry of each budget (writing back
 -- what Redis lost of the others'), read the others', decide a reservation, or write
 -- back the ids of its live holds, atomically.

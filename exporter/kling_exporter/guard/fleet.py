@@ -47,7 +47,7 @@ import msgspec
 
 from kling_exporter.budgets import Ask, CheckResult, Share
 from kling_exporter.config import BudgetConfig, Config, FleetConfig
-from kling_exporter.reservations import Reservations
+from kling_exporter.guard.reservations import Reservations
 from kling_exporter.views import View
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ LEASE_INTERVALS = 5
 IDS_PER_CALL = 1000
 
 # The script run inside Redis: what its keys and arguments are is said at its head.
-SCRIPT = (resources.files("kling_exporter") / "fleet.lua").read_text(encoding="utf-8")
+SCRIPT = (resources.files("kling_exporter.guard") / "fleet.lua").read_text(encoding="utf-8")
 
 
 class Answer(msgspec.Struct):

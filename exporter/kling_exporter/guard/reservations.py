@@ -46,7 +46,7 @@ from kling_exporter.budgets import (
     sum_into,
 )
 from kling_exporter.events import MAX_ID
-from kling_exporter.holds import (
+from kling_exporter.journals.holds import (
     API,
     GATEWAY,
     Ended,

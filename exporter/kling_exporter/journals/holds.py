@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from kling_exporter.durable import (
+from kling_exporter.journals.durable import (
     GroupCommit,
     sync_folder,
     write_all,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kling_exporter.config import LogsConfig
-from kling_exporter.durable import GroupCommit, write_all_and_sync
+from kling_exporter.journals.durable import GroupCommit, write_all_and_sync
 
 JOURNAL_NAME = "callbacks"  # put where the glob's file name has its first wildcard
 

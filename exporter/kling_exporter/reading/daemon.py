@@ -3,7 +3,7 @@
 The reader thread alone changes the ledger and the file offsets, so a saved
 state always holds offsets and totals that agree. Others read the ledger under
 the same lock, which the reader yields between chunks of lines. ``kling-exporter``
-runs this daemon in a process of its own (``kling_exporter.reader``); tests may also
+runs this daemon in a process of its own (``kling_exporter.reading.reader``); tests may also
 serve it in process.
 """
 
@@ -21,21 +21,21 @@ from pathlib import Path
 
 import msgspec
 
+from kling_exporter.accounting.ledger import Ledger
+from kling_exporter.accounting.metrics import declared, families
+from kling_exporter.accounting.state import FORMAT, State, ledger_state, read_state, restore
 from kling_exporter.budgets import DayUsage
 from kling_exporter.collector import Exposition
 from kling_exporter.config import Config
 from kling_exporter.configfile import ConfigError, load_config
-from kling_exporter.durable import write_atomically
 from kling_exporter.events import explain_invalid
-from kling_exporter.ingest import RateLimit, ingest
-from kling_exporter.ledger import Ledger
-from kling_exporter.listing import Watcher
-from kling_exporter.logfile import max_open_files
-from kling_exporter.metrics import declared, families
+from kling_exporter.journals.durable import write_atomically
 from kling_exporter.model import ReadStats, Status
+from kling_exporter.reading.ingest import RateLimit, ingest
+from kling_exporter.reading.listing import Watcher
+from kling_exporter.reading.logfile import max_open_files
+from kling_exporter.reading.tailer import Tailer
 from kling_exporter.runtime import SWITCH_INTERVAL, raise_open_file_limit
-from kling_exporter.state import FORMAT, State, ledger_state, read_state, restore
-from kling_exporter.tailer import Tailer
 from kling_exporter.views import Consumed, Snapshot, View
 
 log = logging.getLogger(__name__)

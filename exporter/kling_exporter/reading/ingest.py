@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.events import Event, decode_line
-from kling_exporter.ledger import Ledger
 from kling_exporter.model import ReadStats
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from kling_exporter.accounting.state import FilePosition, as_positions
 from kling_exporter.config import LogsConfig
-from kling_exporter.listing import glob_base
-from kling_exporter.state import FilePosition, as_positions
+from kling_exporter.reading.listing import glob_base
 
 # Positions of files that left the globs, kept in case they come back.
 KEEP_GONE = 10_000

@@ -37,9 +37,9 @@ from multiprocessing.connection import Connection
 import msgspec
 
 from kling_exporter.budgets import DayUsage
-from kling_exporter.daemon import PUBLISH_INTERVAL, Daemon
 from kling_exporter.logsetup import setup_logging
-from kling_exporter.messages import (
+from kling_exporter.reading.daemon import PUBLISH_INTERVAL, Daemon
+from kling_exporter.reading.messages import (
     FromReader,
     Published,
     Reload,
@@ -170,7 +170,7 @@ class _Link:
 
 
 def reader_main(fd: int) -> None:
-    """The reader process (``python -m kling_exporter.reader FD``): the daemon, and the link
+    """The reader process (``python -m kling_exporter.reading.reader FD``): the daemon, and the link
     on the socket ``FD`` that serves the HTTP process."""
     # The HTTP process decides when to stop or reload (a Ctrl-C reaches both processes).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -27,8 +27,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from kling_exporter.accounting.state import FilePosition
 from kling_exporter.config import LogsConfig
-from kling_exporter.listing import (
+from kling_exporter.reading.listing import (
     ABSENT,
     ListingError,
     files_by_glob,
@@ -36,8 +37,13 @@ from kling_exporter.listing import (
     warn_once,
     warned,
 )
-from kling_exporter.logfile import FileState, KnownFiles, known_start, last_line_end, open_fd
-from kling_exporter.state import FilePosition
+from kling_exporter.reading.logfile import (
+    FileState,
+    KnownFiles,
+    known_start,
+    last_line_end,
+    open_fd,
+)
 
 log = logging.getLogger(__name__)
 

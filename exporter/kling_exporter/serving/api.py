@@ -9,16 +9,6 @@ from typing import Annotated, Any, Protocol
 import msgspec
 from aiohttp import web
 
-from kling_exporter.bodies import (
-    BodyError,
-    RepeatedKey,
-    bad_request,
-    error_answer,
-    for_people,
-    parse_json,
-    read_body,
-    unique_keys,
-)
 from kling_exporter.budgets import Ask, BudgetStatus
 from kling_exporter.config import Config
 from kling_exporter.events import (
@@ -31,16 +21,26 @@ from kling_exporter.events import (
     kind_of,
     name_of,
 )
-from kling_exporter.fleet import Fleet
-from kling_exporter.holds import API
-from kling_exporter.pricing import Request
-from kling_exporter.reservations import (
+from kling_exporter.guard.fleet import Fleet
+from kling_exporter.guard.reservations import (
     DEFAULT_TTL,
     MAX_TTL,
     Reservations,
     Terms,
     fingerprint,
     valid_id,
+)
+from kling_exporter.journals.holds import API
+from kling_exporter.pricing import Request
+from kling_exporter.serving.bodies import (
+    BodyError,
+    RepeatedKey,
+    bad_request,
+    error_answer,
+    for_people,
+    parse_json,
+    read_body,
+    unique_keys,
 )
 from kling_exporter.validation import describe_validation_error
 from kling_exporter.views import Consumed, View
@@ -49,7 +49,7 @@ from kling_exporter.vocabulary import MODE_ALIASES, parse_duration
 
 class Reader(Protocol):
     """What the server asks of the log reader: the reader process's link in the exporter
-    (``kling_exporter.link.ReaderProcess``), or a daemon in process in tests."""
+    (``kling_exporter.serving.link.ReaderProcess``), or a daemon in process in tests."""
 
     @property
     def reader_up(self) -> bool: ...

@@ -29,10 +29,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
-from kling_exporter.bodies import BodyError, error_answer, parse_json, read_body
 from kling_exporter.config import Config, LogsConfig
-from kling_exporter.tasklog import EventJournal, journal_for
-from kling_exporter.tasks import completion, part_ids
+from kling_exporter.journals.tasklog import EventJournal, journal_for
+from kling_exporter.kling.tasks import completion, part_ids
+from kling_exporter.serving.bodies import BodyError, error_answer, parse_json, read_body
 
 log = logging.getLogger(__name__)
 

@@ -37,12 +37,13 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from kling_exporter.bodies import BodyError, parse_json, read_body
+from kling_exporter.accounting.counters import Histogram
 from kling_exporter.budgets import Ask
-from kling_exporter.callbacks import Callbacks
 from kling_exporter.config import Config, GatewayConfig
-from kling_exporter.counters import Histogram
-from kling_exporter.endpoints import (
+from kling_exporter.events import MAX_LABEL_LEN
+from kling_exporter.guard.fleet import Fleet
+from kling_exporter.guard.reservations import Reservations, Terms, fingerprint
+from kling_exporter.kling.endpoints import (
     CREATES,
     PathError,
     Priced,
@@ -51,13 +52,8 @@ from kling_exporter.endpoints import (
     route_of,
     split_target,
 )
-from kling_exporter.events import MAX_LABEL_LEN
-from kling_exporter.fleet import Fleet
-from kling_exporter.reservations import Reservations, Terms, fingerprint
-from kling_exporter.streams import TooLarge, read_bounded
-from kling_exporter.tasks import completion, part_ids
-from kling_exporter.views import View
-from kling_exporter.wire import (
+from kling_exporter.kling.tasks import completion, part_ids
+from kling_exporter.kling.wire import (
     AUTO_HEADERS,
     CODE_BAD_PARAMETER,
     CODE_NO_AUTH,
@@ -72,6 +68,10 @@ from kling_exporter.wire import (
     refusal,
     transport_error,
 )
+from kling_exporter.serving.bodies import BodyError, parse_json, read_body
+from kling_exporter.serving.callbacks import Callbacks
+from kling_exporter.streams import TooLarge, read_bounded
+from kling_exporter.views import View
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -21,7 +21,8 @@ import msgspec
 
 from kling_exporter.budgets import Budgets, DayUsage
 from kling_exporter.config import Config
-from kling_exporter.messages import (
+from kling_exporter.model import ReaderUnavailable
+from kling_exporter.reading.messages import (
     FromReader,
     Published,
     Reload,
@@ -34,7 +35,6 @@ from kling_exporter.messages import (
     ToReader,
     encode,
 )
-from kling_exporter.model import ReaderUnavailable
 from kling_exporter.runtime import raise_open_file_limit
 from kling_exporter.views import Consumed, View
 
@@ -88,7 +88,7 @@ class ReaderProcess:
         # A fresh interpreter rather than a fork: nothing of this process's threads and
         # locks is copied, and no helper process is started beside it.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kling_exporter.reader", str(theirs.fileno())],
+            [sys.executable, "-m", "kling_exporter.reading.reader", str(theirs.fileno())],
             stdin=subprocess.DEVNULL,
             pass_fds=[theirs.fileno()],
         )

@@ -14,10 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from kling_exporter.bodies import error_answer
-from kling_exporter.callbacks import PATH as CALLBACK_PATH
 from kling_exporter.model import ReaderUnavailable
-from kling_exporter.webconfig import BasicAuth, FailureLimit, WebConfig
+from kling_exporter.serving.bodies import error_answer
+from kling_exporter.serving.callbacks import PATH as CALLBACK_PATH
+from kling_exporter.serving.webconfig import BasicAuth, FailureLimit, WebConfig
 
 log = logging.getLogger(__name__)
 

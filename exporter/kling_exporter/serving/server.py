@@ -19,8 +19,16 @@ from typing import Any, NamedTuple
 from aiohttp import web
 
 from kling_exporter import __version__
-from kling_exporter.account import Account
-from kling_exporter.api import (
+from kling_exporter.budgets import BudgetStatus
+from kling_exporter.collector import Exposition
+from kling_exporter.guard.fleet import Fleet, InstanceTaken
+from kling_exporter.guard.reservations import Reservations
+from kling_exporter.journals.holds import journal_beside
+from kling_exporter.journals.tasklog import journal_for
+from kling_exporter.kling.account import Account
+from kling_exporter.model import ReaderUnavailable
+from kling_exporter.runtime import SWITCH_INTERVAL, trim_after
+from kling_exporter.serving.api import (
     FLEET,
     READER,
     RESERVATIONS,
@@ -32,21 +40,13 @@ from kling_exporter.api import (
     reserve,
     statuses,
 )
-from kling_exporter.bodies import MAX_BODY, error_answer
-from kling_exporter.budgets import BudgetStatus
-from kling_exporter.callbacks import PATH as CALLBACK_PATH
-from kling_exporter.callbacks import Callbacks
-from kling_exporter.collector import Exposition
-from kling_exporter.connections import GuardedSite, Limits
-from kling_exporter.fleet import Fleet, InstanceTaken
-from kling_exporter.gateway import Gateway
-from kling_exporter.holds import journal_beside
-from kling_exporter.link import ReaderProcess
-from kling_exporter.middlewares import security_middlewares
-from kling_exporter.model import ReaderUnavailable
-from kling_exporter.reservations import Reservations
-from kling_exporter.runtime import SWITCH_INTERVAL, trim_after
-from kling_exporter.side import (
+from kling_exporter.serving.bodies import MAX_BODY, error_answer
+from kling_exporter.serving.callbacks import PATH as CALLBACK_PATH
+from kling_exporter.serving.callbacks import Callbacks
+from kling_exporter.serving.connections import GuardedSite, Limits
+from kling_exporter.serving.gateway import Gateway
+from kling_exporter.serving.link import ReaderProcess
+from kling_exporter.serving.metrics import (
     AccountFigures,
     FleetFigures,
     GatewayFigures,
@@ -54,8 +54,8 @@ from kling_exporter.side import (
     Side,
     side_families,
 )
-from kling_exporter.tasklog import journal_for
-from kling_exporter.webconfig import WebConfig
+from kling_exporter.serving.middlewares import security_middlewares
+from kling_exporter.serving.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
