@@ -102,21 +102,42 @@ def test_the_lock_pins_every_dependency_with_hashes() -> None:
     assert all(re.search(r">=|~=", spec) for spec in runtime), "pyproject.toml keeps ranges"
 
 
+def _loaded_by(module: str) -> tuple[set[str], set[str]]:
+    """The libraries (aiohttp, redis, jwt) and the package's own modules that importing
+    ``module`` in a fresh interpreter loads."""
+    probe = (
+        f"import sys, {module}; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'aiohttp', 'redis', 'jwt'}))); "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('kling_exporter.'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split("\n")
+    return set(out[0].split()), set(out[1].split())
+
+
 def test_each_process_loads_only_the_libraries_it_runs() -> None:
     """Start time is mostly imports: the reader child needs no HTTP client, and an
     exporter outside a fleet no Redis client (redis-py alone was a third of a start)."""
-    probe = (
-        "import sys, kling_exporter.{module}; "
-        "print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'aiohttp', 'redis', 'jwt'}}))"
-    )
-    loaded = {}
-    for module in ("reader", "server"):
-        out = subprocess.run(
-            [sys.executable, "-c", probe.format(module=module)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        loaded[module] = out.stdout.strip()
-    assert loaded["reader"] == "[]"
-    assert "redis" not in loaded["server"]
+    reader_libraries, _ = _loaded_by("kling_exporter.reading.reader")
+    assert reader_libraries == set()
+    server_libraries, _ = _loaded_by("kling_exporter.cli")
+    assert "redis" not in server_libraries
+
+
+def test_the_http_process_loads_no_reader_no_stand_in_and_no_reports() -> None:
+    """The daemon's HTTP process (``kling-exporter serve``) imports what it serves: of
+    the reading stage only the messages it exchanges with the reader process (and the
+    listing's error the CLI names), nothing of the ledger but its counters' histogram,
+    and neither the stand-in of Kling nor the demo nor the reports."""
+    _, modules = _loaded_by("kling_exporter.cli")
+    assert {m for m in modules if m.startswith("kling_exporter.reading.")} == {
+        "kling_exporter.reading.messages",
+        "kling_exporter.reading.listing",
+    }
+    assert {m for m in modules if m.startswith("kling_exporter.accounting.")} == {
+        "kling_exporter.accounting.counters"
+    }
+    for module in ("kling.standin", "demo", "reports", "report_text"):
+        assert f"kling_exporter.{module}" not in modules

@@ -19,32 +19,25 @@ from pathlib import Path
 
 import msgspec
 
-from kling_exporter import report_text, reports
-from kling_exporter.account import key_file_problems
-from kling_exporter.bodies import for_people
 from kling_exporter.config import Config
 from kling_exporter.configfile import ConfigError, load_config
-from kling_exporter.connections import Limits, parse_listen_address
-from kling_exporter.demo import (
-    DEMO_KEYS,
-    DemoTraffic,
-    GatewayTraffic,
-    StandInServer,
-    demo_account,
-    demo_config,
-    demo_gateway,
-)
 from kling_exporter.flags import COMMANDS, DEFAULT_LISTEN, HEALTH_URL_ENV, build_parser
-from kling_exporter.link import ReaderProcess
-from kling_exporter.listing import ListingError
+from kling_exporter.kling.account import key_file_problems
 from kling_exporter.logsetup import setup_logging
 from kling_exporter.pricing import Pricing, Request
-from kling_exporter.server import Serving, run
-from kling_exporter.standin import KlingStandIn, demo_packs
-from kling_exporter.webconfig import load_web_config
+from kling_exporter.reading.listing import ListingError
+from kling_exporter.serving.bodies import for_people
+from kling_exporter.serving.connections import Limits, parse_listen_address
+from kling_exporter.serving.link import ReaderProcess
+from kling_exporter.serving.server import Serving, run
+from kling_exporter.serving.webconfig import load_web_config
 from kling_exporter.wording import counted
 
 log = logging.getLogger("kling_exporter")
+
+# The reports and the demo are imported by their own commands alone: the daemon's
+# process loads only what it serves (the stand-in of Kling and the reports' ledger
+# are no part of it).
 
 
 def _today(config: Config) -> dt.date:
@@ -99,6 +92,8 @@ def _log_folder(path: str) -> str | None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from kling_exporter import report_text, reports  # noqa: PLC0415
+
     config = _load(args.config_file)
     day = args.date or _today(config)
     records = reports.read_records(config, sys.stderr)
@@ -113,6 +108,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
+    from kling_exporter import report_text, reports  # noqa: PLC0415
+
     if args.days > reports.MAX_COST_DAYS:
         print(
             f"kling-exporter: --days {args.days}: at most {reports.MAX_COST_DAYS} "
@@ -132,6 +129,8 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from kling_exporter import reports  # noqa: PLC0415
+
     config = _load(args.config_file)
     if args.since and args.until and args.since > args.until:
         print("kling-exporter: --since is after --until", file=sys.stderr)
@@ -154,6 +153,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
+    from kling_exporter import report_text  # noqa: PLC0415
+
     config = _load(args.config_file)
     if args.kind == "video":
         missing = [f"--{name}" for name in ("model", "mode", "duration") if not getattr(args, name)]
@@ -190,6 +191,17 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from kling_exporter.demo import (  # noqa: PLC0415
+        DEMO_KEYS,
+        DemoTraffic,
+        GatewayTraffic,
+        StandInServer,
+        demo_account,
+        demo_config,
+        demo_gateway,
+    )
+    from kling_exporter.kling.standin import KlingStandIn, demo_packs  # noqa: PLC0415
+
     if args.token:  # signed as a producer signs Kling's, with the stand-in's demo key
         print(KlingStandIn(*DEMO_KEYS, []).token())
         return 0
