@@ -128,13 +128,11 @@ def test_each_process_loads_only_the_libraries_it_runs() -> None:
 
 def test_the_http_process_loads_no_reader_no_stand_in_and_no_reports() -> None:
     """The daemon's HTTP process (``kling-exporter serve``) imports what it serves: of
-    the reading stage only the messages it exchanges with the reader process (and the
-    listing's error the CLI names), nothing of the ledger but its counters' histogram,
+    the reading stage only the listing's error the CLI names, nothing of the ledger but its counters' histogram,
     and neither the stand-in of Kling nor the demo nor the reports."""
     _, modules = _loaded_by("kling_exporter.cli")
     assert {m for m in modules if m.startswith("kling_exporter.reading.")} == {
-        "kling_exporter.reading.messages",
-        "kling_exporter.reading.listing",
+        "kling_exporter.reading.listing"
     }
     assert {m for m in modules if m.startswith("kling_exporter.accounting.")} == {
         "kling_exporter.accounting.counters"

@@ -38,8 +38,7 @@ import msgspec
 
 from kling_exporter.budgets import DayUsage
 from kling_exporter.logsetup import setup_logging
-from kling_exporter.reading.daemon import PUBLISH_INTERVAL, Daemon
-from kling_exporter.reading.messages import (
+from kling_exporter.messages import (
     FromReader,
     Published,
     Reload,
@@ -53,6 +52,7 @@ from kling_exporter.reading.messages import (
     ToReader,
     encode,
 )
+from kling_exporter.reading.daemon import PUBLISH_INTERVAL, Daemon
 from kling_exporter.runtime import trim_after
 
 log = logging.getLogger(__name__)

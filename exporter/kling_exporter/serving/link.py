@@ -21,8 +21,7 @@ import msgspec
 
 from kling_exporter.budgets import Budgets, DayUsage
 from kling_exporter.config import Config
-from kling_exporter.model import ReaderUnavailable
-from kling_exporter.reading.messages import (
+from kling_exporter.messages import (
     FromReader,
     Published,
     Reload,
@@ -35,6 +34,7 @@ from kling_exporter.reading.messages import (
     ToReader,
     encode,
 )
+from kling_exporter.model import ReaderUnavailable
 from kling_exporter.runtime import raise_open_file_limit
 from kling_exporter.views import Consumed, View
 
