@@ -128,8 +128,9 @@ def test_each_process_loads_only_the_libraries_it_runs() -> None:
 
 def test_the_http_process_loads_no_reader_no_stand_in_and_no_reports() -> None:
     """The daemon's HTTP process (``kling-exporter serve``) imports what it serves: of
-    the reading stage only the listing's error the CLI names, nothing of the ledger but its counters' histogram,
-    and neither the stand-in of Kling nor the demo nor the reports."""
+    the reading stage only the listing's error the CLI names, nothing of the ledger but
+    its counters' histogram, and neither the stand-in of Kling nor the demo nor the
+    reports."""
     _, modules = _loaded_by("kling_exporter.cli")
     assert {m for m in modules if m.startswith("kling_exporter.reading.")} == {
         "kling_exporter.reading.listing"
@@ -139,3 +140,27 @@ def test_the_http_process_loads_no_reader_no_stand_in_and_no_reports() -> None:
     }
     for module in ("kling.standin", "demo", "reports", "report_text"):
         assert f"kling_exporter.{module}" not in modules
+
+
+def test_the_layout_lists_every_module_of_the_package_where_it_is() -> None:
+    """docs/development.md's map of the package is the tree: each module under its
+    folder (a row in bold opens a folder; the front end and the contract are the
+    package's root), and nothing listed that is not there."""
+    layout = (ROOT / "docs" / "development.md").read_text().split("\n## Layout\n", 1)[1]
+    table = layout.split("| folder or module | its one job |", 1)[1].split("\n\n", 1)[0]
+    listed: set[str] = set()
+    folder = ""
+    for row in table.splitlines()[2:]:
+        first_cell = row.split("|")[1].strip()
+        if first_cell.startswith("**"):
+            opened = re.fullmatch(r"\*\*`([a-z_]+)/`\*\*", first_cell)
+            folder = f"{opened.group(1)}/" if opened else ""
+            continue
+        listed.update(folder + name for name in re.findall(r"`([^`]+)`", first_cell))
+    package = ROOT / "exporter" / "kling_exporter"
+    present = {
+        str(path.relative_to(package))
+        for path in package.rglob("*")
+        if path.suffix in (".py", ".lua") and path.name != "__init__.py"
+    }
+    assert listed == present
