@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kling_exporter import client, reports
+from kling_exporter import client, export, reports
 from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.configfile import parse_config, read_yaml
 from kling_exporter.model import ReadStats, Record
@@ -126,7 +126,7 @@ def their_export(week: list[dict[str, Any]]) -> list[list[str]]:
 
 def compare_csv(week: list[dict[str, Any]], config: Any) -> tuple[int, int]:
     out = io.StringIO()
-    reports.export_csv(reports.read_records(config), out, config)
+    export.export_csv(reports.read_records(config), out, config)
     ours = [row[:7] for row in list(csv.reader(io.StringIO(out.getvalue())))[1:]]
     theirs = their_export(week)
     total = 7 * max(len(ours), len(theirs))
@@ -204,7 +204,7 @@ def compare_drop_in(week: list[dict[str, Any]], directory: Path) -> tuple[int, i
     meant = {(x["event"], x["task_id"] or ""): x for x in week}
     right = 0
     for r in records:
-        x = meant.get((reports.EVENT_NAMES[r.event], r.task_id))
+        x = meant.get((export.EVENT_NAMES[r.event], r.task_id))
         if x is None:
             continue
         if r.event == "submitted":

@@ -12,7 +12,8 @@ import pytest
 from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.config import Config, TasksConfig
 from kling_exporter.configfile import parse_config
-from kling_exporter.reports import daily_report, export_csv, read_records
+from kling_exporter.export import export_csv
+from kling_exporter.reports import daily_report, read_records
 
 from tests.helpers import NOW, feed, iso, line, saved_and_restored, write_lines
 

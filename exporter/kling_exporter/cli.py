@@ -129,7 +129,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kling_exporter import reports  # noqa: PLC0415
+    from kling_exporter import export, reports  # noqa: PLC0415
 
     config = _load(args.config_file)
     if args.since and args.until and args.since > args.until:
@@ -141,11 +141,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _path_error("--output", args.output, problem)
     records = reports.read_records(config, sys.stderr)
     if args.output == "-":
-        count = reports.export_csv(records, sys.stdout, config, args.since, args.until)
+        count = export.export_csv(records, sys.stdout, config, args.since, args.until)
     else:
         try:
             with open(args.output, "w", encoding="utf-8", newline="") as out:
-                count = reports.export_csv(records, out, config, args.since, args.until)
+                count = export.export_csv(records, out, config, args.since, args.until)
         except OSError as e:
             return _path_error("--output", args.output, f"cannot be written: {e.strerror or e}")
     print(f"wrote {count} events to {args.output}", file=sys.stderr)
