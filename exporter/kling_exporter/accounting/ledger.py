@@ -30,6 +30,11 @@ What a task is charged, whatever the order its lines are read in:
 So a ledger fed the logger's and a usage tracker's lines of the same tasks, in any
 order, has the totals of the logger's lines alone (with the usage line's credits as
 the estimate of a task that never finishes).
+
+One job, and long for it: every handler of an event (submission, completion, error,
+usage line, expiry, eviction) with its joins, duplicates and charges, so that one
+event's way through the accounting reads in one place. What is kept between events,
+and the steps the handlers share, are ``book``.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ Unavailable (unreachable, slow, or settling), pre-flight follows
 instances' last seen, ``refuse`` refuses. Ingestion and scrapes never wait for Redis.
 
 All keys share one hash tag, so the script runs on a Redis Cluster too.
+
+One job, and long for it: the exporter's side of one protocol with Redis (connect,
+publish, decide, claim the instance name, fall back when Redis is gone); the other
+side is ``fleet.lua``, which Redis runs.
 """
 
 from __future__ import annotations

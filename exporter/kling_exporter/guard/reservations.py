@@ -18,6 +18,11 @@ gateway's are its own (they stand for creates waiting on Kling), and the API nei
 lists nor releases them. Every table kept beside the holds (what they keep by pair,
 their number per project, the counts told, the ids ended) is kept up to date as holds
 come and go, so that no call costs more than what it changes.
+
+One job, and long for it: the live holds and the tables kept beside them. Each method
+changes the holds or reads them within the one step of the event loop that makes a
+grant atomic, so the tables are never seen half updated; their journal is
+``journals.holds``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ directory moved away) and comes back continues where it was; the lines a
 copytruncate left only in the copy are read from the copy, and a copy whose
 first bytes are a stream already read continues that stream. An error while
 listing or opening files means "unknown", never "gone".
+
+One job, and long for it: the cases of a file's life are one state machine over the
+known files (``logfile``), each case a method, so that rotation, truncation, copies and
+restarts are decided in one place.
 """
 
 from __future__ import annotations

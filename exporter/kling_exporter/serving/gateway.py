@@ -18,6 +18,10 @@ query whose answer shows a finished task is journalled as its completion, once.
 
 The work after the budget's decision runs shielded from the producer's connection: a
 producer that goes away once its request was sent still has its task journalled.
+
+One job, and long for it: a request's way through the gateway, whose steps share the
+gateway's state (its client pool, holds, outcomes). Kling's wire format is
+``kling.wire``, its endpoints and prices ``kling.endpoints``.
 """
 
 from __future__ import annotations
