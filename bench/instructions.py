@@ -26,7 +26,7 @@ ROUNDS = 3
 SCRIPT = """
 import sys, time
 sys.path.insert(0, {root!r} + "/exporter")
-from kling_exporter.config import parse_config
+from kling_exporter.configfile import parse_config
 from kling_exporter.events import decode_line
 from kling_exporter.reading.ingest import ingest
 from kling_exporter.accounting.ledger import Ledger
