@@ -1,5 +1,5 @@
-"""Rendering metrics: ``Family`` rows (declared in ``metrics``, and by the HTTP
-process's own parts) as Prometheus text or OpenMetrics.
+"""Rendering metrics: ``Family`` rows (declared in ``accounting.metrics``, and in
+``serving.metrics`` for the HTTP process's own) as Prometheus text or OpenMetrics.
 
 A scrape is rendered while the reader waits between two chunks of lines, so the two
 never compete for the interpreter and a render waits for one chunk at most. From the

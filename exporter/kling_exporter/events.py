@@ -58,7 +58,7 @@ _KINDS = frozenset(KINDS)
 _BOM = b"\xef\xbb\xbf"
 
 # The vocabulary of a task, defined once: the log lines below and the pre-flight API
-# (``api.CheckRequest``) accept the same values, decoded with the same leniency
+# (``serving.api.CheckRequest``) accept the same values, decoded with the same leniency
 # (``strict=False``: ``"duration": "10"`` is 10).
 # An empty or very long label value is garbage, not a name.
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_LEN)]

@@ -1,7 +1,7 @@
 """The reader's metrics, declared once: a table of specs (name, type, help, labels, how
 to read the value from a snapshot), from which come the reader's scrape, ``describe()``,
 and the metric list of docs/metrics.md (a test checks it). The HTTP process's own
-families are in ``side``.
+families are in ``serving.metrics``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """HTTP: the application (/metrics, the landing page, health, readiness, reload, the
-budget API of ``api``), its security middlewares, and the server's life."""
+budget API of ``api``, the gateway) and the server's life; what every request passes
+through first is ``middlewares``."""
 
 from __future__ import annotations
 
