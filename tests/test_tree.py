@@ -164,3 +164,20 @@ def test_the_layout_lists_every_module_of_the_package_where_it_is() -> None:
         if path.suffix in (".py", ".lua") and path.name != "__init__.py"
     }
     assert listed == present
+
+
+def test_the_wheel_lists_every_folder_of_the_package() -> None:
+    """The packages are listed by name in pyproject.toml: a stage folder left off that
+    list would be missing from the wheel and the image, though every test passes on
+    the source tree."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package = ROOT / "exporter" / "kling_exporter"
+    folders = {
+        ".".join(("kling_exporter", *path.parent.relative_to(package).parts))
+        for path in package.rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert set(setuptools["packages"]) == folders
+    for name, files in setuptools["package-data"].items():
+        folder = package.joinpath(*name.split(".")[1:])
+        assert all((folder / f).is_file() for f in files), name
