@@ -120,8 +120,9 @@ def _loaded_by(module: str) -> tuple[set[str], set[str]]:
 def test_each_process_loads_only_the_libraries_it_runs() -> None:
     """Start time is mostly imports: the reader child needs no HTTP client, and an
     exporter outside a fleet no Redis client (redis-py alone was a third of a start)."""
-    reader_libraries, _ = _loaded_by("kling_exporter.reading.reader")
+    reader_libraries, reader_modules = _loaded_by("kling_exporter.reading.reader")
     assert reader_libraries == set()
+    assert not {m for m in reader_modules if m.startswith("kling_exporter.serving.")}
     server_libraries, _ = _loaded_by("kling_exporter.cli")
     assert "redis" not in server_libraries
 

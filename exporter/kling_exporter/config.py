@@ -1,7 +1,7 @@
-"""The configuration file: YAML validated into typed, immutable objects.
-
-Every key has a default, so ``Config()`` is a working configuration. Errors
-name the key path (``budgets[2].period``) and say what is wrong.
+"""The config's schema: every section a typed, immutable struct, every key with its
+default, so ``Config()`` is a working configuration. The file is read and validated
+in ``configfile``; a refused value is put in words, naming the key path
+(``budgets[2].period``), in ``validation``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Data handed between the ledger, the reader and those who show what they read: a
-scrape's snapshot, the records reports are made of, the daemon's health and what
-pre-flight answers read."""
+"""Data the ledger keeps and hands on, needing nothing of the budgets: a task the index
+remembers, the records reports are made of, the reader's own counts, the daemon's
+health, and the states of Kling's resource packs. What the ledger shows of budgets (a
+scrape's snapshot, the view checks read) is ``views``."""
 
 from __future__ import annotations
 

@@ -355,6 +355,3 @@ def families(s: Snapshot, st: Status) -> list[Family]:
         Family(spec.name, spec.type, spec.doc, spec.labels, spec.read(s, st), spec.unit)
         for spec in METRICS
     ]
-
-
-# -- the HTTP process's own families ---------------------------------------------------

@@ -1,5 +1,6 @@
 """The saved state: one typed schema for the ledger's totals and the positions in the
-log files, checked by msgspec as it is read, and written atomically.
+log files, checked by msgspec as it is read (the daemon writes it whole, atomically,
+with ``journals.durable.write_atomically``).
 
 A state that cannot be decoded is moved aside (``.corrupt``); one that decodes but does
 not fit this schema is reported field by field; either way the daemon rebuilds from

@@ -1,5 +1,6 @@
-"""Appends that are on disk before anyone is told they are: the reservations' journal
-and the callbacks' journal write through this."""
+"""Writes that are on disk before anyone is told of them: appends with a group commit
+(the hold journal and the task log write through this), and whole files replaced
+atomically (the saved state, the hold journal when compacted)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
-
-if TYPE_CHECKING:
-    pass
+from typing import TypeVar
 
 T = TypeVar("T")
 

@@ -3,8 +3,8 @@
 The reader thread alone changes the ledger and the file offsets, so a saved
 state always holds offsets and totals that agree. Others read the ledger under
 the same lock, which the reader yields between chunks of lines. ``kling-exporter``
-runs this daemon in a process of its own (``kling_exporter.reading.reader``); tests may also
-serve it in process.
+runs this daemon in a process of its own (``kling_exporter.reading.reader``); tests
+may also serve it in process.
 """
 
 from __future__ import annotations
@@ -386,7 +386,7 @@ class Daemon:
             self._published(True)
             return self.exposition.render(accept, names)
 
-    # -- what the HTTP server asks of its source (see exporter.server.Source) ---------
+    # -- what the HTTP server asks of its reader (see serving.api.Reader) -------------
 
     def is_ready(self) -> bool:
         return self.ready.is_set()

@@ -58,9 +58,6 @@ from kling_exporter.runtime import trim_after
 log = logging.getLogger(__name__)
 
 
-# -- messages ------------------------------------------------------------------------
-
-
 # -- the reader process --------------------------------------------------------------
 
 
@@ -191,9 +188,6 @@ def reader_main(fd: int) -> None:
     daemon.publish = link.publish
     daemon.start()
     link.serve()
-
-
-# -- the HTTP process's end ----------------------------------------------------------
 
 
 if __name__ == "__main__":
