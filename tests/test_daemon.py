@@ -19,6 +19,7 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from kling_exporter.collector import Part
 from kling_exporter.config import Config
 from kling_exporter.configfile import parse_config
 from kling_exporter.journals.durable import write_atomically
@@ -555,18 +556,25 @@ def test_no_garbage_collection_runs_inside_a_render(tmp_path: Path) -> None:
     write_lines(log, [submitted(f"t{i}", project=f"p{i % 50}") for i in range(500)])
     daemon = Daemon(local_config(tmp_path))
     daemon.poll_once()
-    render = daemon.exposition.render
+    render, parts = daemon.exposition.render, daemon.exposition.parts
     collecting: list[bool] = []
 
     def watched(accept: str = "", names: list[str] | None = None) -> tuple[bytes, str]:
         collecting.append(gc.isenabled())
         return render(accept, names)
 
+    def watched_parts() -> list[Part]:
+        collecting.append(gc.isenabled())
+        return parts()
+
     daemon.exposition.render = watched  # type: ignore[method-assign]
+    daemon.exposition.parts = watched_parts  # type: ignore[method-assign]
     try:
         body, _ = daemon.render()
+        openmetrics, _ = daemon.render("application/openmetrics-text")
     finally:
         daemon.tailer.close()
     assert b"kling_tasks_submitted_total" in body
-    assert collecting == [False]
+    assert b"kling_tasks_submitted_total" in openmetrics
+    assert collecting == [False, False]
     assert gc.isenabled()

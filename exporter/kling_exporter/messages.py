@@ -27,16 +27,29 @@ class Published(msgspec.Struct, tag="usage", array_like=True):
 
 
 class Render(msgspec.Struct, tag="render", array_like=True):
+    """A scrape. For the plain text format, the asker holds the blocks of render
+    ``since`` of the reader's renderer ``epoch`` (0: none), and is sent the text of the
+    blocks that changed after it."""
+
     id: int
     accept: str
     names: list[str]
+    epoch: int = 0
+    since: int = 0
 
 
 class Rendered(msgspec.Struct, tag="rendered", array_like=True):
+    """A scrape's answer: ``body`` whole, or for the plain text format ``parts`` (key,
+    version, and text where the asker may not have it) of render ``version`` of
+    renderer ``epoch``."""
+
     id: int
     body: bytes
     content_type: str
     error: str | None = None
+    parts: list[tuple[str, int, bytes | None]] | None = None
+    epoch: int = 0
+    version: int = 0
 
 
 class Reload(msgspec.Struct, tag="reload", array_like=True):

@@ -145,3 +145,113 @@ class Counters:
     @property
     def expired_credits(self) -> dict[str, float]:
         return {p: c[EXPIRED_CREDITS] for p, c in self.projects.items() if c[EXPIRED]}
+
+
+# The views a ``Tracker`` keeps, with their keys: (project, model, label) for the split
+# counts, (project, model) for the sums, (project,) for the project accumulators.
+SPLIT_VIEWS = (("submitted", MODE_SLOT), ("completed", STATUS_SLOT))
+SUM_VIEWS = (
+    ("credits", CREDITS, False),
+    ("usd", USD, False),
+    ("video_seconds", VIDEO_SECONDS, True),
+)
+TRACKED = (
+    "submitted",
+    "completed",
+    "credits",
+    "usd",
+    "video_seconds",
+    "in_flight",
+    "expired",
+    "expired_credits",
+)
+_NO_SERIES: list[float] = [0, 0, 0, 0, 0, 0.0, 0.0]
+_NO_PROJECT: list[float] = project_slots()
+
+
+class Tracker:
+    """The dict views of a ``Counters`` (``submitted``, ``completed``, ... keyed by tuples
+    of label values, as the metrics table reads them), kept from one scrape to the next
+    and brought up to date by comparing each accumulator with a copy of it as last seen,
+    with the keys of each view that changed since the last ``take``. A scrape then
+    re-reads what the events changed, not every series: comparing a pair's seven slots
+    with their copy costs a small part of building its five samples again. The counters
+    are never told about it, so an event handler that changes a slot is seen without
+    marking anything."""
+
+    def __init__(self) -> None:
+        self.views: dict[str, dict[tuple[str, ...], float]] = {}
+        self.changed: dict[str, set[tuple[str, ...]]] = {}
+        self._series_seen: dict[tuple[str, str], list[float]] = {}
+        self._projects_seen: dict[str, list[float]] = {}
+        self._of: tuple[object, object] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was seen: the next ``update`` reads every accumulator, into new
+        dicts (a renderer that kept the old ones then compares every sample)."""
+        self.views = {name: {} for name in TRACKED}
+        self.changed = {name: set() for name in TRACKED}
+        self._series_seen, self._projects_seen, self._of = {}, {}, None
+
+    def take(self) -> None:
+        """What changed has been read: the next changes are counted from here."""
+        for keys in self.changed.values():
+            keys.clear()
+
+    def update(self, counters: Counters) -> None:
+        of = (counters.series, counters.projects)
+        if self._of is None or of[0] is not self._of[0] or of[1] is not self._of[1]:
+            self.reset()
+            self._of = of
+        seen = self._series_seen
+        for pair, counts in counters.series.items():
+            old = seen.get(pair)
+            if old != counts:
+                self._series(pair, counts, _NO_SERIES if old is None else old)
+                seen[pair] = counts.copy()
+        if len(seen) > len(counters.series):  # a pair no longer counted: its samples go
+            for pair in [pair for pair in seen if pair not in counters.series]:
+                self._series(pair, _NO_SERIES, seen.pop(pair))
+        projects = self._projects_seen
+        for project, counts in counters.projects.items():
+            old = projects.get(project)
+            if old != counts:
+                self._project(project, counts, _NO_PROJECT if old is None else old)
+                projects[project] = counts.copy()
+        if len(projects) > len(counters.projects):
+            for project in [p for p in projects if p not in counters.projects]:
+                self._project(project, _NO_PROJECT, projects.pop(project))
+
+    def _series(self, pair: tuple[str, str], counts: list[float], old: list[float]) -> None:
+        views, changed = self.views, self.changed
+        for name, slots in SPLIT_VIEWS:
+            for label, slot in slots.items():
+                if counts[slot] != old[slot]:
+                    key = (*pair, label)
+                    _put(views[name], key, int(counts[slot]) if counts[slot] else None)
+                    changed[name].add(key)
+        for name, slot, whole in SUM_VIEWS:
+            if counts[slot] != old[slot]:
+                value = counts[slot]
+                _put(views[name], pair, (int(value) if whole else value) if value else None)
+                changed[name].add(pair)
+
+    def _project(self, project: str, counts: list[float], old: list[float]) -> None:
+        views, changed, key = self.views, self.changed, (project,)
+        if counts[IN_FLIGHT] != old[IN_FLIGHT] or counts[TOUCHED] != old[TOUCHED]:
+            _put(views["in_flight"], key, int(counts[IN_FLIGHT]) if counts[TOUCHED] else None)
+            changed["in_flight"].add(key)
+        if counts[EXPIRED] != old[EXPIRED] or counts[EXPIRED_CREDITS] != old[EXPIRED_CREDITS]:
+            expired = counts[EXPIRED]
+            _put(views["expired"], key, int(expired) if expired else None)
+            _put(views["expired_credits"], key, counts[EXPIRED_CREDITS] if expired else None)
+            changed["expired"].add(key)
+            changed["expired_credits"].add(key)
+
+
+def _put(view: dict[tuple[str, ...], float], key: tuple[str, ...], value: float | None) -> None:
+    if value is None:
+        view.pop(key, None)
+    else:
+        view[key] = value

@@ -63,6 +63,7 @@ from kling_exporter.accounting.counters import (
     STATUS_SLOT,
     SUCCEEDED,
     TOUCHED,
+    TRACKED,
     VIDEO_SECONDS,
     Histogram,
 )
@@ -545,23 +546,34 @@ class Ledger(Book):
 
     # -- reading ---------------------------------------------------------------------
 
-    def snapshot(self, now: float, reading: ReadStats | None = None) -> Snapshot:
-        """Everything a scrape shows of the ledger, with the reader's counts."""
+    def snapshot(
+        self, now: float, reading: ReadStats | None = None, counted: bool = True
+    ) -> Snapshot:
+        """Everything a scrape shows of the ledger, with the reader's counts. Without
+        ``counted``, the views of the counters are left empty, for a scrape that reads
+        them from a ``Tracker`` instead."""
         reading = reading or ReadStats()
+        views: dict[str, Any] = (
+            {
+                "submitted": self.submitted,
+                "completed": self.completed,
+                "credits": self.credits,
+                "usd": self.usd,
+                "video_seconds": self.video_seconds,
+                "in_flight": self.in_flight,
+                "expired": self.expired,
+                "expired_credits": self.expired_credits,
+            }
+            if counted
+            else {name: {} for name in TRACKED}
+        )
         return Snapshot(
             lines_read=reading.lines,
             bytes_read=reading.bytes,
             invalid=reading.invalid.copy(),
-            submitted=self.submitted,
-            completed=self.completed,
             errors=self.errors.copy(),
-            credits=self.credits,
-            usd=self.usd,
-            video_seconds=self.video_seconds,
             generation={m: (h.cumulative(), h.sum) for m, h in self.generation.items()},
-            in_flight=self.in_flight,
-            expired=self.expired,
-            expired_credits=self.expired_credits,
+            **views,
             budgets=self.budget_statuses(now),
             duplicates=self.duplicates,
             last_event_ts=self.last_event_ts,

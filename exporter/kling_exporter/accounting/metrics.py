@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from kling_exporter import __version__
+from kling_exporter.accounting.counters import Tracker
 from kling_exporter.collector import Family, Key, keyed
 from kling_exporter.model import Status
 from kling_exporter.views import Snapshot
@@ -349,9 +350,34 @@ def declared() -> list[Family]:
     return [Family(spec.name, spec.type, spec.doc, spec.labels, {}, spec.unit) for spec in METRICS]
 
 
-def families(s: Snapshot, st: Status) -> list[Family]:
-    """Every metric of a scrape, in exposition order: the table above, read."""
-    return [
-        Family(spec.name, spec.type, spec.doc, spec.labels, spec.read(s, st), spec.unit)
-        for spec in METRICS
-    ]
+# The families a scrape reads from a ``Tracker``'s views (by the view's name), with the
+# keys that changed since the last scrape.
+TRACKED_FAMILIES = {
+    "kling_tasks_submitted": "submitted",
+    "kling_tasks_completed": "completed",
+    "kling_credits_used": "credits",
+    "kling_cost_usd": "usd",
+    "kling_video_seconds": "video_seconds",
+    "kling_tasks_in_flight": "in_flight",
+    "kling_tasks_expired": "expired",
+    "kling_tasks_expired_credits": "expired_credits",
+}
+
+
+def families(s: Snapshot, st: Status, tracker: Tracker | None = None) -> list[Family]:
+    """Every metric of a scrape, in exposition order: the table above, read; the
+    counters from ``tracker``'s views where one is given (the snapshot's are then
+    not read)."""
+    out = []
+    for spec in METRICS:
+        view = TRACKED_FAMILIES.get(spec.name) if tracker is not None else None
+        if view is None or tracker is None:
+            out.append(
+                Family(spec.name, spec.type, spec.doc, spec.labels, spec.read(s, st), spec.unit)
+            )
+        else:
+            samples, changed = tracker.views[view], tracker.changed[view]
+            out.append(
+                Family(spec.name, spec.type, spec.doc, spec.labels, samples, spec.unit, changed)
+            )
+    return out

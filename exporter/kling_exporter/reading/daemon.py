@@ -20,12 +20,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from kling_exporter.accounting.counters import Tracker
 from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.accounting.metrics import declared, families
 from kling_exporter.accounting.state import FORMAT, State, ledger_state, read_state, restore
 from kling_exporter.budgets import DayUsage
-from kling_exporter.collector import Exposition
+from kling_exporter.collector import (
+    Block,
+    Blocks,
+    Exposition,
+    Family,
+    Part,
+    plain_text,
+)
 from kling_exporter.config import Config
 from kling_exporter.configfile import ConfigError, load_config
 from kling_exporter.events import explain_invalid
@@ -108,7 +117,12 @@ class Daemon:
         self.ledger, self.tailer, self.reading = self._restore(config)
         self.watcher = Watcher(self.wake)
         self._thread: threading.Thread | None = None
-        self.exposition = Exposition(lambda: families(*self._snapshot()), declared)
+        # A scrape's counters, kept up to date from one scrape to the next.
+        self.tracker = Tracker()
+        self.exposition = Exposition(
+            lambda: families(*self._snapshot()), declared, text_rows=self._text_rows
+        )
+        self._blocks = Blocks()  # the in-process server's (the reader process sends parts)
         # Told, under the lock, after every chunk of lines and whenever the daemon's
         # health changes (``force``: also when little time has passed): the reader
         # process publishes budget usage to the HTTP process from here.
@@ -359,9 +373,9 @@ class Daemon:
         with self._reading():
             return self._snapshot()
 
-    def _snapshot(self) -> tuple[Snapshot, Status]:
+    def _snapshot(self, counted: bool = True) -> tuple[Snapshot, Status]:
         """The ledger and the daemon's health at this instant; the caller holds the lock."""
-        snap = self.ledger.snapshot(self.clock(), self.reading)
+        snap = self.ledger.snapshot(self.clock(), self.reading, counted)
         state_interval = self.config.state.interval_seconds if self._state_path() else 0.0
         return snap, Status(
             files_watched=self.tailer.watched,
@@ -377,14 +391,36 @@ class Daemon:
             glob_files=dict(self.tailer.glob_files),
         )
 
+    def _text_rows(self) -> list[Family]:
+        """The families of a plain-text scrape: the counters from the tracker, which
+        says which of their series changed since the last one."""
+        snap, status = self._snapshot(counted=False)
+        self.tracker.update(self.ledger)
+        return families(snap, status, self.tracker)
+
     def render(self, accept: str = "", names: list[str] | None = None) -> tuple[bytes, str]:
         """A scrape's body and content type. The reader waits meanwhile (a render takes
         tens of milliseconds), so the two do not take turns on the interpreter and the
         scrape is no slower while a backlog is read. What is published for pre-flight
         answers is brought up to the same instant first."""
+        if plain_text(accept, names):
+            return b"".join(part.text for part in self.render_parts()), CONTENT_TYPE_LATEST
         with self._reading(), _collector_paused():
             self._published(True)
             return self.exposition.render(accept, names)
+
+    def render_parts(self) -> list[Part]:
+        """A plain-text scrape as blocks, each with the render at which it last changed
+        (see ``collector.TextRenderer``); as ``render`` otherwise."""
+        with self._reading(), _collector_paused():
+            self._published(True)
+            try:
+                parts = self.exposition.parts()
+            except BaseException:
+                self.tracker.reset()  # the renderer starts again too
+                raise
+            self.tracker.take()
+            return parts
 
     # -- what the HTTP server asks of its reader (see serving.api.Reader) -------------
 
@@ -421,8 +457,12 @@ class Daemon:
             self.publish = publish
             publish(True)
 
-    async def render_metrics(self, accept: str, names: list[str]) -> tuple[bytes, str]:
-        return await asyncio.to_thread(self.render, accept, names)
+    async def render_metrics(self, accept: str, names: list[str]) -> tuple[list[Block], str]:
+        if plain_text(accept, names):
+            parts = await asyncio.to_thread(self.render_parts)
+            return self._blocks.of(parts), CONTENT_TYPE_LATEST
+        body, content_type = await asyncio.to_thread(self.render, accept, names)
+        return [Block(body)], content_type
 
     async def reload_config(self) -> str | None:
         return await asyncio.to_thread(self.reload)

@@ -35,8 +35,10 @@ import time
 from multiprocessing.connection import Connection
 
 import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from kling_exporter.budgets import DayUsage
+from kling_exporter.collector import plain_text, to_send
 from kling_exporter.logsetup import setup_logging
 from kling_exporter.messages import (
     FromReader,
@@ -135,10 +137,10 @@ class _Link:
     def answer(self, message: ToReader) -> None:
         if isinstance(message, Render):
             try:
-                body, content_type = self.daemon.render(message.accept, message.names)
-                self.send(Rendered(message.id, body, content_type))
-                size = len(body)
-                del body
+                answer = self._rendered(message)
+                self.send(answer)
+                size = len(answer.body) + sum(len(p[2] or b"") for p in answer.parts or ())
+                del answer
                 trim_after(size)
             except Exception as e:
                 log.exception("cannot render metrics")
@@ -146,6 +148,19 @@ class _Link:
         elif isinstance(message, Reload):
             error = self.daemon.reload()
             self.send(Reloaded(message.id, error, None if error else self.daemon.config))
+
+    def _rendered(self, message: Render) -> Rendered:
+        """A scrape's answer: for the plain text format, only the blocks that changed
+        since the render the asker holds carry their text."""
+        daemon = self.daemon
+        if not plain_text(message.accept, message.names):
+            body, content_type = daemon.render(message.accept, message.names)
+            return Rendered(message.id, body, content_type)
+        parts = daemon.render_parts()
+        renderer = daemon.exposition.text
+        epoch, version = renderer.epoch, renderer.renders
+        sent = to_send(parts, message.epoch, message.since, epoch)
+        return Rendered(message.id, b"", CONTENT_TYPE_LATEST, None, sent, epoch, version)
 
     def serve(self) -> None:
         decode = msgspec.msgpack.Decoder(ToReader).decode

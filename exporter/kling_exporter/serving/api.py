@@ -10,6 +10,7 @@ import msgspec
 from aiohttp import web
 
 from kling_exporter.budgets import Ask, BudgetStatus
+from kling_exporter.collector import Block
 from kling_exporter.config import Config
 from kling_exporter.events import (
     DEFAULT_PROJECT,
@@ -63,7 +64,9 @@ class Reader(Protocol):
 
     def listen(self, consumed: Consumed) -> None: ...
 
-    async def render_metrics(self, accept: str, names: list[str]) -> tuple[bytes, str]: ...
+    async def render_metrics(self, accept: str, names: list[str]) -> tuple[list[Block], str]:
+        """A scrape's text in blocks (one block for OpenMetrics and ``name[]``)."""
+        ...
 
     async def reload_config(self) -> str | None: ...
 

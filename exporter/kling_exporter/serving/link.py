@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+from functools import partial
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import msgspec
 
 from kling_exporter.budgets import Budgets, DayUsage
+from kling_exporter.collector import Block, Blocks, plain_text
 from kling_exporter.config import Config
 from kling_exporter.messages import (
     FromReader,
@@ -77,6 +79,9 @@ class ReaderProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
         self._waiting: dict[int, asyncio.Future[Any]] = {}
+        # The blocks of the reader's last plain-text scrape, and a turn to ask for more.
+        self._blocks = Blocks()
+        self._rendering = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -223,11 +228,30 @@ class ReaderProcess:
     def listen(self, consumed: Consumed) -> None:
         self._consumed = consumed
 
-    async def render_metrics(self, accept: str, names: list[str]) -> tuple[bytes, str]:
-        answer: Rendered = await self._ask(lambda i: Render(i, accept, names))
+    async def render_metrics(self, accept: str, names: list[str]) -> tuple[list[Block], str]:
+        """A scrape's blocks. For the plain text format the reader sends only the text
+        of the blocks that changed since the render kept here; scrapes of it take turns,
+        so that each answer is read against the blocks it was made for."""
+        if not plain_text(accept, names):
+            answer = await self._rendered(lambda i: Render(i, accept, names))
+            return [Block(answer.body)], answer.content_type
+        async with self._rendering:
+            kept = self._blocks
+            for _ in range(2):
+                answer = await self._rendered(
+                    partial(Render, accept="", names=[], epoch=kept.epoch, since=kept.version)
+                )
+                found = kept.take(answer.epoch, answer.version, answer.parts or [])
+                if found is not None:
+                    return found, answer.content_type
+                # A block sent without its text is not kept here: ask for all of them.
+            raise ReaderUnavailable("the reader's blocks do not match the ones kept")
+
+    async def _rendered(self, make: Callable[[int], Render]) -> Rendered:
+        answer: Rendered = await self._ask(make)
         if answer.error is not None:
             raise ReaderUnavailable(f"the reader could not render: {answer.error}")
-        return answer.body, answer.content_type
+        return answer
 
     async def reload_config(self) -> str | None:
         answer: Reloaded = await self._ask(Reload)
