@@ -11,6 +11,7 @@ same bytes.
 
 from __future__ import annotations
 
+import math
 import random
 import struct
 import zlib
@@ -100,12 +101,13 @@ class Part(NamedTuple):
 class _Kept:
     """What a renderer keeps of one family between scrapes."""
 
-    __slots__ = ("copy", "head", "lines", "order", "parts", "samples", "where")
+    __slots__ = ("copy", "head", "lines", "order", "parts", "samples", "where", "zeros")
 
     def __init__(self, head: tuple[Any, ...]) -> None:
         self.head = head  # name, type, doc, labels: a change of any renders all again
         self.samples: Mapping[Any, Any] | None = None  # the dict last read, for ``changed``
         self.copy: dict[Any, Any] | None = None  # its samples then (small families)
+        self.zeros: dict[Any, bool] = {}  # which of those were zero, and negative
         self.order: list[Key] = []  # the keys in exposition order
         self.where: dict[Key, int] = {}  # each key's place in it
         # Each series' value, its line up to the value, and the whole line.
@@ -113,17 +115,39 @@ class _Kept:
         self.parts: list[Part] = []
 
 
+def _zeros(samples: Mapping[Any, Any]) -> dict[Any, bool]:
+    """The keys of zero values, each with whether it is -0.0 (equal to 0.0, printed
+    otherwise)."""
+    return {
+        key: math.copysign(1.0, value) < 0
+        for key, value in samples.items()
+        if isinstance(value, int | float) and not value
+    }
+
+
+def _keep(kept: _Kept, samples: Mapping[Any, Any]) -> None:
+    kept.copy, kept.zeros = dict(samples), _zeros(samples)
+
+
+def _same(kept: _Kept, samples: Mapping[Any, Any]) -> bool:
+    """Whether ``samples`` would print as the copy kept of the last ones."""
+    if kept.copy != samples:
+        return False
+    return all((math.copysign(1.0, samples[key]) < 0) == neg for key, neg in kept.zeros.items())
+
+
 class TextRenderer:
     """Prometheus text format (0.0.4) straight from Family rows, in blocks kept from one
     scrape to the next. Label strings are made once per series and kept, since series
     outlive scrapes; so is each series' line while its value is the same, and each
-    block's text (a small family is a block; a large one is cut every
-    ``BLOCK_SERIES`` series). A family that says which of its samples ``changed`` since
+    block's text (a small family is a block; a large one is cut every ``block``
+    series). A family that says which of its samples ``changed`` since
     the last render has those lines alone made again; the others are compared sample
     by sample. ``parts`` gives the blocks with the render at which each last changed,
     so that only new text need be sent on or compressed again."""
 
-    def __init__(self) -> None:
+    def __init__(self, block: int = BLOCK_SERIES) -> None:
+        self.block = block  # series a block holds
         self._labels: dict[tuple[tuple[str, ...], Key], str] = {}
         self._kept: dict[str, _Kept] = {}
         self._values: dict[Any, str] = {}
@@ -186,7 +210,7 @@ class TextRenderer:
 
     def _whole(self, f: Family, kept: _Kept) -> None:
         """A family of one block: made again whenever its samples differ."""
-        if kept.parts and kept.copy == f.samples:
+        if kept.parts and _same(kept, f.samples):
             return
         name, head = self._header(f)
         out = [head]
@@ -205,36 +229,37 @@ class TextRenderer:
                 append(f"{name}_sum{labels} {fmt(total)}\n")
         elif () in samples:
             append(f"{name} {fmt(samples[()])}\n")
-        kept.copy = dict(samples)
+        _keep(kept, samples)
         self._set(kept, f.name, ["".join(out).encode()])
 
     def _series(self, f: Family, kept: _Kept) -> None:
-        """A family of labelled series, a block every ``BLOCK_SERIES`` of them."""
-        samples, lines = f.samples, kept.lines
+        """A family of labelled series, a block every ``self.block`` of them."""
+        samples, lines, block = f.samples, kept.lines, self.block
         if f.changed is not None and samples is kept.samples and kept.parts:
             keys: Collection[Key] = f.changed  # only these can differ from the last render
-        elif f.changed is None and kept.parts and kept.copy == samples:
+        elif f.changed is None and kept.parts and _same(kept, samples):
             return
         else:
             keys = samples.keys()
             if len(lines) > 2 * len(samples) + 1000:  # series gone: forget their lines
                 lines.clear()
         kept.samples = samples
-        kept.copy = dict(samples) if f.changed is None else None
+        if f.changed is None:
+            _keep(kept, samples)
+        else:
+            kept.copy = None
         name, head = self._header(f)
         dirty, moved = self._reread(name, f.labels, samples, keys, kept)
         if moved or len(kept.where) != len(samples) or not kept.parts:
             kept.order = sorted(samples)
             kept.where = {key: i for i, key in enumerate(kept.order)}
-            dirty = set(range(max(1, -(-len(kept.order) // BLOCK_SERIES))))
+            dirty = set(range(max(1, -(-len(kept.order) // block))))
             for key in [key for key in lines if key not in kept.where]:
                 del lines[key]
         order, texts = kept.order, [part.text for part in kept.parts]
-        del texts[max(1, -(-len(order) // BLOCK_SERIES)) :]
+        del texts[max(1, -(-len(order) // block)) :]
         for i in sorted(dirty):
-            text = "".join(
-                [lines[key][2] for key in order[i * BLOCK_SERIES : (i + 1) * BLOCK_SERIES]]
-            )
+            text = "".join([lines[key][2] for key in order[i * block : (i + 1) * block]])
             made = (head + text if i == 0 else text).encode()
             if i < len(texts):
                 texts[i] = made
@@ -253,12 +278,14 @@ class TextRenderer:
         """The lines of ``keys`` made again where their value changed: the blocks they
         are in, and whether a series came or went (the order is then made again)."""
         lines, where, labelstr, fmt = kept.lines, kept.where, self._labelstr, self._fmt
+        block = self.block
         dirty: set[int] = set()
         moved = False
         for key in keys:
             value = samples.get(key)
             if value is None:  # a series gone
-                moved = moved or lines.pop(key, None) is not None
+                if lines.pop(key, None) is not None:
+                    moved = True
                 continue
             line = lines.get(key)
             if line is None or line[0] != value or not value:  # 0.0 and -0.0 are equal
@@ -271,7 +298,7 @@ class TextRenderer:
                 if at is None:
                     moved = True
                 else:
-                    dirty.add(at // BLOCK_SERIES)
+                    dirty.add(at // block)
         return dirty, moved
 
     def _set(self, kept: _Kept, name: str, texts: list[bytes]) -> None:

@@ -13,8 +13,8 @@ import socket
 import subprocess
 import sys
 import threading
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 

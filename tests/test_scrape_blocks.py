@@ -1,0 +1,330 @@
+"""Scrapes rendered in blocks kept from one scrape to the next (``collector``): what is
+served is always what a full render of the same instant gives, byte for byte, however
+the values, the series and the families change between scrapes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kling_exporter.accounting.metrics import METRICS, declared, families
+from kling_exporter.collector import (
+    BLOCK_SERIES,
+    Block,
+    Blocks,
+    Family,
+    FamilyCollector,
+    Part,
+    TextRenderer,
+    gzipped,
+    joined,
+    to_send,
+)
+from kling_exporter.configfile import parse_config
+from kling_exporter.reading.daemon import Daemon
+from prometheus_client import CollectorRegistry, generate_latest
+
+from tests.helpers import (
+    NOW,
+    DaemonProcess,
+    completed,
+    line,
+    parse_metrics,
+    submitted,
+    value,
+    wait_until,
+    write_lines,
+)
+
+DAY = 86400.0
+
+
+def full_render(rows: list[Family]) -> bytes:
+    """prometheus_client's own rendering of the same families: the reference."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FamilyCollector(lambda: rows))
+    return generate_latest(registry)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def scraped(daemon: Daemon) -> tuple[bytes, dict[str, bytes]]:
+    """The daemon's plain-text scrape without its process metrics (they change between
+    any two reads), and each family's text in it."""
+    parts = [p for p in daemon.render_parts() if p.key != "process"]
+    texts: dict[str, bytes] = {}
+    for p in parts:
+        name = p.key.rsplit("/", 1)[0]
+        texts[name] = texts.get(name, b"") + p.text
+    return joined([Block(p.text) for p in parts]), texts
+
+
+def config(tmp_path: Path, **over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "logs": {"paths": [str(tmp_path / "logs" / "*.jsonl")]},
+        "state": {"path": str(tmp_path / "k.state"), "interval": "1m"},
+        "labels": {"max_projects": 3},
+        "tasks": {"ttl": "1h", "max_tasks": 1000},
+        "budgets": [
+            {"name": "a", "project": "p0", "period": "daily", "limit_credits": 100},
+            {"name": "all", "period": "monthly", "limit_usd": 50, "alert_threshold": 0.5},
+        ],
+    }
+    base.update(over)
+    return base
+
+
+def test_every_family_served_in_blocks_matches_a_full_render_as_each_changes(  # noqa: PLR0915
+    tmp_path: Path,
+) -> None:
+    """Values change between scrapes in every family (the test checks that they did);
+    after each change the blocks served are byte for byte a full render."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = tmp_path / "config.yml"
+    path.write_text(json.dumps(config(tmp_path)))
+    clock = Clock()
+    daemon = Daemon(parse_config(config(tmp_path)), str(path), clock=clock)
+    seen: dict[str, set[bytes]] = {}
+    log = logs / "kling-a.jsonl"
+
+    def step(poll: bool = True) -> None:
+        if poll:
+            daemon.poll_once()
+        served, texts = scraped(daemon)
+        assert served == full_render(families(*daemon.snapshot()))
+        for name, text in texts.items():
+            seen.setdefault(name, set()).add(text)
+
+    def lines(*raw: str | dict[str, Any]) -> None:
+        write_lines(log, raw)
+
+    try:
+        step()
+        lines(
+            submitted("t1", project="p0"),
+            line(
+                event="task_submitted",
+                task_id="t2",
+                project="p1",
+                model="kling-v2-1",
+                mode="pro",
+                duration=10,
+            ),
+        )
+        step()
+        lines(
+            completed("t1", credits_used=35),
+            line(event="task_completed", task_id="t2", status="failed"),
+            {"event": "task_error", "task_id": "t3", "project": "p0", "error_type": "timeout"},
+        )
+        step()
+        daemon.ready.set()
+        lines(submitted("t1", project="p0"), "not json", submitted("t4", project="p2"))
+        step()
+        lines(submitted("t5", project="p3"), submitted("t6", project="p4"))  # past 3 labels
+        lines(completed("nobody", credits_used=5))  # waits for its submission
+        lines(submitted("ahead", project="p0", timestamp=NOW + 10 * DAY))
+        step()
+        lines(submitted("unread", project="p0"))
+        step(poll=False)
+        daemon.save_state()
+        clock.now += 2 * 3600  # past the ttl: expired and charged; a new day for "a"
+        step()
+        write_lines(logs / "kling-b.jsonl", [submitted("b1", project="p1")])
+        step()
+        clock.now += DAY
+        path.write_text(
+            json.dumps(
+                config(
+                    tmp_path,
+                    logs={"paths": [str(logs / "*.jsonl"), str(tmp_path / "none" / "*.log")]},
+                    state={"path": str(tmp_path / "k.state"), "interval": "2m"},
+                    tasks={"ttl": "1h", "max_tasks": 2},
+                    budgets=[
+                        {"name": "a", "project": "p1", "period": "daily", "limit_credits": 70},
+                        {"name": "all", "period": "weekly", "limit_usd": 20},
+                    ],
+                )
+            )
+        )
+        assert daemon.reload() is None
+        lines(*(submitted(f"m{i}", project="p1") for i in range(4)))  # evicts past 2
+        step()
+        path.write_text("logs: [")
+        assert daemon.reload() is not None
+        step()
+        daemon.failed.set()
+        step()
+    finally:
+        daemon.tailer.close()
+    unchanged = {name for name, texts in seen.items() if len(texts) < 2}
+    assert seen.keys() == {f"{s.name}" for s in METRICS}
+    # The version is the one value no scrape can change.
+    assert unchanged == {"kling_exporter_build_info"}
+
+
+# -- the renderer, the blocks sent between processes, and the gzip answer --------------
+
+LABELS = st.text(alphabet=st.sampled_from('ab"\\\nü'), max_size=3)
+VALUES = st.one_of(
+    st.integers(-5, 5),
+    st.floats(allow_nan=False, width=32),
+    st.sampled_from([0.0, -0.0, 1e6, 1.5e-7]),
+)
+SAMPLES = st.dictionaries(st.tuples(LABELS, LABELS), VALUES, max_size=40)
+
+
+def family(samples: dict[Any, Any], changed: set[Any] | None) -> Family:
+    return Family("x", "gauge", "X.", ("a", "b"), samples, "", changed)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(SAMPLES, st.booleans()), min_size=1, max_size=8), st.integers(1, 7))
+def test_blocks_kept_between_renders_are_a_full_render_whatever_changes(
+    steps: list[tuple[dict[Any, Any], bool]], block: int
+) -> None:
+    """One dict changed in place between renders, told which keys changed (or not told),
+    against a renderer that starts from nothing each time."""
+    renderer, live = TextRenderer(block), dict[Any, Any]()
+    scalar = {(): 0.0}
+    for samples, tell in steps:
+        # What a tracker tells: the keys that came, went, or print otherwise.
+        changed = set(live) ^ set(samples) | {
+            k for k in samples if repr(live.get(k)) != repr(samples[k])
+        }
+        live.clear()
+        live.update(samples)
+        scalar = {(): float(len(samples))}
+        rows = [
+            family(live, changed if tell else None),
+            Family("y", "counter", "Y.", (), scalar),
+            Family("z", "histogram", "Z.", ("m",), {("m",): ([("1.0", 1), ("+Inf", 2)], 3.0)}),
+        ]
+        parts = renderer.parts(rows)
+        assert b"".join(p.text for p in parts) == full_render(rows)
+        assert b"".join(p.text for p in TextRenderer().parts(rows)) == full_render(rows)
+    assert scalar
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.lists(st.binary(max_size=30), min_size=1, max_size=5), min_size=1, max_size=6),
+    st.lists(st.sampled_from(["right", "stale", "other epoch", "none"]), min_size=6, max_size=6),
+)
+def test_what_the_reader_sends_rebuilds_its_render_on_the_other_side(
+    renders: list[list[bytes]], holds: list[str]
+) -> None:
+    """Whatever render the receiver holds (the last one, an older one, another
+    renderer's, none), it ends with the sender's text, or asks for all of it."""
+    receiver = Blocks()
+    sender_epoch, history, kept = 7, [], dict[str, Part]()
+    for n, texts in enumerate(renders, start=1):
+        parts = []
+        for i, text in enumerate(texts):
+            old = kept.get(f"f/{i}")
+            part = old if old is not None and old.text == text else Part(f"f/{i}", n, text)
+            kept[f"f/{i}"] = part
+            parts.append(part)
+        history.append(parts)
+        how = holds[n - 1]
+        epoch, since = receiver.epoch, receiver.version
+        if how == "stale":
+            since = max(0, since - 1)
+        elif how == "other epoch":
+            epoch = 99
+        elif how == "none":
+            epoch, since = 0, 0
+        got = receiver.take(sender_epoch, n, to_send(parts, epoch, since, sender_epoch))
+        if got is None:  # it asks again for everything
+            got = receiver.take(sender_epoch, n, to_send(parts, 0, 0, sender_epoch))
+        assert got is not None
+        assert joined(got) == b"".join(texts)
+
+
+def test_a_block_sent_without_its_text_that_is_not_kept_asks_for_all() -> None:
+    receiver = Blocks()
+    assert receiver.take(5, 3, [("f/0", 2, None)]) is None
+    assert (receiver.epoch, receiver.version) == (0, 0)
+    got = receiver.take(5, 3, [("f/0", 2, b"text")])
+    assert got is not None and joined(got) == b"text"
+    again = receiver.take(5, 4, [("f/0", 2, None)])
+    assert again is not None and again[0] is got[0]  # the same block: compressed once
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=3000), max_size=8))
+def test_blocks_compressed_on_their_own_join_into_one_gzip_member(texts: list[bytes]) -> None:
+    blocks = [Block(text) for text in texts]
+    body = gzipped(blocks)
+    assert gzip.decompress(body) == b"".join(texts)
+    one = zlib.decompressobj(wbits=31)
+    assert one.decompress(body) == b"".join(texts)
+    assert one.eof and one.unused_data == b""  # one member, as any client reads
+    assert gzipped(blocks) == body  # again from the kept pieces
+
+
+def test_a_large_family_is_cut_into_blocks_and_only_changed_ones_get_a_new_version() -> None:
+    samples = {(f"p{i:05}", "m"): float(i) for i in range(3 * BLOCK_SERIES)}
+    renderer = TextRenderer()
+    rows = [Family("x", "gauge", "X.", ("a", "b"), samples, "", set(samples))]
+    first = renderer.parts(rows)
+    assert [p.key for p in first] == ["x/0", "x/1", "x/2"]
+    key = (f"p{BLOCK_SERIES + 1:05}", "m")
+    samples[key] = -1.0
+    again = renderer.parts([rows[0]._replace(changed={key})])
+    assert [p.version for p in again] == [1, 2, 1]
+    assert again[0] is first[0] and again[2] is first[2]
+    assert b"".join(p.text for p in again) == full_render(rows)
+
+
+def test_declared_families_all_reach_the_blocks() -> None:
+    assert [f.name for f in declared()] == [s.name for s in METRICS]
+
+
+def test_the_exporter_serves_the_same_text_gzipped_and_plain_as_blocks_change(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """Over the reader process: each scrape after new lines sends only the blocks that
+    changed, and the HTTP side joins them with those it kept, compressed or not."""
+    log = tmp_path / "logs" / "kling-a.jsonl"
+    write_lines(log, [submitted(f"w{i}", project=f"p{i % 40}") for i in range(400)])
+    config = {"logs": {"paths": [str(tmp_path / "logs" / "*.jsonl")], "poll_interval": "100ms"}}
+    d = daemon_factory(json.dumps(config))
+    gz = {"Accept-Encoding": "gzip"}
+
+    def reader_families(body: bytes) -> list[bytes]:
+        return [
+            raw
+            for raw in body.splitlines()
+            if raw.startswith(b"kling_") and not raw.startswith(b"kling_log_last_poll")
+        ]
+
+    written = 400
+    for round_ in range(4):
+        batch = [completed(f"w{i}", credits_used=round_ + 1) for i in range(round_, 400, 7)]
+        write_lines(log, batch)
+        written += len(batch)
+
+        def read_all(lines: int = written) -> bool:
+            body = gzip.decompress(d.get("/metrics", gz)[1]).decode()
+            return value(parse_metrics(body), "kling_log_lines_read_total") == lines
+
+        wait_until(read_all)
+        status, zipped = d.get("/metrics", gz)
+        assert status == 200
+        status, plain = d.get("/metrics")
+        assert status == 200
+        assert reader_families(gzip.decompress(zipped)) == reader_families(plain)
