@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gzip
 import json
 import multiprocessing
 import os
@@ -42,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,9 @@ def write_live(path: Path, tasks_per_s: int, stop: Any) -> None:
             time.sleep(0.01)
 
 
-def start(workdir: Path, port: int, web_config: Path | None = None) -> subprocess.Popen[bytes]:
+def start(
+    workdir: Path, port: int, web_config: Path | None = None, package: Path = ROOT / "exporter"
+) -> subprocess.Popen[bytes]:
     config = {
         "logs": {"paths": [str(workdir / "logs" / "*.jsonl")], "poll_interval": "100ms"},
         # A state file, so that reservations are journalled and fsynced as in production.
@@ -223,7 +226,7 @@ def start(workdir: Path, port: int, web_config: Path | None = None) -> subproces
     (workdir / "state").mkdir(exist_ok=True)
     path = workdir / "bench-http.yml"
     path.write_text(json.dumps(config))
-    package, given = str(ROOT / "exporter"), os.environ.get("PYTHONPATH", "")
+    given = os.environ.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "kling_exporter", "serve", "--config.file", str(path)]
     cmd += ["--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warn"]
     if web_config is not None:
@@ -231,8 +234,8 @@ def start(workdir: Path, port: int, web_config: Path | None = None) -> subproces
     return subprocess.Popen(
         cmd,
         cwd=workdir,
-        # This checkout's package first; a PYTHONPATH given to the benchmark after it.
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package, given]))},
+        # The build's package first; a PYTHONPATH given to the benchmark after it.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(package), given]))},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -640,6 +643,178 @@ def run(
         return result
 
 
+# -- scrapes alone, this build against another, alternated (--scrapes) -----------------
+
+
+async def scrape_only(session: aiohttp.ClientSession, url: str) -> tuple[float, bytes]:
+    """Milliseconds until the last byte of the gzipped answer (what the exporter takes;
+    the client's own inflating is left out), and the text."""
+    start = time.perf_counter()
+    async with session.get(url, headers={"Accept-Encoding": "gzip"}) as r:
+        body = await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"scrape answered {r.status}")
+    ms = (time.perf_counter() - start) * 1000
+    return ms, gzip.decompress(body) if r.headers.get("Content-Encoding") == "gzip" else body
+
+
+async def idle_scrapes(session: aiohttp.ClientSession, url: str, seconds: float) -> Any:
+    """Once the log is read, scrapes back to back for ``seconds``."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if lines_in((await scrape_only(session, url))[1]) >= 2 * PROJECTS * MODELS:
+                break
+        except (aiohttp.ClientError, RuntimeError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the daemon did not read its log in 120 s")
+        await asyncio.sleep(0.1)
+    for _ in range(3):  # the first scrapes make every block
+        await scrape_only(session, url)
+    began, idle = time.monotonic(), []
+    while time.monotonic() - began < seconds:
+        idle.append((await scrape_only(session, url))[0])
+    return summary(idle, seconds)
+
+
+async def scrape_phases(
+    workdir: Path, package: Path, seconds: float, backlog: Path, backlog_lines: int
+) -> dict[str, Any]:
+    """One build's scrapes: back to back while idle, every second under live writes,
+    every second while a backlog is read; nothing else is sent meanwhile."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start(workdir, port, package=package)
+    writer: multiprocessing.Process | None = None
+    out: dict[str, Any] = {}
+    try:
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+            url = base + "/metrics"
+            out["idle"] = await idle_scrapes(session, url, seconds)
+
+            async def every_second(until: Callable[[bytes], bool], limit: float) -> list[float]:
+                times, began = [], time.monotonic()
+                while time.monotonic() - began < limit:
+                    tick = time.monotonic()
+                    ms, body = await scrape_only(session, url)
+                    times.append(ms)
+                    if until(body):
+                        break
+                    await asyncio.sleep(max(0.0, 1 - (time.monotonic() - tick)))
+                return times
+
+            live = workdir / "logs" / "live.jsonl"
+            live.touch()
+            halt = multiprocessing.Event()
+            writer = multiprocessing.Process(
+                target=write_live, args=(live, LIVE_TASKS_PER_S, halt), daemon=True
+            )
+            writer.start()
+            await asyncio.sleep(2)
+            out["live"] = summary(await every_second(lambda body: False, seconds), seconds)
+            halt.set()
+            writer.join(10)
+            writer = None
+            await asyncio.sleep(1)
+            before = lines_in((await scrape_only(session, url))[1])
+            os.rename(backlog, workdir / "logs" / "backlog.jsonl")
+            began = time.monotonic()
+            times = await every_second(lambda body: lines_in(body) >= before + backlog_lines, 300)
+            out["backlog_seconds"] = time.monotonic() - began
+            out["backlog"] = summary(times, out["backlog_seconds"])
+    finally:
+        if writer is not None:
+            writer.kill()
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
+
+
+def run_scrapes(
+    builds: list[tuple[str, Path]], rounds: int, seconds: float, backlog_lines: int
+) -> dict[str, Any]:
+    """Each build's scrape phases, the builds alternated round by round."""
+    result: dict[str, Any] = {"rounds": [], "backlog_lines": backlog_lines, "seconds": seconds}
+    with tempfile.TemporaryDirectory(prefix="kling-bench-scrapes-") as tmp:
+        backlog = Path(tmp) / "backlog.jsonl"
+        generate = [sys.executable, str(ROOT / "bench" / "generate.py"), "--out", str(backlog)]
+        subprocess.run(
+            [*generate, "--lines", str(backlog_lines), "--open-tasks", str(backlog_lines // 10)],
+            check=True,
+            capture_output=True,
+        )
+        for n in range(rounds):
+            order = builds if n % 2 == 0 else builds[::-1]
+            row: dict[str, Any] = {"load": os.getloadavg()[0]}
+            for name, package in order:
+                workdir = Path(tmp) / f"{name}-{n}"
+                (workdir / "logs").mkdir(parents=True)
+                wide_log(workdir / "logs" / "wide.jsonl")
+                copy = workdir / "backlog.jsonl"
+                shutil.copyfile(backlog, copy)
+                row[name] = asyncio.run(
+                    scrape_phases(workdir, package, seconds, copy, backlog_lines)
+                )
+                shutil.rmtree(workdir)
+            result["rounds"].append(row)
+            print(scrape_round(n, row, [b for b, _ in builds]), flush=True)
+    return result
+
+
+def scrape_round(n: int, row: dict[str, Any], names: list[str]) -> str:
+    cells = []
+    for name in names:
+        r = row[name]
+        idle, live, back = r["idle"], r["live"], r["backlog"]
+        cells.append(
+            f"{name}: idle p50 {idle['p50_ms']:.1f} p99 {idle['p99_ms']:.1f} ms "
+            f"({idle['samples']}), live p99 {live['p99_ms']:.1f} "
+            f"({live['p99_ms'] / idle['p99_ms']:.2f}x idle), backlog p99 "
+            f"{back['p99_ms']:.1f} ({back['p99_ms'] / idle['p99_ms']:.2f}x idle, "
+            f"{back['samples']} scrapes in {r['backlog_seconds']:.1f} s)"
+        )
+    return f"round {n + 1} (load {row['load']:.2f}): " + "; ".join(cells)
+
+
+def scrape_table(result: dict[str, Any], names: list[str]) -> str:
+    """The median over rounds of each figure, and each round's ratios."""
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    rows = [
+        ("build", "idle p50", "idle p99", "live p99", "live/idle", "backlog p99", "backlog/idle")
+    ]
+    for name in names:
+        rs = [row[name] for row in result["rounds"]]
+        idle = median([r["idle"]["p99_ms"] for r in rs])
+        rows.append(
+            (
+                name,
+                f"{median([r['idle']['p50_ms'] for r in rs]):.1f} ms",
+                f"{idle:.1f} ms",
+                f"{median([r['live']['p99_ms'] for r in rs]):.1f} ms",
+                f"{median([r['live']['p99_ms'] / r['idle']['p99_ms'] for r in rs]):.2f}x",
+                f"{median([r['backlog']['p99_ms'] for r in rs]):.1f} ms",
+                f"{median([r['backlog']['p99_ms'] / r['idle']['p99_ms'] for r in rs]):.2f}x",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    if len(names) == 2:
+        a, b = names
+        ratios = [row[b]["idle"]["p99_ms"] / row[a]["idle"]["p99_ms"] for row in result["rounds"]]
+        out.append(
+            f"\nidle p99, {b} / {a}, round by round: "
+            + ", ".join(f"{x:.2f}" for x in ratios)
+            + f" (median {median(ratios):.2f})"
+        )
+    return "\n".join(out)
+
+
 def table(r: dict[str, Any]) -> str:
     head = ("row", "requests/s", "p50", "p99", "max", "target", "met")
     rows = [head]
@@ -688,7 +863,22 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="py-spy each row into this folder")
     parser.add_argument("--no-auth-flood", action="store_true", help="skip the password flood")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--scrapes", action="store_true", help="scrapes alone: idle, live writes, backlog"
+    )
+    parser.add_argument("--old", type=Path, help="with --scrapes: another checkout, alternated")
+    parser.add_argument("--rounds", type=int, default=3, help="with --scrapes: rounds (3)")
     args = parser.parse_args()
+    if args.scrapes:
+        builds = [("this", ROOT / "exporter")]
+        if args.old:
+            builds.append(("old", args.old.resolve() / "exporter"))
+        lines = args.backlog or 500_000
+        result = run_scrapes(builds, args.rounds, args.seconds or 15, lines)
+        print(scrape_table(result, [name for name, _ in builds]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
     backlog = args.backlog or (500_000 if args.quick else 1_500_000)
     seconds = args.seconds or (5 if args.quick else 15)
     if backlog < 1000:

@@ -101,7 +101,7 @@ class Part(NamedTuple):
 class _Kept:
     """What a renderer keeps of one family between scrapes."""
 
-    __slots__ = ("copy", "head", "lines", "order", "parts", "samples", "where", "zeros")
+    __slots__ = ("copy", "head", "lines", "order", "parts", "rows", "samples", "where", "zeros")
 
     def __init__(self, head: tuple[Any, ...]) -> None:
         self.head = head  # name, type, doc, labels: a change of any renders all again
@@ -110,8 +110,9 @@ class _Kept:
         self.zeros: dict[Any, bool] = {}  # which of those were zero, and negative
         self.order: list[Key] = []  # the keys in exposition order
         self.where: dict[Key, int] = {}  # each key's place in it
-        # Each series' value, its line up to the value, and the whole line.
-        self.lines: dict[Key, tuple[Any, str, str]] = {}
+        # Each series' value and its line up to the value; the lines in order.
+        self.lines: dict[Key, tuple[Any, str]] = {}
+        self.rows: list[str] = []
         self.parts: list[Part] = []
 
 
@@ -251,15 +252,17 @@ class TextRenderer:
         name, head = self._header(f)
         dirty, moved = self._reread(name, f.labels, samples, keys, kept)
         if moved or len(kept.where) != len(samples) or not kept.parts:
-            kept.order = sorted(samples)
-            kept.where = {key: i for i, key in enumerate(kept.order)}
-            dirty = set(range(max(1, -(-len(kept.order) // block))))
+            order = kept.order = sorted(samples)
+            kept.where = {key: i for i, key in enumerate(order)}
             for key in [key for key in lines if key not in kept.where]:
                 del lines[key]
-        order, texts = kept.order, [part.text for part in kept.parts]
-        del texts[max(1, -(-len(order) // block)) :]
+            fmt = self._fmt
+            kept.rows = [lines[key][1] + fmt(lines[key][0]) + "\n" for key in order]
+            dirty = set(range(max(1, -(-len(order) // block))))
+        rows, texts = kept.rows, [part.text for part in kept.parts]
+        del texts[max(1, -(-len(rows) // block)) :]
         for i in sorted(dirty):
-            text = "".join([lines[key][2] for key in order[i * block : (i + 1) * block]])
+            text = "".join(rows[i * block : (i + 1) * block])
             made = (head + text if i == 0 else text).encode()
             if i < len(texts):
                 texts[i] = made
@@ -277,7 +280,7 @@ class TextRenderer:
     ) -> tuple[set[int], bool]:
         """The lines of ``keys`` made again where their value changed: the blocks they
         are in, and whether a series came or went (the order is then made again)."""
-        lines, where, labelstr, fmt = kept.lines, kept.where, self._labelstr, self._fmt
+        lines, where, rows, fmt = kept.lines, kept.where, kept.rows, self._fmt
         block = self.block
         dirty: set[int] = set()
         moved = False
@@ -288,16 +291,18 @@ class TextRenderer:
                     moved = True
                 continue
             line = lines.get(key)
-            if line is None or line[0] != value or not value:  # 0.0 and -0.0 are equal
-                head = f"{name}{labelstr(names, key)} " if line is None else line[1]
-                text = head + fmt(value) + "\n"
-                lines[key] = (value, head, text)
-                if line is not None and line[2] == text:
-                    continue
+            if line is None:  # a new series
+                lines[key] = (value, f"{name}{self._labelstr(names, key)} ")
+                moved = True
+            elif line[0] != value or not value:  # 0.0 and -0.0 are equal
+                lines[key] = (value, line[1])
                 at = where.get(key)
                 if at is None:
                     moved = True
-                else:
+                    continue
+                text = line[1] + fmt(value) + "\n"
+                if rows[at] != text:
+                    rows[at] = text
                     dirty.add(at // block)
         return dirty, moved
 

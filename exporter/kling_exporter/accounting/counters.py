@@ -5,6 +5,7 @@ with the dict views collector and state read them through."""
 from __future__ import annotations
 
 import bisect
+from typing import Any
 
 OTHER = "__other__"
 GENERATION_BUCKETS = (
@@ -185,6 +186,7 @@ class Tracker:
         self._series_seen: dict[tuple[str, str], list[float]] = {}
         self._projects_seen: dict[str, list[float]] = {}
         self._of: tuple[object, object] | None = None
+        self._slots: list[tuple[int, dict[Any, float], set[Any], str | None, bool]] = []
         self.reset()
 
     def reset(self) -> None:
@@ -193,6 +195,15 @@ class Tracker:
         self.views = {name: {} for name in TRACKED}
         self.changed = {name: set() for name in TRACKED}
         self._series_seen, self._projects_seen, self._of = {}, {}, None
+        # Each slot of a pair's counts: the view it is read into, under which label.
+        self._slots = [
+            (slot, self.views[name], self.changed[name], label, True)
+            for name, slots in SPLIT_VIEWS
+            for label, slot in slots.items()
+        ] + [
+            (slot, self.views[name], self.changed[name], None, whole)
+            for name, slot, whole in SUM_VIEWS
+        ]
 
     def take(self) -> None:
         """What changed has been read: the next changes are counted from here."""
@@ -224,18 +235,15 @@ class Tracker:
                 self._project(project, _NO_PROJECT, projects.pop(project))
 
     def _series(self, pair: tuple[str, str], counts: list[float], old: list[float]) -> None:
-        views, changed = self.views, self.changed
-        for name, slots in SPLIT_VIEWS:
-            for label, slot in slots.items():
-                if counts[slot] != old[slot]:
-                    key = (*pair, label)
-                    _put(views[name], key, int(counts[slot]) if counts[slot] else None)
-                    changed[name].add(key)
-        for name, slot, whole in SUM_VIEWS:
-            if counts[slot] != old[slot]:
-                value = counts[slot]
-                _put(views[name], pair, (int(value) if whole else value) if value else None)
-                changed[name].add(pair)
+        for slot, view, changed, label, whole in self._slots:
+            value = counts[slot]
+            if value != old[slot]:
+                key = pair if label is None else (pair[0], pair[1], label)
+                if not value:
+                    view.pop(key, None)
+                else:
+                    view[key] = int(value) if whole else value
+                changed.add(key)
 
     def _project(self, project: str, counts: list[float], old: list[float]) -> None:
         views, changed, key = self.views, self.changed, (project,)
