@@ -84,6 +84,11 @@ def _escape(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
+def _label_text(names: tuple[str, ...], key: Key) -> str:
+    pairs = sorted(zip(names, key, strict=True))
+    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in pairs) + "}"
+
+
 # Series a block of a large family holds: a scrape sends, and compresses, again only the
 # blocks whose series changed since the last one (about 36 KiB of text a block).
 BLOCK_SERIES = 512
@@ -101,17 +106,18 @@ class Part(NamedTuple):
 class _Kept:
     """What a renderer keeps of one family between scrapes."""
 
-    __slots__ = ("copy", "head", "lines", "order", "parts", "rows", "samples", "where", "zeros")
+    __slots__ = ("copy", "head", "order", "parts", "rows", "samples", "values", "where", "zeros")
 
     def __init__(self, head: tuple[Any, ...]) -> None:
         self.head = head  # name, type, doc, labels: a change of any renders all again
         self.samples: Mapping[Any, Any] | None = None  # the dict last read, for ``changed``
         self.copy: dict[Any, Any] | None = None  # its samples then (small families)
         self.zeros: dict[Any, bool] = {}  # which of those were zero, and negative
-        self.order: list[Key] = []  # the keys in exposition order
-        self.where: dict[Key, int] = {}  # each key's place in it
-        # Each series' value and its line up to the value; the lines in order.
-        self.lines: dict[Key, tuple[Any, str]] = {}
+        # The keys in exposition order, each key's place in it, and at each place the
+        # value and the line (a large family's series: nothing more is kept of them).
+        self.order: list[Key] = []
+        self.where: dict[Key, int] = {}
+        self.values: list[Any] = []
         self.rows: list[str] = []
         self.parts: list[Part] = []
 
@@ -164,8 +170,7 @@ class TextRenderer:
         cache_key = (names, key)
         found = self._labels.get(cache_key)
         if found is None:
-            pairs = sorted(zip(names, key, strict=True))
-            found = "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in pairs) + "}"
+            found = _label_text(names, key)
             if len(self._labels) > 200_000:  # label churn beyond any sane limit
                 self._labels.clear()
             self._labels[cache_key] = found
@@ -235,30 +240,23 @@ class TextRenderer:
 
     def _series(self, f: Family, kept: _Kept) -> None:
         """A family of labelled series, a block every ``self.block`` of them."""
-        samples, lines, block = f.samples, kept.lines, self.block
+        samples, block = f.samples, self.block
         if f.changed is not None and samples is kept.samples and kept.parts:
             keys: Collection[Key] = f.changed  # only these can differ from the last render
         elif f.changed is None and kept.parts and _same(kept, samples):
             return
         else:
             keys = samples.keys()
-            if len(lines) > 2 * len(samples) + 1000:  # series gone: forget their lines
-                lines.clear()
         kept.samples = samples
         if f.changed is None:
             _keep(kept, samples)
         else:
             kept.copy = None
         name, head = self._header(f)
-        dirty, moved = self._reread(name, f.labels, samples, keys, kept)
-        if moved or len(kept.where) != len(samples) or not kept.parts:
-            order = kept.order = sorted(samples)
-            kept.where = {key: i for i, key in enumerate(order)}
-            for key in [key for key in lines if key not in kept.where]:
-                del lines[key]
-            fmt = self._fmt
-            kept.rows = [lines[key][1] + fmt(lines[key][0]) + "\n" for key in order]
-            dirty = set(range(max(1, -(-len(order) // block))))
+        dirty = self._reread(samples, keys, kept)
+        if dirty is None or len(kept.where) != len(samples) or not kept.parts:
+            self._reorder(name, f.labels, samples, kept)
+            dirty = set(range(max(1, -(-len(kept.order) // block))))
         rows, texts = kept.rows, [part.text for part in kept.parts]
         del texts[max(1, -(-len(rows) // block)) :]
         for i in sorted(dirty):
@@ -271,40 +269,47 @@ class TextRenderer:
         self._set(kept, f.name, texts)
 
     def _reread(
-        self,
-        name: str,
-        names: tuple[str, ...],
-        samples: Mapping[Any, Any],
-        keys: Collection[Key],
-        kept: _Kept,
-    ) -> tuple[set[int], bool]:
-        """The lines of ``keys`` made again where their value changed: the blocks they
-        are in, and whether a series came or went (the order is then made again)."""
-        lines, where, rows, fmt = kept.lines, kept.where, kept.rows, self._fmt
-        block = self.block
+        self, samples: Mapping[Any, Any], keys: Collection[Key], kept: _Kept
+    ) -> set[int] | None:
+        """The lines of ``keys`` made again where their value changed, and the blocks
+        they are in; None when a series came or went (the order is then made again)."""
+        where, values, rows, fmt, block = kept.where, kept.values, kept.rows, self._fmt, self.block
         dirty: set[int] = set()
-        moved = False
         for key in keys:
             value = samples.get(key)
-            if value is None:  # a series gone
-                if lines.pop(key, None) is not None:
-                    moved = True
+            at = where.get(key)
+            if value is None or at is None:  # a series gone, or a new one
+                if value is not None or at is not None:
+                    return None
                 continue
-            line = lines.get(key)
-            if line is None:  # a new series
-                lines[key] = (value, f"{name}{self._labelstr(names, key)} ")
-                moved = True
-            elif line[0] != value or not value:  # 0.0 and -0.0 are equal
-                lines[key] = (value, line[1])
-                at = where.get(key)
-                if at is None:
-                    moved = True
-                    continue
-                text = line[1] + fmt(value) + "\n"
-                if rows[at] != text:
+            if values[at] != value or not value:  # 0.0 and -0.0 are equal
+                values[at] = value
+                row = rows[at]
+                # The value is the line's last field and holds no space.
+                text = row[: row.rindex(" ") + 1] + fmt(value) + "\n"
+                if text != row:
                     rows[at] = text
                     dirty.add(at // block)
-        return dirty, moved
+        return dirty
+
+    def _reorder(
+        self, name: str, names: tuple[str, ...], samples: Mapping[Any, Any], kept: _Kept
+    ) -> None:
+        """Every line in exposition order again, for a family whose series changed."""
+        was, rows, fmt = kept.where, kept.rows, self._fmt
+        order = kept.order = sorted(samples)
+        kept.where = {key: i for i, key in enumerate(order)}
+        kept.values = [samples[key] for key in order]
+        made = []
+        for key, value in zip(order, kept.values, strict=True):
+            at = was.get(key)
+            if at is None:
+                head = f"{name}{_label_text(names, key)} "
+            else:
+                row = rows[at]
+                head = row[: row.rindex(" ") + 1]
+            made.append(head + fmt(value) + "\n")
+        kept.rows = made
 
     def _set(self, kept: _Kept, name: str, texts: list[bytes]) -> None:
         """The family's blocks, each with a new version where its text changed."""
