@@ -364,12 +364,23 @@ class Block:
         self.text = text
         self._deflated: bytes | None = None
 
+    @property
+    def packed(self) -> bool:
+        """Whether the deflated form is made already."""
+        return self._deflated is not None
+
     def deflated(self) -> bytes:
         found = self._deflated
         if found is None:
             packer = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
             found = self._deflated = packer.compress(self.text) + packer.flush(zlib.Z_SYNC_FLUSH)
         return found
+
+
+def pack(blocks: Sequence[Block]) -> None:
+    """Make the deflated form of each block (zlib lets other threads run meanwhile)."""
+    for block in blocks:
+        block.deflated()
 
 
 def joined(blocks: Sequence[Block]) -> bytes:

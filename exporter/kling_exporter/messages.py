@@ -52,6 +52,16 @@ class Rendered(msgspec.Struct, tag="rendered", array_like=True):
     version: int = 0
 
 
+class Pushed(msgspec.Struct, tag="pushed", array_like=True):
+    """Blocks of a plain-text scrape rendered ahead by the reader, after the lines that
+    changed them, unasked (see ``reading.reader``): as ``Rendered.parts``, relative to
+    the last render the reader sent."""
+
+    epoch: int
+    version: int
+    parts: list[tuple[str, int, bytes | None]]
+
+
 class Reload(msgspec.Struct, tag="reload", array_like=True):
     id: int
 
@@ -83,7 +93,7 @@ class Stopped(msgspec.Struct, tag="stopped", array_like=True):
 ToReader = Render | Reload | Stop
 
 
-FromReader = Published | Rendered | Reloaded | Stopped
+FromReader = Published | Pushed | Rendered | Reloaded | Stopped
 
 
 encode = msgspec.msgpack.Encoder().encode

@@ -414,13 +414,17 @@ class Daemon:
         (see ``collector.TextRenderer``); as ``render`` otherwise."""
         with self._reading(), _collector_paused():
             self._published(True)
-            try:
-                parts = self.exposition.parts()
-            except BaseException:
-                self.tracker.reset()  # the renderer starts again too
-                raise
-            self.tracker.take()
-            return parts
+            return self.rendered_parts()
+
+    def rendered_parts(self) -> list[Part]:
+        """``render_parts`` for a caller that holds the lock."""
+        try:
+            parts = self.exposition.parts()
+        except BaseException:
+            self.tracker.reset()  # the renderer starts again too
+            raise
+        self.tracker.take()
+        return parts
 
     # -- what the HTTP server asks of its reader (see serving.api.Reader) -------------
 

@@ -21,11 +21,12 @@ from typing import Any
 import msgspec
 
 from kling_exporter.budgets import Budgets, DayUsage
-from kling_exporter.collector import Block, Blocks, plain_text
+from kling_exporter.collector import Block, Blocks, pack, plain_text
 from kling_exporter.config import Config
 from kling_exporter.messages import (
     FromReader,
     Published,
+    Pushed,
     Reload,
     Reloaded,
     Render,
@@ -82,6 +83,7 @@ class ReaderProcess:
         # The blocks of the reader's last plain-text scrape, and a turn to ask for more.
         self._blocks = Blocks()
         self._rendering = asyncio.Lock()
+        self._packing: asyncio.Future[None] | None = None  # blocks compressed meanwhile
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -134,6 +136,8 @@ class ReaderProcess:
                 break
             if isinstance(message, Published):
                 self._publish(message)
+            elif isinstance(message, Pushed):
+                self._on_loop(self._pushed, message)
             elif isinstance(message, Stopped):
                 self.lines_read = message.lines_read
             else:
@@ -160,6 +164,28 @@ class ReaderProcess:
         log.critical("the reader process ended unasked", extra={"exit_code": code})
         if self.on_exit is not None:
             self.on_exit()
+
+    def _on_loop(self, call: Callable[[Any], None], message: Any) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(call, message)
+
+    def _pushed(self, message: Pushed) -> None:
+        """Blocks the reader rendered ahead: taken in, and compressed off the loop (one
+        batch at a time; a scrape compresses what is not yet)."""
+        blocks = self._blocks.take(message.epoch, message.version, message.parts)
+        if blocks is None or self._packing is not None or self._loop is None:
+            return
+        fresh = [block for block in blocks if not block.packed]
+        if fresh:
+            self._packing = self._loop.run_in_executor(None, pack, fresh)
+            self._packing.add_done_callback(self._packed)
+
+    def _packed(self, future: asyncio.Future[None]) -> None:
+        self._packing = None
+        if not future.cancelled() and future.exception() is not None:
+            log.error("cannot compress metrics", extra={"err": str(future.exception())})
 
     def _publish(self, message: Published) -> None:
         """On the event loop, in the order sent: the usage, flight and reservation counts
@@ -189,9 +215,14 @@ class ReaderProcess:
             return
 
         def settle() -> None:
+            answer: Any = message
+            if isinstance(message, Rendered) and message.parts is not None:
+                # Taken here, in the order sent, even when nobody waits any more: the
+                # reader's next blocks are sent against these.
+                answer = (message, self._blocks.take(message.epoch, message.version, message.parts))
             future = self._waiting.pop(request_id, None)
             if future is not None and not future.done():
-                future.set_result(message)
+                future.set_result(answer)
 
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle)
@@ -238,12 +269,14 @@ class ReaderProcess:
         async with self._rendering:
             kept = self._blocks
             for _ in range(2):
-                answer = await self._rendered(
+                answer = await self._ask(
                     partial(Render, accept="", names=[], epoch=kept.epoch, since=kept.version)
                 )
-                found = kept.take(answer.epoch, answer.version, answer.parts or [])
+                if isinstance(answer, Rendered):  # an error: no parts
+                    raise ReaderUnavailable(f"the reader could not render: {answer.error}")
+                rendered, found = answer
                 if found is not None:
-                    return found, answer.content_type
+                    return found, rendered.content_type
                 # A block sent without its text is not kept here: ask for all of them.
             raise ReaderUnavailable("the reader's blocks do not match the ones kept")
 
