@@ -43,7 +43,7 @@ from kling_exporter.kling.standin import KlingStandIn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.web_load import ROOT, free_port, percentile, reader_pid
+from bench.web_load import ROOT, cpu_seconds, free_port, percentile, reader_pid
 
 ACCESS = "AK-bench-access"
 SECRET = "SK-bench-secret-0123456789abcdef"  # noqa: S105 - the stand-in's own key
@@ -154,15 +154,6 @@ def probe_disk(folder: str) -> None:
     os.close(fd)
     p50, p99 = (percentile(seconds, q) * 1000 for q in (0.50, 0.99))
     print(json.dumps({"p50_ms": p50, "p99_ms": p99}))
-
-
-def cpu_seconds(pid: int) -> float:
-    """The CPU time process ``pid`` (all its threads) has used (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:

@@ -147,6 +147,15 @@ def reader_pid(pid: int) -> int:
     return int(children[0])
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time process ``pid`` (all its threads) has used (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -713,7 +722,12 @@ async def scrape_phases(
             )
             writer.start()
             await asyncio.sleep(2)
+            pids = (proc.pid, reader_pid(proc.pid))
+            cpu = [cpu_seconds(pid) for pid in pids]
             out["live"] = summary(await every_second(lambda body: False, seconds), seconds)
+            # The exporter's share of a core meanwhile: both processes, scrapes included.
+            out["live"]["cpu_share"] = sum(map(cpu_seconds, pids)) - sum(cpu)
+            out["live"]["cpu_share"] /= seconds
             halt.set()
             writer.join(10)
             writer = None
@@ -773,7 +787,8 @@ def scrape_round(n: int, row: dict[str, Any], names: list[str]) -> str:
             f"({idle['samples']}), live p99 {live['p99_ms']:.1f} "
             f"({live['p99_ms'] / idle['p99_ms']:.2f}x idle), backlog p99 "
             f"{back['p99_ms']:.1f} ({back['p99_ms'] / idle['p99_ms']:.2f}x idle, "
-            f"{back['samples']} scrapes in {r['backlog_seconds']:.1f} s)"
+            f"{back['samples']} scrapes in {r['backlog_seconds']:.1f} s; "
+            f"{live['cpu_share']:.0%} of a core under live writes)"
         )
     return f"round {n + 1} (load {row['load']:.2f}): " + "; ".join(cells)
 
@@ -799,6 +814,7 @@ def scrape_table(result: dict[str, Any], names: list[str]) -> str:
                 f"{median([r['live']['p99_ms'] / r['idle']['p99_ms'] for r in rs]):.2f}x",
                 f"{median([r['backlog']['p99_ms'] for r in rs]):.1f} ms",
                 f"{median([r['backlog']['p99_ms'] / r['idle']['p99_ms'] for r in rs]):.2f}x",
+                f"{median([r['live']['cpu_share'] for r in rs]):.0%}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kling_exporter.accounting.metrics import METRICS, declared, families
@@ -27,12 +28,15 @@ from kling_exporter.collector import (
     to_send,
 )
 from kling_exporter.configfile import parse_config
+from kling_exporter.messages import FromReader, Pushed, Render, Rendered
+from kling_exporter.reading import reader as reader_module
 from kling_exporter.reading.daemon import Daemon
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.helpers import (
     NOW,
     DaemonProcess,
+    by_name,
     completed,
     line,
     parse_metrics,
@@ -312,7 +316,7 @@ def test_the_exporter_serves_the_same_text_gzipped_and_plain_as_blocks_change(
             if raw.startswith(b"kling_") and not raw.startswith(b"kling_log_last_poll")
         ]
 
-    written = 400
+    written, done, credits = 400, 0, 0
     for round_ in range(4):
         batch = [completed(f"w{i}", credits_used=round_ + 1) for i in range(round_, 400, 7)]
         write_lines(log, batch)
@@ -328,3 +332,76 @@ def test_the_exporter_serves_the_same_text_gzipped_and_plain_as_blocks_change(
         status, plain = d.get("/metrics")
         assert status == 200
         assert reader_families(gzip.decompress(zipped)) == reader_families(plain)
+        done += len(batch)
+        credits += len(batch) * (round_ + 1)
+        series = parse_metrics(plain.decode())
+        assert sum(by_name(series, "kling_tasks_completed_total").values()) == done
+        assert sum(by_name(series, "kling_credits_used_total").values()) == credits
+
+
+class Wire:
+    """The reader's end of the link, as a list of the messages it sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sent.append(msgspec.msgpack.decode(data, type=FromReader))
+
+
+def test_blocks_pushed_ahead_and_answered_rebuild_every_scrape_on_the_http_side(
+    tmp_path: Path,
+) -> None:
+    """The reader's pushes and its answers, taken in the order sent by a receiver that
+    sometimes misses an answer (a scrape that timed out): every scrape it serves is a
+    full render of the same instant."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    daemon = Daemon(parse_config(config(tmp_path)))
+    wire = Wire()
+    link = reader_module._Link(wire, daemon)  # type: ignore[arg-type]
+    daemon.publish = link.after_lines
+    receiver = Blocks()
+    scrapes = pushes = 0
+
+    def scrape(drop: bool = False) -> None:
+        nonlocal scrapes
+        for since in ((receiver.epoch, receiver.version), (0, 0)):
+            link.answer(Render(scrapes, "", [], *since))
+            answer = wire.sent.pop()
+            assert isinstance(answer, Rendered) and answer.parts is not None
+            take_pushes()
+            if drop:
+                return  # never taken: the HTTP side gave up on it
+            got = receiver.take(answer.epoch, answer.version, answer.parts)
+            if got is not None:
+                break
+        assert got is not None
+        served = joined([b for b, p in zip(got, answer.parts, strict=True) if p[0] != "process"])
+        assert served == full_render(families(*daemon.snapshot()))
+        scrapes += 1
+
+    def take_pushes() -> None:
+        nonlocal pushes
+        for message in [m for m in wire.sent if isinstance(m, Pushed)]:
+            receiver.take(message.epoch, message.version, message.parts)
+            pushes += 1
+        wire.sent.clear()
+
+    try:
+        scrape()
+        for round_ in range(12):
+            write_lines(
+                logs / "kling-a.jsonl",
+                [submitted(f"t{round_}-{i}", project=f"p{i % 5}") for i in range(20)]
+                + [completed(f"t{round_}-{i}", credits_used=i) for i in range(0, 20, 3)],
+            )
+            link.ahead_at = 0.0  # due at once
+            daemon.poll_once()
+            take_pushes()
+            if round_ % 3 == 2:
+                scrape(drop=round_ % 2 == 0)
+        scrape()
+    finally:
+        daemon.tailer.close()
+    assert pushes >= 10 and scrapes >= 4

@@ -114,6 +114,15 @@ class CheckResult(msgspec.Struct, frozen=True):
     refused_by: str | None = None  # the first budget that refused
 
 
+class Reserved(NamedTuple):
+    """What live reservations hold of a budget in its current period."""
+
+    name: str
+    period: str
+    reserved_credits: float
+    reserved_usd: float
+
+
 class BudgetStatus(msgspec.Struct, frozen=True):
     """One budget in its current period."""
 
@@ -324,6 +333,11 @@ class Budgets:
         for b, (used, bounds) in zip(budgets, self.usage(budgets, usage, now), strict=True):
             out.append(budget_status(b, *_parts(b, used, flight, held, elsewhere), bounds))
         return out
+
+    def reserved(self, held: DayUsage) -> list[Reserved]:
+        """What ``held`` holds of every budget: a status's reserved figures alone,
+        without summing what each budget used."""
+        return [Reserved(b.name, b.period, *_part(held, b)) for b in self.config.budgets]
 
     def shares(
         self,

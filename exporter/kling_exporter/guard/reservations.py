@@ -47,6 +47,7 @@ from kling_exporter.budgets import (
     BudgetStatus,
     CheckResult,
     DayUsage,
+    Reserved,
     Share,
     sum_into,
 )
@@ -358,6 +359,11 @@ class Reservations:
     def statuses(self, view: View, elsewhere: Mapping[str, Share] = ALONE) -> list[BudgetStatus]:
         self.sweep()
         return view.budgets.statuses(view.usage, self.clock(), view.flight, self.held, elsewhere)
+
+    def reserved(self, view: View) -> list[Reserved]:
+        """What the live holds hold of each budget (the HTTP process's families)."""
+        self.sweep()
+        return view.budgets.reserved(self.held)
 
     def max_expiry(self) -> float:
         """When the last live hold expires (0 with none)."""

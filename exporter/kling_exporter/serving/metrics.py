@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from kling_exporter.budgets import BudgetStatus
+from kling_exporter.budgets import Reserved
 from kling_exporter.collector import Family, Key, keyed
 from kling_exporter.model import PACK_STATES
 
@@ -52,7 +52,7 @@ class Side(NamedTuple):
     that is on (None when it is off: Kling's account without keys, the fleet without a
     Redis URL, the gateway disabled)."""
 
-    budgets: Sequence[BudgetStatus]
+    budgets: Sequence[Reserved]
     reservations: Mapping[str, float]
     callbacks: Mapping[str, float]
     account: AccountFigures | None

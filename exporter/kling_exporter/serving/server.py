@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from aiohttp import web
 
 from kling_exporter import __version__
-from kling_exporter.budgets import BudgetStatus
+from kling_exporter.budgets import Reserved
 from kling_exporter.collector import Block, Blocks, Exposition, gzipped, joined, plain_text
 from kling_exporter.guard.fleet import Fleet, InstanceTaken
 from kling_exporter.guard.reservations import Reservations
@@ -38,7 +38,6 @@ from kling_exporter.serving.api import (
     release,
     reservations_list,
     reserve,
-    statuses,
 )
 from kling_exporter.serving.bodies import MAX_BODY, error_answer
 from kling_exporter.serving.callbacks import PATH as CALLBACK_PATH
@@ -61,7 +60,7 @@ log = logging.getLogger(__name__)
 
 
 def side_of(
-    budgets: list[BudgetStatus],
+    budgets: list[Reserved],
     reservations: Reservations,
     callbacks: Callbacks,
     account: Account,
@@ -112,7 +111,7 @@ def metrics_handler(
     under_way: asyncio.Future[tuple[list[Block], str]] | None = None
     services = (reservations, callbacks, account, fleet, gateway)
     ours = Exposition(
-        lambda: side_families(side_of(statuses(reader, reservations), *services)),
+        lambda: side_families(side_of(reservations.reserved(reader.view()), *services)),
         # What there is, without reading usage.
         lambda: side_families(side_of([], *services), samples=False),
         process=False,
