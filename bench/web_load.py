@@ -799,9 +799,8 @@ def scrape_table(result: dict[str, Any], names: list[str]) -> str:
     def median(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]
 
-    rows = [
-        ("build", "idle p50", "idle p99", "live p99", "live/idle", "backlog p99", "backlog/idle")
-    ]
+    head = ("build", "idle p50", "idle p99", "live p99", "live/idle", "backlog p99")
+    rows: list[tuple[str, ...]] = [(*head, "backlog/idle", "CPU, live")]
     for name in names:
         rs = [row[name] for row in result["rounds"]]
         idle = median([r["idle"]["p99_ms"] for r in rs])

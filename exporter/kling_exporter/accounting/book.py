@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from sys import intern
+from typing import Any
 
 from kling_exporter.accounting.counters import (
     CREDITS,
@@ -70,6 +71,23 @@ CLAMP_REASONS = ("ahead", "too_old")
 Observer = Callable[[Record], None]
 
 
+StatusKey = tuple[Budgets, list[tuple[float, DayUsage, int]], dict[Any, Any], list[Any]]
+
+
+def _same_key(a: StatusKey, b: StatusKey) -> bool:
+    """Whether two readings of what budget statuses depend on are the same: the same
+    budgets and days (the objects, at the same version), equal flight and periods."""
+    return (
+        a[0] is b[0]
+        and len(a[1]) == len(b[1])
+        and all(
+            x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a[1], b[1], strict=True)
+        )
+        and a[2] == b[2]
+        and a[3] == b[3]
+    )
+
+
 class Book(Counters):
     """Counters live in small lists per label pair (``series``) and per project
     (``projects``), reached through ``_route`` in one lookup per event; the dict views
@@ -118,6 +136,7 @@ class Book(Counters):
             raise ValueError("timezone: changing the time zone needs a restart")
         self.config = config
         self.budgets = Budgets(config)
+        self._statuses: tuple[StatusKey, list[BudgetStatus]] | None = None
         self.pricing = self.budgets.pricing
         if old is not None and old.pricing != config.pricing:
             self.estimate_flight()  # estimates of tasks in flight follow the new prices
@@ -296,4 +315,18 @@ class Book(Counters):
         self._day = (1.0, 0.0, DayUsage())
 
     def budget_statuses(self, now: float) -> list[BudgetStatus]:
-        return self.budgets.statuses(self.usage, now, self.flight)
+        """Every budget's status; the last ones again while nothing they read changed
+        (the budgets, each day's usage, what is in flight, the periods at ``now``): a
+        scrape between two polls reads the same ledger, and 500 statuses take 2 ms."""
+        key = (
+            self.budgets,
+            [(start, day, day.version) for start, day in self.usage.items()],
+            {pair: (n, credits) for pair, (n, credits) in self.flight_tasks.items()},
+            [self.budgets.clock.bounds(kind, now) for kind in PERIOD_KINDS],
+        )
+        last = self._statuses
+        if last is not None and _same_key(last[0], key):
+            return list(last[1])
+        statuses = self.budgets.statuses(self.usage, now, self.flight)
+        self._statuses = (key, statuses)
+        return list(statuses)

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from kling_exporter import __version__
 from kling_exporter.accounting.counters import Tracker
+from kling_exporter.budgets import BudgetStatus
 from kling_exporter.collector import Family, Key, keyed
 from kling_exporter.model import Status
 from kling_exporter.views import Snapshot
@@ -362,21 +363,81 @@ TRACKED_FAMILIES = {
     "kling_tasks_expired": "expired",
     "kling_tasks_expired_credits": "expired_credits",
 }
+# The budget families, by the BudgetStatus field each reads (``BudgetViews``).
+BUDGET_FAMILIES = {f"kling_budget_{name}": field for name, field, _ in BUDGET_FIELDS}
+BUDGET_INFO = "kling_budget_info"
 
 
-def families(s: Snapshot, st: Status, tracker: Tracker | None = None) -> list[Family]:
+class BudgetViews:
+    """The budget families' samples kept from one scrape to the next: each budget's
+    status is compared with the last one (one comparison of two structs), and only a
+    budget that changed has its samples set again, with its keys in ``changed``."""
+
+    def __init__(self) -> None:
+        self.last: list[BudgetStatus] = []
+        self.views: dict[str, dict[Key, float]] = {}
+        self.changed: dict[str, set[Key]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the last statuses: the next ``update`` fills new views."""
+        self.last = []
+        self.views = {name: {} for name in (*BUDGET_FAMILIES, BUDGET_INFO)}
+        self.changed = {name: set() for name in self.views}
+
+    def take(self) -> None:
+        for keys in self.changed.values():
+            keys.clear()
+
+    def update(self, statuses: list[BudgetStatus]) -> None:
+        last = self.last
+        if [(b.name, b.period) for b in last] != [(b.name, b.period) for b in statuses]:
+            self.reset()  # budgets came, went or moved: new views, read whole
+            last = []
+        views, changed = self.views, self.changed
+        for i, b in enumerate(statuses):
+            old = last[i] if last else None
+            if b == old:
+                continue
+            key = (b.name, b.period)
+            for name, field in BUDGET_FAMILIES.items():
+                value = getattr(b, field)
+                if old is None or value != getattr(old, field) or not value:
+                    if value is None:
+                        views[name].pop(key, None)
+                    else:
+                        views[name][key] = value
+                    changed[name].add(key)
+            info = (b.name, b.period, _opt(b.project), _opt(b.user))
+            if old is not None:
+                before = (old.name, old.period, _opt(old.project), _opt(old.user))
+                if before != info:
+                    views[BUDGET_INFO].pop(before, None)
+                    changed[BUDGET_INFO].add(before)
+            views[BUDGET_INFO][info] = 1
+            changed[BUDGET_INFO].add(info)
+        self.last = statuses
+
+
+def families(
+    s: Snapshot, st: Status, tracker: Tracker | None = None, budgets: BudgetViews | None = None
+) -> list[Family]:
     """Every metric of a scrape, in exposition order: the table above, read; the
-    counters from ``tracker``'s views where one is given (the snapshot's are then
-    not read)."""
+    counters from ``tracker``'s views and the budgets from ``budgets``' where given
+    (the snapshot's are then not read)."""
     out = []
     for spec in METRICS:
-        view = TRACKED_FAMILIES.get(spec.name) if tracker is not None else None
-        if view is None or tracker is None:
-            out.append(
-                Family(spec.name, spec.type, spec.doc, spec.labels, spec.read(s, st), spec.unit)
-            )
+        found: tuple[dict[Key, float], set[Key]] | None = None
+        view = TRACKED_FAMILIES.get(spec.name)
+        if tracker is not None and view is not None:
+            found = tracker.views[view], tracker.changed[view]
+        elif budgets is not None and spec.name in budgets.views:
+            found = budgets.views[spec.name], budgets.changed[spec.name]
+        if found is None:
+            samples = spec.read(s, st)
+            out.append(Family(spec.name, spec.type, spec.doc, spec.labels, samples, spec.unit))
         else:
-            samples, changed = tracker.views[view], tracker.changed[view]
+            samples, changed = found
             out.append(
                 Family(spec.name, spec.type, spec.doc, spec.labels, samples, spec.unit, changed)
             )

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from kling_exporter.accounting.counters import Tracker
 from kling_exporter.accounting.ledger import Ledger
-from kling_exporter.accounting.metrics import declared, families
+from kling_exporter.accounting.metrics import BudgetViews, declared, families
 from kling_exporter.accounting.state import FORMAT, State, ledger_state, read_state, restore
 from kling_exporter.budgets import DayUsage
 from kling_exporter.collector import (
@@ -119,6 +119,7 @@ class Daemon:
         self._thread: threading.Thread | None = None
         # A scrape's counters, kept up to date from one scrape to the next.
         self.tracker = Tracker()
+        self.budget_views = BudgetViews()
         self.exposition = Exposition(
             lambda: families(*self._snapshot()), declared, text_rows=self._text_rows
         )
@@ -396,7 +397,8 @@ class Daemon:
         says which of their series changed since the last one."""
         snap, status = self._snapshot(counted=False)
         self.tracker.update(self.ledger)
-        return families(snap, status, self.tracker)
+        self.budget_views.update(snap.budgets)
+        return families(snap, status, self.tracker, self.budget_views)
 
     def render(self, accept: str = "", names: list[str] | None = None) -> tuple[bytes, str]:
         """A scrape's body and content type. The reader waits meanwhile (a render takes
@@ -422,8 +424,10 @@ class Daemon:
             parts = self.exposition.parts()
         except BaseException:
             self.tracker.reset()  # the renderer starts again too
+            self.budget_views.reset()
             raise
         self.tracker.take()
+        self.budget_views.take()
         return parts
 
     # -- what the HTTP server asks of its reader (see serving.api.Reader) -------------
