@@ -110,8 +110,7 @@ def test_every_family_served_in_blocks_matches_a_full_render_as_each_changes(  #
         served, texts = scraped(daemon)
         assert served == full_render(families(*daemon.snapshot()))
         ledger = daemon.ledger  # the statuses kept between scrapes, against new ones
-        fresh = ledger.budgets.statuses(ledger.usage, clock.now, ledger.flight)
-        assert ledger.budget_statuses(clock.now) == fresh
+        assert daemon.statuses.of(ledger, clock.now) == ledger.budget_statuses(clock.now)
         for name, text in texts.items():
             seen.setdefault(name, set()).add(text)
 

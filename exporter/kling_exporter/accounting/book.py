@@ -88,6 +88,29 @@ def _same_key(a: StatusKey, b: StatusKey) -> bool:
     )
 
 
+class KeptStatuses:
+    """Budget statuses kept from one scrape to the next, made again only when what they
+    read changed (the budgets, each day's usage, what is in flight, the periods at the
+    time asked): a scrape between two polls reads the same ledger, and 500 statuses take
+    2 ms. Kept beside the ledger, not on it: one attribute more on the ledger cost each
+    line 800 instructions."""
+
+    def __init__(self) -> None:
+        self._last: tuple[StatusKey, list[BudgetStatus]] | None = None
+
+    def of(self, book: Book, now: float) -> list[BudgetStatus]:
+        key = (
+            book.budgets,
+            [(start, day, day.version) for start, day in book.usage.items()],
+            {pair: (n, credits) for pair, (n, credits) in book.flight_tasks.items()},
+            [book.budgets.clock.bounds(kind, now) for kind in PERIOD_KINDS],
+        )
+        last = self._last
+        if last is None or not _same_key(last[0], key):
+            last = self._last = (key, book.budget_statuses(now))
+        return list(last[1])
+
+
 class Book(Counters):
     """Counters live in small lists per label pair (``series``) and per project
     (``projects``), reached through ``_route`` in one lookup per event; the dict views
@@ -136,7 +159,6 @@ class Book(Counters):
             raise ValueError("timezone: changing the time zone needs a restart")
         self.config = config
         self.budgets = Budgets(config)
-        self._statuses: tuple[StatusKey, list[BudgetStatus]] | None = None
         self.pricing = self.budgets.pricing
         if old is not None and old.pricing != config.pricing:
             self.estimate_flight()  # estimates of tasks in flight follow the new prices
@@ -315,18 +337,4 @@ class Book(Counters):
         self._day = (1.0, 0.0, DayUsage())
 
     def budget_statuses(self, now: float) -> list[BudgetStatus]:
-        """Every budget's status; the last ones again while nothing they read changed
-        (the budgets, each day's usage, what is in flight, the periods at ``now``): a
-        scrape between two polls reads the same ledger, and 500 statuses take 2 ms."""
-        key = (
-            self.budgets,
-            [(start, day, day.version) for start, day in self.usage.items()],
-            {pair: (n, credits) for pair, (n, credits) in self.flight_tasks.items()},
-            [self.budgets.clock.bounds(kind, now) for kind in PERIOD_KINDS],
-        )
-        last = self._statuses
-        if last is not None and _same_key(last[0], key):
-            return list(last[1])
-        statuses = self.budgets.statuses(self.usage, now, self.flight)
-        self._statuses = (key, statuses)
-        return list(statuses)
+        return self.budgets.statuses(self.usage, now, self.flight)

@@ -51,6 +51,7 @@ from kling_exporter.accounting.book import (
     SUB,
     USE,
     Book,
+    KeptStatuses,
     estimate_of,
     with_estimate,
 )
@@ -547,11 +548,16 @@ class Ledger(Book):
     # -- reading ---------------------------------------------------------------------
 
     def snapshot(
-        self, now: float, reading: ReadStats | None = None, counted: bool = True
+        self,
+        now: float,
+        reading: ReadStats | None = None,
+        counted: bool = True,
+        statuses: KeptStatuses | None = None,
     ) -> Snapshot:
         """Everything a scrape shows of the ledger, with the reader's counts. Without
         ``counted``, the views of the counters are left empty, for a scrape that reads
-        them from a ``Tracker`` instead."""
+        them from a ``Tracker`` instead; the budget statuses come from ``statuses``
+        where given."""
         reading = reading or ReadStats()
         views: dict[str, Any] = (
             {
@@ -574,7 +580,7 @@ class Ledger(Book):
             errors=self.errors.copy(),
             generation={m: (h.cumulative(), h.sum) for m, h in self.generation.items()},
             **views,
-            budgets=self.budget_statuses(now),
+            budgets=self.budget_statuses(now) if statuses is None else statuses.of(self, now),
             duplicates=self.duplicates,
             last_event_ts=self.last_event_ts,
             label_overflow={

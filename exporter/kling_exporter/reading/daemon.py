@@ -22,6 +22,7 @@ from pathlib import Path
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from kling_exporter.accounting.book import KeptStatuses
 from kling_exporter.accounting.counters import Tracker
 from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.accounting.metrics import BudgetViews, declared, families
@@ -120,6 +121,7 @@ class Daemon:
         # A scrape's counters, kept up to date from one scrape to the next.
         self.tracker = Tracker()
         self.budget_views = BudgetViews()
+        self.statuses = KeptStatuses()
         self.exposition = Exposition(
             lambda: families(*self._snapshot()), declared, text_rows=self._text_rows
         )
@@ -376,7 +378,8 @@ class Daemon:
 
     def _snapshot(self, counted: bool = True) -> tuple[Snapshot, Status]:
         """The ledger and the daemon's health at this instant; the caller holds the lock."""
-        snap = self.ledger.snapshot(self.clock(), self.reading, counted)
+        kept = None if counted else self.statuses
+        snap = self.ledger.snapshot(self.clock(), self.reading, counted, kept)
         state_interval = self.config.state.interval_seconds if self._state_path() else 0.0
         return snap, Status(
             files_watched=self.tailer.watched,
