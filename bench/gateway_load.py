@@ -1,22 +1,27 @@
-"""What the gateway adds to a producer's call to Kling, measured on loopback.
+"""What the gateway adds to a producer's create call to Kling, against what a reverse
+proxy's hop adds, measured on loopback in the same run.
 
-The stand-in of Kling's API runs in a process of its own; the real exporter (its HTTP
-process and its reader) serves the gateway in front of it, with a budget that matches
-every request, so each create request takes a reservation, written to its journal, and
-each task accepted is fsynced to the exporter's journal before the producer is answered.
-An open-loop load (requests sent at a fixed rate whatever the answers do; latency counted
-from when each request was due, so a stall is not hidden) calls the stand-in directly,
-then through the gateway, for create requests and then for queries. Meanwhile a probe
-fsyncs a line beside the journal every 10 ms: a create waits for one fsync, so the disk's
-p99 in the same seconds says how much of the added p99 is the disk's. The load, the
+The stand-in of Kling's API runs in a process of its own. In front of it: nginx (Debian's
+package, installed by ``bench/setup`` when missing; one worker, kept-alive upstream
+connections) and the real exporter (its HTTP process and its reader) serving the
+gateway, with a budget that matches every request, so each create takes a reservation,
+written to its journal, and each task accepted is fsynced to the exporter's journal
+before the producer is answered. An open-loop load (requests sent at a fixed rate
+whatever the answers do; latency counted from when each request was due, so a stall is
+not hidden) sends creates straight to the stand-in, through nginx and through the
+gateway, the three arms alternated and their order turned each round. Meanwhile a probe
+fsyncs a line beside the journal every 10 ms: the disk's fsync p99 in the same seconds,
+the floor of any proxy that journals a task before it answers. Each round gives the
+gateway's added p99 (over calling the stand-in) against that floor, nginx's added p99
+plus the fsync p99; the target is at most 2x, as the median of the rounds. The load, the
 stand-in and the probe freeze what their start-up made, so that no full collection of
 theirs lands in a run as the gateway's time. The CPU the exporter's two processes used
-in each run is read from /proc (Linux), per request: a figure that varies less than the
-latencies when the machine's speed does, and says where the added time is spent.
+a create is read from /proc (Linux): a figure that varies less than the latencies when
+the machine's speed does, and says where the added time is spent.
 
-    python bench/gateway_load.py                      # 500 requests/s for 10 s each
-    python bench/gateway_load.py --repeat 8           # eight runs, and their spread
-    python bench/gateway_load.py --rate 200 --duration 5 --json gateway.json
+    python bench/gateway_load.py                      # 500 creates/s, 10 s an arm, 5 rounds
+    python bench/gateway_load.py --rounds 9 --json gateway.json
+    python bench/gateway_load.py --rate 200 --duration 5
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import asyncio
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,7 +53,6 @@ from bench.web_load import ROOT, cpu_seconds, free_port, percentile, reader_pid
 
 ACCESS = "AK-bench-access"
 SECRET = "SK-bench-secret-0123456789abcdef"  # noqa: S105 - the stand-in's own key
-TARGET_MS = 5  # what a create may add at p99 (the gateway's promise)
 BODY = {"model_name": "kling-v2-6", "mode": "std", "duration": "5", "prompt": "a fox in snow"}
 
 
@@ -79,7 +84,11 @@ def start(workdir: Path, upstream: str, port: int) -> subprocess.Popen[bytes]:
         "logs": {"paths": [str(workdir / "logs" / "kling-*.jsonl")], "poll_interval": "100ms"},
         "state": {"path": str(workdir / "bench.state")},
         "budgets": [{"name": "bench", "project": "bench", "limit_credits": 1e11}],
-        "gateway": {"enabled": True, "upstream": upstream},
+        "gateway": {
+            "enabled": True,
+            "upstream": upstream,
+            "projects_by_access_key": {ACCESS: "bench"},
+        },
     }
     path = workdir / "config.yml"
     path.write_text(json.dumps(config))
@@ -87,8 +96,15 @@ def start(workdir: Path, upstream: str, port: int) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "kling_exporter", "serve", "--config.file", str(path)]
     cmd += ["--web.listen-address", f"127.0.0.1:{port}"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(f"http://127.0.0.1:{port}/-/ready")
-    return proc
+    deadline = time.monotonic() + 60
+    while True:  # ready: the gateway answers 503 until the logs are read
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2):
+                return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 async def open_loop(
@@ -195,9 +211,72 @@ class DiskProbe:
         self.result = json.loads(out)
 
 
+def nginx_config(folder: Path, port: int, upstream: int) -> Path:
+    """A reverse proxy on ``port`` to the stand-in, as one would put in front of an API:
+    one worker (the exporter serves from one process too), kept-alive upstream
+    connections, no access log, everything it writes in ``folder``."""
+    conf = folder / "nginx.conf"
+    conf.write_text(
+        f"""
+daemon off;
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/nginx-error.log warn;
+events {{ worker_connections 2048; }}
+http {{
+    access_log off;
+    client_body_temp_path {folder}/body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    upstream kling {{ server 127.0.0.1:{upstream}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://kling;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def start_nginx(folder: Path, port: int, upstream: int) -> subprocess.Popen[bytes]:
+    """nginx from Debian's package, installed by ``bench/setup`` when missing."""
+    path = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if path is None:
+        subprocess.run([str(ROOT / "bench" / "setup"), "nginx"], check=True)
+        path = shutil.which("nginx", path="/usr/sbin:/sbin:/usr/bin")
+    if path is None:
+        raise SystemExit("nginx is not installed (bench/setup nginx)")
+    conf = nginx_config(folder, port, upstream)
+    proc = subprocess.Popen(
+        [path, "-p", str(folder), "-c", str(conf), "-e", str(folder / "nginx-error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(f"http://127.0.0.1:{port}/v1/videos/text2video/none")
+    return proc
+
+
+ARMS = ("direct", "nginx", "gateway")
+
+
 async def measure(
-    standin: str, gateway: str, rate: float, duration: float, folder: Path, exporter: int
-) -> dict[str, Any]:
+    bases: dict[str, str],
+    rate: float,
+    duration: float,
+    rounds: int,
+    folder: Path,
+    exporter: int,
+) -> list[dict[str, Any]]:
+    """Creates at ``rate`` a second: straight to the stand-in, through nginx, through
+    the gateway; the three arms alternated, their order turned each round, the disk
+    probed throughout each round."""
     now = int(time.time())
     token = jwt.encode({"iss": ACCESS, "exp": now + 1800, "nbf": now - 5}, SECRET, "HS256")
     headers = {
@@ -206,49 +285,51 @@ async def measure(
         "X-Kling-Project": "bench",
     }
     body = json.dumps(BODY).encode()
-    out: dict[str, Any] = {}
+    path = "/v1/videos/text2video"
+    out = []
     # The load and the stand-in are the rig, not what is measured: a full collection of
     # their imports' objects took 20-50 ms, timed as the gateway's (or Kling's) own.
     gc.freeze()
     connector = aiohttp.TCPConnector(limit=512)
     async with aiohttp.ClientSession(connector=connector) as session:
-        # One task to query, finished at once by the stand-in.
-        async with session.post(f"{standin}/v1/videos/text2video", headers=headers, data=body) as r:
-            task_id = (await r.json())["data"]["task_id"]
-        for route, method, path, data in (
-            ("create", "POST", "/v1/videos/text2video", body),
-            ("query", "GET", f"/v1/videos/text2video/{task_id}", None),
-        ):
-            # The probe runs beside both sides, and starts before either: started with the
-            # gateway's run, its own start-up (a Python process) took the gateway's slowest
-            # 1% by itself. A short warm-up of each side just before its run, so that
-            # neither pays for starting up: warmed 10 s before its run, the gateway had a
-            # third of its slowest 1% in the run's first 250 ms.
+        for n in range(rounds):
+            order = ARMS[n % 3 :] + ARMS[: n % 3]
+            row: dict[str, Any] = {"order": order}
+            # The probe runs beside every arm and starts before any: started with an
+            # arm, its own start-up took that arm's slowest 1% by itself. A short
+            # warm-up of each arm just before its run, so that none pays for starting.
             with DiskProbe(folder) as disk:
-                await open_loop(session, method, standin + path, headers, data, rate, 1.0)
-                direct = await open_loop(
-                    session, method, standin + path, headers, data, rate, duration
-                )
-                await open_loop(session, method, gateway + path, headers, data, rate, 1.0)
-                with CpuMeter(exporter) as cpu:
-                    through = await open_loop(
-                        session, method, gateway + path, headers, data, rate, duration
-                    )
-            out[route] = {
-                "direct": direct,
-                "gateway": through,
-                "disk_fsync": disk.result,
-                "added_p50_ms": through["p50_ms"] - direct["p50_ms"],
-                "added_p99_ms": through["p99_ms"] - direct["p99_ms"],
-                "cpu_ms_per_request": {
-                    name: seconds * 1000 / through["requests"] for name, seconds in cpu.used.items()
-                },
-            }
+                for arm in order:
+                    url = bases[arm] + path
+                    await open_loop(session, "POST", url, headers, body, rate, 1.0)
+                    with CpuMeter(exporter) as cpu:
+                        row[arm] = await open_loop(
+                            session, "POST", url, headers, body, rate, duration
+                        )
+                    if arm == "gateway":
+                        row["cpu_ms_per_create"] = {
+                            name: seconds * 1000 / row[arm]["requests"]
+                            for name, seconds in cpu.used.items()
+                        }
+            row["disk_fsync"] = disk.result
+            out.append(judge(row))
+            print(show_round(n, out[-1]), flush=True)
     return out
 
 
-def run(rate: float = 500, duration: float = 10) -> dict[str, Any]:
-    standin_port, exporter_port = free_port(), free_port()
+def judge(row: dict[str, Any]) -> dict[str, Any]:
+    """What each proxy adds at p99 over calling the stand-in, and the gateway's added
+    p99 against the floor of a proxy that journals a task: a hop plus an fsync."""
+    direct = row["direct"]["p99_ms"]
+    row["nginx_added_p99_ms"] = row["nginx"]["p99_ms"] - direct
+    row["gateway_added_p99_ms"] = row["gateway"]["p99_ms"] - direct
+    row["floor_ms"] = max(row["nginx_added_p99_ms"], 0.0) + row["disk_fsync"]["p99_ms"]
+    row["ratio"] = row["gateway_added_p99_ms"] / row["floor_ms"]
+    return row
+
+
+def run(rate: float, duration: float, rounds: int) -> dict[str, Any]:
+    standin_port, exporter_port, nginx_port = free_port(), free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "exporter")}
     standin = subprocess.Popen(
         [sys.executable, __file__, "--standin", str(standin_port)],
@@ -259,31 +340,37 @@ def run(rate: float = 500, duration: float = 10) -> dict[str, Any]:
     try:
         wait_for(standin_url + "/v1/videos/text2video/none")
         with tempfile.TemporaryDirectory() as tmp:
-            exporter = start(Path(tmp), standin_url, exporter_port)
+            folder = Path(tmp)
+            nginx = start_nginx(folder, nginx_port, standin_port)
+            exporter = start(folder, standin_url, exporter_port)
+            bases = {
+                "direct": standin_url,
+                "nginx": f"http://127.0.0.1:{nginx_port}",
+                "gateway": f"http://127.0.0.1:{exporter_port}/kling",
+            }
             try:
-                gateway = f"http://127.0.0.1:{exporter_port}/kling"
-                result = asyncio.run(
-                    measure(standin_url, gateway, rate, duration, Path(tmp), exporter.pid)
-                )
+                result = asyncio.run(measure(bases, rate, duration, rounds, folder, exporter.pid))
             finally:
                 exporter.terminate()
                 exporter.wait(20)
+                nginx.terminate()
+                nginx.wait(20)
     finally:
         standin.terminate()
         standin.wait(10)
-    return {"rate": rate, "duration": duration, "cpus": os.cpu_count(), **result}
+    return {"rate": rate, "duration": duration, "cpus": os.cpu_count(), "rounds": result}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=500, help="requests a second")
-    parser.add_argument("--duration", type=float, default=10, help="seconds of each run")
+    parser.add_argument("--rate", type=float, default=500, help="creates a second")
+    parser.add_argument("--duration", type=float, default=10, help="seconds of each arm")
     parser.add_argument(
-        "--repeat",
+        "--rounds",
         type=int,
-        default=1,
-        help="runs, each with a fresh exporter and stand-in; the machine's speed varies"
-        " from minute to minute, so the spread of several says more than one",
+        default=5,
+        help="rounds of the three arms, their order turned each round (5); the machine's"
+        " speed varies from minute to minute, so the median of several says more than one",
     )
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--standin", type=int, help=argparse.SUPPRESS)
@@ -295,52 +382,47 @@ def main() -> None:
     if args.standin:
         serve_standin(args.standin)
         return
-    results = []
-    for i in range(args.repeat):
-        result = run(args.rate, args.duration)
-        results.append(result)
-        if args.repeat > 1:
-            print(f"run {i + 1} of {args.repeat}, load average {os.getloadavg()[0]:.2f} after")
-        show(result)
-    if args.repeat > 1:
-        for route in ("create", "query"):
-            added = sorted(r[route]["added_p99_ms"] for r in results)
-            under = sum(a < TARGET_MS for a in added)
-            print(
-                f"{route:6} added p99 over {len(added)} runs: {added[0]:.2f} to {added[-1]:.2f}"
-                f" ms, median {statistics.median(added):.2f} ms,"
-                f" under {TARGET_MS:g} ms in {under}"
-            )
-            cpu = sorted(r[route]["cpu_ms_per_request"]["http"] for r in results)
-            print(
-                f"{route:6} HTTP process CPU a request: {cpu[0]:.3f} to {cpu[-1]:.3f} ms,"
-                f" median {statistics.median(cpu):.3f} ms"
-            )
+    result = run(args.rate, args.duration, args.rounds)
+    print(summary(result))
     if args.json:
-        out = results[0] if args.repeat == 1 else {"runs": results}
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def show(result: dict[str, Any]) -> None:
-    print(f"{result['rate']:g} requests/s for {result['duration']:g} s, {result['cpus']} CPUs")
-    for route in ("create", "query"):
-        row = result[route]
-        for side in ("direct", "gateway"):
-            r = row[side]
-            print(
-                f"{route:6} {side:8} p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms"
-                f"  ({r['requests']} requests, {r['failures']} failed)"
-            )
-        added = f"p50 {row['added_p50_ms']:7.2f} ms  p99 {row['added_p99_ms']:7.2f} ms"
-        print(f"{route:6} added    {added}")
-        disk = row["disk_fsync"]
-        fsync = f"p50 {disk['p50_ms']:7.2f} ms  p99 {disk['p99_ms']:7.2f} ms"
-        print(f"{route:6} fsync    {fsync}  (the disk, meanwhile)")
-        cpu = row["cpu_ms_per_request"]
-        print(
-            f"{route:6} CPU      {cpu['http']:.3f} ms a request in the HTTP process,"
-            f" {cpu['reader']:.3f} ms in the reader"
-        )
+def show_round(n: int, row: dict[str, Any]) -> str:
+    cpu = row["cpu_ms_per_create"]
+    arms = ", ".join(f"{arm} p99 {row[arm]['p99_ms']:.2f} ms" for arm in ARMS)
+    return (
+        f"round {n + 1} ({' > '.join(row['order'])}): {arms}; added: nginx"
+        f" {row['nginx_added_p99_ms']:.2f}, gateway {row['gateway_added_p99_ms']:.2f} ms;"
+        f" fsync p99 {row['disk_fsync']['p99_ms']:.2f} ms; gateway / (nginx + fsync)"
+        f" {row['ratio']:.2f}; CPU a create {cpu['http']:.3f} ms HTTP +"
+        f" {cpu['reader']:.3f} ms reader"
+    )
+
+
+def summary(result: dict[str, Any]) -> str:
+    rows = result["rounds"]
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    failed = sum(row[arm]["failures"] for row in rows for arm in ARMS)
+    lines = [
+        f"{result['rate']:g} creates/s, {result['duration']:g} s an arm, {len(rows)} rounds,"
+        f" {result['cpus']} CPUs; {failed} requests failed",
+        f"median p99: direct {med([r['direct']['p99_ms'] for r in rows]):.2f} ms,"
+        f" nginx {med([r['nginx']['p99_ms'] for r in rows]):.2f} ms,"
+        f" gateway {med([r['gateway']['p99_ms'] for r in rows]):.2f} ms",
+        f"median added p99: nginx {med([r['nginx_added_p99_ms'] for r in rows]):.2f} ms,"
+        f" gateway {med([r['gateway_added_p99_ms'] for r in rows]):.2f} ms;"
+        f" fsync p99 {med([r['disk_fsync']['p99_ms'] for r in rows]):.2f} ms",
+        "gateway / (nginx hop + fsync), round by round: "
+        + ", ".join(f"{r['ratio']:.2f}" for r in rows)
+        + f"; median {med([r['ratio'] for r in rows]):.2f} (target <= 2)",
+        f"CPU a create (median): {med([r['cpu_ms_per_create']['http'] for r in rows]):.3f} ms"
+        f" HTTP process, {med([r['cpu_ms_per_create']['reader'] for r in rows]):.3f} ms reader",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
