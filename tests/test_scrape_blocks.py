@@ -15,18 +15,8 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kling_exporter.accounting.metrics import METRICS, declared, families
-from kling_exporter.collector import (
-    BLOCK_SERIES,
-    Block,
-    Blocks,
-    Family,
-    FamilyCollector,
-    Part,
-    TextRenderer,
-    gzipped,
-    joined,
-    to_send,
-)
+from kling_exporter.blocks import Block, Blocks, gzipped, joined, to_send
+from kling_exporter.collector import BLOCK_SERIES, Family, FamilyCollector, Part, TextRenderer
 from kling_exporter.configfile import parse_config
 from kling_exporter.messages import FromReader, Pushed, Render, Rendered
 from kling_exporter.reading import reader as reader_module

@@ -5,6 +5,7 @@ with the dict views collector and state read them through."""
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from typing import Any
 
 OTHER = "__other__"
@@ -215,24 +216,8 @@ class Tracker:
         if self._of is None or of[0] is not self._of[0] or of[1] is not self._of[1]:
             self.reset()
             self._of = of
-        seen = self._series_seen
-        for pair, counts in counters.series.items():
-            old = seen.get(pair)
-            if old != counts:
-                self._series(pair, counts, _NO_SERIES if old is None else old)
-                seen[pair] = counts.copy()
-        if len(seen) > len(counters.series):  # a pair no longer counted: its samples go
-            for pair in [pair for pair in seen if pair not in counters.series]:
-                self._series(pair, _NO_SERIES, seen.pop(pair))
-        projects = self._projects_seen
-        for project, counts in counters.projects.items():
-            old = projects.get(project)
-            if old != counts:
-                self._project(project, counts, _NO_PROJECT if old is None else old)
-                projects[project] = counts.copy()
-        if len(projects) > len(counters.projects):
-            for project in [p for p in projects if p not in counters.projects]:
-                self._project(project, _NO_PROJECT, projects.pop(project))
+        _compare(counters.series, self._series_seen, _NO_SERIES, self._series)
+        _compare(counters.projects, self._projects_seen, _NO_PROJECT, self._project)
 
     def _series(self, pair: tuple[str, str], counts: list[float], old: list[float]) -> None:
         for slot, view, changed, label, whole in self._slots:
@@ -256,6 +241,25 @@ class Tracker:
             _put(views["expired_credits"], key, counts[EXPIRED_CREDITS] if expired else None)
             changed["expired"].add(key)
             changed["expired_credits"].add(key)
+
+
+def _compare(
+    table: dict[Any, list[float]],
+    seen: dict[Any, list[float]],
+    zero: list[float],
+    changed: Callable[[Any, list[float], list[float]], None],
+) -> None:
+    """Call ``changed(key, counts, old)`` for each key of ``table`` whose counts differ
+    from their copy in ``seen`` (a key gone: with counts of zero), and bring ``seen`` up
+    to date."""
+    for key, counts in table.items():
+        old = seen.get(key)
+        if old != counts:
+            changed(key, counts, zero if old is None else old)
+            seen[key] = counts.copy()
+    if len(seen) > len(table):
+        for key in [key for key in seen if key not in table]:
+            changed(key, zero, seen.pop(key))
 
 
 def _put(view: dict[tuple[str, ...], float], key: tuple[str, ...], value: float | None) -> None:

@@ -27,15 +27,9 @@ from kling_exporter.accounting.counters import Tracker
 from kling_exporter.accounting.ledger import Ledger
 from kling_exporter.accounting.metrics import BudgetViews, declared, families
 from kling_exporter.accounting.state import FORMAT, State, ledger_state, read_state, restore
+from kling_exporter.blocks import Block, Blocks
 from kling_exporter.budgets import DayUsage
-from kling_exporter.collector import (
-    Block,
-    Blocks,
-    Exposition,
-    Family,
-    Part,
-    plain_text,
-)
+from kling_exporter.collector import Exposition, Family, Part, plain_text
 from kling_exporter.config import Config
 from kling_exporter.configfile import ConfigError, load_config
 from kling_exporter.events import explain_invalid

@@ -37,8 +37,9 @@ from multiprocessing.connection import Connection
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from kling_exporter.blocks import to_send
 from kling_exporter.budgets import DayUsage
-from kling_exporter.collector import plain_text, to_send
+from kling_exporter.collector import plain_text
 from kling_exporter.logsetup import setup_logging
 from kling_exporter.messages import (
     FromReader,

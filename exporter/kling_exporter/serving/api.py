@@ -9,8 +9,8 @@ from typing import Annotated, Any, Protocol
 import msgspec
 from aiohttp import web
 
+from kling_exporter.blocks import Block
 from kling_exporter.budgets import Ask, BudgetStatus
-from kling_exporter.collector import Block
 from kling_exporter.config import Config
 from kling_exporter.events import (
     DEFAULT_PROJECT,

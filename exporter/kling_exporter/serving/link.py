@@ -20,8 +20,9 @@ from typing import Any
 
 import msgspec
 
+from kling_exporter.blocks import Block, Blocks, pack
 from kling_exporter.budgets import Budgets, DayUsage
-from kling_exporter.collector import Block, Blocks, pack, plain_text
+from kling_exporter.collector import plain_text
 from kling_exporter.config import Config
 from kling_exporter.messages import (
     FromReader,

@@ -19,8 +19,9 @@ from typing import Any, NamedTuple
 from aiohttp import web
 
 from kling_exporter import __version__
+from kling_exporter.blocks import Block, Blocks, gzipped, joined
 from kling_exporter.budgets import Reserved
-from kling_exporter.collector import Block, Blocks, Exposition, gzipped, joined, plain_text
+from kling_exporter.collector import Exposition, plain_text
 from kling_exporter.guard.fleet import Fleet, InstanceTaken
 from kling_exporter.guard.reservations import Reservations
 from kling_exporter.journals.holds import journal_beside
