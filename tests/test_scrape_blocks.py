@@ -352,7 +352,8 @@ def test_blocks_pushed_ahead_and_answered_rebuild_every_scrape_on_the_http_side(
     daemon = Daemon(parse_config(config(tmp_path)))
     wire = Wire()
     link = reader_module._Link(wire, daemon)  # type: ignore[arg-type]
-    daemon.publish = link.after_lines
+    daemon.publish = link.publish
+    daemon.after_read = link.ahead
     receiver = Blocks()
     scrapes = pushes = 0
 

@@ -124,6 +124,10 @@ class Daemon:
         # health changes (``force``: also when little time has passed): the reader
         # process publishes budget usage to the HTTP process from here.
         self.publish: Callable[[bool], bool] | None = None
+        # Told, under the lock, after every chunk of lines (False) and at the end of each
+        # poll (True: nothing changes the ledger until the next): the reader process
+        # renders a scrape's blocks ahead from here.
+        self.after_read: Callable[[bool], None] | None = None
         # Whether the last publication was put off (too soon after the one before):
         # the reader then looks again within PUBLISH_INTERVAL, not at its next poll.
         self.behind = False
@@ -213,6 +217,8 @@ class Daemon:
             with self.lock:
                 ingest(ledger, chunk, now, report, self.reading)
                 self._published(False)
+                if self.after_read is not None:
+                    self.after_read(False)
         with self.lock:
             self.reading.bytes += nbytes
             # Within a long first read too, so the task index stays within its size cap.
@@ -262,6 +268,8 @@ class Daemon:
             self.ledger.expire(now, reservations=prune, aged=AGED_PER_CALL)
             self.last_poll_ts = time.time()
             self._published(False)
+            if self.after_read is not None:
+                self.after_read(True)
         self._warn_of_empty_globs()
 
     def _warn_of_empty_globs(self) -> None:

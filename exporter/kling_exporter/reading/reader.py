@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 # scrape (longer than any scrape interval), and at most this often.
 AHEAD_FOR = 300.0
 AHEAD_INTERVAL = 0.1
+AHEAD_WITHIN_POLL = 0.25
 
 
 # -- the reader process --------------------------------------------------------------
@@ -121,24 +122,20 @@ class _Link:
             # sent every 0.1 s while a history was read made a 3 s read take 27.
             self.gap = max(PUBLISH_INTERVAL, 9 * (time.monotonic() - now))
 
-    def after_lines(self, force: bool) -> bool:
-        """What the daemon calls after each chunk of lines and each poll, under its
-        lock: usage published, and the scrape's blocks rendered ahead."""
-        published = self.publish(force)
-        self.ahead()
-        return published
-
-    def ahead(self) -> None:
+    def ahead(self, settled: bool) -> None:
         """While the exporter is scraped, render the blocks that the lines read since
         the last render changed, and push them to the HTTP process, which compresses
         them meanwhile: a scrape then renders and sends only what came after, and costs
-        what an idle one does. At most every ``AHEAD_INTERVAL``, and at most a tenth of
-        the reader's time; never while a scrape's render is on its way."""
+        what an idle one does. At the end of a poll (``settled``: the ledger stays as it
+        is until the next), at most every ``AHEAD_INTERVAL``; within a long poll, at
+        most every ``AHEAD_WITHIN_POLL``; at most a tenth of the reader's time, and
+        never while a scrape's render is on its way. Called under the daemon's lock."""
         now = time.monotonic()
         lines = self.daemon.reading.lines
+        gap = self.ahead_gap if settled else max(self.ahead_gap, AHEAD_WITHIN_POLL)
         if (
             now - self.scraped > AHEAD_FOR
-            or now - self.ahead_at < self.ahead_gap
+            or now - self.ahead_at < gap
             or lines == self.ahead_lines
             or not self.rendering.acquire(blocking=False)
         ):
@@ -253,7 +250,8 @@ def reader_main(fd: int) -> None:
     # 20-50 ms of a core taken from the HTTP process beside it.
     gc.freeze()
     link = _Link(conn, daemon)
-    daemon.publish = link.after_lines
+    daemon.publish = link.publish
+    daemon.after_read = link.ahead
     daemon.start()
     link.serve()
 
