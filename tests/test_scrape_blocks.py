@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kling_exporter.accounting.metrics import METRICS, declared, families
@@ -398,3 +399,40 @@ def test_blocks_pushed_ahead_and_answered_rebuild_every_scrape_on_the_http_side(
     finally:
         daemon.tailer.close()
     assert pushes >= 10 and scrapes >= 4
+
+
+def test_a_render_ahead_that_fails_stops_neither_the_reading_nor_the_next_scrape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    daemon = Daemon(parse_config(config(tmp_path)))
+    wire = Wire()
+    link = reader_module._Link(wire, daemon)  # type: ignore[arg-type]
+    daemon.publish = link.publish
+    daemon.after_read = link.ahead
+    receiver = Blocks()
+    rendered = daemon.rendered_parts
+
+    def broken() -> list[Part]:
+        raise MemoryError("a render that fails")
+
+    try:
+        link.answer(Render(1, "", [], 0, 0))  # a scrape: renders ahead from now on
+        monkeypatch.setattr(daemon, "rendered_parts", broken)
+        write_lines(logs / "kling-a.jsonl", [submitted("a", project="p0")])
+        link.ahead_at = 0.0
+        daemon.poll_once()  # the render ahead fails here
+        assert daemon.reading.lines == 1 and daemon.reader_up
+        assert not any(isinstance(m, Pushed) for m in wire.sent)
+        monkeypatch.setattr(daemon, "rendered_parts", rendered)
+        wire.sent.clear()
+        link.answer(Render(2, "", [], 0, 0))
+        answer = wire.sent.pop()
+        assert isinstance(answer, Rendered) and answer.parts is not None
+        got = receiver.take(answer.epoch, answer.version, answer.parts)
+        assert got is not None
+        served = joined([b for b, p in zip(got, answer.parts, strict=True) if p[0] != "process"])
+        assert served == full_render(families(*daemon.snapshot()))
+    finally:
+        daemon.tailer.close()

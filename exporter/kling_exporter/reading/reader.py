@@ -147,6 +147,11 @@ class _Link:
             epoch, version = renderer.epoch, renderer.renders
             self.send(Pushed(epoch, version, to_send(parts, *self.sent_render, epoch)))
             self.sent_render = (epoch, version)
+        except Exception:
+            # Never the reading's failure: no more renders ahead until the next scrape,
+            # which renders (and says what fails) itself.
+            log.exception("cannot render metrics ahead")
+            self.scraped = -AHEAD_FOR
         finally:
             self.rendering.release()
             self.ahead_gap = max(AHEAD_INTERVAL, 9 * (time.monotonic() - now))
