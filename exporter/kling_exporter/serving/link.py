@@ -136,7 +136,7 @@ class ReaderProcess:
             except (EOFError, OSError):
                 break
             if isinstance(message, Published):
-                self._publish(message)
+                self._on_loop(self._apply, message)
             elif isinstance(message, Pushed):
                 self._on_loop(self._pushed, message)
             elif isinstance(message, Stopped):
@@ -167,6 +167,9 @@ class ReaderProcess:
             self.on_exit()
 
     def _on_loop(self, call: Callable[[Any], None], message: Any) -> None:
+        """``call(message)`` on the event loop, in the order sent: the usage, flight and
+        reservation counts of one publication change together for the answers made
+        there, and blocks pushed are taken in the order they were rendered."""
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):
@@ -187,14 +190,6 @@ class ReaderProcess:
         self._packing = None
         if not future.cancelled() and future.exception() is not None:
             log.error("cannot compress metrics", extra={"err": str(future.exception())})
-
-    def _publish(self, message: Published) -> None:
-        """On the event loop, in the order sent: the usage, flight and reservation counts
-        of one message change together for the answers made there."""
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._apply, message)
 
     def _apply(self, message: Published) -> None:
         if message.flight is not None:
