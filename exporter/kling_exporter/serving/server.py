@@ -108,7 +108,7 @@ def metrics_handler(
     callbacks, Kling's account, the fleet, the gateway) are added to what the reader
     rendered. A plain-text answer is put together from blocks kept from the last
     scrape, so a block that did not change is neither sent again by the reader nor
-    compressed again here (``collector.Block``)."""
+    compressed again here (``blocks.Block``)."""
     under_way: asyncio.Future[tuple[list[Block], str]] | None = None
     services = (reservations, callbacks, account, fleet, gateway)
     ours = Exposition(
@@ -161,7 +161,7 @@ def metrics_handler(
             headers["Content-Encoding"] = "gzip"
         else:
             body = joined(blocks)
-        last_size = len(body)
+        last_size = sum(len(block.text) for block in blocks)
         return web.Response(body=body, headers=headers)
 
     return handler
