@@ -342,6 +342,26 @@ class Wire:
         self.sent.append(msgspec.msgpack.decode(data, type=FromReader))
 
 
+def reader_end(tmp_path: Path) -> tuple[Daemon, Wire, Any]:
+    """A daemon in process with the reader process's end of the link, as it is wired
+    there, sending into a ``Wire``; logs under tmp_path/logs."""
+    (tmp_path / "logs").mkdir()
+    daemon = Daemon(parse_config(config(tmp_path)))
+    wire = Wire()
+    link = reader_module._Link(wire, daemon)  # type: ignore[arg-type]
+    daemon.publish = link.publish
+    daemon.after_read = link.ahead
+    return daemon, wire, link
+
+
+def served_whole(daemon: Daemon, got: list[Block], answer: Rendered) -> bool:
+    """Whether the blocks taken from an answer, the process metrics left out, are a
+    full render of the daemon as it stands."""
+    assert answer.parts is not None
+    served = joined([b for b, p in zip(got, answer.parts, strict=True) if p[0] != "process"])
+    return served == full_render(families(*daemon.snapshot()))
+
+
 def test_blocks_pushed_ahead_and_answered_rebuild_every_scrape_on_the_http_side(
     tmp_path: Path,
 ) -> None:
@@ -349,12 +369,7 @@ def test_blocks_pushed_ahead_and_answered_rebuild_every_scrape_on_the_http_side(
     sometimes misses an answer (a scrape that timed out): every scrape it serves is a
     full render of the same instant."""
     logs = tmp_path / "logs"
-    logs.mkdir()
-    daemon = Daemon(parse_config(config(tmp_path)))
-    wire = Wire()
-    link = reader_module._Link(wire, daemon)  # type: ignore[arg-type]
-    daemon.publish = link.publish
-    daemon.after_read = link.ahead
+    daemon, wire, link = reader_end(tmp_path)
     receiver = Blocks()
     scrapes = pushes = 0
 
@@ -371,8 +386,7 @@ def test_blocks_pushed_ahead_and_answered_rebuild_every_scrape_on_the_http_side(
             if got is not None:
                 break
         assert got is not None
-        served = joined([b for b, p in zip(got, answer.parts, strict=True) if p[0] != "process"])
-        assert served == full_render(families(*daemon.snapshot()))
+        assert served_whole(daemon, got, answer)
         scrapes += 1
 
     def take_pushes() -> None:
@@ -405,12 +419,7 @@ def test_a_render_ahead_that_fails_stops_neither_the_reading_nor_the_next_scrape
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     logs = tmp_path / "logs"
-    logs.mkdir()
-    daemon = Daemon(parse_config(config(tmp_path)))
-    wire = Wire()
-    link = reader_module._Link(wire, daemon)  # type: ignore[arg-type]
-    daemon.publish = link.publish
-    daemon.after_read = link.ahead
+    daemon, wire, link = reader_end(tmp_path)
     receiver = Blocks()
     rendered = daemon.rendered_parts
 
@@ -432,7 +441,6 @@ def test_a_render_ahead_that_fails_stops_neither_the_reading_nor_the_next_scrape
         assert isinstance(answer, Rendered) and answer.parts is not None
         got = receiver.take(answer.epoch, answer.version, answer.parts)
         assert got is not None
-        served = joined([b for b, p in zip(got, answer.parts, strict=True) if p[0] != "process"])
-        assert served == full_render(families(*daemon.snapshot()))
+        assert served_whole(daemon, got, answer)
     finally:
         daemon.tailer.close()
