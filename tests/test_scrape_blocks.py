@@ -4,8 +4,11 @@ the values, the series and the families change between scrapes."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +22,21 @@ from kling_exporter.accounting.metrics import METRICS, declared, families
 from kling_exporter.blocks import Block, Blocks, gzipped, joined, to_send
 from kling_exporter.collector import BLOCK_SERIES, Family, FamilyCollector, Part, TextRenderer
 from kling_exporter.configfile import parse_config
-from kling_exporter.messages import FromReader, Pushed, Render, Rendered
+from kling_exporter.messages import (
+    FromReader,
+    Published,
+    Pushed,
+    Reload,
+    Reloaded,
+    Render,
+    Rendered,
+    Scraped,
+    ToReader,
+)
 from kling_exporter.reading import reader as reader_module
 from kling_exporter.reading.daemon import Daemon
-from prometheus_client import CollectorRegistry, generate_latest
+from kling_exporter.serving import link as link_module
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tests.helpers import (
     NOW,
@@ -444,3 +458,170 @@ def test_a_render_ahead_that_fails_stops_neither_the_reading_nor_the_next_scrape
         assert served_whole(daemon, got, answer)
     finally:
         daemon.tailer.close()
+
+
+def test_every_push_follows_a_publication_of_the_usage_it_shows(tmp_path: Path) -> None:
+    """The HTTP side may answer a scrape from pushed blocks; the usage it answers checks
+    from is published before them, so a check made after that scrape sees at least what
+    it showed, even when the publication after the lines was put off as too soon."""
+    logs = tmp_path / "logs"
+    daemon, wire, link = reader_end(tmp_path)
+    usage: dict[float, list[Any]] = {}
+    pushes = 0
+    try:
+        link.answer(Render(1, "", [], 0, 0))  # a scrape: renders ahead from now on
+        wire.sent.clear()
+        for round_ in range(6):
+            write_lines(
+                logs / "kling-a.jsonl",
+                [submitted(f"t{round_}-{i}", project=f"p{i % 3}") for i in range(10)]
+                + [completed(f"t{round_}-{i}", credits_used=i + 1) for i in range(0, 10, 2)],
+            )
+            link.ahead_at = 0.0  # a render ahead is due
+            link.last = time.monotonic()  # a publication was just made: the next is put off
+            daemon.poll_once()
+            for message in wire.sent:
+                if isinstance(message, Published):
+                    usage.update({start: sorted(rows) for start, rows in message.days.items()})
+                    for start in message.dropped:
+                        usage.pop(start, None)
+                elif isinstance(message, Pushed):
+                    pushes += 1
+                    held = {
+                        start: sorted((p, u, c, usd) for (p, u), (c, usd) in day.by_pair.items())
+                        for start, day in daemon.ledger.usage.items()
+                    }
+                    assert usage == held
+            wire.sent.clear()
+    finally:
+        daemon.tailer.close()
+    assert pushes == 6
+
+
+class Sent:
+    """The HTTP process's end of the link, as a list of the messages it sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sent.append(msgspec.msgpack.decode(data, type=ToReader))
+
+
+def test_a_scrape_soon_after_a_push_is_answered_from_it_and_a_later_one_asks(
+    tmp_path: Path,
+) -> None:
+    """The HTTP side answers a plain-text scrape from the blocks last pushed while they
+    are fresh, telling the reader only that it was scraped; once they are older than
+    ``PUSHED_FRESH``, or after a reload, it asks the reader again."""
+    (tmp_path / "logs").mkdir()
+
+    async def main() -> None:
+        side = link_module.ReaderProcess(parse_config(config(tmp_path)))
+        side._loop = asyncio.get_running_loop()
+        conn = side.conn = Sent()  # type: ignore[assignment]
+
+        async def asked(answer: Callable[[Any], Any]) -> tuple[list[Block], str]:
+            """A scrape that asks the reader, answered by ``answer(request)``."""
+            task = asyncio.ensure_future(side.render_metrics("", []))
+            await asyncio.sleep(0)
+            request = conn.sent[-1]
+            assert isinstance(request, Render)
+            side._answer(request.id, answer(request))
+            return await task
+
+        side._pushed(Pushed(1, 1, [("a/0", 1, b"a 1\n"), ("b/0", 1, b"b 1\n")]))
+        blocks, content_type = await side.render_metrics("", [])
+        assert joined(blocks) == b"a 1\nb 1\n" and content_type == CONTENT_TYPE_LATEST
+        assert [type(m) for m in conn.sent] == [Scraped]
+
+        assert side._pushed_at is not None
+        side._pushed_at -= link_module.PUSHED_FRESH + 0.01  # too old now
+
+        def second(request: Render) -> Rendered:
+            assert (request.epoch, request.since) == (1, 1)
+            parts = [("a/0", 2, b"a 2\n"), ("b/0", 1, None)]
+            return Rendered(request.id, b"", CONTENT_TYPE_LATEST, None, parts, 1, 2)
+
+        blocks, _ = await asked(second)
+        assert joined(blocks) == b"a 2\nb 1\n"
+
+        # Pushed before a reload's answer, and fresh: shows the budgets before it.
+        side._pushed(Pushed(1, 3, [("a/0", 3, b"a 3\n"), ("b/0", 1, None)]))
+        reload = asyncio.ensure_future(side.reload_config())
+        await asyncio.sleep(0)
+        request = conn.sent[-1]
+        assert isinstance(request, Reload)
+        side._pushed(Pushed(1, 4, [("a/0", 4, b"a 4\n"), ("b/0", 1, None)]))
+        side._answer(request.id, Reloaded(request.id, None, parse_config(config(tmp_path))))
+        assert await reload is None
+
+        def after_reload(request: Render) -> Rendered:
+            assert (request.epoch, request.since) == (1, 4)
+            parts = [("a/0", 4, None), ("b/0", 5, b"b 5\n")]
+            return Rendered(request.id, b"", CONTENT_TYPE_LATEST, None, parts, 1, 5)
+
+        blocks, _ = await asked(after_reload)
+        assert joined(blocks) == b"a 4\nb 5\n"
+
+        # A push that does not match what is kept is not served: the reader is asked.
+        side._pushed(Pushed(1, 6, [("a/0", 9, None)]))
+        blocks, _ = await asked(
+            lambda r: Rendered(r.id, b"", CONTENT_TYPE_LATEST, None, [("a/0", 7, b"a 7\n")], 2, 7)
+        )
+        assert joined(blocks) == b"a 7\n"
+
+    asyncio.run(main())
+
+
+def test_a_check_after_a_scrape_sees_at_least_what_it_showed_while_lines_come_in(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """Over the reader process, while tasks complete all the time (so that scrapes are
+    answered from blocks rendered ahead): what a budget's used credits are in a scrape,
+    the budgets API says at least right after it, and both reach the log's total."""
+    log = tmp_path / "logs" / "kling-a.jsonl"
+    write_lines(log, [submitted("first", project="p0"), completed("first", credits_used=1)])
+    config = {
+        "logs": {"paths": [str(tmp_path / "logs" / "*.jsonl")], "poll_interval": "50ms"},
+        "budgets": [{"name": "all", "period": "monthly", "limit_credits": 10**9}],
+    }
+    d = daemon_factory(json.dumps(config))
+    stop = threading.Event()
+    total = [1]
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            write_lines(log, [submitted(f"w{i}", project="p0"), completed(f"w{i}", credits_used=3)])
+            total[0] += 3
+            time.sleep(0.005)
+
+    def used() -> tuple[float, float]:
+        status, body = d.get("/metrics")
+        assert status == 200
+        shown = value(
+            parse_metrics(body.decode()),
+            "kling_budget_used_credits",
+            budget="all",
+            period="monthly",
+        )
+        status, raw = d.get("/api/v1/budgets")
+        assert status == 200
+        return shown, json.loads(raw)["budgets"][0]["used_credits"]
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        scrapes = []
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            shown, checked = used()
+            assert checked >= shown
+            scrapes.append(shown)
+    finally:
+        stop.set()
+        writer.join()
+    assert scrapes == sorted(scrapes) and len(set(scrapes)) > 3  # moving, never back
+    wait_until(lambda: used() == (total[0], total[0]))

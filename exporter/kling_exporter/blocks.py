@@ -99,6 +99,10 @@ class Blocks:
         self.epoch, self.version, self._kept = epoch, version, new
         return out
 
+    def current(self) -> list[Block]:
+        """The blocks of the newest render taken in, in order."""
+        return [block for _, block in self._kept.values()]
+
     def of(self, parts: Sequence[Part]) -> list[Block]:
         """Blocks of a render in this process: a block kept at the same version is
         used again."""

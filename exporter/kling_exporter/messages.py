@@ -1,7 +1,7 @@
 """The messages between the HTTP process and the reader process, and their encoding:
 msgpack frames on a socket pair, one tagged struct a message. The HTTP process sends
-Start, then Render, Reload and Stop; the reader answers with Published usage, Rendered
-scrapes, Reloaded configs and Stopped."""
+Start, then Render, Scraped, Reload and Stop; the reader answers with Published usage,
+Rendered scrapes, Reloaded configs and Stopped, and sends Pushed blocks unasked."""
 
 from __future__ import annotations
 
@@ -62,6 +62,11 @@ class Pushed(msgspec.Struct, tag="pushed", array_like=True):
     parts: list[tuple[str, int, bytes | None]]
 
 
+class Scraped(msgspec.Struct, tag="scraped", array_like=True):
+    """A plain-text scrape answered from blocks the reader pushed, without asking it:
+    the reader goes on rendering ahead (no answer)."""
+
+
 class Reload(msgspec.Struct, tag="reload", array_like=True):
     id: int
 
@@ -90,7 +95,7 @@ class Stopped(msgspec.Struct, tag="stopped", array_like=True):
     lines_read: int
 
 
-ToReader = Render | Reload | Stop
+ToReader = Render | Scraped | Reload | Stop
 
 
 FromReader = Published | Pushed | Rendered | Reloaded | Stopped

@@ -13,7 +13,10 @@ daemon (tailer, ledger, saved state) in a child process and serves HTTP in the f
   they never wait for the reader;
 - a scrape is rendered by the reader between two chunks and handed over as bytes, the
   copy of the usage brought up to the same instant first: a check made after a scrape
-  sees at least what the scrape showed;
+  sees at least what the scrape showed. While lines come in and the exporter is
+  scraped, the reader renders ahead and pushes the blocks (the usage published first),
+  and a scrape within ``serving.link.PUSHED_FRESH`` of a push is answered from them
+  without waiting for the reader;
 - a reload is made by the reader, which sends back the config it took.
 
 The reader ends with the HTTP process: told to stop, it saves its state; if the HTTP
@@ -50,6 +53,7 @@ from kling_exporter.messages import (
     Render,
     Rendered,
     Row,
+    Scraped,
     Start,
     Stop,
     Stopped,
@@ -125,11 +129,13 @@ class _Link:
     def ahead(self, settled: bool) -> None:
         """While the exporter is scraped, render the blocks that the lines read since
         the last render changed, and push them to the HTTP process, which compresses
-        them meanwhile: a scrape then renders and sends only what came after, and costs
-        what an idle one does. At the end of a poll (``settled``: the ledger stays as it
-        is until the next), at most every ``AHEAD_INTERVAL``; within a long poll, at
-        most every ``AHEAD_WITHIN_POLL``; at most a tenth of the reader's time, and
-        never while a scrape's render is on its way. Called under the daemon's lock."""
+        them meanwhile: a scrape made soon after is answered from them there without
+        waiting for the reader (``serving.link.PUSHED_FRESH``), and a later one renders
+        and sends only what came after. The usage is published first. At the end of a
+        poll (``settled``: the ledger stays as it is until the next), at most every
+        ``AHEAD_INTERVAL``; within a long poll, at most every ``AHEAD_WITHIN_POLL``; at
+        most a tenth of the reader's time, and never while a scrape's render is on its
+        way. Called under the daemon's lock."""
         now = time.monotonic()
         lines = self.daemon.reading.lines
         gap = self.ahead_gap if settled else max(self.ahead_gap, AHEAD_WITHIN_POLL)
@@ -142,6 +148,9 @@ class _Link:
             return
         try:
             self.ahead_at, self.ahead_lines = now, lines
+            # The usage first: the HTTP process may answer a scrape from these blocks,
+            # and a check made after it must see at least what it showed.
+            self.publish(True)
             parts = self.daemon.rendered_parts()
             renderer = self.daemon.exposition.text
             epoch, version = renderer.epoch, renderer.renders
@@ -198,6 +207,8 @@ class _Link:
             except Exception as e:
                 log.exception("cannot render metrics")
                 self.send(Rendered(message.id, b"", "", error=str(e) or type(e).__name__))
+        elif isinstance(message, Scraped):
+            self.scraped = time.monotonic()
         elif isinstance(message, Reload):
             error = self.daemon.reload()
             self.send(Reloaded(message.id, error, None if error else self.daemon.config))

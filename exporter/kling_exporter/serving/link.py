@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from kling_exporter.blocks import Block, Blocks, pack
 from kling_exporter.budgets import Budgets, DayUsage
@@ -32,6 +33,7 @@ from kling_exporter.messages import (
     Reloaded,
     Render,
     Rendered,
+    Scraped,
     Start,
     Stop,
     Stopped,
@@ -46,6 +48,11 @@ log = logging.getLogger(__name__)
 
 # A scrape or a reload the reader has not answered by then gets an error.
 ANSWER_TIMEOUT = 30.0
+# A plain-text scrape is answered from the blocks the reader pushed (rendered ahead,
+# after the lines that changed them) when they are at most this old, without waiting
+# for the reader to finish the lines it is reading: while logs are read, a scrape shows
+# them as of at most this long before.
+PUSHED_FRESH = 1.0
 # Time the reader has to save its state when told to stop, before it is killed.
 STOP_TIMEOUT = 120.0
 
@@ -85,6 +92,7 @@ class ReaderProcess:
         self._blocks = Blocks()
         self._rendering = asyncio.Lock()
         self._packing: asyncio.Future[None] | None = None  # blocks compressed meanwhile
+        self._pushed_at: float | None = None  # loop time of the last push taken in
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -179,6 +187,7 @@ class ReaderProcess:
         """Blocks the reader rendered ahead: taken in, and compressed off the loop (one
         batch at a time; a scrape compresses what is not yet)."""
         blocks = self._blocks.take(message.epoch, message.version, message.parts)
+        self._pushed_at = None if blocks is None or self._loop is None else self._loop.time()
         if blocks is None or self._packing is not None or self._loop is None:
             return
         fresh = [block for block in blocks if not block.packed]
@@ -262,6 +271,9 @@ class ReaderProcess:
         if not plain_text(accept, names):
             answer = await self._rendered(lambda i: Render(i, accept, names))
             return [Block(answer.body)], answer.content_type
+        pushed = self._fresh_push()
+        if pushed is not None:
+            return pushed, CONTENT_TYPE_LATEST
         async with self._rendering:
             kept = self._blocks
             for _ in range(2):
@@ -276,6 +288,23 @@ class ReaderProcess:
                 # A block sent without its text is not kept here: ask for all of them.
             raise ReaderUnavailable("the reader's blocks do not match the ones kept")
 
+    def _fresh_push(self) -> list[Block] | None:
+        """The blocks the reader last pushed, if at most ``PUSHED_FRESH`` old and
+        nothing was taken in since but a newer render; the reader is told that they
+        were scraped, so that it goes on rendering ahead. The usage published before
+        them is applied already (messages are taken in the order sent), so a check made
+        after this scrape sees at least what it shows."""
+        pushed_at, loop, conn = self._pushed_at, self._loop, self.conn
+        if pushed_at is None or loop is None or conn is None or self.ended.is_set():
+            return None
+        if loop.time() - pushed_at > PUSHED_FRESH or self._blocks.epoch == 0:
+            return None
+        try:
+            conn.send_bytes(encode(Scraped()))
+        except (OSError, ValueError):
+            return None  # asking says why
+        return self._blocks.current()
+
     async def _rendered(self, make: Callable[[int], Render]) -> Rendered:
         answer: Rendered = await self._ask(make)
         if answer.error is not None:
@@ -283,7 +312,9 @@ class ReaderProcess:
         return answer
 
     async def reload_config(self) -> str | None:
+        self._pushed_at = None  # a scrape after the reload shows its budgets
         answer: Reloaded = await self._ask(Reload)
+        self._pushed_at = None
         if answer.config is not None:
             self.config = answer.config
             self.budgets = Budgets(answer.config)
