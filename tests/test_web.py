@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import gzip
 import ipaddress
 import json
 import os
@@ -402,3 +403,57 @@ def test_a_body_in_separate_tls_records_is_read_whole(
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.split()[1] == b"200", answer
     assert json.loads(rest.partition(b"\r\n\r\n")[2])["allowed"] is True
+
+
+def test_a_large_scrape_reaches_a_slow_tls_reader_whole_and_one_that_leaves_harms_none(
+    tmp_path: Path, certs: dict[str, Path], daemon_factory: Factory
+) -> None:
+    """A /metrics answer past ``SENT_WHOLE`` goes out a piece at a time: over TLS, to a
+    scraper that reads 4 KiB at a time, it arrives whole with its length and the
+    configured headers, plain and gzipped; a scraper that leaves half way through stops
+    nothing, and the next scrape is whole."""
+    projects = 9000
+    write_lines(
+        tmp_path / "logs" / "kling-x.jsonl",
+        [
+            {"event": "task_submitted", "task_id": f"t{i}", "project": f"p{i}"}
+            for i in range(projects)
+        ],
+    )
+    config = f"state: {{path: ''}}\nlabels: {{max_projects: {projects + 10}}}\n"
+    web = web_config(tmp_path, certs, users=False)
+    d = daemon_factory(config, extra=["--web.config.file", str(web)], wait_ready=False)
+    ctx = client_ctx(certs["ca"])
+    url = f"https://127.0.0.1:{d.port}"
+    wait_until(lambda: get(url + "/-/ready", ctx)[0] == 200, timeout=60)
+
+    def scrape(gz: bool, leave_after: int | None = None) -> tuple[dict[str, str], bytes]:
+        head = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        head += "Accept-Encoding: gzip\r\n\r\n" if gz else "\r\n"
+        with (
+            socket.create_connection(("127.0.0.1", d.port), timeout=30) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(head.encode())
+            answer = b""
+            while chunk := tls.recv(4096):
+                answer += chunk
+                if leave_after is not None and len(answer) > leave_after:
+                    return {}, b""
+                time.sleep(0.0005)
+        top, _, body = answer.partition(b"\r\n\r\n")
+        lines = top.decode().split("\r\n")
+        assert lines[0].split()[1] == "200", lines[0]
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        assert int(headers["Content-Length"]) == len(body)
+        assert headers["X-Frame-Options"] == "deny"
+        return headers, body
+
+    headers, plain = scrape(gz=False)
+    assert len(plain) > 1 << 20  # sent in pieces
+    assert plain.count(b"\nkling_tasks_submitted_total{") == projects
+    scrape(gz=False, leave_after=200_000)
+    headers, zipped = scrape(gz=True)
+    assert headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(zipped).count(b"\nkling_tasks_submitted_total{") == projects
+    assert scrape(gz=False)[1].count(b"kling_tasks_submitted_total{") == projects

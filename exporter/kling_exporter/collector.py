@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, NamedTuple, cast
 
@@ -104,20 +105,23 @@ class Part(NamedTuple):
 class _Kept:
     """What a renderer keeps of one family between scrapes."""
 
-    __slots__ = ("copy", "head", "order", "parts", "rows", "samples", "values", "where", "zeros")
+    __slots__ = ("copy", "head", "order", "parts", "samples", "values", "zeros")
 
     def __init__(self, head: tuple[Any, ...]) -> None:
         self.head = head  # name, type, doc, labels: a change of any renders all again
         self.samples: Mapping[Any, Any] | None = None  # the dict last read, for ``changed``
         self.copy: dict[Any, Any] | None = None  # its samples then (small families)
         self.zeros: dict[Any, bool] = {}  # which of those were zero, and negative
-        # The keys in exposition order, each key's place in it, and at each place the
-        # value and the line (a large family's series: nothing more is kept of them).
+        # A large family's keys in exposition order and each one's value; its lines are
+        # those of its blocks' text, nothing more is kept of them (a series' place is
+        # found by bisection: a dict of places cost 80 bytes a series).
         self.order: list[Key] = []
-        self.where: dict[Key, int] = {}
         self.values: list[Any] = []
-        self.rows: list[str] = []
         self.parts: list[Part] = []
+
+
+def _negative(value: float) -> bool:
+    return math.copysign(1.0, value) < 0
 
 
 def _zeros(samples: Mapping[Any, Any]) -> dict[Any, bool]:
@@ -239,75 +243,98 @@ class TextRenderer:
     def _series(self, f: Family, kept: _Kept) -> None:
         """A family of labelled series, a block every ``self.block`` of them."""
         samples, block = f.samples, self.block
+        keys: Collection[Key] | None = None  # None: every series may have changed
         if f.changed is not None and samples is kept.samples and kept.parts:
-            keys: Collection[Key] = f.changed  # only these can differ from the last render
+            keys = f.changed  # only these can differ from the last render
         elif f.changed is None and kept.parts and _same(kept, samples):
             return
-        else:
-            keys = samples.keys()
         kept.samples = samples
         if f.changed is None:
             _keep(kept, samples)
         else:
             kept.copy = None
         name, head = self._header(f)
-        dirty = self._reread(samples, keys, kept)
-        if dirty is None or len(kept.where) != len(samples) or not kept.parts:
-            self._reorder(name, f.labels, samples, kept)
-            dirty = set(range(max(1, -(-len(kept.order) // block))))
-        rows, texts = kept.rows, [part.text for part in kept.parts]
-        del texts[max(1, -(-len(rows) // block)) :]
-        for i in sorted(dirty):
-            text = "".join(rows[i * block : (i + 1) * block])
-            made = (head + text if i == 0 else text).encode()
-            if i < len(texts):
-                texts[i] = made
-            else:
-                texts.append(made)
+        dirty = self._reread(samples, keys, kept) if kept.parts else None
+        if dirty is None or len(kept.order) != len(samples):
+            lines = self._reorder(name, f.labels, samples, kept)
+            texts = [b"".join(lines[i : i + block]) for i in range(0, max(1, len(lines)), block)]
+            texts[0] = head.encode() + texts[0]
+        else:
+            texts = [part.text for part in kept.parts]
+            for i, places in dirty.items():
+                texts[i] = self._remade(texts[i], i, places, kept.values)
         self._set(kept, f.name, texts)
 
     def _reread(
-        self, samples: Mapping[Any, Any], keys: Collection[Key], kept: _Kept
-    ) -> set[int] | None:
-        """The lines of ``keys`` made again where their value changed, and the blocks
-        they are in; None when a series came or went (the order is then made again)."""
-        where, values, rows, fmt, block = kept.where, kept.values, kept.rows, self._fmt, self.block
-        dirty: set[int] = set()
+        self, samples: Mapping[Any, Any], keys: Collection[Key] | None, kept: _Kept
+    ) -> dict[int, list[int]] | None:
+        """The places of ``keys`` (None: of every series) whose value changed, by block,
+        their new values kept; None when a series came or went (the order is then made
+        again)."""
+        order, values, block = kept.order, kept.values, self.block
+        dirty: dict[int, list[int]] = {}
+        if keys is None:
+            if len(order) != len(samples):
+                return None
+            for at, key in enumerate(order):
+                value = samples.get(key)
+                if value is None:  # a series gone (and another come)
+                    return None
+                was = values[at]
+                if was != value or (not value and _negative(was) != _negative(value)):
+                    values[at] = value
+                    dirty.setdefault(at // block, []).append(at)
+            return dirty
+        end = len(order)
         for key in keys:
             value = samples.get(key)
-            at = where.get(key)
-            if value is None or at is None:  # a series gone, or a new one
-                if value is not None or at is not None:
+            at = bisect_left(order, key)
+            if at == end or order[at] != key:  # a new series, or one gone and not kept
+                if value is not None:
                     return None
                 continue
-            if values[at] != value or not value:  # 0.0 and -0.0 are equal
+            if value is None:  # a series gone
+                return None
+            was = values[at]
+            # 0.0 and -0.0 are equal and print differently.
+            if was != value or (not value and _negative(was) != _negative(value)):
                 values[at] = value
-                row = rows[at]
-                # The value is the line's last field and holds no space.
-                text = row[: row.rindex(" ") + 1] + fmt(value) + "\n"
-                if text != row:
-                    rows[at] = text
-                    dirty.add(at // block)
+                dirty.setdefault(at // block, []).append(at)
         return dirty
+
+    def _remade(self, text: bytes, i: int, places: list[int], values: list[Any]) -> bytes:
+        """Block ``i``'s text with the lines at ``places`` given their new value."""
+        lines = text.split(b"\n")  # escaped in labels and help: a line is a line
+        shift = (2 if i == 0 else 0) - i * self.block  # the first block's HELP and TYPE
+        fmt = self._fmt
+        for at in places:
+            line = lines[at + shift]
+            # The value is the line's last field and holds no space.
+            lines[at + shift] = line[: line.rindex(b" ") + 1] + fmt(values[at]).encode()
+        return b"\n".join(lines)
 
     def _reorder(
         self, name: str, names: tuple[str, ...], samples: Mapping[Any, Any], kept: _Kept
-    ) -> None:
-        """Every line in exposition order again, for a family whose series changed."""
-        was, rows, fmt = kept.where, kept.rows, self._fmt
+    ) -> list[bytes]:
+        """Every line in exposition order again, for a family whose series changed; the
+        label text of a series kept is taken from its line."""
+        was, old = kept.order, []
+        for i, part in enumerate(kept.parts if was else ()):
+            lines = part.text.split(b"\n")
+            old += lines[2:-1] if i == 0 else lines[:-1]
         order = kept.order = sorted(samples)
-        kept.where = {key: i for i, key in enumerate(order)}
-        kept.values = [samples[key] for key in order]
-        made = []
-        for key, value in zip(order, kept.values, strict=True):
-            at = was.get(key)
-            if at is None:
-                head = f"{name}{_label_text(names, key)} "
+        values = kept.values = [samples[key] for key in order]
+        made, fmt, j, end = [], self._fmt, 0, len(was)
+        for key, value in zip(order, values, strict=True):
+            while j < end and was[j] < key:  # both are sorted: one walk finds each
+                j += 1
+            if j < end and was[j] == key:
+                line = old[j]
+                head = line[: line.rindex(b" ") + 1]
             else:
-                row = rows[at]
-                head = row[: row.rindex(" ") + 1]
-            made.append(head + fmt(value) + "\n")
-        kept.rows = made
+                head = f"{name}{_label_text(names, key)} ".encode()
+            made.append(head + fmt(value).encode() + b"\n")
+        return made
 
     def _set(self, kept: _Kept, name: str, texts: list[bytes]) -> None:
         """The family's blocks, each with a new version where its text changed."""

@@ -116,8 +116,8 @@ def protect(logins: Logins, gateway_prefix: str = "") -> Any:
     """A middleware: HTTP/1.0 at least, credentials where users are configured (not
     for health, nor for Kling's callbacks, which carry their own token, nor for the
     gateway, whose producers send Kling's own bearer token, which Kling checks), at
-    most MAX_CONCURRENT_API API requests at once, and the configured headers on
-    answers."""
+    most MAX_CONCURRENT_API API requests at once (the configured headers are put on
+    answers by ``configured_headers``)."""
     api_slots = asyncio.Semaphore(MAX_CONCURRENT_API)
     open_paths = ("/-/healthy", CALLBACK_PATH)
 
@@ -137,10 +137,20 @@ def protect(logins: Logins, gateway_prefix: str = "") -> Any:
         else:
             async with api_slots:
                 response = await handler(request)
-        response.headers.update(logins.headers)
         return response
 
     return middleware
+
+
+def configured_headers(web_config: WebConfig | None) -> Any:
+    """An ``on_response_prepare`` hook: the configured headers on every answer, those
+    sent in pieces (``/metrics``, the gateway's pass-through) as the others."""
+    headers = web_config.http_server_config.headers if web_config else {}
+
+    async def hook(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(headers)
+
+    return hook
 
 
 def security_middlewares(web_config: WebConfig | None, gateway_prefix: str = "") -> list[Any]:

@@ -54,7 +54,7 @@ from kling_exporter.serving.metrics import (
     Side,
     side_families,
 )
-from kling_exporter.serving.middlewares import security_middlewares
+from kling_exporter.serving.middlewares import configured_headers, security_middlewares
 from kling_exporter.serving.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,6 @@ def metrics_handler(
         process=False,
     )
     our_blocks = Blocks()
-    last_size = 0  # of the last body served: a large one is trimmed at the next scrape
     # The last compressed answer and the blocks it was made of (kept, so that their ids
     # stand for them): the same blocks again are the same answer.
     last_gzip: tuple[list[Block], bytes] = ([], b"")
@@ -137,9 +136,7 @@ def metrics_handler(
         return body
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        nonlocal under_way, last_size
-        trim_after(last_size)  # what the last scrape freed, back to the system
-        last_size = 0
+        nonlocal under_way
         accept = ",".join(request.headers.getall("Accept", []))
         names = request.query.getall("name[]", [])
         try:
@@ -155,16 +152,51 @@ def metrics_handler(
         except ReaderUnavailable as e:
             return error_answer(503, f"metrics: unavailable: {e}", "")
         headers = {"Content-Type": content_type, "Vary": "Accept-Encoding"}
+        pieces: list[bytes]
         if "gzip" in request.headers.get("Accept-Encoding", ""):
             # Off the loop: the blocks that changed are compressed there.
-            body = await asyncio.to_thread(compressed, blocks)
+            pieces = [await asyncio.to_thread(compressed, blocks)]
             headers["Content-Encoding"] = "gzip"
         else:
-            body = joined(blocks)
-        last_size = sum(len(block.text) for block in blocks)
-        return web.Response(body=body, headers=headers)
+            pieces = [block.text for block in blocks]
+        size = sum(map(len, pieces))
+        if size <= SENT_WHOLE or request.method == "HEAD":
+            return web.Response(body=b"".join(pieces), headers=headers)
+        return await sent_in_pieces(request, headers, pieces, size)
 
     return handler
+
+
+# A /metrics answer larger than this is sent a piece of about this size at a time: a
+# copy of the whole answer is never made (nor, while the scraper is slower than the
+# loop, held again in the socket's buffer), and what it took is handed back at the end.
+SENT_WHOLE = 1 << 20
+
+
+async def sent_in_pieces(
+    request: web.Request, headers: dict[str, str], pieces: list[bytes], size: int
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=headers)
+    response.content_length = size
+    # A scraper going away ends the answer where it is.
+    with contextlib.suppress(ConnectionResetError):
+        await response.prepare(request)
+        batch: list[bytes | memoryview] = []
+        held = 0
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                part, view = view[: SENT_WHOLE - held], view[SENT_WHOLE - held :]
+                batch.append(part)
+                held += len(part)
+                if held == SENT_WHOLE:
+                    await response.write(b"".join(batch))
+                    batch, held = [], 0
+        if batch:
+            await response.write(b"".join(batch))
+        await response.write_eof()
+    trim_after(size)  # what the answer took, back to the system
+    return response
 
 
 def _landing(telemetry_path: str) -> str:
@@ -243,6 +275,7 @@ def build_app(
     app = web.Application(
         client_max_size=MAX_BODY, middlewares=security_middlewares(web_config, prefix)
     )
+    app.on_response_prepare.append(configured_headers(web_config))
     app[READER] = reader
     held = app[RESERVATIONS] = reservations or Reservations()
     landing = _landing(telemetry_path)
