@@ -9,6 +9,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kling_exporter import configfile
 from kling_exporter.cli import main
 from kling_exporter.config import Config
 from kling_exporter.configfile import ConfigError, load_config, parse_config, read_yaml
@@ -246,6 +247,68 @@ def test_any_mapping_with_a_repeated_key_is_refused_and_any_other_reads_as_yaml_
     repeated = next(k for i, k in enumerate(keys) if k in keys[:i])
     with pytest.raises(ConfigError, match=f"'{repeated}' given a second time"):
         yaml_of(body)
+
+
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    # Strings YAML 1.1 reads as something else when plain: dumped quoted.
+    st.sampled_from(["010", "0x1F", "1_000", "+5", "-0", "1:30", "yes", "~", "2026-12-06"]),
+)
+DOCUMENTS = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300)
+@given(data=DOCUMENTS, flow=st.sampled_from([None, True, False]))
+def test_any_document_reads_as_pyyaml_reads_it(data: Any, flow: bool | None) -> None:
+    """The quick build of strings, integers, lists and mappings gives what PyYAML's own
+    constructor gives, whatever the document and its style."""
+    text = yaml.safe_dump(data, default_flow_style=flow, allow_unicode=True)
+    assert yaml_of(text) == yaml.safe_load(text)
+
+
+def quick(text: str) -> Any:
+    """``text`` built by the quick build alone (``_Unusual`` if it cannot)."""
+    loader = configfile._FastLoader(text)
+    try:
+        return loader._built(loader.get_single_node(), {})
+    finally:
+        loader.dispose()
+
+
+def test_plain_scalars_of_every_kind_and_aliases_read_as_pyyaml_reads_them() -> None:
+    text = (
+        "a: 010\nb: 0x1F\nc: 1_000\nd: +5\ne: -5\ng: 1:30\nh: ~\ni: yes\nj: 1.5e3\n"
+        "k: .inf\nl: '007'\nm: !!str 5\nn: 0\no: 12345678901234567890\n"
+        "p: &p [1, {q: 2}]\nr: *p\n"
+    )
+    got = quick(text)
+    assert got == yaml.safe_load(text) == yaml_of(text)
+    assert got["a"] == 8 and got["b"] == 31 and got["c"] == 1000 and got["g"] == 90
+    assert got["r"] is got["p"]  # an alias is the same object, as PyYAML makes it
+    # What it leaves to PyYAML: a timestamp, another tag, an alias inside itself.
+    for unusual in ("f: 2026-12-06\n", "t: !!binary aGk=\n", "s: &s [1, *s]\n"):
+        with pytest.raises(configfile._Unusual):
+            quick(unusual)
+    got = yaml_of("f: 2026-12-06\nt: !!binary aGk=\ns: &s [1, *s]\n")
+    assert got["f"] == yaml.safe_load("f: 2026-12-06")["f"] and got["t"] == b"hi"
+    assert got["s"][0] == 1 and got["s"][1] is got["s"]
+
+
+def test_the_sample_config_is_built_without_pyyamls_constructor() -> None:
+    """What the quick build leaves to PyYAML is what is unusual in a config: the sample
+    has none of it."""
+    text = (ROOT / "kling.example.yml").read_text()
+    assert quick(text) == yaml.safe_load(text)
 
 
 def yaml_of(text: str) -> Any:
