@@ -4,6 +4,7 @@ projects and users, with few or many budgets, measured side by side in one run.
     .venv/bin/python bench/scale.py                       # 10 and 10,000 budgets
     .venv/bin/python bench/scale.py --tasks 1000000 --users 100000 --budgets 10 1000 10000
     .venv/bin/python bench/scale.py --old ../old-checkout  # the same, alternated with it
+    .venv/bin/python bench/scale.py --yaml                # the config as YAML, not JSON
 
 For each budget count: start (process start to /-/ready, the log read), restart (the
 same from the saved state), reload (SIGHUP to the reload's timestamp moving), check
@@ -29,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -176,7 +179,8 @@ def measure(root: Path, args: argparse.Namespace, budgets: int, log: Path) -> di
         (workdir / "state").mkdir()
         os.link(log, workdir / "logs" / "kling-scale.jsonl")
         cfg = config(workdir, budgets, args.projects, args.users)
-        (workdir / "scale.yml").write_text(json.dumps(cfg))
+        text = yaml.safe_dump(cfg, sort_keys=False) if args.yaml else json.dumps(cfg)
+        (workdir / "scale.yml").write_text(text)
         daemon = Daemon(root, workdir)
         start = daemon.start()
         try:
@@ -228,6 +232,9 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=1, help="models the tasks spread over")
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 10_000])
     parser.add_argument("--checks", type=int, default=2000)
+    parser.add_argument(
+        "--yaml", action="store_true", help="write the config as YAML (default: as JSON)"
+    )
     parser.add_argument("--old", type=Path, help="another checkout, measured alternately")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -243,7 +250,7 @@ def main() -> int:
     print(
         f"{args.tasks:,} tasks, {args.projects:,} projects, {args.models} models, "
         f"{args.users:,} users; "
-        f"{args.checks:,} checks\n"
+        f"{args.checks:,} checks; the config as {'YAML' if args.yaml else 'JSON'}\n"
     )
     print("| build | budgets | " + " | ".join(label for _, label, _ in COLUMNS) + " |")
     print("|---|---:|" + "---:|" * len(COLUMNS))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -274,6 +275,38 @@ def test_any_document_reads_as_pyyaml_reads_it(data: Any, flow: bool | None) -> 
     constructor gives, whatever the document and its style."""
     text = yaml.safe_dump(data, default_flow_style=flow, allow_unicode=True)
     assert yaml_of(text) == yaml.safe_load(text)
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200)
+@given(data=st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=4), indent=st.booleans())
+def test_a_json_config_reads_as_json_says(data: dict[str, Any], indent: bool) -> None:
+    """JSON is YAML: a config written as JSON means what JSON says (1e+16 a number, where
+    YAML 1.1 would read a string), read by Python's JSON parser."""
+    text = json.dumps(data, indent=2 if indent else None)
+    assert yaml_of(text) == json.loads(text)
+
+
+def test_json_that_yaml_should_judge_is_read_as_yaml() -> None:
+    """A key given twice is refused with its lines, NaN is YAML's string, and YAML's
+    own flow mappings are YAML."""
+    with pytest.raises(ConfigError, match=r"line 1, column 10: 'a' given a second time"):
+        yaml_of('{"a": 1, "a": 2}')
+    assert yaml_of('{"a": NaN}') == {"a": "NaN"}
+    assert yaml_of("{a: 1, b: [x, y]}") == {"a": 1, "b": ["x", "y"]}
+    assert yaml_of('  {"limit_usd": 1e3}') == {"limit_usd": 1000.0}
 
 
 def quick(text: str) -> Any:

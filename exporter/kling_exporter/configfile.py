@@ -1,9 +1,12 @@
-"""The config file read: YAML as data (libyaml where PyYAML has it, a key given twice
-in one mapping refused, as for the web config), then validated into a ``Config``;
-every failure a ConfigError that names the key, and the file when read from one."""
+"""The config file read: YAML as data (JSON by Python's parser, other YAML by libyaml
+where PyYAML has it; a key given twice in one mapping refused, as for the web config),
+then validated into a ``Config``; every failure a ConfigError that names the key, and
+the file when read from one."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +132,27 @@ _FastLoader: Any = (
 )
 
 
+class _NotPlainJson(ValueError):
+    """A JSON document that YAML's reading should refuse or tell about."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _NotPlainJson("a key given twice")  # YAML's reading names it, and its lines
+    return found
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotPlainJson(name)  # NaN and Infinity are not JSON
+
+
 def _load_yaml(text: str) -> Any:
+    # JSON is YAML (1.2), and a config written by a program (jsonnet, a template of
+    # 10,000 budgets) often is JSON: Python's parser reads it forty times as fast.
+    if text.lstrip()[:1] == "{":
+        with contextlib.suppress(ValueError):
+            return json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
     try:
         return yaml.load(text, Loader=_FastLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError:
