@@ -3,21 +3,25 @@ proxy's hop adds, measured on loopback in the same run.
 
 The stand-in of Kling's API runs in a process of its own. In front of it: nginx (Debian's
 package, installed by ``bench/setup`` when missing; one worker, kept-alive upstream
-connections) and the real exporter (its HTTP process and its reader) serving the
-gateway, with a budget that matches every request, so each create takes a reservation,
-written to its journal, and each task accepted is fsynced to the exporter's journal
-before the producer is answered. An open-loop load (requests sent at a fixed rate
-whatever the answers do; latency counted from when each request was due, so a stall is
-not hidden) sends creates straight to the stand-in, through nginx and through the
-gateway, the three arms alternated and their order turned each round. Meanwhile a probe
-fsyncs a line beside the journal every 10 ms: the disk's fsync p99 in the same seconds,
-the floor of any proxy that journals a task before it answers. Each round gives the
-gateway's added p99 (over calling the stand-in) against that floor, nginx's added p99
-plus the fsync p99; the target is at most 2x, as the median of the rounds. The load, the
-stand-in and the probe freeze what their start-up made, so that no full collection of
-theirs lands in a run as the gateway's time. The CPU the exporter's two processes used
-a create is read from /proc (Linux): a figure that varies less than the latencies when
-the machine's speed does, and says where the added time is spent.
+connections), a bare pass-through proxy of aiohttp's server and client (the libraries
+the gateway is made of, with nothing of its own), and the real exporter (its HTTP
+process and its reader) serving the gateway, with a budget that matches every request,
+so each create takes a reservation, written to its journal, and each task accepted is
+fsynced to the exporter's journal before the producer is answered. An open-loop load
+(requests sent at a fixed rate whatever the answers do; latency counted from when each
+request was due, so a stall is not hidden) sends creates straight to the stand-in,
+through nginx, through the bare aiohttp proxy and through the gateway, the arms
+alternated and their order turned each round. Meanwhile a probe fsyncs a line beside
+the journal every 10 ms: the disk's fsync p99 in the same seconds, the floor of any
+proxy that journals a task before it answers. Each round gives the gateway's added p99
+(over calling the stand-in) against that floor, nginx's added p99 plus the fsync p99;
+the target is at most 2x, as the median of the rounds. The bare aiohttp proxy's ratio
+says how much of that the libraries take before the gateway does anything of its own.
+The load, the stand-in and the probe freeze what their start-up made, so that no full
+collection of theirs lands in a run as the gateway's time. The CPU the exporter's two
+processes (and the bare proxy) used a create is read from /proc (Linux): a figure that
+varies less than the latencies when the machine's speed does, and says where the added
+time is spent.
 
     python bench/gateway_load.py                      # 500 creates/s, 10 s an arm, 5 rounds
     python bench/gateway_load.py --rounds 9 --json gateway.json
@@ -63,6 +67,43 @@ def serve_standin(port: int) -> None:
     standin.routes(app)
     gc.freeze()  # see measure()
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+HOP_HEADERS = ("Authorization", "Content-Type")
+
+
+def serve_bare(port: int, upstream: str) -> None:
+    """A pass-through proxy of aiohttp's server and client alone, with the gateway's
+    pool settings and nothing else (no price, no hold, no journal): what the libraries
+    the gateway is built on take for a hop, the floor of any gateway made of them (run
+    as ``--bare PORT UPSTREAM``)."""
+
+    async def main() -> None:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=128),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+        async def hop(request: web.Request) -> web.Response:
+            body = await request.read()
+            headers = {k: request.headers[k] for k in HOP_HEADERS if k in request.headers}
+            async with session.request(
+                request.method, upstream + request.path_qs, headers=headers, data=body
+            ) as answer:
+                raw = await answer.read()
+                kind = answer.headers.get("Content-Type", "application/json")
+                return web.Response(body=raw, status=answer.status, headers={"Content-Type": kind})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", hop)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        gc.freeze()  # see measure()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
 
 
 def wait_for(url: str, timeout: float = 30) -> None:
@@ -175,8 +216,8 @@ def probe_disk(folder: str) -> None:
 class CpuMeter:
     """The CPU the exporter's processes (the HTTP one and its reader) used meanwhile."""
 
-    def __init__(self, pid: int) -> None:
-        self.pids = {"http": pid, "reader": reader_pid(pid)}
+    def __init__(self, pid: int, alone: bool = False) -> None:
+        self.pids = {"http": pid} if alone else {"http": pid, "reader": reader_pid(pid)}
         self.used: dict[str, float] = {}
 
     def __enter__(self) -> CpuMeter:
@@ -263,7 +304,7 @@ def start_nginx(folder: Path, port: int, upstream: int) -> subprocess.Popen[byte
     return proc
 
 
-ARMS = ("direct", "nginx", "gateway")
+ARMS = ("direct", "nginx", "aiohttp", "gateway")
 
 
 async def measure(
@@ -273,10 +314,11 @@ async def measure(
     rounds: int,
     folder: Path,
     exporter: int,
+    bare: int,
 ) -> list[dict[str, Any]]:
     """Creates at ``rate`` a second: straight to the stand-in, through nginx, through
-    the gateway; the three arms alternated, their order turned each round, the disk
-    probed throughout each round."""
+    the bare aiohttp proxy, through the gateway; the arms alternated, their order turned
+    each round, the disk probed throughout each round."""
     now = int(time.time())
     token = jwt.encode({"iss": ACCESS, "exp": now + 1800, "nbf": now - 5}, SECRET, "HS256")
     headers = {
@@ -293,7 +335,7 @@ async def measure(
     connector = aiohttp.TCPConnector(limit=512)
     async with aiohttp.ClientSession(connector=connector) as session:
         for n in range(rounds):
-            order = ARMS[n % 3 :] + ARMS[: n % 3]
+            order = ARMS[n % len(ARMS) :] + ARMS[: n % len(ARMS)]
             row: dict[str, Any] = {"order": order}
             # The probe runs beside every arm and starts before any: started with an
             # arm, its own start-up took that arm's slowest 1% by itself. A short
@@ -302,7 +344,7 @@ async def measure(
                 for arm in order:
                     url = bases[arm] + path
                     await open_loop(session, "POST", url, headers, body, rate, 1.0)
-                    with CpuMeter(exporter) as cpu:
+                    with CpuMeter(exporter) as cpu, CpuMeter(bare, alone=True) as hop:
                         row[arm] = await open_loop(
                             session, "POST", url, headers, body, rate, duration
                         )
@@ -311,6 +353,10 @@ async def measure(
                             name: seconds * 1000 / row[arm]["requests"]
                             for name, seconds in cpu.used.items()
                         }
+                    elif arm == "aiohttp":
+                        row["bare_cpu_ms_per_create"] = (
+                            hop.used["http"] * 1000 / row[arm]["requests"]
+                        )
             row["disk_fsync"] = disk.result
             out.append(judge(row))
             print(show_round(n, out[-1]), flush=True)
@@ -322,14 +368,16 @@ def judge(row: dict[str, Any]) -> dict[str, Any]:
     p99 against the floor of a proxy that journals a task: a hop plus an fsync."""
     direct = row["direct"]["p99_ms"]
     row["nginx_added_p99_ms"] = row["nginx"]["p99_ms"] - direct
+    row["aiohttp_added_p99_ms"] = row["aiohttp"]["p99_ms"] - direct
     row["gateway_added_p99_ms"] = row["gateway"]["p99_ms"] - direct
     row["floor_ms"] = max(row["nginx_added_p99_ms"], 0.0) + row["disk_fsync"]["p99_ms"]
     row["ratio"] = row["gateway_added_p99_ms"] / row["floor_ms"]
+    row["bare_ratio"] = row["aiohttp_added_p99_ms"] / row["floor_ms"]
     return row
 
 
 def run(rate: float, duration: float, rounds: int) -> dict[str, Any]:
-    standin_port, exporter_port, nginx_port = free_port(), free_port(), free_port()
+    standin_port, exporter_port, nginx_port, bare_port = (free_port() for _ in range(4))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "exporter")}
     standin = subprocess.Popen(
         [sys.executable, __file__, "--standin", str(standin_port)],
@@ -343,14 +391,23 @@ def run(rate: float, duration: float, rounds: int) -> dict[str, Any]:
             folder = Path(tmp)
             nginx = start_nginx(folder, nginx_port, standin_port)
             exporter = start(folder, standin_url, exporter_port)
+            bare = subprocess.Popen(
+                [sys.executable, __file__, "--bare", str(bare_port), standin_url], env=env
+            )
             bases = {
                 "direct": standin_url,
                 "nginx": f"http://127.0.0.1:{nginx_port}",
+                "aiohttp": f"http://127.0.0.1:{bare_port}",
                 "gateway": f"http://127.0.0.1:{exporter_port}/kling",
             }
             try:
-                result = asyncio.run(measure(bases, rate, duration, rounds, folder, exporter.pid))
+                wait_for(bases["aiohttp"] + "/v1/videos/text2video/none")
+                result = asyncio.run(
+                    measure(bases, rate, duration, rounds, folder, exporter.pid, bare.pid)
+                )
             finally:
+                bare.terminate()
+                bare.wait(20)
                 exporter.terminate()
                 exporter.wait(20)
                 nginx.terminate()
@@ -374,6 +431,7 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--standin", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -381,6 +439,9 @@ def main() -> None:
         return
     if args.standin:
         serve_standin(args.standin)
+        return
+    if args.bare:
+        serve_bare(int(args.bare[0]), args.bare[1])
         return
     result = run(args.rate, args.duration, args.rounds)
     print(summary(result))
@@ -393,10 +454,12 @@ def show_round(n: int, row: dict[str, Any]) -> str:
     arms = ", ".join(f"{arm} p99 {row[arm]['p99_ms']:.2f} ms" for arm in ARMS)
     return (
         f"round {n + 1} ({' > '.join(row['order'])}): {arms}; added: nginx"
-        f" {row['nginx_added_p99_ms']:.2f}, gateway {row['gateway_added_p99_ms']:.2f} ms;"
+        f" {row['nginx_added_p99_ms']:.2f}, aiohttp {row['aiohttp_added_p99_ms']:.2f},"
+        f" gateway {row['gateway_added_p99_ms']:.2f} ms;"
         f" fsync p99 {row['disk_fsync']['p99_ms']:.2f} ms; gateway / (nginx + fsync)"
-        f" {row['ratio']:.2f}; CPU a create {cpu['http']:.3f} ms HTTP +"
-        f" {cpu['reader']:.3f} ms reader"
+        f" {row['ratio']:.2f}, aiohttp alone {row['bare_ratio']:.2f}; CPU a create"
+        f" {cpu['http']:.3f} ms HTTP + {cpu['reader']:.3f} ms reader, aiohttp alone"
+        f" {row['bare_cpu_ms_per_create']:.3f} ms"
     )
 
 
@@ -412,15 +475,21 @@ def summary(result: dict[str, Any]) -> str:
         f" {result['cpus']} CPUs; {failed} requests failed",
         f"median p99: direct {med([r['direct']['p99_ms'] for r in rows]):.2f} ms,"
         f" nginx {med([r['nginx']['p99_ms'] for r in rows]):.2f} ms,"
+        f" aiohttp alone {med([r['aiohttp']['p99_ms'] for r in rows]):.2f} ms,"
         f" gateway {med([r['gateway']['p99_ms'] for r in rows]):.2f} ms",
         f"median added p99: nginx {med([r['nginx_added_p99_ms'] for r in rows]):.2f} ms,"
+        f" aiohttp alone {med([r['aiohttp_added_p99_ms'] for r in rows]):.2f} ms,"
         f" gateway {med([r['gateway_added_p99_ms'] for r in rows]):.2f} ms;"
         f" fsync p99 {med([r['disk_fsync']['p99_ms'] for r in rows]):.2f} ms",
         "gateway / (nginx hop + fsync), round by round: "
         + ", ".join(f"{r['ratio']:.2f}" for r in rows)
         + f"; median {med([r['ratio'] for r in rows]):.2f} (target <= 2)",
+        "aiohttp alone / (nginx hop + fsync), round by round: "
+        + ", ".join(f"{r['bare_ratio']:.2f}" for r in rows)
+        + f"; median {med([r['bare_ratio'] for r in rows]):.2f}",
         f"CPU a create (median): {med([r['cpu_ms_per_create']['http'] for r in rows]):.3f} ms"
-        f" HTTP process, {med([r['cpu_ms_per_create']['reader'] for r in rows]):.3f} ms reader",
+        f" HTTP process, {med([r['cpu_ms_per_create']['reader'] for r in rows]):.3f} ms reader;"
+        f" aiohttp alone {med([r['bare_cpu_ms_per_create'] for r in rows]):.3f} ms",
     ]
     return "\n".join(lines)
 
