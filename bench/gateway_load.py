@@ -4,19 +4,21 @@ proxy's hop adds, measured on loopback in the same run.
 The stand-in of Kling's API runs in a process of its own. In front of it: nginx (Debian's
 package, installed by ``bench/setup`` when missing; one worker, kept-alive upstream
 connections), a bare pass-through proxy of aiohttp's server and client (the libraries
-the gateway is made of, with nothing of its own), and the real exporter (its HTTP
+the gateway is made of, with nothing of its own) and the same proxy journalling each
+answer with the gateway's group commit before it answers, and the real exporter (its HTTP
 process and its reader) serving the gateway, with a budget that matches every request,
 so each create takes a reservation, written to its journal, and each task accepted is
 fsynced to the exporter's journal before the producer is answered. An open-loop load
 (requests sent at a fixed rate whatever the answers do; latency counted from when each
 request was due, so a stall is not hidden) sends creates straight to the stand-in,
-through nginx, through the bare aiohttp proxy and through the gateway, the arms
+through nginx, through the bare aiohttp proxies and through the gateway, the arms
 alternated and their order turned each round. Meanwhile a probe fsyncs a line beside
 the journal every 10 ms: the disk's fsync p99 in the same seconds, the floor of any
 proxy that journals a task before it answers. Each round gives the gateway's added p99
 (over calling the stand-in) against that floor, nginx's added p99 plus the fsync p99;
-the target is at most 2x, as the median of the rounds. The bare aiohttp proxy's ratio
-says how much of that the libraries take before the gateway does anything of its own.
+the target is at most 2x, as the median of the rounds. The bare proxies' ratios say
+how much of that the libraries take, and the libraries with a journal, before the
+gateway does anything of its own.
 The load, the stand-in and the probe freeze what their start-up made, so that no full
 collection of theirs lands in a run as the gateway's time. The CPU the exporter's two
 processes (and the bare proxy) used a create is read from /proc (Linux): a figure that
@@ -49,6 +51,7 @@ from typing import Any
 import aiohttp
 import jwt
 from aiohttp import web
+from kling_exporter.journals.durable import GroupCommit, write_all_and_sync
 from kling_exporter.kling.standin import KlingStandIn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -72,11 +75,15 @@ def serve_standin(port: int) -> None:
 HOP_HEADERS = ("Authorization", "Content-Type")
 
 
-def serve_bare(port: int, upstream: str) -> None:
+def serve_bare(port: int, upstream: str, journal: str | None) -> None:
     """A pass-through proxy of aiohttp's server and client alone, with the gateway's
-    pool settings and nothing else (no price, no hold, no journal): what the libraries
-    the gateway is built on take for a hop, the floor of any gateway made of them (run
-    as ``--bare PORT UPSTREAM``)."""
+    pool settings and nothing else (no price, no hold): what the libraries the gateway
+    is built on take for a hop, the floor of any gateway made of them (run as ``--bare
+    PORT UPSTREAM [JOURNAL]``). With a journal, each answer's body is appended to it as
+    a line and fsynced before the answer goes back, by the gateway's group commit: the
+    floor of a gateway of these libraries that journals a task before it answers."""
+    fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) if journal else -1
+    commit = GroupCommit(lambda data: write_all_and_sync(fd, data))
 
     async def main() -> None:
         session = aiohttp.ClientSession(
@@ -92,6 +99,8 @@ def serve_bare(port: int, upstream: str) -> None:
                 request.method, upstream + request.path_qs, headers=headers, data=body
             ) as answer:
                 raw = await answer.read()
+                if fd >= 0:
+                    await commit.append(raw.replace(b"\n", b" ") + b"\n")
                 kind = answer.headers.get("Content-Type", "application/json")
                 return web.Response(body=raw, status=answer.status, headers={"Content-Type": kind})
 
@@ -304,7 +313,8 @@ def start_nginx(folder: Path, port: int, upstream: int) -> subprocess.Popen[byte
     return proc
 
 
-ARMS = ("direct", "nginx", "aiohttp", "gateway")
+ARMS = ("direct", "nginx", "aiohttp", "aiohttp+fsync", "gateway")
+BARE = ("aiohttp", "aiohttp+fsync")  # the bare proxy, without and with a journal
 
 
 async def measure(
@@ -314,7 +324,7 @@ async def measure(
     rounds: int,
     folder: Path,
     exporter: int,
-    bare: int,
+    bare: dict[str, int],
 ) -> list[dict[str, Any]]:
     """Creates at ``rate`` a second: straight to the stand-in, through nginx, through
     the bare aiohttp proxy, through the gateway; the arms alternated, their order turned
@@ -344,7 +354,8 @@ async def measure(
                 for arm in order:
                     url = bases[arm] + path
                     await open_loop(session, "POST", url, headers, body, rate, 1.0)
-                    with CpuMeter(exporter) as cpu, CpuMeter(bare, alone=True) as hop:
+                    hop_pid = bare.get(arm, exporter)
+                    with CpuMeter(exporter) as cpu, CpuMeter(hop_pid, alone=True) as hop:
                         row[arm] = await open_loop(
                             session, "POST", url, headers, body, rate, duration
                         )
@@ -353,8 +364,8 @@ async def measure(
                             name: seconds * 1000 / row[arm]["requests"]
                             for name, seconds in cpu.used.items()
                         }
-                    elif arm == "aiohttp":
-                        row["bare_cpu_ms_per_create"] = (
+                    elif arm in bare:
+                        row[f"{arm}_cpu_ms_per_create"] = (
                             hop.used["http"] * 1000 / row[arm]["requests"]
                         )
             row["disk_fsync"] = disk.result
@@ -368,11 +379,12 @@ def judge(row: dict[str, Any]) -> dict[str, Any]:
     p99 against the floor of a proxy that journals a task: a hop plus an fsync."""
     direct = row["direct"]["p99_ms"]
     row["nginx_added_p99_ms"] = row["nginx"]["p99_ms"] - direct
-    row["aiohttp_added_p99_ms"] = row["aiohttp"]["p99_ms"] - direct
     row["gateway_added_p99_ms"] = row["gateway"]["p99_ms"] - direct
     row["floor_ms"] = max(row["nginx_added_p99_ms"], 0.0) + row["disk_fsync"]["p99_ms"]
     row["ratio"] = row["gateway_added_p99_ms"] / row["floor_ms"]
-    row["bare_ratio"] = row["aiohttp_added_p99_ms"] / row["floor_ms"]
+    for arm in BARE:
+        row[f"{arm}_added_p99_ms"] = row[arm]["p99_ms"] - direct
+        row[f"{arm}_ratio"] = row[f"{arm}_added_p99_ms"] / row["floor_ms"]
     return row
 
 
@@ -391,23 +403,26 @@ def run(rate: float, duration: float, rounds: int) -> dict[str, Any]:
             folder = Path(tmp)
             nginx = start_nginx(folder, nginx_port, standin_port)
             exporter = start(folder, standin_url, exporter_port)
-            bare = subprocess.Popen(
-                [sys.executable, __file__, "--bare", str(bare_port), standin_url], env=env
-            )
-            bases = {
-                "direct": standin_url,
-                "nginx": f"http://127.0.0.1:{nginx_port}",
-                "aiohttp": f"http://127.0.0.1:{bare_port}",
-                "gateway": f"http://127.0.0.1:{exporter_port}/kling",
-            }
+            bare, bases = {}, {"direct": standin_url, "nginx": f"http://127.0.0.1:{nginx_port}"}
+            (folder / "logs").mkdir(exist_ok=True)
+            for arm, port in zip(BARE, (bare_port, free_port()), strict=True):
+                cmd = [sys.executable, __file__, "--bare", str(port), standin_url]
+                if arm.endswith("fsync"):
+                    cmd.append(str(folder / "logs" / "bare-journal.jsonl"))
+                bare[arm] = subprocess.Popen(cmd, env=env)
+                bases[arm] = f"http://127.0.0.1:{port}"
+            bases["gateway"] = f"http://127.0.0.1:{exporter_port}/kling"
             try:
-                wait_for(bases["aiohttp"] + "/v1/videos/text2video/none")
+                for arm in BARE:
+                    wait_for(bases[arm] + "/v1/videos/text2video/none")
+                pids = {arm: proc.pid for arm, proc in bare.items()}
                 result = asyncio.run(
-                    measure(bases, rate, duration, rounds, folder, exporter.pid, bare.pid)
+                    measure(bases, rate, duration, rounds, folder, exporter.pid, pids)
                 )
             finally:
-                bare.terminate()
-                bare.wait(20)
+                for proc in bare.values():
+                    proc.terminate()
+                    proc.wait(20)
                 exporter.terminate()
                 exporter.wait(20)
                 nginx.terminate()
@@ -431,7 +446,7 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--standin", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--bare", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -441,7 +456,7 @@ def main() -> None:
         serve_standin(args.standin)
         return
     if args.bare:
-        serve_bare(int(args.bare[0]), args.bare[1])
+        serve_bare(int(args.bare[0]), args.bare[1], args.bare[2] if len(args.bare) > 2 else None)
         return
     result = run(args.rate, args.duration, args.rounds)
     print(summary(result))
@@ -451,15 +466,16 @@ def main() -> None:
 
 def show_round(n: int, row: dict[str, Any]) -> str:
     cpu = row["cpu_ms_per_create"]
+    bare_added = ", ".join(f"{arm} {row[f'{arm}_added_p99_ms']:.2f}" for arm in BARE)
+    bare_ratios = ", ".join(f"{arm} {row[f'{arm}_ratio']:.2f}" for arm in BARE)
+    bare_cpu = ", ".join(f"{arm} {row[f'{arm}_cpu_ms_per_create']:.3f} ms" for arm in BARE)
     arms = ", ".join(f"{arm} p99 {row[arm]['p99_ms']:.2f} ms" for arm in ARMS)
     return (
         f"round {n + 1} ({' > '.join(row['order'])}): {arms}; added: nginx"
-        f" {row['nginx_added_p99_ms']:.2f}, aiohttp {row['aiohttp_added_p99_ms']:.2f},"
-        f" gateway {row['gateway_added_p99_ms']:.2f} ms;"
-        f" fsync p99 {row['disk_fsync']['p99_ms']:.2f} ms; gateway / (nginx + fsync)"
-        f" {row['ratio']:.2f}, aiohttp alone {row['bare_ratio']:.2f}; CPU a create"
-        f" {cpu['http']:.3f} ms HTTP + {cpu['reader']:.3f} ms reader, aiohttp alone"
-        f" {row['bare_cpu_ms_per_create']:.3f} ms"
+        f" {row['nginx_added_p99_ms']:.2f}, {bare_added}, gateway"
+        f" {row['gateway_added_p99_ms']:.2f} ms; fsync p99 {row['disk_fsync']['p99_ms']:.2f} ms;"
+        f" / (nginx + fsync): gateway {row['ratio']:.2f}, {bare_ratios}; CPU a create"
+        f" {cpu['http']:.3f} ms HTTP + {cpu['reader']:.3f} ms reader, {bare_cpu}"
     )
 
 
@@ -475,21 +491,24 @@ def summary(result: dict[str, Any]) -> str:
         f" {result['cpus']} CPUs; {failed} requests failed",
         f"median p99: direct {med([r['direct']['p99_ms'] for r in rows]):.2f} ms,"
         f" nginx {med([r['nginx']['p99_ms'] for r in rows]):.2f} ms,"
-        f" aiohttp alone {med([r['aiohttp']['p99_ms'] for r in rows]):.2f} ms,"
-        f" gateway {med([r['gateway']['p99_ms'] for r in rows]):.2f} ms",
+        + "".join(f" {a} {med([r[a]['p99_ms'] for r in rows]):.2f} ms," for a in BARE)
+        + f" gateway {med([r['gateway']['p99_ms'] for r in rows]):.2f} ms",
         f"median added p99: nginx {med([r['nginx_added_p99_ms'] for r in rows]):.2f} ms,"
-        f" aiohttp alone {med([r['aiohttp_added_p99_ms'] for r in rows]):.2f} ms,"
-        f" gateway {med([r['gateway_added_p99_ms'] for r in rows]):.2f} ms;"
+        + "".join(f" {a} {med([r[f'{a}_added_p99_ms'] for r in rows]):.2f} ms," for a in BARE)
+        + f" gateway {med([r['gateway_added_p99_ms'] for r in rows]):.2f} ms;"
         f" fsync p99 {med([r['disk_fsync']['p99_ms'] for r in rows]):.2f} ms",
         "gateway / (nginx hop + fsync), round by round: "
         + ", ".join(f"{r['ratio']:.2f}" for r in rows)
         + f"; median {med([r['ratio'] for r in rows]):.2f} (target <= 2)",
-        "aiohttp alone / (nginx hop + fsync), round by round: "
-        + ", ".join(f"{r['bare_ratio']:.2f}" for r in rows)
-        + f"; median {med([r['bare_ratio'] for r in rows]):.2f}",
+        *(
+            f"{a} / (nginx hop + fsync), round by round: "
+            + ", ".join(f"{r[f'{a}_ratio']:.2f}" for r in rows)
+            + f"; median {med([r[f'{a}_ratio'] for r in rows]):.2f}"
+            for a in BARE
+        ),
         f"CPU a create (median): {med([r['cpu_ms_per_create']['http'] for r in rows]):.3f} ms"
         f" HTTP process, {med([r['cpu_ms_per_create']['reader'] for r in rows]):.3f} ms reader;"
-        f" aiohttp alone {med([r['bare_cpu_ms_per_create'] for r in rows]):.3f} ms",
+        + ",".join(f" {a} {med([r[f'{a}_cpu_ms_per_create'] for r in rows]):.3f} ms" for a in BARE),
     ]
     return "\n".join(lines)
 

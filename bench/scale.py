@@ -8,11 +8,13 @@ projects and users, with few or many budgets, measured side by side in one run.
 
 For each budget count: start (process start to /-/ready, the log read), restart (the
 same from the saved state), reload (SIGHUP to the reload's timestamp moving), check
-p50/p99 over sequential pre-flight checks on one connection, scrape time and size, the
-resident memory of both processes after the scrapes (and against before them), and the
-state's size. Budgets are
-spread over the projects (monthly, one per project in turn, a tenth of them per user).
-Absolute times move with the machine: read the ratios between the rows of one run.
+p50/p99 over sequential pre-flight checks on one connection (of random projects, each
+matching the budgets spread on it; and of a probe project, which matches one budget
+whatever the count), scrape time and size, the resident memory of both processes after
+the scrapes (and against before them), and the state's size. Budgets are spread over
+the projects (monthly, one per project in turn, a tenth of them per user), and one more
+is the probe project's. Absolute times move with the machine: read the ratios between
+the rows of one run.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def write_log(
             f.write(json.dumps(submitted) + "\n" + json.dumps(completed) + "\n")
 
 
+PROBE = "probe"
+
+
 def config(workdir: Path, budgets: int, projects: int, users: int) -> dict[str, Any]:
     rows = []
     for i in range(budgets):
@@ -71,6 +76,9 @@ def config(workdir: Path, budgets: int, projects: int, users: int) -> dict[str, 
         else:
             row["project"] = f"p{i % projects}"
         rows.append(row)
+    # One budget more, on a project of its own that the probe checks ask for: whatever
+    # the budget count, a probe check matches exactly one budget.
+    rows.append({"name": "probe", "period": "monthly", "limit_credits": 10**9, "project": PROBE})
     return {
         "logs": {"paths": [str(workdir / "logs" / "*.jsonl")], "poll_interval": "100ms"},
         "state": {"path": str(workdir / "state" / "scale.state")},
@@ -137,13 +145,16 @@ class Daemon:
             time.sleep(0.01)
         return time.perf_counter() - began
 
-    def checks(self, n: int, projects: int) -> list[float]:
+    def checks(self, n: int, projects: int, probe: bool = False) -> list[float]:
+        """Sequential checks on one connection: of random projects (which match as many
+        budgets as the config spreads on each), or of the probe project (one)."""
         rng = random.Random(2)
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         out = []
         try:
             for _ in range(n):
-                body = json.dumps({"project": f"p{rng.randrange(projects)}", "duration": 5})
+                project = PROBE if probe else f"p{rng.randrange(projects)}"
+                body = json.dumps({"project": project, "duration": 5})
                 began = time.perf_counter()
                 conn.request("POST", "/api/v1/check", body, {"Content-Type": "application/json"})
                 conn.getresponse().read()
@@ -188,6 +199,7 @@ def measure(root: Path, args: argparse.Namespace, budgets: int, log: Path) -> di
             scrape_ms, scrape_bytes = daemon.scrapes()
             http_mib, reader_mib = daemon.rss_mib()
             checks = daemon.checks(args.checks, args.projects)
+            probes = daemon.checks(args.checks, args.projects, probe=True)
             reload = daemon.reload()
         finally:
             daemon.stop()
@@ -200,6 +212,8 @@ def measure(root: Path, args: argparse.Namespace, budgets: int, log: Path) -> di
         "reload_s": reload,
         "check_p50_ms": percentile(checks, 0.5),
         "check_p99_ms": percentile(checks, 0.99),
+        "probe_p50_ms": percentile(probes, 0.5),
+        "probe_p99_ms": percentile(probes, 0.99),
         "scrape_ms": scrape_ms,
         "scrape_kib": scrape_bytes / 1024,
         "http_rss_mib": http_mib,
@@ -215,6 +229,8 @@ COLUMNS = [
     ("reload_s", "reload s", "{:.2f}"),
     ("check_p50_ms", "check p50 ms", "{:.2f}"),
     ("check_p99_ms", "check p99 ms", "{:.2f}"),
+    ("probe_p50_ms", "1-budget check p50 ms", "{:.2f}"),
+    ("probe_p99_ms", "1-budget check p99 ms", "{:.2f}"),
     ("scrape_ms", "scrape ms", "{:.1f}"),
     ("scrape_kib", "scrape KiB", "{:,.0f}"),
     ("http_rss_mib", "HTTP RSS MiB", "{:.0f}"),
