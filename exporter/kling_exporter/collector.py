@@ -272,28 +272,24 @@ class TextRenderer:
         their new values kept; None when a series came or went (the order is then made
         again)."""
         order, values, block = kept.order, kept.values, self.block
-        dirty: dict[int, list[int]] = {}
+        places: Collection[int]
         if keys is None:
             if len(order) != len(samples):
                 return None
-            for at, key in enumerate(order):
-                value = samples.get(key)
-                if value is None:  # a series gone (and another come)
+            places = range(len(order))
+        else:
+            places, end = [], len(order)
+            for key in keys:
+                at = bisect_left(order, key)
+                kept_here = at < end and order[at] == key
+                if kept_here != (key in samples):  # a series come, or gone
                     return None
-                was = values[at]
-                if was != value or (not value and _negative(was) != _negative(value)):
-                    values[at] = value
-                    dirty.setdefault(at // block, []).append(at)
-            return dirty
-        end = len(order)
-        for key in keys:
-            value = samples.get(key)
-            at = bisect_left(order, key)
-            if at == end or order[at] != key:  # a new series, or one gone and not kept
-                if value is not None:
-                    return None
-                continue
-            if value is None:  # a series gone
+                if kept_here:
+                    places.append(at)
+        dirty: dict[int, list[int]] = {}
+        for at in places:
+            value = samples.get(order[at])
+            if value is None:  # a series gone (and another come)
                 return None
             was = values[at]
             # 0.0 and -0.0 are equal and print differently.
