@@ -15,6 +15,7 @@ from kling_exporter.cli import main
 from kling_exporter.config import Config
 from kling_exporter.configfile import ConfigError, load_config, parse_config, read_yaml
 from kling_exporter.globs import glob_matches
+from kling_exporter.reading.daemon import Daemon
 from kling_exporter.reading.listing import expand_glob
 from kling_exporter.validation import keys_at
 
@@ -223,6 +224,33 @@ def test_a_key_given_twice_is_refused_with_both_lines(
     path.write_text("budgets: [{name: a, name: b, limit_credits: 1}]\n")
     with pytest.raises(ConfigError, match=r"line 1, column 21: 'name' given a second time"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        '{"budgets": ' + '{"a": ' * 5000 + "1" + "}" * 5000 + "}",
+        "budgets:\n" + "".join("  " * i + "- \n" for i in range(1, 3000)),
+    ],
+    ids=["flow", "json", "block"],
+)
+def test_a_config_nested_too_deeply_is_refused_and_a_reload_keeps_the_running_one(
+    tmp_path: Path, text: str
+) -> None:
+    """The parsers recurse as deep as the nesting: a file nested past the interpreter's
+    limit is a bad config like any other, not a crash of the reader at its reload."""
+    path = tmp_path / "kling.yml"
+    path.write_text(f"logs: {{paths: ['{tmp_path}/*.jsonl']}}\n")
+    daemon = Daemon(load_config(path), str(path))
+    try:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="nested too deeply"):
+            load_config(path)
+        assert daemon.reload() == "invalid YAML: nested too deeply"
+        assert daemon.config.logs.paths == [f"{tmp_path}/*.jsonl"]
+    finally:
+        daemon.tailer.close()
 
 
 def test_merge_keys_may_still_be_overridden() -> None:

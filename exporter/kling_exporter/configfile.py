@@ -179,6 +179,8 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"invalid YAML at {where}{problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"invalid YAML: {e}") from None
+    except RecursionError:  # the parsers and builders recurse as deep as the nesting
+        raise ConfigError("invalid YAML: nested too deeply") from None
 
 
 def parse_config(data: Any) -> Config:
