@@ -508,15 +508,16 @@ class Sent:
         self.sent.append(msgspec.msgpack.decode(data, type=ToReader))
 
 
-def test_a_scrape_soon_after_a_push_is_answered_from_it_and_a_later_one_asks(
+def test_a_scrape_soon_after_a_push_is_answered_from_it_and_a_later_one_asks(  # noqa: PLR0915
     tmp_path: Path,
 ) -> None:
     """The HTTP side answers a plain-text scrape from the blocks last pushed while they
     are fresh, telling the reader only that it was scraped; once they are older than
-    ``PUSHED_FRESH``, or after a reload, it asks the reader again."""
+    ``PUSHED_FRESH``, during and after a reload, or once the reader says holds were
+    consumed by tasks read after the push, it asks the reader again."""
     (tmp_path / "logs").mkdir()
 
-    async def main() -> None:
+    async def main() -> None:  # noqa: PLR0915 - one story, told in order
         side = link_module.ReaderProcess(parse_config(config(tmp_path)))
         side._loop = asyncio.get_running_loop()
         conn = side.conn = Sent()  # type: ignore[assignment]
@@ -553,7 +554,17 @@ def test_a_scrape_soon_after_a_push_is_answered_from_it_and_a_later_one_asks(
         request = conn.sent[-1]
         assert isinstance(request, Reload)
         side._pushed(Pushed(1, 4, [("a/0", 4, b"a 4\n"), ("b/0", 1, None)]))
-        side._answer(request.id, Reloaded(request.id, None, parse_config(config(tmp_path))))
+        reload_id = request.id
+
+        def during_reload(request: Render) -> Rendered:
+            # Not the push: it may show the new budgets before this process has them.
+            assert (request.epoch, request.since) == (1, 4)
+            parts = [("a/0", 4, None), ("b/0", 1, None)]
+            return Rendered(request.id, b"", CONTENT_TYPE_LATEST, None, parts, 1, 4)
+
+        blocks, _ = await asked(during_reload)
+        assert joined(blocks) == b"a 4\nb 1\n"
+        side._answer(reload_id, Reloaded(reload_id, None, parse_config(config(tmp_path))))
         assert await reload is None
 
         def after_reload(request: Render) -> Rendered:
@@ -564,8 +575,21 @@ def test_a_scrape_soon_after_a_push_is_answered_from_it_and_a_later_one_asks(
         blocks, _ = await asked(after_reload)
         assert joined(blocks) == b"a 4\nb 5\n"
 
+        # Holds released for tasks the push does not show yet: the reader is asked.
+        side._pushed(Pushed(1, 6, [("a/0", 6, b"a 6\n"), ("b/0", 5, None)]))
+        assert joined((await side.render_metrics("", []))[0]) == b"a 6\nb 5\n"
+        side._apply(Published({}, [], True, True, None, {"hold-1": 1}))
+
+        def after_consumed(request: Render) -> Rendered:
+            assert (request.epoch, request.since) == (1, 6)
+            parts = [("a/0", 6, None), ("b/0", 7, b"b 7\n")]
+            return Rendered(request.id, b"", CONTENT_TYPE_LATEST, None, parts, 1, 7)
+
+        blocks, _ = await asked(after_consumed)
+        assert joined(blocks) == b"a 6\nb 7\n"
+
         # A push that does not match what is kept is not served: the reader is asked.
-        side._pushed(Pushed(1, 6, [("a/0", 9, None)]))
+        side._pushed(Pushed(1, 8, [("a/0", 9, None)]))
         blocks, _ = await asked(
             lambda r: Rendered(r.id, b"", CONTENT_TYPE_LATEST, None, [("a/0", 7, b"a 7\n")], 2, 7)
         )

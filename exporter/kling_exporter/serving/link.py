@@ -93,6 +93,7 @@ class ReaderProcess:
         self._rendering = asyncio.Lock()
         self._packing: asyncio.Future[None] | None = None  # blocks compressed meanwhile
         self._pushed_at: float | None = None  # loop time of the last push taken in
+        self._reloading = 0  # reloads asked and not yet answered
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -187,12 +188,16 @@ class ReaderProcess:
         """Blocks the reader rendered ahead: taken in, and compressed off the loop (one
         batch at a time; a scrape compresses what is not yet)."""
         blocks = self._blocks.take(message.epoch, message.version, message.parts)
-        self._pushed_at = None if blocks is None or self._loop is None else self._loop.time()
-        if blocks is None or self._packing is not None or self._loop is None:
+        # Not served while a reload is under way: the push may show the new budgets
+        # before this process has them.
+        loop = self._loop
+        servable = blocks is not None and loop is not None and not self._reloading
+        self._pushed_at = loop.time() if servable and loop is not None else None
+        if blocks is None or self._packing is not None or loop is None:
             return
         fresh = [block for block in blocks if not block.packed]
         if fresh:
-            self._packing = self._loop.run_in_executor(None, pack, fresh)
+            self._packing = loop.run_in_executor(None, pack, fresh)
             self._packing.add_done_callback(self._packed)
 
     def _packed(self, future: asyncio.Future[None]) -> None:
@@ -205,6 +210,11 @@ class ReaderProcess:
             self.flight = DayUsage({(p, u): [c, usd] for p, u, c, usd in message.flight})
         if self._consumed is not None and (message.consumed or message.first):
             self._consumed(message.consumed, message.first)
+        if message.consumed:
+            # Holds the tasks after the push took are released from here on, while the
+            # push does not show those tasks yet: served together, a scrape would count
+            # them nowhere. Scrapes ask the reader until its next push.
+            self._pushed_at = None
         usage = dict(self.usage)
         for start, rows in message.days.items():
             usage[start] = DayUsage({(p, u): [c, usd] for p, u, c, usd in rows})
@@ -313,7 +323,11 @@ class ReaderProcess:
 
     async def reload_config(self) -> str | None:
         self._pushed_at = None  # a scrape after the reload shows its budgets
-        answer: Reloaded = await self._ask(Reload)
+        self._reloading += 1
+        try:
+            answer: Reloaded = await self._ask(Reload)
+        finally:
+            self._reloading -= 1
         self._pushed_at = None
         if answer.config is not None:
             self.config = answer.config
