@@ -224,6 +224,10 @@ def test_a_key_given_twice_is_refused_with_both_lines(
     path.write_text("budgets: [{name: a, name: b, limit_credits: 1}]\n")
     with pytest.raises(ConfigError, match=r"line 1, column 21: 'name' given a second time"):
         load_config(path)
+    # Spelled otherwise, the same key: the first is where it was first given.
+    path.write_text("1: a\n0x1: b\n")
+    with pytest.raises(ConfigError, match=r"line 2, .*1 given a second time \(first at line 1\)"):
+        load_config(path)
 
 
 @pytest.mark.parametrize(
@@ -341,7 +345,7 @@ def quick(text: str) -> Any:
     """``text`` built by the quick build alone (``_Unusual`` if it cannot)."""
     loader = configfile._FastLoader(text)
     try:
-        return loader._built(loader.get_single_node(), {})
+        return loader._built(loader.get_single_node(), {}, 0)
     finally:
         loader.dispose()
 
@@ -363,6 +367,16 @@ def test_plain_scalars_of_every_kind_and_aliases_read_as_pyyaml_reads_them() -> 
     got = yaml_of("f: 2026-12-06\nt: !!binary aGk=\ns: &s [1, *s]\n")
     assert got["f"] == yaml.safe_load("f: 2026-12-06")["f"] and got["t"] == b"hi"
     assert got["s"][0] == 1 and got["s"][1] is got["s"]
+
+
+def test_what_pyyaml_reads_deep_and_json_that_is_no_plain_number_read_as_before() -> None:
+    """Nesting past the quick build's depth is PyYAML's to build, as deep as it reaches;
+    a JSON number past a float's range is YAML's text, as it was (a limit refused)."""
+    deep = "a: " + "[" * 600 + "]" * 600 + "\n"
+    assert yaml_of(deep) == yaml.load(deep, Loader=yaml.CSafeLoader)
+    with pytest.raises(configfile._Unusual):
+        quick(deep)
+    assert yaml_of('{"limit_credits": 1E400}') == {"limit_credits": "1E400"}
 
 
 def test_the_sample_config_is_built_without_pyyamls_constructor() -> None:

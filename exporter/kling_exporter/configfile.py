@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,11 @@ _STR, _INT, _SEQ, _MAP = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "seq"
 _OTHER_SCALARS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("bool", "null", "float"))
 
 
+# Mappings and lists within one another the quick build goes into; a document nested
+# deeper is left to PyYAML's constructor, which reaches about as deep as libyaml reads.
+QUICK_DEPTH = 100
+
+
 class _Unusual(Exception):
     """A node the quick build leaves to PyYAML's constructor."""
 
@@ -69,48 +75,61 @@ class _QuickBuild:
 
     def construct_document(self, node: yaml.Node) -> Any:
         try:
-            return self._built(node, {})
+            return self._built(node, {}, 0)
         except _Unusual:
             return super().construct_document(node)  # type: ignore[misc]
 
-    def _built(self, node: Any, made: dict[int, Any]) -> Any:
+    def _built(self, node: Any, made: dict[int, Any], depth: int) -> Any:
         kind, tag = type(node), node.tag
         if kind is yaml.ScalarNode:
-            value = node.value
-            if tag == _STR:
-                return value
-            # Decimal digits alone; 010 is octal in YAML 1.1, and PyYAML's to make.
-            if tag == _INT and value.isascii() and value.isdigit() and value[:1] != "0":
-                return int(value)
-            if tag == _INT or tag in _OTHER_SCALARS:
-                return self.construct_object(node)  # type: ignore[attr-defined]
-            raise _Unusual
+            return self._scalar(node)
         if id(node) in made:  # an alias: the same object, as PyYAML makes it
             if made[id(node)] is None:
                 raise _Unusual  # inside itself
             return made[id(node)]
+        if depth > QUICK_DEPTH:
+            raise _Unusual  # PyYAML's constructor reaches deeper
         made[id(node)] = None
         if kind is yaml.SequenceNode and tag == _SEQ:
-            built: Any = [self._built(item, made) for item in node.value]
+            built: Any = []
+            for item in node.value:
+                built.append(self._built(item, made, depth + 1))
         elif kind is yaml.MappingNode and tag == _MAP:
-            built = {}
-            for key_node, value_node in node.value:
-                key = self._built(key_node, made)
-                try:
-                    if key in built:
-                        _twice(node, key, key_node)
-                except TypeError:
-                    raise _Unusual from None  # unhashable: PyYAML says what is wrong
-                built[key] = self._built(value_node, made)
+            built = self._mapping(node, made, depth + 1)
         else:
             raise _Unusual
         made[id(node)] = built
         return built
 
+    def _scalar(self, node: yaml.ScalarNode) -> Any:
+        value, tag = node.value, node.tag
+        if tag == _STR:
+            return value
+        # Decimal digits alone; 010 is octal in YAML 1.1, and PyYAML's to make.
+        if tag == _INT and value.isascii() and value.isdigit() and value[:1] != "0":
+            return int(value)
+        if tag == _INT or tag in _OTHER_SCALARS:
+            return self.construct_object(node)  # type: ignore[attr-defined]
+        raise _Unusual
 
-def _twice(node: yaml.MappingNode, key: Any, again: yaml.Node) -> None:
-    """Refuse ``key`` given a second time in ``node``, as ``_UniqueKeys`` does."""
-    first = next(k for k, _ in node.value if k.tag == again.tag and k.value == again.value)
+    def _mapping(self, node: yaml.MappingNode, made: dict[int, Any], depth: int) -> Any:
+        built: dict[Any, Any] = {}
+        firsts: dict[Any, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = self._built(key_node, made, depth)
+            try:
+                first = firsts.setdefault(key, key_node)
+            except TypeError:
+                raise _Unusual from None  # unhashable: PyYAML says what is wrong
+            if first is not key_node:
+                _twice(first, key, key_node)
+            built[key] = self._built(value_node, made, depth)
+        return built
+
+
+def _twice(first: yaml.Node, key: Any, again: yaml.Node) -> None:
+    """Refuse ``key`` given a second time (at ``again``, first at ``first``), as
+    ``_UniqueKeys`` does."""
     raise yaml.constructor.ConstructorError(
         problem=f"{key!r} given a second time (first at line {first.start_mark.line + 1}); "
         "the second would silently replace the first",
@@ -147,12 +166,21 @@ def _no_constant(name: str) -> Any:
     raise _NotPlainJson(name)  # NaN and Infinity are not JSON
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotPlainJson(text)  # 1E400: YAML's reading says it is no number
+    return value
+
+
 def _load_yaml(text: str) -> Any:
     # JSON is YAML (1.2), and a config written by a program (jsonnet, a template of
     # 10,000 budgets) often is JSON: Python's parser reads it forty times as fast.
     if text.lstrip()[:1] == "{":
         with contextlib.suppress(ValueError):
-            return json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
+            return json.loads(
+                text, object_pairs_hook=_unique, parse_constant=_no_constant, parse_float=_finite
+            )
     try:
         return yaml.load(text, Loader=_FastLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError:
