@@ -377,6 +377,9 @@ def test_what_pyyaml_reads_deep_and_json_that_is_no_plain_number_read_as_before(
     with pytest.raises(configfile._Unusual):
         quick(deep)
     assert yaml_of('{"limit_credits": 1E400}') == {"limit_credits": "1E400"}
+    for text in ("limit: " + "9" * 5000, '{"limit": ' + "9" * 5000 + "}"):
+        with pytest.raises(ConfigError, match="invalid YAML: Exceeds the limit"):
+            yaml_of(text)
 
 
 def test_the_sample_config_is_built_without_pyyamls_constructor() -> None:

@@ -209,6 +209,8 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"invalid YAML: {e}") from None
     except RecursionError:  # the parsers and builders recurse as deep as the nesting
         raise ConfigError("invalid YAML: nested too deeply") from None
+    except ValueError as e:  # an integer past Python's 4,300 digits, say
+        raise ConfigError(f"invalid YAML: {e}") from None
 
 
 def parse_config(data: Any) -> Config:
