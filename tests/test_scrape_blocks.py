@@ -559,7 +559,7 @@ def test_a_scrape_soon_after_a_push_is_answered_from_it_and_a_later_one_asks(  #
         def during_reload(request: Render) -> Rendered:
             # Not the push: it may show the new budgets before this process has them.
             assert (request.epoch, request.since) == (1, 4)
-            parts = [("a/0", 4, None), ("b/0", 1, None)]
+            parts: list[tuple[str, int, bytes | None]] = [("a/0", 4, None), ("b/0", 1, None)]
             return Rendered(request.id, b"", CONTENT_TYPE_LATEST, None, parts, 1, 4)
 
         blocks, _ = await asked(during_reload)
