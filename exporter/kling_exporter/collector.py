@@ -147,13 +147,13 @@ def _same(kept: _Kept, samples: Mapping[Any, Any]) -> bool:
 
 class TextRenderer:
     """Prometheus text format (0.0.4) straight from Family rows, in blocks kept from one
-    scrape to the next. Label strings are made once per series and kept, since series
-    outlive scrapes; so is each series' line while its value is the same, and each
-    block's text (a small family is a block; a large one is cut every ``block``
-    series). A family that says which of its samples ``changed`` since
-    the last render has those lines alone made again; the others are compared sample
-    by sample. ``parts`` gives the blocks with the render at which each last changed,
-    so that only new text need be sent on or compressed again."""
+    scrape to the next (a small family is a block; a large one is cut every ``block``
+    series). A series' line lives in its block's text alone, its label text made once
+    and taken from there again; a value that changed has its line remade in the block.
+    A family that says which of its samples ``changed`` since the last render has those
+    lines alone read again; the others are compared sample by sample. ``parts`` gives
+    the blocks with the render at which each last changed, so that only new text need
+    be sent on or compressed again."""
 
     def __init__(self, block: int = BLOCK_SERIES) -> None:
         self.block = block  # series a block holds
