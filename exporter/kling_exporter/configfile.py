@@ -34,23 +34,28 @@ class _UniqueKeys:
     (the sample config ends with ``budgets: []``)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
-        seen: dict[Any, int] = {}
+        firsts: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # a merge key's mappings may be overridden: that is its use
             key = self.construct_object(key_node, deep=True)  # type: ignore[attr-defined]
             try:
-                first = seen.get(key)
+                first = firsts.setdefault(key, key_node)
             except TypeError:
                 continue  # an unhashable key: the constructor says what is wrong
-            if first is not None:
-                raise yaml.constructor.ConstructorError(
-                    problem=f"{key!r} given a second time (first at line {first}); "
-                    "the second would silently replace the first",
-                    problem_mark=key_node.start_mark,
-                )
-            seen[key] = key_node.start_mark.line + 1
+            if first is not key_node:
+                _twice(first, key, key_node)
         return super().construct_mapping(node, deep=deep)  # type: ignore[misc]
+
+
+def _twice(first: yaml.Node, key: Any, again: yaml.Node) -> None:
+    """Refuse ``key`` given a second time in one mapping (at ``again``, first at
+    ``first``)."""
+    raise yaml.constructor.ConstructorError(
+        problem=f"{key!r} given a second time (first at line {first.start_mark.line + 1}); "
+        "the second would silently replace the first",
+        problem_mark=again.start_mark,
+    )
 
 
 _STR, _INT, _SEQ, _MAP = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "seq", "map"))
@@ -125,16 +130,6 @@ class _QuickBuild:
                 _twice(first, key, key_node)
             built[key] = self._built(value_node, made, depth)
         return built
-
-
-def _twice(first: yaml.Node, key: Any, again: yaml.Node) -> None:
-    """Refuse ``key`` given a second time (at ``again``, first at ``first``), as
-    ``_UniqueKeys`` does."""
-    raise yaml.constructor.ConstructorError(
-        problem=f"{key!r} given a second time (first at line {first.start_mark.line + 1}); "
-        "the second would silently replace the first",
-        problem_mark=again.start_mark,
-    )
 
 
 class _PythonLoader(_QuickBuild, _UniqueKeys, yaml.SafeLoader):
